@@ -1,0 +1,41 @@
+# Two commands on a fresh machine (Python 3.11 + the package registry):
+#   make demo   trains a tiny model on the built-in synthetic shapes and writes videos to demo_out/
+#   make test   lints and runs the test suite on 8 fake CPU devices (what CI runs)
+# Both create .venv if missing and install what they need.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+QUICK  ?=
+
+.PHONY: demo test install install-test lint clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -e .
+	touch $@
+
+# torch first, pinned: its CPU wheel; diffusers/transformers must not pull another build.
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+lint: install-test
+	$(VENV)/bin/ruff check vdit tests bench configs
+
+test: install-test lint
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m vdit.demo --out demo_out $(if $(QUICK),--quick,)
+
+clean:
+	rm -rf demo_out .pytest_cache .ruff_cache

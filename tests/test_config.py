@@ -1,0 +1,93 @@
+"""Config loading, overrides and validation: every bad value is an error naming its key."""
+
+import os
+import textwrap
+
+import ml_collections
+import pytest
+
+from vdit import config as cfglib
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "tiny.py"
+    path.write_text(textwrap.dedent("""
+        import ml_collections
+        def get_config():
+            c = ml_collections.ConfigDict()
+            c.data = dict(frames=17, height=64, width=96, caption_dropout=0.1)
+            c.model = dict(patch_size=(1, 2, 2), attention="xla", remat="none", dtype="float32")
+            c.vae = dict(dim_mult=[1, 2, 4, 4])
+            c.train = dict(steps=10, lr=1e-3, name="run", resume=True)
+            c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
+            return c
+    """))
+    return str(path)
+
+
+def test_loads_and_overrides(config_file):
+    c = cfglib.load_config(config_file, ["--config.train.steps=100", "train.lr=2e-4",
+                                         "--config.train.name=big", "--config.train.resume=False",
+                                         "--config.data.frames=5", "--config.train.lr=1"])
+    assert c.train.steps == 100 and c.train.name == "big" and c.train.resume is False
+    assert c.data.frames == 5 and c.train.lr == 1.0 and isinstance(c.train.lr, float)
+
+
+def test_unknown_key_is_named(config_file):
+    with pytest.raises(cfglib.ConfigError, match=r"train\.stepz"):
+        cfglib.load_config(config_file, ["--config.train.stepz=3"])
+    with pytest.raises(cfglib.ConfigError, match=r"trian"):
+        cfglib.load_config(config_file, ["--config.trian.steps=3"])
+
+
+def test_wrong_type_is_named(config_file):
+    with pytest.raises(cfglib.ConfigError, match=r"train\.steps.*'many'.*int"):
+        cfglib.load_config(config_file, ["--config.train.steps=many"])
+    with pytest.raises(cfglib.ConfigError, match=r"train\.resume"):
+        cfglib.load_config(config_file, ["--config.train.resume=3"])
+
+
+def test_missing_equals(config_file):
+    with pytest.raises(cfglib.ConfigError, match="no '='"):
+        cfglib.load_config(config_file, ["--config.train.steps"])
+
+
+@pytest.mark.parametrize("frames", [2, 4, 16, 0])
+def test_frames_must_be_1_plus_4k(config_file, frames):
+    with pytest.raises(cfglib.ConfigError, match=r"data\.frames.*1\+4k"):
+        cfglib.load_config(config_file, [f"--config.data.frames={frames}"])
+
+
+@pytest.mark.parametrize("key,value", [("height", 72), ("width", 100)])
+def test_size_must_divide_stride(config_file, key, value):
+    # stride = VAE 8 (dim_mult of 4 stages) x patch 2 = 16
+    with pytest.raises(cfglib.ConfigError, match=rf"data\.{key}.*{value}.*multiple of 16"):
+        cfglib.load_config(config_file, [f"--config.data.{key}={value}"])
+
+
+def test_choices_and_mesh(config_file):
+    with pytest.raises(cfglib.ConfigError, match=r"model\.attention.*'flash'.*xla"):
+        cfglib.load_config(config_file, ["--config.model.attention=flash"])
+    with pytest.raises(cfglib.ConfigError, match=r"mesh.*-1"):
+        cfglib.load_config(config_file, ["--config.mesh.fsdp=-1"])
+    with pytest.raises(cfglib.ConfigError, match=r"mesh\.tensor"):
+        cfglib.load_config(config_file, ["--config.mesh.tensor=0"])
+
+
+def test_missing_file_and_bad_module(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        cfglib.load_config(str(tmp_path / "nope.py"))
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(cfglib.ConfigError, match="no get_config"):
+        cfglib.load_config(str(bad))
+
+
+def test_every_shipped_config_validates():
+    names = [n for n in os.listdir(CONFIG_DIR) if n.endswith(".py") and not n.startswith("_")]
+    for name in names:
+        c = cfglib.load_config(os.path.join(CONFIG_DIR, name))
+        assert isinstance(c, ml_collections.ConfigDict), name

@@ -1,0 +1,178 @@
+"""Config loading, command-line overrides and start-up validation.
+
+A config is a Python file in `configs/` whose `get_config()` returns an `ml_collections.ConfigDict`.
+Overrides come as `--config.a.b=value` (or `a.b=value`); values are parsed as Python literals and
+must keep the type of the key they replace. `validate()` checks the whole config once at start-up
+and names the offending key, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from collections.abc import Iterable, Sequence
+
+import ml_collections
+
+OVERRIDE_PREFIX = "--config."
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "save_dots")
+TEXT_KINDS = ("byte", "umt5")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config key has a value that cannot work; the message names key, value and what is allowed."""
+
+
+def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `get_config()` from the file at `path`, applies overrides, validates, returns it."""
+    config = _call_get_config(path)
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def _call_get_config(path: str) -> ml_collections.ConfigDict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    name = "vdit_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} has no get_config() function")
+    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"get_config() in {path!r} returned {type(config).__name__}, "
+                          "expected ml_collections.ConfigDict")
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+    """Applies `a.b=value` overrides in place (a leading `--config.` is accepted and stripped)."""
+    for item in overrides:
+        text = item[len(OVERRIDE_PREFIX):] if item.startswith(OVERRIDE_PREFIX) else item
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} has no '=': expected --config.KEY=VALUE")
+        key, raw = text.split("=", 1)
+        set_value(config, key.strip(), parse_value(raw))
+
+
+def parse_value(raw: str):
+    """A Python literal if `raw` parses as one (1, 0.5, True, [1, 5], (2, 2), None), else the string."""
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, value) -> None:
+    """Sets the dotted `key`; unknown keys and type changes are errors naming the key."""
+    *parents, leaf = key.split(".")
+    node = config
+    for depth, part in enumerate(parents):
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            where = ".".join(parents[:depth]) or "<top>"
+            raise ConfigError(f"unknown config key {key!r}: {part!r} is not a section of {where}; "
+                              f"known: {sorted(node.keys())}")
+        node = node[part]
+    if leaf not in node:
+        raise ConfigError(f"unknown config key {key!r}; known keys here: {sorted(node.keys())}")
+    node[leaf] = _coerce(key, node[leaf], value)
+
+
+def _coerce(key: str, old, value):
+    if old is None or value is None:
+        return value
+    if isinstance(old, bool) or isinstance(value, bool):
+        if isinstance(old, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(old, float) and isinstance(value, int):
+        return float(value)
+    elif isinstance(old, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(old)(value)
+    elif isinstance(old, type(value)) or isinstance(value, type(old)):
+        return value
+    raise ConfigError(f"config key {key!r}: got {value!r} ({type(value).__name__}), "
+                      f"expected a {type(old).__name__} like the default {old!r}")
+
+
+# ----------------------------------------------------------------------------------- validation
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every section present; raises ConfigError on the first impossible value."""
+    if "mesh" in config:
+        _validate_mesh(config.mesh)
+    if "model" in config:
+        _check_choice(config.model, "model", "attention", ATTENTION_BACKENDS)
+        _check_choice(config.model, "model", "remat", REMAT_POLICIES)
+        _check_choice(config.model, "model", "dtype", DTYPES)
+    if "text" in config:
+        _check_choice(config.text, "text", "kind", TEXT_KINDS)
+    if "data" in config:
+        _validate_data_shapes(config)
+
+
+def _check_choice(section, prefix: str, key: str, allowed: Sequence[str]) -> None:
+    if key in section and section[key] not in allowed:
+        raise ConfigError(f"config key '{prefix}.{key}' = {section[key]!r}; allowed: {list(allowed)}")
+
+
+def _validate_mesh(mesh) -> None:
+    for key in mesh.keys():
+        if key == "rules":
+            continue
+        if key not in MESH_AXES:
+            raise ConfigError(f"unknown config key 'mesh.{key}'; allowed axes: {list(MESH_AXES)}")
+        value = mesh[key]
+        if not isinstance(value, int) or (value < 1 and value != -1):
+            raise ConfigError(f"config key 'mesh.{key}' = {value!r}; expected a positive int or -1")
+    if sum(1 for a in MESH_AXES if mesh.get(a, 1) == -1) > 1:
+        raise ConfigError(f"config 'mesh': at most one axis may be -1, got {mesh.to_dict()}")
+
+
+def check_frames(key: str, frames: int) -> None:
+    """Frames must be 1+4k (the VAE keeps the first frame alone, then compresses 4x in time)."""
+    if not isinstance(frames, int) or frames < 1 or (frames - 1) % 4:
+        lower = max(1, 1 + 4 * ((int(frames) - 1) // 4)) if isinstance(frames, int) else 1
+        raise ConfigError(f"config key {key!r} = {frames!r}: frames must be 1+4k "
+                          f"(1, 5, 9, 13, 17, ...); nearest valid: {lower} or {lower + 4}")
+
+
+def spatial_stride(config: ml_collections.ConfigDict) -> int:
+    """Pixels per token side: the VAE's spatial downsampling times the DiT's spatial patch."""
+    stride = 8
+    if "vae" in config and "dim_mult" in config.vae:
+        stride = 2 ** (len(config.vae.dim_mult) - 1)
+    if "model" in config and "patch_size" in config.model:
+        stride *= int(config.model.patch_size[1])
+    return stride
+
+
+def check_size(key: str, size: int, stride: int) -> None:
+    if not isinstance(size, int) or size <= 0 or size % stride:
+        raise ConfigError(f"config key {key!r} = {size!r}: must be a positive multiple of {stride} "
+                          "(the VAE's spatial downsampling times the DiT patch size)")
+
+
+def _validate_data_shapes(config: ml_collections.ConfigDict) -> None:
+    data, stride = config.data, spatial_stride(config)
+    for key in ("frames", "height", "width"):
+        if key not in data:
+            continue
+        values = data[key] if isinstance(data[key], (list, tuple)) else [data[key]]
+        for value in values:
+            if key == "frames":
+                check_frames(f"data.{key}", value)
+            else:
+                check_size(f"data.{key}", value, stride)
+    for i, shape in enumerate(data.get("shapes", None) or ()):
+        if len(shape) != 3:
+            raise ConfigError(f"config key 'data.shapes[{i}]' = {shape!r}: expected "
+                              "(frames, height, width)")
+        check_frames(f"data.shapes[{i}].frames", shape[0])
+        check_size(f"data.shapes[{i}].height", shape[1], stride)
+        check_size(f"data.shapes[{i}].width", shape[2], stride)

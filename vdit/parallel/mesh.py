@@ -1,0 +1,111 @@
+"""Device meshes, logical-axis rules and multi-host start-up.
+
+Modules name their parameter and activation axes logically (`nn.with_logical_partitioning`,
+`nn.with_logical_constraint`); this file maps those names onto the mesh axes
+`data`, `fsdp`, `tensor`, `sequence`. The sizes come from `config.mesh` (-1 = the rest of the
+devices); the rule tables below are the defaults and a config may override any entry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+# Logical name -> mesh axis (or tuple of axes, or None = replicated). MaxDiffusion-style: batch over
+# data+fsdp, weights' embed dim over fsdp (ZeRO-3), heads and MLP over tensor, tokens over sequence.
+DIT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", "sequence"),
+    ("activation_kv_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_text_length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("patch_in", None),
+    ("text_embed", None),
+    ("time_embed", None),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    ("modulation", None),
+)
+
+# The VAE is convolutional and small next to the DiT: shard the batch, split output channels of
+# wide convolutions over tensor, keep time/space whole (causal convs carry caches along time).
+VAE_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_time", None),
+    ("activation_height", None),
+    ("activation_width", None),
+    ("activation_channels", None),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+    ("conv_kernel", None),
+    ("norm", None),
+)
+
+
+def resolve_axis_sizes(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
+    """Fills the single -1 (if any) so the product is num_devices; errors name the mesh config."""
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; allowed: {MESH_AXES}")
+    values = [int(sizes.get(a, 1)) for a in MESH_AXES]
+    free = [i for i, v in enumerate(values) if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"config.mesh: only one axis may be -1, got {dict(zip(MESH_AXES, values))}")
+    if any(v == 0 or v < -1 for v in values):
+        raise ValueError(f"config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, values))}")
+    known = math.prod(v for v in values if v != -1)
+    if free:
+        if num_devices % known:
+            raise ValueError(
+                f"config.mesh: {num_devices} devices are not divisible by the fixed axes "
+                f"{dict(zip(MESH_AXES, values))} (product {known})")
+        values[free[0]] = num_devices // known
+    if math.prod(values) != num_devices:
+        raise ValueError(
+            f"config.mesh {dict(zip(MESH_AXES, values))} needs {math.prod(values)} devices, "
+            f"but {num_devices} are available")
+    return tuple(values)
+
+
+def make_mesh(sizes: dict[str, int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over all (or the given) devices with axes `MESH_AXES`; sizes default to data=-1."""
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = resolve_axis_sizes(dict(sizes or {"data": -1}), len(devices))
+    # Auto axes: shardings flow from the logical constraints and jit's in/out shardings (flax
+    # linen's model), not from JAX's explicit sharding-in-types mode.
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    if devices == jax.devices():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def logical_rules(kind: str, overrides: dict | None = None) -> tuple:
+    """The rule table for `kind` ('dit' or 'vae'), with per-name overrides from the config."""
+    table = {"dit": DIT_RULES, "vae": VAE_RULES}
+    if kind not in table:
+        raise ValueError(f"unknown rule table {kind!r}; expected one of {sorted(table)}")
+    rules = dict(table[kind])
+    for name, axes in (overrides or {}).items():
+        if name not in rules:
+            raise ValueError(f"config.mesh.rules: unknown logical axis {name!r}; "
+                             f"known for {kind}: {sorted(rules)}")
+        rules[name] = tuple(axes) if isinstance(axes, list) else axes
+    return tuple(rules.items())
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
