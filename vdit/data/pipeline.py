@@ -1,0 +1,103 @@
+"""The Grain input pipeline: clips -> spacetime tokens -> rows packed to a fixed token budget.
+
+Order (MaxText's): source -> shuffle + repeat -> this process's slice -> iterator -> tokens ->
+first-fit packing -> batch -> (prefetch). Each packed row follows DESIGN.md section 3:
+  tokens [S, D_in], positions [S, 3] (t, h, w), segment_ids [S] (0 = padding),
+  text [L] token ids or [L, D_txt] embeddings, text_segment_ids [L], text_positions [L].
+Segment k of the video tokens and segment k of the text belong to the same clip.
+
+Config section `data` (the keys read here): tokens_per_row, text_per_row, rows_per_batch (global,
+over all processes), max_segments (clips per row), pack_bins, shuffle_seed, caption_dropout,
+num_workers (0 = in-process), prefetch.
+"""
+
+from __future__ import annotations
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vdit.data import patches
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def clip_tokens(record: dict, patch_size, text_per_row: int) -> dict:
+    """One decoded clip -> its tokens, (t, h, w) positions and text (trimmed to the row budget)."""
+    tokens, positions = patches.patchify(np.asarray(record["latents"], np.float32), patch_size)
+    text = np.asarray(record["text"])[:text_per_row]
+    return {"tokens": tokens, "positions": positions.astype(np.int32), "text": text}
+
+
+def check_budget(num_tokens: int, text_len: int, cfg, where: str) -> None:
+    """An example that cannot fit a row is a start-up error, never a silent drop."""
+    if num_tokens > cfg.tokens_per_row:
+        raise ValueError(f"{where} has {num_tokens} tokens but config key 'data.tokens_per_row' is "
+                         f"{cfg.tokens_per_row}; raise the budget or drop that shape")
+    if text_len > cfg.text_per_row:
+        raise ValueError(f"{where} has {text_len} text tokens but config key 'data.text_per_row' "
+                         f"is {cfg.text_per_row}")
+
+
+def _rename(row: dict) -> dict:
+    return {
+        "tokens": row["tokens"],
+        "positions": row["positions"],
+        "segment_ids": row["tokens_segment_ids"],
+        "text": row["text"],
+        "text_segment_ids": row["text_segment_ids"],
+        "text_positions": row["text_positions"],
+    }
+
+
+def _drop_caption(null_text: np.ndarray, rate: float):
+    def fn(example: dict, rng: np.random.Generator) -> dict:
+        if rate > 0 and rng.random() < rate:
+            example = dict(example, text=np.asarray(null_text, example["text"].dtype))
+        return example
+    return fn
+
+
+def packed_dataset(source, cfg, patch_size, null_text: np.ndarray,
+                   process_index: int | None = None, process_count: int | None = None,
+                   ) -> grain.IterDataset:
+    """Infinite iterator of this process's packed batches: dict of [rows, S, ...] arrays.
+
+    `source` yields records with latents/text (None for a skipped record); `null_text` is the
+    empty caption that replaces a caption at rate `caption_dropout` (classifier-free guidance).
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if cfg.rows_per_batch % process_count:
+        raise ValueError(f"config key 'data.rows_per_batch' = {cfg.rows_per_batch} is not divisible "
+                         f"by the {process_count} processes")
+    ds = grain.MapDataset.source(source).shuffle(seed=cfg.shuffle_seed).repeat(None)
+    ds = ds[process_index::process_count]
+    ds = ds.filter(lambda r: r is not None)
+    ds = ds.map(lambda r: clip_tokens(r, patch_size, cfg.text_per_row))
+    ds = ds.random_map(_drop_caption(null_text, cfg.caption_dropout), seed=cfg.shuffle_seed + 1)
+    it = ds.to_iter_dataset()
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={"tokens": cfg.tokens_per_row, "positions": cfg.tokens_per_row,
+                           "text": cfg.text_per_row},
+        num_packing_bins=cfg.pack_bins, seed=cfg.shuffle_seed, shuffle_bins=True,
+        max_sequences_per_bin=cfg.max_segments)
+    it = it.map(_rename).batch(cfg.rows_per_batch // process_count, drop_remainder=True)
+    if cfg.num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    elif cfg.prefetch > 0:
+        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch)
+    return it
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows over the data and fsdp axes; every other axis whole."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def to_global(batch: dict, mesh: Mesh) -> dict:
+    """This process's rows -> one global jax.Array per key, rows sharded over (data, fsdp)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}

@@ -1,0 +1,114 @@
+"""Random-access data sources and the latent-shard record format.
+
+- Latent shards (`vdit encode` writes them): ArrayRecord files, one msgpack record per clip with
+  `latents [T', H', W', C]`, `text` (token ids [L] int32, or caption embeddings [L, D]), `caption`
+  and a JSON `meta` string. Grain reads them directly (`grain.sources.ArrayRecordDataSource`).
+- `SkippingSource` wraps any source so that an unreadable record is skipped and counted
+  (`skipped`, reported as the metric `data/skipped`) instead of crashing the run.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+
+import grain
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from flax import serialization
+
+log = logging.getLogger(__name__)
+SHARD_PATTERN = "latents-{index:05d}-of-{count:05d}.array_record"
+REQUIRED_KEYS = ("latents", "text", "caption")
+
+
+def encode_record(example: dict) -> bytes:
+    """One clip -> bytes. `meta` (a dict) is stored as JSON so any metadata fits."""
+    missing = [k for k in REQUIRED_KEYS if k not in example]
+    if missing:
+        raise ValueError(f"latent record is missing keys {missing}; has {sorted(example)}")
+    record = {k: example[k] for k in REQUIRED_KEYS}
+    record["latents"] = np.asarray(record["latents"], np.float32)
+    record["text"] = np.asarray(record["text"])
+    record["meta"] = json.dumps(example.get("meta", {}))
+    return serialization.msgpack_serialize(record)
+
+
+def decode_record(data: bytes) -> dict:
+    record = serialization.msgpack_restore(data)
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"latent record is missing keys {missing}")
+    if np.asarray(record["latents"]).ndim != 4:
+        raise ValueError(f"latent record has latents of shape {np.shape(record['latents'])}, "
+                         "expected [T', H', W', C]")
+    record["meta"] = json.loads(record.get("meta") or "{}")
+    return record
+
+
+def write_shard(path: str, examples: Iterable[dict]) -> int:
+    """Writes examples to one ArrayRecord file atomically (tmp + rename); returns the count."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    count = 0
+    try:
+        for example in examples:
+            writer.write(encode_record(example))
+            count += 1
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+    return count
+
+
+def shard_paths(folder: str) -> list[str]:
+    """The finished latent shards of a folder, in order; an empty folder is an error."""
+    paths = sorted(glob.glob(os.path.join(folder, "*.array_record")))
+    if not paths:
+        raise FileNotFoundError(f"no latent shards (*.array_record) in {folder!r}; "
+                                "run `vdit encode` first")
+    return paths
+
+
+class LatentShardSource(grain.sources.RandomAccessDataSource):
+    """Clips from latent shards, decoded; random access across all files."""
+
+    def __init__(self, paths: str | Sequence[str]):
+        self._paths = shard_paths(paths) if isinstance(paths, str) else list(paths)
+        self._records = grain.sources.ArrayRecordDataSource(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict:
+        return decode_record(self._records[index])
+
+    def __repr__(self) -> str:
+        return f"LatentShardSource({len(self._paths)} files)"
+
+
+class SkippingSource(grain.sources.RandomAccessDataSource):
+    """Returns None (and counts it) where the wrapped source fails to produce a record."""
+
+    def __init__(self, source):
+        self._source = source
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int):
+        try:
+            return self._source[index]
+        except Exception as e:  # noqa: BLE001 - any unreadable record is skipped, never fatal
+            self.skipped += 1
+            log.warning("data: skipping record %d of %r (%s: %s); skipped so far: %d",
+                        index, self._source, type(e).__name__, e, self.skipped)
+            return None
+
+    def __repr__(self) -> str:
+        return f"SkippingSource({self._source!r})"

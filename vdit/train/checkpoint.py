@@ -1,0 +1,72 @@
+"""Orbax checkpoints of a run: train state, data-iterator state and the config, in one step folder.
+
+Saves are asynchronous and atomic (Orbax writes to a temporary folder and renames it when complete),
+so a crash or SIGKILL during a save leaves the previous checkpoint intact and loadable. Retention:
+the latest `keep` plus every `keep_every`-th step. Config section `checkpoint`: every (steps between
+saves), keep, keep_every (0 = off), async_save.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+STATE, DATA, CONFIG = "state", "data", "config"
+
+
+def make_manager(workdir: str, cfg, with_data: bool = True) -> ocp.CheckpointManager:
+    """A CheckpointManager under `workdir/checkpoints` with the configured retention."""
+    policies = [pp.LatestN(n=int(cfg.keep))]
+    if int(cfg.keep_every) > 0:
+        policies.append(pp.EveryNSteps(interval_steps=int(cfg.keep_every)))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=pp.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=bool(cfg.async_save),
+        create=True,
+    )
+    names = (STATE, DATA, CONFIG) if with_data else (STATE, CONFIG)
+    handlers = {STATE: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
+    if with_data:
+        handlers[DATA] = grain.checkpoint.CheckpointHandler()
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                 item_names=names, item_handlers=handlers, options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         config: ml_collections.ConfigDict, data_iterator=None, force: bool = False) -> bool:
+    """Starts an (async) save of state + config (+ iterator position); returns whether it saved."""
+    items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config.to_dict())}
+    if data_iterator is not None:
+        items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator=None,
+            step: int | None = None) -> tuple[int, Any, dict]:
+    """Restores the latest (or given) step into the shapes/shardings of `abstract_state`.
+
+    The iterator, when given, is restored in place. Returns (step, state, saved config dict).
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    items = {STATE: ocp.args.StandardRestore(target), CONFIG: ocp.args.JsonRestore()}
+    if data_iterator is not None:
+        items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return step, restored[STATE], restored[CONFIG]
+
+
+def saved_config(manager: ocp.CheckpointManager, step: int | None = None) -> dict:
+    """The config dict stored with a checkpoint (to compare model shapes before restoring)."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]

@@ -1,0 +1,49 @@
+"""One jitted update: loss and gradients, a skip when they are not finite, AdamW, EMA.
+
+The step is generic over the model: it takes `loss_fn(params, frozen, batch, rng) -> (loss, aux)`.
+`frozen` holds weights that do not train (the base model under LoRA, a frozen text encoder); it is
+an argument, not part of the state, so it is neither optimised nor checkpointed with the state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vdit.train.state import TrainState
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float):
+    """Returns step(state, frozen, batch) -> (state, metrics); jit it with shardings outside."""
+
+    def step(state: TrainState, frozen, batch) -> tuple[TrainState, dict]:
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, aux), grads = grad_fn(state.params, frozen, batch, step_rng)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step must leave params, moments and EMA exactly as they were.
+        safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+        updates, opt_state = tx.update(safe_grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema, params)
+
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            ema=keep(ema, state.ema),
+            opt_state=keep(opt_state, state.opt_state),
+            rng=jax.random.key_data(rng),
+            bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
+            bad_total=state.bad_total + (~finite).astype(jnp.int32),
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
+        return new_state, metrics
+
+    return step
