@@ -70,3 +70,24 @@ def saved_config(manager: ocp.CheckpointManager, step: int | None = None) -> dic
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+
+def load_params(workdir: str, which: str = "ema", step: int | None = None) -> tuple[Any, dict]:
+    """(parameters, config dict) of a run for inference: the EMA (or raw) weights, host arrays.
+
+    Restores without a target, so the caller needs no optimizer or mesh to read a run.
+    """
+    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"workdir {workdir!r} has no checkpoints/ folder: train first")
+    manager = ocp.CheckpointManager(path, item_names=(STATE, CONFIG),
+                                    options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {path}: train first")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(), CONFIG: ocp.args.JsonRestore()}))
+    state = restored[STATE]
+    if which not in state:
+        raise KeyError(f"checkpoint {path} step {step} has no {which!r} (has {sorted(state)})")
+    return state[which], restored[CONFIG]

@@ -29,25 +29,25 @@ class TrainState:
     bad_total: jax.Array       # int32: all non-finite steps so far
 
 
+def shardings_of(boxed_fn: Callable[[jax.Array], Any], mesh: Mesh, rules):
+    """NamedShardings of the (boxed) tree `boxed_fn(rng)` returns, via its logical axis names."""
+    specs = nn.get_partition_spec(jax.eval_shape(boxed_fn, jax.random.key(0)))
+    return jax.tree.map(lambda s: NamedSharding(mesh, nn.logical_to_mesh_axes(s, rules)), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
 def state_shardings(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                    mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
-    """(abstract state, its NamedShardings) for params produced by `init_fn(rng)`."""
-    def make(rng):
-        return _new_state(init_fn(rng), tx, rng)
-
-    abstract = jax.eval_shape(make, jax.random.key(0))
-    specs = nn.get_partition_spec(abstract)
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                             is_leaf=lambda x: isinstance(x, PartitionSpec))
-    shardings = _apply_rules(shardings, mesh, rules)
-    return abstract, shardings
+                    mesh: Mesh, rules) -> TrainState:
+    """The NamedShardings of the state whose params `init_fn(rng)` produces."""
+    return shardings_of(lambda rng: _new_state(init_fn(rng), tx, rng), mesh, rules)
 
 
-def _apply_rules(shardings, mesh: Mesh, rules):
-    """Logical PartitionSpecs -> mesh PartitionSpecs using the rule table."""
-    def convert(s: NamedSharding):
-        return NamedSharding(mesh, nn.logical_to_mesh_axes(s.spec, rules))
-    return jax.tree.map(convert, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+def create_sharded(boxed_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules):
+    """(tree, shardings): `boxed_fn(rng)` unboxed and created directly with its shardings."""
+    shardings = shardings_of(boxed_fn, mesh, rules)
+    with mesh, nn.logical_axis_rules(rules):
+        tree = jax.jit(lambda r: unbox(boxed_fn(r)), out_shardings=shardings)(rng)
+    return tree, shardings
 
 
 def _new_state(boxed_params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -61,14 +61,7 @@ def _new_state(boxed_params, tx: optax.GradientTransformation, rng: jax.Array) -
 def create_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                  rng: jax.Array, mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
     """Initialises the state already sharded; returns (state, shardings) with plain arrays."""
-    _, shardings = state_shardings(init_fn, tx, mesh, rules)
-
-    def make(r):
-        return unbox(_new_state(init_fn(r), tx, r))
-
-    with mesh, nn.logical_axis_rules(rules):
-        state = jax.jit(make, out_shardings=shardings)(rng)
-    return state, shardings
+    return create_sharded(lambda r: _new_state(init_fn(r), tx, r), rng, mesh, rules)
 
 
 def unbox(tree):

@@ -1,0 +1,114 @@
+"""`vdit encode`: pixel clips -> latent shards (VAE posterior mean, normalised) + caption token ids.
+
+Each example gets a (frames, height, width) drawn deterministically from `encode.shapes` (images
+are T = 1), is rendered or cropped to it, and is encoded in batches of one shape (one compiled VAE
+call per shape bucket). Shards are written atomically and a rerun skips finished shards, so an
+interrupted encode resumes. Latents are stored normalised, z' = (z - mean) / std, with the per-channel
+statistics in `stats.json` beside the shards (from `vae.latents_mean/std`, or measured on the first
+clips when `encode.normalize` is "measure").
+
+Config section `encode`: vae_workdir, shapes, shape_weights, num_examples, num_shards, batch_size,
+normalize ("config" | "measure"), seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from vdit.data import sources
+from vdit.data.synthetic import SyntheticShapes
+from vdit.models.text import text_encoder_from_config
+from vdit.models.vae_config import vae_from_config
+from vdit.train.checkpoint import load_params
+
+log = logging.getLogger(__name__)
+STATS_FILE = "stats.json"
+
+
+def sample_shape(index: int, shapes, weights, seed: int) -> tuple[int, int, int]:
+    """The (frames, height, width) of example `index`: a pure function of (seed, index)."""
+    rng = np.random.default_rng([seed, index, 7])
+    p = np.asarray(weights, np.float64) if weights else np.ones(len(shapes))
+    if len(p) != len(shapes):
+        raise ValueError(f"config key 'encode.shape_weights' has {len(p)} entries for "
+                         f"{len(shapes)} shapes")
+    return tuple(int(v) for v in shapes[int(rng.choice(len(shapes), p=p / p.sum()))])
+
+
+def load_stats(folder: str) -> dict:
+    path = os.path.join(folder, STATS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {STATS_FILE} in {folder!r}: run `vdit encode` first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _measure_stats(encode_fn, data, cfg, shapes) -> dict:
+    """Per-channel mean/std of the posterior mean over the first `batch_size` clips per shape."""
+    zs = []
+    for frames, height, width in shapes:
+        video = np.stack([data.render(i, frames, height, width)["video"]
+                          for i in range(cfg.batch_size)])
+        z = np.asarray(encode_fn(jnp.asarray(video)))
+        zs.append(z.reshape(-1, z.shape[-1]))
+    z = np.concatenate(zs)
+    return {"mean": z.mean(0).tolist(), "std": (z.std(0) + 1e-6).tolist()}
+
+
+def encode_synthetic(config, out_dir: str) -> list[str]:
+    """Encodes the synthetic world into `encode.num_shards` shards under `out_dir`."""
+    cfg = config.encode
+    vae = vae_from_config(config.vae)
+    params, _ = load_params(cfg.vae_workdir)
+    _, tokenizer = text_encoder_from_config(config.text)
+    data = SyntheticShapes.from_config(config.data)
+    encode_fn = jax.jit(lambda v: vae.apply({"params": params}, v, method="encode")[0])
+    os.makedirs(out_dir, exist_ok=True)
+    stats_path = os.path.join(out_dir, STATS_FILE)
+    if os.path.isfile(stats_path):
+        stats = load_stats(out_dir)
+    elif cfg.normalize == "measure":
+        stats = _measure_stats(encode_fn, data, cfg, cfg.shapes)
+    else:
+        stats = {"mean": list(config.vae.latents_mean), "std": list(config.vae.latents_std)}
+    with open(stats_path, "w") as f:
+        json.dump(stats, f)
+    mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+    per_shard = -(-cfg.num_examples // cfg.num_shards)
+    paths = []
+    for shard in tqdm(range(cfg.num_shards), desc="encode", disable=not config.train.progress):
+        path = os.path.join(out_dir, sources.SHARD_PATTERN.format(index=shard, count=cfg.num_shards))
+        paths.append(path)
+        if os.path.exists(path):
+            continue  # finished by an earlier run
+        indices = range(shard * per_shard, min(cfg.num_examples, (shard + 1) * per_shard))
+        examples = _encode_indices(indices, data, cfg, encode_fn, tokenizer, mean, std)
+        sources.write_shard(path, examples)
+    return paths
+
+
+def _encode_indices(indices, data, cfg, encode_fn, tokenizer, mean, std) -> list[dict]:
+    buckets = defaultdict(list)
+    for i in indices:
+        buckets[sample_shape(i, cfg.shapes, cfg.shape_weights, cfg.seed)].append(i)
+    examples = {}
+    for (frames, height, width), members in buckets.items():
+        for start in range(0, len(members), cfg.batch_size):
+            chunk = members[start:start + cfg.batch_size]
+            clips = [data.render(i, frames, height, width) for i in chunk]
+            z = np.asarray(encode_fn(jnp.asarray(np.stack([c["video"] for c in clips]))))
+            ids, mask = tokenizer([c["caption"] for c in clips])
+            for j, (i, clip) in enumerate(zip(chunk, clips)):
+                n = max(1, int(np.sum(mask[j])))
+                examples[i] = {"latents": (z[j] - mean) / std, "text": np.asarray(ids[j][:n], np.int32),
+                               "caption": clip["caption"],
+                               "meta": {"index": i, "objects": clip["objects"], "fps": clip["fps"]}}
+    return [examples[i] for i in indices]

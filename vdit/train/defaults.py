@@ -1,0 +1,44 @@
+"""Default config sections shared by the recipes in `configs/` (each recipe changes a few fields).
+
+Keeping them here, not in a base config file, lets every `configs/*.py` stay a small standalone
+`get_config()` that imports what it derives from.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def optim() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        lr=1e-4, warmup_steps=100, schedule="cosine", decay_steps=0, end_lr_ratio=0.1,
+        b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01, clip_norm=1.0, grad_accum=1))
+
+
+def checkpoint() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(every=500, keep=3, keep_every=0, async_save=True))
+
+
+def train() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        steps=10_000, seed=0, ema_decay=0.999, log_every=10, max_bad_steps=20,
+        peak_flops_per_device=0.0, tensorboard=True, progress=True, sample_every=0,
+        init_from=""))
+
+
+def flow() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        time_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, shift_mode="resolution",
+        shift=1.0, base_tokens=256, max_shift=6.0))
+
+
+def mesh() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
+
+
+def packing() -> ml_collections.ConfigDict:
+    """The `data` keys of the packed pipeline (vdit/data/pipeline.py)."""
+    return ml_collections.ConfigDict(dict(
+        tokens_per_row=1024, text_per_row=256, rows_per_batch=8, max_segments=8, pack_bins=8,
+        shuffle_seed=0, caption_dropout=0.1, num_workers=0, prefetch=2, text_format="ids",
+        latents_dir=""))

@@ -1,0 +1,189 @@
+"""`vdit train`: the DiT training loop over packed latent batches, sharded, checkpointed, resumable.
+
+One call, `train(config, workdir)`: build mesh, models and data; create or restore the state;
+compile the step once ahead of time (logging its memory analysis); then step, log, checkpoint.
+A run on a workdir with a checkpoint resumes exactly (model, optimizer, EMA, rng, data position).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from vdit.data import pipeline, sources
+from vdit.models.dit import build_dit
+from vdit.models.text import text_encoder_from_config
+from vdit.parallel.mesh import logical_rules, make_mesh
+from vdit.train import checkpoint, optim
+from vdit.train.metrics import MetricsWriter
+from vdit.train.objective import make_dit_loss
+from vdit.train.state import create_sharded, create_state
+from vdit.train.step import make_train_step
+
+log = logging.getLogger(__name__)
+# Sections whose values fix parameter shapes: changing them on resume cannot load the checkpoint.
+SHAPE_SECTIONS = ("model", "text")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def latents_dir(config, workdir: str) -> str:
+    return config.data.get("latents_dir", None) or os.path.join(workdir, "latents")
+
+
+def null_caption(tokenizer) -> np.ndarray:
+    """Token ids of the empty caption (what CFG's unconditional branch sees), trimmed."""
+    ids, mask = tokenizer([""])
+    return np.asarray(ids[0][: max(1, int(np.sum(mask[0])))], np.int32)
+
+
+def build_models(config):
+    dit = build_dit(config.model)
+    text_model, tokenizer = text_encoder_from_config(config.text)
+    return dit, text_model, tokenizer
+
+
+def init_params(dit, text_model, config, rng):
+    """Boxed (logically named) parameters {"dit": ..., "text": ...} from dummy packed inputs."""
+    s, length = 8, 4
+    tokens = jnp.zeros((1, s, dit.token_in_dim))
+    ones = lambda n: jnp.ones((1, n), jnp.int32)
+    ids = jnp.ones((1, length), jnp.int32)
+    r_dit, r_text = jax.random.split(rng)
+    context = jnp.zeros((1, length, dit.text_dim))
+    dit_params = dit.init(r_dit, tokens, jnp.zeros((1, s, 3), jnp.int32), ones(s),
+                          jnp.zeros((1, 1)), context, ones(length), method="packed")["params"]
+    text_params = text_model.init(r_text, ids, ones(length))["params"]
+    return {"dit": dit_params, "text": text_params}
+
+
+def split_trainable(config, params: dict) -> tuple[dict, dict]:
+    """(trainable, frozen): the text encoder trains only when config.text.trainable."""
+    if config.text.get("trainable", False):
+        return params, {}
+    return {"dit": params["dit"]}, {"text": params["text"]}
+
+
+def check_resume_compatible(saved: dict, config, sections=SHAPE_SECTIONS) -> None:
+    """Refuses to resume when a key that fixes parameter shapes differs from the checkpoint's."""
+    changed = []
+    for section in sections:
+        now = config[section].to_dict() if section in config else {}
+        before = saved.get(section, {})
+        for key in sorted(set(now) | set(before)):
+            if _normal(now.get(key)) != _normal(before.get(key)):
+                changed.append(f"{section}.{key}: checkpoint {before.get(key)!r} -> now {now.get(key)!r}")
+    if changed:
+        raise ValueError("cannot resume: the workdir's checkpoint was trained with different model "
+                         "settings (" + "; ".join(changed) + "); use a new --workdir or undo the change")
+
+
+def _normal(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def batch_spec(config, dit, text_dim: int | None) -> dict:
+    """Global shapes of one packed batch (for ahead-of-time compilation)."""
+    rows, s, length = config.data.rows_per_batch, config.data.tokens_per_row, config.data.text_per_row
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    text = (i32(rows, length) if text_dim is None
+            else jax.ShapeDtypeStruct((rows, length, text_dim), jnp.float32))
+    return {"tokens": jax.ShapeDtypeStruct((rows, s, dit.token_in_dim), jnp.float32),
+            "positions": i32(rows, s, 3), "segment_ids": i32(rows, s), "text": text,
+            "text_segment_ids": i32(rows, length), "text_positions": i32(rows, length)}
+
+
+def compile_step(step_fn, state, frozen, spec, shardings, frozen_shardings, mesh, rules):
+    """jit with explicit shardings and a donated state, lowered and compiled before step 0."""
+    batch_sharding = pipeline.batch_sharding(mesh)
+    jitted = jax.jit(step_fn, in_shardings=(shardings, frozen_shardings, batch_sharding),
+                     out_shardings=(shardings, None), donate_argnums=(0,))
+    with mesh, nn.logical_axis_rules(rules):
+        compiled = jitted.lower(state, frozen, spec).compile()
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        log.info("train step memory per device: arguments %.1f MB, outputs %.1f MB, temp %.1f MB",
+                 memory.argument_size_in_bytes / 1e6, memory.output_size_in_bytes / 1e6,
+                 memory.temp_size_in_bytes / 1e6)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float((cost or {}).get("flops", 0.0))
+    return compiled, flops
+
+
+def train(config, workdir: str, stop_after: int | None = None) -> list[dict]:
+    """Trains to `config.train.steps` (or `stop_after` more steps); returns the logged metrics."""
+    mesh = make_mesh({k: v for k, v in config.mesh.items() if k != "rules"})
+    rules = logical_rules("dit", config.mesh.get("rules", None))
+    dit, text_model, tokenizer = build_models(config)
+    source = sources.SkippingSource(sources.LatentShardSource(latents_dir(config, workdir)))
+    data_it = iter(pipeline.packed_dataset(source, config.data, dit.patch_size,
+                                           null_caption(tokenizer)))
+
+    boxed = lambda rng: init_params(dit, text_model, config, rng)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    rng = jax.random.key(config.train.seed)
+    state, shardings = create_state(lambda r: split_trainable(config, boxed(r))[0], tx, rng,
+                                    mesh, rules)
+    frozen, frozen_shardings = create_sharded(lambda r: split_trainable(config, boxed(r))[1],
+                                              rng, mesh, rules)
+
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    start = 0
+    if manager.latest_step() is not None:
+        check_resume_compatible(checkpoint.saved_config(manager), config)
+        start, state, _ = checkpoint.restore(manager, state, data_it)
+        log.info("resumed from step %d in %s", start, workdir)
+
+    step_fn = make_train_step(make_dit_loss(dit, text_model, config), tx, config.train.ema_decay)
+    text_dim = None if config.data.text_format == "ids" else dit.text_dim
+    compiled, flops = compile_step(step_fn, state, frozen, batch_spec(config, dit, text_dim),
+                                   shardings, frozen_shardings, mesh, rules)
+    end = config.train.steps if stop_after is None else min(config.train.steps, start + stop_after)
+    writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard)
+    history = _run(compiled, flops, state, frozen, data_it, source, mesh, manager, writer,
+                   config, start, end)
+    writer.close()
+    return history
+
+
+def _run(compiled, flops, state, frozen, data_it, source, mesh, manager, writer, config,
+         start, end) -> list[dict]:
+    history = []
+    peak = float(config.train.peak_flops_per_device) * jax.device_count()
+    bar = tqdm(range(start, end), initial=start, total=config.train.steps, desc="train",
+               disable=jax.process_index() != 0 or not config.train.progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        batch = pipeline.to_global(next(data_it), mesh)
+        state, out = compiled(state, frozen, batch)
+        out = jax.device_get(out)
+        seconds = time.perf_counter() - t0
+        metrics = {"loss": out["loss"], "grad_norm": out["grad_norm"], "step_time": seconds,
+                   "tokens_per_s": out["tokens"] / seconds, "data/skipped": source.skipped,
+                   "nonfinite_total": int(state.bad_total)}
+        if peak > 0:
+            metrics["mfu"] = flops / seconds / peak
+        history.append({"step": step + 1, **metrics})
+        if (step + 1) % config.train.log_every == 0 or step + 1 == end:
+            writer.write(step + 1, metrics)
+        bar.set_postfix(loss=f"{float(out['loss']):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if int(state.bad_streak) >= config.train.max_bad_steps:
+            manager.wait_until_finished()
+            raise NonFiniteError(
+                f"step {step + 1}: {int(state.bad_streak)} consecutive steps with a non-finite loss "
+                f"or gradient (limit train.max_bad_steps={config.train.max_bad_steps}); updates "
+                "were skipped, the last checkpoint is intact")
+        if (step + 1) % config.checkpoint.every == 0 or step + 1 == config.train.steps:
+            checkpoint.save(manager, step + 1, state, config, data_it)
+    manager.wait_until_finished()
+    return history
