@@ -24,7 +24,7 @@ from vdit.parallel.mesh import logical_rules, make_mesh
 from vdit.train import checkpoint, optim
 from vdit.train.metrics import MetricsWriter
 from vdit.train.objective import make_dit_loss
-from vdit.train.state import create_sharded, create_state
+from vdit.train.state import create_sharded, create_state, unbox
 from vdit.train.step import make_train_step
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,13 @@ def split_trainable(config, params: dict) -> tuple[dict, dict]:
     if config.text.get("trainable", False):
         return params, {}
     return {"dit": params["dit"]}, {"text": params["text"]}
+
+
+def restore_frozen(config) -> dict:
+    """The frozen (not trained, not checkpointed) weights of a run, recreated from its seed."""
+    dit, text_model, _ = build_models(config)
+    boxed = init_params(dit, text_model, config, jax.random.key(config.train.seed))
+    return unbox(split_trainable(config, boxed)[1])
 
 
 def check_resume_compatible(saved: dict, config, sections=SHAPE_SECTIONS) -> None:

@@ -1,0 +1,120 @@
+"""Video files and frame helpers: mp4 round trip, gif, grid PNG, errors, resize/crop, sampling."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vdit.data import video_io
+from vdit.data.synthetic import SyntheticShapes
+
+
+def _psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return SyntheticShapes(frames=17, height=64, width=96, fps=8).render(2)["video"]
+
+
+def test_mp4_round_trip(tmp_path, clip):
+    path = tmp_path / "clip.mp4"
+    video_io.write_mp4(path, clip, fps=8)
+    frames, fps = video_io.load_video(path)
+    assert frames.shape == (17, 64, 96, 3) and frames.dtype == np.uint8 and fps == 8.0
+    psnr = _psnr(frames, video_io.to_uint8(clip))
+    print(f"mp4 round trip PSNR {psnr:.1f} dB")
+    assert psnr > 30
+    as_float = video_io.read_video(path, as_float=True)
+    assert as_float.dtype == np.float32 and -1 <= as_float.min() and as_float.max() <= 1
+    np.testing.assert_allclose(as_float, video_io.to_float(frames))
+
+
+def test_mp4_fractional_fps_and_uint8_input(tmp_path, clip):
+    path = tmp_path / "ntsc.mp4"
+    video_io.write_video(path, video_io.to_uint8(clip[:5]), fps=29.97)
+    frames, fps = video_io.load_video(path)
+    assert frames.shape[0] == 5 and fps == pytest.approx(29.97, abs=0.01)
+
+
+def test_mp4_needs_even_size(tmp_path):
+    with pytest.raises(ValueError, match="even height and width, got 33x64"):
+        video_io.write_mp4(tmp_path / "odd.mp4", np.zeros((3, 33, 64, 3), np.uint8), fps=8)
+    with pytest.raises(ValueError, match="expected a video \\[T, H, W, 3\\]"):
+        video_io.write_mp4(tmp_path / "bad.mp4", np.zeros((32, 32, 3), np.uint8), fps=8)
+
+
+def test_gif_write(tmp_path, clip):
+    path = tmp_path / "clip.gif"
+    video_io.write_video(path, clip[:9], fps=8)
+    with Image.open(path) as im:
+        assert im.size == (96, 64) and im.n_frames == 9
+    frames = video_io.read_video(path)
+    assert frames.shape == (9, 64, 96, 3)
+    assert _psnr(frames, video_io.to_uint8(clip[:9])) > 25
+
+
+def test_unsupported_suffix(tmp_path, clip):
+    with pytest.raises(ValueError, match="unsupported suffix '.avi'"):
+        video_io.write_video(tmp_path / "x.avi", clip, fps=8)
+
+
+def test_grid_png(tmp_path, clip):
+    path = tmp_path / "grid.png"
+    batch = np.stack([clip, -clip])
+    video_io.write_grid_png(path, batch, max_frames=4, pad=2)
+    with Image.open(path) as im:
+        grid = np.asarray(im.convert("RGB"))
+    assert grid.shape == (2 * (64 + 2) + 2, 4 * (96 + 2) + 2, 3)
+    np.testing.assert_array_equal(grid[2:66, 2:98], video_io.to_uint8(clip[0]))
+    np.testing.assert_array_equal(grid[2:66, -98:-2], video_io.to_uint8(clip[-1]))
+    mixed = video_io.grid_image([clip[:1], clip[:5, :32, :48]], max_frames=8)
+    assert mixed.shape == (2 * (64 + 2) + 2, 5 * (96 + 2) + 2, 3)
+    with pytest.raises(ValueError, match="at least one video"):
+        video_io.grid_image([])
+
+
+def test_corrupt_and_missing_files(tmp_path, clip):
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"\x00junk" * 200)
+    with pytest.raises(video_io.VideoReadError, match="garbage.mp4"):
+        video_io.read_video(garbage)
+    good = tmp_path / "good.mp4"
+    video_io.write_mp4(good, clip, fps=8)
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(video_io.VideoReadError, match="truncated.mp4"):
+        video_io.read_video(truncated)
+    with pytest.raises(video_io.VideoReadError, match="missing.mp4: file not found"):
+        video_io.read_video(tmp_path / "missing.mp4")
+    assert issubclass(video_io.VideoReadError, OSError)
+
+
+def test_resize_and_crop(clip):
+    small = video_io.resize_video(clip, 32, 48)
+    assert small.shape == (17, 32, 48, 3) and small.dtype == np.float32
+    big = video_io.resize_video(video_io.to_uint8(clip), 128, 192)
+    assert big.shape == (17, 128, 192, 3) and big.dtype == np.uint8
+    crop = video_io.center_crop(clip, 64, 64)
+    np.testing.assert_array_equal(crop, clip[:, :, 16:80])
+    square = video_io.resize_and_crop(clip, 32, 32)  # 64x96 -> 32x48 -> center 32x32
+    np.testing.assert_allclose(square, video_io.center_crop(small, 32, 32))
+    assert video_io.resize_and_crop(clip, 128, 64).shape == (17, 128, 64, 3)
+    with pytest.raises(ValueError, match="crop 80x64 does not fit in frames of 64x96"):
+        video_io.center_crop(clip, 80, 64)
+
+
+def test_frame_sampling():
+    idx = video_io.sample_indices(num_source=90, source_fps=30, frames=9, target_fps=8)
+    np.testing.assert_array_equal(idx, np.round(np.arange(9) * 30 / 8 + 1e-6).astype(int))
+    late = video_io.sample_indices(90, 30, 5, 10, start_time=1.0)
+    np.testing.assert_array_equal(late, [30, 33, 36, 39, 42])
+    video = np.arange(90)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    frames = video_io.sample_frames(video, 30, 5, 10, start_time=1.0)
+    np.testing.assert_array_equal(frames[:, 0, 0, 0], late)
+    assert video_io.max_start_time(90, 30, 17, 8) == pytest.approx(89 / 30 - 2)
+    with pytest.raises(ValueError, match="too short for 17 frames at 8 fps"):
+        video_io.sample_indices(30, 30, 17, 8)
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        video_io.sample_indices(30, 0, 5, 8)

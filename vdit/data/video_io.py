@@ -1,0 +1,203 @@
+"""Video files and frame arrays: read/write mp4 (PyAV, H.264) and gif, resize/crop, frame
+sampling, grid previews.
+
+Arrays are channels-last `[T, H, W, 3]`, either uint8 or float in [-1, 1] (the model's range).
+Unreadable or corrupt files raise `VideoReadError` naming the file, so callers can count and skip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+from PIL import Image
+
+
+class VideoReadError(OSError):
+    """A video file is missing, corrupt or holds no decodable video frames."""
+
+
+def _check_video(video: np.ndarray) -> np.ndarray:
+    video = np.asarray(video)
+    if video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] < 1:
+        raise ValueError(f"expected a video [T, H, W, 3] with T >= 1, got shape {video.shape}")
+    return video
+
+
+def to_uint8(video: np.ndarray) -> np.ndarray:
+    """[..., 3] uint8 (returned as is) or float in [-1, 1] (clipped) -> uint8."""
+    video = np.asarray(video)
+    if video.dtype == np.uint8:
+        return video
+    if not np.issubdtype(video.dtype, np.floating):
+        raise ValueError(f"expected uint8 or float pixels, got dtype {video.dtype}")
+    return np.round((np.clip(video, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def to_float(video: np.ndarray) -> np.ndarray:
+    """uint8 [..., 3] -> float32 in [-1, 1] (float input is returned as float32)."""
+    video = np.asarray(video)
+    if video.dtype == np.uint8:
+        return video.astype(np.float32) / 127.5 - 1.0
+    return video.astype(np.float32)
+
+
+def write_mp4(path: str | Path, video: np.ndarray, fps: float, crf: int = 18) -> None:
+    """H.264 (libx264, yuv420p) mp4 of a video [T, H, W, 3]; H and W must be even (yuv420p)."""
+    frames = to_uint8(_check_video(video))
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"mp4 (yuv420p) needs even height and width, got {height}x{width}; "
+                         "crop or resize first")
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(float(fps)).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def write_gif(path: str | Path, video: np.ndarray, fps: float) -> None:
+    """Looping gif of a video [T, H, W, 3] (Pillow; palette per frame)."""
+    frames = to_uint8(_check_video(video))
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(str(path), save_all=True, append_images=images[1:],
+                   duration=max(int(round(1000.0 / fps)), 10), loop=0)
+
+
+def write_video(path: str | Path, video: np.ndarray, fps: float) -> None:
+    """Writes by suffix: .mp4 or .gif."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".mp4":
+        write_mp4(path, video, fps)
+    elif suffix == ".gif":
+        write_gif(path, video, fps)
+    else:
+        raise ValueError(f"cannot write {path}: unsupported suffix {suffix!r} (use .mp4 or .gif)")
+
+
+def load_video(path: str | Path, as_float: bool = False) -> tuple[np.ndarray, float]:
+    """(frames [T, H, W, 3] uint8, or float in [-1, 1] if as_float; frames per second)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(f"cannot read video {path}: file not found")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"cannot read video {path}: no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    except VideoReadError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+        raise VideoReadError(f"cannot read video {path}: {e}") from e
+    if not frames:
+        raise VideoReadError(f"cannot read video {path}: no decodable frames")
+    video = np.stack(frames)
+    fps = float(rate) if rate else 0.0
+    return (to_float(video) if as_float else video), fps
+
+
+def read_video(path: str | Path, as_float: bool = False) -> np.ndarray:
+    """Frames [T, H, W, 3] of a video file: uint8, or float in [-1, 1] if as_float."""
+    return load_video(path, as_float)[0]
+
+
+def resize_video(video: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resizes every frame of [T, H, W, 3] (area filter when shrinking, cubic when growing)."""
+    video = _check_video(video)
+    if height < 1 or width < 1:
+        raise ValueError(f"target size must be positive, got {height}x{width}")
+    shrink = height * width < video.shape[1] * video.shape[2]
+    interp = cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
+    out = np.stack([cv2.resize(f, (width, height), interpolation=interp) for f in video])
+    if np.issubdtype(video.dtype, np.floating):
+        out = np.clip(out, -1.0, 1.0)  # cubic overshoot
+    return out.astype(video.dtype)
+
+
+def center_crop(video: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The central height x width window of [T, H, W, 3]."""
+    video = _check_video(video)
+    _, h, w, _ = video.shape
+    if not (0 < height <= h and 0 < width <= w):
+        raise ValueError(f"crop {height}x{width} does not fit in frames of {h}x{w}")
+    top, left = (h - height) // 2, (w - width) // 2
+    return video[:, top:top + height, left:left + width]
+
+
+def resize_and_crop(video: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Scales [T, H, W, 3] so it covers height x width (keeping aspect), then center-crops."""
+    video = _check_video(video)
+    _, h, w, _ = video.shape
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    return center_crop(resize_video(video, new_h, new_w), height, width)
+
+
+def sample_indices(num_source: int, source_fps: float, frames: int, target_fps: float,
+                   start_time: float = 0.0) -> np.ndarray:
+    """Indices [frames] of source frames nearest to times start_time + k / target_fps.
+
+    Raises ValueError if the clip (num_source frames at source_fps) is too short.
+    """
+    if source_fps <= 0 or target_fps <= 0:
+        raise ValueError(f"fps must be > 0, got source {source_fps}, target {target_fps}")
+    if frames < 1 or start_time < 0:
+        raise ValueError(f"need frames >= 1 and start_time >= 0, got {frames}, {start_time}")
+    times = start_time + np.arange(frames) / target_fps
+    idx = np.floor(times * source_fps + 0.5 + 1e-6).astype(np.int64)
+    if idx[-1] >= num_source:
+        span = (frames - 1) / target_fps
+        raise ValueError(f"clip of {num_source} frames at {source_fps} fps is too short for "
+                         f"{frames} frames at {target_fps} fps from t={start_time:.3f}s "
+                         f"(needs {span:.3f}s after it)")
+    return idx
+
+
+def max_start_time(num_source: int, source_fps: float, frames: int, target_fps: float) -> float:
+    """Latest start_time for which sample_indices fits in the clip (negative: never fits)."""
+    return (num_source - 1) / source_fps - (frames - 1) / target_fps
+
+
+def sample_frames(video: np.ndarray, source_fps: float, frames: int, target_fps: float,
+                  start_time: float = 0.0) -> np.ndarray:
+    """`frames` frames of video [N, H, W, 3] at target_fps starting at start_time (seconds)."""
+    video = _check_video(video)
+    return video[sample_indices(len(video), source_fps, frames, target_fps, start_time)]
+
+
+def grid_image(videos: Sequence[np.ndarray] | np.ndarray, max_frames: int = 8,
+               pad: int = 2) -> np.ndarray:
+    """uint8 image [rows, cols, 3]: one row per video, up to max_frames evenly spaced frames
+    side by side; videos may differ in size (cells are padded to the largest)."""
+    if len(videos) == 0:
+        raise ValueError("grid_image needs at least one video")
+    videos = [to_uint8(_check_video(v)) for v in videos]
+    cols = min(max_frames, max(len(v) for v in videos))
+    cell_h = max(v.shape[1] for v in videos)
+    cell_w = max(v.shape[2] for v in videos)
+    grid = np.full((len(videos) * (cell_h + pad) + pad, cols * (cell_w + pad) + pad, 3), 255,
+                   np.uint8)
+    for r, v in enumerate(videos):
+        picks = np.unique(np.linspace(0, len(v) - 1, min(cols, len(v))).round().astype(int))
+        for c, t in enumerate(picks):
+            y, x = pad + r * (cell_h + pad), pad + c * (cell_w + pad)
+            grid[y:y + v.shape[1], x:x + v.shape[2]] = v[t]
+    return grid
+
+
+def write_grid_png(path: str | Path, videos: Sequence[np.ndarray] | np.ndarray,
+                   max_frames: int = 8, pad: int = 2) -> None:
+    """Saves `grid_image(videos)` as a PNG (a batch [B, T, H, W, 3] or a list of videos)."""
+    Image.fromarray(grid_image(videos, max_frames, pad)).save(str(path), format="PNG")

@@ -1,0 +1,113 @@
+"""`make demo`: the whole system on the embedded default, end to end on a laptop-sized CPU.
+
+1. trains the shapes VAE (configs/shapes_vae.py),
+2. encodes synthetic clips to latent shards with it,
+3. trains a small DiT with its byte-level text encoder (configs/shapes_dit.py),
+4. samples videos for held-out caption wordings into demo_out/samples/ (+ samples.jsonl, grid),
+5. prints the judge's prompt-adherence table.
+`--quick` shrinks every stage to a smoke run of a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+QUICK_VAE = ["--config.vae_train.steps=30", "--config.vae_train.eval_examples=8"]
+QUICK_DIT = ["--config.train.steps=30", "--config.encode.num_examples=64",
+             "--config.encode.num_shards=2", "--config.sample.steps=4"]
+
+
+def sample_prompts(config, count: int) -> list[dict]:
+    """Held-out caption wordings (templates never seen in training) with their ground truth."""
+    from vdit.data.synthetic import SyntheticShapes
+
+    world = SyntheticShapes.from_config(config.data)
+    world.caption_split = "heldout"
+    frames = int(config.sample.frames)
+    return [world.prompt_record(10_000_000 + i, frames) for i in range(count)]
+
+
+def write_samples(gen, config, out: str, count: int, batch: int) -> str:
+    """Generates `count` videos, writes mp4s, samples.jsonl and a grid; returns the jsonl path."""
+    from vdit.data.video_io import write_grid_png, write_video
+
+    records = sample_prompts(config, count)
+    frames, height, width = (int(config.sample[k]) for k in ("frames", "height", "width"))
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    videos = []
+    for start in range(0, count, batch):
+        chunk = records[start:start + batch]
+        v = np.asarray(gen.generate([r["prompt"] for r in chunk], frames, height, width,
+                                    seed=start))
+        videos.extend(v)
+    lines = []
+    for i, (record, video) in enumerate(zip(records, videos)):
+        name = f"samples/{i:03d}.mp4"
+        write_video(os.path.join(out, name), video, fps=float(config.data.fps))
+        lines.append(json.dumps({"file": name, **record}))
+    path = os.path.join(out, "samples.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    write_grid_png(os.path.join(out, "samples_grid.png"), videos[:16])
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="demo_out")
+    parser.add_argument("--quick", action="store_true", help="a few-minute smoke run")
+    parser.add_argument("--samples", type=int, default=32)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    from vdit.config import load_config
+    from vdit.data.encode import encode_synthetic
+    from vdit.eval.shapes import eval_shapes_dir, format_table
+    from vdit.pipelines.generate import Generator
+    from vdit.train.loop import train
+    from vdit.train.vae_loop import train_vae
+
+    out = os.path.abspath(args.out)
+    vae_dir, dit_dir = os.path.join(out, "runs", "vae"), os.path.join(out, "runs", "dit")
+    t0 = time.time()
+    vae_cfg = load_config(os.path.join(CONFIG_DIR, "shapes_vae.py"), QUICK_VAE if args.quick else [])
+    print(f"[1/5] training the shapes VAE for {vae_cfg.vae_train.steps} steps -> {vae_dir}")
+    result = train_vae(vae_cfg, vae_dir)
+    print(f"      held-out PSNR {result['eval_psnr']:.2f} dB ({time.time() - t0:.0f}s)")
+
+    dit_cfg = load_config(os.path.join(CONFIG_DIR, "shapes_dit.py"),
+                          (QUICK_DIT if args.quick else []) + [f"--config.encode.vae_workdir={vae_dir}"])
+    latents = os.path.join(dit_dir, "latents")
+    print(f"[2/5] encoding {dit_cfg.encode.num_examples} synthetic clips -> {latents}")
+    encode_synthetic(dit_cfg, latents)
+    print(f"      done ({time.time() - t0:.0f}s)")
+
+    print(f"[3/5] training the DiT for {dit_cfg.train.steps} steps -> {dit_dir}")
+    history = train(dit_cfg, dit_dir)
+    if history:
+        print(f"      final loss {history[-1]['loss']:.4f} ({time.time() - t0:.0f}s)")
+
+    print(f"[4/5] sampling {args.samples} videos for held-out caption wordings -> {out}/samples")
+    gen = Generator.from_workdir(dit_dir)
+    prompts_file = write_samples(gen, dit_cfg, out, args.samples, batch=8)
+    print(f"      wrote {prompts_file} and samples_grid.png ({time.time() - t0:.0f}s)")
+
+    print("[5/5] judging the samples (color / shape / direction of the main object):")
+    scores = eval_shapes_dir(None, prompts_file)["scores"]
+    print(format_table(scores))
+    with open(os.path.join(out, "judge.json"), "w") as f:
+        json.dump(scores, f, indent=2)
+    print(f"demo finished in {time.time() - t0:.0f}s; outputs in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
