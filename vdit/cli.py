@@ -77,11 +77,68 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True)
 
 
+def _load(args):
+    from vdit.config import load_config
+
+    if not args.config:
+        raise ValueError("--config is required (a configs/*.py file)")
+    return load_config(args.config, args.overrides)
+
+
+def _train_vae(args) -> int:
+    from vdit.train.vae_loop import train_vae
+
+    result = train_vae(_load(args), args.workdir)
+    print(f"vdit train-vae: held-out PSNR {result['eval_psnr']:.2f} dB; checkpoints in "
+          f"{args.workdir}/checkpoints")
+    return 0
+
+
+def _encode(args) -> int:
+    import os
+
+    from vdit.data.encode import encode_synthetic
+    from vdit.train.loop import latents_dir
+
+    config = _load(args)
+    out = latents_dir(config, args.workdir)
+    paths = encode_synthetic(config, out)
+    print(f"vdit encode: {len(paths)} shards in {os.path.abspath(out)}")
+    return 0
+
+
+def _train(args) -> int:
+    from vdit.train.loop import train
+
+    history = train(_load(args), args.workdir)
+    if history:
+        print(f"vdit train: step {history[-1]['step']}, loss {history[-1]['loss']:.4f}; "
+              f"checkpoints in {args.workdir}/checkpoints")
+    return 0
+
+
+def _eval(args) -> int:
+    import os
+
+    from vdit.eval.shapes import eval_shapes_dir, format_table
+
+    prompts = args.prompts
+    if prompts is None and args.workdir:
+        prompts = os.path.join(args.workdir, "samples.jsonl")
+    if prompts is None:
+        raise ValueError("give --prompts FILE (jsonl: file, prompt, color, shape, direction) "
+                         "or --workdir with a samples.jsonl")
+    print(format_table(eval_shapes_dir(args.videos, prompts)["scores"]))
+    return 0
+
+
+HANDLERS = {"train-vae": _train_vae, "encode": _encode, "train": _train, "eval": _eval}
+
+
 def _handler(command: str):
-    """Imports the function that runs `command`; NotBuiltError if this version lacks it."""
-    if command == "eval":
-        from vdit.eval.shapes import run_cli
-        return run_cli
+    """The function that runs `command`; NotBuiltError if this version lacks it."""
+    if command in HANDLERS:
+        return HANDLERS[command]
     issue = COMMANDS[command][1]
     raise NotBuiltError(f"`vdit {command}` is not built yet in this version of vdit "
                         f"(tracked in issue {issue}); nothing was run")

@@ -1,0 +1,153 @@
+"""Prompt expansion: turn a terse prompt into a caption worded like the training captions.
+
+`PromptExpander` is any callable `str -> str`. Two implementations:
+  `SlotExpander`  rule-based: finds slot words (e.g. color, shape, direction) in each clause of the
+                  prompt and renders a full caption from them; `shapes_expander()` wires it to the
+                  synthetic shapes world, so "red circle right" becomes "a red circle moving right"
+                  (or a varied wording with an rng). A prompt whose clauses lack a slot is returned
+                  cleaned but otherwise unchanged: the rules never guess content.
+  `CallableExpander` hands the prompt (optionally inside an instruction) to a user callable, such
+                  as a language model, and checks what comes back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import numpy as np
+
+from vdit.models.tokenizers import prompt_clean
+
+_CLAUSE_SPLIT = re.compile(r"\s*(?:;|\band\b|\bplus\b)\s*")  # commas stay: "a ball, rolling left"
+
+
+class PromptExpander(Protocol):
+    def __call__(self, prompt: str) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotExpander:
+    """Rule-based expansion over slots.
+
+    vocab:  slot -> {surface word or phrase: canonical value}; the longest phrase wins.
+    render: (objects, rng or None) -> caption, `objects` a list of {slot: canonical value}.
+    """
+
+    vocab: Mapping[str, Mapping[str, str]]
+    render: Callable[[list[dict], np.random.Generator | None], str]
+
+    def parse(self, prompt: str) -> list[dict] | None:
+        """One {slot: value} per clause; None when a clause misses any slot."""
+        objects = []
+        for clause in _CLAUSE_SPLIT.split(prompt_clean(prompt).lower()):
+            if not clause:
+                continue
+            found = {slot: _find(clause, words) for slot, words in self.vocab.items()}
+            if any(value is None for value in found.values()):
+                return None
+            objects.append(found)
+        return objects or None
+
+    def __call__(self, prompt: str, rng: np.random.Generator | None = None) -> str:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        objects = self.parse(prompt)
+        return prompt_clean(prompt) if objects is None else self.render(objects, rng)
+
+
+def _find(clause: str, words: Mapping[str, str]) -> str | None:
+    """The canonical value of the longest surface phrase in `clause` (earliest on ties)."""
+    best = None
+    for phrase, value in words.items():
+        match = re.search(rf"\b{re.escape(phrase)}\b", clause)
+        if match and (best is None or (len(phrase), -match.start()) > best[0]):
+            best = ((len(phrase), -match.start()), value)
+    return None if best is None else best[1]
+
+
+def template_render(template: str, joiner: str = " and "):
+    """A `render` for SlotExpander from a format string per object, e.g. "a {color} {shape}"."""
+
+    def render(objects, rng=None):
+        return joiner.join(template.format(**obj) for obj in objects)
+
+    return render
+
+
+def shapes_vocab() -> dict[str, dict[str, str]]:
+    """Surface words of the synthetic world (from its caption module) -> canonical values."""
+    from vdit.data import shapes_captions as sc
+    from vdit.data.synthetic import COLORS
+
+    shape = {w: name for name, words in sc.SHAPE_WORDS.items() for w in (name, *words)}
+    direction = {w: name for name, words in sc.DIRECTION_WORDS.items() for w in (name, *words)}
+    still = ("still", "static", *sc.STILL_ADJ, *sc.STILL_ING, *sc.STILL_S)
+    direction |= {w: "still" for w in still}
+    return {"color": {c: c for c in COLORS}, "shape": shape, "direction": direction}
+
+
+def shapes_expander(template: int | None = 0, split: str = "train") -> SlotExpander:
+    """Expander for the shapes world with its caption builder.
+
+    template: a fixed template index, or None to draw one from `split`'s templates with the rng
+    given per call (no rng: the split's first template, canonical words).
+    """
+    from vdit.data import shapes_captions as sc
+
+    choices = sc.template_ids(split)
+    if template is not None and not 0 <= template < len(sc.TEMPLATES):
+        raise ValueError(f"prompt expansion template={template}: expected None or an index "
+                         f"in [0, {len(sc.TEMPLATES)})")
+
+    def render(objects, rng=None):
+        index = template
+        if index is None:
+            index = choices[0] if rng is None else int(rng.choice(choices))
+        return sc.build_caption(objects, index, rng)
+
+    return SlotExpander(shapes_vocab(), render)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallableExpander:
+    """Calls `fn(instruction.format(prompt=...))`, e.g. a language model; checks the answer."""
+
+    fn: Callable[[str], str]
+    instruction: str = "{prompt}"
+
+    def __call__(self, prompt: str) -> str:
+        answer = self.fn(self.instruction.format(prompt=prompt_clean(prompt)))
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError(f"prompt expander {self.fn!r} returned {answer!r} for {prompt!r}; "
+                             "expected a non-empty string")
+        return prompt_clean(answer)
+
+
+def expander_from_config(cfg: Mapping | None) -> Callable[[str], str]:
+    """kind "none" (identity after cleaning), "shapes" (template, split) or "callable"
+    (fn = "package.module:function", instruction)."""
+    cfg = dict(cfg or {})
+    kind = cfg.get("kind", "none")
+    if kind == "none":
+        return prompt_clean
+    if kind == "shapes":
+        return shapes_expander(cfg.get("template", 0), cfg.get("split", "train"))
+    if kind == "callable":
+        return CallableExpander(_import(cfg.get("fn", "")), cfg.get("instruction", "{prompt}"))
+    raise ValueError(f"prompt expansion kind={kind!r}: expected 'none', 'shapes' or 'callable'")
+
+
+def _import(target: str) -> Callable[[str], str]:
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"prompt expansion fn={target!r}: expected 'package.module:function'")
+    fn = getattr(importlib.import_module(module_name), attr, None)
+    if not callable(fn):
+        raise ValueError(f"prompt expansion fn={target!r}: {attr!r} is not a callable in "
+                         f"{module_name!r}")
+    return fn
+
