@@ -132,7 +132,14 @@ def _eval(args) -> int:
     return 0
 
 
-HANDLERS = {"train-vae": _train_vae, "encode": _encode, "train": _train, "eval": _eval}
+def _curate(args) -> int:
+    from vdit.curate.run import run_cli
+
+    return run_cli(args)
+
+
+HANDLERS = {"train-vae": _train_vae, "encode": _encode, "train": _train, "eval": _eval,
+            "curate": _curate}
 
 
 def _handler(command: str):

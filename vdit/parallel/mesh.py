@@ -109,3 +109,26 @@ def logical_rules(kind: str, overrides: dict | None = None) -> tuple:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def logical_to_mesh_spec(names, rules) -> PartitionSpec:
+    """Logical axis names of one array -> its PartitionSpec under `rules`.
+
+    Unlike flax's helper this allows a logical name to repeat (a conv kernel's spatial axes) and
+    never uses a mesh axis twice in one array: a later dimension whose mesh axis is taken stays
+    whole. Names without a rule are replicated.
+    """
+    if names is None:
+        return PartitionSpec()
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name in names:
+        axes = table.get(name)
+        axes_t = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        if not axes_t or used & set(axes_t):
+            spec.append(None)
+            continue
+        used |= set(axes_t)
+        spec.append(axes_t[0] if len(axes_t) == 1 else axes_t)
+    return PartitionSpec(*spec)

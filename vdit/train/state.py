@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vdit.parallel.mesh import logical_to_mesh_spec
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -32,7 +34,7 @@ class TrainState:
 def shardings_of(boxed_fn: Callable[[jax.Array], Any], mesh: Mesh, rules):
     """NamedShardings of the (boxed) tree `boxed_fn(rng)` returns, via its logical axis names."""
     specs = nn.get_partition_spec(jax.eval_shape(boxed_fn, jax.random.key(0)))
-    return jax.tree.map(lambda s: NamedSharding(mesh, nn.logical_to_mesh_axes(s, rules)), specs,
+    return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_mesh_spec(s, rules)), specs,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 

@@ -1,0 +1,170 @@
+"""DiT training-step benchmark on CPU: vdit (JAX) vs diffusers' WanTransformer3DModel (PyTorch).
+
+Both run the same config (default: 12 layers, dim 384, 6 heads, ffn 1536, text 512, in 16) on the
+same batch (default: 4 videos of 5x16x16 latents, 32 text tokens): forward + backward of an MSE
+loss + one AdamW update, float32, median step time over `--steps` after `--warmup`.
+FLOP/s use one analytic matmul count for both (train step = 3x forward), compared with a measured
+float32 matmul peak on this machine. Prints JSON lines; the last one holds the ratio
+vdit step time / torch step time (target <= 1.0).
+
+    .venv/bin/python bench/dit.py [--steps 5] [--warmup 2] [--layers 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+from vdit.models.dit import build_dit
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--ffn", type=int, default=1536)
+    p.add_argument("--text-dim", type=int, default=512)
+    p.add_argument("--channels", type=int, default=16)
+    p.add_argument("--videos", type=int, default=4)
+    p.add_argument("--latent", type=str, default="5x16x16", help="T'xH'xW' per video")
+    p.add_argument("--text-len", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-4)
+    return p.parse_args(argv)
+
+
+def model_config(a) -> dict:
+    return dict(patch_size=(1, 2, 2), num_attention_heads=a.heads,
+                attention_head_dim=a.dim // a.heads, in_channels=a.channels,
+                out_channels=a.channels, text_dim=a.text_dim, freq_dim=256, ffn_dim=a.ffn,
+                num_layers=a.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                eps=1e-6, rope_max_seq_len=1024)
+
+
+def train_flops(a, tokens: int) -> float:
+    """Analytic matmul FLOPs of one train step (3x the forward pass)."""
+    b, s, lt, d, f = a.videos, tokens, a.text_len, a.dim, a.ffn
+    din = 4 * a.channels
+    per_layer = (2 * b * s * d * 4 * d + 4 * b * s * s * d  # self-attention: q,k,v,o + core
+                 + 2 * b * s * d * 2 * d + 2 * b * lt * d * 2 * d + 4 * b * s * lt * d  # cross
+                 + 4 * b * s * d * f)  # FFN
+    embed = 2 * b * s * d * 2 * din + 2 * b * lt * (a.text_dim * d + d * d) + 2 * b * 8 * d * d
+    return 3.0 * (a.layers * per_layer + embed)
+
+
+def batch(a, seed=0):
+    t, h, w = (int(x) for x in a.latent.split("x"))
+    rng = np.random.default_rng(seed)
+    return dict(latents=rng.normal(size=(a.videos, t, h, w, a.channels)).astype(np.float32),
+                target=rng.normal(size=(a.videos, t, h, w, a.channels)).astype(np.float32),
+                timesteps=rng.uniform(0, 1000, size=(a.videos,)).astype(np.float32),
+                context=rng.normal(size=(a.videos, a.text_len, a.text_dim)).astype(np.float32))
+
+
+def timed(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_vdit(a, data) -> float:
+    model = build_dit(dict(model_config(a), dtype="float32", attention="xla", remat="none"))
+    x, tgt, ts, ctx = (jnp.asarray(data[k]) for k in ("latents", "target", "timesteps",
+                                                       "context"))
+    params = jax.jit(model.init)(jax.random.key(0), x, ts, ctx)["params"]
+    opt = optax.adamw(a.lr, weight_decay=0.01)
+    state = (params, opt.init(params))
+
+    def step(state, x, tgt, ts, ctx):
+        params, opt_state = state
+        loss_fn = lambda p: jnp.mean((model.apply({"params": p}, x, ts, ctx) - tgt) ** 2)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    compiled = jax.jit(step, donate_argnums=0).lower(state, x, tgt, ts, ctx).compile()
+    holder = [state]
+
+    def run():
+        holder[0], loss = compiled(holder[0], x, tgt, ts, ctx)
+        loss.block_until_ready()
+
+    return timed(run, a.warmup, a.steps)
+
+
+def bench_torch(a, data) -> float:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**model_config(a)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
+    to_ncthw = lambda k: torch.from_numpy(data[k]).permute(0, 4, 1, 2, 3).contiguous()
+    x, tgt = to_ncthw("latents"), to_ncthw("target")
+    ts, ctx = torch.from_numpy(data["timesteps"]), torch.from_numpy(data["context"])
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        out = model(x, ts, ctx, return_dict=False)[0]
+        torch.mean((out - tgt) ** 2).backward()
+        opt.step()
+
+    return timed(run, a.warmup, a.steps)
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> dict:
+    """Best float32 matmul FLOP/s seen by JAX and by torch on this machine."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    jax_t = min(_time(lambda: f(a).block_until_ready()) for _ in range(reps))
+    ta = torch.ones(n, n)
+    torch_t = min(_time(lambda: ta @ ta) for _ in range(reps))
+    return {"jax": 2 * n**3 / jax_t, "torch": 2 * n**3 / torch_t}
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    data = batch(a)
+    t, h, w = data["latents"].shape[1:4]
+    tokens = t * (h // 2) * (w // 2)
+    flops = train_flops(a, tokens)
+    peak = matmul_peak()
+    common = {"bench": "dit_train_step", "tokens_per_video": tokens, "videos": a.videos,
+              "layers": a.layers, "dim": a.dim, "threads_torch": torch.get_num_threads(),
+              "flops_per_step": flops}
+    print(json.dumps({"bench": "matmul_peak_f32", "flops_per_s": peak}), flush=True)
+    vdit_s = bench_vdit(a, data)
+    print(json.dumps({**common, "framework": "vdit", "step_s": vdit_s,
+                      "achieved_flops_per_s": flops / vdit_s,
+                      "fraction_of_peak": flops / vdit_s / max(peak.values())}), flush=True)
+    torch_s = bench_torch(a, data)
+    print(json.dumps({**common, "framework": "torch", "step_s": torch_s,
+                      "achieved_flops_per_s": flops / torch_s,
+                      "fraction_of_peak": flops / torch_s / max(peak.values())}), flush=True)
+    print(json.dumps({"bench": "dit_train_step_ratio", "vdit_over_torch": vdit_s / torch_s,
+                      "target": "<= 1.0"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

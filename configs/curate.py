@@ -1,0 +1,97 @@
+"""Data curation (`vdit curate`): every threshold and knob of cuts, motion, scores, captions and
+the clip shards it writes. Units are named in each key (seconds, fractions, 0..255 luma).
+
+Derive variants by changing a few fields, e.g. a stricter high-quality pass:
+  vdit curate ... --config.curate.motion.min_motion=0.01 --config.curate.scores.min_sharpness=80.0
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.curate = ml_collections.ConfigDict(dict(
+        # A folder input is searched recursively for files with these suffixes.
+        input=dict(extensions=(".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")),
+        # Decoding: frames are decoded once, resized on the fly, in segments of bounded length
+        # (a long video is processed segment by segment, so memory stays bounded).
+        decode=dict(
+            short_side=0,  # downscale frames so min(H, W) <= this (0 = native size)
+            max_segment_seconds=300.0,  # longer videos are cut into segments of this length
+            default_fps=24.0,  # used when the container reports no frame rate
+        ),
+        # Shot boundaries: a cascade of PySceneDetect detectors at two frame rates.
+        cuts=dict(
+            short_side=128,  # detectors see frames downscaled to this short side
+            content_threshold=27.0,  # ContentDetector (full fps): hard cuts
+            fade_threshold=12.0,  # ThresholdDetector (full fps): fades through black, 0..255
+            slow_fps=(3.0, 1.5),  # more ContentDetectors on frames subsampled to ~these rates:
+            # gradual transitions (dissolves) of up to ~1/rate seconds
+            slow_threshold=27.0,
+            dissolve_ratio=2.0,  # a dissolve's per-frame change vs. the change around it
+            min_scene_seconds=0.25,  # detectors emit no two cuts closer than this
+            merge_seconds=0.25,  # boundaries from different detectors closer than this are one
+            min_clip_seconds=1.0,  # shorter clips are dropped ("too_short")
+            max_clip_seconds=0.0,  # longer clips are split into equal parts (0 = never)
+        ),
+        # Motion: Farneback dense optical flow at low resolution on a few frame pairs a second.
+        # Scores are the mean flow magnitude in frame short sides per second (resolution and
+        # frame rate independent). Flow reaches ~1/4 of the frame per pair, so the measurable
+        # range is up to ~pair_fps / 4 short sides per second.
+        motion=dict(
+            fps=4.0,  # frame pairs per second of clip
+            pair_fps=12.0,  # the two frames of a pair are 1/pair_fps seconds apart
+            short_side=64,
+            min_motion=0.008,  # below: "static"
+            max_motion=1.0,  # above: "extreme_motion"
+            pyr_scale=0.5,
+            levels=3,
+            winsize=9,
+            iterations=3,
+            poly_n=5,
+            poly_sigma=1.1,
+        ),
+        # Per-clip quality scores, measured on `frames` evenly spaced frames inside the content
+        # box (black borders excluded), downscaled to `short_side` when larger.
+        scores=dict(
+            frames=4,
+            short_side=256,
+            min_sharpness=3.0,  # variance of the Laplacian of luma (0..255); below: "blurry"
+            min_brightness=0.08,  # mean luma / 255; below: "dark"
+            max_brightness=0.95,  # above: "bright"
+            min_contrast=0.03,  # std of luma / 255; below: "low_contrast"
+            # Text overlays: strong edges joined into lines as tall as a character, much wider than
+            # tall and dense in edges, centred in the top or bottom band; the score is the share
+            # of the frame width they cover.
+            text_band=0.25,  # band height, fraction of the frame height
+            text_edge=64.0,  # morphological gradient (0..255) counted as a text edge
+            text_min_char_height=0.02,  # character height range, fractions of frame height
+            text_max_char_height=0.12,
+            text_min_aspect=2.5,  # a text line is at least this many times wider than tall
+            text_min_fill=0.15,  # share of a line's box that is edge pixels
+            max_text=0.25,  # above: "text"
+            # Black borders (letterbox / pillarbox): edge rows/columns whose 95th-percentile
+            # luma stays <= border_luma in every sampled frame.
+            border_luma=20.0,
+            max_border=0.5,  # border area fraction above this: "black_border"
+            # Learned scorers: weights given by path; empty = skipped with a logged notice.
+            clip_model="",  # a transformers CLIPModel folder (with tokenizer and preprocessor)
+            aesthetic_head="",  # LAION-style MLP on CLIP image embeddings (.safetensors or .pth)
+            min_aesthetic=0.0,  # below: "aesthetic" (only when aesthetic_head is given)
+            min_clip_score=0.0,  # caption-video cosine similarity; below: "clip_score"
+        ),
+        captions=dict(
+            sidecar=True,  # read VIDEO.json ({"caption"} or {"captions": [{start, end, caption}]})
+            # or VIDEO.txt next to each video; a manifest "caption" takes precedence
+            captioner="",  # "module:factory"; factory(captioner_arg) -> fn(frames, caption) -> str
+            captioner_arg="",  # e.g. a weights folder, passed to the factory
+        ),
+        output=dict(
+            clips_per_file=64,  # kept clips per ArrayRecord part file
+            max_file_mb=1024.0,  # or fewer, when their frames pass this size
+            crop_borders=True,  # crop detected black borders from the written frames
+            short_side=0,  # downscale written frames so min(H, W) <= this (0 = as decoded)
+            progress=True,  # tqdm progress bar over this worker's videos
+        ),
+    ))
+    return config

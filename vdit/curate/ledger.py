@@ -1,0 +1,138 @@
+"""The clip ledger: each worker's clips-{i:05d}-of-{n:05d}.jsonl, resuming, merging, the summary.
+
+One line per detected clip (see `pipeline.py` for the fields), plus one line per video that could
+not be curated (`reason` "unreadable" or "failed", with `error`). Lines are appended only after
+the part file holding their kept clips is finished, so the ledger never points at frames that
+are not on disk. A rerun skips every video whose last segment is in the ledger and every
+finished segment of the others; part files no ledger line points at (a crash between writing a
+part and its lines) are deleted.
+When every worker has finished (a clips-i-of-n.done marker each), the ledgers are merged into
+clips.jsonl.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import logging
+import os
+import re
+
+log = logging.getLogger(__name__)
+LEDGER_PATTERN = "clips-{shard:05d}-of-{num_shards:05d}.jsonl"
+DONE_PATTERN = "clips-{shard:05d}-of-{num_shards:05d}.done"
+MERGED = "clips.jsonl"
+NOT_CURATED = ("unreadable", "failed")  # reasons of videos that yielded no clips at all
+
+
+def ledger_path(output: str, shard: int, num_shards: int) -> str:
+    return os.path.join(output, LEDGER_PATTERN.format(shard=shard, num_shards=num_shards))
+
+
+def done_path(output: str, shard: int, num_shards: int) -> str:
+    return os.path.join(output, DONE_PATTERN.format(shard=shard, num_shards=num_shards))
+
+
+def check_num_shards(output: str, num_shards: int) -> None:
+    """An output folder holds one run layout: ledgers of another --num-shards are an error."""
+    other = set()
+    for path in glob.glob(os.path.join(output, "clips-*-of-*.jsonl")):
+        match = re.fullmatch(r"clips-\d{5}-of-(\d{5})\.jsonl", os.path.basename(path))
+        if match and int(match.group(1)) != num_shards:
+            other.add(int(match.group(1)))
+    if other:
+        raise ValueError(f"output folder {output!r} already holds a curate run with "
+                         f"--num-shards {sorted(other)}, not {num_shards}; resume it with the "
+                         "same --num-shards or write to a new folder")
+
+
+def read_ledger(path: str) -> list[dict]:
+    """Lines of a ledger ([] if it does not exist). A torn last line (a crash mid-write) is
+    dropped with a warning; a bad line elsewhere is an error naming the line."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        raw = f.read().split("\n")
+    lines = []
+    for number, text in enumerate(raw, 1):
+        if not text.strip():
+            continue
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError as e:
+            if number >= len(raw) - 1:
+                log.warning("curate: dropping a torn last line of %s (%s)", path, e)
+                continue
+            raise ValueError(f"ledger {path} line {number} is not JSON: {e}") from e
+    return lines
+
+
+def append_lines(path: str, lines: list[dict]) -> None:
+    """Appends lines durably (flush + fsync), so a rerun sees them after a crash."""
+    if not lines:
+        return
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def finished(lines: list[dict]) -> tuple[set[str], set[tuple[str, int]]]:
+    """(sources whose last segment is recorded, (source, segment) pairs recorded)."""
+    videos = {ln["source"] for ln in lines if ln.get("last_segment")}
+    segments = {(ln["source"], int(ln.get("segment", 0))) for ln in lines}
+    return videos, segments
+
+
+def referenced_files(lines: list[dict]) -> set[str]:
+    return {ln["shard_file"] for ln in lines if ln.get("shard_file")}
+
+
+def merge_if_complete(output: str, num_shards: int) -> str | None:
+    """Writes clips.jsonl (all workers' lines, in worker order) once every worker is done;
+    returns its path, or None while some worker is still missing."""
+    if not all(os.path.exists(done_path(output, i, num_shards)) for i in range(num_shards)):
+        return None
+    merged = os.path.join(output, MERGED)
+    tmp = merged + f".tmp{os.getpid()}"
+    with open(tmp, "w") as out:
+        for i in range(num_shards):
+            path = ledger_path(output, i, num_shards)
+            if os.path.exists(path):
+                with open(path) as f:
+                    out.write(f.read())
+    os.replace(tmp, merged)
+    return merged
+
+
+def summarize(lines: list[dict]) -> dict:
+    """Counts over ledger lines: videos, unreadable, clips, kept, hours kept, drops by reason."""
+    clips = [ln for ln in lines if ln.get("reason") not in NOT_CURATED]
+    kept = [ln for ln in clips if ln.get("kept")]
+    return {
+        "videos": len({ln["source"] for ln in lines}),
+        "unreadable": sorted({ln["source"] for ln in lines if ln.get("reason") == "unreadable"}),
+        "failed": sorted({ln["source"] for ln in lines if ln.get("reason") == "failed"}),
+        "clips": len(clips),
+        "kept": len(kept),
+        "kept_hours": sum(ln["seconds"] for ln in kept) / 3600.0,
+        "dropped": dict(collections.Counter(ln["reason"] for ln in clips if not ln.get("kept"))
+                        .most_common()),
+    }
+
+
+def format_summary(summary: dict, header: str = "") -> str:
+    """A plain-text table of `summarize` output."""
+    rows = [("videos", str(summary["videos"])),
+            ("unreadable videos", str(len(summary["unreadable"]))),
+            ("failed videos", str(len(summary["failed"]))),
+            ("clips detected", str(summary["clips"])),
+            ("clips kept", f"{summary['kept']} ({summary['kept_hours'] * 60:.2f} min)")]
+    rows += [(f"dropped: {reason}", str(count)) for reason, count in summary["dropped"].items()]
+    width = max(len(name) for name, _ in rows)
+    text = [header] if header else []
+    text += [f"  {name:<{width}}  {value:>12}" for name, value in rows]
+    text += [f"  unreadable: {src}" for src in summary["unreadable"]]
+    text += [f"  failed: {src}" for src in summary["failed"]]
+    return "\n".join(text)

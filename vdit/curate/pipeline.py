@@ -1,0 +1,108 @@
+"""One decoded segment -> its clips: cuts, then per clip motion, quality and learned scores, drop
+reasons and captions. Pure computation; reading files and writing shards is `run.py`'s job.
+
+Each clip becomes a `ClipResult`: its clips.jsonl line (source, frame range, every score,
+`kept`, `reason` = the first failed check or "", `reasons` = all of them) and, when kept, the
+frames to write (black borders cropped and resized as `config.curate.output` says).
+Checks, in order: too_short, black_border, static, extreme_motion, blurry, dark, bright,
+low_contrast, text, then each learned scorer (its name) below its threshold; learned scorers
+run only on clips that pass the other checks (their columns are null elsewhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from vdit.curate import captions, cuts, motion, scores
+from vdit.curate.decode import Segment, target_size
+from vdit.data.video_io import resize_video
+
+
+@dataclasses.dataclass
+class VideoItem:
+    source: str  # the key in clips.jsonl (path relative to the input folder, or as in the manifest)
+    path: str
+    caption: str | None = None  # from the manifest
+
+
+@dataclasses.dataclass
+class ClipResult:
+    line: dict
+    frames: np.ndarray | None  # uint8 [T, H, W, 3] to write when kept, else None
+
+
+def _cheap_reasons(line: dict, cfg) -> list[str]:
+    reasons = ["too_short"] if line["seconds"] < cfg.cuts.min_clip_seconds else []
+    quality = scores.quality_reasons(line, cfg.scores)
+    reasons += [r for r in quality if r == "black_border"]
+    reasons += [r for r in [motion.motion_reason(line, cfg.motion)] if r]
+    return reasons + [r for r in quality if r != "black_border"]
+
+
+def _learned(frames, box, failed: bool, caption, scorers, cfg) -> tuple[dict, list[str]]:
+    """Learned scores ({name: value or None}) and their drop reasons. None where the scorer had
+    nothing to score (NaN) or was not run: learned models run only on clips that pass every
+    cheaper check, as they cost the most."""
+    if not scorers:
+        return {}, []
+    if failed:
+        return {s.name: None for s in scorers}, []
+    picked = scores.crop_box(frames[scores.sample_indices(len(frames), cfg.frames)], box)
+    values, reasons = {}, []
+    for s in scorers:
+        value = float(s(picked, caption))
+        values[s.name] = None if math.isnan(value) else value
+        if values[s.name] is not None and value < s.threshold:
+            reasons.append(s.name)
+    return values, reasons
+
+
+def output_frames(frames: np.ndarray, box, cfg) -> np.ndarray:
+    """A kept clip's frames as written: bars cropped (output.crop_borders), then downscaled so
+    min(H, W) <= output.short_side (0 = unchanged)."""
+    if cfg.crop_borders:
+        frames = scores.crop_box(frames, box)
+    height, width = target_size(frames.shape[1], frames.shape[2], cfg.short_side)
+    if (height, width) != frames.shape[1:3]:
+        frames = resize_video(frames, height, width)
+    return np.ascontiguousarray(frames)
+
+
+def analyse_clip(segment: Segment, item: VideoItem, start: int, end: int, sidecar, cfg,
+                 scorers=(), captioner=None) -> ClipResult:
+    """The ClipResult of frames [start, end) of a segment; cfg is `config.curate`."""
+    frames, fps = segment.frames[start:end], segment.fps
+    first = segment.start_frame + start
+    line = {"source": item.source, "segment": segment.index, "last_segment": segment.last,
+            "start_frame": first, "end_frame": segment.start_frame + end, "fps": fps,
+            "num_frames": end - start, "seconds": (end - start) / fps,
+            "height": int(frames.shape[1]), "width": int(frames.shape[2])}
+    line.update(motion.clip_motion(frames, fps, cfg.motion))
+    line.update(scores.clip_scores(frames, cfg.scores))
+    caption, origin = captions.original_caption(item.caption, sidecar, first / fps,
+                                                line["end_frame"] / fps, where=item.path)
+    reasons = _cheap_reasons(line, cfg)
+    learned, more = _learned(frames, line["box"], bool(reasons), caption, scorers, cfg.scores)
+    line.update(learned)
+    reasons += more
+    kept = not reasons
+    out = output_frames(frames, line["box"], cfg.output) if kept else None
+    line.update({"caption": caption, "caption_source": origin,
+                 "recaption": captions.recaption(captioner, out, caption) if kept else "",
+                 "kept": kept, "reason": reasons[0] if reasons else "", "reasons": reasons})
+    return ClipResult(line, out)
+
+
+def process_segment(segment: Segment, item: VideoItem, sidecar, cfg, scorers=(),
+                    captioner=None) -> list[ClipResult]:
+    """All clips of a segment (at least one line, so the segment is recorded as done)."""
+    boundaries = cuts.detect_boundaries(segment.frames, segment.fps, cfg.cuts)
+    ranges = cuts.split_clips(len(segment.frames), boundaries, segment.fps,
+                              cfg.cuts.max_clip_seconds)
+    if not ranges:  # all transition (e.g. a fade-out to the end): one unusable "clip"
+        ranges = [(0, len(segment.frames))]
+    return [analyse_clip(segment, item, start, end, sidecar, cfg, scorers, captioner)
+            for start, end in ranges]

@@ -1,0 +1,94 @@
+"""Spacetime patches: latents <-> tokens, and each token's integer (t, h, w) grid position.
+
+A latent video `[T', H', W', C]` is cut into non-overlapping `(pt, ph, pw)` patches. Patches are
+listed in (t, h, w) raster order and each becomes a token whose features are ordered
+`(pt, ph, pw, C)` (channels fastest). With that order a linear layer on tokens equals Wan's Conv3d
+patch embedding once its `[D, C, pt, ph, pw]` kernel is transposed to `[pt, ph, pw, C, D]` and
+flattened (see `vdit/convert/wan_dit.py`), and the model's output tokens unpatchify exactly as
+diffusers' WanTransformer3DModel does.
+
+Functions work on numpy arrays (data pipeline) and on jax arrays (inside the model): they only use
+`.reshape`/`.transpose`. Positions are numpy int32 since they depend on static shapes only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _check_patch(patch_size: Sequence[int]) -> tuple[int, int, int]:
+    if len(patch_size) != 3 or any(int(p) < 1 for p in patch_size):
+        raise ValueError(f"patch_size must be three positive ints (pt, ph, pw), got {patch_size}")
+    return tuple(int(p) for p in patch_size)
+
+
+def grid_shape(latent_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
+    """(T'/pt, H'/ph, W'/pw) for a latent `[T', H', W', ...]`; errors name the indivisible axis."""
+    pt, ph, pw = _check_patch(patch_size)
+    if len(latent_shape) < 3:
+        raise ValueError(f"latents need at least [T', H', W'] axes, got shape {tuple(latent_shape)}")
+    grid = []
+    for axis, size, p in zip(("T'", "H'", "W'"), latent_shape[:3], (pt, ph, pw), strict=True):
+        if size % p or size == 0:
+            raise ValueError(
+                f"latent {axis}={size} is not a positive multiple of the patch size {p} "
+                f"(latent shape {tuple(latent_shape)}, patch_size {(pt, ph, pw)})")
+        grid.append(size // p)
+    return tuple(grid)
+
+
+def token_dim(patch_size: Sequence[int], channels: int) -> int:
+    """Features per token: pt * ph * pw * channels."""
+    return math.prod(_check_patch(patch_size)) * int(channels)
+
+
+def grid_positions(grid: Sequence[int]) -> np.ndarray:
+    """Integer (t, h, w) of every patch of a `grid` in raster order: `[N, 3]` int32."""
+    t, h, w = (int(g) for g in grid)
+    idx = np.indices((t, h, w), dtype=np.int32)
+    return idx.reshape(3, t * h * w).T.copy()
+
+
+def patchify(latents, patch_size: Sequence[int]):
+    """`[T', H', W', C]` -> (tokens `[N, pt*ph*pw*C]`, positions `[N, 3]` int32)."""
+    if latents.ndim != 4:
+        raise ValueError(f"patchify expects [T', H', W', C], got shape {tuple(latents.shape)}")
+    tokens = patchify_batch(latents[None], patch_size)[0]
+    return tokens, grid_positions(grid_shape(latents.shape, patch_size))
+
+
+def unpatchify(tokens, grid: Sequence[int], patch_size: Sequence[int]):
+    """`[N, pt*ph*pw*C]` tokens of a `grid` (T'/pt, H'/ph, W'/pw) -> latents `[T', H', W', C]`."""
+    if tokens.ndim != 2:
+        raise ValueError(f"unpatchify expects tokens [N, D], got shape {tuple(tokens.shape)}")
+    return unpatchify_batch(tokens[None], grid, patch_size)[0]
+
+
+def patchify_batch(latents, patch_size: Sequence[int]):
+    """Dense batch: `[B, T', H', W', C]` -> tokens `[B, N, pt*ph*pw*C]` (N = product of the grid)."""
+    if latents.ndim != 5:
+        raise ValueError(f"patchify_batch expects [B, T', H', W', C], got {tuple(latents.shape)}")
+    pt, ph, pw = _check_patch(patch_size)
+    b, c = latents.shape[0], latents.shape[-1]
+    gt, gh, gw = grid_shape(latents.shape[1:], patch_size)
+    x = latents.reshape(b, gt, pt, gh, ph, gw, pw, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # [B, gt, gh, gw, pt, ph, pw, C]
+    return x.reshape(b, gt * gh * gw, pt * ph * pw * c)
+
+
+def unpatchify_batch(tokens, grid: Sequence[int], patch_size: Sequence[int]):
+    """Dense batch: tokens `[B, N, pt*ph*pw*C]` of `grid` -> latents `[B, T', H', W', C]`."""
+    pt, ph, pw = _check_patch(patch_size)
+    gt, gh, gw = (int(g) for g in grid)
+    if tokens.ndim != 3 or tokens.shape[1] != gt * gh * gw or tokens.shape[2] % (pt * ph * pw):
+        raise ValueError(
+            f"tokens of shape {tuple(tokens.shape)} do not fit grid {(gt, gh, gw)} with patch "
+            f"size {(pt, ph, pw)}: expected [B, {gt * gh * gw}, a multiple of {pt * ph * pw}]")
+    b = tokens.shape[0]
+    c = tokens.shape[2] // (pt * ph * pw)
+    x = tokens.reshape(b, gt, gh, gw, pt, ph, pw, c)
+    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # [B, gt, pt, gh, ph, gw, pw, C]
+    return x.reshape(b, gt * pt, gh * ph, gw * pw, c)

@@ -1,0 +1,153 @@
+"""One attention entry point with segment masks, over three backends.
+
+`attention(q, k, v, q_segment_ids, kv_segment_ids, backend=...)`:
+  q `[B, S, H, Dh]`, k/v `[B, L, H, Dh]`, q_segment_ids `[B, S]`, kv_segment_ids `[B, L]` (ints);
+  query s may attend key l only when their segment ids are equal. Returns `[B, S, H, Dh]`.
+
+Backends:
+  "xla"    plain einsum + masked softmax (logits in float32); runs anywhere, default on CPU.
+  "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")` with the segment mask; GPU only,
+           bfloat16/float16 inputs only (cuDNN's limit).
+  "splash" Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) with its
+           native segment ids; TPU only. Under a mesh it runs per device in `shard_map`, batch and
+           heads split as the logical rules map `activation_batch` / `activation_heads`.
+  "auto"   cudnn on GPU, splash on TPU, xla elsewhere.
+
+Every query row must see at least one key: the fused kernels do not define rows that see none
+(the xla backend gives finite values there). The DiT guarantees this for its calls.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+BACKENDS = ("xla", "cudnn", "splash", "auto")
+_PLATFORM_OF = {"cudnn": "gpu", "splash": "tpu"}
+# A finite "minus infinity": a fully masked row then softmaxes to finite values, not NaN.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+    """Checks `backend` against the running platform; 'auto' picks the platform's fast kernel."""
+    platform = platform or jax.default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r} (config.model.attention); "
+                         f"expected one of {BACKENDS}")
+    if backend == "auto":
+        return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
+    need = _PLATFORM_OF.get(backend)
+    if need is not None and platform != need:
+        raise RuntimeError(
+            f"attention backend {backend!r} (config.model.attention) needs a {need.upper()}, but "
+            f"JAX is running on {platform!r}; use 'xla' or 'auto' on this machine")
+    return backend
+
+
+def attention(q, k, v, q_segment_ids, kv_segment_ids, backend: str = "xla"):
+    """Segment-masked multi-head attention, softmax scale 1/sqrt(Dh). Shapes in the module doc."""
+    _check_shapes(q, k, v, q_segment_ids, kv_segment_ids)
+    backend = resolve_backend(backend)
+    if backend == "xla":
+        return xla_attention(q, k, v, q_segment_ids, kv_segment_ids)
+    if backend == "cudnn":
+        return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
+    return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _check_shapes(q, k, v, q_seg, kv_seg) -> None:
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+        raise ValueError(f"attention expects q [B,S,H,Dh] and k, v [B,L,H,Dh] of equal shapes, got "
+                         f"q {q.shape}, k {k.shape}, v {v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch, heads or head width")
+    if q_seg.shape != q.shape[:2] or kv_seg.shape != k.shape[:2]:
+        raise ValueError(f"segment ids {q_seg.shape} / {kv_seg.shape} do not match q {q.shape[:2]} "
+                         f"/ k {k.shape[:2]} ([B, S] / [B, L])")
+
+
+def segment_mask(q_segment_ids, kv_segment_ids):
+    """`[B, 1, S, L]` bool: True where query and key share a segment."""
+    return (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
+
+
+def xla_attention(q, k, v, q_segment_ids, kv_segment_ids):
+    """Reference-quality attention: float32 logits and softmax, masked with a finite value."""
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    logits = jnp.einsum("bshd,blhd->bhsl", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(segment_mask(q_segment_ids, kv_segment_ids), logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhsl,blhd->bshd", probs, v)
+
+
+def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids):
+    """cuDNN fused attention; the segment mask becomes its additive bias."""
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention backend 'cudnn' needs bfloat16 or float16 inputs, got "
+                         f"{q.dtype}; set config.model.dtype='bfloat16' or use backend 'xla'")
+    mask = segment_mask(q_segment_ids, kv_segment_ids)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
+
+def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, interpret: bool = False,
+                     block: int = 512):
+    """Pallas splash attention; sequences are padded to a multiple of the block size.
+
+    `interpret=True` runs the kernel in the Pallas interpreter (any platform; tests use it).
+    """
+    s, l_len = q.shape[1], k.shape[1]
+    bq, bkv = min(block, _round_up(s, 128)), min(block, _round_up(l_len, 128))
+    s_pad, l_pad = _round_up(s, bq), _round_up(l_len, bkv)
+    # Pad queries with the first key's id (they see >= 1 key, so no 0/0 in the kernel, even in
+    # the backward pass) and keys with -1 (never equal to a query's id).
+    q_seg = _pad_axis1(q_segment_ids, s_pad, kv_segment_ids[:, :1])
+    kv_seg = _pad_axis1(kv_segment_ids, l_pad, -1)
+    qp, kp, vp = (_pad_axis1(x, n, 0) for x, n in ((q, s_pad), (k, l_pad), (v, l_pad)))
+    qp = qp * jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)  # splash does not scale logits
+    kernel_fn = functools.partial(_splash_per_device, sizes=(s_pad, l_pad, q.shape[2], bq, bkv),
+                                  interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = kernel_fn(qp, kp, vp, q_seg, kv_seg)
+    else:
+        spec = nn.logical_to_mesh_axes(("activation_batch", None, "activation_heads", None))
+        seg_spec = PartitionSpec(spec[0], None)
+        out = jax.shard_map(kernel_fn, mesh=mesh, in_specs=(spec, spec, spec, seg_spec, seg_spec),
+                            out_specs=spec, check_vma=False)(qp, kp, vp, q_seg, kv_seg)
+    return out[:, :s]
+
+
+def _splash_per_device(q, k, v, q_seg, kv_seg, *, sizes, interpret):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    s_pad, l_pad, _, bq, bkv = sizes
+    heads = q.shape[2]  # local heads under shard_map
+    blocks = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                           block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
+                           block_kv_dq=bkv)
+    mask = sa.MultiHeadMask([sa.FullMask((s_pad, l_pad))] * heads)
+    kernel = sa.make_splash_mha_single_device(mask, block_sizes=blocks, interpret=interpret)
+
+    def one(qb, kb, vb, qs, ks):  # [S, H, D] -> the kernel's [H, S, D]
+        out = kernel(qb.swapaxes(0, 1), kb.swapaxes(0, 1), vb.swapaxes(0, 1),
+                     segment_ids=sa.SegmentIds(q=qs, kv=ks))
+        return out.swapaxes(0, 1)
+
+    return jax.vmap(one)(q, k, v, q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pad_axis1(x, size: int, value):
+    extra = size - x.shape[1]
+    if extra == 0:
+        return x
+    fill = jnp.broadcast_to(jnp.asarray(value, x.dtype), (x.shape[0], extra) + x.shape[2:])
+    return jnp.concatenate([x, fill], axis=1)

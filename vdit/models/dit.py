@@ -1,0 +1,216 @@
+"""The diffusion transformer over packed spacetime patches, in Wan2.1's layout (diffusers'
+WanTransformer3DModel: same sizes, same numerics, weights convert 1:1 in `vdit/convert/wan_dit.py`).
+
+Two ways to call one module `WanDiT` (same parameters):
+
+  dense  (DESIGN section 4), the default `__call__`:
+      v = dit.apply({"params": p}, latents, timesteps, context)
+      latents `[B, T', H', W', C_in]`, timesteps `[B]` in [0, 1000), context `[B, L, text_dim]`
+      -> `[B, T', H', W', C_out]`. It patchifies, runs `packed` with one segment per row (every
+      text token visible), and unpatchifies.
+
+  packed (DESIGN section 3), `method="packed"`:
+      out = dit.apply({"params": p}, tokens, positions, segment_ids, timesteps, context,
+                      context_segment_ids, method="packed")
+      tokens `[B, S, pt*ph*pw*C_in]` (see `vdit/data/patches.py` for the feature order),
+      positions `[B, S, 3]` int (t, h, w) patch-grid indices < rope_max_seq_len,
+      segment_ids `[B, S]` int (0 = padding, 1..K a video or image of the row),
+      timesteps `[B, K]` (segment k uses column k-1), context `[B, L, text_dim]`,
+      context_segment_ids `[B, L]` (0 = padding) -> `[B, S, pt*ph*pw*C_out]`.
+      Self-attention stays within a segment, cross-attention sees only the segment's own text,
+      and adaLN modulation uses the segment's timestep. Padding tokens give finite garbage.
+
+Concrete (non-traced) inputs are validated with clear errors (`check_packed`); under jit the data
+pipeline is trusted (out-of-range positions then give NaN rather than silently wrap).
+Build from a config with `build_dit(config.model)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdit.data import patches
+from vdit.models.dit_block import TOKENS, scanned_blocks
+from vdit.models.layers import MLP, Dense, layer_norm, modulate, rope_cos_sin, timestep_features
+
+# Config keys of `config.model` beyond the diffusers names (vdit knobs).
+VDIT_KEYS = ("dtype", "attention", "remat")
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 DiT. Field names are diffusers' config names, plus dtype/attention/remat."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int | None = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    attention: str = "xla"  # see vdit/models/attention.py
+    remat: str = "none"  # none | full | save_dots | save_attn
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def token_in_dim(self) -> int:
+        return patches.token_dim(self.patch_size, self.in_channels)
+
+    @property
+    def token_out_dim(self) -> int:
+        return patches.token_dim(self.patch_size, self.out_channels or self.in_channels)
+
+    def setup(self):
+        _check_supported(self)
+        d = self.inner_dim
+        self.patch_embedding = Dense((d,), ("patch_in", "embed"), ("embed",), dtype=self.dtype)
+        # The time path stays float32: it feeds every modulation.
+        self.time_embedder = MLP(d, d, "time_embed", "mlp", "embed", "silu", dtype=jnp.float32)
+        self.time_proj = Dense((6, d), ("time_embed", "modulation", "embed"), ("modulation", "embed"),
+                               dtype=jnp.float32)
+        self.text_embedder = MLP(d, d, "text_embed", "mlp", "embed", "gelu_tanh", dtype=self.dtype)
+        self.blocks = scanned_blocks(self.num_layers, self.remat)(
+            self.num_attention_heads, self.attention_head_dim, self.ffn_dim, self.eps,
+            self.cross_attn_norm, self.attention, dtype=self.dtype)
+        self.scale_shift_table = self.param(
+            "scale_shift_table", nn.with_logical_partitioning(
+                nn.initializers.normal(d ** -0.5), ("modulation", "embed")), (2, d), jnp.float32)
+        self.proj_out = Dense((self.token_out_dim,), ("embed", "patch_in"), ("patch_in",),
+                              dtype=self.dtype)
+
+    def __call__(self, latents, timesteps, context):
+        """Dense call: latents `[B, T', H', W', C]` -> model output of the same layout."""
+        if latents.ndim != 5 or latents.shape[-1] != self.in_channels:
+            raise ValueError(f"latents must be [B, T', H', W', C={self.in_channels}] "
+                             f"(config.model.in_channels), got shape {tuple(latents.shape)}")
+        b = latents.shape[0]
+        if jnp.shape(timesteps) != (b,):
+            raise ValueError(f"timesteps must be [B={b}], got shape {jnp.shape(timesteps)}")
+        grid = patches.grid_shape(latents.shape[1:], self.patch_size)
+        tokens = patches.patchify_batch(latents, self.patch_size)
+        n = tokens.shape[1]
+        positions = jnp.broadcast_to(jnp.asarray(patches.grid_positions(grid)), (b, n, 3))
+        ones = lambda length: jnp.ones((b, length), jnp.int32)
+        out = self.packed(tokens, positions, ones(n), jnp.reshape(timesteps, (b, 1)), context,
+                          ones(context.shape[1]))
+        return patches.unpatchify_batch(out, grid, self.patch_size)
+
+    def packed(self, tokens, positions, segment_ids, timesteps, context, context_segment_ids):
+        """Packed call; shapes in the module docstring. Returns `[B, S, pt*ph*pw*C_out]`."""
+        check_packed(self, tokens, positions, segment_ids, timesteps, context, context_segment_ids)
+        num_segments = timesteps.shape[1]
+        seg_index = jnp.clip(segment_ids - 1, 0, num_segments - 1)[:, :, None]
+
+        x = self.patch_embedding(tokens).astype(jnp.float32)
+        x = nn.with_logical_constraint(x, TOKENS)
+        temb = self.time_embedder(timestep_features(timesteps, self.freq_dim))  # [B, K, D]
+        time_mod = self.time_proj(jax.nn.silu(temb))  # [B, K, 6, D]
+        ctx = self.text_embedder(context.astype(self.dtype))
+        ctx = nn.with_logical_constraint(
+            ctx, ("activation_batch", "activation_text_length", "activation_embed"))
+        rope = rope_cos_sin(positions, self.attention_head_dim, self.rope_max_seq_len)
+        # Padding tokens ask for the first text token's segment, so no query row sees no key.
+        cross_q_ids = jnp.where(segment_ids == 0, context_segment_ids[:, :1], segment_ids)
+
+        x, _ = self.blocks(x, ctx, time_mod, seg_index, rope, segment_ids, cross_q_ids,
+                           context_segment_ids)
+
+        shift_scale = self.scale_shift_table + temb[:, :, None, :]  # [B, K, 2, D]
+        take = lambda j: jnp.take_along_axis(shift_scale[:, :, j], seg_index, axis=1)
+        x = modulate(layer_norm(x, self.eps), take(0), take(1)).astype(self.dtype)
+        return self.proj_out(x).astype(jnp.float32)
+
+
+def _check_supported(m: WanDiT) -> None:
+    if m.image_dim is not None or m.added_kv_proj_dim is not None or m.pos_embed_seq_len:
+        raise NotImplementedError(
+            "image-conditioned Wan transformers (image_dim / added_kv_proj_dim / "
+            f"pos_embed_seq_len = {m.image_dim} / {m.added_kv_proj_dim} / {m.pos_embed_seq_len}) "
+            "are not supported yet; only text-to-video configs load")
+    if m.qk_norm != "rms_norm_across_heads":
+        raise NotImplementedError(f"qk_norm={m.qk_norm!r}: only 'rms_norm_across_heads' (Wan2.1) "
+                                  "is implemented")
+    if len(m.patch_size) != 3:
+        raise ValueError(f"patch_size must be (pt, ph, pw), got {m.patch_size}")
+
+
+def _concrete(x) -> np.ndarray | None:
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_packed(m: WanDiT, tokens, positions, segment_ids, timesteps, context,
+                 context_segment_ids) -> None:
+    """Shape checks always; value checks (RoPE range, text per segment) when inputs are concrete."""
+    b, s = tokens.shape[:2]
+    want = {"tokens": (tokens, (b, s, m.token_in_dim)), "positions": (positions, (b, s, 3)),
+            "segment_ids": (segment_ids, (b, s)),
+            "context": (context, (b, context.shape[1], m.text_dim)),
+            "context_segment_ids": (context_segment_ids, (b, context.shape[1]))}
+    for name, (arr, shape) in want.items():
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {shape} (tokens of "
+                             f"pt*ph*pw*in_channels={m.token_in_dim}, text_dim={m.text_dim})")
+    if timesteps.ndim != 2 or timesteps.shape[0] != b:
+        raise ValueError(f"timesteps must be [B={b}, K] (one per segment), got {timesteps.shape}")
+    pos, seg, ctx_seg = (_concrete(a) for a in (positions, segment_ids, context_segment_ids))
+    if pos is not None and pos.size and (pos.min() < 0 or pos.max() >= m.rope_max_seq_len):
+        raise ValueError(f"positions span [{pos.min()}, {pos.max()}], outside the RoPE range "
+                         f"[0, rope_max_seq_len={m.rope_max_seq_len})")
+    if seg is not None and ctx_seg is not None:
+        _check_segments(seg, ctx_seg, timesteps.shape[1])
+
+
+def _check_segments(seg: np.ndarray, ctx_seg: np.ndarray, num_segments: int) -> None:
+    if seg.min(initial=0) < 0 or seg.max(initial=0) > num_segments:
+        raise ValueError(f"segment_ids span [{seg.min()}, {seg.max()}] but timesteps has "
+                         f"K={num_segments} columns: ids must lie in 0..K")
+    for row in range(seg.shape[0]):
+        missing = sorted(set(seg[row].tolist()) - set(ctx_seg[row].tolist()) - {0})
+        if missing:
+            raise ValueError(f"row {row}: segments {missing} have tokens but no text tokens with "
+                             "the same id in context_segment_ids (every segment needs its text)")
+
+
+def build_dit(model_config) -> WanDiT:
+    """A WanDiT from `config.model` (diffusers names + dtype/attention/remat); unknown keys fail."""
+    cfg = dict(model_config)
+    fields = set(WanDiT.__dataclass_fields__) - {"parent", "name"}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+        raise ValueError(f"config.model has unknown keys {unknown}; known: {sorted(fields)}")
+    if "dtype" in cfg:
+        cfg["dtype"] = jnp.dtype(cfg["dtype"])
+    if "patch_size" in cfg:
+        cfg["patch_size"] = tuple(int(p) for p in cfg["patch_size"])
+    model = WanDiT(**cfg)
+    _check_supported(model)
+    if model.num_attention_heads < 1 or model.attention_head_dim < 2 or model.num_layers < 1:
+        raise ValueError("config.model: num_attention_heads, attention_head_dim and num_layers "
+                         f"must be positive, got {model.num_attention_heads}, "
+                         f"{model.attention_head_dim}, {model.num_layers}")
+    return model
+
+
+def param_count(params) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
