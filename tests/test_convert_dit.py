@@ -108,6 +108,6 @@ def test_mismatches_are_named_by_tensor(tmp_path):
 
 def test_image_to_video_configs_fail_clearly():
     with pytest.raises(NotImplementedError, match="image-conditioned"):
-        build_dit(tiny_model_config(image_dim=32, added_kv_proj_dim=24))
+        build_dit(tiny_model_config(image_dim=32))
     with pytest.raises(NotImplementedError, match="qk_norm='layer_norm'"):
         build_dit(tiny_model_config(qk_norm="layer_norm"))

@@ -138,7 +138,13 @@ def _curate(args) -> int:
     return run_cli(args)
 
 
-HANDLERS = {"train-vae": _train_vae, "encode": _encode, "train": _train, "eval": _eval,
+def _sample(args) -> int:
+    from vdit.sample_cli import run_cli
+
+    return run_cli(args)
+
+
+HANDLERS = {"sample": _sample, "train-vae": _train_vae, "encode": _encode, "train": _train, "eval": _eval,
             "curate": _curate}
 
 

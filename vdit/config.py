@@ -17,8 +17,8 @@ import ml_collections
 
 OVERRIDE_PREFIX = "--config."
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
-ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
-REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attn")
 TEXT_KINDS = ("byte", "umt5")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -33,6 +33,14 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
     apply_overrides(config, overrides)
     validate(config)
     return config
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def recipe(name: str) -> ml_collections.ConfigDict:
+    """`get_config()` of `configs/<name>.py`: lets one recipe derive from another."""
+    return _call_get_config(os.path.join(CONFIG_DIR, f"{name}.py"))
 
 
 def _call_get_config(path: str) -> ml_collections.ConfigDict:

@@ -32,7 +32,7 @@ def sample_prompts(config, count: int) -> list[dict]:
     world = SyntheticShapes.from_config(config.data)
     world.caption_split = "heldout"
     frames = int(config.sample.frames)
-    return [world.prompt_record(10_000_000 + i, frames) for i in range(count)]
+    return [world.prompt_record(len(world) - count + i, frames) for i in range(count)]
 
 
 def write_samples(gen, config, out: str, count: int, batch: int) -> str:

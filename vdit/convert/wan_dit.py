@@ -6,11 +6,15 @@ writes a folder that `WanTransformer3DModel.from_pretrained` loads. Layout chang
   Conv3d patch `weight [D, C, pt, ph, pw]` <-> `kernel [pt*ph*pw*C, D]` (token order of patches.py)
   per-block tensors `blocks.{i}.*`    <-> one stacked leaf with a leading `num_layers` axis (nn.scan)
   `scale_shift_table [1, n, D]`       <-> `[n, D]`; norm weights/biases over heads `[H*Dh]` <-> `[H, Dh]`
+Image-conditioned (I2V) models add `condition_embedder.image_embedder.*` (its `pos_embed
+[1, N, D_img]` <-> `[N, D_img]`) and per block `attn2.add_k_proj/add_v_proj/norm_added_k`; the
+`norm_added_q` tensors some checkpoints carry are unused by the model (as diffusers ignores them).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -34,15 +38,34 @@ DIFFUSERS_KEYS = ("patch_size", "num_attention_heads", "attention_head_dim", "in
                   "pos_embed_seq_len")
 
 
+# Tensors some I2V checkpoints carry that the model never reads (diffusers ignores them too).
+_UNUSED = re.compile(r"blocks\.\d+\.attn2\.norm_added_q\.(weight|bias)")
+
+
 def _linear(ours: str, torch: str, in_dims: int = 1) -> list[tuple[str, str, str]]:
     return [(f"{ours}/kernel", f"{torch}.weight", f"linear{in_dims}"),
             (f"{ours}/bias", f"{torch}.bias", "flat")]
 
 
-def _top_rules() -> list[tuple[str, str, str]]:
+def _image_rules(model: WanDiT) -> list[tuple[str, str, str]]:
+    if not model.has_image_branch:
+        return []
+    ie = "condition_embedder.image_embedder"
+    rules = [("image_embedder/norm1/scale", f"{ie}.norm1.weight", "flat"),
+             ("image_embedder/norm1/bias", f"{ie}.norm1.bias", "flat"),
+             *_linear("image_embedder/ff/linear_1", f"{ie}.ff.net.0.proj"),
+             *_linear("image_embedder/ff/linear_2", f"{ie}.ff.net.2"),
+             ("image_embedder/norm2/scale", f"{ie}.norm2.weight", "flat"),
+             ("image_embedder/norm2/bias", f"{ie}.norm2.bias", "flat")]
+    if model.pos_embed_seq_len:
+        rules.append(("image_embedder/pos_embed", f"{ie}.pos_embed", "table"))
+    return rules
+
+
+def _top_rules(model: WanDiT) -> list[tuple[str, str, str]]:
     """(our '/'-path, diffusers name, kind) for the non-block tensors."""
     ce = "condition_embedder"
-    return [("patch_embedding/kernel", "patch_embedding.weight", "patch"),
+    return _image_rules(model) + [("patch_embedding/kernel", "patch_embedding.weight", "patch"),
             ("patch_embedding/bias", "patch_embedding.bias", "flat"),
             *_linear("time_embedder/linear_1", f"{ce}.time_embedder.linear_1"),
             *_linear("time_embedder/linear_2", f"{ce}.time_embedder.linear_2"),
@@ -53,9 +76,13 @@ def _top_rules() -> list[tuple[str, str, str]]:
             *_linear("proj_out", "proj_out")]
 
 
-def _block_rules(cross_attn_norm: bool) -> list[tuple[str, str, str]]:
+def _block_rules(cross_attn_norm: bool, image: bool = False) -> list[tuple[str, str, str]]:
     """Rules for one block; our paths are under `blocks/`, diffusers' under `blocks.{i}.`."""
     rules = []
+    if image:
+        for proj in ("add_k_proj", "add_v_proj"):
+            rules += _linear(f"attn2/{proj}", f"attn2.{proj}")
+        rules.append(("attn2/norm_added_k/scale", "attn2.norm_added_k.weight", "flat"))
     for attn in ("attn1", "attn2"):
         for proj in ("to_q", "to_k", "to_v"):
             rules += _linear(f"{attn}/{proj}", f"{attn}.{proj}")
@@ -99,8 +126,11 @@ def _our_shapes(model: WanDiT) -> dict[str, tuple[int, ...]]:
     """'/'-joined param path -> shape, without allocating (eval_shape of init)."""
     pt, ph, pw = model.patch_size
     latents = jnp.zeros((1, pt, ph, pw, model.in_channels))
+    image = None
+    if model.has_image_branch:
+        image = jnp.zeros((1, model.pos_embed_seq_len or 1, model.image_dim))
     tree = jax.eval_shape(lambda: nn.unbox(model.init(
-        jax.random.key(0), latents, jnp.zeros((1,)), jnp.zeros((1, 1, model.text_dim)))))
+        jax.random.key(0), latents, jnp.zeros((1,)), jnp.zeros((1, 1, model.text_dim)), image)))
     flat = jax.tree_util.tree_flatten_with_path(tree["params"])[0]
     return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
@@ -109,12 +139,12 @@ def _plan(model: WanDiT):
     """Yields (our path, diffusers name, kind, our shape, torch shape, layer or None)."""
     shapes = _our_shapes(model)
     pt, ph, pw = model.patch_size
-    for ours, torch, kind in _top_rules():
+    for ours, torch, kind in _top_rules(model):
         shape = shapes[ours]
         tshape = ((shape[1], model.in_channels, pt, ph, pw) if kind == "patch"
                   else _torch_shape(kind, shape))
         yield ours, torch, kind, shape, tshape, None
-    for ours, torch, kind in _block_rules(model.cross_attn_norm):
+    for ours, torch, kind in _block_rules(model.cross_attn_norm, model.has_image_branch):
         shape = shapes[f"blocks/{ours}"][1:]
         for i in range(model.num_layers):
             yield f"blocks/{ours}", f"blocks.{i}.{torch}", kind, shape, _torch_shape(kind, shape), i
@@ -144,6 +174,7 @@ def model_config_from_diffusers(cfg: dict, **vdit_knobs) -> ml_collections.Confi
 def params_from_diffusers(model: WanDiT, tensors: dict[str, np.ndarray], where: str) -> dict:
     """diffusers state dict (numpy) -> nested vdit params; mismatches are named by tensor."""
     plan = list(_plan(model))
+    tensors = {k: v for k, v in tensors.items() if not _UNUSED.fullmatch(k)}
     check_names_and_shapes(tensors, {t: ts for _, t, _, _, ts, _ in plan}, where)
     flat: dict[str, np.ndarray] = {}
     for ours, torch, kind, shape, _, layer in plan:

@@ -20,6 +20,13 @@ Two ways to call one module `WanDiT` (same parameters):
       Self-attention stays within a segment, cross-attention sees only the segment's own text,
       and adaLN modulation uses the segment's timestep. Padding tokens give finite garbage.
 
+Image-conditioned models (Wan2.1 I2V / FLF2V: `image_dim` and `added_kv_proj_dim` set) take
+`image_context [B, N, image_dim]` (CLIP penultimate features; N = pos_embed_seq_len when that is
+set, i.e. first and last frame's tokens concatenated) as a keyword of either call; `packed` also
+takes `image_segment_ids [B, N]` (default: all 1, every token of the row sees every image token).
+The image tokens go through `image_embedder` (LayerNorm, GELU MLP, LayerNorm, plus `pos_embed` when
+pos_embed_seq_len is set) and a separate k/v branch of each block's cross-attention.
+
 Concrete (non-traced) inputs are validated with clear errors (`check_packed`); under jit the data
 pipeline is trusted (out-of-range positions then give NaN rather than silently wrap).
 Build from a config with `build_dit(config.model)`.
@@ -37,7 +44,15 @@ import numpy as np
 
 from vdit.data import patches
 from vdit.models.dit_block import TOKENS, scanned_blocks
-from vdit.models.layers import MLP, Dense, layer_norm, modulate, rope_cos_sin, timestep_features
+from vdit.models.layers import (
+    MLP,
+    Dense,
+    LayerNorm,
+    layer_norm,
+    modulate,
+    rope_cos_sin,
+    timestep_features,
+)
 
 # Config keys of `config.model` beyond the diffusers names (vdit knobs).
 VDIT_KEYS = ("dtype", "attention", "remat")
@@ -71,6 +86,11 @@ class WanDiT(nn.Module):
         return self.num_attention_heads * self.attention_head_dim
 
     @property
+    def has_image_branch(self) -> bool:
+        """True for image-conditioned (Wan2.1 I2V) models: they need `image_context`."""
+        return self.added_kv_proj_dim is not None
+
+    @property
     def token_in_dim(self) -> int:
         return patches.token_dim(self.patch_size, self.in_channels)
 
@@ -87,6 +107,8 @@ class WanDiT(nn.Module):
         self.time_proj = Dense((6, d), ("time_embed", "modulation", "embed"), ("modulation", "embed"),
                                dtype=jnp.float32)
         self.text_embedder = MLP(d, d, "text_embed", "mlp", "embed", "gelu_tanh", dtype=self.dtype)
+        if self.has_image_branch:
+            self.image_embedder = ImageEmbedder(d, self.pos_embed_seq_len, dtype=self.dtype)
         self.blocks = scanned_blocks(self.num_layers, self.remat)(
             self.num_attention_heads, self.attention_head_dim, self.ffn_dim, self.eps,
             self.cross_attn_norm, self.attention, dtype=self.dtype)
@@ -96,7 +118,7 @@ class WanDiT(nn.Module):
         self.proj_out = Dense((self.token_out_dim,), ("embed", "patch_in"), ("patch_in",),
                               dtype=self.dtype)
 
-    def __call__(self, latents, timesteps, context):
+    def __call__(self, latents, timesteps, context, image_context=None):
         """Dense call: latents `[B, T', H', W', C]` -> model output of the same layout."""
         if latents.ndim != 5 or latents.shape[-1] != self.in_channels:
             raise ValueError(f"latents must be [B, T', H', W', C={self.in_channels}] "
@@ -110,12 +132,14 @@ class WanDiT(nn.Module):
         positions = jnp.broadcast_to(jnp.asarray(patches.grid_positions(grid)), (b, n, 3))
         ones = lambda length: jnp.ones((b, length), jnp.int32)
         out = self.packed(tokens, positions, ones(n), jnp.reshape(timesteps, (b, 1)), context,
-                          ones(context.shape[1]))
+                          ones(context.shape[1]), image_context=image_context)
         return patches.unpatchify_batch(out, grid, self.patch_size)
 
-    def packed(self, tokens, positions, segment_ids, timesteps, context, context_segment_ids):
+    def packed(self, tokens, positions, segment_ids, timesteps, context, context_segment_ids,
+               image_context=None, image_segment_ids=None):
         """Packed call; shapes in the module docstring. Returns `[B, S, pt*ph*pw*C_out]`."""
         check_packed(self, tokens, positions, segment_ids, timesteps, context, context_segment_ids)
+        image = self._image_tokens(image_context, image_segment_ids, tokens.shape[0])
         num_segments = timesteps.shape[1]
         seg_index = jnp.clip(segment_ids - 1, 0, num_segments - 1)[:, :, None]
 
@@ -131,20 +155,73 @@ class WanDiT(nn.Module):
         cross_q_ids = jnp.where(segment_ids == 0, context_segment_ids[:, :1], segment_ids)
 
         x, _ = self.blocks(x, ctx, time_mod, seg_index, rope, segment_ids, cross_q_ids,
-                           context_segment_ids)
+                           context_segment_ids, image)
 
         shift_scale = self.scale_shift_table + temb[:, :, None, :]  # [B, K, 2, D]
         take = lambda j: jnp.take_along_axis(shift_scale[:, :, j], seg_index, axis=1)
         x = modulate(layer_norm(x, self.eps), take(0), take(1)).astype(self.dtype)
         return self.proj_out(x).astype(jnp.float32)
 
+    def _image_tokens(self, image_context, image_segment_ids, batch: int):
+        """(embedded image tokens [B, N, D], ids [B, N]) for the blocks, or None (T2V)."""
+        if not self.has_image_branch:
+            if image_context is not None:
+                raise ValueError("image_context was given but this model has no image branch "
+                                 "(config.model.image_dim / added_kv_proj_dim are None)")
+            return None
+        shape = None if image_context is None else tuple(image_context.shape)
+        n = self.pos_embed_seq_len or (shape[1] if shape and len(shape) == 3 else -1)
+        if shape != (batch, n, self.image_dim):
+            raise ValueError(f"this image-conditioned model needs image_context [B={batch}, N, "
+                             f"image_dim={self.image_dim}] (N = pos_embed_seq_len="
+                             f"{self.pos_embed_seq_len} when set), got {shape}")
+        if image_segment_ids is None:
+            image_segment_ids = jnp.ones(image_context.shape[:2], jnp.int32)
+        elif tuple(image_segment_ids.shape) != tuple(image_context.shape[:2]):
+            raise ValueError(f"image_segment_ids has shape {tuple(image_segment_ids.shape)}, "
+                             f"expected {tuple(image_context.shape[:2])}")
+        tokens = self.image_embedder(image_context.astype(jnp.float32)).astype(self.dtype)
+        tokens = nn.with_logical_constraint(
+            tokens, ("activation_batch", "activation_text_length", "activation_embed"))
+        return tokens, image_segment_ids
+
+
+class ImageEmbedder(nn.Module):
+    """Wan's image-token projection: [pos_embed +] LayerNorm -> Linear, GELU, Linear ->
+    LayerNorm (both norms affine, eps 1e-5, in float32), `[B, N, image_dim]` -> `[B, N, dim]`."""
+
+    dim: int
+    pos_embed_seq_len: int | None = None
+    eps: float = 1e-5  # torch.nn.LayerNorm's default, which diffusers' FP32LayerNorm keeps
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d_in = x.shape[-1]
+        if self.pos_embed_seq_len:
+            pos = self.param("pos_embed", nn.with_logical_partitioning(
+                nn.initializers.zeros_init(), (None, "text_embed")),
+                (self.pos_embed_seq_len, d_in), jnp.float32)
+            x = x + pos
+        h = LayerNorm(self.eps, name="norm1")(x).astype(self.dtype)
+        h = MLP(d_in, self.dim, "text_embed", "mlp", "embed", "gelu", dtype=self.dtype,
+                name="ff")(h)
+        return LayerNorm(self.eps, name="norm2")(h.astype(jnp.float32))
+
 
 def _check_supported(m: WanDiT) -> None:
-    if m.image_dim is not None or m.added_kv_proj_dim is not None or m.pos_embed_seq_len:
+    if (m.image_dim is None) != (m.added_kv_proj_dim is None):
         raise NotImplementedError(
-            "image-conditioned Wan transformers (image_dim / added_kv_proj_dim / "
-            f"pos_embed_seq_len = {m.image_dim} / {m.added_kv_proj_dim} / {m.pos_embed_seq_len}) "
-            "are not supported yet; only text-to-video configs load")
+            f"image-conditioned Wan transformers need both image_dim and added_kv_proj_dim (as "
+            f"Wan2.1 I2V sets them); got {m.image_dim} / {m.added_kv_proj_dim}. Text-to-video "
+            "models set neither")
+    if m.added_kv_proj_dim is not None and m.added_kv_proj_dim != m.inner_dim:
+        raise ValueError(f"added_kv_proj_dim={m.added_kv_proj_dim} must equal the model width "
+                         f"num_attention_heads * attention_head_dim = {m.inner_dim} (the image "
+                         "k/v projections read the embedded image tokens)")
+    if m.pos_embed_seq_len and m.image_dim is None:
+        raise ValueError(f"pos_embed_seq_len={m.pos_embed_seq_len} needs image_dim (it is the "
+                         "image tokens' position table)")
     if m.qk_norm != "rms_norm_across_heads":
         raise NotImplementedError(f"qk_norm={m.qk_norm!r}: only 'rms_norm_across_heads' (Wan2.1) "
                                   "is implemented")

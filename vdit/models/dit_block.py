@@ -2,8 +2,11 @@
 
 Block (diffusers' WanTransformerBlock numerics): adaLN-modulated self-attention with RMS-normed q/k
 (across all heads) and 3D RoPE, masked by segment; cross-attention to the own segment's text behind
-an optional affine LayerNorm; adaLN-modulated GELU(tanh) FFN. The residual stream is float32 (as
-Wan's original code accumulates it); matmuls run in the compute `dtype`.
+an optional affine LayerNorm; adaLN-modulated GELU(tanh) FFN. Image-conditioned models (Wan2.1 I2V,
+`image_context` given) add a second cross-attention branch inside `attn2`: the same queries attend
+the embedded image tokens through their own k/v projections (`add_k_proj`, `add_v_proj`, RMS-normed
+`norm_added_k`), and the two attention outputs are summed before `to_out`. The residual stream is
+float32 (as Wan's original code accumulates it); matmuls run in the compute `dtype`.
 
 Modulation is per token: `mod` `[B, K, 6, D]` holds, per segment, the block's
 `scale_shift_table + time_proj(t)`; `seg_index` `[B, S, 1]` picks each token's row.
@@ -43,7 +46,9 @@ class Attention(nn.Module):
                      dtype=self.dtype, name=name)(x)
 
     @nn.compact
-    def __call__(self, x, kv_input, q_segment_ids, kv_segment_ids, rope=None):
+    def __call__(self, x, kv_input, q_segment_ids, kv_segment_ids, rope=None, image=None):
+        """`image`: None, or (image tokens `[B, N, D]`, their segment ids `[B, N]`) for the
+        image branch of I2V cross-attention."""
         dim = x.shape[-1]
         norm = lambda name: RMSNorm(self.eps, ("heads", "kv"), name=name)  # across all heads
         q = norm("norm_q")(self._proj("to_q", x))
@@ -54,7 +59,16 @@ class Attention(nn.Module):
         q = checkpoint_name(nn.with_logical_constraint(q, HEADS), "query")
         k = checkpoint_name(nn.with_logical_constraint(k, self.kv_axes), "key")
         v = checkpoint_name(nn.with_logical_constraint(v, self.kv_axes), "value")
-        out = attention(q, k, v, q_segment_ids, kv_segment_ids, backend=self.backend)
+        # Self-attention (kv_axes == HEADS) goes sequence-parallel when tokens are sharded.
+        out = attention(q, k, v, q_segment_ids, kv_segment_ids, backend=self.backend,
+                        sequence_parallel=self.kv_axes == HEADS)
+        if image is not None:
+            tokens, image_ids = image
+            k_img = norm("norm_added_k")(self._proj("add_k_proj", tokens))
+            v_img = self._proj("add_v_proj", tokens)
+            k_img = nn.with_logical_constraint(k_img, self.kv_axes)
+            v_img = nn.with_logical_constraint(v_img, self.kv_axes)
+            out = out + attention(q, k_img, v_img, q_segment_ids, image_ids, backend=self.backend)
         out = nn.with_logical_constraint(out, HEADS)
         return Dense((dim,), ("heads", "kv", "embed"), ("embed",), in_dims=2, dtype=self.dtype,
                      name="to_out")(out)
@@ -78,7 +92,7 @@ class WanBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, context, time_mod, seg_index, rope, segment_ids, cross_q_ids,
-                 context_segment_ids):
+                 context_segment_ids, image=None):
         dim = x.shape[-1]
         table = self.param("scale_shift_table", nn.with_logical_partitioning(
             nn.initializers.normal(dim ** -0.5), ("modulation", "embed")), (6, dim), jnp.float32)
@@ -94,7 +108,7 @@ class WanBlock(nn.Module):
 
         h = LayerNorm(self.eps, name="norm2")(x) if self.cross_attn_norm else x
         h = attn("attn2", kv_axes=TEXT_HEADS)(h.astype(self.dtype), context, cross_q_ids,
-                                              context_segment_ids)
+                                              context_segment_ids, image=image)
         x = x + checkpoint_name(h, "cross_attn").astype(jnp.float32)
 
         h = modulate(layer_norm(x, self.eps), mod(3), mod(4)).astype(self.dtype)
@@ -121,5 +135,5 @@ def scanned_blocks(num_layers: int, remat: str):
     if remat != "none":
         block = nn.remat(WanBlock, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast,) * 7, length=num_layers,
+                   in_axes=(nn.broadcast,) * 8, length=num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})

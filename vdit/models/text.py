@@ -72,10 +72,33 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
     return (buckets + np.where(rel < max_exact, rel, large)).astype(np.int32)
 
 
+class _Proj(nn.Module):
+    """Bias-free projection contracting x's axes `axis` with a kernel [*in, *features].
+
+    Not nn.DenseGeneral: it creates its kernel flattened, which breaks the logical-axis sharding
+    constraint flax applies to boxed parameters under a mesh."""
+
+    features: tuple[int, ...]
+    axis: tuple[int, ...]
+    axes: tuple
+    std: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        axis = tuple(a % x.ndim for a in self.axis)
+        shape = tuple(x.shape[a] for a in axis) + self.features
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(self.std), self.axes), shape, jnp.float32)
+        contract = (axis, tuple(range(len(axis))))
+        return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                   (contract, ((), ())))
+
+
 def _dense(features, axes, name, std, dtype, axis=-1):
-    return nn.DenseGeneral(
-        features, axis=axis, use_bias=False, dtype=dtype, param_dtype=jnp.float32, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes))
+    features = (features,) if isinstance(features, int) else tuple(features)
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    return _Proj(features, axis, tuple(axes), std, dtype, name=name)
 
 
 class RMSNorm(nn.Module):

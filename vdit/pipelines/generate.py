@@ -1,22 +1,25 @@
-"""Generation: text-to-video (and, built on it, image- and video-to-video) with a flow sampler
-and classifier-free guidance over the DiT, then the VAE's chunked decode.
+"""Generation: text-to-video and image-to-video with a flow sampler and classifier-free guidance
+over the DiT, then the VAE's chunked decode. Video-to-video (restyle, extend, interpolate,
+upscale) builds on `Generator.sample` in `vdit/pipelines/video_to_video.py`.
 
     gen = Generator.from_workdir("runs/dit")            # a vdit run (DiT + its VAE + text encoder)
     gen = Generator.from_diffusers(path)                # a diffusers Wan pipeline folder
     latents = gen.text_to_video(context, negative_context, noise, steps=4, guidance=5.0,
-                                output="latent")        # context [B, L, D_txt]; noise [B,T',H',W',C]
+                                output="latent")   # context [B, L, D_txt]; noise [B,T',H',W',C]
+    video = gen.image_to_video(image, context, negative_context, noise)   # image [B, H, W, 3]
     video = gen.generate(["a red circle moving right"], frames=9, height=32, width=32, seed=0)
 
 Latents handed to and returned by the sampler are normalised ((z - mean) / std, per channel); the
 VAE decodes z = latents * std + mean. The sampling loop compiles once per shape and step count.
+Image-to-video uses the model's I2V input channels and CLIP image tokens when it has them (Wan2.1
+I2V, exactly as diffusers' WanImageToVideoPipeline) and otherwise pins the known latent frames
+(see `vdit/pipelines/conditioning.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any
 
 import jax
@@ -26,6 +29,7 @@ import numpy as np
 
 from vdit.data import patches
 from vdit.diffusion.samplers import Sampler, cfg_velocity, make_sampler
+from vdit.pipelines import conditioning as cond_lib
 
 # vdit runs sample with Wan2.1's diffusers default solver unless the config says otherwise.
 DEFAULT_SCHEDULER = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000,
@@ -37,7 +41,9 @@ DEFAULT_SCHEDULER = {"_class_name": "UniPCMultistepScheduler", "num_train_timest
 @dataclasses.dataclass(frozen=True)
 class GuidedDiT:
     """velocity_fn(x, timesteps, params, cond, uncond) for the sampler; hashable so the loop
-    compiles once. cond/uncond = (context [B, L, D], context_segment_ids [B, L]).
+    compiles once. cond/uncond = (context [B, L, D], context_segment_ids [B, L]) or, for
+    image-conditioned runs, (context, ids, condition [B, T', H', W', C_cond] or None,
+    image_context [B, N, D_img] or None); the condition is concatenated to x along channels.
 
     `mask_text`: a token sees only its prompt's real text tokens (vdit-trained models, which
     train on packed, unpadded text); False attends to every position, as Wan2.1 does."""
@@ -51,16 +57,20 @@ class GuidedDiT:
             x, timesteps, cond, uncond)
 
     def _model(self, params, x, timesteps, cond):
-        context, context_ids = cond
+        context, context_ids, *extra = cond
+        condition, image = (tuple(extra) + (None, None))[:2]
+        if condition is not None:
+            x = jnp.concatenate([x, condition.astype(x.dtype)], axis=-1)
         if not self.mask_text:
-            return self.dit.apply({"params": params}, x, timesteps, context)
+            return self.dit.apply({"params": params}, x, timesteps, context, image_context=image)
         b = x.shape[0]
         grid = patches.grid_shape(x.shape[1:], self.dit.patch_size)
         tokens = patches.patchify_batch(x, self.dit.patch_size)
         n = tokens.shape[1]
         positions = jnp.broadcast_to(jnp.asarray(patches.grid_positions(grid)), (b, n, 3))
         out = self.dit.apply({"params": params}, tokens, positions, jnp.ones((b, n), jnp.int32),
-                             timesteps[:, None], context, context_ids, method="packed")
+                             timesteps[:, None], context, context_ids, image_context=image,
+                             method="packed")
         return patches.unpatchify_batch(out, grid, self.dit.patch_size)
 
 
@@ -78,6 +88,9 @@ class Generator:
     tokenizer: Any = None
     mask_text: bool = False
     defaults: dict = dataclasses.field(default_factory=lambda: {"steps": 30, "guidance": 5.0})
+    image_encoder: Any = None
+    image_encoder_params: Any = None
+    image_processor: Any = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -98,10 +111,36 @@ class Generator:
         vae_params, _ = load_params(config.encode.vae_workdir)
         stats = load_stats(latents_dir(config, workdir))
         sampler = make_sampler(dict(config.sample.scheduler))
+        defaults = {k: config.sample[k] for k in ("steps", "guidance", "frames", "height",
+                                                  "width") if k in config.sample}
+        if "data" in config and "fps" in config.data:
+            defaults["fps"] = float(config.data.fps)
         return cls(dit, params["dit"], vae_from_config(config.vae), vae_params, sampler,
                    np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32),
-                   text_model, text_params, tokenizer, mask_text=True,
-                   defaults={"steps": config.sample.steps, "guidance": config.sample.guidance})
+                   text_model, text_params, tokenizer, mask_text=True, defaults=defaults)
+
+    @classmethod
+    def from_diffusers(cls, path: str, dtype: str = "float32",
+                       attention: str = "xla") -> Generator:
+        """A diffusers Wan2.1 pipeline folder (see `vdit/pipelines/diffusers_folder.py`)."""
+        from vdit.pipelines.diffusers_folder import load_parts
+
+        return cls(**load_parts(path, dtype=dtype, attention=attention))
+
+    # ------------------------------------------------------------------ model facts
+    @property
+    def temporal_factor(self) -> int:
+        return self.vae.temporal_factor
+
+    @property
+    def condition_channels(self) -> int:
+        """Extra DiT input channels for I2V conditioning (mask + latents), 0 for text-to-video."""
+        extra = self.dit.in_channels - self.vae.z_dim
+        if extra not in (0, self.temporal_factor + self.vae.z_dim):
+            raise ValueError(f"transformer in_channels={self.dit.in_channels} fits neither "
+                             f"text-to-video (z_dim={self.vae.z_dim}) nor Wan I2V (2 * z_dim + "
+                             f"{self.temporal_factor} mask channels)")
+        return extra
 
     # ------------------------------------------------------------------ pieces
     def encode_text(self, prompts: list[str]) -> tuple[jax.Array, jax.Array]:
@@ -114,10 +153,109 @@ class Generator:
         _, mask = self.tokenizer(list(prompts))
         return context, jnp.asarray(mask, jnp.int32)
 
+    def encode_video(self, video) -> jax.Array:
+        """Video [B, 1+4k, H, W, 3] in [-1, 1] -> normalised latents (the posterior mean).
+
+        The VAE is causal (latent frame j sees pixel frames <= 4j), so callers that need the
+        latents of a clip's first frames encode them inside a canvas of the output's length: the
+        same compiled encoder serves every workflow of one video shape."""
+        mean = _encode(self.vae, self.vae_params, jnp.asarray(video, jnp.float32))
+        return (mean - jnp.asarray(self.latents_mean)) / jnp.asarray(self.latents_std)
+
     def decode(self, latents: jax.Array) -> jax.Array:
         """Normalised latents [B, T', H', W', C] -> video [B, T, H, W, 3] in [-1, 1]."""
         z = latents * jnp.asarray(self.latents_std) + jnp.asarray(self.latents_mean)
         return _decode(self.vae, self.vae_params, z)
+
+    def image_tokens(self, images) -> jax.Array:
+        """Images [B, H, W, 3] in [-1, 1] -> CLIP penultimate features [B, N, D_img]."""
+        from vdit.models.image import penultimate_features
+        from vdit.models.image_preprocess import preprocess, to_uint8
+
+        if self.image_encoder is None:
+            raise ValueError("this model conditions on CLIP image features but the Generator has "
+                             "no image encoder (a pipeline folder without image_encoder/): pass "
+                             "image_embeds")
+        pixels = preprocess(to_uint8(np.asarray(images)), self.image_processor)
+        return penultimate_features(self.image_encoder, self.image_encoder_params, pixels)
+
+    def condition_from_frames(self, video, known) -> jax.Array:
+        """Wan I2V conditioning: video [B, T, H, W, 3] whose frames flagged in `known` [T] are
+        given (the rest are zeroed) -> [B, T', H', W', tf + z] = concat(mask, latents)."""
+        known = np.asarray(known, bool)
+        video = jnp.asarray(video, jnp.float32) * known[None, :, None, None, None]
+        latents = self.encode_video(video)
+        mask = cond_lib.i2v_mask(known, latents.shape[2:4], self.temporal_factor)
+        mask = jnp.broadcast_to(jnp.asarray(mask), latents.shape[:1] + mask.shape)
+        return jnp.concatenate([mask, latents], axis=-1)
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, noise, context, negative_context, steps: int | None = None,
+               guidance: float | None = None, output: str = "video", *, context_mask=None,
+               negative_mask=None, start_step: int | None = None, init_latents=None,
+               condition=None, image_context=None, pin=None):
+        """The one sampling path every workflow uses.
+
+        noise [B, T', H', W', C]; context [B, L, D_txt] (negative_context may be None when
+        guidance == 1). start_step skips the first steps: with `init_latents` (clean normalised
+        latents) they are noised to that step with `noise` (SDEdit), else `noise` is taken as the
+        already-noised latents. condition [B, T', H', W', tf + z]: Wan I2V channels.
+        image_context [B, N, D_img]: CLIP tokens for models with an image branch.
+        pin = (known [B, T', H', W', C], mask [B, T', 1, 1, 1]): latent frames kept fixed.
+        """
+        if output not in ("latent", "video"):
+            raise ValueError(f"output={output!r}; expected 'latent' or 'video'")
+        steps = int(self.defaults["steps"] if steps is None else steps)
+        guidance = float(self.defaults["guidance"] if guidance is None else guidance)
+        x = self._check_noise(noise)
+        b = x.shape[0]
+        for name, ctx in (("context", context), ("negative_context", negative_context)):
+            if ctx is not None and (ctx.ndim != 3 or ctx.shape[0] != b):
+                raise ValueError(f"{name} must be [B={b}, L, D_txt], got {tuple(ctx.shape)}")
+        self._check_condition(condition, image_context, x.shape)
+        start = 0 if start_step is None else start_step
+        if init_latents is not None:
+            x = self.sampler.add_noise(init_latents, x, steps, start_step=start)
+        ones = lambda c: jnp.ones(c.shape[:2], jnp.int32)
+        cond = (context, ones(context) if context_mask is None else context_mask,
+                condition, image_context)
+        uncond = None
+        if negative_context is not None:
+            uncond = (negative_context,
+                      ones(negative_context) if negative_mask is None else negative_mask,
+                      condition, image_context)
+        velocity = GuidedDiT(self.dit, guidance, self.mask_text)
+        args = (self.dit_params, cond, uncond)
+        if pin is not None:
+            if start and init_latents is None:
+                raise ValueError("pin with start_step > 0 needs init_latents: the pinned frames "
+                                 "are noised with `noise`, which must then be pure noise")
+            pin = (jnp.asarray(pin[0], jnp.float32), jnp.asarray(pin[1], jnp.float32),
+                   jnp.asarray(noise, jnp.float32))
+            x = cond_lib.pin_start(x, pin, float(self.sampler.schedule(steps)[0][start]))
+            velocity, args = cond_lib.PinnedVelocity(velocity), (pin,) + args
+        latents = self.sampler.sample(velocity, x, steps, *args, start_step=start)
+        if pin is not None:
+            latents = cond_lib.apply_pins(latents, pin)
+        return latents if output == "latent" else self.decode(latents)
+
+    def _check_noise(self, noise) -> jax.Array:
+        x = jnp.asarray(noise, jnp.float32)
+        if x.ndim != 5 or x.shape[-1] != self.vae.z_dim:
+            raise ValueError(f"noise must be latents [B, T', H', W', C={self.vae.z_dim}], got "
+                             f"shape {tuple(x.shape)}")
+        return x
+
+    def _check_condition(self, condition, image_context, shape) -> None:
+        channels = self.condition_channels
+        if channels and condition is None:
+            raise ValueError(f"this image-to-video model takes {channels} conditioning channels: "
+                             "use image_to_video (or pass condition=)")
+        if condition is not None and tuple(condition.shape) != tuple(shape[:-1]) + (channels,):
+            raise ValueError(f"condition has shape {tuple(condition.shape)}, expected "
+                             f"{tuple(shape[:-1]) + (channels,)}")
+        if self.dit.has_image_branch and image_context is None:
+            raise ValueError("this model has an image branch: pass image_context (CLIP tokens)")
 
     # ------------------------------------------------------------------ workflows
     def text_to_video(self, context, negative_context, noise, steps: int | None = None,
@@ -125,44 +263,98 @@ class Generator:
                       context_mask=None, negative_mask=None, start_step: int | None = None):
         """Samples from `noise` [B, T', H', W', C] (normalised latent space) given text
         embeddings; returns latents (output="latent") or decoded video [B, T, H, W, 3]."""
-        if output not in ("latent", "video"):
-            raise ValueError(f"output={output!r}; expected 'latent' or 'video'")
-        steps = self.defaults["steps"] if steps is None else steps
-        guidance = self.defaults["guidance"] if guidance is None else guidance
-        b = noise.shape[0]
-        for name, ctx in (("context", context), ("negative_context", negative_context)):
-            if ctx is not None and (ctx.ndim != 3 or ctx.shape[0] != b):
-                raise ValueError(f"{name} must be [B={b}, L, D_txt], got {tuple(ctx.shape)}")
-        ones = lambda c: jnp.ones(c.shape[:2], jnp.int32)
-        cond = (context, ones(context) if context_mask is None else context_mask)
-        uncond = None
-        if negative_context is not None:
-            uncond = (negative_context,
-                      ones(negative_context) if negative_mask is None else negative_mask)
-        velocity = GuidedDiT(self.dit, float(guidance), self.mask_text)
-        latents = self.sampler.sample(velocity, noise, steps, self.dit_params, cond, uncond,
-                                      start_step=start_step)
-        return latents if output == "latent" else self.decode(latents)
+        return self.sample(noise, context, negative_context, steps, guidance, output,
+                           context_mask=context_mask, negative_mask=negative_mask,
+                           start_step=start_step)
+
+    def image_to_video(self, image, context, negative_context, noise, steps: int | None = None,
+                       guidance: float | None = None, output: str = "video", *,
+                       context_mask=None, negative_mask=None, last_image=None,
+                       image_embeds=None):
+        """First frame `image` [B, H, W, 3] in [-1, 1] (H, W the video size that `noise`
+        implies) -> video whose frame 0 is that image; with `last_image`, also its last frame
+        (first-last-frame interpolation). `image_embeds` [B, N, D_img] replaces the CLIP pass."""
+        x = self._check_noise(noise)
+        frames = 1 + self.temporal_factor * (x.shape[1] - 1)
+        first = self._check_images("image", image, x.shape)
+        last = None if last_image is None else self._check_images("last_image", last_image,
+                                                                  x.shape)
+        kw = dict(context_mask=context_mask, negative_mask=negative_mask)
+        if self.condition_channels:
+            video = jnp.zeros((x.shape[0], frames) + first.shape[1:], jnp.float32)
+            video = video.at[:, 0].set(first)
+            if last is not None:
+                video = video.at[:, -1].set(last)
+            known = cond_lib.known_pixel_frames(frames, 1, 0 if last is None else 1)
+            kw |= self.i2v_inputs(video, known, first, last, image_embeds)
+            return self.sample(x, context, negative_context, steps, guidance, output, **kw)
+        # One full-length encode: the causal VAE's latent frame 0 sees frame 0 alone, and the
+        # last latent frame of [first, last, last, ...] is the last image held still.
+        fill = jnp.zeros_like(first) if last is None else last
+        guide = jnp.concatenate([first[:, None], jnp.repeat(fill[:, None], frames - 1, 1)], 1)
+        encoded = self.encode_video(guide)
+        pinned = [0] if last is None else [0, x.shape[1] - 1]
+        mask = cond_lib.latent_frame_mask(x.shape[0], x.shape[1], pinned)
+        known = encoded * mask
+        return self.sample(x, context, negative_context, steps, guidance, output,
+                           pin=(known, mask), **kw)
+
+    def _check_images(self, name, images, latent_shape) -> jax.Array:
+        f = self.vae.spatial_factor
+        want = (latent_shape[0], latent_shape[2] * f, latent_shape[3] * f, 3)
+        images = jnp.asarray(images, jnp.float32)
+        if tuple(images.shape) != want:
+            raise ValueError(f"{name} must be [B, H, W, 3] = {want} (the noise's batch and "
+                             f"size), got {tuple(images.shape)}; resize/crop it first")
+        return images
+
+    def i2v_inputs(self, video, known, first, last=None, image_embeds=None) -> dict:
+        """`sample` keywords for a Wan I2V model: `condition` from the `known` [T] frames of
+        video [B, T, H, W, 3], and (image-branch models) `image_context` from CLIP on `first`
+        (and `last` for first-last-frame models) unless `image_embeds` is given."""
+        out = {"condition": self.condition_from_frames(video, known)}
+        if self.dit.has_image_branch:
+            out["image_context"] = self._image_context(first, last, image_embeds)
+        return out
+
+    def _image_context(self, first, last, image_embeds) -> jax.Array:
+        if image_embeds is not None:
+            return jnp.asarray(image_embeds, jnp.float32)
+        tokens = self.image_tokens(first)
+        if self.dit.pos_embed_seq_len:  # first-last-frame models read both images' tokens
+            if last is None:
+                raise ValueError("this first-last-frame model (pos_embed_seq_len="
+                                 f"{self.dit.pos_embed_seq_len}) needs last_image")
+            tokens = jnp.concatenate([tokens, self.image_tokens(last)], axis=1)
+        return tokens
 
     def generate(self, prompts: list[str], frames: int, height: int, width: int, seed: int = 0,
                  steps: int | None = None, guidance: float | None = None,
                  negative_prompt: str = "") -> jax.Array:
         """Prompts -> videos [B, frames, height, width, 3] in [-1, 1]."""
-        noise = jax.random.normal(jax.random.key(seed), (len(prompts),
-                                                         *self.latent_shape(frames, height, width)))
+        noise = self.noise(seed, len(prompts), frames, height, width)
         context, mask = self.encode_text(list(prompts))
         neg, neg_mask = self.encode_text([negative_prompt] * len(prompts))
         return self.text_to_video(context, neg, noise, steps, guidance, "video", mask, neg_mask)
+
+    def noise(self, seed: int, batch: int, frames: int, height: int, width: int) -> jax.Array:
+        """Standard normal latents [batch, T', H', W', C] from `seed` (reproducible)."""
+        shape = (batch, *self.latent_shape(frames, height, width))
+        return jax.random.normal(jax.random.key(seed), shape)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         from vdit.config import check_frames
 
         check_frames("--frames", frames)
         f, tf = self.vae.spatial_factor, self.vae.temporal_factor
-        stride = f * self.dit.patch_size[1]
-        for name, size in (("height", height), ("width", width)):
-            if size % stride:
-                raise ValueError(f"{name}={size} must be a multiple of {stride} (VAE x patch)")
+        pt, ph, pw = self.dit.patch_size
+        for name, size, p in (("height", height, ph), ("width", width, pw)):
+            if size <= 0 or size % (f * p):
+                raise ValueError(f"{name}={size} must be a positive multiple of {f * p} (the "
+                                 f"VAE's {f}x downsampling times the DiT's patch {p})")
+        if ((frames - 1) // tf + 1) % pt:
+            raise ValueError(f"frames={frames} gives {(frames - 1) // tf + 1} latent frames, not "
+                             f"a multiple of the DiT's temporal patch {pt}")
         return (1 + (frames - 1) // tf, height // f, width // f, self.vae.z_dim)
 
 
@@ -171,8 +363,6 @@ def _decode(vae, params, z):
     return vae.apply({"params": params}, z, method="decode")
 
 
-def read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing {path}")
-    with open(path) as f:
-        return json.load(f)
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(vae, params, video):
+    return vae.apply({"params": params}, video, method="encode")[0]

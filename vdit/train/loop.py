@@ -114,7 +114,7 @@ def compile_step(step_fn, state, frozen, spec, shardings, frozen_shardings, mesh
     batch_sharding = pipeline.batch_sharding(mesh)
     jitted = jax.jit(step_fn, in_shardings=(shardings, frozen_shardings, batch_sharding),
                      out_shardings=(shardings, None), donate_argnums=(0,))
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         compiled = jitted.lower(state, frozen, spec).compile()
     memory = compiled.memory_analysis()
     if memory is not None:

@@ -47,7 +47,9 @@ def state_shardings(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTrans
 def create_sharded(boxed_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules):
     """(tree, shardings): `boxed_fn(rng)` unboxed and created directly with its shardings."""
     shardings = shardings_of(boxed_fn, mesh, rules)
-    with mesh, nn.logical_axis_rules(rules):
+    # No mesh context here: flax would constrain each scanned layer's slice with the stacked
+    # parameter's spec; out_shardings alone places the result.
+    with nn.logical_axis_rules(rules):
         tree = jax.jit(lambda r: unbox(boxed_fn(r)), out_shardings=shardings)(rng)
     return tree, shardings
 

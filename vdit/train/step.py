@@ -23,7 +23,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_dec
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, aux), grads = grad_fn(state.params, frozen, batch, step_rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step must leave params, moments and EMA exactly as they were.
         safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)

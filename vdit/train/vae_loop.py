@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vdit.data.synthetic import SyntheticShapes
-from vdit.models.vae import kl_divergence
+from vdit.models.vae import kl_divergence, sample_posterior
 from vdit.models.vae_config import vae_from_config
 from vdit.parallel.mesh import logical_rules, make_mesh
 from vdit.train import checkpoint, optim
@@ -29,7 +29,6 @@ from vdit.train.state import create_state
 from vdit.train.step import make_train_step
 
 log = logging.getLogger(__name__)
-HELD_OUT_OFFSET = 10_000_000  # evaluation clips use indices no training step reaches
 
 
 def psnr(x, y) -> jax.Array:
@@ -44,7 +43,11 @@ def make_vae_loss(vae, cfg):
                          "perceptual and adversarial VAE losses are not built in this version")
 
     def loss_fn(params, frozen, video, rng):
-        recon, mean, logvar = vae.apply({"params": params}, video, rng, deterministic=True)
+        # Whole-clip (not chunked) passes: same numbers, and XLA:CPU differentiates the chunk
+        # scan with its carried caches two orders of magnitude slower.
+        mean, logvar = vae.apply({"params": params}, video, method="encode", chunked=False)
+        z = sample_posterior(rng, mean, logvar)
+        recon = vae.apply({"params": params}, z, method="decode", chunked=False, clamp=False)
         l1 = jnp.mean(jnp.abs(recon - video))
         kl = jnp.mean(kl_divergence(mean, logvar))
         return l1 + cfg.kl_weight * kl, {"l1": l1, "kl": kl, "psnr": psnr(recon, video)}
@@ -61,11 +64,19 @@ def batch_for_step(data: SyntheticShapes, cfg, step: int, offset: int = 0) -> np
 
 def evaluate(vae, params, data: SyntheticShapes, cfg) -> float:
     """Mean PSNR of the posterior-mean reconstruction over held-out clips of every shape."""
-    fn = jax.jit(lambda p, v: psnr(vae.apply({"params": p}, v)[0], v))
+    def recon(p, v):
+        mean, _ = vae.apply({"params": p}, v, method="encode")
+        return vae.apply({"params": p}, mean, method="decode")
+
+    fn = jax.jit(lambda p, v: psnr(recon(p, v), v))
     scores = []
     batches = max(1, math.ceil(cfg.eval_examples / cfg.batch_size))
+    held_out = len(data) - batches * cfg.batch_size  # the last clips: no training step reaches them
+    if held_out < cfg.steps * cfg.batch_size:
+        raise ValueError(f"config key 'data.num_examples' = {len(data)} leaves no held-out clips "
+                         f"after {cfg.steps} steps of {cfg.batch_size}")
     for b in range(batches):
-        video = batch_for_step(data, cfg, b, offset=HELD_OUT_OFFSET)
+        video = batch_for_step(data, cfg, b, offset=held_out)
         scores.append(float(fn(params, jnp.asarray(video))))
     return float(np.mean(scores))
 

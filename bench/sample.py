@@ -1,0 +1,120 @@
+"""Text-to-video sampling benchmark on CPU: vdit's Generator vs diffusers' WanPipeline.
+
+One random-weight Wan2.1-layout pipeline (default: DiT 4 layers, dim 128, VAE z 16 with Wan's
+stage layout) is saved in diffusers' layout; vdit loads the folder with `Generator.from_diffusers`,
+diffusers runs the torch objects. Both sample from the same noise and text embeddings (512 tokens,
+classifier-free guidance, UniPC) and decode with the VAE; each number is the median wall time per
+video over `--repeats` runs after one warm-up run (vdit's compile is excluded, as it happens once
+per shape), for the whole video (`s_per_video`) and for sampling alone (`s_sampling_only`, latents
+out). Prints one JSON line per frame count and a summary line with the ratio of whole-video
+seconds, vdit / diffusers (target <= 0.7).
+
+    .venv/bin/python bench/sample.py [--frames 17 33] [--size 64] [--steps 10] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+from vdit.pipelines.generate import Generator
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frames", type=int, nargs="+", default=[17, 33])
+    p.add_argument("--size", type=int, default=64, help="height = width in pixels")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--text-dim", type=int, default=64)
+    p.add_argument("--vae-dim", type=int, default=16, help="VAE base_dim")
+    return p.parse_args(argv)
+
+
+def build_pipeline(a, folder: str) -> WanPipeline:
+    torch.manual_seed(0)
+    dit = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=a.heads, attention_head_dim=a.dim // a.heads,
+        in_channels=16, out_channels=16, text_dim=a.text_dim, freq_dim=256, ffn_dim=4 * a.dim,
+        num_layers=a.layers, cross_attn_norm=True, eps=1e-6, rope_max_seq_len=1024).eval()
+    vae = AutoencoderKLWan(base_dim=a.vae_dim, z_dim=16, num_res_blocks=1).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler,
+                       transformer=dit)
+    pipe.save_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up (vdit compiles here)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_frames(a, pipe, gen, frames: int) -> dict:
+    rng = np.random.default_rng(frames)
+    latent = (a.batch, 1 + (frames - 1) // 4, a.size // 8, a.size // 8, 16)
+    noise = rng.normal(size=latent).astype(np.float32)
+    ctx = rng.normal(size=(a.batch, 512, a.text_dim)).astype(np.float32)
+    neg = rng.normal(size=(a.batch, 512, a.text_dim)).astype(np.float32)
+
+    def ours(output):
+        return lambda: jax.block_until_ready(
+            gen.text_to_video(ctx, neg, noise, a.steps, a.guidance, output))
+
+    def theirs(output):
+        def run():
+            with torch.no_grad():
+                pipe(prompt_embeds=torch.from_numpy(ctx),
+                     negative_prompt_embeds=torch.from_numpy(neg), height=a.size, width=a.size,
+                     num_frames=frames, num_inference_steps=a.steps, guidance_scale=a.guidance,
+                     latents=torch.from_numpy(noise).permute(0, 4, 1, 2, 3).contiguous(),
+                     output_type="pt" if output == "video" else "latent", return_dict=False)
+        return run
+
+    row = {"frames": frames, "size": f"{a.size}x{a.size}", "steps": a.steps, "batch": a.batch}
+    for output, key in (("video", "s_per_video"), ("latent", "s_sampling_only")):
+        vdit_s = median_seconds(ours(output), a.repeats) / a.batch
+        torch_s = median_seconds(theirs(output), a.repeats) / a.batch
+        row |= {f"vdit_{key}": round(vdit_s, 4), f"diffusers_{key}": round(torch_s, 4),
+                f"ratio_{key}": round(vdit_s / torch_s, 3)}
+    return row
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    print(json.dumps({"bench": "sample", "jax_devices": str(jax.devices()[0]),
+                      "torch_threads": torch.get_num_threads(), "layers": a.layers, "dim": a.dim}))
+    with tempfile.TemporaryDirectory() as folder:
+        pipe = build_pipeline(a, folder)
+        gen = Generator.from_diffusers(folder)
+        rows = [bench_frames(a, pipe, gen, f) for f in a.frames]
+    for row in rows:
+        print(json.dumps(row))
+    total_v = sum(r["vdit_s_per_video"] for r in rows)
+    total_t = sum(r["diffusers_s_per_video"] for r in rows)
+    print(json.dumps({"summary": "vdit/diffusers seconds per video", "ratio":
+                      round(total_v / total_t, 3), "target": 0.7}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The embedded default: a small DiT + byte-level text encoder on the synthetic shapes world.
+
+Derived from the Wan2.1 1.3B layout with CPU-sized widths. Latents come from the shapes VAE
+(configs/shapes_vae.py: z_dim 8, 4x space, 4x time), so a 9x48x48 clip is 3x12x12x8 latents and
+108 tokens with (1, 2, 2) patches. `make demo` trains it in about ten minutes on 2 CPU cores.
+"""
+
+import ml_collections
+
+from vdit.config import recipe
+from vdit.train import defaults
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = recipe("wan2_1_t2v_1_3b")
+    config.model.update(dict(
+        num_attention_heads=4, attention_head_dim=32, in_channels=8, out_channels=8,
+        text_dim=128, freq_dim=64, ffn_dim=512, num_layers=6, dtype="float32",
+        attention="xla", remat="none"))
+    vae = recipe("shapes_vae")
+    config.vae = vae.vae
+
+    config.text = ml_collections.ConfigDict(dict(
+        kind="byte", max_length=96, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=32, relative_attention_max_distance=64,
+        feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dtype="float32", trainable=True))
+
+    config.data = defaults.packing()
+    config.data.update(dict(
+        frames=9, height=48, width=48, fps=8.0, seed=0, num_examples=1_000_000,
+        tokens_per_row=448, text_per_row=384, rows_per_batch=8, max_segments=8, pack_bins=8,
+        caption_dropout=0.1, prefetch=2))
+
+    config.encode = ml_collections.ConfigDict(dict(
+        vae_workdir="", shapes=[(9, 48, 48), (1, 48, 48), (9, 48, 64), (9, 64, 48)],
+        shape_weights=[0.55, 0.15, 0.15, 0.15], num_examples=6000, num_shards=6,
+        batch_size=32, normalize="measure", seed=0))
+
+    config.flow = defaults.flow()
+    config.flow.update(dict(shift_mode="resolution", shift=1.0, base_tokens=108, max_shift=3.0))
+    config.optim = defaults.optim()
+    config.optim.update(dict(lr=1e-3, warmup_steps=100, weight_decay=0.0))
+    config.train = defaults.train()
+    config.train.update(dict(steps=2500, ema_decay=0.995, log_every=25))
+    config.checkpoint = defaults.checkpoint()
+    config.checkpoint.update(dict(every=500, keep=2))
+    config.sample = ml_collections.ConfigDict(dict(
+        frames=9, height=48, width=48, steps=20, guidance=4.0,
+        scheduler=dict(_class_name="UniPCMultistepScheduler", num_train_timesteps=1000,
+                       prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=2.0,
+                       solver_order=2, predict_x0=True, solver_type="bh2",
+                       lower_order_final=True)))
+    config.mesh = defaults.mesh()
+    return config

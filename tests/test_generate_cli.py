@@ -1,0 +1,99 @@
+"""`vdit sample` (vdit/sample_cli.py) on a tiny diffusers pipeline folder with a text encoder:
+numbered outputs, resized inputs, prompt expansion note, and clear errors."""
+
+import os
+
+import numpy as np
+import pytest
+from generate_testing import smooth_video, t2v_pipeline
+from PIL import Image
+
+from vdit.cli import build_parser
+from vdit.config import ConfigError
+from vdit.data import video_io
+from vdit.sample_cli import output_paths, parse_size, run_cli
+
+COMMON = ["--frames", "9", "--size", "32x32", "--steps", "4", "--guidance", "5"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("wan_t2v"))
+    t2v_pipeline(path, with_text=True)
+    return path
+
+
+def _args(*argv):
+    return build_parser().parse_args(["sample", *argv])
+
+
+def test_prompts_write_numbered_files(folder, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue square moving left\n\n")
+    out = str(tmp_path / "clips" / "t2v.mp4")
+    assert run_cli(_args("--workdir", folder, "--prompt", "a red circle moving right",
+                         "--prompt-file", str(prompts), "--out", out, "--expand-prompt",
+                         *COMMON)) == 0
+    text = capsys.readouterr().out
+    assert "only cleaned" in text and "expanded prompt: 'a red circle moving right'" in text
+    for i in range(2):
+        path = str(tmp_path / "clips" / f"t2v_{i:03d}.mp4")
+        assert f"wrote {path}" in text
+        video, fps = video_io.load_video(path)
+        assert video.shape == (9, 32, 32, 3) and fps == 16.0
+
+
+def test_video_and_image_inputs_are_fitted_with_a_message(folder, tmp_path, capsys):
+    clip = (tmp_path / "in.mp4").as_posix()
+    video_io.write_mp4(clip, smooth_video(1, frames=11, height=40, width=48)[0], fps=8)
+    out = (tmp_path / "v2v.gif").as_posix()
+    assert run_cli(_args("--workdir", folder, "--video", clip, "--strength", "0.5",
+                         "--prompt", "red", "--prompt", "blue", "--out", out, *COMMON)) == 0
+    text = capsys.readouterr().out
+    assert "video " + clip + " is 40x48; resizing and center-cropping it to 32x32" in text
+    assert os.path.isfile(out.replace(".gif", "_001.gif"))
+
+    image = (tmp_path / "first.png").as_posix()
+    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(image)
+    out = (tmp_path / "i2v.mp4").as_posix()
+    assert run_cli(_args("--workdir", folder, "--image", image, "--prompt", "red",
+                         "--prompt", "blue", "--out", out, *COMMON)) == 0
+    assert "is 20x30; resizing and center-cropping it to 32x32" in capsys.readouterr().out
+    assert video_io.read_video(out.replace(".mp4", "_001.mp4")).shape == (9, 32, 32, 3)
+
+
+def test_bad_requests_fail_clearly(folder, tmp_path):
+    with pytest.raises(ConfigError, match="nearest valid: 9 or 13"):
+        run_cli(_args("--workdir", folder, "--prompt", "x", "--frames", "10"))
+    with pytest.raises(ValueError, match="give a prompt"):
+        run_cli(_args("--workdir", folder))
+    with pytest.raises(ValueError, match="unsupported suffix '.avi'"):
+        run_cli(_args("--workdir", folder, "--prompt", "x", "--out", "a.avi"))
+    with pytest.raises(ValueError, match="--size '32by32'"):
+        parse_size("32by32")
+    empty = tmp_path / "run"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoints/ folder: train first"):
+        run_cli(_args("--workdir", str(empty), "--prompt", "x"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_cli(_args("--workdir", str(tmp_path / "nope"), "--prompt", "x"))
+    with pytest.raises(ValueError, match="height=40 must be a positive multiple of 16"):
+        run_cli(_args("--workdir", folder, "--prompt", "x", "--frames", "9", "--size", "40x32"))
+    assert output_paths("o.mp4", 1) == ["o.mp4"]
+
+
+def test_extend_and_upscale_modes(folder, tmp_path, capsys):
+    """--mode (read when the parser defines it; set on the Namespace here)."""
+    clip = (tmp_path / "in.mp4").as_posix()
+    video_io.write_mp4(clip, smooth_video(1, frames=9, height=16, width=16)[0], fps=8)
+    for mode, frames in (("upscale", 9), ("extend", 9 - 5 + 9)):
+        out = (tmp_path / f"{mode}.mp4").as_posix()
+        args = _args("--workdir", folder, "--video", clip, "--prompt", "red", "--prompt", "blue",
+                     "--out", out, "--strength", "0.5", *COMMON)
+        args.mode = mode
+        assert run_cli(args) == 0
+        video, fps = video_io.load_video(out.replace(".mp4", "_000.mp4"))
+        assert video.shape == (frames, 32, 32, 3) and fps == 8.0
+    args.mode = "rewind"
+    with pytest.raises(ValueError, match="--mode 'rewind'"):
+        run_cli(args)

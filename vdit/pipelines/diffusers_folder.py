@@ -1,0 +1,117 @@
+"""Reading a diffusers Wan2.1 pipeline folder into the pieces a `Generator` is built from.
+
+A folder holds `model_index.json` and one sub-folder per component: `transformer/`, `vae/`,
+`scheduler/scheduler_config.json` (required), `text_encoder/` + `tokenizer/` (optional: without
+them, callers pass text embeddings), `image_encoder/` + `image_processor/` (Wan2.1 I2V's CLIP).
+Latent normalisation uses the VAE config's `latents_mean` / `latents_std`, as diffusers' Wan
+pipelines do (diffusers' own 16-channel defaults when the config leaves them out). Wan2.2
+features (a second transformer, `boundary_ratio`, `expand_timesteps`) are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+# The Wan pipelines whose folders share this layout (the class only changes diffusers' __call__).
+PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
+# diffusers' AutoencoderKLWan defaults, used when a 16-channel VAE config omits its statistics.
+WAN_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                   3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+# diffusers' Wan __call__ defaults (and the fps its examples export with).
+WAN_DEFAULTS = {"steps": 50, "guidance": 5.0, "frames": 81, "height": 480, "width": 832,
+                "fps": 16.0}
+MAX_TEXT_TOKENS = 512  # Wan's max_sequence_length: prompts are padded to 512 tokens
+
+
+def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_pipeline_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def _has(index: dict, path: str, name: str) -> bool:
+    """Whether model_index.json names component `name` and its folder exists."""
+    entry = index.get(name)
+    listed = isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
+    return listed and os.path.isdir(os.path.join(path, name))
+
+
+def read_index(path: str) -> dict:
+    """model_index.json, checked: a Wan2.1 pipeline with transformer, vae and scheduler."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"diffusers pipeline folder {path!r} does not exist")
+    where = os.path.join(path, "model_index.json")
+    index = read_json(where)
+    name = index.get("_class_name")
+    if name not in PIPELINES:
+        raise ValueError(f"{where}: _class_name={name!r}; vdit loads {list(PIPELINES)}")
+    if _has(index, path, "transformer_2") or index.get("boundary_ratio") is not None:
+        raise NotImplementedError(f"{where}: a second transformer / boundary_ratio (Wan2.2's "
+                                  "two-stage denoising) is not supported")
+    if index.get("expand_timesteps"):
+        raise NotImplementedError(f"{where}: expand_timesteps=true (Wan2.2 TI2V) is not "
+                                  "supported")
+    for required in ("transformer", "vae", "scheduler"):
+        if not _has(index, path, required):
+            raise FileNotFoundError(f"{path}: the pipeline has no {required}/ component "
+                                    f"(model_index.json: {index.get(required)!r})")
+    return index
+
+
+def latent_stats(vae) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) float32 `[z_dim]` from the VAE config, as diffusers' pipelines read them."""
+    mean, std = vae.latents_mean, vae.latents_std
+    if mean is None or std is None:
+        if vae.z_dim != len(WAN_LATENTS_MEAN):
+            raise ValueError(f"the VAE config has no latents_mean/latents_std and z_dim="
+                             f"{vae.z_dim} (diffusers' defaults cover 16 channels only)")
+        mean, std = WAN_LATENTS_MEAN, WAN_LATENTS_STD
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    if mean.shape != (vae.z_dim,) or std.shape != (vae.z_dim,):
+        raise ValueError(f"VAE latents_mean/latents_std have {mean.shape}/{std.shape} entries; "
+                         f"z_dim={vae.z_dim} needs one per channel")
+    return mean, std
+
+
+def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dict:
+    """The Generator's fields from a pipeline folder (parameters placed on the default device)."""
+    from vdit.convert import wan
+    from vdit.diffusion.samplers import make_sampler
+    from vdit.models.tokenizers import load_tokenizer
+
+    index = read_index(path)
+    sub = lambda name: os.path.join(path, name)
+    dit, dit_params = wan.load_transformer(sub("transformer"), dtype=dtype, attention=attention)
+    vae, vae_params = wan.load_vae(sub("vae"))
+    if dit.out_channels != vae.z_dim:
+        raise ValueError(f"{path}: transformer out_channels={dit.out_channels} differs from the "
+                         f"VAE's z_dim={vae.z_dim}")
+    mean, std = latent_stats(vae)
+    parts = dict(dit=dit, dit_params=jax.device_put(dit_params), vae=vae,
+                 vae_params=jax.device_put(vae_params),
+                 sampler=make_sampler(read_json(os.path.join(sub("scheduler"),
+                                                             "scheduler_config.json"))),
+                 latents_mean=mean, latents_std=std, mask_text=False, defaults=dict(WAN_DEFAULTS))
+    if _has(index, path, "text_encoder"):
+        if not os.path.isdir(sub("tokenizer")):
+            raise FileNotFoundError(f"{path}: text_encoder/ without tokenizer/")
+        text_model, text_params = wan.load_text_encoder(sub("text_encoder"), dtype=dtype)
+        parts |= dict(text_model=text_model, text_params=jax.device_put(text_params),
+                      tokenizer=load_tokenizer(sub("tokenizer"), MAX_TEXT_TOKENS))
+    if _has(index, path, "image_encoder"):
+        encoder, encoder_params = wan.load_image_encoder(sub("image_encoder"), dtype=dtype,
+                                                         attention=attention)
+        parts |= dict(image_encoder=encoder, image_encoder_params=jax.device_put(encoder_params),
+                      image_processor=wan.read_image_processor(sub("image_processor")))
+    return parts

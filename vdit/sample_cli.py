@@ -1,0 +1,226 @@
+"""`vdit sample`: videos from prompts, optionally from a first image or an input video.
+
+`run_cli(args)` takes the argparse Namespace that `vdit/cli.py` builds for `sample`. `--workdir` is
+a vdit run folder (its checkpoint) or a diffusers Wan pipeline folder (one with model_index.json).
+  text-to-video    --prompt ... (repeatable) or --prompt-file (one per line)
+  image-to-video   --image first.png [--last-image last.png: keyframe interpolation]
+  video-to-video   --video in.mp4 with --mode restyle (SDEdit at --strength, the default),
+                   extend (continue from its last --context-frames frames) or upscale (to --size,
+                   re-drawn at --strength)
+Several prompts write numbered files (out_000.mp4, ...); prompt i's noise comes from seed
+--seed + i whatever batch it runs in. Inputs of the wrong size are resized and center-cropped (with
+a message); --frames must be 1 + 4k. `--mode`, `--last-image`, `--context-frames`,
+`--negative-prompt`, `--fps` and `--batch-size` are read when the parser defines them (defaults
+otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from vdit.data import video_io
+
+SUFFIXES = (".mp4", ".gif")
+MODES = ("restyle", "extend", "upscale")
+DEFAULT_BATCH = 4  # prompts sampled together (--batch-size when the parser defines it)
+
+
+def _opt(args, name: str, default=None):
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+def load_generator(workdir: str):
+    """(Generator, "diffusers" | "vdit") for a pipeline folder or a vdit run folder."""
+    from vdit.pipelines.diffusers_folder import is_pipeline_folder
+    from vdit.pipelines.generate import Generator
+
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"--workdir {workdir!r} does not exist")
+    if is_pipeline_folder(workdir):
+        return Generator.from_diffusers(workdir), "diffusers"
+    return Generator.from_workdir(workdir), "vdit"
+
+
+def read_prompts(args) -> list[str]:
+    prompts = [p for p in (args.prompt or []) if p.strip()]
+    if args.prompt_file:
+        if not os.path.isfile(args.prompt_file):
+            raise FileNotFoundError(f"--prompt-file {args.prompt_file!r} does not exist")
+        with open(args.prompt_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError("give a prompt: --prompt TEXT (repeatable) or --prompt-file FILE")
+    return prompts
+
+
+def expand_prompts(prompts: list[str], kind: str) -> list[str]:
+    """The shapes world's rule-based expander for vdit runs; diffusers models only clean."""
+    from vdit.models.prompt_expand import shapes_expander
+    from vdit.models.tokenizers import prompt_clean
+
+    expander = shapes_expander() if kind == "vdit" else prompt_clean
+    if kind != "vdit":
+        print("vdit sample: no prompt expander for diffusers models; prompts are only cleaned")
+    out = []
+    for prompt in prompts:
+        out.append(expander(prompt))
+        print(f"vdit sample: expanded prompt: {prompt!r} -> {out[-1]!r}")
+    return out
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 64x64")
+    return int(parts[0]), int(parts[1])
+
+
+def output_paths(out: str, count: int) -> list[str]:
+    stem, suffix = os.path.splitext(out)
+    if suffix.lower() not in SUFFIXES:
+        raise ValueError(f"--out {out!r}: unsupported suffix {suffix!r}; use .mp4 or .gif")
+    return [out] if count == 1 else [f"{stem}_{i:03d}{suffix}" for i in range(count)]
+
+
+def fit(video: np.ndarray, height: int, width: int, what: str) -> np.ndarray:
+    """[T, H, W, 3] resized to cover height x width and center-cropped, saying so."""
+    if video.shape[1:3] != (height, width):
+        print(f"vdit sample: {what} is {video.shape[1]}x{video.shape[2]}; resizing and "
+              f"center-cropping it to {height}x{width}")
+        video = video_io.resize_and_crop(video, height, width)
+    return video
+
+
+def load_image(path: str, height: int, width: int) -> np.ndarray:
+    """An image file -> [H, W, 3] float32 in [-1, 1] at the target size."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path!r} does not exist")
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("RGB"))
+    return video_io.to_float(fit(pixels[None], height, width, f"image {path}")[0])
+
+
+def trim_frames(video: np.ndarray, frames: int | None, path: str) -> np.ndarray:
+    """The first `frames` frames (default: the longest 1 + 4k prefix) of a [T, H, W, 3] clip."""
+    from vdit.config import check_frames
+
+    usable = 1 + 4 * ((video.shape[0] - 1) // 4)
+    if frames is None:
+        frames = usable
+    check_frames("--frames", frames)
+    if frames > video.shape[0]:
+        raise ValueError(f"video {path} has {video.shape[0]} frames; --frames={frames} needs "
+                         f"more (use --frames {usable} or less)")
+    return video[:frames]
+
+
+class SampleJob:
+    """One `vdit sample` run: a loaded Generator and the resolved settings."""
+
+    def __init__(self, gen, kind: str, args):
+        self.gen, self.kind, self.args = gen, kind, args
+        self.mode = _opt(args, "mode", "restyle")
+        if self.mode not in MODES:
+            raise ValueError(f"--mode {self.mode!r}; expected one of {list(MODES)}")
+        d = gen.defaults
+        self.height, self.width = (parse_size(args.size) if args.size
+                                   else (int(d.get("height", 64)), int(d.get("width", 64))))
+        self.fps = float(_opt(args, "fps", d.get("fps", 16.0)))
+        self.video = None
+        if args.video:
+            video, fps = video_io.load_video(args.video, as_float=False)
+            self.fps = float(_opt(args, "fps", fps or self.fps))
+            self.video = self._input_video(video)
+        frames = args.frames
+        if frames is None:
+            frames = (self.video.shape[0] if self.video is not None and self.mode != "extend"
+                      else int(d.get("frames", 17)))
+        self.frames = frames
+        gen.latent_shape(frames, self.height, self.width)  # frames 1+4k, size multiples
+        if gen.condition_channels and not (args.image or args.video):
+            raise ValueError(f"{args.workdir} is an image-to-video model: give --image FILE "
+                             "(or --video FILE)")
+
+    def _input_video(self, video: np.ndarray) -> np.ndarray:
+        args = self.args
+        if self.mode == "extend":
+            clip = video
+        else:
+            clip = trim_frames(video, args.frames, args.video)
+        if self.mode == "upscale":
+            return video_io.to_float(clip)
+        return video_io.to_float(fit(clip, self.height, self.width, f"video {args.video}"))
+
+    def run(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
+        """A batch of prompts -> videos [B, T, H, W, 3] in [-1, 1]; prompt i uses noise drawn
+        from seeds[i] alone, so a prompt's video does not depend on the batch it ran in."""
+        import jax.numpy as jnp
+
+        from vdit.pipelines import video_to_video as v2v
+
+        gen, args, b = self.gen, self.args, len(prompts)
+        context, mask = gen.encode_text(prompts)
+        neg, neg_mask = gen.encode_text([_opt(args, "negative_prompt", "")] * b)
+        text = dict(context_mask=mask, negative_mask=neg_mask)
+        noise = jnp.concatenate([gen.noise(s, 1, self.frames, self.height, self.width)
+                                 for s in seeds])
+        steps, guidance = args.steps, args.guidance
+        batch = lambda x: np.repeat(x[None], b, axis=0)
+        if self.video is not None:
+            video = batch(self.video)
+            if self.mode == "extend":
+                out = v2v.extend(gen, video, context, neg, noise, _opt(args, "context_frames"),
+                                 steps, guidance, **text)
+            elif self.mode == "upscale":
+                out = v2v.upscale(gen, video, context, neg, noise, args.strength, steps, guidance,
+                                  **text)
+            else:
+                out = v2v.restyle(gen, video, context, neg, noise, args.strength, steps, guidance,
+                                  **text)
+        elif args.image:
+            first = batch(load_image(args.image, self.height, self.width))
+            last_path = _opt(args, "last_image")
+            last = None if last_path is None else batch(load_image(last_path, self.height,
+                                                                   self.width))
+            out = gen.image_to_video(first, context, neg, noise, steps, guidance,
+                                     last_image=last, **text)
+        else:
+            out = gen.text_to_video(context, neg, noise, steps, guidance, "video", mask, neg_mask)
+        return np.asarray(out)
+
+
+def run_cli(args) -> int:
+    """The body of `vdit sample`; returns the exit status (errors raise ValueError and friends)."""
+    from vdit.config import check_frames
+
+    prompts = read_prompts(args)
+    paths = output_paths(args.out, len(prompts))
+    if args.frames is not None:
+        check_frames("--frames", args.frames)
+    if args.size:
+        parse_size(args.size)
+    if args.image and args.video:
+        raise ValueError("give --image (image-to-video) or --video (video-to-video), not both")
+    gen, kind = load_generator(args.workdir)
+    if gen.text_model is None:
+        raise ValueError(f"{args.workdir} has no text encoder (text_encoder/ + tokenizer/): "
+                         "vdit sample needs one to encode prompts")
+    if args.expand_prompt:
+        prompts = expand_prompts(prompts, kind)
+    job = SampleJob(gen, kind, args)
+    size = int(_opt(args, "batch_size", DEFAULT_BATCH))
+    for start in range(0, len(prompts), size):
+        chunk = list(range(start, min(start + size, len(prompts))))
+        videos = job.run([prompts[i] for i in chunk], [args.seed + i for i in chunk])
+        for i, video in zip(chunk, videos):
+            path = paths[i]
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            video_io.write_video(path, video, job.fps)
+            print(f"vdit sample: wrote {os.path.abspath(path)} ({video.shape[0]} frames, "
+                  f"{video.shape[1]}x{video.shape[2]}, seed {args.seed + i})")
+    return 0
