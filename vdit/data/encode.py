@@ -70,7 +70,10 @@ def encode_synthetic(config, out_dir: str) -> list[str]:
     params, _ = load_params(cfg.vae_workdir)
     _, tokenizer = text_encoder_from_config(config.text)
     data = SyntheticShapes.from_config(config.data)
-    encode_fn = jax.jit(lambda v: vae.apply({"params": params}, v, method="encode")[0])
+    # Parameters are an argument, not a closure: closed-over weights become constants that XLA
+    # tries to fold into every convolution.
+    encode_jit = jax.jit(lambda p, v: vae.apply({"params": p}, v, method="encode")[0])
+    encode_fn = lambda v: encode_jit(params, v)
     os.makedirs(out_dir, exist_ok=True)
     stats_path = os.path.join(out_dir, STATS_FILE)
     if os.path.isfile(stats_path):

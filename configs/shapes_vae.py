@@ -1,0 +1,54 @@
+"""Tiny causal video VAE for the synthetic shapes data (Wan2.1 layout, trained from scratch).
+
+`vdit train-vae --config configs/shapes_vae.py --workdir runs/vae` trains it on the synthetic
+shapes world with mixed image and short-video batches (see vdit/train/vae_loop.py).
+`config.vae` keys are diffusers' `AutoencoderKLWan` names plus vdit's compute dtype and tiling knobs
+(see `vdit/models/vae_config.py`).
+"""
+
+import ml_collections
+
+from vdit.train import defaults
+
+Z_DIM = 8
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.vae = ml_collections.ConfigDict(dict(
+        base_dim=16,
+        decoder_base_dim=None,  # None: same as base_dim
+        z_dim=Z_DIM,
+        dim_mult=[1, 2, 4],  # 2 downsampling stages: 4x in space
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=[True, True],  # 4x in time: 1 + 4k frames -> 1 + k latent frames
+        dropout=0.0,
+        # per-channel latent statistics for normalisation; identity until measured after training
+        latents_mean=[0.0] * Z_DIM,
+        latents_std=[1.0] * Z_DIM,
+        in_channels=3,
+        out_channels=3,
+        scale_factor_temporal=4,
+        scale_factor_spatial=4,
+        dtype="float32",
+        conv_impl="auto",  # "taps" on CPU (faster there), "native" 3D convs elsewhere
+        use_tiling=False,
+        tile_sample_min_height=256,
+        tile_sample_min_width=256,
+        tile_sample_stride_height=192,
+        tile_sample_stride_width=192,
+    ))
+    config.data = ml_collections.ConfigDict(dict(
+        frames=9, height=32, width=32, fps=8.0, seed=0, num_examples=100_000))
+    config.vae_train = ml_collections.ConfigDict(dict(
+        steps=400, batch_size=8, shapes=[(1, 32, 32), (1, 32, 32), (5, 32, 32)],
+        kl_weight=1e-6, perceptual_weight=0.0, adversarial_weight=0.0, seed=0, log_every=10,
+        eval_every=0, eval_examples=16, ema_decay=0.99))
+    config.optim = defaults.optim()
+    config.optim.update(dict(lr=1e-3, warmup_steps=20, weight_decay=0.0))
+    config.checkpoint = defaults.checkpoint()
+    config.checkpoint.update(dict(every=200, keep=2))
+    config.train = defaults.train()
+    config.mesh = defaults.mesh()
+    return config
