@@ -43,8 +43,17 @@ def _add_config_flags(p: argparse.ArgumentParser, workdir_required: bool = True)
 
 
 def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
-    if name in ("train-vae", "encode", "train", "plan"):
-        _add_config_flags(p, workdir_required=name != "plan")
+    from vdit.parallel.distributed import add_distributed_flags
+
+    if name in ("train-vae", "encode", "train", "plan", "sample", "curate"):
+        add_distributed_flags(p)
+    if name in ("train-vae", "encode", "train"):
+        _add_config_flags(p)
+    elif name == "plan":
+        from vdit.plan import add_plan_flags
+
+        _add_config_flags(p, workdir_required=False)
+        add_plan_flags(p)
     elif name == "sample":
         _add_config_flags(p)
         p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable)")
@@ -144,8 +153,14 @@ def _sample(args) -> int:
     return run_cli(args)
 
 
-HANDLERS = {"sample": _sample, "train-vae": _train_vae, "encode": _encode, "train": _train, "eval": _eval,
-            "curate": _curate}
+def _plan(args) -> int:
+    from vdit.plan import run_cli
+
+    return run_cli(args)
+
+
+HANDLERS = {"train-vae": _train_vae, "encode": _encode, "train": _train, "sample": _sample,
+            "curate": _curate, "eval": _eval, "plan": _plan}
 
 
 def _handler(command: str):
@@ -163,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
     args.overrides = overrides
     try:
+        if hasattr(args, "coordinator"):
+            from vdit.parallel.distributed import initialize_from_args
+
+            initialize_from_args(args)
         return int(_handler(args.command)(args) or 0)
     except NotBuiltError as e:
         print(f"vdit: {e}", file=sys.stderr)

@@ -133,8 +133,10 @@ def _validate_mesh(mesh) -> None:
     for key in mesh.keys():
         if key == "rules":
             continue
-        if key not in MESH_AXES:
-            raise ConfigError(f"unknown config key 'mesh.{key}'; allowed axes: {list(MESH_AXES)}")
+        axis = key[len("dcn_"):] if key.startswith("dcn_") else key
+        if axis not in MESH_AXES:
+            raise ConfigError(f"unknown config key 'mesh.{key}'; allowed axes: {list(MESH_AXES)} "
+                              "(and dcn_<axis> for multi-slice)")
         value = mesh[key]
         if not isinstance(value, int) or (value < 1 and value != -1):
             raise ConfigError(f"config key 'mesh.{key}' = {value!r}; expected a positive int or -1")

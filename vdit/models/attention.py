@@ -12,6 +12,12 @@ Backends:
            native segment ids; TPU only. Under a mesh it runs per device in `shard_map`, batch and
            heads split as the logical rules map `activation_batch` / `activation_heads`.
   "auto"   cudnn on GPU, splash on TPU, xla elsewhere.
+  "memory_proxy"  no real math: a stand-in with a fused kernel's memory footprint (O(S) residuals,
+           no S x L logits), for `vdit plan` to cost memory by compiling on CPU.
+
+Self-attention called with `sequence_parallel=True` runs sequence-parallel (Ulysses all-to-all over
+heads, `vdit/parallel/context.py`) when the mesh axis of `activation_length` has more than one
+device; the chosen backend then runs per device on the whole sequence.
 
 Every query row must see at least one key: the fused kernels do not define rows that see none
 (the xla backend gives finite values there). The DiT guarantees this for its calls.
@@ -27,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-BACKENDS = ("xla", "cudnn", "splash", "auto")
+BACKENDS = ("xla", "cudnn", "splash", "auto", "memory_proxy")
 _PLATFORM_OF = {"cudnn": "gpu", "splash": "tpu"}
 # A finite "minus infinity": a fully masked row then softmaxes to finite values, not NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -49,15 +55,31 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
     return backend
 
 
-def attention(q, k, v, q_segment_ids, kv_segment_ids, backend: str = "xla"):
+def attention(q, k, v, q_segment_ids, kv_segment_ids, backend: str = "xla",
+              sequence_parallel: bool = False):
     """Segment-masked multi-head attention, softmax scale 1/sqrt(Dh). Shapes in the module doc."""
     _check_shapes(q, k, v, q_segment_ids, kv_segment_ids)
     backend = resolve_backend(backend)
+    if sequence_parallel:
+        from vdit.parallel import context  # imports this module: resolve at call time
+
+        if context.sequence_parallel_size() > 1:
+            return context.sequence_parallel_attention(q, k, v, q_segment_ids, kv_segment_ids,
+                                                       backend)
+    return local_attention(q, k, v, q_segment_ids, kv_segment_ids, backend)
+
+
+def local_attention(q, k, v, q_segment_ids, kv_segment_ids, backend: str, shard: bool = True):
+    """Dispatch to a resolved backend; `shard=False` when already per device (in shard_map)."""
     if backend == "xla":
         return xla_attention(q, k, v, q_segment_ids, kv_segment_ids)
     if backend == "cudnn":
         return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
-    return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+    if backend == "memory_proxy":
+        from vdit.models.attention_proxy import proxy_attention
+
+        return proxy_attention(q, k, v, q_segment_ids, kv_segment_ids)
+    return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, shard=shard)
 
 
 def _check_shapes(q, k, v, q_seg, kv_seg) -> None:
@@ -95,10 +117,11 @@ def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids):
 
 
 def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, interpret: bool = False,
-                     block: int = 512):
+                     block: int = 512, shard: bool = True):
     """Pallas splash attention; sequences are padded to a multiple of the block size.
 
     `interpret=True` runs the kernel in the Pallas interpreter (any platform; tests use it).
+    `shard=False` skips the shard_map (the caller is already per device).
     """
     s, l_len = q.shape[1], k.shape[1]
     bq, bkv = min(block, _round_up(s, 128)), min(block, _round_up(l_len, 128))
@@ -112,7 +135,7 @@ def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, interpret: bool 
     kernel_fn = functools.partial(_splash_per_device, sizes=(s_pad, l_pad, q.shape[2], bq, bkv),
                                   interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or not shard:
         out = kernel_fn(qp, kp, vp, q_seg, kv_seg)
     else:
         spec = nn.logical_to_mesh_axes(("activation_batch", None, "activation_heads", None))

@@ -132,3 +132,51 @@ def logical_to_mesh_spec(names, rules) -> PartitionSpec:
         used |= set(axes_t)
         spec.append(axes_t[0] if len(axes_t) == 1 else axes_t)
     return PartitionSpec(*spec)
+
+
+# ------------------------------------------------------------------ multi-slice (DCN) meshes
+
+DCN_PREFIX = "dcn_"
+
+
+def split_mesh_config(mesh_cfg) -> tuple[dict, dict]:
+    """config.mesh -> (per-slice sizes, dcn sizes); keys `dcn_<axis>` size the slow network."""
+    items = {k: v for k, v in dict(mesh_cfg).items() if k != "rules"}
+    dcn = {k[len(DCN_PREFIX):]: int(v) for k, v in items.items() if k.startswith(DCN_PREFIX)}
+    ici = {k: v for k, v in items.items() if not k.startswith(DCN_PREFIX)}
+    unknown = sorted(set(dcn) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"config.mesh has unknown dcn axes {[DCN_PREFIX + a for a in unknown]}; "
+                         f"allowed: {[DCN_PREFIX + a for a in MESH_AXES]}")
+    return ici, dcn
+
+
+def mesh_from_config(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh `config.mesh` asks for: `make_mesh`, or `make_hybrid_mesh` when dcn_* > 1."""
+    ici, dcn = split_mesh_config(mesh_cfg)
+    if all(v == 1 for v in dcn.values()):
+        return make_mesh(ici, devices)
+    return make_hybrid_mesh(ici, dcn, devices)
+
+
+def make_hybrid_mesh(ici_sizes: dict[str, int], dcn_sizes: dict[str, int],
+                     devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A multi-slice mesh: axis i has size ici[i] * dcn[i], the dcn factor crossing slices.
+
+    Slices are the devices' `slice_index` (TPU multi-slice) where it takes several values, else
+    the processes (CPU, most GPU clusters). Unnamed dcn axes are 1; one may be -1 (= the rest).
+    """
+    from jax.experimental import mesh_utils
+
+    devices = list(devices) if devices is not None else jax.devices()
+    by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+    granules = {getattr(d, "slice_index" if by_slice else "process_index") for d in devices}
+    dcn = dict.fromkeys(MESH_AXES, 1) | dict(dcn_sizes)
+    try:
+        dcn_shape = resolve_axis_sizes(dcn, len(granules))
+    except ValueError as e:
+        raise ValueError(f"config.mesh.dcn_*: {e} (the slices / processes)") from e
+    ici_shape = resolve_axis_sizes(dict(ici_sizes or {"data": -1}), len(devices) // len(granules))
+    array = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                                 process_is_granule=not by_slice)
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from vdit.data import pipeline, sources
 from vdit.models.dit import build_dit
 from vdit.models.text import text_encoder_from_config
-from vdit.parallel.mesh import logical_rules, make_mesh
+from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.train import checkpoint, optim
 from vdit.train.metrics import MetricsWriter
 from vdit.train.objective import make_dit_loss
@@ -129,7 +129,7 @@ def compile_step(step_fn, state, frozen, spec, shardings, frozen_shardings, mesh
 
 def train(config, workdir: str, stop_after: int | None = None) -> list[dict]:
     """Trains to `config.train.steps` (or `stop_after` more steps); returns the logged metrics."""
-    mesh = make_mesh({k: v for k, v in config.mesh.items() if k != "rules"})
+    mesh = mesh_from_config(config.mesh)
     rules = logical_rules("dit", config.mesh.get("rules", None))
     dit, text_model, tokenizer = build_models(config)
     source = sources.SkippingSource(sources.LatentShardSource(latents_dir(config, workdir)))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from vdit.data.synthetic import SyntheticShapes
 from vdit.models.vae import kl_divergence, sample_posterior
 from vdit.models.vae_config import vae_from_config
-from vdit.parallel.mesh import logical_rules, make_mesh
+from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.train import checkpoint, optim
 from vdit.train.metrics import MetricsWriter
 from vdit.train.state import create_state
@@ -84,7 +84,7 @@ def evaluate(vae, params, data: SyntheticShapes, cfg) -> float:
 def train_vae(config, workdir: str) -> dict:
     """Trains (or resumes) to `vae_train.steps`; returns {"history": [...], "eval_psnr": float}."""
     cfg = config.vae_train
-    mesh = make_mesh({k: v for k, v in config.mesh.items() if k != "rules"})
+    mesh = mesh_from_config(config.mesh)
     rules = logical_rules("vae", config.mesh.get("rules", None))
     vae = vae_from_config(config.vae)
     data = SyntheticShapes.from_config(config.data)

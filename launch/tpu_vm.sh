@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# Cloud TPU VM slices with gcloud: create, install vdit on every worker, train on every worker,
+# tail the log, delete. Every gcloud command is printed before it runs; --dry-run only prints.
+#
+#   launch/tpu_vm.sh [--dry-run] COMMAND [options] [-- extra `vdit train` flags]
+#
+# Commands: create | install | train | logs | delete | up (= create, install, train)
+# Options (or environment variables):
+#   --name NAME          TPU_NAME      slice name                       (required)
+#   --zone ZONE          TPU_ZONE      e.g. us-east5-a                  (required)
+#   --project PROJECT    TPU_PROJECT   default: gcloud's configured project
+#   --accelerator TYPE   TPU_TYPE      default v5p-64 (32 chips, 8 hosts)
+#   --version RUNTIME    TPU_VERSION   TPU VM runtime image, default v2-alpha-tpuv5
+#   --spot                             use Spot capacity
+#   --config FILE        TPU_CONFIG    configs/*.py, path inside the repo (train)
+#   --workdir DIR        TPU_WORKDIR   run folder all workers write, e.g. gs://bucket/run (train)
+#   --worker N                         worker whose log `logs` tails (default 0)
+#   --remote-dir DIR                   where the repo lives on the workers (default ~/vdit)
+set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+NAME="${TPU_NAME:-}"
+ZONE="${TPU_ZONE:-}"
+PROJECT="${TPU_PROJECT:-}"
+ACCELERATOR="${TPU_TYPE:-v5p-64}"
+VERSION="${TPU_VERSION:-v2-alpha-tpuv5}"
+CONFIG="${TPU_CONFIG:-}"
+WORKDIR="${TPU_WORKDIR:-}"
+SPOT=0
+WORKER=0
+REMOTE_DIR="vdit"  # relative to the worker's home
+LOG="vdit-train.log"
+COMMAND=""
+EXTRA=()
+
+usage() { awk 'NR > 2 && /^#/ { sub(/^# ?/, ""); print; next } NR > 2 { exit }' "$0"; }
+
+parse() {
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --dry-run) DRY_RUN=1 ;;
+      --name) NAME="$2"; shift ;;
+      --zone) ZONE="$2"; shift ;;
+      --project) PROJECT="$2"; shift ;;
+      --accelerator) ACCELERATOR="$2"; shift ;;
+      --version) VERSION="$2"; shift ;;
+      --spot) SPOT=1 ;;
+      --config) CONFIG="$2"; shift ;;
+      --workdir) WORKDIR="$2"; shift ;;
+      --worker) WORKER="$2"; shift ;;
+      --remote-dir) REMOTE_DIR="$2"; shift ;;
+      -h|--help) usage; exit 0 ;;
+      --) shift; EXTRA=("$@"); break ;;
+      create|install|train|logs|delete|up)
+        [[ -z "$COMMAND" ]] || die "two commands given: $COMMAND and $1"
+        COMMAND="$1" ;;
+      *) die "unknown argument '$1' (see --help)" ;;
+    esac
+    shift
+  done
+  need "a command" "$COMMAND" "create, install, train, logs, delete or up"
+  need "--name" "$NAME" "--name NAME or TPU_NAME"
+  need "--zone" "$ZONE" "--zone ZONE or TPU_ZONE"
+}
+
+# gcloud compute tpus tpu-vm SUBCOMMAND ... with the slice's name, zone and project.
+tpu() {
+  local sub="$1"; shift
+  local project=()
+  [[ -z "$PROJECT" ]] || project=(--project="$PROJECT")
+  run gcloud compute tpus tpu-vm "$sub" "$@" --zone="$ZONE" "${project[@]}"
+}
+
+create() {
+  local spot=()
+  [[ "$SPOT" != 1 ]] || spot=(--spot)
+  tpu create "$NAME" --accelerator-type="$ACCELERATOR" --version="$VERSION" "${spot[@]}"
+}
+
+install() {
+  local root tarball
+  root="$(repo_root)"
+  tarball="${TMPDIR:-/tmp}/vdit-src.tar.gz"
+  # Ship the checkout (no venv, runs or caches), unpack and install it on every worker.
+  run tar -czf "$tarball" -C "$root" --exclude=.venv --exclude=runs --exclude=demo_out \
+    --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' .
+  tpu scp "$tarball" "$NAME:vdit-src.tar.gz" --worker=all
+  local setup="mkdir -p $REMOTE_DIR && tar -xzf vdit-src.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR"
+  setup+=" && python3 -m venv .venv && .venv/bin/pip install -q -U pip"
+  setup+=" && .venv/bin/pip install -q -e . 'jax[tpu]'"
+  tpu ssh "$NAME" --worker=all --command="$setup"
+}
+
+train() {
+  need "--config" "$CONFIG" "--config configs/FILE.py"
+  need "--workdir" "$WORKDIR" "--workdir gs://BUCKET/RUN"
+  local flags
+  printf -v flags ' %q' --config "$CONFIG" --workdir "$WORKDIR" --distributed on "${EXTRA[@]}"
+  # Every worker runs the same command; JAX finds the other hosts from the TPU VM metadata.
+  local start="cd $REMOTE_DIR && nohup .venv/bin/python -m vdit train$flags > ~/$LOG 2>&1 &"
+  tpu ssh "$NAME" --worker=all --command="$start"
+}
+
+logs() {
+  tpu ssh "$NAME" --worker="$WORKER" --command="tail -n 200 -F ~/$LOG"
+}
+
+delete() {
+  tpu delete "$NAME" --quiet
+}
+
+main() {
+  parse "$@"
+  case "$COMMAND" in
+    create) create ;;
+    install) install ;;
+    train) train ;;
+    logs) logs ;;
+    delete) delete ;;
+    up) create; install; train ;;
+  esac
+}
+
+main "$@"

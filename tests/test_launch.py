@@ -1,0 +1,142 @@
+"""launch/: the TPU VM and SLURM scripts print the expected gcloud / sbatch / srun commands in
+--dry-run mode and execute nothing; bad input fails with a message; shellcheck is clean."""
+
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch")
+TOOLS = ("gcloud", "sbatch", "srun", "scancel", "scontrol", "tar", "tail")
+
+
+@pytest.fixture()
+def env(tmp_path):
+    """PATH with fake cluster tools that record any call: dry runs must not reach them."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool in TOOLS:
+        path = fake / tool
+        path.write_text(f"#!/bin/sh\necho {tool} \"$@\" >> {tmp_path}/called\nexit 1\n")
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "SLURM_"))}
+    environ["PATH"] = f"{fake}:{environ['PATH']}"
+    yield environ
+    assert not (tmp_path / "called").exists(), (tmp_path / "called").read_text()
+
+
+def _run(env, script, *args, ok=True):
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, script), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+    return proc
+
+
+def _commands(stdout):
+    """The printed commands, parsed back into argument lists."""
+    return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+TPU = ["--name", "vdit-test", "--zone", "us-east5-a"]
+
+
+def test_tpu_vm_lifecycle_dry_run(env):
+    out = _run(env, "tpu_vm.sh", "--dry-run", "up", *TPU, "--accelerator", "v5p-64", "--spot",
+               "--config", "configs/wan2_1_t2v_14b.py", "--workdir", "gs://b/run", "--",
+               "--config.mesh.sequence=4", "--config.data.note=it's").stdout
+    create, tar, scp, install, train = _commands(out)
+    assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "vdit-test",
+                      "--accelerator-type=v5p-64", "--version=v2-alpha-tpuv5", "--spot",
+                      "--zone=us-east5-a"]
+    assert tar[:2] == ["tar", "-czf"] and "--exclude=.venv" in tar
+    assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
+    assert install[4:7] == ["ssh", "vdit-test", "--worker=all"]
+    assert "pip install -q -e . 'jax[tpu]'" in install[7]
+    assert train[4:7] == ["ssh", "vdit-test", "--worker=all"]
+    remote = shlex.split(train[7].removeprefix("--command="))
+    start = remote.index("-m") + 1
+    assert remote[start - 2:start + 9] == [
+        ".venv/bin/python", "-m", "vdit", "train", "--config", "configs/wan2_1_t2v_14b.py",
+        "--workdir", "gs://b/run", "--distributed", "on", "--config.mesh.sequence=4"]
+    assert "--config.data.note=it's" in remote  # quoting survives two shells
+
+
+def test_tpu_vm_logs_delete_and_project(env):
+    logs, = _commands(_run(env, "tpu_vm.sh", "logs", "--dry-run", *TPU, "--worker", "3").stdout)
+    assert logs[4:7] == ["ssh", "vdit-test", "--worker=3"] and "tail" in logs[7]
+    delete, = _commands(_run(env, "tpu_vm.sh", "--dry-run", "delete", *TPU, "--project",
+                             "my-proj").stdout)
+    assert delete == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "vdit-test", "--quiet",
+                      "--zone=us-east5-a", "--project=my-proj"]
+    env = dict(env, TPU_NAME="from-env", TPU_ZONE="europe-west4-a")
+    delete, = _commands(_run(env, "tpu_vm.sh", "--dry-run", "delete").stdout)
+    assert delete[5] == "from-env" and delete[-1] == "--zone=europe-west4-a"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["create", "--zone", "z"], "--name is required"),
+    (["create", "--name", "n"], "--zone is required"),
+    (["train", *TPU], "--config is required"),
+    (["train", *TPU, "--config", "c.py"], "--workdir is required"),
+    ([*TPU], "a command is required"),
+    (["create", "delete", *TPU], "two commands given"),
+    (["create", *TPU, "--bogus"], "unknown argument '--bogus'"),
+])
+def test_tpu_vm_bad_input(env, args, message):
+    proc = _run(env, "tpu_vm.sh", "--dry-run", *args, ok=False)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_slurm_submit_dry_run(env):
+    out = _run(env, "slurm.sh", "--dry-run", "submit", "--nodes", "4", "--partition", "gpu",
+               "--time", "48:00:00", "--config", "configs/wan2_1_t2v_14b.py", "--workdir",
+               "/shared/run", "--", "--config.mesh.sequence=4").stdout
+    sbatch, srun = _commands(out)
+    assert sbatch[:5] == ["sbatch", "--nodes=4", "--gpus-per-node=8", "--partition=gpu",
+                          "--time=48:00:00"]
+    assert sbatch[5].endswith("launch/slurm_gpu.sbatch")
+    assert sbatch[6:] == ["--config", "configs/wan2_1_t2v_14b.py", "--workdir", "/shared/run",
+                          "--", "--config.mesh.sequence=4"]
+    assert srun[:3] == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    task = shlex.split(srun[-1])
+    assert task[1:] == [os.path.join(ROOT, ".venv/bin/python"), "-m", "vdit", "train",
+                        "--config", "configs/wan2_1_t2v_14b.py", "--workdir", "/shared/run",
+                        "--coordinator", "FIRST_NODE:8476", "--num_processes", "4",
+                        "--process_id", "$SLURM_PROCID", "--config.mesh.sequence=4"]
+
+
+def test_slurm_job_script_inside_an_allocation(env, tmp_path):
+    """Under SLURM the job names the first node as coordinator (scontrol stubbed to answer)."""
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text("#!/bin/sh\nprintf 'gpu-node-07\\ngpu-node-08\\n'\n")
+    env = dict(env, SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_NTASKS="2")
+    srun, = _commands(_run(env, "slurm_gpu.sbatch", "--dry-run", "--config", "c.py",
+                           "--workdir", "/w", "--port", "9000").stdout)
+    assert "--coordinator gpu-node-07:9000 --num_processes 2" in srun[-1]
+
+
+def test_slurm_logs_cancel_and_errors(env):
+    logs, = _commands(_run(env, "slurm.sh", "--dry-run", "logs", "1234").stdout)
+    assert logs == ["tail", "-n", "200", "-F", "vdit-train-1234.log"]
+    cancel, = _commands(_run(env, "slurm.sh", "--dry-run", "cancel", "1234").stdout)
+    assert cancel == ["scancel", "1234"]
+    for args, message in ((["submit", "--config", "c.py"], "--workdir is required"),
+                          (["submit", "--nodes", "x", "--config", "c", "--workdir", "w"],
+                           "--nodes must be a positive integer"),
+                          (["logs"], "a job id is required")):
+        assert message in _run(env, "slurm.sh", "--dry-run", *args, ok=False).stderr
+    proc = _run(env, "slurm_gpu.sbatch", "--config", "c.py", "--workdir", "/w", ok=False)
+    assert "not inside a SLURM allocation" in proc.stderr
+
+
+def test_shellcheck_clean():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck) - lint not run")
+    scripts = sorted(os.path.join(LAUNCH, f) for f in os.listdir(LAUNCH)
+                     if f.endswith((".sh", ".sbatch")))
+    proc = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

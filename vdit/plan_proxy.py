@@ -1,0 +1,145 @@
+"""The compiled proxies behind `vdit plan`'s measured numbers (method in `vdit/plan.py`).
+
+Functions of the trainer are lowered from abstract shapes and compiled, never run, for a model
+with a few layers, on a mesh of local devices that keeps the planned mesh's per-device activation
+shapes; `memory_analysis()` gives their temporary bytes:
+
+  grad(A), grad(B)  loss and gradients (`make_dit_loss` under `value_and_grad`) with A and B
+                    layers: activations, extrapolated linearly in the number of scanned layers;
+  step(B)           the whole train step (`make_train_step`: clip, AdamW, EMA, skip-if-non-finite,
+                    donated state). step(B) - grad(B) is what the update adds (gradients and
+                    update temporaries); it scales with the parameter shard, so it is kept as a
+                    ratio to the proxy's per-device parameter bytes and applied to the plan's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vdit.parallel.mesh import logical_to_mesh_spec, make_mesh
+
+# The proxy is compiled, never run: skip the CPU code generator's expensive optimisations (about
+# 3x faster; buffer assignment, hence memory_analysis, happens before them and is unchanged).
+_FAST_CODEGEN = {"cpu": {"xla_backend_optimization_level": 0,
+                         "xla_llvm_disable_expensive_passes": True}}
+
+
+@dataclasses.dataclass
+class ProxyResult:
+    mesh: dict              # the proxy mesh sizes
+    rows: int               # global rows of the proxy batch
+    temp: dict              # "grad@A", "grad@B", "step@B" -> temporary bytes per device
+    per_layer: float        # activation bytes per extra layer
+    activations: float      # extrapolated to the config's layer count
+    update_ratio: float     # (step - grad) / proxy parameter bytes per device
+
+
+def proxy_mesh_sizes(mesh: dict, local_devices: int) -> dict:
+    """Same tensor and sequence sizes; data x fsdp shrunk to the devices left."""
+    t, s = mesh["tensor"], mesh["sequence"]
+    if t * s > local_devices:
+        raise ValueError(f"tensor x sequence = {t * s} devices per shard, but only "
+                         f"{local_devices} devices are here to compile the proxy on; run plan "
+                         "where more exist")
+    room = local_devices // (t * s)
+    fsdp = min(mesh["fsdp"], room)
+    data = min(mesh["data"], room // fsdp)
+    return {"data": data, "fsdp": fsdp, "tensor": t, "sequence": s}
+
+
+def _shardings(boxed, mesh, rules):
+    specs = nn.get_partition_spec(boxed)
+    return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_mesh_spec(s, rules)), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _plain(boxed):
+    """Abstract leaves without their logical-name boxes."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def abstract_batch(dit, rows: int, tokens: int, text_len: int, text_ids: bool) -> dict:
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    text = (i32(rows, text_len) if text_ids
+            else jax.ShapeDtypeStruct((rows, text_len, dit.text_dim), jnp.float32))
+    return {"tokens": jax.ShapeDtypeStruct((rows, tokens, dit.token_in_dim), jnp.float32),
+            "positions": i32(rows, tokens, 3), "segment_ids": i32(rows, tokens), "text": text,
+            "text_segment_ids": i32(rows, text_len), "text_positions": i32(rows, text_len)}
+
+
+def abstract_state(trainable, tx):
+    """A boxed abstract TrainState for `trainable` (params and EMA keep their logical names)."""
+    from vdit.train.state import TrainState
+
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    return TrainState(step=scalar, params=trainable, ema=trainable,
+                      opt_state=jax.eval_shape(tx.init, trainable), rng=rng,
+                      bad_streak=scalar, bad_total=scalar)
+
+
+def compile_proxy(cfg, layers: int, sizes: dict, rows: int, problem, rules,
+                  full_step: bool) -> tuple[int, int]:
+    """(temporary bytes per device, proxy parameter bytes per device) of one proxy compile."""
+    from vdit.data.pipeline import batch_sharding
+    from vdit.models.dit import build_dit
+    from vdit.plan import _text_model, abstract_weights, per_device_bytes, text_in_step
+    from vdit.train import optim
+    from vdit.train.objective import make_dit_loss
+    from vdit.train.step import make_train_step
+
+    model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
+    model_cfg.num_layers, model_cfg.attention = layers, "memory_proxy"
+    dit = build_dit(model_cfg)
+    trainable, frozen = abstract_weights(cfg, dit)
+    mesh = make_mesh(sizes, devices=jax.devices()[:math.prod(sizes.values())])
+    text_ids = text_in_step(cfg)
+    batch = abstract_batch(dit, rows, problem.tokens, problem.text_len, text_ids)
+    loss_fn = make_dit_loss(dit, _text_model(cfg) if text_ids else None, cfg)
+    fixed, fixed_sh = _plain(frozen), _shardings(frozen, mesh, rules)
+    if full_step:
+        tx = optim.make_optimizer(cfg.optim, int(cfg.train.steps))
+        state = abstract_state(trainable, tx)
+        state_sh = _shardings(state, mesh, rules)
+        jitted = jax.jit(make_train_step(loss_fn, tx, float(cfg.train.ema_decay)),
+                         in_shardings=(state_sh, fixed_sh, batch_sharding(mesh)),
+                         out_shardings=(state_sh, None), donate_argnums=(0,))
+        args = (_plain(state), fixed, batch)
+    else:
+        jitted = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
+                         in_shardings=(_shardings(trainable, mesh, rules), fixed_sh,
+                                       batch_sharding(mesh), None))
+        args = (_plain(trainable), fixed, batch, jax.random.key(0))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        lowered = jitted.lower(*args)
+    stats = lowered.compile(compiler_options=_FAST_CODEGEN.get(jax.default_backend())
+                            ).memory_analysis()
+    if stats is None:
+        raise RuntimeError(f"the {jax.default_backend()} backend gives no memory_analysis(); "
+                           "vdit plan needs one (CPU, TPU and GPU do)")
+    return int(stats.temp_size_in_bytes), per_device_bytes(trainable, sizes, rules)
+
+
+def measure(cfg, mesh: dict, problem, rules, proxy_layers: tuple[int, int],
+            local_devices: int) -> ProxyResult:
+    """The three proxy compiles (module doc), extrapolated to `cfg.model.num_layers`."""
+    sizes = proxy_mesh_sizes(mesh, local_devices)
+    rows = problem.rows // (mesh["data"] * mesh["fsdp"]) * sizes["data"] * sizes["fsdp"]
+    a, b = proxy_layers
+    run = lambda layers, full: compile_proxy(cfg, layers, sizes, rows, problem, rules, full)
+    grad_a, _ = run(a, False)
+    grad_b, _ = run(b, False)
+    step_b, params_b = run(b, True)
+    per_layer = max(0.0, (grad_b - grad_a) / (b - a))
+    activations = grad_a + per_layer * (int(cfg.model.num_layers) - a)
+    temp = {f"grad@{a}": grad_a, f"grad@{b}": grad_b, f"step@{b}": step_b}
+    ratio = max(0.0, (step_b - grad_b) / max(params_b, 1))
+    return ProxyResult(sizes, rows, temp, per_layer, activations, ratio)
