@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.encode = ml_collections.ConfigDict(dict(
         vae_workdir="", shapes=[(9, 48, 48), (1, 48, 48), (9, 48, 64), (9, 64, 48)],
-        shape_weights=[0.55, 0.15, 0.15, 0.15], num_examples=6000, num_shards=6,
+        shape_weights=[0.55, 0.15, 0.15, 0.15], num_examples=2000, num_shards=4,
         batch_size=32, normalize="measure", seed=0))
 
     config.flow = defaults.flow()
@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim = defaults.optim()
     config.optim.update(dict(lr=1e-3, warmup_steps=100, weight_decay=0.0))
     config.train = defaults.train()
-    config.train.update(dict(steps=2500, ema_decay=0.995, log_every=25))
+    config.train.update(dict(steps=400, ema_decay=0.99, log_every=25))
     config.checkpoint = defaults.checkpoint()
     config.checkpoint.update(dict(every=500, keep=2))
     config.sample = ml_collections.ConfigDict(dict(

@@ -14,10 +14,10 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 
-import grain
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
 from flax import serialization
+
+from vdit.data.sources import ArrayRecordSource, write_records
 
 PART_PATTERN = "clips-{shard:05d}-of-{num_shards:05d}-part-{part:05d}.array_record"
 PART_GLOB = "clips-{shard:05d}-of-{num_shards:05d}-part-*.array_record"
@@ -50,18 +50,7 @@ def decode_clip(data: bytes) -> dict:
 
 def write_clip_file(path: str, examples: Iterable[dict]) -> int:
     """Writes clips to one ArrayRecord file atomically (tmp + rename); returns the count."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    writer = ArrayRecordWriter(tmp, "group_size:1")
-    count = 0
-    try:
-        for example in examples:
-            writer.write(encode_clip(example))
-            count += 1
-    finally:
-        writer.close()
-    os.replace(tmp, path)
-    return count
+    return write_records(path, examples, encode_clip)
 
 
 def part_path(output: str, shard: int, num_shards: int, part: int) -> str:
@@ -83,18 +72,8 @@ def clip_paths(folder: str) -> list[str]:
     return paths
 
 
-class ClipShardSource(grain.sources.RandomAccessDataSource):
+class ClipShardSource(ArrayRecordSource):
     """Curated clips, decoded; random access across all files of a folder (or a path list)."""
 
     def __init__(self, paths: str | Sequence[str]):
-        self._paths = clip_paths(paths) if isinstance(paths, str) else list(paths)
-        self._records = grain.sources.ArrayRecordDataSource(self._paths)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __getitem__(self, index: int) -> dict:
-        return decode_clip(self._records[index])
-
-    def __repr__(self) -> str:
-        return f"ClipShardSource({len(self._paths)} files)"
+        super().__init__(clip_paths(paths) if isinstance(paths, str) else paths, decode_clip)

@@ -49,20 +49,27 @@ def decode_record(data: bytes) -> dict:
     return record
 
 
-def write_shard(path: str, examples: Iterable[dict]) -> int:
-    """Writes examples to one ArrayRecord file atomically (tmp + rename); returns the count."""
+def write_records(path: str, examples: Iterable[dict], encode=None) -> int:
+    """Writes `encode(example)` bytes to one ArrayRecord file atomically (tmp + rename): a crash
+    never leaves a half-written file under the final name. Returns the count."""
+    encode = encode_record if encode is None else encode
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     writer = ArrayRecordWriter(tmp, "group_size:1")
     count = 0
     try:
         for example in examples:
-            writer.write(encode_record(example))
+            writer.write(encode(example))
             count += 1
     finally:
         writer.close()
     os.replace(tmp, path)
     return count
+
+
+def write_shard(path: str, examples: Iterable[dict]) -> int:
+    """Latent records to one shard file; see `write_records`."""
+    return write_records(path, examples, encode_record)
 
 
 def shard_paths(folder: str) -> list[str]:
@@ -74,21 +81,29 @@ def shard_paths(folder: str) -> list[str]:
     return paths
 
 
-class LatentShardSource(grain.sources.RandomAccessDataSource):
-    """Clips from latent shards, decoded; random access across all files."""
+class ArrayRecordSource(grain.sources.RandomAccessDataSource):
+    """Records of ArrayRecord files, decoded by `decode(bytes)`; random access across files."""
 
-    def __init__(self, paths: str | Sequence[str]):
-        self._paths = shard_paths(paths) if isinstance(paths, str) else list(paths)
+    def __init__(self, paths: Sequence[str], decode):
+        self._paths = list(paths)
+        self._decode = decode
         self._records = grain.sources.ArrayRecordDataSource(self._paths)
 
     def __len__(self) -> int:
         return len(self._records)
 
     def __getitem__(self, index: int) -> dict:
-        return decode_record(self._records[index])
+        return self._decode(self._records[index])
 
     def __repr__(self) -> str:
-        return f"LatentShardSource({len(self._paths)} files)"
+        return f"{type(self).__name__}({len(self._paths)} files)"
+
+
+class LatentShardSource(ArrayRecordSource):
+    """Clips from latent shards (a folder or a list of files), decoded."""
+
+    def __init__(self, paths: str | Sequence[str]):
+        super().__init__(shard_paths(paths) if isinstance(paths, str) else paths, decode_record)
 
 
 class SkippingSource(grain.sources.RandomAccessDataSource):
