@@ -21,14 +21,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.vae = vae.vae
 
     config.text = ml_collections.ConfigDict(dict(
-        kind="byte", max_length=96, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+        kind="byte", max_length=128, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
         relative_attention_num_buckets=32, relative_attention_max_distance=64,
         feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dtype="float32", trainable=True))
 
     config.data = defaults.packing()
     config.data.update(dict(
         frames=9, height=48, width=48, fps=8.0, seed=0, num_examples=1_000_000,
-        tokens_per_row=448, text_per_row=384, rows_per_batch=8, max_segments=8, pack_bins=8,
+        tokens_per_row=448, text_per_row=512, rows_per_batch=8, max_segments=8, pack_bins=8,
         caption_dropout=0.1, prefetch=2))
 
     config.encode = ml_collections.ConfigDict(dict(
