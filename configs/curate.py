@@ -76,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
             max_border=0.5,  # border area fraction above this: "black_border"
             # Learned scorers: weights given by path; empty = skipped with a logged notice.
             clip_model="",  # a transformers CLIPModel folder (with tokenizer and preprocessor)
-            aesthetic_head="",  # LAION-style MLP on CLIP image embeddings (.safetensors or .pth)
+            aesthetic_head="",  # LAION-style MLP on CLIP image embeddings (.safetensors)
             min_aesthetic=0.0,  # below: "aesthetic" (only when aesthetic_head is given)
             min_clip_score=0.0,  # caption-video cosine similarity; below: "clip_score"
         ),

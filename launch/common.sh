@@ -3,6 +3,9 @@
 
 DRY_RUN="${DRY_RUN:-0}"
 
+# The calling script's header comment (after the shebang line) is its help text.
+usage() { awk 'NR > 2 && /^#/ { sub(/^# ?/, ""); print; next } NR > 2 { exit }' "$0"; }
+
 # One word as a shell would need it: plain words as they are, others in single quotes
 # (`--flag=value` keeps the flag outside the quotes).
 quote() {

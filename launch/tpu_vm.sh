@@ -35,8 +35,6 @@ LOG="vdit-train.log"
 COMMAND=""
 EXTRA=()
 
-usage() { awk 'NR > 2 && /^#/ { sub(/^# ?/, ""); print; next } NR > 2 { exit }' "$0"; }
-
 parse() {
   while [[ $# -gt 0 ]]; do
     case "$1" in

@@ -121,21 +121,6 @@ def text_embeddings(batch: int, length: int = TEXT_LEN, seed: int = 0):
     return ctx, neg
 
 
-def to_torch(x) -> torch.Tensor:
-    """[B, T, H, W, C] -> torch [B, C, T, H, W]."""
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x))).permute(0, 4, 1, 2, 3)
-
-
-def from_torch(x: torch.Tensor) -> np.ndarray:
-    return x.detach().permute(0, 2, 3, 4, 1).numpy()
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-
-
 def smooth_video(batch: int, frames: int = 9, height: int = 32, width: int = 32,
                  seed: int = 0) -> np.ndarray:
     """[B, T, H, W, 3] float32 in [-1, 1]: moving colour gradients (compress well in mp4)."""

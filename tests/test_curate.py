@@ -285,7 +285,6 @@ def test_learned_clip_and_aesthetic_scorers_match_torch(cfg, tmp_path):
                                torch.nn.Linear(8, 1)).eval()
     save_file({f"layers.{k}": v for k, v in head.state_dict().items()},
               str(tmp_path / "head.safetensors"))
-    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp_path / "head.pth")
     frames = ct.scenes(1, 3, 8.0)[0]
     with torch.no_grad():
         pixels = processor(images=list(frames), return_tensors="pt")["pixel_values"]
@@ -295,7 +294,7 @@ def test_learned_clip_and_aesthetic_scorers_match_torch(cfg, tmp_path):
         text = model.get_text_features(**ids).pooler_output[0]
         ref_clip = float((image @ (text / text.norm())).mean())
         ref_aesthetic = float(head(image).mean())
-    for head_file in ("head.safetensors", "head.pth"):
+    for head_file in ("head.safetensors",):
         c = cfg.scores.copy_and_resolve_references()
         c.clip_model, c.aesthetic_head = str(tmp_path / "clip"), str(tmp_path / head_file)
         clip_score, aesthetic = build_learned_scorers(c)

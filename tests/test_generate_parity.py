@@ -6,15 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from generate_testing import (
-    from_torch,
-    i2v_pipeline,
-    rel_err,
-    t2v_pipeline,
-    text_embeddings,
-    to_torch,
-)
+from generate_testing import i2v_pipeline, t2v_pipeline, text_embeddings
 from PIL import Image
+from vae_reference import from_torch, rel_err, to_torch
 
 from vdit.convert import wan_dit
 from vdit.convert.safetensors_io import read_tensors

@@ -11,7 +11,7 @@ Built-ins (PyTorch + transformers, imported only when weights are given):
   aesthetic   mean over frames of an MLP head on the L2-normalised CLIP image embedding. The head
               is a chain of Linear layers applied in order with nothing between them (the LAION
               improved-aesthetic-predictor layout: `layers.{i}.weight/bias`), from .safetensors
-              or a PyTorch .pth/.pt state dict.
+              (safetensors only; a .pth state dict must be converted first).
 """
 
 from __future__ import annotations
@@ -90,17 +90,13 @@ class ClipSimilarity:
 
 def load_linear_chain(path: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """[(weight [out, in], bias [out])] of the Linear layers in a state dict, in layer order."""
-    suffix = Path(path).suffix
-    if suffix == ".safetensors":
-        from safetensors.numpy import load_file
-        tensors = load_file(path)
-    elif suffix in (".pth", ".pt"):
-        torch, _ = _torch_and_transformers()
-        tensors = {k: v.float().numpy() for k, v in
-                   torch.load(path, map_location="cpu", weights_only=True).items()}
-    else:
+    # Weights come from safetensors only: vdit never unpickles a file it is given.
+    if Path(path).suffix != ".safetensors":
         raise ValueError(f"config key 'curate.scores.aesthetic_head' = {path!r}: expected a "
-                         ".safetensors or .pth file")
+                         ".safetensors file (convert a .pth state dict with safetensors first)")
+    from safetensors.numpy import load_file
+
+    tensors = load_file(path)
     names = [k[:-len(".weight")] for k, v in tensors.items()
              if k.endswith(".weight") and np.ndim(v) == 2]
     names.sort(key=lambda n: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", n)])

@@ -24,6 +24,7 @@ from vdit.models.vae import kl_divergence, sample_posterior
 from vdit.models.vae_config import vae_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.train import checkpoint, optim
+from vdit.train.loop import check_resume_compatible
 from vdit.train.metrics import MetricsWriter
 from vdit.train.state import create_state
 from vdit.train.step import make_train_step
@@ -62,23 +63,24 @@ def batch_for_step(data: SyntheticShapes, cfg, step: int, offset: int = 0) -> np
                      for i in range(start, start + cfg.batch_size)])
 
 
-def evaluate(vae, params, data: SyntheticShapes, cfg) -> float:
-    """Mean PSNR of the posterior-mean reconstruction over held-out clips of every shape."""
-    def recon(p, v):
+def make_evaluate(vae):
+    """evaluate(params, data, cfg) -> mean PSNR of the posterior-mean reconstruction over the
+    held-out clips of every shape; the reconstruction compiles once per shape, not per call."""
+    @jax.jit
+    def batch_psnr(p, v):
         mean, _ = vae.apply({"params": p}, v, method="encode")
-        return vae.apply({"params": p}, mean, method="decode")
+        return psnr(vae.apply({"params": p}, mean, method="decode"), v)
 
-    fn = jax.jit(lambda p, v: psnr(recon(p, v), v))
-    scores = []
-    batches = max(1, math.ceil(cfg.eval_examples / cfg.batch_size))
-    held_out = len(data) - batches * cfg.batch_size  # the last clips: no training step reaches them
-    if held_out < cfg.steps * cfg.batch_size:
-        raise ValueError(f"config key 'data.num_examples' = {len(data)} leaves no held-out clips "
-                         f"after {cfg.steps} steps of {cfg.batch_size}")
-    for b in range(batches):
-        video = batch_for_step(data, cfg, b, offset=held_out)
-        scores.append(float(fn(params, jnp.asarray(video))))
-    return float(np.mean(scores))
+    def evaluate(params, data: SyntheticShapes, cfg) -> float:
+        batches = max(1, math.ceil(cfg.eval_examples / cfg.batch_size))
+        held_out = len(data) - batches * cfg.batch_size  # the last clips: no step reaches them
+        if held_out < cfg.steps * cfg.batch_size:
+            raise ValueError(f"config key 'data.num_examples' = {len(data)} leaves no held-out "
+                             f"clips after {cfg.steps} steps of {cfg.batch_size}")
+        return float(np.mean([float(batch_psnr(params, jnp.asarray(
+            batch_for_step(data, cfg, b, offset=held_out)))) for b in range(batches)]))
+
+    return evaluate
 
 
 def train_vae(config, workdir: str) -> dict:
@@ -96,14 +98,13 @@ def train_vae(config, workdir: str) -> dict:
     manager = checkpoint.make_manager(workdir, config.checkpoint, with_data=False)
     start = 0
     if manager.latest_step() is not None:
-        from vdit.train.loop import check_resume_compatible
-
         check_resume_compatible(checkpoint.saved_config(manager), config, sections=("vae",))
         start, state, _ = checkpoint.restore(manager, state)
         log.info("resumed VAE training from step %d", start)
     step_fn = jax.jit(make_train_step(make_vae_loss(vae, cfg), tx, cfg.ema_decay),
                       out_shardings=(shardings, None), donate_argnums=(0,))
     writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard)
+    evaluate = make_evaluate(vae)
     history = []
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-vae",
                      disable=jax.process_index() != 0 or not config.train.progress):
@@ -114,11 +115,11 @@ def train_vae(config, workdir: str) -> dict:
         if (step + 1) % cfg.log_every == 0:
             writer.write(step + 1, out)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            writer.write(step + 1, {"eval/psnr": evaluate(vae, state.ema, data, cfg)})
+            writer.write(step + 1, {"eval/psnr": evaluate(state.ema, data, cfg)})
         if (step + 1) % config.checkpoint.every == 0 or step + 1 == cfg.steps:
             checkpoint.save(manager, step + 1, state, config)
     manager.wait_until_finished()
-    score = evaluate(vae, state.ema, data, cfg)
+    score = evaluate(state.ema, data, cfg)
     writer.write(cfg.steps, {"eval/psnr": score})
     writer.close()
     return {"history": history, "eval_psnr": score, "state": state}
