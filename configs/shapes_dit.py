@@ -1,8 +1,12 @@
 """The embedded default: a small DiT + byte-level text encoder on the synthetic shapes world.
 
 Derived from the Wan2.1 1.3B layout with CPU-sized widths. Latents come from the shapes VAE
-(configs/shapes_vae.py: z_dim 8, 4x space, 4x time), so a 9x48x48 clip is 3x12x12x8 latents and
-108 tokens with (1, 2, 2) patches. `make demo` trains it in about ten minutes on 2 CPU cores.
+(configs/shapes_vae.py: z_dim 8, 4x space, 4x time), so a 9x32x32 clip is 3x8x8x8 latents and
+48 tokens with (1, 2, 2) patches; 32x48 and 48x32 clips (72 tokens) and single frames (16 tokens)
+are packed alongside. The DiT is image-to-video capable (Wan2.1 I2V input layout: in_channels =
+z + 4 mask + z condition channels): 30% of the training clips are given their first frame, and
+30% of those also their last (keyframe interpolation); text-to-video feeds a zero mask and
+condition. `make demo` trains it on 2 CPU cores.
 """
 
 import ml_collections
@@ -14,7 +18,7 @@ from vdit.train import defaults
 def get_config() -> ml_collections.ConfigDict:
     config = recipe("wan2_1_t2v_1_3b")
     config.model.update(dict(
-        num_attention_heads=4, attention_head_dim=32, in_channels=8, out_channels=8,
+        num_attention_heads=4, attention_head_dim=32, in_channels=20, out_channels=8,
         text_dim=128, freq_dim=64, ffn_dim=512, num_layers=6, dtype="float32",
         attention="xla", remat="none"))
     vae = recipe("shapes_vae")
@@ -26,29 +30,33 @@ def get_config() -> ml_collections.ConfigDict:
         feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dtype="float32", trainable=True))
 
     config.data = defaults.packing()
+    config.data.update(vae.data)  # the world the VAE was trained on
     config.data.update(dict(
-        frames=9, height=48, width=48, fps=8.0, seed=0, num_examples=1_000_000,
-        tokens_per_row=448, text_per_row=512, rows_per_batch=8, max_segments=8, pack_bins=8,
+        tokens_per_row=384, text_per_row=512, rows_per_batch=8, max_segments=8, pack_bins=8,
         caption_dropout=0.1, prefetch=2))
 
     config.encode = ml_collections.ConfigDict(dict(
-        vae_workdir="", shapes=[(9, 48, 48), (1, 48, 48), (9, 48, 64), (9, 64, 48)],
-        shape_weights=[0.55, 0.15, 0.15, 0.15], num_examples=2000, num_shards=4,
-        batch_size=32, normalize="measure", seed=0))
+        source="synthetic", vae_workdir="",
+        shapes=[(9, 32, 32), (1, 32, 32), (9, 32, 48), (9, 48, 32)],
+        shape_weights=[0.6, 0.1, 0.15, 0.15], num_examples=4000, num_shards=4,
+        batch_size=32, normalize="measure", seed=0, i2v_condition=True,
+        last_frame_condition=True))
 
     config.flow = defaults.flow()
-    config.flow.update(dict(shift_mode="resolution", shift=1.0, base_tokens=108, max_shift=3.0))
+    config.flow.update(dict(shift_mode="resolution", shift=1.0, base_tokens=48, max_shift=3.0))
     config.optim = defaults.optim()
     config.optim.update(dict(lr=1e-3, warmup_steps=100, weight_decay=0.0))
     config.train = defaults.train()
-    config.train.update(dict(steps=400, ema_decay=0.99, log_every=25))
+    config.train.update(dict(steps=400, ema_decay=0.99, log_every=25, i2v_rate=0.3,
+                             last_frame_rate=0.3))
     config.checkpoint = defaults.checkpoint()
     config.checkpoint.update(dict(every=500, keep=2))
     config.sample = ml_collections.ConfigDict(dict(
-        frames=9, height=48, width=48, steps=20, guidance=4.0,
+        frames=9, height=32, width=32, steps=20, guidance=4.0,
         scheduler=dict(_class_name="UniPCMultistepScheduler", num_train_timesteps=1000,
                        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=2.0,
                        solver_order=2, predict_x0=True, solver_type="bh2",
                        lower_order_final=True)))
+    config.lora = defaults.lora()
     config.mesh = defaults.mesh()
     return config

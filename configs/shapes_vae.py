@@ -39,12 +39,16 @@ def get_config() -> ml_collections.ConfigDict:
         tile_sample_stride_height=192,
         tile_sample_stride_width=192,
     ))
+    # The synthetic world (vdit/data/synthetic.py) that `make demo` trains on; configs/shapes_dit.py
+    # reuses it so the VAE and the DiT see the same videos. One object per clip, large enough and
+    # fast enough to read at 32x32 pixels.
     config.data = ml_collections.ConfigDict(dict(
-        frames=9, height=32, width=32, fps=8.0, seed=0, num_examples=100_000))
+        frames=9, height=32, width=32, fps=8.0, seed=0, num_examples=100_000, max_objects=1,
+        size_range=(0.15, 0.22), speed_range=(0.3, 0.5)))
     config.vae_train = ml_collections.ConfigDict(dict(
         steps=400, batch_size=8, shapes=[(1, 32, 32), (1, 32, 32), (5, 32, 32)],
-        kl_weight=1e-6, perceptual_weight=0.0, adversarial_weight=0.0, seed=0, log_every=10,
-        eval_every=0, eval_examples=16, ema_decay=0.99))
+        l1_weight=0.0, l2_weight=1.0, kl_weight=1e-6, perceptual_weight=0.0,
+        adversarial_weight=0.0, seed=0, log_every=10, eval_every=0, eval_examples=16, ema_decay=0.99))
     config.optim = defaults.optim()
     config.optim.update(dict(lr=1e-3, warmup_steps=20, weight_decay=0.0))
     config.checkpoint = defaults.checkpoint()

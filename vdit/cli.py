@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": ("evaluate samples: `vdit eval shapes` scores prompt adherence", 2),
     "convert": ("convert Wan2.1 diffusers weights to and from vdit", 4),
     "plan": ("print per-device memory for a config and mesh before launching", 9),
+    "export": ("write a run's complete weights (LoRA merged) as a standalone vdit run", 7),
 }
 
 
@@ -68,6 +69,11 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--size", help="HEIGHTxWIDTH, e.g. 64x64")
         p.add_argument("--out", default="sample.mp4", help="output .mp4 or .gif")
         p.add_argument("--expand-prompt", action="store_true")
+        p.add_argument("--negative-prompt", help="what guidance steers away from")
+        p.add_argument("--fps", type=float, help="output frame rate (and its micro-conditioning)")
+        p.add_argument("--motion", type=float,
+                       help="motion score (frame short sides/s) for a motion-conditioned model")
+        p.add_argument("--batch-size", type=int, help="videos generated per call")
     elif name == "eval":
         p.add_argument("what", choices=["shapes"], help="which evaluation")
         p.add_argument("--videos", help="folder of videos to judge")
@@ -84,6 +90,9 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--to", dest="dst_format", choices=["diffusers", "vdit"])
         p.add_argument("--src", required=True)
         p.add_argument("--out", required=True)
+    elif name == "export":
+        p.add_argument("--workdir", required=True, help="a run folder or checkpoint step folder")
+        p.add_argument("--out", required=True, help="new run folder for the merged weights")
 
 
 def _load(args):
@@ -111,8 +120,17 @@ def _encode(args) -> int:
 
     config = _load(args)
     out = latents_dir(config, args.workdir)
-    paths = encode_synthetic(config, out)
-    print(f"vdit encode: {len(paths)} shards in {os.path.abspath(out)}")
+    source = config.encode.get("source", "synthetic")
+    if source == "synthetic":
+        paths = encode_synthetic(config, out)
+        print(f"vdit encode: {len(paths)} shards in {os.path.abspath(out)}")
+        return 0
+    from vdit.data.encode_videos import encode_videos
+
+    summary = encode_videos(config, out)
+    print(f"vdit encode: {summary['records']} clips in {len(summary['paths'])} shards in "
+          f"{os.path.abspath(out)}; skipped {summary['skipped']} videos "
+          f"{summary['skipped_by_reason']} (see encode_summary.json)")
     return 0
 
 
@@ -159,8 +177,15 @@ def _plan(args) -> int:
     return run_cli(args)
 
 
+def _export(args) -> int:
+    from vdit.train.export import export_run
+
+    print(f"vdit export: wrote {export_run(args.workdir, args.out)}")
+    return 0
+
+
 HANDLERS = {"train-vae": _train_vae, "encode": _encode, "train": _train, "sample": _sample,
-            "curate": _curate, "eval": _eval, "plan": _plan}
+            "curate": _curate, "eval": _eval, "plan": _plan, "export": _export}
 
 
 def _handler(command: str):

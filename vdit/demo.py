@@ -4,7 +4,9 @@
 2. encodes synthetic clips to latent shards with it,
 3. trains a small DiT with its byte-level text encoder (configs/shapes_dit.py),
 4. samples videos for held-out caption wordings into demo_out/samples/ (+ samples.jsonl, grid),
-5. prints the judge's prompt-adherence table.
+5. prints the judge's prompt-adherence table,
+6. checks image-to-video (held-out first frames) and keyframe interpolation (first + last frames
+   of objects moving left or right) with the same judge, into demo_out/i2v/ and demo_out/interp/.
 `--quick` shrinks every stage to a smoke run of a few minutes.
 """
 
@@ -25,14 +27,37 @@ QUICK_DIT = ["--config.train.steps=30", "--config.encode.num_examples=64",
              "--config.encode.num_shards=2", "--config.sample.steps=4"]
 
 
-def sample_prompts(config, count: int) -> list[dict]:
-    """Held-out caption wordings (templates never seen in training) with their ground truth."""
+def heldout_world(config):
+    """The training world with held-out caption wordings (templates never seen in training)."""
     from vdit.data.synthetic import SyntheticShapes
 
     world = SyntheticShapes.from_config(config.data)
     world.caption_split = "heldout"
+    return world
+
+
+def sample_prompts(config, count: int) -> list[dict]:
+    """Held-out caption wordings with their ground truth (the world's last clips)."""
+    world = heldout_world(config)
     frames = int(config.sample.frames)
     return [world.prompt_record(len(world) - count + i, frames) for i in range(count)]
+
+
+def keyframe_checks(gen, config, out: str, count: int) -> dict:
+    """Image-to-video and keyframe-interpolation judge scores (vdit/eval/keyframes.py); writes
+    the videos to out/i2v/ and out/interp/."""
+    from vdit.data.video_io import write_video
+    from vdit.eval.keyframes import image_to_video_check, interpolation_check
+
+    size = tuple(int(config.sample[k]) for k in ("frames", "height", "width"))
+    result = {}
+    for name, check in (("i2v", image_to_video_check), ("interp", interpolation_check)):
+        scores, videos = check(gen, heldout_world(config), count, *size, skip=count)
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        for i, video in enumerate(videos):
+            write_video(os.path.join(out, name, f"{i:03d}.mp4"), video, fps=float(config.data.fps))
+        result[name] = scores
+    return result
 
 
 def write_samples(gen, config, out: str, count: int, batch: int) -> str:
@@ -80,32 +105,38 @@ def main(argv: list[str] | None = None) -> int:
     vae_dir, dit_dir = os.path.join(out, "runs", "vae"), os.path.join(out, "runs", "dit")
     t0 = time.time()
     vae_cfg = load_config(os.path.join(CONFIG_DIR, "shapes_vae.py"), QUICK_VAE if args.quick else [])
-    print(f"[1/5] training the shapes VAE for {vae_cfg.vae_train.steps} steps -> {vae_dir}")
+    print(f"[1/6] training the shapes VAE for {vae_cfg.vae_train.steps} steps -> {vae_dir}")
     result = train_vae(vae_cfg, vae_dir)
     print(f"      held-out PSNR {result['eval_psnr']:.2f} dB ({time.time() - t0:.0f}s)")
 
     dit_cfg = load_config(os.path.join(CONFIG_DIR, "shapes_dit.py"),
                           (QUICK_DIT if args.quick else []) + [f"--config.encode.vae_workdir={vae_dir}"])
     latents = os.path.join(dit_dir, "latents")
-    print(f"[2/5] encoding {dit_cfg.encode.num_examples} synthetic clips -> {latents}")
+    print(f"[2/6] encoding {dit_cfg.encode.num_examples} synthetic clips -> {latents}")
     encode_synthetic(dit_cfg, latents)
     print(f"      done ({time.time() - t0:.0f}s)")
 
-    print(f"[3/5] training the DiT for {dit_cfg.train.steps} steps -> {dit_dir}")
+    print(f"[3/6] training the DiT for {dit_cfg.train.steps} steps -> {dit_dir}")
     history = train(dit_cfg, dit_dir)
     if history:
         print(f"      final loss {history[-1]['loss']:.4f} ({time.time() - t0:.0f}s)")
 
-    print(f"[4/5] sampling {args.samples} videos for held-out caption wordings -> {out}/samples")
+    print(f"[4/6] sampling {args.samples} videos for held-out caption wordings -> {out}/samples")
     gen = Generator.from_workdir(dit_dir)
     prompts_file = write_samples(gen, dit_cfg, out, args.samples, batch=8)
     print(f"      wrote {prompts_file} and samples_grid.png ({time.time() - t0:.0f}s)")
 
-    print("[5/5] judging the samples (color / shape / direction of the main object):")
+    print("[5/6] judging the samples (color / shape / direction of the main object):")
     scores = eval_shapes_dir(None, prompts_file)["scores"]
     print(format_table(scores))
+    print("[6/6] image-to-video from held-out first frames, and keyframe interpolation:")
+    checks = keyframe_checks(gen, dit_cfg, out, args.samples)
+    print(f"      image-to-video: color {checks['i2v']['color']:.3f} shape "
+          f"{checks['i2v']['shape']:.3f} direction {checks['i2v']['direction']:.3f}; "
+          f"interpolation direction {checks['interp']['direction']:.3f} "
+          f"({checks['interp']['direction_count']} left/right clips)")
     with open(os.path.join(out, "judge.json"), "w") as f:
-        json.dump(scores, f, indent=2)
+        json.dump({"text_to_video": scores, **checks}, f, indent=2)
     print(f"demo finished in {time.time() - t0:.0f}s; outputs in {out}")
     return 0
 

@@ -10,8 +10,10 @@ a vdit run folder (its checkpoint) or a diffusers Wan pipeline folder (one with 
 Several prompts write numbered files (out_000.mp4, ...); prompt i's noise comes from seed
 --seed + i whatever batch it runs in. Inputs of the wrong size are resized and center-cropped (with
 a message); --frames must be 1 + 4k. `--mode`, `--last-image`, `--context-frames`,
-`--negative-prompt`, `--fps` and `--batch-size` are read when the parser defines them (defaults
-otherwise).
+`--negative-prompt`, `--fps`, `--motion` and `--batch-size` are read when the parser defines them
+(defaults otherwise). `--fps` is the output frame rate and, for a model micro-conditioned on fps,
+also its conditioning value; `--motion` (frame short sides per second) is only for a model
+micro-conditioned on motion and an error for any other.
 """
 
 from __future__ import annotations
@@ -136,13 +138,17 @@ class SampleJob:
             video, fps = video_io.load_video(args.video, as_float=False)
             self.fps = float(_opt(args, "fps", fps or self.fps))
             self.video = self._input_video(video)
+        micro = {"motion": _opt(args, "motion")}
+        if "fps" in gen.dit.micro_conditioning:
+            micro["fps"] = self.fps
+        self.gen = gen = gen.with_micro(**micro)
         frames = args.frames
         if frames is None:
             frames = (self.video.shape[0] if self.video is not None and self.mode != "extend"
                       else int(d.get("frames", 17)))
         self.frames = frames
         gen.latent_shape(frames, self.height, self.width)  # frames 1+4k, size multiples
-        if gen.condition_channels and not (args.image or args.video):
+        if gen.condition_channels and gen.dit.has_image_branch and not (args.image or args.video):
             raise ValueError(f"{args.workdir} is an image-to-video model: give --image FILE "
                              "(or --video FILE)")
 

@@ -8,7 +8,8 @@ statistics in `stats.json` beside the shards (from `vae.latents_mean/std`, or me
 clips when `encode.normalize` is "measure").
 
 Config section `encode`: vae_workdir, shapes, shape_weights, num_examples, num_shards, batch_size,
-normalize ("config" | "measure"), seed.
+normalize ("config" | "measure"), seed, i2v_condition (default False: also store each clip's
+first-frame image-to-video condition as `cond_latents`, see `vdit/data/conditions.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from vdit.data import sources
+from vdit.data import conditions, sources
 from vdit.data.synthetic import SyntheticShapes
 from vdit.models.text import text_encoder_from_config
 from vdit.models.vae_config import vae_from_config
@@ -59,32 +60,60 @@ def _measure_stats(encode_fn, data, cfg, shapes) -> dict:
                           for i in range(cfg.batch_size)])
         z = np.asarray(encode_fn(jnp.asarray(video)))
         zs.append(z.reshape(-1, z.shape[-1]))
-    z = np.concatenate(zs)
+    return channel_stats(zs)
+
+
+def channel_stats(latents) -> dict:
+    """{"mean", "std"} per channel over a list of latent arrays [..., C]."""
+    z = np.concatenate([np.reshape(x, (-1, x.shape[-1])) for x in latents])
     return {"mean": z.mean(0).tolist(), "std": (z.std(0) + 1e-6).tolist()}
+
+
+def vae_encoder(config, params=None):
+    """video [B, T, H, W, 3] -> posterior mean [B, T', H', W', C], jitted (one compile per shape).
+    `params` default to the EMA weights of `encode.vae_workdir`."""
+    vae = vae_from_config(config.vae)
+    if params is None:
+        params, _ = load_params(config.encode.vae_workdir)
+    # Parameters are an argument, not a closure: closed-over weights become constants that XLA
+    # tries to fold into every convolution.
+    encode_jit = jax.jit(lambda p, v: vae.apply({"params": p}, v, method="encode")[0])
+    return lambda v: encode_jit(params, v)
+
+
+def resolve_stats(config, out_dir: str, measure) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) [C] for normalising latents, also written to `out_dir/stats.json`: the stats
+    already there (a resumed encode keeps its normalisation), else `measure()` when
+    `encode.normalize` is "measure", else `vae.latents_mean/std`."""
+    os.makedirs(out_dir, exist_ok=True)
+    stats_path = os.path.join(out_dir, STATS_FILE)
+    if os.path.isfile(stats_path):
+        stats = load_stats(out_dir)
+    elif config.encode.normalize == "measure":
+        stats = measure()
+    else:
+        stats = {"mean": list(config.vae.latents_mean), "std": list(config.vae.latents_std)}
+    with open(stats_path, "w") as f:
+        json.dump(stats, f)
+    return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+
+
+def latent_record(z: np.ndarray, ids: np.ndarray, mask: np.ndarray, caption: str, meta: dict,
+                  mean: np.ndarray, std: np.ndarray) -> dict:
+    """One shard record: latents [T', H', W', C] normalised, caption ids trimmed to the mask."""
+    n = max(1, int(np.sum(mask)))
+    return {"latents": (z - mean) / std, "text": np.asarray(ids[:n], np.int32), "caption": caption,
+            "meta": meta}
 
 
 def encode_synthetic(config, out_dir: str) -> list[str]:
     """Encodes the synthetic world into `encode.num_shards` shards under `out_dir`."""
     cfg = config.encode
-    vae = vae_from_config(config.vae)
-    params, _ = load_params(cfg.vae_workdir)
     _, tokenizer = text_encoder_from_config(config.text)
     data = SyntheticShapes.from_config(config.data)
-    # Parameters are an argument, not a closure: closed-over weights become constants that XLA
-    # tries to fold into every convolution.
-    encode_jit = jax.jit(lambda p, v: vae.apply({"params": p}, v, method="encode")[0])
-    encode_fn = lambda v: encode_jit(params, v)
-    os.makedirs(out_dir, exist_ok=True)
-    stats_path = os.path.join(out_dir, STATS_FILE)
-    if os.path.isfile(stats_path):
-        stats = load_stats(out_dir)
-    elif cfg.normalize == "measure":
-        stats = _measure_stats(encode_fn, data, cfg, cfg.shapes)
-    else:
-        stats = {"mean": list(config.vae.latents_mean), "std": list(config.vae.latents_std)}
-    with open(stats_path, "w") as f:
-        json.dump(stats, f)
-    mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+    encode_fn = vae_encoder(config)
+    mean, std = resolve_stats(config, out_dir,
+                              lambda: _measure_stats(encode_fn, data, cfg, cfg.shapes))
     per_shard = -(-cfg.num_examples // cfg.num_shards)
     paths = []
     for shard in tqdm(range(cfg.num_shards), desc="encode", disable=not config.train.progress):
@@ -93,12 +122,14 @@ def encode_synthetic(config, out_dir: str) -> list[str]:
         if os.path.exists(path):
             continue  # finished by an earlier run
         indices = range(shard * per_shard, min(cfg.num_examples, (shard + 1) * per_shard))
-        examples = _encode_indices(indices, data, cfg, encode_fn, tokenizer, mean, std)
+        examples = _encode_indices(indices, data, cfg, encode_fn, tokenizer, mean, std,
+                                   conditions.encode_condition_fn(config, encode_fn, mean, std))
         sources.write_shard(path, examples)
     return paths
 
 
-def _encode_indices(indices, data, cfg, encode_fn, tokenizer, mean, std) -> list[dict]:
+def _encode_indices(indices, data, cfg, encode_fn, tokenizer, mean, std,
+                    condition_fn=None) -> list[dict]:
     buckets = defaultdict(list)
     for i in indices:
         buckets[sample_shape(i, cfg.shapes, cfg.shape_weights, cfg.seed)].append(i)
@@ -107,11 +138,14 @@ def _encode_indices(indices, data, cfg, encode_fn, tokenizer, mean, std) -> list
         for start in range(0, len(members), cfg.batch_size):
             chunk = members[start:start + cfg.batch_size]
             clips = [data.render(i, frames, height, width) for i in chunk]
-            z = np.asarray(encode_fn(jnp.asarray(np.stack([c["video"] for c in clips]))))
+            video = jnp.asarray(np.stack([c["video"] for c in clips]))
+            z = np.asarray(encode_fn(video))
+            cond = None if condition_fn is None else condition_fn(video)
             ids, mask = tokenizer([c["caption"] for c in clips])
             for j, (i, clip) in enumerate(zip(chunk, clips)):
-                n = max(1, int(np.sum(mask[j])))
-                examples[i] = {"latents": (z[j] - mean) / std, "text": np.asarray(ids[j][:n], np.int32),
-                               "caption": clip["caption"],
-                               "meta": {"index": i, "objects": clip["objects"], "fps": clip["fps"]}}
+                meta = {"index": i, "objects": clip["objects"], "fps": clip["fps"],
+                        "motion": clip["motion"]}
+                examples[i] = latent_record(z[j], ids[j], mask[j], clip["caption"], meta, mean, std)
+                for key, value in (cond or {}).items():
+                    examples[i][key] = value[j]
     return [examples[i] for i in indices]

@@ -5,6 +5,9 @@ first-fit packing -> batch -> (prefetch). Each packed row follows DESIGN.md sect
   tokens [S, D_in], positions [S, 3] (t, h, w), segment_ids [S] (0 = padding),
   text [L] token ids or [L, D_txt] embeddings, text_segment_ids [L], text_positions [L].
 Segment k of the video tokens and segment k of the text belong to the same clip.
+Optional (see `vdit/data/conditions.py`): `cond_tokens [S, pt*ph*pw*(tf + z)]` (image-to-video
+condition, packed like the tokens) and `micro_<name> [max_segments]` (column k-1 is segment k's
+fps / motion value, 0 for absent segments).
 
 Config section `data` (the keys read here): tokens_per_row, text_per_row, rows_per_batch (global,
 over all processes), max_segments (clips per row), pack_bins, shuffle_seed, caption_dropout,
@@ -13,21 +16,34 @@ num_workers (0 = in-process), prefetch.
 
 from __future__ import annotations
 
+import functools
+
 import grain
 import jax
 import numpy as np
+from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vdit.data import patches
+from vdit.data import conditions, patches
 
 BATCH_AXES = ("data", "fsdp")
 
 
-def clip_tokens(record: dict, patch_size, text_per_row: int) -> dict:
-    """One decoded clip -> its tokens, (t, h, w) positions and text (trimmed to the row budget)."""
-    tokens, positions = patches.patchify(np.asarray(record["latents"], np.float32), patch_size)
+def clip_tokens(record: dict, patch_size, text_per_row: int, condition: bool = False,
+                micro=(), cond_key: str = conditions.COND_KEY) -> dict:
+    """One decoded clip -> its tokens, (t, h, w) positions and text (trimmed to the row budget);
+    with `condition` its I2V condition tokens (from record key `cond_key`), and a [1] value per
+    name of `micro`."""
+    latents = np.asarray(record["latents"], np.float32)
+    tokens, positions = patches.patchify(latents, patch_size)
     text = np.asarray(record["text"])[:text_per_row]
-    return {"tokens": tokens, "positions": positions.astype(np.int32), "text": text}
+    out = {"tokens": tokens, "positions": positions.astype(np.int32), "text": text}
+    if condition:
+        out[conditions.COND_TOKENS] = conditions.cond_tokens(record, latents.shape, patch_size,
+                                                             cond_key)
+    for name in micro:
+        out[conditions.MICRO_PREFIX + name] = conditions.micro_value(record, name)
+    return out
 
 
 def check_budget(num_tokens: int, text_len: int, cfg, where: str) -> None:
@@ -40,8 +56,8 @@ def check_budget(num_tokens: int, text_len: int, cfg, where: str) -> None:
                          f"is {cfg.text_per_row}")
 
 
-def _rename(row: dict) -> dict:
-    return {
+def _rename(row: dict, extra=()) -> dict:
+    return {k: row[k] for k in extra} | {
         "tokens": row["tokens"],
         "positions": row["positions"],
         "segment_ids": row["tokens_segment_ids"],
@@ -49,6 +65,16 @@ def _rename(row: dict) -> dict:
         "text_segment_ids": row["text_segment_ids"],
         "text_positions": row["text_positions"],
     }
+
+
+def _clip_tokens(patch_size, text_per_row: int, condition: bool, micro, last_frame_rate: float):
+    """clip_tokens with the condition variant drawn per clip: first and last frame known at
+    `last_frame_rate`, else first frame only."""
+    def fn(record: dict, rng: np.random.Generator) -> dict:
+        last = condition and last_frame_rate > 0 and rng.random() < last_frame_rate
+        key = conditions.COND_KEY_LAST if last else conditions.COND_KEY
+        return clip_tokens(record, patch_size, text_per_row, condition, micro, key)
+    return fn
 
 
 def _drop_caption(null_text: np.ndarray, rate: float):
@@ -61,11 +87,15 @@ def _drop_caption(null_text: np.ndarray, rate: float):
 
 def packed_dataset(source, cfg, patch_size, null_text: np.ndarray,
                    process_index: int | None = None, process_count: int | None = None,
+                   condition: bool = False, micro=(), last_frame_rate: float = 0.0,
                    ) -> grain.IterDataset:
     """Infinite iterator of this process's packed batches: dict of [rows, S, ...] arrays.
 
     `source` yields records with latents/text (None for a skipped record); `null_text` is the
     empty caption that replaces a caption at rate `caption_dropout` (classifier-free guidance).
+    `condition` adds `cond_tokens` (records need `cond_latents`, and `cond_latents_last` when
+    `last_frame_rate` > 0); `micro` names per-segment values read from the records' meta
+    (`micro_<name>`).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -75,16 +105,24 @@ def packed_dataset(source, cfg, patch_size, null_text: np.ndarray,
     ds = grain.MapDataset.source(source).shuffle(seed=cfg.shuffle_seed).repeat(None)
     ds = ds[process_index::process_count]
     ds = ds.filter(lambda r: r is not None)
-    ds = ds.map(lambda r: clip_tokens(r, patch_size, cfg.text_per_row))
+    micro = tuple(micro)
+    ds = ds.random_map(_clip_tokens(patch_size, cfg.text_per_row, condition, micro,
+                                    last_frame_rate), seed=cfg.shuffle_seed + 2)
     ds = ds.random_map(_drop_caption(null_text, cfg.caption_dropout), seed=cfg.shuffle_seed + 1)
     it = ds.to_iter_dataset()
+    extra = {conditions.COND_TOKENS: cfg.tokens_per_row} if condition else {}
+    extra |= {conditions.MICRO_PREFIX + name: cfg.max_segments for name in micro}
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={"tokens": cfg.tokens_per_row, "positions": cfg.tokens_per_row,
-                           "text": cfg.text_per_row},
+                           "text": cfg.text_per_row, **extra},
         num_packing_bins=cfg.pack_bins, seed=cfg.shuffle_seed, shuffle_bins=True,
         max_sequences_per_bin=cfg.max_segments)
-    it = it.map(_rename).batch(cfg.rows_per_batch // process_count, drop_remainder=True)
+    it = it.map(functools.partial(_rename, extra=tuple(extra)))
+    it = it.batch(cfg.rows_per_batch // process_count, drop_remainder=True)
     if cfg.num_workers > 0:
+        # Grain's workers read absl flags, which a library caller (not an absl app) never parsed.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     elif cfg.prefetch > 0:
         it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch)

@@ -2,7 +2,9 @@
 
 - Latent shards (`vdit encode` writes them): ArrayRecord files, one msgpack record per clip with
   `latents [T', H', W', C]`, `text` (token ids [L] int32, or caption embeddings [L, D]), `caption`
-  and a JSON `meta` string. Grain reads them directly (`grain.sources.ArrayRecordDataSource`).
+  and a JSON `meta` string; optionally `cond_latents` / `cond_latents_last` [T', H', W', tf + z]
+  (image-to-video and keyframe conditions, `vdit/data/conditions.py`). Grain reads them directly
+  (`grain.sources.ArrayRecordDataSource`).
 - `SkippingSource` wraps any source so that an unreadable record is skipped and counted
   (`skipped`, reported as the metric `data/skipped`) instead of crashing the run.
 """
@@ -23,6 +25,7 @@ from flax import serialization
 log = logging.getLogger(__name__)
 SHARD_PATTERN = "latents-{index:05d}-of-{count:05d}.array_record"
 REQUIRED_KEYS = ("latents", "text", "caption")
+OPTIONAL_ARRAYS = ("cond_latents", "cond_latents_last")  # float32 arrays kept when an example has them
 
 
 def encode_record(example: dict) -> bytes:
@@ -33,6 +36,7 @@ def encode_record(example: dict) -> bytes:
     record = {k: example[k] for k in REQUIRED_KEYS}
     record["latents"] = np.asarray(record["latents"], np.float32)
     record["text"] = np.asarray(record["text"])
+    record |= {k: np.asarray(example[k], np.float32) for k in OPTIONAL_ARRAYS if k in example}
     record["meta"] = json.dumps(example.get("meta", {}))
     return serialization.msgpack_serialize(record)
 

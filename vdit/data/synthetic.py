@@ -12,6 +12,8 @@ Example dict:
           on top of the others; the other objects are smaller (area <= secondary_scale[1]^2 of
           the main one) and have distinct colors
   fps     float, the frame rate the motion was rendered at
+  motion  float, the main object's speed as rendered, in frame short sides per second (the unit
+          of vdit/curate/motion.py; 0 for still objects and images)
 
 Motion: speed is in fractions of the frame's short side per second, so the displacement over a
 clip is (T - 1) / fps * speed * min(H, W) pixels, the same share of the frame at every size.
@@ -226,7 +228,22 @@ class SyntheticShapes:
             "caption": self.caption(index, frames),
             "objects": self.objects(index, frames),
             "fps": self.fps,
+            "motion": self.motion(index, frames, height, width),
         }
+
+    def motion(self, index: int, frames: int | None = None, height: int | None = None,
+               width: int | None = None) -> float:
+        """Ground-truth motion of example `index` at that size: the main object's displacement
+        over the clip in short sides per second (a path shortened to stay inside the frame
+        counts as slower); 0.0 for still objects and single images."""
+        frames = self.frames if frames is None else frames
+        height = self.height if height is None else height
+        width = self.width if width is None else width
+        if frames < 2:
+            return 0.0
+        centers = self._path(self._scene(self._rngs(index)[0])[0], frames, height, width)
+        distance = float(np.linalg.norm(centers[-1] - centers[0]))
+        return distance / min(height, width) / ((frames - 1) / self.fps)
 
     def prompt_record(self, index: int, frames: int | None = None) -> dict:
         """{prompt, color, shape, direction} of the main object: one line of an eval prompts file."""

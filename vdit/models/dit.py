@@ -27,6 +27,10 @@ takes `image_segment_ids [B, N]` (default: all 1, every token of the row sees ev
 The image tokens go through `image_embedder` (LayerNorm, GELU MLP, LayerNorm, plus `pos_embed` when
 pos_embed_seq_len is set) and a separate k/v branch of each block's cross-attention.
 
+Micro-conditioned models (`micro_conditioning`, e.g. ("fps", "motion"); see `vdit/models/micro.py`)
+take `micro` as a keyword of either call: `{name: [B]}` dense, `{name: [B, K]}` packed (one value per
+segment, like the timesteps). With the default () the parameters are exactly Wan2.1's.
+
 Concrete (non-traced) inputs are validated with clear errors (`check_packed`); under jit the data
 pipeline is trusted (out-of-range positions then give NaN rather than silently wrap).
 Build from a config with `build_dit(config.model)`.
@@ -43,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdit.data import patches
+from vdit.models import micro as micro_lib
 from vdit.models.dit_block import TOKENS, scanned_blocks
 from vdit.models.layers import (
     MLP,
@@ -80,6 +85,7 @@ class WanDiT(nn.Module):
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     attention: str = "xla"  # see vdit/models/attention.py
     remat: str = "none"  # none | full | save_dots | save_attn
+    micro_conditioning: tuple[str, ...] = ()  # vdit/models/micro.py; () = Wan2.1's parameters
 
     @property
     def inner_dim(self) -> int:
@@ -109,6 +115,8 @@ class WanDiT(nn.Module):
         self.text_embedder = MLP(d, d, "text_embed", "mlp", "embed", "gelu_tanh", dtype=self.dtype)
         if self.has_image_branch:
             self.image_embedder = ImageEmbedder(d, self.pos_embed_seq_len, dtype=self.dtype)
+        if self.micro_conditioning:
+            self.micro_embedder = micro_lib.MicroEmbedder(self.micro_conditioning, d, self.freq_dim)
         self.blocks = scanned_blocks(self.num_layers, self.remat)(
             self.num_attention_heads, self.attention_head_dim, self.ffn_dim, self.eps,
             self.cross_attn_norm, self.attention, dtype=self.dtype)
@@ -118,7 +126,7 @@ class WanDiT(nn.Module):
         self.proj_out = Dense((self.token_out_dim,), ("embed", "patch_in"), ("patch_in",),
                               dtype=self.dtype)
 
-    def __call__(self, latents, timesteps, context, image_context=None):
+    def __call__(self, latents, timesteps, context, image_context=None, micro=None):
         """Dense call: latents `[B, T', H', W', C]` -> model output of the same layout."""
         if latents.ndim != 5 or latents.shape[-1] != self.in_channels:
             raise ValueError(f"latents must be [B, T', H', W', C={self.in_channels}] "
@@ -131,12 +139,15 @@ class WanDiT(nn.Module):
         n = tokens.shape[1]
         positions = jnp.broadcast_to(jnp.asarray(patches.grid_positions(grid)), (b, n, 3))
         ones = lambda length: jnp.ones((b, length), jnp.int32)
+        if micro is not None:
+            micro_lib.check_values(self.micro_conditioning, micro, (b,))
+            micro = {k: jnp.reshape(v, (b, 1)) for k, v in micro.items()}
         out = self.packed(tokens, positions, ones(n), jnp.reshape(timesteps, (b, 1)), context,
-                          ones(context.shape[1]), image_context=image_context)
+                          ones(context.shape[1]), image_context=image_context, micro=micro)
         return patches.unpatchify_batch(out, grid, self.patch_size)
 
     def packed(self, tokens, positions, segment_ids, timesteps, context, context_segment_ids,
-               image_context=None, image_segment_ids=None):
+               image_context=None, image_segment_ids=None, micro=None):
         """Packed call; shapes in the module docstring. Returns `[B, S, pt*ph*pw*C_out]`."""
         check_packed(self, tokens, positions, segment_ids, timesteps, context, context_segment_ids)
         image = self._image_tokens(image_context, image_segment_ids, tokens.shape[0])
@@ -146,6 +157,10 @@ class WanDiT(nn.Module):
         x = self.patch_embedding(tokens).astype(jnp.float32)
         x = nn.with_logical_constraint(x, TOKENS)
         temb = self.time_embedder(timestep_features(timesteps, self.freq_dim))  # [B, K, D]
+        if self.micro_conditioning:
+            temb = temb + self._micro_embedding(micro, timesteps.shape)
+        else:
+            micro_lib.check_values((), micro, timesteps.shape)
         time_mod = self.time_proj(jax.nn.silu(temb))  # [B, K, 6, D]
         ctx = self.text_embedder(context.astype(self.dtype))
         ctx = nn.with_logical_constraint(
@@ -161,6 +176,13 @@ class WanDiT(nn.Module):
         take = lambda j: jnp.take_along_axis(shift_scale[:, :, j], seg_index, axis=1)
         x = modulate(layer_norm(x, self.eps), take(0), take(1)).astype(self.dtype)
         return self.proj_out(x).astype(jnp.float32)
+
+    def _micro_embedding(self, micro, shape):
+        """[B, K, D] from the per-segment values; zeros stand in while initialising."""
+        if micro is None and self.is_initializing():
+            micro = {name: jnp.zeros(shape) for name in self.micro_conditioning}
+        micro_lib.check_values(self.micro_conditioning, micro, shape)
+        return self.micro_embedder(micro)
 
     def _image_tokens(self, image_context, image_segment_ids, batch: int):
         """(embedded image tokens [B, N, D], ids [B, N]) for the blocks, or None (T2V)."""
@@ -280,6 +302,8 @@ def build_dit(model_config) -> WanDiT:
         cfg["dtype"] = jnp.dtype(cfg["dtype"])
     if "patch_size" in cfg:
         cfg["patch_size"] = tuple(int(p) for p in cfg["patch_size"])
+    if "micro_conditioning" in cfg:
+        cfg["micro_conditioning"] = micro_lib.check_names(cfg["micro_conditioning"] or ())
     model = WanDiT(**cfg)
     _check_supported(model)
     if model.num_attention_heads < 1 or model.attention_head_dim < 2 or model.num_layers < 1:

@@ -69,7 +69,10 @@ class Conv3d(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, zero_frames: int = 0):
+        """`zero_frames`: how many leading frames of `x` are known zeros (the padding before a
+        clip's first chunk); taps that only ever see those are skipped, which makes an image (one
+        frame after two zero frames) cost one 2D conv instead of three."""
         kt, kh, kw = self.kernel_size
         kernel, bias = _conv_params(self, (kt, kh, kw, x.shape[-1], self.features), KERNEL_3D_AXES)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
@@ -78,7 +81,12 @@ class Conv3d(nn.Module):
         impl = self.impl
         if impl == "auto":
             impl = "taps" if jax.default_backend() == "cpu" else "native"
-        if impl == "native" and (kh, kw) != (1, 1):
+        steps = (x.shape[1] - kt) // self.stride_t + 1
+        # the last frame tap i sees is i + stride * (steps - 1): skip it if that is still padding
+        live = [i for i in range(kt) if i + self.stride_t * (steps - 1) >= zero_frames]
+        if len(live) < kt:
+            y = sum(self._tap(x, kernel[i], i) for i in live)
+        elif impl == "native" and (kh, kw) != (1, 1):
             y = lax.conv_general_dilated(
                 x, kernel, window_strides=(self.stride_t, 1, 1),
                 padding=((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
@@ -145,10 +153,12 @@ class ChannelRMSNorm(nn.Module):
 def causal_conv(conv: nn.Module, x, cache):
     """Runs a 3-tap causal conv on a chunk after its `CACHE_FRAMES` past frames (zeros before the
     clip starts); returns (output [B, T, ...], the new cache = last frames of history + chunk)."""
+    zero_frames = 0
     if cache is None:
         cache = jnp.zeros((x.shape[0], CACHE_FRAMES, *x.shape[2:]), x.dtype)
+        zero_frames = CACHE_FRAMES
     full = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
-    return conv(full), full[:, -CACHE_FRAMES:]
+    return conv(full, zero_frames=zero_frames), full[:, -CACHE_FRAMES:]
 
 
 class ResidualBlock(nn.Module):

@@ -13,7 +13,11 @@ Latents handed to and returned by the sampler are normalised ((z - mean) / std, 
 VAE decodes z = latents * std + mean. The sampling loop compiles once per shape and step count.
 Image-to-video uses the model's I2V input channels and CLIP image tokens when it has them (Wan2.1
 I2V, exactly as diffusers' WanImageToVideoPipeline) and otherwise pins the known latent frames
-(see `vdit/pipelines/conditioning.py`).
+(see `vdit/pipelines/conditioning.py`). Text-to-video on an I2V-capable model without a CLIP image
+branch (vdit runs trained with `train.i2v_rate`) feeds mask 0 and condition 0, as training does.
+Micro-conditioned models (`config.model.micro_conditioning`) sample with the values of
+`gen.with_micro(fps=..., motion=...)` (fps defaults to the run's `data.fps`, motion to
+`sample.motion` when the config has it); `generate(..., fps=, motion=)` is a shortcut.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 
 from vdit.data import patches
 from vdit.diffusion.samplers import Sampler, cfg_velocity, make_sampler
+from vdit.models import micro as micro_lib
 from vdit.pipelines import conditioning as cond_lib
 
 # vdit runs sample with Wan2.1's diffusers default solver unless the config says otherwise.
@@ -43,7 +48,8 @@ class GuidedDiT:
     """velocity_fn(x, timesteps, params, cond, uncond) for the sampler; hashable so the loop
     compiles once. cond/uncond = (context [B, L, D], context_segment_ids [B, L]) or, for
     image-conditioned runs, (context, ids, condition [B, T', H', W', C_cond] or None,
-    image_context [B, N, D_img] or None); the condition is concatenated to x along channels.
+    image_context [B, N, D_img] or None[, micro {name: [B]} or None]); the condition is
+    concatenated to x along channels.
 
     `mask_text`: a token sees only its prompt's real text tokens (vdit-trained models, which
     train on packed, unpadded text); False attends to every position, as Wan2.1 does."""
@@ -58,11 +64,12 @@ class GuidedDiT:
 
     def _model(self, params, x, timesteps, cond):
         context, context_ids, *extra = cond
-        condition, image = (tuple(extra) + (None, None))[:2]
+        condition, image, micro = (tuple(extra) + (None, None, None))[:3]
         if condition is not None:
             x = jnp.concatenate([x, condition.astype(x.dtype)], axis=-1)
         if not self.mask_text:
-            return self.dit.apply({"params": params}, x, timesteps, context, image_context=image)
+            return self.dit.apply({"params": params}, x, timesteps, context, image_context=image,
+                                  micro=micro)
         b = x.shape[0]
         grid = patches.grid_shape(x.shape[1:], self.dit.patch_size)
         tokens = patches.patchify_batch(x, self.dit.patch_size)
@@ -70,6 +77,7 @@ class GuidedDiT:
         positions = jnp.broadcast_to(jnp.asarray(patches.grid_positions(grid)), (b, n, 3))
         out = self.dit.apply({"params": params}, tokens, positions, jnp.ones((b, n), jnp.int32),
                              timesteps[:, None], context, context_ids, image_context=image,
+                             micro=None if micro is None else {k: v[:, None] for k, v in micro.items()},
                              method="packed")
         return patches.unpatchify_batch(out, grid, self.dit.patch_size)
 
@@ -91,28 +99,40 @@ class Generator:
     image_encoder: Any = None
     image_encoder_params: Any = None
     image_processor: Any = None
+    micro: dict = dataclasses.field(default_factory=dict)  # micro-conditioning values to sample with
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_workdir(cls, workdir: str, which: str = "ema") -> Generator:
         """A trained vdit run: its DiT (EMA weights), text encoder, VAE and latent statistics."""
+        from vdit.train.init_from import run_weights
+
+        # Complete weights: frozen parts from the run's init_from (or seed), LoRA merged.
+        params, saved = run_weights(workdir, which)
+        return cls.from_params(ml_collections.ConfigDict(saved), params, workdir)
+
+    @classmethod
+    def from_params(cls, config: ml_collections.ConfigDict, params: dict,
+                    workdir: str) -> Generator:
+        """A vdit run's model from its config and complete weights {"dit", "text"} in memory
+        (host or device arrays, e.g. the EMA during training), with the VAE of
+        `config.encode.vae_workdir` and the latent statistics of the run's latents folder
+        (`workdir` locates the default one)."""
         from vdit.data.encode import load_stats
         from vdit.models.dit import build_dit
         from vdit.models.text import text_encoder_from_config
         from vdit.models.vae_config import vae_from_config
         from vdit.train.checkpoint import load_params
-        from vdit.train.loop import latents_dir, restore_frozen
+        from vdit.train.loop import latents_dir
 
-        params, saved = load_params(workdir, which)
-        config = ml_collections.ConfigDict(saved)
         dit = build_dit(config.model)
         text_model, tokenizer = text_encoder_from_config(config.text)
-        text_params = params["text"] if "text" in params else restore_frozen(config)["text"]
+        text_params = params["text"]
         vae_params, _ = load_params(config.encode.vae_workdir)
         stats = load_stats(latents_dir(config, workdir))
         sampler = make_sampler(dict(config.sample.scheduler))
         defaults = {k: config.sample[k] for k in ("steps", "guidance", "frames", "height",
-                                                  "width") if k in config.sample}
+                                                  "width", "motion") if k in config.sample}
         if "data" in config and "fps" in config.data:
             defaults["fps"] = float(config.data.fps)
         return cls(dit, params["dit"], vae_from_config(config.vae), vae_params, sampler,
@@ -182,12 +202,22 @@ class Generator:
     def condition_from_frames(self, video, known) -> jax.Array:
         """Wan I2V conditioning: video [B, T, H, W, 3] whose frames flagged in `known` [T] are
         given (the rest are zeroed) -> [B, T', H', W', tf + z] = concat(mask, latents)."""
-        known = np.asarray(known, bool)
-        video = jnp.asarray(video, jnp.float32) * known[None, :, None, None, None]
-        latents = self.encode_video(video)
-        mask = cond_lib.i2v_mask(known, latents.shape[2:4], self.temporal_factor)
-        mask = jnp.broadcast_to(jnp.asarray(mask), latents.shape[:1] + mask.shape)
-        return jnp.concatenate([mask, latents], axis=-1)
+        from vdit.data.conditions import condition_latents
+
+        return condition_latents(video, known, self.encode_video, self.temporal_factor)
+
+    def with_micro(self, fps: float | None = None, motion: float | None = None) -> Generator:
+        """A copy sampling with these micro-conditioning values (fps: frames per second; motion:
+        frame short sides per second); a value the model does not take is an error."""
+        given = micro_lib.check_given(self.dit.micro_conditioning, {"fps": fps, "motion": motion})
+        return dataclasses.replace(self, micro=self.micro | given)
+
+    def _micro_inputs(self, batch: int) -> dict | None:
+        names = self.dit.micro_conditioning
+        if not names:
+            return None
+        values = micro_lib.sampling_values(names, self.micro, self.defaults)
+        return {k: jnp.full((batch,), v, jnp.float32) for k, v in values.items()}
 
     # ------------------------------------------------------------------ sampling
     def sample(self, noise, context, negative_context, steps: int | None = None,
@@ -212,18 +242,21 @@ class Generator:
         for name, ctx in (("context", context), ("negative_context", negative_context)):
             if ctx is not None and (ctx.ndim != 3 or ctx.shape[0] != b):
                 raise ValueError(f"{name} must be [B={b}, L, D_txt], got {tuple(ctx.shape)}")
+        if condition is None and self.condition_channels and not self.dit.has_image_branch:
+            condition = jnp.zeros(x.shape[:-1] + (self.condition_channels,))  # text-to-video
         self._check_condition(condition, image_context, x.shape)
+        micro = self._micro_inputs(b)
         start = 0 if start_step is None else start_step
         if init_latents is not None:
             x = self.sampler.add_noise(init_latents, x, steps, start_step=start)
         ones = lambda c: jnp.ones(c.shape[:2], jnp.int32)
         cond = (context, ones(context) if context_mask is None else context_mask,
-                condition, image_context)
+                condition, image_context, micro)
         uncond = None
         if negative_context is not None:
             uncond = (negative_context,
                       ones(negative_context) if negative_mask is None else negative_mask,
-                      condition, image_context)
+                      condition, image_context, micro)
         velocity = GuidedDiT(self.dit, guidance, self.mask_text)
         args = (self.dit_params, cond, uncond)
         if pin is not None:
@@ -330,12 +363,15 @@ class Generator:
 
     def generate(self, prompts: list[str], frames: int, height: int, width: int, seed: int = 0,
                  steps: int | None = None, guidance: float | None = None,
-                 negative_prompt: str = "") -> jax.Array:
-        """Prompts -> videos [B, frames, height, width, 3] in [-1, 1]."""
-        noise = self.noise(seed, len(prompts), frames, height, width)
-        context, mask = self.encode_text(list(prompts))
-        neg, neg_mask = self.encode_text([negative_prompt] * len(prompts))
-        return self.text_to_video(context, neg, noise, steps, guidance, "video", mask, neg_mask)
+                 negative_prompt: str = "", fps: float | None = None,
+                 motion: float | None = None) -> jax.Array:
+        """Prompts -> videos [B, frames, height, width, 3] in [-1, 1]. fps / motion: values for a
+        micro-conditioned model (an error for a model without that conditioning)."""
+        gen = self.with_micro(fps, motion)
+        noise = gen.noise(seed, len(prompts), frames, height, width)
+        context, mask = gen.encode_text(list(prompts))
+        neg, neg_mask = gen.encode_text([negative_prompt] * len(prompts))
+        return gen.text_to_video(context, neg, noise, steps, guidance, "video", mask, neg_mask)
 
     def noise(self, seed: int, batch: int, frames: int, height: int, width: int) -> jax.Array:
         """Standard normal latents [batch, T', H', W', C] from `seed` (reproducible)."""

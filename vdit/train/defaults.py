@@ -23,7 +23,15 @@ def train() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         steps=10_000, seed=0, ema_decay=0.999, log_every=10, max_bad_steps=20,
         peak_flops_per_device=0.0, tensorboard=True, progress=True, sample_every=0,
-        init_from=""))
+        init_from="", init_from_weights="params", i2v_rate=0.0,
+        last_frame_rate=0.0))
+
+
+def lora() -> ml_collections.ConfigDict:
+    """LoRA adapters (vdit/models/lora.py): off unless a recipe or --config.lora.enabled=True."""
+    return ml_collections.ConfigDict(dict(
+        enabled=False, rank=16, alpha=16.0,
+        targets=[r"blocks/attn[12]/to_(q|k|v|out)/kernel$", r"blocks/ffn/linear_[12]/kernel$"]))
 
 
 def flow() -> ml_collections.ConfigDict:

@@ -3,6 +3,8 @@ time per segment, noise the tokens, predict the velocity, average the error per 
 
 Trainable and frozen weights arrive as two dicts with the keys "dit" and "text"; a key is in
 exactly one of them (the text encoder trains when `config.text.trainable`, else it is frozen).
+Image-to-video segments (`config.train.i2v_rate`) and micro-conditioning values reach the model
+through `vdit/train/conditioning.py`; the loss is always on the z output channels' velocity.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from vdit.diffusion import flow
+from vdit.train import conditioning
 
 
 def encode_packed_text(text_model, text_params, batch: dict) -> jax.Array:
@@ -26,6 +29,7 @@ def encode_packed_text(text_model, text_params, batch: dict) -> jax.Array:
 def make_dit_loss(dit, text_model, cfg):
     """loss_fn(params, frozen, batch, rng) -> (loss, aux) for `vdit.train.step.make_train_step`."""
     num_segments = int(cfg.data.max_segments)
+    i2v_rate = conditioning.i2v_rate(cfg)
 
     def loss_fn(params, frozen, batch, rng):
         weights = {**frozen, **params}
@@ -36,9 +40,11 @@ def make_dit_loss(dit, text_model, cfg):
         t_seg = flow.sample_segment_times(t_rng, seg, num_segments, cfg.flow)
         noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
         x_t = flow.noisy_tokens(x0, noise, flow.per_token(t_seg, seg))
-        pred = dit.apply({"params": weights["dit"]}, x_t, batch["positions"], seg,
+        x_in = conditioning.model_input(dit, x_t, batch, jax.random.fold_in(rng, 2), i2v_rate,
+                                        num_segments)
+        pred = dit.apply({"params": weights["dit"]}, x_in, batch["positions"], seg,
                          t_seg * flow.NUM_TRAIN_TIMESTEPS, context, batch["text_segment_ids"],
-                         method="packed")
+                         method="packed", **conditioning.micro_kwargs(dit, batch))
         loss, _ = flow.packed_loss(pred, flow.velocity_target(x0, noise), seg, num_segments)
         tokens = jnp.sum(seg > 0)
         return loss, {"tokens": tokens}

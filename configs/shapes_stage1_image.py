@@ -1,0 +1,33 @@
+"""The staged recipe on the synthetic shapes world, stage 1 of 3: images only (T = 1).
+
+The toy version of configs/stage1_image.py (same three stages, CPU sizes), derived from
+configs/shapes_dit.py; `encode.shapes` sets each stage's durations and sizes. Each stage has its
+own workdir (and latents), and each later stage starts from the previous one's weights through
+`train.init_from`, set by convention to runs/<previous stage> (--config.train.init_from=PATH):
+
+    vdit encode --config configs/shapes_stage1_image.py --workdir runs/shapes_stage1_image
+    vdit train  --config configs/shapes_stage1_image.py --workdir runs/shapes_stage1_image
+    vdit encode --config configs/shapes_stage2_video.py --workdir runs/shapes_stage2_video
+    vdit train  --config configs/shapes_stage2_video.py --workdir runs/shapes_stage2_video
+    vdit encode --config configs/shapes_stage3_hq.py    --workdir runs/shapes_stage3_hq
+    vdit train  --config configs/shapes_stage3_hq.py    --workdir runs/shapes_stage3_hq
+
+Stage 1 trains from scratch (DiT and byte-level text encoder); the VAE (encode.vae_workdir) is
+frozen throughout: it only encodes the clips.
+"""
+
+import ml_collections
+
+from vdit.config import recipe
+from vdit.train import defaults
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = recipe("shapes_dit")
+    config.encode.update(dict(shapes=[(1, 48, 48), (1, 48, 64), (1, 64, 48)],
+                              shape_weights=[0.6, 0.2, 0.2]))
+    config.data.frames = 1
+    config.sample.frames = 1
+    config.train.steps = 200
+    config.lora = defaults.lora()  # off; --config.lora.enabled=True finetunes adapters instead
+    return config

@@ -1,0 +1,18 @@
+"""The staged shapes recipe, stage 2 of 3: low-resolution video mixed with images (the clip
+shapes of configs/shapes_dit.py), starting from stage 1's weights (configs/shapes_stage1_image.py).
+"""
+
+import ml_collections
+
+from vdit.config import recipe
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = recipe("shapes_stage1_image")
+    base = recipe("shapes_dit")
+    config.encode.update(dict(shapes=base.encode.shapes, shape_weights=base.encode.shape_weights))
+    config.data.frames = base.data.frames
+    config.sample.frames = base.sample.frames
+    config.optim.update(dict(lr=5e-4, warmup_steps=20))
+    config.train.update(dict(steps=300, init_from="runs/shapes_stage1_image"))
+    return config

@@ -1,0 +1,196 @@
+"""Encoding video files: folder/manifest sources, shape buckets, skipped videos counted, resume,
+the CLI dispatch, and the Grain pipeline reading the result."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import meta
+
+from vdit import cli
+from vdit.config import ConfigError, load_config
+from vdit.data import pipeline, sources, video_files, video_io
+from vdit.data.encode_videos import SUMMARY_FILE, encode_videos
+from vdit.models.vae_config import vae_from_config
+from vdit.train import checkpoint
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "shapes_dit.py")
+SHAPES = "[(9, 32, 32), (5, 32, 48), (1, 32, 32)]"
+TINY = ["--config.vae.base_dim=8", "--config.vae.num_res_blocks=0", f"--config.encode.shapes={SHAPES}",
+        "--config.encode.shape_weights=[0.4, 0.3, 0.3]", "--config.encode.batch_size=2",
+        "--config.encode.num_shards=2", "--config.encode.normalize='measure'",
+        "--config.train.progress=False", "--config.text.max_length=32"]
+CAPTIONS = ["a red circle moving right", "a blue square", "", "green triangle moving up"]
+# A config file with the `encode.source` key (the recipe may not carry it yet).
+CONFIG_FILE = """from vdit.config import recipe
+
+
+def get_config():
+    config = recipe("shapes_dit")
+    config.encode.source = "synthetic"
+    return config
+"""
+
+
+def _video(seed: int, frames: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=(1, 32, 48, 3)).astype(np.float32)
+    ramp = np.linspace(0, 60, frames)[:, None, None, None]
+    return np.clip(base + ramp, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """4 good videos (12 frames 32x48), one 3-frame video, one corrupt .mp4; a folder with .txt
+    sidecars and a manifest (in a sub-folder, relative paths) listing the same files."""
+    folder = tmp_path_factory.mktemp("videos")
+    names = []
+    for i, caption in enumerate(CAPTIONS):
+        name = f"clip{i}.mp4"
+        video_io.write_mp4(folder / name, _video(i, 12), fps=8.0)
+        if caption:
+            (folder / f"clip{i}.txt").write_text(caption + "\n")
+        names.append(name)
+    video_io.write_mp4(folder / "short.mp4", _video(9, 3), fps=8.0)
+    (folder / "broken.mp4").write_bytes(np.random.default_rng(0).bytes(2000))
+    names += ["short.mp4", "broken.mp4"]
+    lines = [{"file": f"../{n}", "caption": f"caption of {n}", "motion": i / 10}
+             for i, n in enumerate(names)]
+    (folder / "lists").mkdir()
+    manifest = folder / "lists" / "clips.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return {"folder": str(folder), "manifest": str(manifest), "names": names}
+
+
+@pytest.fixture(scope="module")
+def vae_workdir(tmp_path_factory):
+    """A tiny random VAE saved as a run's EMA weights (what `encode.vae_workdir` points at)."""
+    workdir = str(tmp_path_factory.mktemp("vae"))
+    config = load_config(CONFIG, TINY)
+    vae = vae_from_config(config.vae)
+    shapes = jax.eval_shape(lambda: meta.unbox(vae.init(jax.random.key(0),
+                                                        jnp.zeros((1, 1, 4, 4, 3))))["params"])
+    rng = np.random.default_rng(0)  # random weights without compiling an init: only shapes matter
+    params = jax.tree.map(lambda s: (0.1 * rng.normal(size=s.shape)).astype(np.float32), shapes)
+    config.checkpoint.async_save = False
+    manager = checkpoint.make_manager(workdir, config.checkpoint, with_data=False)
+    checkpoint.save(manager, 1, {"ema": params}, config)
+    manager.wait_until_finished()
+    return workdir
+
+
+def _config(source, vae_workdir, *extra):
+    config = load_config(CONFIG, TINY + [f"--config.encode.vae_workdir={vae_workdir}", *extra])
+    config.encode.source = source
+    return config
+
+
+def test_folder_and_manifest_entries(videos):
+    folder = video_files.list_videos(videos["folder"])
+    assert [e.key for e in folder] == sorted(videos["names"])
+    captions = {e.key: e.caption for e in folder}
+    assert captions["clip0.mp4"] == CAPTIONS[0] and captions["clip2.mp4"] == ""
+    manifest = video_files.list_videos(videos["manifest"])
+    assert [e.key for e in manifest] == [f"../{n}" for n in videos["names"]]
+    assert manifest[1].caption == "caption of clip1.mp4" and manifest[1].meta == {"motion": 0.1}
+    assert os.path.isfile(manifest[0].file)
+
+
+def test_clips_take_the_drawn_shape_and_fail_clearly(videos):
+    entries = video_files.list_videos(videos["manifest"])
+    src = video_files.VideoClipSource(entries, [(9, 32, 32), (5, 16, 24), (1, 32, 32)], None, 3)
+    for i in range(4):
+        clip = src[i]
+        assert clip["video"].shape == (*src.shape(i), 3) and clip["video"].dtype == np.float32
+        assert clip["meta"]["file"] == f"../clip{i}.mp4" and clip["meta"]["source_frames"] == 12
+    assert src.clip(4, (1, 32, 32))["meta"]["first_frame"] == 1  # the middle of 3 frames
+    with pytest.raises(video_files.ClipTooShortError, match="3 frames; the clip needs 5"):
+        src.clip(4, (5, 32, 32))
+    with pytest.raises(video_io.VideoReadError, match="broken.mp4"):
+        src.clip(5, (1, 32, 32))
+    np.testing.assert_array_equal(video_files.clip_indices(12, 8.0, 5, 4.0), [2, 4, 6, 8, 10])
+    np.testing.assert_array_equal(video_files.clip_indices(12, 8.0, 5, 0.0), [3, 4, 5, 6, 7])
+
+
+def test_bad_sources_are_errors_naming_them(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"file": "a.mp4"}\n{"caption": "no file"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2.*\"file\""):
+        video_files.list_videos(str(bad))
+    with pytest.raises(FileNotFoundError, match="encode.source"):
+        video_files.list_videos(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="lists no videos"):
+        video_files.list_videos(str(tmp_path))
+    config = _config(str(tmp_path), "", "--config.encode.shapes=[(8, 32, 32)]")
+    with pytest.raises(ConfigError, match=r"encode.shapes\[0\].frames"):
+        encode_videos(config, str(tmp_path / "out"))
+
+
+def _expected(config, videos, manifest: bool):
+    """(kept clips {key: (shape, caption)}, skipped count) predicted from the drawn shapes."""
+    entries = video_files.list_videos(videos["manifest" if manifest else "folder"])
+    src = video_files.VideoClipSource.from_config(config.encode)
+    kept, skipped = {}, 0
+    for i, entry in enumerate(entries):
+        frames = src.shape(i)[0]
+        if entry.key.endswith("broken.mp4") or (entry.key.endswith("short.mp4") and frames > 3):
+            skipped += 1
+        else:
+            kept[entry.key] = (src.shape(i), entry.caption)
+    return kept, skipped
+
+
+def _records(folder):
+    src = sources.LatentShardSource(folder)
+    return [src[i] for i in range(len(src))]
+
+
+def test_encode_manifest_resumes_and_feeds_the_pipeline(videos, vae_workdir, tmp_path):
+    out = str(tmp_path / "latents")
+    config = _config(videos["manifest"], vae_workdir)
+    config.encode.i2v_condition = True
+    summary = encode_videos(config, out)
+    kept, skipped = _expected(config, videos, manifest=True)
+    assert summary["skipped"] == skipped and summary["records"] == len(kept) == 6 - skipped
+    assert "../broken.mp4" in summary["skipped_files"]
+    assert summary["skipped_by_reason"]["unreadable"] == 1
+    assert len(summary["paths"]) == 2 and all(os.path.isfile(p) for p in summary["paths"])
+    records = _records(out)
+    assert {r["meta"]["file"] for r in records} == set(kept)
+    for r in records:
+        (frames, height, width), caption = kept[r["meta"]["file"]]
+        assert r["latents"].shape == (1 + (frames - 1) // 4, height // 4, width // 4, 8)
+        assert r["cond_latents"].shape == r["latents"].shape[:3] + (4 + 8,)
+        assert r["caption"] == caption and np.all(np.isfinite(r["latents"]))
+        assert "motion" in r["meta"] and r["text"].dtype == np.int32
+    stamps = [os.path.getmtime(p) for p in summary["paths"]]
+    again = encode_videos(config, out)
+    assert [os.path.getmtime(p) for p in again["paths"]] == stamps
+    assert again["skipped"] == skipped and again["records"] == summary["records"]
+    data = config.data.copy_and_resolve_references()
+    data.update(dict(tokens_per_row=96, text_per_row=128, rows_per_batch=2, prefetch=0))
+    src = sources.SkippingSource(sources.LatentShardSource(out))
+    batch = next(iter(pipeline.packed_dataset(src, data, (1, 2, 2), np.array([1], np.int32), 0, 1)))
+    assert batch["tokens"].shape == (2, 96, 32) and (batch["segment_ids"] > 0).any()
+
+
+def test_cli_encodes_a_folder(videos, vae_workdir, tmp_path, capsys):
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(CONFIG_FILE)
+    workdir = str(tmp_path / "run")
+    argv = ["encode", "--config", str(cfg_file), "--workdir", workdir, *TINY,
+            f"--config.encode.vae_workdir={vae_workdir}",
+            f"--config.encode.source={videos['folder']}", "--config.encode.normalize='config'"]
+    assert cli.main(argv) == 0
+    config = load_config(str(cfg_file), argv[5:])
+    kept, skipped = _expected(config, videos, manifest=False)
+    out = capsys.readouterr().out
+    assert f"{len(kept)} clips in 2 shards" in out and f"skipped {skipped} videos" in out
+    with open(os.path.join(workdir, "latents", SUMMARY_FILE)) as f:
+        shards = json.load(f)["shards"]
+    assert sum(len(s["skipped"]) for s in shards.values()) == skipped
+    records = _records(os.path.join(workdir, "latents"))
+    assert {r["meta"]["file"]: r["caption"] for r in records} == {k: c for k, (_, c) in kept.items()}

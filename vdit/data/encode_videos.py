@@ -1,0 +1,181 @@
+"""`vdit encode` over video files: a folder or jsonl manifest -> latent shards (same records as
+`encode_synthetic`: normalised VAE posterior mean, caption token ids, caption, meta).
+
+Every entry of `encode.source` is encoded once (`encode.num_examples` applies to the synthetic
+source only), entry i going to shard i // ceil(N / num_shards). Within a shard, clips are grouped
+by the shape drawn for them (`VideoClipSource.shape`) and encoded in batches padded to
+`encode.batch_size`, so the VAE compiles once per shape bucket. Videos that cannot be read
+(missing, corrupt), are too short for their shape, or fail otherwise are skipped and counted
+by reason, never fatal. `encode_summary.json` beside the shards keeps each finished shard's
+counts and skipped files, so a rerun (which skips finished shards) still reports the whole run.
+
+Config section `encode` (keys read here): source, shapes, shape_weights, seed, fps (0 = every
+source frame), extensions, num_shards, batch_size, decode_threads, normalize, vae_workdir,
+i2v_condition (also store `cond_latents`, as `encode_synthetic` does).
+Record meta: the manifest line's other keys (e.g. a curated "motion"), then index, file,
+source_frames, source_fps, fps (of the clip), first_frame.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from vdit.config import check_frames, check_size, spatial_stride
+from vdit.data import conditions, sources
+from vdit.data.encode import channel_stats, latent_record, resolve_stats, vae_encoder
+from vdit.data.video_files import ClipTooShortError, VideoClipSource
+from vdit.data.video_io import VideoReadError
+from vdit.models.text import text_encoder_from_config
+
+log = logging.getLogger(__name__)
+SUMMARY_FILE = "encode_summary.json"
+
+
+def check_encode_shapes(config) -> None:
+    """Frames 1+4k and sizes that the VAE and the DiT patches divide, named by config key."""
+    stride = spatial_stride(config)
+    for i, shape in enumerate(config.encode.shapes):
+        if len(shape) != 3:
+            raise ValueError(f"config key 'encode.shapes[{i}]' = {shape!r}: expected "
+                             "(frames, height, width)")
+        check_frames(f"encode.shapes[{i}].frames", shape[0])
+        check_size(f"encode.shapes[{i}].height", shape[1], stride)
+        check_size(f"encode.shapes[{i}].width", shape[2], stride)
+
+
+def encode_videos(config, out_dir: str, vae_params=None) -> dict:
+    """Encodes `config.encode.source` into shards under `out_dir`; `vae_params` default to the
+    EMA weights of `encode.vae_workdir`. Returns {"paths", "records", "skipped",
+    "skipped_by_reason", "skipped_files"} over all shards, this run's and earlier runs'."""
+    cfg = config.encode
+    check_encode_shapes(config)
+    source = VideoClipSource.from_config(cfg)
+    _, tokenizer = text_encoder_from_config(config.text)
+    encode_fn = vae_encoder(config, vae_params)
+    mean, std = resolve_stats(config, out_dir, lambda: _measure_stats(encode_fn, source, cfg))
+    condition_fn = conditions.encode_condition_fn(config, encode_fn, mean, std)
+    num_shards = max(1, min(int(cfg.num_shards), len(source)))
+    per_shard = -(-len(source) // num_shards)
+    done = _read_summary(out_dir)
+    paths = []
+    for shard in tqdm(range(num_shards), desc="encode", disable=not config.train.progress):
+        name = sources.SHARD_PATTERN.format(index=shard, count=num_shards)
+        path = os.path.join(out_dir, name)
+        paths.append(path)
+        if os.path.exists(path) and name in done:
+            continue  # finished by an earlier run
+        indices = range(shard * per_shard, min(len(source), (shard + 1) * per_shard))
+        records, skipped = _encode_shard(indices, source, cfg, encode_fn, tokenizer, mean, std,
+                                         condition_fn)
+        # The summary entry goes first: a crash before the shard's rename re-encodes the shard
+        # and rewrites its entry, so the counts never miss a finished shard.
+        done[name] = {"records": len(records), "skipped": skipped}
+        _write_summary(out_dir, done)
+        sources.write_shard(path, records)
+    return _totals(paths, done)
+
+
+def _load(source: VideoClipSource, index: int, skipped: list) -> dict | None:
+    """Clip `index`, or None with the reason appended to `skipped` (never raises)."""
+    try:
+        return source[index]
+    except Exception as e:  # noqa: BLE001 - any failing video is skipped and counted, never fatal
+        reason = ("unreadable" if isinstance(e, VideoReadError)
+                  else "too_short" if isinstance(e, ClipTooShortError) else "error")
+        entry = source.entries[index]
+        skipped.append({"file": entry.key, "index": index, "reason": reason,
+                        "error": f"{type(e).__name__}: {e}"})
+        log.warning("encode: skipping video %s (%s: %s)", entry.file, reason, e)
+        return None
+
+
+def _padded(videos: list, batch_size: int) -> jnp.ndarray:
+    """Same-shape clips as one batch of `batch_size` (the last clip repeated), so each shape
+    bucket compiles once; callers keep the first len(videos) outputs."""
+    return jnp.asarray(np.stack(videos + [videos[-1]] * (batch_size - len(videos))))
+
+
+def _encode_shard(indices, source, cfg, encode_fn, tokenizer, mean, std,
+                  condition_fn=None) -> tuple[list, list]:
+    """(records in index order, skipped entries) of the clips `indices`; `condition_fn` (video
+    -> I2V condition latents, `vdit/data/conditions.py`) adds `cond_latents` like encode.py."""
+    buckets = defaultdict(list)
+    for i in indices:
+        buckets[source.shape(i)].append(i)
+    records, skipped = {}, []
+    threads = max(1, int(cfg.get("decode_threads", 4)))
+    with ThreadPoolExecutor(threads) as pool:
+        for members in buckets.values():
+            for start in range(0, len(members), cfg.batch_size):
+                chunk = members[start:start + cfg.batch_size]
+                loaded = pool.map(lambda i: _load(source, i, skipped), chunk)
+                clips = {i: c for i, c in zip(chunk, loaded, strict=True) if c is not None}
+                if not clips:
+                    continue
+                video = _padded([c["video"] for c in clips.values()], cfg.batch_size)
+                z = np.asarray(encode_fn(video))
+                cond = None if condition_fn is None else condition_fn(video)
+                ids, mask = tokenizer([c["caption"] for c in clips.values()])
+                for j, (i, clip) in enumerate(clips.items()):
+                    records[i] = latent_record(z[j], ids[j], mask[j], clip["caption"],
+                                               clip["meta"], mean, std)
+                    for key, value in (cond or {}).items():
+                        records[i][key] = value[j]
+    skipped.sort(key=lambda s: s["index"])
+    return [records[i] for i in indices if i in records], skipped
+
+
+def _measure_stats(encode_fn, source: VideoClipSource, cfg) -> dict:
+    """Per-channel mean/std of the posterior mean over the first `batch_size` readable videos
+    at each configured shape (videos too short for a shape are passed over, not counted)."""
+    zs = []
+    for shape in cfg.shapes:
+        videos = []
+        for i in range(len(source)):
+            if len(videos) == cfg.batch_size:
+                break
+            try:
+                videos.append(source.clip(i, tuple(shape))["video"])
+            except Exception:  # noqa: BLE001, S112 - counted where the main pass meets it
+                continue
+        if videos:
+            zs.append(np.asarray(encode_fn(_padded(videos, cfg.batch_size)))[:len(videos)])
+    if not zs:
+        raise ValueError(f"config key 'encode.source' = {cfg.source!r}: no video could be read "
+                         "at any of 'encode.shapes' to measure latent statistics")
+    return channel_stats(zs)
+
+
+def _read_summary(out_dir: str) -> dict:
+    path = os.path.join(out_dir, SUMMARY_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["shards"]
+
+
+def _write_summary(out_dir: str, shards: dict) -> None:
+    path = os.path.join(out_dir, SUMMARY_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"shards": shards}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _totals(paths: list[str], shards: dict) -> dict:
+    names = [os.path.basename(p) for p in paths]
+    skipped = [s for n in names for s in shards[n]["skipped"]]
+    by_reason = dict(Counter(s["reason"] for s in skipped))
+    totals = {"paths": paths, "records": sum(shards[n]["records"] for n in names),
+              "skipped": len(skipped), "skipped_by_reason": by_reason,
+              "skipped_files": [s["file"] for s in skipped]}
+    log.info("encode: %d clips in %d shards; skipped %d videos %s", totals["records"], len(paths),
+             totals["skipped"], by_reason)
+    return totals

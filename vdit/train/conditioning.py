@@ -1,0 +1,112 @@
+"""Training-side conditioning: image-to-video segments mixed into DiT training, and the
+micro-conditioning values handed to the model.
+
+An I2V-capable DiT (Wan2.1's layout: in_channels = 2 z + tf, out_channels = z) reads, per patch,
+`[noisy latents (z) | mask (tf) | condition latents (z)]`. A fraction `config.train.i2v_rate` of the
+segments of a batch (drawn independently per segment and step) gets its clip's first-frame
+condition (`cond_tokens`, see `vdit/data/conditions.py`); every other segment gets mask 0 and
+condition 0. That all-zero condition is vdit's convention for text-to-video on an I2V-capable model,
+and `Generator` feeds it when no image is given. Of the conditioned segments, a fraction
+`config.train.last_frame_rate` is given the first and the last frame (keyframe interpolation; the
+pipeline draws which condition a clip carries). The loss stays on the z output channels.
+
+Tokens list their features (pt, ph, pw, C) with channels fastest, so the model input is built per
+patch position: [..., P*z] and [..., P*(tf+z)] are viewed as [..., P, C] and joined along C, which
+equals patchifying the channel-concatenated latents (tests check it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from vdit.config import ConfigError
+from vdit.data.conditions import COND_TOKENS, MICRO_PREFIX
+from vdit.diffusion import flow
+
+
+def condition_channels(dit) -> int:
+    """Extra input channels (mask + condition latents) of the DiT: in_channels - out_channels."""
+    return dit.in_channels - (dit.out_channels or dit.in_channels)
+
+
+def i2v_rate(config) -> float:
+    return float(config.train.get("i2v_rate", 0.0))
+
+
+def uses_condition(config, dit) -> bool:
+    """True when batches carry `cond_tokens`: some segments train as I2V."""
+    return i2v_rate(config) > 0 and condition_channels(dit) > 0
+
+
+def check_config(config, dit) -> None:
+    """Start-up checks for I2V training; errors name the config keys."""
+    rate = i2v_rate(config)
+    if not 0.0 <= rate <= 1.0:
+        raise ConfigError(f"config key 'train.i2v_rate' = {rate}; expected a fraction in [0, 1]")
+    last = float(config.train.get("last_frame_rate", 0.0))
+    if not 0.0 <= last <= 1.0:
+        raise ConfigError(f"config key 'train.last_frame_rate' = {last}; expected a fraction in "
+                          "[0, 1]")
+    extra = condition_channels(dit)
+    z = dit.out_channels or dit.in_channels
+    tf = _temporal_factor(config)
+    if extra not in (0, tf + z):
+        raise ConfigError(f"config keys 'model.in_channels' = {dit.in_channels} and "
+                          f"'model.out_channels' = {z}: the DiT takes {extra} extra input channels; "
+                          f"expected 0 (text-to-video) or {tf} mask + {z} condition channels "
+                          f"(Wan I2V: in_channels = 2 * out_channels + {tf})")
+    if rate > 0 and extra == 0:
+        raise ConfigError(f"config key 'train.i2v_rate' = {rate} trains image-to-video, which "
+                          f"needs 'model.in_channels' = 2 * z + {tf} = {2 * z + tf} (noisy latents, "
+                          f"mask, condition latents; z = 'model.out_channels' = {z}), got "
+                          f"{dit.in_channels}")
+
+
+def _temporal_factor(config) -> int:
+    """Pixel frames per latent frame of the run's VAE (Wan: 4)."""
+    if "vae" in config and "temperal_downsample" in config.vae:
+        return 2 ** sum(bool(d) for d in config.vae.temperal_downsample)
+    return 4
+
+
+def interleave(tokens: jax.Array, cond: jax.Array, patch_volume: int) -> jax.Array:
+    """tokens [..., P*a] and cond [..., P*b] -> [..., P*(a+b)]: per patch position, a then b."""
+    lead = tokens.shape[:-1]
+    a, b = tokens.shape[-1] // patch_volume, cond.shape[-1] // patch_volume
+    joined = jnp.concatenate([tokens.reshape(*lead, patch_volume, a),
+                              cond.astype(tokens.dtype).reshape(*lead, patch_volume, b)], -1)
+    return joined.reshape(*lead, patch_volume * (a + b))
+
+
+def draw_i2v(rng: jax.Array, shape: tuple[int, int], rate: float) -> jax.Array:
+    """[B, K] float 1.0 where a segment trains as image-to-video (probability `rate`)."""
+    return (jax.random.uniform(rng, shape) < rate).astype(jnp.float32)
+
+
+def model_input(dit, x_t: jax.Array, batch: dict, rng: jax.Array, rate: float,
+                num_segments: int) -> jax.Array:
+    """Noisy tokens [B, S, P*z] -> the DiT's input tokens [B, S, P*in_channels].
+
+    T2V models take x_t as it is. I2V-capable ones get each segment's condition (drawn at
+    `rate`) or zeros; without `cond_tokens` in the batch every segment is text-to-video."""
+    extra = condition_channels(dit)
+    if not extra:
+        return x_t
+    p = math.prod(dit.patch_size)
+    if COND_TOKENS in batch and rate > 0:
+        seg = batch["segment_ids"]
+        flags = draw_i2v(rng, (seg.shape[0], num_segments), rate)
+        cond = batch[COND_TOKENS] * flow.per_token(flags, seg)[..., None]
+    else:
+        cond = jnp.zeros(x_t.shape[:-1] + (p * extra,), x_t.dtype)
+    return interleave(x_t, cond, p)
+
+
+def micro_kwargs(dit, batch: dict) -> dict:
+    """The packed call's `micro` keyword: {name: [B, K]} from the batch, or {} (none)."""
+    if not dit.micro_conditioning:
+        return {}
+    return {"micro": {name: batch[MICRO_PREFIX + name] for name in dit.micro_conditioning}}

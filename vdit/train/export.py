@@ -1,0 +1,61 @@
+"""`vdit export`: a run's complete weights as a standalone vdit run (LoRA merged, frozen parts
+filled in), for sampling, sharing, and as the `train.init_from` of later runs.
+
+    vdit export --workdir runs/lora --out runs/lora_merged
+    vdit sample --workdir runs/lora_merged --prompt "a red circle moving right" --out out.mp4
+
+The output workdir holds one checkpoint, at the source's step, whose state is
+{"step", "params", "ema"} with params and EMA each the complete {"dit", "text"} weights
+(`vdit.train.init_from.run_weights`), and the source's config with LoRA off, no init_from and
+`data.latents_dir` pointing at the source's latents (their statistics are needed to sample). It
+is not a resumable training state (no optimizer). For diffusers' layout instead, pass the same
+weights to `vdit.convert.wan.save_transformer(build_dit(config.model), weights["dit"], out_dir)`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from vdit.train import checkpoint
+from vdit.train.init_from import resolve, run_weights
+
+
+def latest_step(workdir: str) -> int:
+    folder = os.path.join(workdir, "checkpoints")
+    steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {folder}: train first")
+    return max(steps)
+
+
+def standalone_config(saved: dict, workdir: str) -> ml_collections.ConfigDict:
+    """The source run's config, made self-contained (no LoRA, no init_from)."""
+    from vdit.train.loop import latents_dir
+
+    config = ml_collections.ConfigDict(saved)
+    if "lora" in config:
+        config.lora.enabled = False
+    config.train.init_from = ""
+    if "data" in config:
+        config.data.latents_dir = os.path.abspath(latents_dir(config, workdir))
+    return config
+
+
+def export_run(src: str, out: str) -> str:
+    """Writes the complete weights of the run at `src` (workdir or step folder) to a new run
+    folder `out`; returns the checkpoint step folder written."""
+    workdir, step = resolve(src)
+    step = latest_step(workdir) if step is None else step
+    if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
+        raise ValueError(f"--out {out!r} already holds checkpoints; choose a new folder")
+    path = os.path.join(workdir, "checkpoints", str(step))
+    params, saved = run_weights(path, "params")
+    ema, _ = run_weights(path, "ema")
+    config = standalone_config(saved, workdir)
+    config.checkpoint.async_save = False
+    manager = checkpoint.make_manager(out, config.checkpoint, with_data=False)
+    checkpoint.save(manager, step, {"step": step, "params": params, "ema": ema}, config, force=True)
+    manager.wait_until_finished()
+    return os.path.join(os.path.abspath(out), "checkpoints", str(step))

@@ -1,0 +1,174 @@
+"""`train.init_from`: start a run from another run's weights; the complete weights of any run.
+
+A run's complete weights are {"dit", "text"}: the trainable part comes from its checkpoint, the
+frozen part (never checkpointed) from its own `train.init_from` run (recursively) or, without one,
+recreated from its seed; LoRA adapters, when the checkpoint holds them, are merged into the DiT.
+`run_weights` returns exactly what the run trained against, so sampling, exporting and chaining
+stages all see the same model.
+
+`train.init_from` is a vdit workdir (its latest checkpoint) or one checkpoint step folder
+(`<workdir>/checkpoints/<step>`); `train.init_from_weights` ("params" or "ema") says which of its
+weights to take. A new run takes from it:
+  - always: its frozen weights (the text encoder when `text.trainable` is False; under LoRA also
+    the base DiT), so a resumed run keeps training against the same frozen model;
+  - on a fresh start only (a workdir without a checkpoint; resuming wins): its trainable weights,
+    as both params and EMA. The optimizer, step counter and data iterator start fresh.
+Shapes must match the new run's model exactly; a mismatch names every differing tensor.
+Relative paths are taken from the current directory and stored absolute in the run's config.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from vdit.models import lora
+from vdit.train.checkpoint import load_params
+from vdit.train.state import create_sharded, shardings_of, unbox
+
+log = logging.getLogger(__name__)
+WHICH = ("params", "ema")
+PARTS = ("dit", "text")
+MAX_CHAIN = 32  # init_from links followed before suspecting a cycle
+
+
+def source_path(config) -> str:
+    return str(config.train.get("init_from", "") or "")
+
+
+def which_weights(config) -> str:
+    which = config.train.get("init_from_weights", "params")
+    if which not in WHICH:
+        raise ValueError(f"config key 'train.init_from_weights' = {which!r}; allowed: {list(WHICH)}")
+    return which
+
+
+def checked(config):
+    """Validates the init_from keys; returns a copy of `config` whose train.init_from is absolute
+    (the run's saved config must find that folder from any directory), or `config` itself."""
+    path = source_path(config)
+    if path:
+        which_weights(config)
+    if not path or os.path.isabs(path):
+        return config
+    config = copy.deepcopy(config)
+    config.train.init_from = os.path.abspath(path)
+    return config
+
+
+def resolve(path: str) -> tuple[str, int | None]:
+    """(workdir, step) of a checkpoint step folder `<workdir>/checkpoints/<step>`, else
+    (path, None): a workdir, read at its latest step."""
+    path = os.path.abspath(path).rstrip(os.sep)
+    parent = os.path.dirname(path)
+    if os.path.basename(path).isdigit() and os.path.basename(parent) == "checkpoints":
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint step folder {path!r} does not exist")
+        return os.path.dirname(parent), int(os.path.basename(path))
+    return path, None
+
+
+def run_weights(path: str, which: str = "ema", _depth: int = 0) -> tuple[dict, dict]:
+    """(complete weights {"dit", "text"} as host arrays, saved config dict) of the run at `path`
+    (workdir or step folder); `which` = "ema" or "params" for its trainable part."""
+    workdir, step = resolve(path)
+    params, saved = load_params(workdir, which, step)
+    config = ml_collections.ConfigDict(saved)
+    weights = dict(params)
+    if not set(PARTS) <= set(weights):
+        weights = {**frozen_weights(config, _depth + 1), **weights}
+    if "lora" in weights:
+        weights["dit"] = lora.merge_lora(weights["dit"], weights.pop("lora"), config.lora)
+    return jax.tree.map(np.asarray, weights), saved
+
+
+def frozen_weights(config, _depth: int = 0) -> dict:
+    """The frozen (not checkpointed) weights of a run with `config`: from its init_from run, or
+    recreated from its seed."""
+    from vdit.train import loop  # loop imports this module
+
+    path = source_path(config)
+    if not path:
+        return loop.seed_frozen(config)
+    if _depth > MAX_CHAIN:
+        raise ValueError(f"train.init_from chain longer than {MAX_CHAIN} runs (a cycle?) at {path!r}")
+    weights = source_weights(config, _depth)
+    keys = frozen_keys(config)
+    return {k: weights[k] for k in keys}
+
+
+def source_weights(config, _depth: int = 0) -> dict:
+    """The complete weights of the run that `config`'s train.init_from names."""
+    path = source_path(config)
+    try:
+        return run_weights(path, which_weights(config), _depth)[0]
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"config key 'train.init_from' = {path!r} (a vdit workdir or "
+                                f"<workdir>/checkpoints/<step>): {e}") from e
+
+
+def frozen_keys(config) -> list[str]:
+    from vdit.train import loop
+
+    return sorted(loop.split_trainable(config, {"dit": 0, "text": 0, "lora": 0})[1])
+
+
+def check_shapes(source: dict, target, where: str) -> None:
+    """Every tensor of `target` (arrays or ShapeDtypeStructs) must exist in `source` with the
+    same shape; the error lists all differences."""
+    have = traverse_util.flatten_dict(source, sep="/")
+    want = traverse_util.flatten_dict(target, sep="/")
+    problems = [f"{k}: {where} has {tuple(np.shape(have[k]))}, this run needs {tuple(v.shape)}"
+                for k, v in sorted(want.items()) if k in have and tuple(np.shape(have[k])) != tuple(v.shape)]
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    if missing:
+        problems.append(f"missing in {where}: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if extra:
+        problems.append(f"not in this run's model: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+    if problems:
+        raise ValueError(f"config key 'train.init_from': the weights of {where} do not fit this "
+                         "run's model (model/text settings differ?): " + "; ".join(problems))
+
+
+def create_frozen(config, boxed_fn, rng, mesh, rules):
+    """(frozen, shardings) of a new run's frozen weights `boxed_fn(rng)`: created from the seed,
+    or, when init_from is set, only their abstract shapes (no random init; `apply` fills them)."""
+    if not source_path(config):
+        return create_sharded(boxed_fn, rng, mesh, rules)
+    return unbox(jax.eval_shape(boxed_fn, rng)), shardings_of(boxed_fn, mesh, rules)
+
+
+def apply(config, state, shardings, frozen: dict, frozen_shardings, resuming: bool):
+    """(state, frozen) with the frozen weights from `train.init_from` (`frozen` may be abstract,
+    see `create_frozen`), and on a fresh start the trainable ones too (params and EMA; the
+    optimizer state, step and rng stay as created)."""
+    path = source_path(config)
+    if not path or (resuming and not frozen):  # nothing to take from the source
+        return state, frozen
+    weights = source_weights(config)
+    where = f"init_from run {path!r}"
+    if frozen:
+        frozen = jax.device_put(_fit({k: weights[k] for k in frozen}, frozen, where),
+                                frozen_shardings)
+    take = {k: weights[k] for k in state.params if k in weights}
+    if resuming or not take:
+        return state, frozen
+    take = _fit(take, {k: state.params[k] for k in take}, where)
+    # Two transfers, two buffers: params and EMA are donated to the step separately.
+    params = {**state.params, **jax.device_put(take, {k: shardings.params[k] for k in take})}
+    ema = {**state.ema, **jax.device_put(take, {k: shardings.ema[k] for k in take})}
+    log.info("initialised %s from %s (%s weights)", sorted(take), path, which_weights(config))
+    return state.replace(params=params, ema=ema), frozen
+
+
+def _fit(source: dict, target, where: str) -> dict:
+    """`source` checked against `target`'s shapes and cast to its dtypes."""
+    check_shapes(source, target, where)
+    return jax.tree.map(lambda s, t: np.asarray(s, t.dtype), source, target)

@@ -1,0 +1,133 @@
+"""Periodic samples during DiT training: every `train.sample_every` steps, videos for a fixed prompt
+set from the current EMA weights, decoded with the run's VAE, written to
+`workdir/samples/step_{step:06d}/` as `{i:02d}.mp4`, `grid.png` and `prompts.txt` (line i = video i).
+
+Config: `train.sample_every` (0 = off); `sample.frames/height/width/steps/guidance/scheduler` as for
+`vdit sample`; optional `sample.prompts` (list of strings; default: the first `sample.num_prompts`
+(default 4) distinct captions of the run's latent shards) and `sample.seed` (default 0: the same
+noise at every step, so the videos are comparable over training). A run without
+`encode.vae_workdir` cannot decode and samples nothing (one warning at start).
+
+Every process runs the generation (the weights may be sharded over all of them); process 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from vdit.models import lora
+
+log = logging.getLogger(__name__)
+DEFAULT_NUM_PROMPTS = 4
+MAX_CAPTION_SCAN = 1000  # records read at most when collecting distinct captions
+
+
+def complete_weights(config, ema: dict, frozen: dict) -> dict:
+    """{"dit", "text"} the model samples with: trainable EMA over the frozen weights, LoRA merged."""
+    weights = {**frozen, **ema}
+    if "lora" in weights:
+        weights["dit"] = lora.merge_lora(weights["dit"], weights.pop("lora"), config.lora)
+    return weights
+
+
+def sample_prompts(config, latents: str) -> list[str]:
+    """`sample.prompts`, or the first `sample.num_prompts` distinct captions in `latents`."""
+    given = config.sample.get("prompts", None)
+    if given:
+        if isinstance(given, str) or not all(isinstance(p, str) for p in given):
+            raise ValueError(f"config key 'sample.prompts' = {given!r}: expected a list of strings")
+        return list(given)
+    from vdit.data.sources import LatentShardSource
+
+    count = int(config.sample.get("num_prompts", DEFAULT_NUM_PROMPTS))
+    source = LatentShardSource(latents)
+    captions: list[str] = []
+    for i in range(min(len(source), MAX_CAPTION_SCAN)):
+        caption = str(source[i].get("caption", "")).strip()
+        if caption and caption not in captions:
+            captions.append(caption)
+            if len(captions) == count:
+                break
+    if not captions:
+        raise ValueError(f"train.sample_every is set but config key 'sample.prompts' is empty and "
+                         f"the latent shards in {latents!r} have no captions: give sample.prompts")
+    return captions
+
+
+@dataclasses.dataclass
+class PeriodicSamples:
+    every: int
+    folder: str                # workdir/samples
+    prompts: list[str]
+    generator: Any             # vdit.pipelines.generate.Generator (weights replaced per call)
+    config: ml_collections.ConfigDict
+    shape: tuple[int, int, int]  # frames, height, width
+    seed: int
+    fps: float
+
+    def maybe_write(self, step: int, ema: dict, frozen: dict) -> str | None:
+        """Samples when `step` is a multiple of `every`; returns the step folder or None."""
+        return self.write(step, ema, frozen) if step % self.every == 0 else None
+
+    def write(self, step: int, ema: dict, frozen: dict) -> str:
+        from vdit.data.video_io import write_grid_png, write_video
+
+        weights = complete_weights(self.config, ema, frozen)
+        gen = dataclasses.replace(self.generator, dit_params=weights["dit"],
+                                  text_params=weights["text"])
+        videos = _to_host(gen.generate(self.prompts, *self.shape, seed=self.seed))
+        out = os.path.join(self.folder, f"step_{step:06d}")
+        if jax.process_index() != 0:
+            return out
+        os.makedirs(out, exist_ok=True)
+        for i, video in enumerate(videos):
+            write_video(os.path.join(out, f"{i:02d}.mp4"), video, fps=self.fps)
+        write_grid_png(os.path.join(out, "grid.png"), videos)
+        with open(os.path.join(out, "prompts.txt"), "w") as f:
+            f.write("\n".join(self.prompts) + "\n")
+        log.info("step %d: wrote %d samples and grid.png to %s", step, len(videos), out)
+        return out
+
+
+def from_config(config, workdir: str, ema: dict, frozen: dict) -> PeriodicSamples | None:
+    """The run's periodic sampler (VAE, latent statistics and prompts loaded now, so a problem
+    shows before step 1), or None when `train.sample_every` is 0 or the run has no VAE."""
+    from vdit.pipelines.generate import Generator
+    from vdit.train.loop import latents_dir
+
+    every = int(config.train.get("sample_every", 0) or 0)
+    if every <= 0:
+        return None
+    vae_workdir = config.encode.get("vae_workdir", "") if "encode" in config else ""
+    if not vae_workdir:
+        log.warning("train.sample_every=%d but the run has no encode.vae_workdir to decode with: "
+                    "no periodic samples", every)
+        return None
+    if "sample" not in config:
+        raise ValueError("train.sample_every is set but the config has no 'sample' section "
+                         "(frames, height, width, steps, guidance, scheduler)")
+    missing = [k for k in ("frames", "height", "width", "scheduler") if k not in config.sample]
+    if missing:
+        raise ValueError(f"train.sample_every is set but config section 'sample' lacks {missing}")
+    shape = tuple(int(config.sample[k]) for k in ("frames", "height", "width"))
+    generator = Generator.from_params(config, complete_weights(config, ema, frozen), workdir)
+    generator.latent_shape(*shape)  # a size the VAE and patches cannot take fails here
+    fps = float(config.data.get("fps", 16.0)) if "data" in config else 16.0
+    return PeriodicSamples(every, os.path.join(workdir, "samples"),
+                           sample_prompts(config, latents_dir(config, workdir)), generator,
+                           config, shape, int(config.sample.get("seed", 0)), fps)
+
+
+def _to_host(x) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
