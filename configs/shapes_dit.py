@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.update(dict(
         num_attention_heads=4, attention_head_dim=32, in_channels=20, out_channels=8,
         text_dim=128, freq_dim=64, ffn_dim=512, num_layers=6, dtype="float32",
-        attention="xla", remat="none"))
+        attention="xla", remat="none", micro_conditioning=[]))
     vae = recipe("shapes_vae")
     config.vae = vae.vae
 
@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
         caption_dropout=0.1, prefetch=2))
 
     config.encode = ml_collections.ConfigDict(dict(
-        source="synthetic", vae_workdir="",
+        source="synthetic", video_root="", vae_workdir="",
         shapes=[(9, 32, 32), (1, 32, 32), (9, 32, 48), (9, 48, 32)],
         shape_weights=[0.6, 0.1, 0.15, 0.15], num_examples=4000, num_shards=4,
         batch_size=32, normalize="measure", seed=0, i2v_condition=True,
@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint = defaults.checkpoint()
     config.checkpoint.update(dict(every=500, keep=2))
     config.sample = ml_collections.ConfigDict(dict(
-        frames=9, height=32, width=32, steps=20, guidance=4.0,
+        frames=9, height=32, width=32, steps=20, guidance=4.0, num_prompts=4, seed=0,
         scheduler=dict(_class_name="UniPCMultistepScheduler", num_train_timesteps=1000,
                        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=2.0,
                        solver_order=2, predict_x0=True, solver_type="bh2",

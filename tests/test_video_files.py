@@ -1,9 +1,12 @@
 """Encoding video files: folder/manifest sources, shape buckets, skipped videos counted, resume,
-the CLI dispatch, and the Grain pipeline reading the result."""
+the CLI dispatch, the Grain pipeline reading the result, and `vdit curate`'s clips.jsonl as the
+source (frame ranges, dropped clips filtered, captions and motion carried)."""
 
+import dataclasses
 import json
 import os
 
+import curate_testing as ct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +15,8 @@ from flax.core import meta
 
 from vdit import cli
 from vdit.config import ConfigError, load_config
+from vdit.curate.run import curate
+from vdit.curate.settings import default_config_path
 from vdit.data import pipeline, sources, video_files, video_io
 from vdit.data.encode_videos import SUMMARY_FILE, encode_videos
 from vdit.models.vae_config import vae_from_config
@@ -194,3 +199,88 @@ def test_cli_encodes_a_folder(videos, vae_workdir, tmp_path, capsys):
     assert sum(len(s["skipped"]) for s in shards.values()) == skipped
     records = _records(os.path.join(workdir, "latents"))
     assert {r["meta"]["file"]: r["caption"] for r in records} == {k: c for k, (_, c) in kept.items()}
+
+
+RED, BLUE = (1.0, 0.35, 0.35), (0.35, 0.35, 1.0)
+ONE_SHAPE = ["--config.encode.shapes=[(9, 32, 32)]", "--config.encode.shape_weights=[1.0]",
+             "--config.encode.num_shards=1", "--config.encode.normalize='config'"]
+
+
+def _tint(video: np.ndarray, weights) -> np.ndarray:
+    return np.clip(video * np.asarray(weights, np.float32), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    """`vdit curate` over a folder: halves.mp4 (a red shot, a hard cut at frame 24, a blue shot;
+    a caption per shot in its sidecar), still.mp4 (one frozen frame: dropped as static) and
+    broken.mp4 (unreadable); clips.jsonl lands in another folder, as in a real run."""
+    folder = tmp_path_factory.mktemp("raw")
+    red, blue = ct.scenes(2, 24, 12.0)
+    video_io.write_mp4(folder / "halves.mp4", np.concatenate([_tint(red, RED), _tint(blue, BLUE)]), 12.0)
+    (folder / "halves.json").write_text(json.dumps({"captions": [
+        {"start": 0, "end": 2, "caption": "a red scene"},
+        {"start": 2, "end": 4, "caption": "a blue scene"}]}))
+    video_io.write_mp4(folder / "still.mp4", np.repeat(red[:1], 24, axis=0), 12.0)
+    (folder / "broken.mp4").write_bytes(b"\0" * 500)
+    out = tmp_path_factory.mktemp("curated")
+    curate(load_config(default_config_path(), ["--config.curate.output.progress=False"]),
+           str(folder), str(out))
+    lines = [json.loads(t) for t in (out / "clips.jsonl").read_text().splitlines()]
+    kept = [ln for ln in lines if ln["kept"]]
+    # What the checks below rely on: curate cut halves.mp4 at frame 24 and kept both shots only.
+    assert [(ln["source"], ln["start_frame"], ln["end_frame"]) for ln in kept] == [
+        ("halves.mp4", 0, 24), ("halves.mp4", 24, 48)]
+    assert len(lines) == 4 and [ln["caption"] for ln in kept] == ["a red scene", "a blue scene"]
+    return {"folder": str(folder), "manifest": str(out / "clips.jsonl"), "kept": kept}
+
+
+def test_curate_manifest_clips_come_from_their_frame_range(curated):
+    with pytest.raises(FileNotFoundError, match="none of the videos.*encode.video_root"):
+        video_files.list_source(curated["manifest"])  # curate's sources are input-relative
+    entries, filtered = video_files.list_source(curated["manifest"], root=curated["folder"])
+    assert filtered == 2 and [e.frames for e in entries] == [(0, 24), (24, 48)]
+    src = video_files.VideoClipSource(entries, [(9, 32, 32)], filtered=filtered)
+    for i, (line, channel) in enumerate(zip(curated["kept"], (0, 2), strict=True)):
+        clip = src[i]
+        rgb = clip["video"].mean(axis=(0, 1, 2))
+        assert rgb[channel] - rgb[2 - channel] > 0.3, (i, rgb)  # red shot red, blue shot blue
+        meta = clip["meta"]
+        assert clip["caption"] == line["caption"] and meta["motion"] == line["motion"] > 0
+        assert meta["fps"] == 12.0 and meta["source_frames"] == 24
+        assert meta["first_frame"] == line["start_frame"] + (24 - 9) // 2
+    whole = video_files.VideoClipSource([dataclasses.replace(entries[0], frames=None)], [(9, 32, 32)])
+    assert whole[0]["meta"]["first_frame"] == (48 - 9) // 2  # no range: the middle of the video
+
+
+def test_manifest_frame_ranges_and_kept_flags_fail_clearly(videos, tmp_path):
+    lines = [{"source": "clip0.mp4", "start_frame": 2, "end_frame": 7, "kept": True},
+             {"source": "clip1.mp4", "start_frame": 8, "end_frame": 20},
+             {"source": "clip2.mp4", "kept": False}]
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    entries, filtered = video_files.read_manifest(manifest, videos["folder"])
+    assert filtered == 1 and [e.key for e in entries] == ["clip0.mp4", "clip1.mp4"]
+    src = video_files.VideoClipSource(entries, [(5, 32, 32)])
+    assert src[0]["meta"]["first_frame"] == 2 and src[0]["meta"]["source_frames"] == 5
+    with pytest.raises(video_files.ClipTooShortError, match=r"frames \[2, 7\) has 5 frames"):
+        src.clip(0, (9, 32, 32))
+    with pytest.raises(video_files.FrameRangeError, match=r"has 12 frames.*\[8, 20\)"):
+        src.clip(1, (1, 32, 32))
+    for bad, match in [({"start_frame": 5, "end_frame": 5}, "start_frame.*end_frame"),
+                       ({"start_frame": 3}, "start_frame"), ({"kept": "no"}, "kept")]:
+        manifest.write_text(json.dumps({"source": "clip0.mp4", **bad}) + "\n")
+        with pytest.raises(ValueError, match=rf"clips.jsonl line 1.*{match}"):
+            video_files.read_manifest(manifest)
+
+
+def test_encode_a_curate_manifest(curated, vae_workdir, tmp_path):
+    config = _config(curated["manifest"], vae_workdir, *ONE_SHAPE)
+    config.encode.video_root = curated["folder"]
+    summary = encode_videos(config, str(tmp_path / "latents"))
+    assert (summary["records"], summary["skipped"], summary["filtered"]) == (2, 0, 2)
+    records = _records(str(tmp_path / "latents"))
+    for record, line in zip(records, curated["kept"], strict=True):
+        assert record["caption"] == line["caption"] and record["meta"]["motion"] == line["motion"]
+        assert record["meta"]["first_frame"] == line["start_frame"] + 7
+        assert record["meta"]["fps"] == 12.0 and record["latents"].shape == (3, 8, 8, 8)

@@ -74,6 +74,11 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--motion", type=float,
                        help="motion score (frame short sides/s) for a motion-conditioned model")
         p.add_argument("--batch-size", type=int, help="videos generated per call")
+        p.add_argument("--last-image", help="last frame: keyframe interpolation with --image")
+        p.add_argument("--mode", choices=["restyle", "extend", "upscale"], default="restyle",
+                       help="what to do with --video")
+        p.add_argument("--context-frames", type=int,
+                       help="frames of --video kept as context when extending")
     elif name == "eval":
         p.add_argument("what", choices=["shapes"], help="which evaluation")
         p.add_argument("--videos", help="folder of videos to judge")

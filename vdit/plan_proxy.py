@@ -70,9 +70,14 @@ def abstract_batch(dit, rows: int, tokens: int, text_len: int, text_ids: bool) -
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     text = (i32(rows, text_len) if text_ids
             else jax.ShapeDtypeStruct((rows, text_len, dit.text_dim), jnp.float32))
-    return {"tokens": jax.ShapeDtypeStruct((rows, tokens, dit.token_in_dim), jnp.float32),
-            "positions": i32(rows, tokens, 3), "segment_ids": i32(rows, tokens), "text": text,
-            "text_segment_ids": i32(rows, text_len), "text_positions": i32(rows, text_len)}
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    # clean latents (z channels) plus, for an I2V-capable model, the condition tokens
+    batch = {"tokens": f32(rows, tokens, dit.token_out_dim),
+             "positions": i32(rows, tokens, 3), "segment_ids": i32(rows, tokens), "text": text,
+             "text_segment_ids": i32(rows, text_len), "text_positions": i32(rows, text_len)}
+    if dit.token_in_dim > dit.token_out_dim:
+        batch["cond_tokens"] = f32(rows, tokens, dit.token_in_dim - dit.token_out_dim)
+    return batch
 
 
 def abstract_state(trainable, tx):

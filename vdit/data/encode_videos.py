@@ -5,15 +5,18 @@ Every entry of `encode.source` is encoded once (`encode.num_examples` applies to
 source only), entry i going to shard i // ceil(N / num_shards). Within a shard, clips are grouped
 by the shape drawn for them (`VideoClipSource.shape`) and encoded in batches padded to
 `encode.batch_size`, so the VAE compiles once per shape bucket. Videos that cannot be read
-(missing, corrupt), are too short for their shape, or fail otherwise are skipped and counted
-by reason, never fatal. `encode_summary.json` beside the shards keeps each finished shard's
-counts and skipped files, so a rerun (which skips finished shards) still reports the whole run.
+(missing, corrupt), are too short for their shape, whose manifest frame range passes their end,
+or fail otherwise are skipped and counted by reason, never fatal. Manifest lines with `kept`
+false (e.g. clips `vdit curate` dropped) are not entries at all: they are counted as `filtered`.
+`encode_summary.json` beside the shards keeps each finished shard's counts and skipped files,
+so a rerun (which skips finished shards) still reports the whole run.
 
-Config section `encode` (keys read here): source, shapes, shape_weights, seed, fps (0 = every
+Config section `encode` (keys read here): source, video_root (optional: the folder a manifest's
+relative paths resolve against, e.g. curate's input), shapes, shape_weights, seed, fps (0 = every
 source frame), extensions, num_shards, batch_size, decode_threads, normalize, vae_workdir,
 i2v_condition (also store `cond_latents`, as `encode_synthetic` does).
-Record meta: the manifest line's other keys (e.g. a curated "motion"), then index, file,
-source_frames, source_fps, fps (of the clip), first_frame.
+Record meta: the manifest line's other keys (e.g. a curated "motion", in frame short sides per
+second), then index, file, source_frames, source_fps, fps (of the clip), first_frame.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from tqdm import tqdm
 from vdit.config import check_frames, check_size, spatial_stride
 from vdit.data import conditions, sources
 from vdit.data.encode import channel_stats, latent_record, resolve_stats, vae_encoder
-from vdit.data.video_files import ClipTooShortError, VideoClipSource
+from vdit.data.video_files import ClipTooShortError, FrameRangeError, VideoClipSource
 from vdit.data.video_io import VideoReadError
 from vdit.models.text import text_encoder_from_config
 
@@ -54,7 +57,8 @@ def check_encode_shapes(config) -> None:
 def encode_videos(config, out_dir: str, vae_params=None) -> dict:
     """Encodes `config.encode.source` into shards under `out_dir`; `vae_params` default to the
     EMA weights of `encode.vae_workdir`. Returns {"paths", "records", "skipped",
-    "skipped_by_reason", "skipped_files"} over all shards, this run's and earlier runs'."""
+    "skipped_by_reason", "skipped_files"} over all shards, this run's and earlier runs', and
+    "filtered" (manifest lines with `kept` false)."""
     cfg = config.encode
     check_encode_shapes(config)
     source = VideoClipSource.from_config(cfg)
@@ -80,7 +84,7 @@ def encode_videos(config, out_dir: str, vae_params=None) -> dict:
         done[name] = {"records": len(records), "skipped": skipped}
         _write_summary(out_dir, done)
         sources.write_shard(path, records)
-    return _totals(paths, done)
+    return _totals(paths, done, source.filtered)
 
 
 def _load(source: VideoClipSource, index: int, skipped: list) -> dict | None:
@@ -89,7 +93,8 @@ def _load(source: VideoClipSource, index: int, skipped: list) -> dict | None:
         return source[index]
     except Exception as e:  # noqa: BLE001 - any failing video is skipped and counted, never fatal
         reason = ("unreadable" if isinstance(e, VideoReadError)
-                  else "too_short" if isinstance(e, ClipTooShortError) else "error")
+                  else "too_short" if isinstance(e, ClipTooShortError)
+                  else "frame_range" if isinstance(e, FrameRangeError) else "error")
         entry = source.entries[index]
         skipped.append({"file": entry.key, "index": index, "reason": reason,
                         "error": f"{type(e).__name__}: {e}"})
@@ -169,13 +174,13 @@ def _write_summary(out_dir: str, shards: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _totals(paths: list[str], shards: dict) -> dict:
+def _totals(paths: list[str], shards: dict, filtered: int = 0) -> dict:
     names = [os.path.basename(p) for p in paths]
     skipped = [s for n in names for s in shards[n]["skipped"]]
     by_reason = dict(Counter(s["reason"] for s in skipped))
     totals = {"paths": paths, "records": sum(shards[n]["records"] for n in names),
               "skipped": len(skipped), "skipped_by_reason": by_reason,
-              "skipped_files": [s["file"] for s in skipped]}
-    log.info("encode: %d clips in %d shards; skipped %d videos %s", totals["records"], len(paths),
-             totals["skipped"], by_reason)
+              "skipped_files": [s["file"] for s in skipped], "filtered": filtered}
+    log.info("encode: %d clips in %d shards; skipped %d videos %s; %d manifest lines not kept",
+             totals["records"], len(paths), totals["skipped"], by_reason, filtered)
     return totals

@@ -4,16 +4,23 @@ Entries:
 - a folder: every file under it (recursively, sorted) whose suffix is in `extensions`; the caption
   is the stripped text of a sidecar `<name>.txt` next to the video, or the empty caption when there
   is none (an empty caption trains the unconditional branch, like caption dropout);
-- a `.jsonl` manifest: one object per line with `file` (or `path`, curate's name; relative to the
-  manifest's folder, or absolute) and `caption` (optional, default empty); every other key (fps,
-  motion, scores, ...) is kept as metadata and lands in the record's `meta`.
+- a `.jsonl` manifest: one object per line with the video in `file`, `path` or `source` (the first
+  present; absolute, or relative to `encode.video_root`, default the manifest's folder) and
+  `caption` (optional, default empty); every other key (fps, motion, scores, ...) is kept as
+  metadata and lands in the record's `meta`. `vdit curate`'s clips.jsonl is such a manifest: a
+  line names its video in `source` (relative to curate's input folder: set `encode.video_root`
+  to it) and its clip as source frames [`start_frame`, `end_frame`), which restrict the clip to
+  that range; lines with `kept` false (clips curate dropped, videos it could not read) are
+  skipped and counted as filtered, not as errors. Curate's `caption` is the caption and its
+  `motion` (frame short sides per second) reaches the record's meta for micro-conditioning.
 
-`source[i]` decodes entry i (PyAV, `video_io`) into the clip shape `shape(i)`, drawn by
-`encode.sample_shape` from (shapes, weights, seed): `frames` frames taken from the middle of the
-video (at `fps` frames per second when fps > 0, else consecutive source frames; one middle frame
-for T = 1 images), then scaled to cover height x width and center-cropped. A missing or corrupt
-file raises `VideoReadError`, a video with too few frames `ClipTooShortError`; callers skip and
-count both (see `vdit/data/encode_videos.py`).
+`source[i]` decodes entry i (PyAV, `video_io`; a ranged entry only up to its end frame) into the
+clip shape `shape(i)`, drawn by `encode.sample_shape` from (shapes, weights, seed): `frames` frames
+taken from the middle of the video or its frame range (at `fps` frames per second when fps > 0,
+else consecutive source frames; one middle frame for T = 1 images), then scaled to cover
+height x width and center-cropped. A missing or corrupt file raises `VideoReadError`, a video or
+range with too few frames `ClipTooShortError`, a range past the video's end `FrameRangeError`;
+callers skip and count all three (see `vdit/data/encode_videos.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import av
 import grain
 import numpy as np
 
@@ -32,8 +40,15 @@ from vdit.data.encode import sample_shape
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 
 
+NAME_KEYS = ("file", "path", "source")  # manifest keys naming the video, in order of precedence
+
+
 class ClipTooShortError(ValueError):
     """A readable video holds fewer frames than the clip shape drawn for it."""
+
+
+class FrameRangeError(ValueError):
+    """A manifest's frame range reaches past the end of its video."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +57,7 @@ class VideoEntry:
     caption: str
     key: str  # the name it goes by in records: path relative to the folder, or as in the manifest
     meta: dict = dataclasses.field(default_factory=dict)  # manifest keys other than file/caption
+    frames: tuple[int, int] | None = None  # source frames [start, end) of the clip; None = all
 
 
 def list_folder(folder: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[VideoEntry]:
@@ -57,10 +73,13 @@ def list_folder(folder: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS
     return entries
 
 
-def read_manifest(path: str | Path) -> list[VideoEntry]:
-    """Entries of a jsonl manifest in file order; a malformed line is an error naming it."""
+def read_manifest(path: str | Path, root: str | Path = "") -> tuple[list[VideoEntry], int]:
+    """(entries of a jsonl manifest in file order, number of lines skipped as `kept` false);
+    relative video paths resolve against `root` (default: the manifest's folder). A malformed
+    line is an error naming it."""
     path = Path(path)
-    entries = []
+    root = Path(root) if root else path.parent
+    entries, filtered = [], 0
     for number, text in enumerate(path.read_text().splitlines(), 1):
         if not text.strip():
             continue
@@ -68,30 +87,108 @@ def read_manifest(path: str | Path) -> list[VideoEntry]:
             line = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"manifest {path} line {number} is not JSON: {e}") from e
-        name = line.get("file", line.get("path")) if isinstance(line, dict) else None
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"manifest {path} line {number}: expected an object with a \"file\" "
-                             f"string (and optional \"caption\"), got {text[:80]!r}")
-        file = Path(name) if Path(name).is_absolute() else path.parent / name
-        meta = {k: v for k, v in line.items() if k not in ("file", "path", "caption")}
-        entries.append(VideoEntry(str(file.resolve()), str(line.get("caption") or ""), name, meta))
-    return entries
+        entry = _manifest_entry(line, root, f"manifest {path} line {number}", text)
+        if entry is None:
+            filtered += 1
+        else:
+            entries.append(entry)
+    return entries, filtered
 
 
-def list_videos(source: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[VideoEntry]:
-    """A folder or a .jsonl manifest -> its entries; anything else is an error naming it."""
+def _manifest_entry(line, root: Path, where: str, text: str) -> VideoEntry | None:
+    """One manifest line -> its entry, or None when the line says `kept` false."""
+    name_key = next((k for k in NAME_KEYS if isinstance(line, dict) and k in line), None)
+    name = line[name_key] if name_key else None
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: expected an object with a \"file\" (or \"path\", "
+                         f"\"source\") string and optional \"caption\", got {text[:80]!r}")
+    kept = line.get("kept", True)
+    if not isinstance(kept, bool):
+        raise ValueError(f"{where}: \"kept\" = {kept!r}; expected true or false")
+    if not kept:
+        return None
+    file = Path(name) if Path(name).is_absolute() else root / name
+    meta = {k: v for k, v in line.items() if k not in ("file", "path", name_key, "caption")}
+    return VideoEntry(str(file.resolve()), str(line.get("caption") or ""), name, meta,
+                      _frame_range(line, where))
+
+
+def _frame_range(line: dict, where: str) -> tuple[int, int] | None:
+    """curate's [start_frame, end_frame) of a line, or None when it has neither key."""
+    if "start_frame" not in line and "end_frame" not in line:
+        return None
+    start, end = line.get("start_frame"), line.get("end_frame")
+    if not (all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end))
+            and 0 <= start < end):
+        raise ValueError(f"{where}: \"start_frame\" = {start!r}, \"end_frame\" = {end!r}; "
+                         "expected integers 0 <= start_frame < end_frame (source frames "
+                         "[start, end) of the clip)")
+    return start, end
+
+
+def list_source(source: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS,
+                root: str | Path = "") -> tuple[list[VideoEntry], int]:
+    """A folder or a .jsonl manifest (relative paths against `root`, default its folder) ->
+    (its entries, manifest lines filtered as not kept); anything else, nothing to encode, or a
+    manifest none of whose videos exists is an error naming it."""
     path = Path(source)
+    filtered = 0
     if path.is_dir():
         entries = list_folder(path, extensions)
     elif path.is_file() and path.suffix == ".jsonl":
-        entries = read_manifest(path)
+        entries, filtered = read_manifest(path, root)
+        if entries and not any(Path(e.file).is_file() for e in entries):
+            raise FileNotFoundError(
+                f"none of the videos in manifest {path} exists (the first resolves to "
+                f"{entries[0].file}); relative paths resolve against config key "
+                f"'encode.video_root' = {str(root)!r} (empty: the manifest's folder); for "
+                "`vdit curate`'s clips.jsonl set it to curate's input folder")
     else:
         raise FileNotFoundError(f"config key 'encode.source' = {str(source)!r}: expected "
                                 "\"synthetic\", a folder of videos or a .jsonl manifest")
     if not entries:
+        why = (f"({filtered} lines have \"kept\" false)" if filtered
+               else f"(looked for suffixes {list(extensions)})")
         raise FileNotFoundError(f"config key 'encode.source' = {str(source)!r} lists no videos "
-                                f"(looked for suffixes {list(extensions)})")
-    return entries
+                                f"{why}")
+    return entries, filtered
+
+
+def list_videos(source: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[VideoEntry]:
+    """The entries of `list_source`."""
+    return list_source(source, extensions)[0]
+
+
+def load_frames(path: str | Path, frame_range: tuple[int, int] | None = None
+                ) -> tuple[np.ndarray, float]:
+    """(frames uint8 [T, H, W, 3], fps) of a whole video, or of its frames [start, end) (decoding
+    stops at `end`; frames are numbered in decode order, as `vdit curate` numbers them)."""
+    if frame_range is None:
+        return video_io.load_video(path)
+    start, end = frame_range
+    path = Path(path)
+    if not path.is_file():
+        raise video_io.VideoReadError(f"cannot read video {path}: file not found")
+    frames, count = [], 0
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise video_io.VideoReadError(f"cannot read video {path}: no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            for count, frame in enumerate(container.decode(stream), 1):
+                if count > start:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                if count >= end:
+                    break
+    except video_io.VideoReadError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+        raise video_io.VideoReadError(f"cannot read video {path}: {e}") from e
+    if count < end:
+        raise FrameRangeError(f"video {path} has {count} frames; its manifest line asks for "
+                              f"frames [{start}, {end})")
+    return np.stack(frames), float(rate) if rate else 0.0
 
 
 def clip_indices(num_source: int, source_fps: float, frames: int, target_fps: float,
@@ -113,17 +210,21 @@ class VideoClipSource(grain.sources.RandomAccessDataSource):
     """Entry i -> {"video": float32 [T, H, W, 3] in [-1, 1], "caption", "meta"} at `shape(i)`."""
 
     def __init__(self, entries: Sequence[VideoEntry], shapes, shape_weights=None, seed: int = 0,
-                 fps: float = 0.0):
+                 fps: float = 0.0, filtered: int = 0):
         if not shapes:
             raise ValueError("config key 'encode.shapes' is empty: give (frames, height, width)s")
         self.entries = list(entries)
+        self.filtered = filtered  # manifest lines skipped as `kept` false
         self._shapes, self._weights, self._seed, self._fps = shapes, shape_weights, seed, fps
 
     @classmethod
     def from_config(cls, cfg) -> VideoClipSource:
-        """From `config.encode`: source, shapes, shape_weights, seed, fps, extensions."""
-        entries = list_videos(cfg.source, cfg.get("extensions", None) or VIDEO_EXTENSIONS)
-        return cls(entries, cfg.shapes, cfg.shape_weights, cfg.seed, float(cfg.get("fps", 0.0)))
+        """From `config.encode`: source, shapes, shape_weights, seed, fps, extensions,
+        video_root (optional)."""
+        entries, filtered = list_source(cfg.source, cfg.get("extensions", None) or VIDEO_EXTENSIONS,
+                                        cfg.get("video_root", None) or "")
+        return cls(entries, cfg.shapes, cfg.shape_weights, cfg.seed, float(cfg.get("fps", 0.0)),
+                   filtered)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -136,15 +237,20 @@ class VideoClipSource(grain.sources.RandomAccessDataSource):
         return self.clip(index, self.shape(index))
 
     def clip(self, index: int, shape: tuple[int, int, int]) -> dict:
-        """Entry `index` decoded at an explicit (frames, height, width)."""
+        """Entry `index` decoded at an explicit (frames, height, width). Meta `source_frames`
+        counts the frames the clip is drawn from (the entry's range, or the whole video);
+        `first_frame` is the clip's first frame in the whole video."""
         entry = self.entries[index]
         frames, height, width = shape
-        video, source_fps = video_io.load_video(entry.file)
-        idx = clip_indices(len(video), source_fps, frames, self._fps, f"video {entry.file}")
+        video, source_fps = load_frames(entry.file, entry.frames)
+        offset = entry.frames[0] if entry.frames else 0
+        where = f"video {entry.file}" + (f" frames [{offset}, {entry.frames[1]})"
+                                         if entry.frames else "")
+        idx = clip_indices(len(video), source_fps, frames, self._fps, where)
         clip = video_io.resize_and_crop(video[idx], height, width)
         meta = {**entry.meta, "index": index, "file": entry.key, "source_frames": len(video),
                 "source_fps": source_fps, "fps": self._fps if self._fps > 0 else source_fps,
-                "first_frame": int(idx[0])}
+                "first_frame": offset + int(idx[0])}
         return {"video": video_io.to_float(clip), "caption": entry.caption, "meta": meta}
 
     def __repr__(self) -> str:

@@ -112,7 +112,9 @@ def check_resume_compatible(saved: dict, config, sections=SHAPE_SECTIONS) -> Non
 
 
 def _normal(value):
-    return list(value) if isinstance(value, tuple) else value
+    # an absent key and an empty list are the same setting (keys added later default to empty)
+    value = list(value) if isinstance(value, tuple) else value
+    return None if value == [] else value
 
 
 def batch_spec(config, dit, text_dim: int | None) -> dict:
