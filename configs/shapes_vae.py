@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.vae_train = ml_collections.ConfigDict(dict(
         # 9-frame clips: the decoder must learn to use the caches a previous 4-frame chunk leaves
         # (5-frame clips never exercise them, and their third latent frame decodes to noise).
-        steps=1500, batch_size=8, shapes=[(1, 32, 32), (1, 32, 32), (9, 32, 32)],
+        steps=1600, batch_size=8, shapes=[(1, 32, 32), (1, 32, 32), (9, 32, 32)],
         l1_weight=0.0, l2_weight=1.0, kl_weight=1e-6, perceptual_weight=0.0,
         adversarial_weight=0.0, seed=0, log_every=10, eval_every=0, eval_examples=16, ema_decay=0.99))
     config.optim = defaults.optim()
