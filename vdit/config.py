@@ -179,10 +179,15 @@ def _validate_data_shapes(config: ml_collections.ConfigDict) -> None:
                 check_frames(f"data.{key}", value)
             else:
                 check_size(f"data.{key}", value, stride)
-    for i, shape in enumerate(data.get("shapes", None) or ()):
+    check_shapes("data.shapes", data.get("shapes", None) or (), stride)
+
+
+def check_shapes(key: str, shapes, stride: int) -> None:
+    """A config list of (frames, height, width): frames 1+4k, sizes the stride divides."""
+    for i, shape in enumerate(shapes):
         if len(shape) != 3:
-            raise ConfigError(f"config key 'data.shapes[{i}]' = {shape!r}: expected "
+            raise ConfigError(f"config key '{key}[{i}]' = {shape!r}: expected "
                               "(frames, height, width)")
-        check_frames(f"data.shapes[{i}].frames", shape[0])
-        check_size(f"data.shapes[{i}].height", shape[1], stride)
-        check_size(f"data.shapes[{i}].width", shape[2], stride)
+        check_frames(f"{key}[{i}].frames", shape[0])
+        check_size(f"{key}[{i}].height", shape[1], stride)
+        check_size(f"{key}[{i}].width", shape[2], stride)

@@ -13,7 +13,6 @@ recorded, counted and skipped, never fatal. A summary table ends the run.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -25,7 +24,7 @@ from vdit.curate.decode import iter_segments
 from vdit.curate.learned import build_learned_scorers
 from vdit.curate.pipeline import ClipResult, VideoItem, process_segment
 from vdit.curate.settings import check_curate_config, default_config_path
-from vdit.data.video_io import VideoReadError
+from vdit.data.video_io import VideoReadError, manifest_lines
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +44,7 @@ def list_inputs(input_path: str, extensions) -> list[VideoItem]:
 
 def _read_manifest(path: Path) -> list[VideoItem]:
     items, seen = [], set()
-    for number, text in enumerate(path.read_text().splitlines(), 1):
-        if not text.strip():
-            continue
-        try:
-            entry = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"manifest {path} line {number} is not JSON: {e}") from e
+    for number, entry, text in manifest_lines(path):
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise ValueError(f"manifest {path} line {number}: expected an object with a "
                              f"\"path\" string, got {text[:80]!r}")

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from vdit.config import check_frames, check_size, spatial_stride
+from vdit.config import check_shapes, spatial_stride
 from vdit.data import conditions, sources
 from vdit.data.encode import channel_stats, latent_record, resolve_stats, vae_encoder
 from vdit.data.video_files import ClipTooShortError, FrameRangeError, VideoClipSource
@@ -44,14 +44,7 @@ SUMMARY_FILE = "encode_summary.json"
 
 def check_encode_shapes(config) -> None:
     """Frames 1+4k and sizes that the VAE and the DiT patches divide, named by config key."""
-    stride = spatial_stride(config)
-    for i, shape in enumerate(config.encode.shapes):
-        if len(shape) != 3:
-            raise ValueError(f"config key 'encode.shapes[{i}]' = {shape!r}: expected "
-                             "(frames, height, width)")
-        check_frames(f"encode.shapes[{i}].frames", shape[0])
-        check_size(f"encode.shapes[{i}].height", shape[1], stride)
-        check_size(f"encode.shapes[{i}].width", shape[2], stride)
+    check_shapes("encode.shapes", config.encode.shapes, spatial_stride(config))
 
 
 def encode_videos(config, out_dir: str, vae_params=None) -> dict:

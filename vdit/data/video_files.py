@@ -26,7 +26,6 @@ callers skip and count all three (see `vdit/data/encode_videos.py`).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,13 +79,7 @@ def read_manifest(path: str | Path, root: str | Path = "") -> tuple[list[VideoEn
     path = Path(path)
     root = Path(root) if root else path.parent
     entries, filtered = [], 0
-    for number, text in enumerate(path.read_text().splitlines(), 1):
-        if not text.strip():
-            continue
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"manifest {path} line {number} is not JSON: {e}") from e
+    for number, line, text in video_io.manifest_lines(path):
         entry = _manifest_entry(line, root, f"manifest {path} line {number}", text)
         if entry is None:
             filtered += 1

@@ -7,6 +7,7 @@ Unreadable or corrupt files raise `VideoReadError` naming the file, so callers c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -201,3 +202,15 @@ def write_grid_png(path: str | Path, videos: Sequence[np.ndarray] | np.ndarray,
                    max_frames: int = 8, pad: int = 2) -> None:
     """Saves `grid_image(videos)` as a PNG (a batch [B, T, H, W, 3] or a list of videos)."""
     Image.fromarray(grid_image(videos, max_frames, pad)).save(str(path), format="PNG")
+
+
+def manifest_lines(path):
+    """(line number, parsed object, raw text) per non-blank line of a jsonl video manifest; a line
+    that is not JSON is an error naming the file and line."""
+    for number, text in enumerate(Path(path).read_text().splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            yield number, json.loads(text), text
+        except json.JSONDecodeError as e:
+            raise ValueError(f"manifest {path} line {number} is not JSON: {e}") from e
