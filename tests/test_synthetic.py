@@ -181,6 +181,16 @@ def test_caption_variety_and_split():
             ex["caption"].index(o["color"]) for o in ex["objects"])
 
 
+def test_word_vocabulary_covers_every_caption():
+    from vdit.models.tokenizers import WordTokenizer
+
+    tok = WordTokenizer(caps.vocabulary(list(COLORS)), 64)
+    world = SyntheticShapes(frames=5, height=32, width=32, max_objects=3, caption_split="all")
+    for i in range(300):
+        ids, _ = tok(world.caption(i))
+        assert tok.unk_id not in ids, world.caption(i)
+
+
 def test_from_config():
     cfg = ml_collections.ConfigDict({"frames": 5, "height": 32, "width": 64, "fps": 12.0,
                                      "seed": 9, "num_examples": 10, "speed_range": [0.2, 0.25],

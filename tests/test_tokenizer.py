@@ -10,6 +10,7 @@ from vdit.models.tokenizers import (
     ByteTokenizer,
     JsonTokenizer,
     SentencePieceTokenizer,
+    WordTokenizer,
     load_tokenizer,
     prompt_clean,
 )
@@ -46,6 +47,22 @@ def test_byte_truncation_warns_and_keeps_eos():
         ids, mask = tok("a red circle")
     assert mask.sum() == 8 and ids[0, -1] == tok.eos_id
     assert tok.decode(ids[0]) == "a red c"
+
+
+def test_word_tokenizer_ids_unknowns_and_bad_vocabularies():
+    tok = WordTokenizer(["a", "red", "circle", ",", "don't"], 8)
+    ids, mask = tok(["A red  circle, don't", "a zebra", ""])
+    _check_layout(ids, mask, tok.eos_id, tok.pad_id)
+    assert ids[0, :6].tolist() == [3, 4, 5, 6, 7, tok.eos_id] and tok.vocab_size == 8
+    assert ids[1, :3].tolist() == [3, tok.unk_id, tok.eos_id]
+    assert tok.decode(ids[0]) == "a red circle , don't" and tok.decode(ids[1]) == "a <unk>"
+    with pytest.warns(UserWarning, match="prompt 0 .* has 9 tokens, more than the 7"):
+        tok(["a " * 9])
+    with pytest.raises(ValueError, match="'red circle' is not one lowercase word"):
+        WordTokenizer(["a", "red circle"], 8)
+    with pytest.raises(ValueError, match=r"duplicate entries: \['a'\]"):
+        WordTokenizer(["a", "b", "a"], 8)
+    assert tok.fingerprint() != WordTokenizer(["a", "red"], 8).fingerprint()
 
 
 def test_sentencepiece_round_trip_and_truncation(files):

@@ -19,7 +19,7 @@ OVERRIDE_PREFIX = "--config."
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn")
-TEXT_KINDS = ("byte", "umt5")
+TEXT_KINDS = ("byte", "word", "umt5")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -2,7 +2,7 @@
 
 1. trains the shapes VAE (configs/shapes_vae.py),
 2. encodes synthetic clips to latent shards with it,
-3. trains a small DiT with its byte-level text encoder (configs/shapes_dit.py),
+3. trains a small DiT with its word-level text encoder (configs/shapes_dit.py),
 4. samples videos for held-out caption wordings into demo_out/samples/ (+ samples.jsonl, grid),
 5. prints the judge's prompt-adherence table,
 6. checks image-to-video (held-out first frames) and keyframe interpolation (first + last frames

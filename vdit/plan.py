@@ -205,7 +205,7 @@ def abstract_weights(cfg, dit) -> tuple[dict, dict]:
 def _text_model(cfg):
     from vdit.models import text
 
-    if cfg.text.get("kind") == "byte":
+    if cfg.text.get("kind") in ("byte", "word"):
         return text.text_encoder_from_config(cfg.text)[0]
     return text.encoder_from_dict(cfg.text, cfg.text.get("dtype", "float32"), "config.text")
 

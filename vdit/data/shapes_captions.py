@@ -11,10 +11,13 @@ structures never produced by the training ones, to test generalisation to unseen
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from vdit.models.tokenizers import split_words
 
 SHAPE_WORDS = {
     "circle": ("circle", "ball", "disc", "dot"),
@@ -114,3 +117,20 @@ def build_caption(objects: Sequence[dict], template: int = 0,
     tpl = TEMPLATES[template]
     clauses = [_clause(tpl, obj, rng) for obj in objects]
     return tpl.frame.format(objects=" and ".join(clauses))
+
+
+def vocabulary(colors: Sequence[str]) -> list[str]:
+    """Every word and punctuation mark a caption can contain, in first-use order.
+
+    The lexicon of all templates, training and held-out alike: like a real tokenizer's vocabulary
+    it covers words the training captions never use (their embeddings simply stay untrained).
+    """
+    texts = [*colors, "and"]
+    for table in (SHAPE_WORDS, DIRECTION_WORDS):
+        texts += [w for options in table.values() for w in options]
+    texts += [*VERBS_ING, *VERBS_S, ROLL_ING, ROLL_S, *STILL_ADJ, *STILL_ING, *STILL_S]
+    texts += [re.sub(r"{\w+}", " ", part) for template in TEMPLATES for part in template]
+    words: list[str] = []
+    for text in texts:
+        words += [w for w in split_words(text) if w not in words]
+    return words

@@ -1,8 +1,8 @@
-"""Text encoders: the UMT5 encoder of Wan2.1 and its byte-level miniature for the synthetic data.
+"""Text encoders: the UMT5 encoder of Wan2.1 and its miniatures for the synthetic data.
 
-One transformer serves both `config.text.kind`s: "umt5" is transformers' `UMT5EncoderModel`
-(numerics matched on the same weights) and "byte" is the same architecture with a 258-token byte
-vocabulary, small enough to train alongside the DiT. The architecture, per block:
+One transformer serves every `config.text.kind`: "umt5" is transformers' `UMT5EncoderModel`
+(numerics matched on the same weights); "byte" and "word" are the same architecture over a
+258-token byte vocabulary or a configured word list, small enough to train alongside the DiT. The architecture, per block:
   x += Attn(RMSNorm(x)) with an unscaled q·k plus a learned relative-position bias (one table per
   layer, the UMT5 difference from T5) and padded keys masked out; x += FFN(RMSNorm(x)) with a gated
   (or plain) activation; a final RMSNorm. Padded *query* positions are computed like the others
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.models.tokenizers import ByteTokenizer, load_tokenizer, prompt_clean
+from vdit.models.tokenizers import ByteTokenizer, WordTokenizer, load_tokenizer, prompt_clean
 
 # transformers' UMT5Config names; a config dict with these keys builds the module.
 CONFIG_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
@@ -276,8 +276,8 @@ def encoder_from_dict(cfg, dtype=jnp.float32, where: str = "text encoder config"
 def text_encoder_from_config(cfg_text):
     """`config.text` -> (module, tokenizer); tokenizer(texts) -> (ids [B, L], mask [B, L]).
 
-    kind "byte": the byte tokenizer (no files), vocabulary fixed by it; `max_length` from the
-    config. kind "umt5": the tokenizer at `tokenizer_path`; parameters come from
+    kind "byte": the byte tokenizer (no files), vocabulary fixed by it; kind "word": whole words
+    from the list `config.text.vocab`; `max_length` from the config. kind "umt5": the tokenizer at `tokenizer_path`; parameters come from
     `vdit.convert.wan_text.load_text_encoder` (or `init` for a random start).
     """
     kind = cfg_text.get("kind", None)
@@ -285,11 +285,16 @@ def text_encoder_from_config(cfg_text):
     if "max_length" not in cfg_text:
         raise ValueError("config.text.max_length is required (the padded prompt length)")
     max_length = int(cfg_text["max_length"])
-    if kind == "byte":
-        tokenizer = ByteTokenizer(max_length)
+    if kind in ("byte", "word"):
+        if kind == "byte":
+            tokenizer = ByteTokenizer(max_length)
+        elif not cfg_text.get("vocab", None):
+            raise ValueError("config.text.vocab (a list of words) is required for kind 'word'")
+        else:
+            tokenizer = WordTokenizer(list(cfg_text["vocab"]), max_length)
         vocab = int(cfg_text.get("vocab_size", tokenizer.vocab_size))
         if vocab < tokenizer.vocab_size:
-            raise ValueError(f"config.text.vocab_size={vocab} is smaller than the byte "
+            raise ValueError(f"config.text.vocab_size={vocab} is smaller than the {kind} "
                              f"tokenizer's {tokenizer.vocab_size} ids")
         return encoder_from_dict(cfg_text, dtype, "config.text", vocab_size=vocab), tokenizer
     if kind == "umt5":
@@ -298,7 +303,7 @@ def text_encoder_from_config(cfg_text):
                              "(a folder with tokenizer.json or spiece.model)")
         tokenizer = load_tokenizer(cfg_text["tokenizer_path"], max_length)
         return encoder_from_dict(cfg_text, dtype, "config.text"), tokenizer
-    raise ValueError(f"config.text.kind={kind!r}: expected 'byte' or 'umt5'")
+    raise ValueError(f"config.text.kind={kind!r}: expected 'byte', 'word' or 'umt5'")
 
 
 @functools.partial(jax.jit, static_argnums=0)
