@@ -2,7 +2,8 @@
 
 One transformer serves every `config.text.kind`: "umt5" is transformers' `UMT5EncoderModel`
 (numerics matched on the same weights); "byte" and "word" are the same architecture over a
-258-token byte vocabulary or a configured word list, small enough to train alongside the DiT. The architecture, per block:
+258-token byte vocabulary or a configured word list, small enough to train alongside the DiT.
+The architecture, per block:
   x += Attn(RMSNorm(x)) with an unscaled q·k plus a learned relative-position bias (one table per
   layer, the UMT5 difference from T5) and padded keys masked out; x += FFN(RMSNorm(x)) with a gated
   (or plain) activation; a final RMSNorm. Padded *query* positions are computed like the others
@@ -277,7 +278,8 @@ def text_encoder_from_config(cfg_text):
     """`config.text` -> (module, tokenizer); tokenizer(texts) -> (ids [B, L], mask [B, L]).
 
     kind "byte": the byte tokenizer (no files), vocabulary fixed by it; kind "word": whole words
-    from the list `config.text.vocab`; `max_length` from the config. kind "umt5": the tokenizer at `tokenizer_path`; parameters come from
+    from the list `config.text.vocab`; `max_length` from the config. kind "umt5": the tokenizer
+    at `tokenizer_path`; parameters come from
     `vdit.convert.wan_text.load_text_encoder` (or `init` for a random start).
     """
     kind = cfg_text.get("kind", None)

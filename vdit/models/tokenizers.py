@@ -96,8 +96,8 @@ def split_words(text: str) -> list[str]:
 class WordTokenizer:
     """Whole words from a fixed vocabulary: pad 0, EOS 1, unknown 2, `vocab[i]` -> i + 3.
 
-    Text splits as `split_words` does. A closed-world vocabulary (the synthetic captions' words) gives ~6x shorter sequences than
-    bytes, so a small text encoder reads a prompt in a few tokens.
+    Text splits as `split_words` does. A closed-world vocabulary (the synthetic captions' words)
+    gives ~6x shorter sequences than bytes, so a small text encoder reads a prompt in a few tokens.
     """
 
     pad_id = 0
