@@ -30,6 +30,7 @@ OVERRIDES = [
     "--config.model.text_dim=16", "--config.model.freq_dim=16", "--config.text.d_model=16",
     "--config.text.d_kv=8", "--config.text.d_ff=32", "--config.text.num_layers=1",
     "--config.text.num_heads=2", "--config.text.max_length=32", "--config.text.trainable=False",
+    "--config.text.kind=byte",  # the test shards hold byte token ids
     "--config.data.tokens_per_row=32", "--config.data.text_per_row=32",
     "--config.data.rows_per_batch=2", "--config.data.max_segments=1", "--config.data.pack_bins=1",
     "--config.data.prefetch=0", "--config.data.caption_dropout=0.0",
