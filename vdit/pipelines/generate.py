@@ -31,55 +31,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vdit.data import patches
-from vdit.diffusion.samplers import Sampler, cfg_velocity, make_sampler
+from vdit.diffusion.samplers import Sampler, make_sampler
 from vdit.models import micro as micro_lib
 from vdit.pipelines import conditioning as cond_lib
+from vdit.pipelines.guided_dit import GuidedDiT
 
 # vdit runs sample with Wan2.1's diffusers default solver unless the config says otherwise.
 DEFAULT_SCHEDULER = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000,
                      "prediction_type": "flow_prediction", "use_flow_sigmas": True,
                      "flow_shift": 3.0, "solver_order": 2, "predict_x0": True,
                      "solver_type": "bh2", "lower_order_final": True}
-
-
-@dataclasses.dataclass(frozen=True)
-class GuidedDiT:
-    """velocity_fn(x, timesteps, params, cond, uncond) for the sampler; hashable so the loop
-    compiles once. cond/uncond = (context [B, L, D], context_segment_ids [B, L]) or, for
-    image-conditioned runs, (context, ids, condition [B, T', H', W', C_cond] or None,
-    image_context [B, N, D_img] or None[, micro {name: [B]} or None]); the condition is
-    concatenated to x along channels.
-
-    `mask_text`: a token sees only its prompt's real text tokens (vdit-trained models, which
-    train on packed, unpadded text); False attends to every position, as Wan2.1 does."""
-
-    dit: Any
-    guidance: float
-    mask_text: bool
-
-    def __call__(self, x, timesteps, params, cond, uncond):
-        return cfg_velocity(functools.partial(self._model, params), self.guidance)(
-            x, timesteps, cond, uncond)
-
-    def _model(self, params, x, timesteps, cond):
-        context, context_ids, *extra = cond
-        condition, image, micro = (tuple(extra) + (None, None, None))[:3]
-        if condition is not None:
-            x = jnp.concatenate([x, condition.astype(x.dtype)], axis=-1)
-        if not self.mask_text:
-            return self.dit.apply({"params": params}, x, timesteps, context, image_context=image,
-                                  micro=micro)
-        b = x.shape[0]
-        grid = patches.grid_shape(x.shape[1:], self.dit.patch_size)
-        tokens = patches.patchify_batch(x, self.dit.patch_size)
-        n = tokens.shape[1]
-        positions = jnp.broadcast_to(jnp.asarray(patches.grid_positions(grid)), (b, n, 3))
-        out = self.dit.apply({"params": params}, tokens, positions, jnp.ones((b, n), jnp.int32),
-                             timesteps[:, None], context, context_ids, image_context=image,
-                             micro=None if micro is None else {k: v[:, None] for k, v in micro.items()},
-                             method="packed")
-        return patches.unpatchify_batch(out, grid, self.dit.patch_size)
 
 
 @dataclasses.dataclass
