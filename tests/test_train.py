@@ -88,3 +88,18 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
         loop.train(_config(workdir, "--config.train.max_bad_steps=3"), workdir)
     rows = read_metrics(workdir)
     assert [r["nonfinite_total"] for r in rows] == [1, 2, 3]
+
+
+def test_refuses_shards_of_another_tokenizer(workdir):
+    """Shards record their tokenizer (stats.json); ids of another vocabulary are an error that
+    names both, not a run of garbage (or non-finite) losses. Only the max length may differ."""
+    import json
+
+    from vdit.data import encode
+
+    stats = {"mean": [0.0] * 8, "std": [1.0] * 8, encode.TOKENIZER_KEY: ByteTokenizer(32).fingerprint()}
+    with open(os.path.join(workdir, "latents", encode.STATS_FILE), "w") as f:
+        json.dump(stats, f)
+    with pytest.raises(ValueError, match=r"cannot train on .*byte:v258.*config\.text gives .*word:"):
+        loop.train(_config(workdir, "--config.text.kind=word"), workdir)
+    encode.check_tokenizer(stats, ByteTokenizer(64), workdir, "train on")  # length only: fine

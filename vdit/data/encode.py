@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections import defaultdict
 
 import jax
@@ -32,6 +33,7 @@ from vdit.train.checkpoint import load_params
 
 log = logging.getLogger(__name__)
 STATS_FILE = "stats.json"
+TOKENIZER_KEY = "tokenizer"  # stats.json: fingerprint of the tokenizer behind the shards' ids
 
 
 def sample_shape(index: int, shapes, weights, seed: int) -> tuple[int, int, int]:
@@ -81,10 +83,12 @@ def vae_encoder(config, params=None):
     return lambda v: encode_jit(params, v)
 
 
-def resolve_stats(config, out_dir: str, measure) -> tuple[np.ndarray, np.ndarray]:
+def resolve_stats(config, out_dir: str, measure, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) [C] for normalising latents, also written to `out_dir/stats.json`: the stats
     already there (a resumed encode keeps its normalisation), else `measure()` when
-    `encode.normalize` is "measure", else `vae.latents_mean/std`."""
+    `encode.normalize` is "measure", else `vae.latents_mean/std`. The file also records the
+    fingerprint of the tokenizer whose ids the shards hold (`vdit train` checks it); a resumed
+    encode with another tokenizer is refused, as its shards would mix two id spaces."""
     os.makedirs(out_dir, exist_ok=True)
     stats_path = os.path.join(out_dir, STATS_FILE)
     if os.path.isfile(stats_path):
@@ -93,9 +97,29 @@ def resolve_stats(config, out_dir: str, measure) -> tuple[np.ndarray, np.ndarray
         stats = measure()
     else:
         stats = {"mean": list(config.vae.latents_mean), "std": list(config.vae.latents_std)}
+    check_tokenizer(stats, tokenizer, out_dir, "encode into")
+    stats[TOKENIZER_KEY] = tokenizer.fingerprint()
     with open(stats_path, "w") as f:
         json.dump(stats, f)
     return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+
+
+def _vocabulary(fingerprint: str) -> str:
+    # A fingerprint without its max length (":L<n>"): ids stay valid when only truncation changes.
+    return re.sub(r":L\d+", "", fingerprint)
+
+
+def check_tokenizer(stats: dict, tokenizer, folder: str, action: str) -> None:
+    """Refuses shards whose caption ids came from another tokenizer than `tokenizer` (ids from
+    another vocabulary are valid integers that mean other words, or overflow the embedding).
+    Shards written before fingerprints were recorded pass unchecked."""
+    saved = stats.get(TOKENIZER_KEY)
+    if saved is not None and _vocabulary(saved) != _vocabulary(tokenizer.fingerprint()):
+        raise ValueError(
+            f"cannot {action} {folder!r}: its shards hold caption token ids from tokenizer "
+            f"{saved!r}, but config.text gives tokenizer {tokenizer.fingerprint()!r}; set "
+            "config.text (kind, vocab, max_length) as it was for `vdit encode`, or encode again "
+            "into a new folder")
 
 
 def latent_record(z: np.ndarray, ids: np.ndarray, mask: np.ndarray, caption: str, meta: dict,
@@ -113,7 +137,7 @@ def encode_synthetic(config, out_dir: str) -> list[str]:
     data = SyntheticShapes.from_config(config.data)
     encode_fn = vae_encoder(config)
     mean, std = resolve_stats(config, out_dir,
-                              lambda: _measure_stats(encode_fn, data, cfg, cfg.shapes))
+                              lambda: _measure_stats(encode_fn, data, cfg, cfg.shapes), tokenizer)
     per_shard = -(-cfg.num_examples // cfg.num_shards)
     paths = []
     for shard in tqdm(range(cfg.num_shards), desc="encode", disable=not config.train.progress):

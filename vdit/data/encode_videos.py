@@ -57,7 +57,8 @@ def encode_videos(config, out_dir: str, vae_params=None) -> dict:
     source = VideoClipSource.from_config(cfg)
     _, tokenizer = text_encoder_from_config(config.text)
     encode_fn = vae_encoder(config, vae_params)
-    mean, std = resolve_stats(config, out_dir, lambda: _measure_stats(encode_fn, source, cfg))
+    mean, std = resolve_stats(config, out_dir, lambda: _measure_stats(encode_fn, source, cfg),
+                              tokenizer)
     condition_fn = conditions.encode_condition_fn(config, encode_fn, mean, std)
     num_shards = max(1, min(int(cfg.num_shards), len(source)))
     per_shard = -(-len(source) // num_shards)

@@ -37,6 +37,8 @@ _ACTIVATIONS = {
     "silu": jax.nn.silu,
 }
 _ACT = ("activation_batch", "activation_text_length", "activation_embed")
+# Rows of a byte/word embedding table are padded to a multiple of this (see padded_vocab_size).
+VOCAB_MULTIPLE = 128
 
 
 def parse_feed_forward_proj(value: str) -> tuple[bool, str]:
@@ -278,8 +280,9 @@ def text_encoder_from_config(cfg_text):
     """`config.text` -> (module, tokenizer); tokenizer(texts) -> (ids [B, L], mask [B, L]).
 
     kind "byte": the byte tokenizer (no files), vocabulary fixed by it; kind "word": whole words
-    from the list `config.text.vocab`; `max_length` from the config. kind "umt5": the tokenizer
-    at `tokenizer_path`; parameters come from
+    from the list `config.text.vocab`; `max_length` from the config; for both the embedding table
+    has `config.text.vocab_size` rows (default: the tokenizer's ids padded to a multiple of 128).
+    kind "umt5": the tokenizer at `tokenizer_path`; parameters come from
     `vdit.convert.wan_text.load_text_encoder` (or `init` for a random start).
     """
     kind = cfg_text.get("kind", None)
@@ -294,7 +297,7 @@ def text_encoder_from_config(cfg_text):
             raise ValueError("config.text.vocab (a list of words) is required for kind 'word'")
         else:
             tokenizer = WordTokenizer(list(cfg_text["vocab"]), max_length)
-        vocab = int(cfg_text.get("vocab_size", tokenizer.vocab_size))
+        vocab = int(cfg_text.get("vocab_size", padded_vocab_size(tokenizer.vocab_size)))
         if vocab < tokenizer.vocab_size:
             raise ValueError(f"config.text.vocab_size={vocab} is smaller than the {kind} "
                              f"tokenizer's {tokenizer.vocab_size} ids")
@@ -306,6 +309,13 @@ def text_encoder_from_config(cfg_text):
         tokenizer = load_tokenizer(cfg_text["tokenizer_path"], max_length)
         return encoder_from_dict(cfg_text, dtype, "config.text"), tokenizer
     raise ValueError(f"config.text.kind={kind!r}: expected 'byte', 'word' or 'umt5'")
+
+
+def padded_vocab_size(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """`size` rounded up to a multiple of `multiple`: the embedding table's rows (the `vocab` axis)
+    then split evenly over any tensor-parallel mesh axis up to that size; the extra ids are never
+    produced by the tokenizer."""
+    return -(-int(size) // multiple) * multiple
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from vdit.data import pipeline, sources
+from vdit.data import encode, pipeline, sources
 from vdit.data.conditions import COND_TOKENS, MICRO_PREFIX
 from vdit.models import lora
 from vdit.models.dit import build_dit
@@ -160,7 +160,10 @@ def train(config, workdir: str, stop_after: int | None = None) -> list[dict]:
     rules = logical_rules("dit", config.mesh.get("rules", None))
     dit, text_model, tokenizer = build_models(config)
     conditioning.check_config(config, dit)
-    source = sources.SkippingSource(sources.LatentShardSource(latents_dir(config, workdir)))
+    shards = latents_dir(config, workdir)
+    if config.data.text_format == "ids" and os.path.isfile(os.path.join(shards, encode.STATS_FILE)):
+        encode.check_tokenizer(encode.load_stats(shards), tokenizer, shards, "train on")
+    source = sources.SkippingSource(sources.LatentShardSource(shards))
     data_it = iter(pipeline.packed_dataset(
         source, config.data, dit.patch_size, null_caption(tokenizer),
         condition=conditioning.uses_condition(config, dit), micro=dit.micro_conditioning,
