@@ -15,7 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
     # 17 frames at 64x64 -> 5 latent frames x 8 x 8 = 320 tokens.
     config.encode.update(dict(shapes=[(17, 64, 64), (9, 64, 64), (1, 64, 64)],
                               shape_weights=[0.4, 0.4, 0.2]))
-    config.data.update(dict(frames=17, height=64, width=64))
+    # A 17x64x64 clip is 320 tokens: rows of 384 (the demo's rows of 96 hold 32x32 clips).
+    config.data.update(dict(frames=17, height=64, width=64, tokens_per_row=384,
+                            text_per_row=128, rows_per_batch=8, max_segments=8))
     config.data.max_objects = 1
     config.data.speed_range = (0.2, 0.3)
     config.optim.update(dict(lr=2e-4, warmup_steps=20))

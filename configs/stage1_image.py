@@ -8,10 +8,12 @@ through `train.init_from` (set here by convention; change it with --config.train
   stage3_hq     480x832 video up to 81 frames, from a stricter curation (filtered) set
                                                       init_from runs/stage2_video
 
-runs/wan2_1_t2v_1_3b is Wan2.1's published weights as a vdit run (DiT + UMT5-XXL; converted from
-the diffusers folder). Stage 1 takes the frozen UMT5 text encoder (and the DiT) from it. The VAE is
-frozen in every stage: it only encodes clips to latent shards (`vdit encode`, from the vdit VAE
-run at `encode.vae_workdir`) from the clips listed at `encode.source` (the clips.jsonl manifest
+runs/wan2_1_t2v_1_3b is Wan2.1's published weights as a vdit run (DiT + UMT5-XXL), with its VAE
+run in runs/wan2_1_t2v_1_3b/vae; both are written by
+`vdit convert --from diffusers --src weights/Wan2.1-T2V-1.3B-Diffusers --out runs/wan2_1_t2v_1_3b`.
+Stage 1 takes the frozen UMT5 text encoder (and the DiT) from it. The VAE is frozen in every
+stage: it only encodes clips to latent shards (`vdit encode`, from the vdit VAE run at
+`encode.vae_workdir`) from the clips listed at `encode.source` (the clips.jsonl manifest
 `vdit curate` writes); the DiT trains on those latents.
 
     vdit encode --config configs/stage1_image.py --workdir runs/stage1_image
@@ -61,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
         rows_per_batch=256, max_segments=16, pack_bins=16, caption_dropout=0.1, num_workers=8))
     # 16 px per token: a 256x256 image is 256 tokens, 16 of them fill a row.
     config.encode = ml_collections.ConfigDict(dict(
-        source="data/clips/clips.jsonl", video_root="data/raw", vae_workdir="runs/wan2_1_vae",
+        source="data/clips/clips.jsonl", video_root="data/raw", vae_workdir="runs/wan2_1_t2v_1_3b/vae",
         shapes=[(1, 256, 256), (1, 256, 448), (1, 448, 256)], shape_weights=[0.6, 0.2, 0.2],
         num_shards=256, batch_size=16, normalize="config", seed=0))
 

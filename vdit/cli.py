@@ -189,8 +189,17 @@ def _export(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from vdit.convert.runs import convert
+
+    written = convert(args.src_format, args.dst_format, args.src, args.out)
+    print("vdit convert: wrote " + ", ".join(f"{k} {v}" for k, v in written.items()))
+    return 0
+
+
 HANDLERS = {"train-vae": _train_vae, "encode": _encode, "train": _train, "sample": _sample,
-            "curate": _curate, "eval": _eval, "plan": _plan, "export": _export}
+            "curate": _curate, "eval": _eval, "plan": _plan, "export": _export,
+            "convert": _convert}
 
 
 def _handler(command: str):
@@ -216,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     except NotBuiltError as e:
         print(f"vdit: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"vdit {args.command}: error: {e}", file=sys.stderr)
         return 1
 

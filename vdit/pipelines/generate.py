@@ -98,7 +98,8 @@ class Generator:
             defaults["fps"] = float(config.data.fps)
         return cls(dit, params["dit"], vae_from_config(config.vae), vae_params, sampler,
                    np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32),
-                   text_model, text_params, tokenizer, mask_text=True, defaults=defaults)
+                   text_model, text_params, tokenizer,
+                   mask_text=bool(config.sample.get("mask_text", True)), defaults=defaults)
 
     @classmethod
     def from_diffusers(cls, path: str, dtype: str = "float32",

@@ -1,0 +1,188 @@
+"""`vdit convert`: a diffusers Wan2.1 pipeline folder <-> vdit runs, both directions.
+
+    vdit convert --from diffusers --src weights/Wan2.1-T2V-1.3B-Diffusers --out runs/wan2_1_t2v_1_3b
+
+reads a text-to-video pipeline folder (model_index.json, transformer/, vae/, scheduler/,
+text_encoder/ + tokenizer/) and writes two vdit runs, each one step-0 checkpoint whose params and
+EMA are the published weights:
+  OUT       the DiT and the UMT5 text encoder ({"dit", "text"}), with a config holding the
+            `model`, `text` (frozen, tokenizer read from the source folder), `vae` and `sample`
+            sections (the folder's scheduler, Wan's defaults, Wan's unmasked padded text) and
+            `encode.vae_workdir` = OUT/vae; OUT/latents/stats.json holds the VAE config's latent
+            statistics, which Wan's pipelines normalise with;
+  OUT/vae   the VAE, as `vdit train-vae` lays out a run (what `encode.vae_workdir` names).
+So `train.init_from=OUT` starts a stage from Wan2.1, and `vdit sample --workdir OUT` gives the
+numbers diffusers' pipeline gives on the folder itself.
+
+    vdit convert --to diffusers --src runs/dit --out DIR
+
+writes a vdit run (its latest checkpoint's EMA weights, LoRA merged, frozen parts filled in) as a
+pipeline folder: transformer/, vae/ (from the run's `encode.vae_workdir`, its config carrying the
+latent statistics of the run's shards so diffusers normalises as vdit trained), scheduler/ (the
+run's `sample.scheduler`), model_index.json, and for a UMT5 run text_encoder/ + tokenizer/. The
+byte and word encoders of the synthetic recipes have no transformers tokenizer, so their folders
+carry no text encoder (callers then pass text embeddings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import ml_collections
+import numpy as np
+
+from vdit.convert import wan
+from vdit.convert.safetensors_io import read_config
+from vdit.models.vae_config import vae_from_config
+from vdit.pipelines import diffusers_folder as folder_lib
+from vdit.train import checkpoint, defaults
+
+DIRECTIONS = (("diffusers", "vdit"), ("vdit", "diffusers"))
+DIFFUSERS_VERSION = "0.35.0"
+VAE_RUN = "vae"  # the VAE run's folder inside a converted run
+
+
+def convert(src_format: str | None, dst_format: str | None, src: str, out: str) -> dict:
+    """Dispatches `vdit convert`; returns {name: path written}. Formats default to the other one
+    of the pair (--from diffusers alone means --to vdit)."""
+    src_format = src_format or ("vdit" if dst_format == "diffusers" else "diffusers")
+    dst_format = dst_format or ("vdit" if src_format == "diffusers" else "diffusers")
+    if (src_format, dst_format) not in DIRECTIONS:
+        raise ValueError(f"--from {src_format} --to {dst_format}: vdit converts diffusers -> vdit "
+                         "or vdit -> diffusers")
+    if os.path.exists(out) and os.listdir(out):
+        raise ValueError(f"--out {out!r} exists and is not empty; choose a new folder")
+    if src_format == "diffusers":
+        return from_diffusers(src, out)
+    return to_diffusers(src, out)
+
+
+# ---------------------------------------------------------------------- diffusers -> vdit
+def from_diffusers(src: str, out: str) -> dict:
+    """Writes the runs OUT and OUT/vae described in the module docstring."""
+    index = folder_lib.read_index(src)
+    for name in ("image_encoder", "transformer_2"):
+        if index.get(name) and index[name][0] is not None:
+            raise NotImplementedError(
+                f"{src}: the pipeline has {name}/, which a vdit run does not hold (its weights "
+                f"are the DiT and the text encoder); sample it directly with "
+                f"`vdit sample --workdir {src}`")
+    for name in ("text_encoder", "tokenizer"):
+        if not os.path.isdir(os.path.join(src, name)):
+            raise FileNotFoundError(f"{src}: no {name}/ folder; a vdit run needs the pipeline's "
+                                    "UMT5 text encoder and its tokenizer")
+    sub = lambda name: os.path.join(src, name)
+    dit, dit_params = wan.load_transformer(sub("transformer"))
+    text_model, text_params = wan.load_text_encoder(sub("text_encoder"))
+    vae, vae_params = wan.load_vae(sub("vae"))
+    mean, std = folder_lib.latent_stats(vae)
+    vae_cfg = _vae_section(read_config(sub("vae")), mean, std)
+    scheduler = folder_lib.read_json(os.path.join(sub("scheduler"), "scheduler_config.json"))
+
+    out = os.path.abspath(out)
+    config = _run_config(read_config(sub("transformer")), text_model, os.path.abspath(
+        sub("tokenizer")), vae_cfg, scheduler, os.path.join(out, VAE_RUN))
+    _write_run(out, {"dit": dit_params, "text": text_params}, config)
+    _write_run(os.path.join(out, VAE_RUN), vae_params,
+               ml_collections.ConfigDict({"vae": vae_cfg, "checkpoint": defaults.checkpoint()}))
+    stats_dir = os.path.join(out, "latents")
+    os.makedirs(stats_dir, exist_ok=True)
+    from vdit.data.encode import STATS_FILE
+
+    with open(os.path.join(stats_dir, STATS_FILE), "w") as f:
+        json.dump({"mean": mean.tolist(), "std": std.tolist()}, f)
+    return {"run": out, "vae_run": os.path.join(out, VAE_RUN)}
+
+
+def _vae_section(cfg: dict, mean: np.ndarray, std: np.ndarray) -> ml_collections.ConfigDict:
+    values = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    values |= {"latents_mean": mean.tolist(), "latents_std": std.tolist()}
+    vae_from_config(values)  # validates every key before anything is written
+    return ml_collections.ConfigDict(values)
+
+
+def _run_config(dit_cfg: dict, text_model, tokenizer_path: str, vae_cfg, scheduler: dict,
+                vae_run: str) -> ml_collections.ConfigDict:
+    from vdit.convert.wan_dit import model_config_from_diffusers
+    from vdit.models.text import CONFIG_FIELDS
+
+    config = ml_collections.ConfigDict()
+    config.model = model_config_from_diffusers(dit_cfg, dtype="float32", attention="auto",
+                                               remat="none")
+    config.text = ml_collections.ConfigDict(
+        {f: getattr(text_model, f) for f in CONFIG_FIELDS} | dict(
+            kind="umt5", tokenizer_path=tokenizer_path, max_length=folder_lib.MAX_TEXT_TOKENS,
+            dtype="float32", trainable=False))
+    config.vae = vae_cfg
+    wan_defaults = folder_lib.WAN_DEFAULTS
+    config.data = defaults.packing()
+    config.data.update(dict(frames=wan_defaults["frames"], height=wan_defaults["height"],
+                            width=wan_defaults["width"], fps=wan_defaults["fps"]))
+    config.encode = ml_collections.ConfigDict(dict(vae_workdir=vae_run))
+    # Wan attends to all 512 text positions (padding zeroed), not only the prompt's tokens.
+    config.sample = ml_collections.ConfigDict(dict(
+        steps=wan_defaults["steps"], guidance=wan_defaults["guidance"],
+        frames=wan_defaults["frames"], height=wan_defaults["height"],
+        width=wan_defaults["width"], mask_text=False, scheduler=scheduler))
+    config.train = defaults.train()
+    config.checkpoint = defaults.checkpoint()
+    config.lora = defaults.lora()
+    config.mesh = defaults.mesh()
+    return config
+
+
+def _write_run(workdir: str, params, config) -> None:
+    """One step-0 checkpoint holding `params` as params and EMA, with `config`."""
+    config.checkpoint.async_save = False
+    manager = checkpoint.make_manager(workdir, config.checkpoint, with_data=False)
+    checkpoint.save(manager, 0, {"step": 0, "params": params, "ema": params}, config, force=True)
+    manager.wait_until_finished()
+
+
+# ---------------------------------------------------------------------- vdit -> diffusers
+def to_diffusers(src: str, out: str) -> dict:
+    """Writes the pipeline folder described in the module docstring."""
+    from vdit.data.encode import load_stats
+    from vdit.models.dit import build_dit
+    from vdit.models.text import text_encoder_from_config
+    from vdit.train.init_from import run_weights
+    from vdit.train.loop import latents_dir
+
+    weights, saved = run_weights(src, "ema")
+    config = ml_collections.ConfigDict(saved)
+    vae_run = config.get("encode", {}).get("vae_workdir", "")
+    if not vae_run:
+        raise ValueError(f"run {src!r} has no encode.vae_workdir: its VAE is needed for vae/")
+    vae_params, vae_saved = checkpoint.load_params(vae_run)
+    stats = load_stats(latents_dir(config, src))
+    sub = lambda name: os.path.join(out, name)
+    dit = build_dit(config.model)
+    wan.save_transformer(dit, weights["dit"], sub("transformer"))
+    vae_cfg = dict(vae_saved["vae"]) | {"latents_mean": list(stats["mean"]),
+                                        "latents_std": list(stats["std"])}
+    wan.save_vae(vae_from_config(vae_cfg), vae_params, sub("vae"))
+    scheduler = dict(config.sample.scheduler)
+    os.makedirs(sub("scheduler"), exist_ok=True)
+    with open(os.path.join(sub("scheduler"), "scheduler_config.json"), "w") as f:
+        json.dump(scheduler, f, indent=2)
+    none = [None, None]
+    index = {"_class_name": "WanImageToVideoPipeline" if dit.in_channels != dit.out_channels
+             else "WanPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+             "transformer": ["diffusers", "WanTransformer3DModel"],
+             "vae": ["diffusers", "AutoencoderKLWan"],
+             "scheduler": ["diffusers", scheduler.get("_class_name", "UniPCMultistepScheduler")],
+             "text_encoder": none, "tokenizer": none}
+    written = {"transformer": sub("transformer"), "vae": sub("vae"),
+               "scheduler": sub("scheduler")}
+    if config.text.get("kind") == "umt5":
+        text_model, _ = text_encoder_from_config(config.text)
+        wan.save_text_encoder(text_model, weights["text"], sub("text_encoder"))
+        shutil.copytree(config.text.tokenizer_path, sub("tokenizer"))
+        index |= {"text_encoder": ["transformers", "UMT5EncoderModel"],
+                  "tokenizer": ["transformers", "T5TokenizerFast"]}
+        written |= {"text_encoder": sub("text_encoder"), "tokenizer": sub("tokenizer")}
+    with open(sub("model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return written
