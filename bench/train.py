@@ -12,8 +12,9 @@ loading is not timed). One CPU device; on a shared machine all rates scale with 
 
   demo       configs/shapes_dit.py as it is in the repo: packed batches (its data section) of
              random latents in the shapes of its `encode.shapes`/`shape_weights` through its VAE
-             geometry, the synthetic world's captions as byte-tokenizer ids (the text encoder runs
-             in the step), I2V condition latents when the recipe trains image-to-video.
+             geometry, the synthetic world's captions as ids of the recipe's tokenizer (the text
+             encoder runs in the step, trained or frozen as the recipe says), I2V condition
+             latents when the recipe trains image-to-video.
   dit12x384  bench/dit.py's model (12 layers, dim 384, 6 heads, ffn 1536, text_dim 512, 16
              latent channels) on bench/dit.py's batch: 4 rows, one 5x16x16-latent video each
              (320 tokens), 32 text tokens given as embeddings (no text encoder).

@@ -188,7 +188,7 @@ def runs(tmp_path_factory):
     _write_vae_run(vae, tiny_config("shapes_dit", latents))
     base = str(root / "base")
     train_tiny("shapes_dit", base, latents, 2, f"--config.encode.vae_workdir={vae}")
-    base_before, _ = checkpoint.load_params(base, "params")
+    base_before, _ = init_from.run_weights(base, "params")  # complete: dit + (frozen) text
     run = str(root / "run")
     # The adapters train on a mesh with fsdp and tensor axes (the base trained on data only).
     extra = (f"--config.train.init_from={base}", f"--config.encode.vae_workdir={vae}",
@@ -202,7 +202,7 @@ def runs(tmp_path_factory):
 def test_lora_run_trains_only_adapters(runs):
     assert [h["step"] for h in runs["history"]] == [1, 2]
     assert all(np.isfinite(h["loss"]) for h in runs["history"])
-    base_after, _ = checkpoint.load_params(runs["base"], "params")
+    base_after, _ = init_from.run_weights(runs["base"], "params")
     jax.tree.map(np.testing.assert_array_equal, base_after, runs["base_before"])
 
     trained, saved = checkpoint.load_params(runs["run"], "params")
