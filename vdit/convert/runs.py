@@ -62,6 +62,8 @@ def convert(src_format: str | None, dst_format: str | None, src: str, out: str) 
 # ---------------------------------------------------------------------- diffusers -> vdit
 def from_diffusers(src: str, out: str) -> dict:
     """Writes the runs OUT and OUT/vae described in the module docstring."""
+    from vdit.data.encode import STATS_FILE
+
     index = folder_lib.read_index(src)
     for name in ("image_encoder", "transformer_2"):
         if index.get(name) and index[name][0] is not None:
@@ -84,13 +86,13 @@ def from_diffusers(src: str, out: str) -> dict:
     out = os.path.abspath(out)
     config = _run_config(read_config(sub("transformer")), text_model, os.path.abspath(
         sub("tokenizer")), vae_cfg, scheduler, os.path.join(out, VAE_RUN))
-    _write_run(out, {"dit": dit_params, "text": text_params}, config)
-    _write_run(os.path.join(out, VAE_RUN), vae_params,
-               ml_collections.ConfigDict({"vae": vae_cfg, "checkpoint": defaults.checkpoint()}))
+    weights = {"dit": dit_params, "text": text_params}
+    checkpoint.write_weights(out, 0, weights, weights, config)
+    checkpoint.write_weights(os.path.join(out, VAE_RUN), 0, vae_params, vae_params,
+                             ml_collections.ConfigDict({"vae": vae_cfg,
+                                                        "checkpoint": defaults.checkpoint()}))
     stats_dir = os.path.join(out, "latents")
     os.makedirs(stats_dir, exist_ok=True)
-    from vdit.data.encode import STATS_FILE
-
     with open(os.path.join(stats_dir, STATS_FILE), "w") as f:
         json.dump({"mean": mean.tolist(), "std": std.tolist()}, f)
     return {"run": out, "vae_run": os.path.join(out, VAE_RUN)}
@@ -131,14 +133,6 @@ def _run_config(dit_cfg: dict, text_model, tokenizer_path: str, vae_cfg, schedul
     config.lora = defaults.lora()
     config.mesh = defaults.mesh()
     return config
-
-
-def _write_run(workdir: str, params, config) -> None:
-    """One step-0 checkpoint holding `params` as params and EMA, with `config`."""
-    config.checkpoint.async_save = False
-    manager = checkpoint.make_manager(workdir, config.checkpoint, with_data=False)
-    checkpoint.save(manager, 0, {"step": 0, "params": params, "ema": params}, config, force=True)
-    manager.wait_until_finished()
 
 
 # ---------------------------------------------------------------------- vdit -> diffusers

@@ -47,6 +47,16 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
     return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
+def write_weights(workdir: str, step: int, params: Any, ema: Any,
+                  config: ml_collections.ConfigDict) -> None:
+    """A run folder holding one synchronous checkpoint of weights only (params + EMA + step, no
+    optimizer or iterator state): what `vdit export` and `vdit convert` write."""
+    config.checkpoint.async_save = False
+    manager = make_manager(workdir, config.checkpoint, with_data=False)
+    save(manager, step, {"step": step, "params": params, "ema": ema}, config, force=True)
+    manager.wait_until_finished()
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator=None,
             step: int | None = None) -> tuple[int, Any, dict]:
     """Restores the latest (or given) step into the shapes/shardings of `abstract_state`.

@@ -54,8 +54,5 @@ def export_run(src: str, out: str) -> str:
     params, saved = run_weights(path, "params")
     ema, _ = run_weights(path, "ema")
     config = standalone_config(saved, workdir)
-    config.checkpoint.async_save = False
-    manager = checkpoint.make_manager(out, config.checkpoint, with_data=False)
-    checkpoint.save(manager, step, {"step": step, "params": params, "ema": ema}, config, force=True)
-    manager.wait_until_finished()
+    checkpoint.write_weights(out, step, params, ema, config)
     return os.path.join(os.path.abspath(out), "checkpoints", str(step))
