@@ -1,18 +1,19 @@
 """The embedded default: a small DiT + word-level text encoder on the synthetic shapes world.
 
 Derived from the Wan2.1 1.3B layout with CPU-sized widths: 6 blocks of width 192. Circles are
-what this budget does not buy yet: the model draws them as the rounded square it draws for
-squares (0-2 of 13 held-out circles read as circles with 4 blocks of 192, 6 of 192 or 8 of 128),
-while colors, directions and triangles come out right. Latents come from the shapes VAE
+the hardest part of the budget: with 4 / 3 caption words for circle / square the model drew
+circles as the rounded square it draws for squares (0-2 of 13 held-out circles read as circles,
+whatever the width, depth, batch or image share), so captions name each shape with one word
+(vdit/data/shapes_captions.py; 5 of 13 circles with it). Latents come from the shapes VAE
 (configs/shapes_vae.py: z_dim 8, 4x space, 4x time), so a 9x32x32 clip is 3x8x8x8 latents and
 48 tokens with (1, 2, 2) patches; 32x48 and 48x32 clips (72 tokens) and single frames (16 tokens)
 are packed alongside, two clips at most in a row of 96 tokens: short rows waste little of the
 attention on masked-out pairs (a step of 32 rows x 96 costs 0.65x one of 8 rows x 384 for the same
 clips), which buys more steps, and steps are what this budget lacks. The DiT is image-to-video
 capable (Wan2.1 I2V input layout: in_channels = z + 4 mask + z condition channels): 30% of the
-training clips are given their first frame, and 30% of those also their last (keyframe
-interpolation); text-to-video feeds a zero mask and condition. `make demo` trains it on 2 CPU
-cores.
+training videos (never single frames) are given their first frame, and 30% of those also their
+last (keyframe interpolation); text-to-video feeds a zero mask and condition. `make demo` trains
+it on 2 CPU cores.
 
 The word-level text encoder stays frozen at its random init, the stand-in for a frozen pretrained
 encoder (Wan's UMT5): trained jointly from scratch it maps the circle and square words to nearly
@@ -30,11 +31,12 @@ from vdit.train import defaults
 
 def get_config() -> ml_collections.ConfigDict:
     config = recipe("wan2_1_t2v_1_3b")
+    vae = recipe("shapes_vae")
+    z_dim = vae.vae.z_dim
     config.model.update(dict(
-        num_attention_heads=6, attention_head_dim=32, in_channels=20, out_channels=8,
+        num_attention_heads=6, attention_head_dim=32, in_channels=2 * z_dim + 4, out_channels=z_dim,
         text_dim=128, freq_dim=64, ffn_dim=768, num_layers=6, dtype="float32",
         attention="xla", remat="none", micro_conditioning=[]))
-    vae = recipe("shapes_vae")
     config.vae = vae.vae
 
     # Whole words of the world's lexicon: a caption is ~8 tokens (bytes: ~40), which cuts the text

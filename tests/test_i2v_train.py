@@ -56,13 +56,16 @@ def test_packed_i2v_forward_equals_dense_call():
     ts = np.array([300.0, 40.0], np.float32)
     tokens, pos, seg, t, ctx, ctx_seg, slices = pack_row(noisy, texts, ts, (1, 2, 2), 24, 8)
     cond_tok, *_ = pack_row(cond, texts, ts, (1, 2, 2), 24, 8)
-    batch = {"segment_ids": jnp.asarray(seg[None]), conditions.COND_TOKENS: jnp.asarray(cond_tok[None])}
-    for rate in (1.0, 0.0):  # every segment I2V / none (condition and mask zero)
+    batch = {"segment_ids": jnp.asarray(seg[None]), "positions": jnp.asarray(pos[None]),
+             conditions.COND_TOKENS: jnp.asarray(cond_tok[None])}
+    # every video segment I2V / none (condition and mask zero); the 1-frame image never is
+    for rate in (1.0, 0.0):
         x_in = conditioning.model_input(dit, jnp.asarray(tokens[None]), batch, jax.random.key(2),
                                         rate, num_segments=2)
         out = packed(x_in, pos[None], seg[None], t[None], ctx[None], ctx_seg[None])[0]
         for k in range(2):
-            ref = dense(np.concatenate([noisy[k], cond[k] * rate], -1)[None], ts[k:k + 1],
+            given = rate if noisy[k].shape[0] > 1 else 0.0
+            ref = dense(np.concatenate([noisy[k], cond[k] * given], -1)[None], ts[k:k + 1],
                         texts[k][None])
             assert ref.shape[-1] == Z
             np.testing.assert_allclose(np.asarray(out[slices[k]]),

@@ -3,11 +3,12 @@
 A caption is built from ground truth (`objects`: dicts with `shape`, `color`, `direction`, main
 object first) and a template. Template 0 with no rng gives the canonical wording, e.g.
 "a red circle moving right" / "a static red circle". With an rng, synonyms vary
-("a red ball rolls to the right", "red square drifting upward").
+("a red circle rolls to the right", "red square drifting upward"); each shape has one word
+(SHAPE_WORDS), and a prompt's other words for it (SHAPE_ALIASES) are the prompt expander's job.
 
 Templates are split into `TRAIN_TEMPLATES` and `HELDOUT_TEMPLATES`: the held-out ones use sentence
 structures never produced by the training ones, to test generalisation to unseen wordings. Every
-synonym (colors, shapes, verbs, directions, still phrases) also occurs in some training template:
+synonym (verbs, directions, still phrases) also occurs in some training template:
 a word-level text encoder cannot know the meaning of a word it never saw ("not moving"), so the
 held-out split varies the structure, not the lexicon; only its frame words ("there is", "clip of",
 "one", "that", ",") are new.
@@ -23,10 +24,20 @@ import numpy as np
 
 from vdit.models.tokenizers import split_words
 
+# One word per shape: the demo's word-level text encoder is frozen at random features, so a
+# synonym shares nothing with its shape's other words and must be learned from its own examples
+# (with 4 / 3 circle / square words a 1600-step demo DiT drew circles as squares). Users' synonyms
+# reach these words through the prompt expander (SHAPE_ALIASES, vdit/models/prompt_expand.py).
 SHAPE_WORDS = {
-    "circle": ("circle", "ball", "disc", "dot"),
-    "square": ("square", "box", "block"),
+    "circle": ("circle",),
+    "square": ("square",),
     "triangle": ("triangle",),
+}
+# Words a prompt may use for a shape that captions never contain (the expander maps them).
+SHAPE_ALIASES = {
+    "circle": ("ball", "disc", "dot"),
+    "square": ("box", "block"),
+    "triangle": (),
 }
 DIRECTION_WORDS = {
     "right": ("right", "to the right", "rightward"),

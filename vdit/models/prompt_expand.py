@@ -79,11 +79,13 @@ def template_render(template: str, joiner: str = " and "):
 
 
 def shapes_vocab() -> dict[str, dict[str, str]]:
-    """Surface words of the synthetic world (from its caption module) -> canonical values."""
+    """Surface words of the synthetic world (from its caption module) -> canonical values; shape
+    aliases the captions never use ("ball", "box") map to the captions' shape words."""
     from vdit.data import shapes_captions as sc
     from vdit.data.synthetic import COLORS
 
-    shape = {w: name for name, words in sc.SHAPE_WORDS.items() for w in (name, *words)}
+    shape = {w: name for table in (sc.SHAPE_WORDS, sc.SHAPE_ALIASES)
+             for name, words in table.items() for w in (name, *words)}
     direction = {w: name for name, words in sc.DIRECTION_WORDS.items() for w in (name, *words)}
     still = ("still", "static", *sc.STILL_ADJ, *sc.STILL_ING, *sc.STILL_S)
     direction |= {w: "still" for w in still}

@@ -5,8 +5,10 @@ An I2V-capable DiT (Wan2.1's layout: in_channels = 2 z + tf, out_channels = z) r
 `[noisy latents (z) | mask (tf) | condition latents (z)]`. A fraction `config.train.i2v_rate` of the
 segments of a batch (drawn independently per segment and step) gets its clip's first-frame
 condition (`cond_tokens`, see `vdit/data/conditions.py`); every other segment gets mask 0 and
-condition 0. That all-zero condition is vdit's convention for text-to-video on an I2V-capable model,
-and `Generator` feeds it when no image is given. Of the conditioned segments, a fraction
+condition 0. That all-zero condition is vdit's convention for text-to-video on an I2V-capable
+model, and `Generator` feeds it when no image is given. Single-latent-frame segments (images) are
+never conditioned: their condition is the answer itself, so it would only teach copying (the rate
+applies to the videos). Of the conditioned segments, a fraction
 `config.train.last_frame_rate` is given the first and the last frame (keyframe interpolation; the
 pipeline draws which condition a clip carries). The loss stays on the z output channels.
 
@@ -86,6 +88,13 @@ def draw_i2v(rng: jax.Array, shape: tuple[int, int], rate: float) -> jax.Array:
     return (jax.random.uniform(rng, shape) < rate).astype(jnp.float32)
 
 
+def has_later_frames(segment_ids: jax.Array, frame_index: jax.Array, num_segments: int):
+    """[B, K] 1.0 where segment k+1 has tokens past latent frame 0 (a video, not an image);
+    segment_ids, frame_index [B, S]."""
+    member = segment_ids[..., None] == jnp.arange(1, num_segments + 1)  # [B, S, K]
+    return jnp.any(member & (frame_index > 0)[..., None], axis=1).astype(jnp.float32)
+
+
 def model_input(dit, x_t: jax.Array, batch: dict, rng: jax.Array, rate: float,
                 num_segments: int) -> jax.Array:
     """Noisy tokens [B, S, P*z] -> the DiT's input tokens [B, S, P*in_channels].
@@ -99,6 +108,7 @@ def model_input(dit, x_t: jax.Array, batch: dict, rng: jax.Array, rate: float,
     if COND_TOKENS in batch and rate > 0:
         seg = batch["segment_ids"]
         flags = draw_i2v(rng, (seg.shape[0], num_segments), rate)
+        flags = flags * has_later_frames(seg, batch["positions"][..., 0], num_segments)
         cond = batch[COND_TOKENS] * flow.per_token(flags, seg)[..., None]
     else:
         cond = jnp.zeros(x_t.shape[:-1] + (p * extra,), x_t.dtype)
