@@ -88,13 +88,6 @@ def draw_i2v(rng: jax.Array, shape: tuple[int, int], rate: float) -> jax.Array:
     return (jax.random.uniform(rng, shape) < rate).astype(jnp.float32)
 
 
-def has_later_frames(segment_ids: jax.Array, frame_index: jax.Array, num_segments: int):
-    """[B, K] 1.0 where segment k+1 has tokens past latent frame 0 (a video, not an image);
-    segment_ids, frame_index [B, S] (the tokens' t positions, with a temporal patch of 1)."""
-    member = segment_ids[..., None] == jnp.arange(1, num_segments + 1)  # [B, S, K]
-    return jnp.any(member & (frame_index > 0)[..., None], axis=1).astype(jnp.float32)
-
-
 def model_input(dit, x_t: jax.Array, batch: dict, rng: jax.Array, rate: float,
                 num_segments: int) -> jax.Array:
     """Noisy tokens [B, S, P*z] -> the DiT's input tokens [B, S, P*in_channels].
@@ -108,8 +101,9 @@ def model_input(dit, x_t: jax.Array, batch: dict, rng: jax.Array, rate: float,
     if COND_TOKENS in batch and rate > 0:
         seg = batch["segment_ids"]
         flags = draw_i2v(rng, (seg.shape[0], num_segments), rate)
-        if dit.patch_size[0] == 1:  # a patch's t position is then its latent frame
-            flags = flags * has_later_frames(seg, batch["positions"][..., 0], num_segments)
+        if dit.patch_size[0] == 1:  # a token's t position is then its latent frame
+            later = jnp.where(batch["positions"][..., 0] > 0, seg, 0)  # videos' tokens past frame 0
+            flags = flags * (flow.segment_token_counts(later, num_segments) > 0)
         cond = batch[COND_TOKENS] * flow.per_token(flags, seg)[..., None]
     else:
         cond = jnp.zeros(x_t.shape[:-1] + (p * extra,), x_t.dtype)
