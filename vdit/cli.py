@@ -1,13 +1,17 @@
 """`vdit <command>`: the one command line. Each command parses its flags and calls one function.
 
 Config overrides are given as `--config.a.b=value` after the command's own flags. Commands that are
-not built yet say so and exit with status 2; nothing prints fake output.
+not built yet say so and exit with status 2; nothing prints fake output. Flags and input files are
+checked before any model loads (vdit/cli_checks.py); every failure goes through one error path
+(vdit/cli_errors.py): one or two lines, a non-zero exit, the traceback only with `--debug`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from vdit import cli_checks, cli_errors
 
 # command -> (help, issue that builds it). A command is "built" once _handler() can import it.
 COMMANDS = {
@@ -34,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true",
+                       help="print the traceback of an error (also: VDIT_DEBUG=1)")
         _add_flags(name, p)
     return parser
 
@@ -217,17 +223,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
     args.overrides = overrides
     try:
+        handler = _handler(args.command)
+        cli_checks.check_args(args)
         if hasattr(args, "coordinator"):
             from vdit.parallel.distributed import initialize_from_args
 
             initialize_from_args(args)
-        return int(_handler(args.command)(args) or 0)
+        return int(handler(args) or 0)
     except NotBuiltError as e:
         print(f"vdit: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f"vdit {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return cli_errors.EXIT_USAGE
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one error path (module doc)
+        # a run folder keeps a log of its errors; sample/plan/curate inputs are not written to
+        workdir = args.workdir if args.command in ("train-vae", "encode", "train") else None
+        return cli_errors.report(args.command, e, cli_errors.debug_requested(args), workdir)
 
 
 if __name__ == "__main__":

@@ -48,11 +48,22 @@ def _call_get_config(path: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"config file {path!r} does not exist")
     name = "vdit_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"config file {path!r} is not a Python file (expected configs/*.py)")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path!r} has a syntax error at line {e.lineno}: "
+                          f"{e.msg}") from e
+    except Exception as e:  # noqa: BLE001 - any failure inside the user's file names the file
+        raise ConfigError(f"config file {path!r} failed to load ({type(e).__name__}: {e})") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} has no get_config() function")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except Exception as e:  # noqa: BLE001 - as above: the message names the file
+        raise ConfigError(f"get_config() in {path!r} failed ({type(e).__name__}: {e})") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {path!r} returned {type(config).__name__}, "
                           "expected ml_collections.ConfigDict")
@@ -122,6 +133,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check_choice(config.text, "text", "kind", TEXT_KINDS)
     if "data" in config:
         _validate_data_shapes(config)
+    _validate_counts(config)
+
+
+# Counts that must be at least 1: a run with steps <= 0 would do nothing and say nothing.
+POSITIVE_KEYS = ("train.steps", "train.log_every", "train.max_bad_steps", "checkpoint.every",
+                 "checkpoint.keep", "vae_train.steps", "vae_train.batch_size",
+                 "data.rows_per_batch", "data.tokens_per_row", "data.text_per_row",
+                 "data.max_segments")
+
+
+def _validate_counts(config: ml_collections.ConfigDict) -> None:
+    for key in POSITIVE_KEYS:
+        section, leaf = key.split(".")
+        if section not in config or leaf not in config[section]:
+            continue
+        value = config[section][leaf]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"config key {key!r} = {value!r}: expected a whole number >= 1")
 
 
 def _check_choice(section, prefix: str, key: str, allowed: Sequence[str]) -> None:

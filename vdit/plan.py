@@ -306,7 +306,7 @@ def format_plan(plan: MemoryPlan, config_name: str, hbm_gb: float | None) -> str
     lines.append(f"  proxy: mesh {sizes}, {proxy['rows']} rows; temporaries {temps}; "
                  f"{_human(proxy['per_layer'])} per layer; update "
                  f"{proxy['update_ratio']:.2f} x parameter bytes")
-    if hbm_gb:
+    if hbm_gb is not None:
         used = plan.total / (hbm_gb * GIB)
         verdict = "fits" if used <= 1.0 else "does NOT fit"
         lines.append(f"  {verdict} in {hbm_gb:g} GiB per device ({100 * used:.0f}% used)")
@@ -326,16 +326,18 @@ def run_cli(args) -> int:
     proxy = _proxy_layers(args.proxy_layers)
     _ask_cpu_devices(int(getattr(args, "proxy_devices", 8) or 8))
     config = load_config(args.config, getattr(args, "overrides", []) or [])
-    devices = int(args.devices or jax.device_count())
+    devices = int(jax.device_count() if args.devices is None else args.devices)
     if devices < 1:
         raise ValueError(f"--devices={devices}: expected >= 1")
+    if args.hbm_gb is not None and not args.hbm_gb > 0:
+        raise ValueError(f"--hbm-gb={args.hbm_gb:g}: expected a positive size in GiB")
     problem = problem_from_args(config, args, mesh_sizes(config, devices))
     plan = plan_memory(config, devices, problem, proxy)
     if args.explain:
         print(__doc__)
     print(format_plan(plan, args.config, args.hbm_gb))
     if args.json:
-        fits = None if not args.hbm_gb else plan.total <= args.hbm_gb * GIB
+        fits = None if args.hbm_gb is None else plan.total <= args.hbm_gb * GIB
         print(json.dumps({"devices": devices, "mesh": plan.mesh, "bytes": plan.bytes,
                           "total": plan.total, "fits": fits,
                           "problem": dataclasses.asdict(problem), "counts": plan.counts}))

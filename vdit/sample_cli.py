@@ -19,6 +19,7 @@ micro-conditioned on motion and an error for any other.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 
@@ -51,7 +52,7 @@ def read_prompts(args) -> list[str]:
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):
             raise FileNotFoundError(f"--prompt-file {args.prompt_file!r} does not exist")
-        with open(args.prompt_file) as f:
+        with open(args.prompt_file, encoding="utf-8") as f:
             prompts += [line.strip() for line in f if line.strip()]
     if not prompts:
         raise ValueError("give a prompt: --prompt TEXT (repeatable) or --prompt-file FILE")
@@ -71,6 +72,30 @@ def expand_prompts(prompts: list[str], kind: str) -> list[str]:
         out.append(expander(prompt))
         print(f"vdit sample: expanded prompt: {prompt!r} -> {out[-1]!r}")
     return out
+
+
+def warn_unknown_words(tokenizer, prompts: list[str], kind: str) -> list[str]:
+    """One warning per prompt with words the text encoder's vocabulary lacks (a word-level
+    encoder reads them as <unk>), with the shapes expander's rewrite as a suggestion for vdit runs.
+    Returns the warnings printed."""
+    from vdit.models.prompt_expand import shapes_expander
+
+    unknown_words = getattr(tokenizer, "unknown_words", None)
+    if unknown_words is None:  # byte/subword tokenizers read any text
+        return []
+    warnings = []
+    for i, prompt in enumerate(prompts):
+        words = unknown_words(prompt)
+        if not words:
+            continue
+        line = (f"vdit sample: warning: prompt {i} {prompt!r}: the text encoder does not know "
+                f"{', '.join(repr(w) for w in words)} (read as <unk>)")
+        suggestion = shapes_expander()(prompt) if kind == "vdit" else ""
+        if suggestion and suggestion != prompt and not unknown_words(suggestion):
+            line += f"; the prompt expander suggests {suggestion!r} (--expand-prompt)"
+        print(line, file=sys.stderr)
+        warnings.append(line)
+    return warnings
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -218,6 +243,7 @@ def run_cli(args) -> int:
                          "vdit sample needs one to encode prompts")
     if args.expand_prompt:
         prompts = expand_prompts(prompts, kind)
+    warn_unknown_words(gen.tokenizer, prompts, kind)
     job = SampleJob(gen, kind, args)
     size = int(_opt(args, "batch_size", DEFAULT_BATCH))
     for start in range(0, len(prompts), size):

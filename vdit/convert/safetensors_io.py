@@ -21,7 +21,10 @@ def read_config(folder: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in model folder {folder!r} (expected {path})")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path!r} is not valid JSON ({e})") from e
 
 
 def read_tensors(folder: str) -> dict[str, np.ndarray]:
@@ -43,11 +46,20 @@ def read_tensors(folder: str) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for name in files:
         path = os.path.join(folder, name)
-        for key, value in load_file(path).items():
+        for key, value in _load_named(path).items():
             if key in tensors:
                 raise ValueError(f"tensor {key!r} appears in more than one file of {folder!r}")
             tensors[key] = _to_float32_if_half(value)
     return tensors
+
+
+def _load_named(path: str) -> dict[str, np.ndarray]:
+    """load_file, with a failure (truncated or corrupt file) naming the file."""
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types; name the file
+        raise ValueError(f"cannot read weights file {path!r} ({type(e).__name__}: {e}): it is "
+                         "truncated or not a safetensors file; download or convert it again") from e
 
 
 def _to_float32_if_half(x: np.ndarray) -> np.ndarray:

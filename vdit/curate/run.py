@@ -25,6 +25,7 @@ from vdit.curate.learned import build_learned_scorers
 from vdit.curate.pipeline import ClipResult, VideoItem, process_segment
 from vdit.curate.settings import check_curate_config, default_config_path
 from vdit.data.video_io import VideoReadError, manifest_lines
+from vdit.train.lock import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,17 @@ def curate(config, input_path: str, output: str, shard: int = 0, num_shards: int
         raise ValueError(f"--shard {shard} is outside [0, --num-shards {num_shards})")
     items = [it for it in list_inputs(input_path, cfg.input.extensions)
              if shard_of(it.source, num_shards) == shard]
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"--output {output!r} is a file, not a folder")
     os.makedirs(output, exist_ok=True)
+    # one writer per shard: two workers on one shard would record videos as both kept and failed
+    with FolderLock(os.path.join(output, f".lock-{shard:05d}-of-{num_shards:05d}"),
+                    f"curate shard {shard}/{num_shards} of {output}"):
+        return _curate_shard(cfg, items, output, shard, num_shards, scorers, captioner)
+
+
+def _curate_shard(cfg, items, output: str, shard: int, num_shards: int, scorers,
+                  captioner) -> dict:
     ledger.check_num_shards(output, num_shards)
     lines, next_part = _resume(output, shard, num_shards)
     done_videos, done_segments = ledger.finished(lines)

@@ -30,6 +30,7 @@ from vdit.data.synthetic import SyntheticShapes
 from vdit.models.text import text_encoder_from_config
 from vdit.models.vae_config import vae_from_config
 from vdit.train.checkpoint import load_params
+from vdit.train.run_kind import check_kind
 
 log = logging.getLogger(__name__)
 STATS_FILE = "stats.json"
@@ -76,7 +77,8 @@ def vae_encoder(config, params=None):
     `params` default to the EMA weights of `encode.vae_workdir`."""
     vae = vae_from_config(config.vae)
     if params is None:
-        params, _ = load_params(config.encode.vae_workdir)
+        params, saved = load_params(config.encode.vae_workdir)
+        check_kind(saved, "vae", config.encode.vae_workdir, "config key 'encode.vae_workdir' =")
     # Parameters are an argument, not a closure: closed-over weights become constants that XLA
     # tries to fold into every convolution.
     encode_jit = jax.jit(lambda p, v: vae.apply({"params": p}, v, method="encode")[0])

@@ -109,6 +109,23 @@ def load_video(path: str | Path, as_float: bool = False) -> tuple[np.ndarray, fl
     return (to_float(video) if as_float else video), fps
 
 
+def probe_video(path: str | Path) -> None:
+    """Raises VideoReadError unless `path` opens with a video stream and a decodable first frame."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(f"cannot read video {path}: file not found")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"cannot read video {path}: no video stream")
+            if next(container.decode(container.streams.video[0]), None) is None:
+                raise VideoReadError(f"cannot read video {path}: no decodable frames")
+    except VideoReadError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+        raise VideoReadError(f"cannot read video {path}: {e}") from e
+
+
 def read_video(path: str | Path, as_float: bool = False) -> np.ndarray:
     """Frames [T, H, W, 3] of a video file: uint8, or float in [-1, 1] if as_float."""
     return load_video(path, as_float)[0]

@@ -124,6 +124,10 @@ class WordTokenizer:
         rows = [[self._ids.get(w, self.unk_id) for w in split_words(t)] for t in texts]
         return _pack(rows, self.max_length, self.pad_id, self.eos_id, texts)
 
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of `text` outside the vocabulary (each encodes as <unk>), once each, in order."""
+        return list(dict.fromkeys(w for w in split_words(text) if w not in self._ids))
+
     def decode(self, ids) -> str:
         words = {i: w for w, i in self._ids.items()} | {self.unk_id: "<unk>"}
         return " ".join(words[int(i)] for i in ids if int(i) in words)

@@ -9,6 +9,8 @@ Every config-taking command accepts (`add_distributed_flags`):
                               off: never (one process).
   --local_device_ids 0,1      the accelerators this process drives (several processes per host)
   --cpu_collectives gloo|mpi|none   cross-process collectives of the CPU backend (tests, CPU runs)
+  --init_timeout SECONDS      give up start-up when the processes have not all joined by then
+                              (default 60): one line naming the missing processes, exit 1
 
 `initialize_from_args(args)` must run before anything touches a JAX backend. After it,
 `jax.devices()` lists every process's devices, so `vdit.parallel.mesh.make_mesh` /
@@ -22,6 +24,8 @@ import argparse
 import dataclasses
 import logging
 import os
+import sys
+import threading
 from collections.abc import Mapping
 
 import jax
@@ -29,6 +33,9 @@ import jax
 log = logging.getLogger(__name__)
 MODES = ("auto", "on", "off")
 CPU_COLLECTIVES = ("gloo", "mpi", "none")
+DEFAULT_INIT_TIMEOUT = 60.0
+# JAX's own start-up deadline is later than ours: its expiry aborts the process with a C++ trace.
+JAX_TIMEOUT_MARGIN = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +46,7 @@ class DistributedSettings:
     process_id: int | None = None
     local_device_ids: tuple[int, ...] | None = None
     cpu_collectives: str = "gloo"
+    init_timeout: float = DEFAULT_INIT_TIMEOUT
 
 
 def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +64,8 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
                    help="initialise jax.distributed: auto (flags or cluster env), on, off")
     g.add_argument("--cpu_collectives", "--cpu-collectives", choices=CPU_COLLECTIVES,
                    default="gloo", help="CPU cross-process collectives (multi-process CPU runs)")
+    g.add_argument("--init_timeout", "--init-timeout", type=float, default=DEFAULT_INIT_TIMEOUT,
+                   metavar="SECONDS", help="seconds to wait for every process to join (default 60)")
 
 
 def settings_from_args(args) -> DistributedSettings:
@@ -66,7 +76,8 @@ def settings_from_args(args) -> DistributedSettings:
         mode=get("distributed", "auto") or "auto", coordinator=get("coordinator"),
         num_processes=get("num_processes"), process_id=get("process_id"),
         local_device_ids=_parse_ids(ids) if ids else None,
-        cpu_collectives=get("cpu_collectives", "gloo") or "gloo")
+        cpu_collectives=get("cpu_collectives", "gloo") or "gloo",
+        init_timeout=float(get("init_timeout", DEFAULT_INIT_TIMEOUT) or DEFAULT_INIT_TIMEOUT))
     check_settings(settings)
     return settings
 
@@ -93,6 +104,8 @@ def check_settings(s: DistributedSettings) -> None:
                              "e.g. 10.0.0.2:8476")
         if s.num_processes is None or s.process_id is None:
             raise ValueError("--coordinator needs --num_processes and --process_id as well")
+    if not s.init_timeout > 0:
+        raise ValueError(f"--init_timeout={s.init_timeout}: expected a positive number of seconds")
     if s.num_processes is not None and s.num_processes < 1:
         raise ValueError(f"--num_processes={s.num_processes}: expected >= 1")
     if s.process_id is not None and s.num_processes is not None and not (
@@ -133,12 +146,42 @@ def initialize(s: DistributedSettings) -> bool:
         return False
     if s.cpu_collectives != "none":  # read when the CPU client is created: set it before
         jax.config.update("jax_cpu_collectives_implementation", s.cpu_collectives)
-    jax.distributed.initialize(coordinator_address=s.coordinator,
-                               num_processes=s.num_processes, process_id=s.process_id,
-                               local_device_ids=list(s.local_device_ids)
-                               if s.local_device_ids else None)
+    watchdog = threading.Timer(s.init_timeout, _give_up, args=(s,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(coordinator_address=s.coordinator,
+                                   num_processes=s.num_processes, process_id=s.process_id,
+                                   local_device_ids=list(s.local_device_ids)
+                                   if s.local_device_ids else None,
+                                   initialization_timeout=int(s.init_timeout) + JAX_TIMEOUT_MARGIN)
+    finally:
+        watchdog.cancel()
     log.info("jax.distributed: %s", describe())
     return True
+
+
+def missing_message(s: DistributedSettings) -> str:
+    """The start-up timeout, in one line naming who did not join (as far as this process knows)."""
+    where = f"coordinator {s.coordinator}" if s.coordinator else "the job's coordinator"
+    n, me = s.num_processes, s.process_id
+    wait = f"within --init_timeout={s.init_timeout:g} s"
+    if me is not None and me != 0:
+        return (f"process {me} could not join {where} (process 0) {wait}: start process 0 "
+                "(or check the address and firewall), or raise --init_timeout")
+    if n is not None:
+        others = "process 1" if n == 2 else f"processes 1..{n - 1} (some or all)"
+        return (f"process 0 waited at {where} {wait}, but {others} of --num_processes={n} did "
+                "not join: start them with the same --coordinator and their --process_id, or "
+                "raise --init_timeout")
+    return (f"jax.distributed start-up did not finish {wait} at {where} ({detect_cluster()}): "
+            "some processes of the job did not join; raise --init_timeout if they start late")
+
+
+def _give_up(s: DistributedSettings) -> None:
+    # jax.distributed.initialize blocks in C++ and cannot be interrupted: exit the process.
+    print(f"vdit: error: {missing_message(s)}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def initialize_from_args(args) -> bool:

@@ -85,11 +85,13 @@ class Generator:
         from vdit.models.vae_config import vae_from_config
         from vdit.train.checkpoint import load_params
         from vdit.train.loop import latents_dir
+        from vdit.train.run_kind import check_kind
 
         dit = build_dit(config.model)
         text_model, tokenizer = text_encoder_from_config(config.text)
         text_params = params["text"]
-        vae_params, _ = load_params(config.encode.vae_workdir)
+        vae_params, vae_saved = load_params(config.encode.vae_workdir)
+        check_kind(vae_saved, "vae", config.encode.vae_workdir, "its encode.vae_workdir")
         stats = load_stats(latents_dir(config, workdir))
         sampler = make_sampler(dict(config.sample.scheduler))
         defaults = {k: config.sample[k] for k in ("steps", "guidance", "frames", "height",

@@ -17,6 +17,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from vdit.train.checkpoint_fallback import newest_readable
+
 STATE, DATA, CONFIG = "state", "data", "config"
 
 
@@ -59,27 +61,30 @@ def write_weights(workdir: str, step: int, params: Any, ema: Any,
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator=None,
             step: int | None = None) -> tuple[int, Any, dict]:
-    """Restores the latest (or given) step into the shapes/shardings of `abstract_state`.
+    """Restores the newest readable (or given) step into the shapes/shardings of `abstract_state`.
 
-    The iterator, when given, is restored in place. Returns (step, state, saved config dict).
+    The iterator, when given, is restored in place. Unreadable newer steps are reported and moved
+    aside (checkpoint_fallback.py). Returns (step, state, saved config dict).
     """
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     items = {STATE: ocp.args.StandardRestore(target), CONFIG: ocp.args.JsonRestore()}
     if data_iterator is not None:
         items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    read = lambda s: manager.restore(s, args=ocp.args.Composite(**items))
+    if step is None:
+        step, restored = newest_readable(manager, read, move_aside=True)
+    else:
+        restored = read(step)
     return step, restored[STATE], restored[CONFIG]
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int | None = None) -> dict:
-    """The config dict stored with a checkpoint (to compare model shapes before restoring)."""
-    step = manager.latest_step() if step is None else step
+    """The config dict stored with a checkpoint (to compare model shapes before restoring): the
+    given step's, else the newest one whose config reads."""
+    read = lambda s: manager.restore(s, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+        return newest_readable(manager, read)[1][CONFIG]
+    return read(step)[CONFIG]
 
 
 def load_params(workdir: str, which: str = "ema", step: int | None = None) -> tuple[Any, dict]:
@@ -92,11 +97,12 @@ def load_params(workdir: str, which: str = "ema", step: int | None = None) -> tu
         raise FileNotFoundError(f"workdir {workdir!r} has no checkpoints/ folder: train first")
     manager = ocp.CheckpointManager(path, item_names=(STATE, CONFIG),
                                     options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {path}: train first")
-    restored = manager.restore(step, args=ocp.args.Composite(
+    read = lambda s: manager.restore(s, args=ocp.args.Composite(
         **{STATE: ocp.args.StandardRestore(), CONFIG: ocp.args.JsonRestore()}))
+    if step is None:  # the newest readable step; unreadable newer ones are reported, left in place
+        step, restored = newest_readable(manager, read)
+    else:
+        restored = read(step)
     state = restored[STATE]
     if which not in state:
         raise KeyError(f"checkpoint {path} step {step} has no {which!r} (has {sorted(state)})")

@@ -21,7 +21,7 @@ def checkpoint() -> ml_collections.ConfigDict:
 
 def train() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        steps=10_000, seed=0, ema_decay=0.999, log_every=10, max_bad_steps=20,
+        steps=10_000, seed=0, ema_decay=0.999, log_every=10, max_bad_steps=3,
         peak_flops_per_device=0.0, tensorboard=True, progress=True, sample_every=0,
         init_from="", init_from_weights="params", i2v_rate=0.0,
         last_frame_rate=0.0))

@@ -30,6 +30,7 @@ from flax import traverse_util
 
 from vdit.models import lora
 from vdit.train.checkpoint import load_params
+from vdit.train.run_kind import check_kind
 from vdit.train.state import create_sharded, shardings_of, unbox
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def run_weights(path: str, which: str = "ema", _depth: int = 0) -> tuple[dict, d
     (workdir or step folder); `which` = "ema" or "params" for its trainable part."""
     workdir, step = resolve(path)
     params, saved = load_params(workdir, which, step)
+    check_kind(saved, "dit", path, "run")
     config = ml_collections.ConfigDict(saved)
     weights = dict(params)
     if not set(PARTS) <= set(weights):

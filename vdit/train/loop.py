@@ -25,9 +25,11 @@ from vdit.models import lora
 from vdit.models.dit import build_dit
 from vdit.models.text import text_encoder_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
-from vdit.train import checkpoint, conditioning, init_from, optim, periodic_samples
+from vdit.train import checkpoint, conditioning, init_from, optim, periodic_samples, preflight
+from vdit.train.checkpoint_fallback import check_saves
 from vdit.train.flops import jaxpr_flops
-from vdit.train.metrics import MetricsWriter
+from vdit.train.lock import workdir_lock
+from vdit.train.metrics import MetricsWriter, drop_rows_after
 from vdit.train.objective import make_dit_loss
 from vdit.train.state import create_state, unbox
 from vdit.train.step import make_train_step
@@ -153,10 +155,18 @@ def compile_step(step_fn, state, frozen, spec, shardings, frozen_shardings, mesh
 
 
 def train(config, workdir: str, stop_after: int | None = None) -> list[dict]:
-    """Trains to `config.train.steps` (or `stop_after` more steps); returns the logged metrics."""
+    """Trains to `config.train.steps` (or `stop_after` more steps); returns the logged metrics.
+    Process 0 holds the workdir's lock (vdit/train/lock.py) for the whole run."""
+    preflight.check_workdir(workdir)
+    with workdir_lock(workdir, jax.process_index()):
+        return _train(config, workdir, stop_after)
+
+
+def _train(config, workdir: str, stop_after: int | None) -> list[dict]:
     config = init_from.checked(config)
     lora.check_config(config)
     mesh = mesh_from_config(config.mesh)
+    preflight.check_batch_divides(int(config.data.rows_per_batch), mesh)
     rules = logical_rules("dit", config.mesh.get("rules", None))
     dit, text_model, tokenizer = build_models(config)
     conditioning.check_config(config, dit)
@@ -164,6 +174,7 @@ def train(config, workdir: str, stop_after: int | None = None) -> list[dict]:
     if config.data.text_format == "ids" and os.path.isfile(os.path.join(shards, encode.STATS_FILE)):
         encode.check_tokenizer(encode.load_stats(shards), tokenizer, shards, "train on")
     source = sources.SkippingSource(sources.LatentShardSource(shards))
+    preflight.check_has_clips(source, shards)
     data_it = iter(pipeline.packed_dataset(
         source, config.data, dit.patch_size, null_caption(tokenizer),
         condition=conditioning.uses_condition(config, dit), micro=dit.micro_conditioning,
@@ -189,6 +200,14 @@ def train(config, workdir: str, stop_after: int | None = None) -> list[dict]:
     if resuming:
         start, state, _ = checkpoint.restore(manager, state, data_it)
         log.info("resumed from step %d in %s", start, workdir)
+    if start >= config.train.steps:  # said, not silent; a requeued finished job still succeeds
+        if jax.process_index() == 0:
+            print(f"vdit train: the checkpoint in {workdir} is at step {start}, already at "
+                  f"train.steps={config.train.steps}: nothing to train (raise "
+                  "--config.train.steps to train on)", flush=True)
+        return []
+    if jax.process_index() == 0:  # replayed steps replace their rows (one row per step)
+        drop_rows_after(workdir, start)
 
     loss_fn = lora.wrap_loss(make_dit_loss(dit, text_model, config), config)
     step_fn = make_train_step(loss_fn, tx, config.train.ema_decay)
@@ -205,7 +224,7 @@ def train(config, workdir: str, stop_after: int | None = None) -> list[dict]:
 
 def _run(compiled, flops, state, frozen, data_it, source, mesh, manager, writer, config,
          start, end, workdir) -> list[dict]:
-    history = []
+    history, last_finite = [], None
     samples = periodic_samples.from_config(config, workdir, state.ema, frozen)
     peak = float(config.train.peak_flops_per_device) * jax.device_count()
     bar = tqdm(range(start, end), initial=start, total=config.train.steps, desc="train",
@@ -222,18 +241,32 @@ def _run(compiled, flops, state, frozen, data_it, source, mesh, manager, writer,
         if peak > 0:
             metrics["mfu"] = flops / seconds / peak
         history.append({"step": step + 1, **metrics})
+        if np.isfinite(float(out["loss"])):
+            last_finite = (step + 1, float(out["loss"]))
         if (step + 1) % config.train.log_every == 0 or step + 1 == end:
             writer.write(step + 1, metrics)
         bar.set_postfix(loss=f"{float(out['loss']):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if int(state.bad_streak) >= config.train.max_bad_steps:
-            manager.wait_until_finished()
-            raise NonFiniteError(
-                f"step {step + 1}: {int(state.bad_streak)} consecutive steps with a non-finite loss "
-                f"or gradient (limit train.max_bad_steps={config.train.max_bad_steps}); updates "
-                "were skipped, the last checkpoint is intact")
-        if (step + 1) % config.checkpoint.every == 0 or step + 1 == config.train.steps:
+        bad = int(state.bad_streak)
+        if bad >= config.train.max_bad_steps:
+            check_saves(manager, step + 1, wait=True)
+            raise NonFiniteError(_nonfinite_message(step + 1, bad, last_finite, config))
+        due = (step + 1) % config.checkpoint.every == 0 or step + 1 == config.train.steps
+        if due and bad == 0:  # never a checkpoint from a step whose loss was not finite
             checkpoint.save(manager, step + 1, state, config, data_it)
+        elif due:
+            log.warning("step %d: not saving a checkpoint (%d non-finite steps in a row)",
+                        step + 1, bad)
+        check_saves(manager, step + 1)
         if samples is not None:
             samples.maybe_write(step + 1, state.ema, frozen)
-    manager.wait_until_finished()
+    check_saves(manager, end, wait=True)
     return history
+
+
+def _nonfinite_message(step: int, bad: int, last_finite, config) -> str:
+    last = ("no step had a finite loss" if last_finite is None
+            else f"last finite loss {last_finite[1]:.6g} at step {last_finite[0]}")
+    return (f"step {step}: {bad} consecutive steps with a non-finite loss or gradient "
+            f"(limit train.max_bad_steps={config.train.max_bad_steps}; {last}); updates were "
+            "skipped and no checkpoint was saved from them: lower optim.lr or check the data, "
+            "then rerun to resume from the last checkpoint")

@@ -63,3 +63,26 @@ def read_metrics(workdir: str) -> list[dict]:
                 except json.JSONDecodeError:
                     continue
     return rows
+
+
+def drop_rows_after(workdir: str, step: int) -> int:
+    """Removes the rows of steps after `step` (those a resume from `step` replays), rewriting
+    metrics.jsonl atomically so it keeps one row per step; returns how many were dropped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+        if int(row.get("step", 0)) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+    return len(lines) - len(keep)

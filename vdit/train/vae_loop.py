@@ -27,8 +27,11 @@ from vdit.models.vae import kl_divergence, sample_posterior
 from vdit.models.vae_config import vae_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.train import checkpoint, optim
+from vdit.train.checkpoint_fallback import check_saves
+from vdit.train.lock import workdir_lock
 from vdit.train.loop import check_resume_compatible
-from vdit.train.metrics import MetricsWriter
+from vdit.train.metrics import MetricsWriter, drop_rows_after
+from vdit.train.preflight import check_workdir
 from vdit.train.state import create_state
 from vdit.train.step import make_train_step
 
@@ -89,7 +92,14 @@ def make_evaluate(vae):
 
 
 def train_vae(config, workdir: str) -> dict:
-    """Trains (or resumes) to `vae_train.steps`; returns {"history": [...], "eval_psnr": float}."""
+    """Trains (or resumes) to `vae_train.steps`; returns {"history": [...], "eval_psnr": float}.
+    Process 0 holds the workdir's lock (vdit/train/lock.py) for the whole run."""
+    check_workdir(workdir)
+    with workdir_lock(workdir, jax.process_index()):
+        return _train_vae(config, workdir)
+
+
+def _train_vae(config, workdir: str) -> dict:
     cfg = config.vae_train
     mesh = mesh_from_config(config.mesh)
     rules = logical_rules("vae", config.mesh.get("rules", None))
@@ -106,6 +116,8 @@ def train_vae(config, workdir: str) -> dict:
         check_resume_compatible(checkpoint.saved_config(manager), config, sections=("vae",))
         start, state, _ = checkpoint.restore(manager, state)
         log.info("resumed VAE training from step %d", start)
+    if jax.process_index() == 0:  # replayed steps replace their rows (one row per step)
+        drop_rows_after(workdir, start)
     step_fn = jax.jit(make_train_step(make_vae_loss(vae, cfg), tx, cfg.ema_decay),
                       out_shardings=(shardings, None), donate_argnums=(0,))
     writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard)
@@ -123,7 +135,8 @@ def train_vae(config, workdir: str) -> dict:
             writer.write(step + 1, {"eval/psnr": evaluate(state.ema, data, cfg)})
         if (step + 1) % config.checkpoint.every == 0 or step + 1 == cfg.steps:
             checkpoint.save(manager, step + 1, state, config)
-    manager.wait_until_finished()
+        check_saves(manager, step + 1)
+    check_saves(manager, cfg.steps, wait=True)
     score = evaluate(state.ema, data, cfg)
     writer.write(cfg.steps, {"eval/psnr": score})
     writer.close()

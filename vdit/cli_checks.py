@@ -1,0 +1,131 @@
+"""Command-line checks that run before any model loads: sizes, counts, input files readable and of
+the right kind, outputs writable. Each failure is a ValueError naming the flag, the value and the fix.
+
+`check_args(args)` dispatches on `args.command`; `vdit/cli.py` calls it first thing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+from vdit.data import video_io
+
+SEED_MAX = 2 ** 32 - 1  # jax.random.key takes any uint32 seed; prompt i uses --seed + i
+
+
+def check_args(args) -> None:
+    command = args.command
+    if command in ("train-vae", "encode", "train"):
+        check_workdir(args.workdir)
+    if command == "sample":
+        check_sample(args)
+    elif command == "plan":
+        check_plan(args)
+    elif command == "export":
+        check_workdir(args.out, "--out")
+
+
+def check_workdir(path: str | None, flag: str = "--workdir") -> None:
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a file, not a folder: give a folder path "
+                         "(it is created if missing)")
+
+
+def _at_least(flag: str, value, low, what: str = "") -> None:
+    if value is not None and (not math.isfinite(value) or value < low):
+        raise ValueError(f"{flag} {value!r}: expected {what or f'a number >= {low}'}")
+
+
+def check_sample(args) -> None:
+    """`vdit sample`'s flags and files, before the generator loads."""
+    if not os.path.isdir(args.workdir):
+        check_workdir(args.workdir)
+        raise ValueError(f"--workdir {args.workdir!r} does not exist: give a trained run folder "
+                         "or a diffusers pipeline folder")
+    _at_least("--batch-size", getattr(args, "batch_size", None), 1, "a whole number >= 1")
+    _at_least("--steps", args.steps, 1, "a whole number >= 1")
+    _at_least("--frames", args.frames, 1, "1 + 4k frames (1, 5, 9, 17, ...)")
+    _at_least("--guidance", args.guidance, 0, "a finite number >= 0")
+    _at_least("--fps", getattr(args, "fps", None), 1e-6, "a positive frame rate")
+    _at_least("--context-frames", getattr(args, "context_frames", None), 1, "a count >= 1")
+    if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
+        raise ValueError(f"--strength {args.strength!r}: expected a number in (0, 1]")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise ValueError(f"--seed {args.seed}: expected 0..{SEED_MAX}")
+    if getattr(args, "last_image", None) and not args.image:
+        raise ValueError("--last-image needs --image (the first frame): keyframe interpolation "
+                         "goes from --image to --last-image")
+    for flag in ("image", "last_image"):
+        path = getattr(args, flag, None)
+        if path:
+            check_image_file(f"--{flag.replace('_', '-')}", path)
+    if args.video:
+        check_video_file(args.video)
+    check_prompt_file(getattr(args, "prompt_file", None))
+    check_writable(args.out)
+
+
+def check_image_file(flag: str, path: str) -> None:
+    """An image PIL can decode completely (a text file or a truncated PNG fails here)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path!r} does not exist")
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{flag} {path!r} is not a readable image ({e}); give a PNG or JPEG "
+                         "file") from e
+
+
+def check_video_file(path: str) -> None:
+    """A file PyAV opens with a video stream and a first decodable frame."""
+    try:
+        video_io.probe_video(path)
+    except video_io.VideoReadError as e:
+        raise ValueError(f"--video {path!r}: {e}; give an .mp4 (or another format ffmpeg reads)"
+                         ) from e
+
+
+def check_prompt_file(path: str | None) -> None:
+    """A UTF-8 text file (a binary file fails here, naming it)."""
+    if not path:
+        return
+    if not os.path.isfile(path):
+        raise ValueError(f"--prompt-file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt-file {path!r} is not UTF-8 text (byte {e.start}): give a "
+                         "text file with one prompt per line") from e
+    if "\x00" in text:
+        raise ValueError(f"--prompt-file {path!r} is a binary file: give a text file with one "
+                         "prompt per line")
+
+
+def check_writable(out: str, flag: str = "--out") -> None:
+    """The output's folder exists (or can be made) and takes a new file; checked before sampling."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        raise ValueError(f"{flag} {out!r} is a folder: give a file name ending in .mp4 or .gif")
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{flag} {out!r}: {probe!r} is a file, so no folder can be made under it")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vdit-write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {out!r}: cannot write in {folder!r} ({e.strerror or e}); "
+                         "choose a writable place") from e
+
+
+def check_plan(args) -> None:
+    _at_least("--devices", getattr(args, "devices", None), 1, "a whole number >= 1")
+    _at_least("--hbm-gb", getattr(args, "hbm_gb", None), 1e-9, "a positive size in GiB")

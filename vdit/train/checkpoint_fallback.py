@@ -1,0 +1,99 @@
+"""Checkpoints that degrade gracefully: read the newest readable step; stop at once on a failed save.
+
+`newest_readable(manager, read)` calls `read(step)` from the newest step down. An unreadable step
+(truncated or zeroed data file, missing state/ or data/, an empty step folder) is reported in one
+line on stderr and the next older one is tried. With `move_aside` (training, which will write that
+step number again) the bad step folder is moved to `<workdir>/checkpoints.unreadable/` rather than
+deleted; readers (sampling) only report. `check_saves` turns a failed asynchronous save into
+`CheckpointSaveError` right after the step that notices it, so a run never trains on past it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+ASIDE = "checkpoints.unreadable"
+
+
+class CheckpointSaveError(RuntimeError):
+    """An (asynchronous) checkpoint save failed; the run stops."""
+
+
+class NoReadableCheckpointError(FileNotFoundError):
+    """Every checkpoint step of a run failed to read."""
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, at most `limit` characters."""
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first[:limit]}"
+
+
+def step_dirs(directory: str) -> list[int]:
+    """Step numbers of the folders under `directory` (finished or not), newest first."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted((int(n) for n in os.listdir(directory)
+                   if n.isdigit() and os.path.isdir(os.path.join(directory, n))), reverse=True)
+
+
+def newest_readable(manager: ocp.CheckpointManager, read: Callable[[int], Any],
+                    move_aside: bool = False) -> tuple[int, Any]:
+    """(step, read(step)) for the newest step that reads; unreadable ones are reported (and moved
+    aside when `move_aside`). Step folders orbax does not list (e.g. empty) count as unreadable."""
+    directory = str(manager.directory)
+    steps = sorted(set(manager.all_steps()) | set(step_dirs(directory)), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {directory}: train first")
+    listed = set(manager.all_steps())
+    failures = []
+    for i, step in enumerate(steps):
+        try:
+            if step not in listed:
+                raise FileNotFoundError(f"step folder {step} is not a complete checkpoint")
+            result = read(step)
+        except Exception as e:  # noqa: BLE001 - any unreadable step falls back to an older one
+            failures.append(f"step {step} ({one_line(e)})")
+            nxt = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step"
+            where = _move_aside(directory, step) if move_aside else "left in place"
+            print(f"vdit: checkpoint step {step} in {directory} is unreadable ({one_line(e)}); "
+                  f"{where}; {nxt}", file=sys.stderr, flush=True)
+            continue
+        if move_aside and failures:
+            manager.reload()
+        return step, result
+    raise NoReadableCheckpointError(f"no readable checkpoint in {directory}: "
+                                    + "; ".join(failures))
+
+
+def _move_aside(directory: str, step: int) -> str:
+    src = os.path.join(directory, str(step))
+    if not os.path.isdir(src):
+        return "not on disk"
+    dst = os.path.join(os.path.dirname(directory.rstrip("/")), ASIDE,
+                       f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.move(src, dst)
+    return f"moved to {dst}"
+
+
+def check_saves(manager: ocp.CheckpointManager, step: int, wait: bool = False) -> None:
+    """Raises CheckpointSaveError if a save has failed so far (after waiting for the pending one
+    when `wait`)."""
+    try:
+        if wait:
+            manager.wait_until_finished()
+        manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001 - every save failure stops the run with one message
+        raise CheckpointSaveError(
+            f"saving a checkpoint in {manager.directory} failed ({one_line(e)}); the run stopped "
+            f"at step {step}. Earlier checkpoints are intact: fix the cause (disk space, "
+            "permissions) and rerun the same command to resume") from e

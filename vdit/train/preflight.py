@@ -1,0 +1,36 @@
+"""Checks a training run makes before it builds models: the data has clips, the mesh divides the
+batch, and the workdir is a folder. Each failure is a ValueError naming the input and the fix."""
+
+from __future__ import annotations
+
+import os
+
+from jax.sharding import Mesh
+
+from vdit.data.pipeline import BATCH_AXES
+
+
+def check_workdir(workdir: str, flag: str = "--workdir") -> None:
+    """A run folder: absent (created later) or a folder, never a file."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"{flag} {workdir!r} is a file, not a folder: give a folder path "
+                         "(it is created if missing)")
+
+
+def check_has_clips(source, shards: str) -> None:
+    """The latent shards hold at least one clip (an empty source would stop the pipeline)."""
+    if len(source) == 0:
+        raise ValueError(f"the latent shards in {shards!r} hold no clips: re-run `vdit encode` "
+                         "(or curate) and check that it kept some clips")
+
+
+def check_batch_divides(rows: int, mesh: Mesh) -> None:
+    """data.rows_per_batch splits evenly over the mesh axes that shard rows (data x fsdp)."""
+    shards = 1
+    for axis in BATCH_AXES:
+        shards *= int(mesh.shape.get(axis, 1))
+    if rows % shards:
+        sizes = ", ".join(f"{a}={mesh.shape.get(a, 1)}" for a in BATCH_AXES)
+        raise ValueError(f"config key 'data.rows_per_batch' = {rows} does not divide over the mesh "
+                         f"({sizes}: rows are split {shards} ways); use a multiple of {shards} "
+                         "or change config.mesh")
