@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import os
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import test_train
 
 from vdit.config import load_config
 from vdit.data import sources
 from vdit.models.tokenizers import ByteTokenizer
-from vdit.train import loop
+from vdit.models.vae_config import vae_from_config
+from vdit.train import checkpoint, loop
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 # test_train's tiny sizes and schedule: runs of any recipe compile the same step (cached once).
@@ -45,3 +49,16 @@ def tiny_config(name: str, latents: str, *extra: str):
 def train_tiny(name: str, workdir: str, latents: str, steps: int, *extra: str) -> list[dict]:
     """`steps` steps of TINY's 12-step schedule (a checkpoint every 2 steps)."""
     return loop.train(tiny_config(name, latents, *extra), workdir, stop_after=steps)
+
+
+def write_vae_run(workdir: str, config) -> None:
+    """A zero-weight VAE of `config.vae` saved as a VAE run's EMA (what encode.vae_workdir names)."""
+    vae = vae_from_config(config.vae)
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(vae.init(jax.random.key(0),
+                                                           jnp.zeros((1, 1, 4, 4, 3))))["params"])
+    params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
+    saved = config.copy_and_resolve_references()
+    del saved["model"]  # a VAE run's config has no DiT
+    manager = checkpoint.make_manager(workdir, config.checkpoint, with_data=False)
+    checkpoint.save(manager, 1, {"ema": params}, saved)
+    manager.wait_until_finished()

@@ -78,7 +78,8 @@ def vae_encoder(config, params=None):
     vae = vae_from_config(config.vae)
     if params is None:
         params, saved = load_params(config.encode.vae_workdir)
-        check_kind(saved, "vae", config.encode.vae_workdir, "config key 'encode.vae_workdir' =")
+        check_kind(params, saved, "vae", config.encode.vae_workdir,
+                   "config key 'encode.vae_workdir' =")
     # Parameters are an argument, not a closure: closed-over weights become constants that XLA
     # tries to fold into every convolution.
     encode_jit = jax.jit(lambda p, v: vae.apply({"params": p}, v, method="encode")[0])

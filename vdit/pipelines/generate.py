@@ -91,7 +91,7 @@ class Generator:
         text_model, tokenizer = text_encoder_from_config(config.text)
         text_params = params["text"]
         vae_params, vae_saved = load_params(config.encode.vae_workdir)
-        check_kind(vae_saved, "vae", config.encode.vae_workdir, "its encode.vae_workdir")
+        check_kind(vae_params, vae_saved, "vae", config.encode.vae_workdir, "its encode.vae_workdir")
         stats = load_stats(latents_dir(config, workdir))
         sampler = make_sampler(dict(config.sample.scheduler))
         defaults = {k: config.sample[k] for k in ("steps", "guidance", "frames", "height",

@@ -80,7 +80,7 @@ def run_weights(path: str, which: str = "ema", _depth: int = 0) -> tuple[dict, d
     (workdir or step folder); `which` = "ema" or "params" for its trainable part."""
     workdir, step = resolve(path)
     params, saved = load_params(workdir, which, step)
-    check_kind(saved, "dit", path, "run")
+    check_kind(params, saved, "dit", path, "run")
     config = ml_collections.ConfigDict(saved)
     weights = dict(params)
     if not set(PARTS) <= set(weights):

@@ -42,6 +42,8 @@ SHAPE_SECTIONS = ("model", "text")
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
+    exit_code = 3  # `vdit train` exits with it (vdit/cli_errors.py): diverged, not misconfigured
+
 
 def latents_dir(config, workdir: str) -> str:
     return config.data.get("latents_dir", None) or os.path.join(workdir, "latents")
