@@ -210,13 +210,15 @@ def _train(config, workdir: str, stop_after: int | None) -> list[dict]:
         return []
     if jax.process_index() == 0:  # replayed steps replace their rows (one row per step)
         drop_rows_after(workdir, start)
+    end = config.train.steps if stop_after is None else min(config.train.steps, start + stop_after)
+    if end <= start:  # stop_after=0: restore (falling back past unreadable steps) and stop
+        return []
 
     loss_fn = lora.wrap_loss(make_dit_loss(dit, text_model, config), config)
     step_fn = make_train_step(loss_fn, tx, config.train.ema_decay)
     text_dim = None if config.data.text_format == "ids" else dit.text_dim
     compiled, flops = compile_step(step_fn, state, frozen, batch_spec(config, dit, text_dim),
                                    shardings, frozen_shardings, mesh, rules)
-    end = config.train.steps if stop_after is None else min(config.train.steps, start + stop_after)
     writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard)
     history = _run(compiled, flops, state, frozen, data_it, source, mesh, manager, writer,
                    config, start, end, workdir)
