@@ -30,11 +30,11 @@ from vdit.models import attention_blocks
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
-def block_sparse_attention(q, k, v, q_ids, kv_ids, block_q: int, block_kv: int,
+def block_sparse_attention(q, k, v, q_ids, kv_ids, block_q: int, block_kv: int, scale: float,
                            interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
-    """Shapes in the module doc. Differentiable in q, k, v."""
+    """Shapes in the module doc; `scale` multiplies the logits. Differentiable in q, k, v."""
     (fidx, fcnt), (bidx, bcnt) = attention_blocks.kernel_maps(q_ids, kv_ids, block_q, block_kv)
-    cfg = (block_q, block_kv, interpret, num_warps, num_stages)
+    cfg = (block_q, block_kv, scale, interpret, num_warps, num_stages)
     return _attention(cfg, q, k, v, q_ids, kv_ids, _packed(fidx, fcnt), _packed(bidx, bcnt))
 
 
@@ -78,7 +78,7 @@ def _fwd_kernel(list_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, lse_ref,
     bq, d = q.shape
 
     def body(j, carry):
-        acc, m, l = carry
+        acc, m, denom = carry
         keys = pl.ds(list_ref[j + 1] * bk, bk)
         v = v_ref[keys, :]
         s, mask = _logits(q, k_ref[keys, :], qid, kid_ref[keys], scale)
@@ -86,19 +86,19 @@ def _fwd_kernel(list_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, lse_ref,
         p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
         alpha = jnp.exp(m - m_next)
         pv = plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
-        return acc * alpha[:, None] + pv, m_next, alpha * l + jnp.sum(p, axis=1)
+        return acc * alpha[:, None] + pv, m_next, alpha * denom + jnp.sum(p, axis=1)
 
     init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, list_ref[0], body, init)
-    seen = l > 0.0  # a row that saw no key: output 0, lse huge (its p is 0 in backward)
-    safe = jnp.where(seen, l, 1.0)
+    acc, m, denom = lax.fori_loop(0, list_ref[0], body, init)
+    seen = denom > 0.0  # a row that saw no key: output 0, lse huge (its p is 0 in backward)
+    safe = jnp.where(seen, denom, 1.0)
     o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(safe), -MASK_VALUE)
 
 
 def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
-    _, _, interpret, num_warps, num_stages = cfg
+    _, _, _, interpret, num_warps, num_stages = cfg
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -106,8 +106,8 @@ def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
 
 
 def _forward(cfg, q, k, v, q_ids, kv_ids, lists):
-    (bq, bk, *_), (bsz, s_len, heads, d), l_len = cfg, q.shape, k.shape[1]
-    kernel = functools.partial(_fwd_kernel, scale=1.0 / np.sqrt(d), bk=bk)
+    (bq, bk, scale, *_), (bsz, s_len, heads, d), l_len = cfg, q.shape, k.shape[1]
+    kernel = functools.partial(_fwd_kernel, scale=scale, bk=bk)
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0))
     kv_spec = pl.BlockSpec((None, l_len, None, d), lambda i, b, h: (b, 0, h, 0))
     in_specs = [pl.BlockSpec((None, None, lists.shape[-1]), lambda i, b, h: (b, i, 0)),
@@ -140,8 +140,8 @@ def _dq_kernel(list_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref,
 
 
 def _backward_dq(cfg, q, k, v, q_ids, kv_ids, lists, lse, di, g):
-    (bq, bk, *_), (bsz, s_len, heads, d), l_len = cfg, q.shape, k.shape[1]
-    kernel = functools.partial(_dq_kernel, scale=1.0 / np.sqrt(d), bk=bk)
+    (bq, bk, scale, *_), (bsz, s_len, heads, d), l_len = cfg, q.shape, k.shape[1]
+    kernel = functools.partial(_dq_kernel, scale=scale, bk=bk)
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0))
     kv_spec = pl.BlockSpec((None, l_len, None, d), lambda i, b, h: (b, 0, h, 0))
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
@@ -177,8 +177,8 @@ def _dkv_kernel(list_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref
 
 
 def _backward_dkv(cfg, q, k, v, q_ids, kv_ids, lists, lse, di, g):
-    (bq, bk, *_), (bsz, s_len, heads, d), l_len = cfg, q.shape, k.shape[1]
-    kernel = functools.partial(_dkv_kernel, scale=1.0 / np.sqrt(d), bq=bq)
+    (bq, bk, scale, *_), (bsz, s_len, heads, d), l_len = cfg, q.shape, k.shape[1]
+    kernel = functools.partial(_dkv_kernel, scale=scale, bq=bq)
     q_spec = pl.BlockSpec((None, s_len, None, d), lambda i, b, h: (b, 0, h, 0))
     kv_spec = pl.BlockSpec((None, bk, None, d), lambda i, b, h: (b, i, h, 0))
     row_spec = pl.BlockSpec((None, None, s_len), lambda i, b, h: (b, h, 0))

@@ -112,10 +112,10 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, 
 
     @pl.when(j == nk - 1)
     def _end():
-        l = l_sc[...]
-        seen = l > 0.0  # a row that saw no key: output 0, lse huge (its p is 0 in backward)
-        o_ref[...] = (acc_sc[...] / jnp.where(seen, l, 1.0)[:, :1]).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), -MASK_VALUE)
+        denom = l_sc[...]
+        seen = denom > 0.0  # a row that saw no key: output 0, lse huge (its p is 0 in backward)
+        o_ref[...] = (acc_sc[...] / jnp.where(seen, denom, 1.0)[:, :1]).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, denom, 1.0)), -MASK_VALUE)
 
 
 def _kv_map(nq, nk):
