@@ -93,7 +93,8 @@ def local_attention(q, k, v, q_segment_ids, kv_segment_ids, backend: str, shard:
     if backend == "memory_proxy":
         from vdit.models.attention_proxy import proxy_attention
 
-        return proxy_attention(q, k, v, q_segment_ids, kv_segment_ids)
+        return proxy_attention(q, k, v, q_segment_ids, kv_segment_ids,
+                               blocks=BLOCK_SPARSE_BLOCKS["gpu"])
     if backend == "block_sparse":
         return block_sparse_attention(q, k, v, q_segment_ids, kv_segment_ids, shard=shard)
     return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, shard=shard)
