@@ -10,7 +10,7 @@ packing) from four mixes of clip shapes, as latent token counts in Wan2.1's geom
   stage3_hq      with images; 81/49-frame 480x832 clips with images).
 For each mix, kernel block size (TPU 512x512, GPU 64x64: `attention.BLOCK_SPARSE_BLOCKS`) and
 attention (self: tokens to tokens; cross: tokens to the packed text), one JSON line:
-  blocks_computed_over_needed  block pairs the kernel computes (`attention_blocks.block_pairs`) /
+  blocks_computed_over_needed  block pairs the kernel computes (`attention_blocks.computed_pairs`) /
                                block pairs holding at least one same-segment (query, key) pair
                                (exact, numpy); the issue's target is <= 1.15.
   computed_flops_over_dense    attention FLOPs computed / a dense kernel's over the row (S x L),
@@ -115,8 +115,8 @@ def count(q_ids, kv_ids, block_q: int, block_kv: int) -> dict:
     s, l_len = q_ids.shape[1], kv_ids.shape[1]
     qp = np.asarray(blocks.pad_ids(q_ids, -(-s // block_q) * block_q))
     kp = np.asarray(blocks.pad_ids(kv_ids, -(-l_len // block_kv) * block_kv))
-    computed = int(np.asarray(blocks.block_pairs(jnp.asarray(qp), jnp.asarray(kp), block_q,
-                                                 block_kv)).sum())
+    computed = int(np.asarray(blocks.computed_pairs(jnp.asarray(qp), jnp.asarray(kp), block_q,
+                                                    block_kv)).sum())
     needed = int(blocks.needed_pairs(qp, kp, block_q, block_kv).sum())
     same = sum(same_segment_pairs(q_ids[r], kv_ids[r]) for r in range(len(q_ids)))
     dense = len(q_ids) * s * l_len

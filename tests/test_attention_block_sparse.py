@@ -74,26 +74,29 @@ def test_block_map_is_tight_on_packed_rows_and_never_drops_a_pair():
         ids = _rows(lengths, 512)
         text = _rows([[int(x) for x in rng.integers(1, 9, size=len(r))] for r in lengths], 128)
         for kv, bk in ((ids, 32), (text, 16)):
-            computed = np.asarray(blocks.block_pairs(jnp.asarray(ids), jnp.asarray(kv), 32, bk))
+            pairs = np.asarray(blocks.block_pairs(jnp.asarray(ids), jnp.asarray(kv), 32, bk))
             needed = blocks.needed_pairs(ids, kv, 32, bk)
-            assert (computed >= needed).all()  # never skips a pair that holds work
-            np.testing.assert_array_equal(computed, needed)  # and, for packed rows, exact
+            assert (pairs >= needed).all()  # never skips a pair that holds work
+            np.testing.assert_array_equal(pairs, needed)  # and, for packed rows, exact
+            computed = blocks.computed_pairs(jnp.asarray(ids), jnp.asarray(kv), 32, bk)
+            np.testing.assert_array_equal(computed, needed.sum(axis=(1, 2)))  # runs = the map
 
 
-def test_block_lists_order_and_repeat_the_last_block():
-    pairs = jnp.asarray([[[False, True, False, True], [False] * 4, [True] * 4]])
-    idx, cnt = blocks.block_lists(pairs)
-    np.testing.assert_array_equal(cnt, [[2, 0, 4]])
-    np.testing.assert_array_equal(idx, [[[1, 3, 3, 3], [0, 0, 0, 0], [0, 1, 2, 3]]])
+def test_block_runs_span_first_to_last_meeting_block():
+    pairs = jnp.asarray([[[False, True, False, True], [False] * 4, [True] * 4,
+                          [False, False, True, False]]])
+    start, cnt = blocks.block_runs(pairs)
+    np.testing.assert_array_equal(start, [[1, 0, 0, 2]])
+    np.testing.assert_array_equal(cnt, [[3, 0, 4, 1]])  # a gap inside a run is computed, masked
 
 
 def test_tpu_kernel_computes_only_listed_blocks():
-    """With query block 0's list emptied, its rows come out 0: the map, not the mask, drives it."""
+    """With query block 0's run emptied, its rows come out 0: the map, not the mask, drives it."""
     ids = jnp.asarray(_rows([[8, 8]], 16))
     q, k, v = (jnp.asarray(x[:1].swapaxes(1, 2)) for x in _qkv(16, 16))
-    (idx, cnt), bwd = blocks.kernel_maps(ids, ids, 8, 8)
-    out = pallas_tpu._forward((8, 8, True), q, k, v, ids, ids, (idx, cnt.at[0, 0].set(0)))[0]
-    full = pallas_tpu._forward((8, 8, True), q, k, v, ids, ids, (idx, cnt))[0]
+    (start, cnt), _ = blocks.kernel_maps(ids, ids, 8, 8)
+    out = pallas_tpu._forward((8, 8, True), q, k, v, ids, ids, (start, cnt.at[0, 0].set(0)))[0]
+    full = pallas_tpu._forward((8, 8, True), q, k, v, ids, ids, (start, cnt))[0]
     assert float(jnp.abs(out[:, :, :8]).max()) == 0.0
     np.testing.assert_array_equal(out[:, :, 8:], full[:, :, 8:])
 
@@ -120,3 +123,11 @@ def test_block_sparse_under_a_mesh_runs_per_device():
         assert "manual_computation" in fn.lower(q, k, v, SELF_IDS, SELF_IDS).as_text()
         out = fn(q, k, v, SELF_IDS, SELF_IDS)
     assert _rel(out, attn.xla_attention(q, k, v, SELF_IDS, SELF_IDS)) < TOL
+
+
+def test_unordered_segments_stay_exact():
+    """Ids out of order (1, 2, 1, 0): a run spans a block its query block does not meet; the
+    in-block mask keeps the result exact."""
+    ids = np.repeat(np.array([[1, 2, 1, 0]], np.int32), [16, 16, 16, 8], axis=1).repeat(2, 0)
+    fwd, grad = compare("gpu", ids, ids, 16)
+    assert fwd < TOL and grad < TOL, (fwd, grad)

@@ -2,7 +2,7 @@
 
 A row of `tokens` holds clips of `clip_tokens` each (as many as fit, the rest padding, which
 attends padding); its text of `text_len` tokens is split evenly between the clips. The block
-pairs the kernels compute come from `attention_blocks.block_pairs` on that row, at each kernel's
+pairs the kernels compute come from `attention_blocks.computed_pairs` on that row, at each kernel's
 blocks (`attention.BLOCK_SPARSE_BLOCKS`). FLOPs per computed block pair and head: forward 2
 matmuls, backward 7 (the dq kernel recomputes q k^T and dO v^T; the dk/dv kernel recomputes both
 and adds p^T dO and ds^T q), each 2 x bq x bk x Dh; a dense kernel does the same over every pair.
@@ -33,8 +33,8 @@ def _pairs(q_ids, kv_ids, blocks) -> tuple[int, int]:
     bq, bk = blocks
     q = attention_blocks.pad_ids(q_ids, -(-q_ids.shape[1] // bq) * bq)
     kv = attention_blocks.pad_ids(kv_ids, -(-kv_ids.shape[1] // bk) * bk)
-    pairs = attention_blocks.block_pairs(q, kv, bq, bk)
-    return int(jnp.sum(pairs)), int(pairs.size)
+    computed = attention_blocks.computed_pairs(q, kv, bq, bk)
+    return int(jnp.sum(computed)), (q.shape[1] // bq) * (kv.shape[1] // bk)
 
 
 def attention_cost(model, rows: int, tokens: int, clip_tokens: int, text_len: int) -> dict:

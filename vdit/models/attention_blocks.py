@@ -11,9 +11,14 @@ For the pipeline's rows (segments contiguous, ids increasing along the row, padd
 two ranges overlap exactly when the blocks share a segment, so the map is tight; for any other
 layout it is conservative (never skips a pair that holds a same-segment entry).
 
+The kernels walk, per query block, the run of key blocks from the first to the last one it meets
+(and per key block the run of query blocks, for dk/dv): `[B, n]` int32 starts and counts, O(n)
+scalars however long the row (TPU scalar memory is small). For the pipeline's rows the meeting
+blocks are contiguous, so the run is exactly the map; for any other layout it is a superset, and
+the in-block segment mask keeps the result exact either way.
+
 Shapes: segment ids `[B, N]` with N a multiple of the block; per-block summaries `[B, N/block]`;
-pair map `[B, nq, nk]` bool; lists `[B, nq, nk]` int32 (the meeting key blocks first, in order,
-then the last one repeated so a skipped grid step fetches nothing new) with counts `[B, nq]`.
+pair map `[B, nq, nk]` bool; runs: starts and counts `[B, nq]` int32.
 """
 
 from __future__ import annotations
@@ -53,24 +58,26 @@ def block_pairs(q_ids, kv_ids, block_q: int, block_kv: int):
     return overlap | (qpad[:, :, None] & kpad[:, None, :])
 
 
-def block_lists(pairs):
-    """`[B, nq, nk]` bool -> (indices `[B, nq, nk]` int32, counts `[B, nq]` int32).
-
-    Row i lists the key blocks that meet query block i, ascending, then repeats the last one (0
-    when none meet) so that grid steps past the count re-address the block already fetched.
-    """
+def block_runs(pairs):
+    """`[B, nq, nk]` bool -> (start, count), each `[B, nq]` int32: the first key block a query
+    block meets and how many follow up to the last one it meets (0 and 0 when it meets none)."""
     nk = pairs.shape[-1]
-    counts = jnp.sum(pairs, axis=-1, dtype=jnp.int32)
-    order = jnp.argsort(~pairs, axis=-1, stable=True).astype(jnp.int32)
-    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
-    steps = jnp.arange(nk, dtype=jnp.int32)
-    return jnp.where(steps < counts[..., None], order, last), counts
+    meets = jnp.any(pairs, axis=-1)
+    first = jnp.argmax(pairs, axis=-1).astype(jnp.int32)
+    last = (nk - 1 - jnp.argmax(pairs[..., ::-1], axis=-1)).astype(jnp.int32)
+    return jnp.where(meets, first, 0), jnp.where(meets, last - first + 1, 0)
 
 
 def kernel_maps(q_ids, kv_ids, block_q: int, block_kv: int):
-    """The forward/dq lists (per query block) and the dk/dv lists (per key block), all int32."""
+    """((start, count) per query block, (start, count) per key block), all `[B, n]` int32."""
     pairs = block_pairs(q_ids, kv_ids, block_q, block_kv)
-    return block_lists(pairs), block_lists(jnp.swapaxes(pairs, 1, 2))
+    return block_runs(pairs), block_runs(jnp.swapaxes(pairs, 1, 2))
+
+
+def computed_pairs(q_ids, kv_ids, block_q: int, block_kv: int):
+    """`[B]` int32: the block pairs the kernels compute (the forward's runs, summed)."""
+    (_, count), _ = kernel_maps(q_ids, kv_ids, block_q, block_kv)
+    return jnp.sum(count, axis=-1)
 
 
 def needed_pairs(q_ids, kv_ids, block_q: int, block_kv: int) -> np.ndarray:

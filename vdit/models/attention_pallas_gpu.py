@@ -5,11 +5,10 @@
 of the blocks (the caller pads with negative ids, which meet nothing) and Dh a power of two >= 16
 (Triton's dot; the caller zero-pads). Returns `[B, S, H, Dh]`; rows that see no key give 0.
 
-No `[S, L]` mask exists anywhere: one program per (query block, row, head) walks the key blocks
-of its list from `attention_blocks.kernel_maps` (a `fori_loop` whose trip count is the list's
-count) and masks by segment id inside each block. The backward pass runs a dq kernel over the same
-lists and a dk/dv kernel over the transposed lists. The lists travel as one int32 array per
-block, `[count, block_0, block_1, ...]`, padded to a power of two (Triton's block shapes).
+No `[S, L]` mask exists anywhere: one program per (query block, row, head) walks the run of key
+blocks from `attention_blocks.kernel_maps` (a `fori_loop` from the run's start over its count) and
+masks by segment id inside each block. The backward pass runs a dq kernel over the same runs and a
+dk/dv kernel over the key blocks' runs (the transposed map). Starts and counts are `[B, n]` int32.
 
 Residuals: q, k, v, the output and a float32 log-sum-exp `[B, H, S]`, as on TPU.
 """
@@ -33,33 +32,26 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 def block_sparse_attention(q, k, v, q_ids, kv_ids, block_q: int, block_kv: int, scale: float,
                            interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
     """Shapes in the module doc; `scale` multiplies the logits. Differentiable in q, k, v."""
-    (fidx, fcnt), (bidx, bcnt) = attention_blocks.kernel_maps(q_ids, kv_ids, block_q, block_kv)
+    fwd_runs, bwd_runs = attention_blocks.kernel_maps(q_ids, kv_ids, block_q, block_kv)
     cfg = (block_q, block_kv, scale, interpret, num_warps, num_stages)
-    return _attention(cfg, q, k, v, q_ids, kv_ids, _packed(fidx, fcnt), _packed(bidx, bcnt))
-
-
-def _packed(idx, cnt):
-    """`[B, n, m]` lists + `[B, n]` counts -> `[B, n, W]` `[count, idx...]`, W a power of two."""
-    width = pl.next_power_of_2(idx.shape[-1] + 1)
-    lists = jnp.concatenate([cnt[..., None], idx], axis=-1)
-    return jnp.pad(lists, ((0, 0), (0, 0), (0, width - lists.shape[-1])))
+    return _attention(cfg, q, k, v, q_ids, kv_ids, fwd_runs, bwd_runs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, q_ids, kv_ids, fwd_lists, bwd_lists):
-    return _forward(cfg, q, k, v, q_ids, kv_ids, fwd_lists)[0]
+def _attention(cfg, q, k, v, q_ids, kv_ids, fwd_runs, bwd_runs):
+    return _forward(cfg, q, k, v, q_ids, kv_ids, fwd_runs)[0]
 
 
-def _attention_fwd(cfg, q, k, v, q_ids, kv_ids, fwd_lists, bwd_lists):
-    out, lse = _forward(cfg, q, k, v, q_ids, kv_ids, fwd_lists)
-    return out, (q, k, v, q_ids, kv_ids, fwd_lists, bwd_lists, out, lse)
+def _attention_fwd(cfg, q, k, v, q_ids, kv_ids, fwd_runs, bwd_runs):
+    out, lse = _forward(cfg, q, k, v, q_ids, kv_ids, fwd_runs)
+    return out, (q, k, v, q_ids, kv_ids, fwd_runs, bwd_runs, out, lse)
 
 
 def _attention_bwd(cfg, res, g):
-    q, k, v, q_ids, kv_ids, fwd_lists, bwd_lists, out, lse = res
+    q, k, v, q_ids, kv_ids, fwd_runs, bwd_runs, out, lse = res
     di = jnp.einsum("bshd,bshd->bhs", g.astype(jnp.float32), out.astype(jnp.float32))
-    dq = _backward_dq(cfg, q, k, v, q_ids, kv_ids, fwd_lists, lse, di, g)
-    dk, dv = _backward_dkv(cfg, q, k, v, q_ids, kv_ids, bwd_lists, lse, di, g)
+    dq = _backward_dq(cfg, q, k, v, q_ids, kv_ids, fwd_runs, lse, di, g)
+    dk, dv = _backward_dkv(cfg, q, k, v, q_ids, kv_ids, bwd_runs, lse, di, g)
     return dq, dk, dv, None, None, None, None
 
 
@@ -73,13 +65,14 @@ def _logits(q, k, qid, kid, scale):
     return jnp.where(mask, s, MASK_VALUE), mask
 
 
-def _fwd_kernel(list_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, lse_ref, *, scale, bk):
+def _fwd_kernel(start_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, lse_ref, *,
+                scale, bk):
     q, qid = q_ref[...], qid_ref[...]
     bq, d = q.shape
 
     def body(j, carry):
         acc, m, denom = carry
-        keys = pl.ds(list_ref[j + 1] * bk, bk)
+        keys = pl.ds((start_ref[0] + j) * bk, bk)
         v = v_ref[keys, :]
         s, mask = _logits(q, k_ref[keys, :], qid, kid_ref[keys], scale)
         m_next = jnp.maximum(m, jnp.max(s, axis=1))
@@ -90,11 +83,16 @@ def _fwd_kernel(list_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, lse_ref,
 
     init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
-    acc, m, denom = lax.fori_loop(0, list_ref[0], body, init)
+    acc, m, denom = lax.fori_loop(0, cnt_ref[0], body, init)
     seen = denom > 0.0  # a row that saw no key: output 0, lse huge (its p is 0 in backward)
     safe = jnp.where(seen, denom, 1.0)
     o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(safe), -MASK_VALUE)
+
+
+# A run's start and count, one scalar per program: `[B, n]` blocks of shape (1,) (Triton loads
+# a power-of-two block; the scalar is element 0).
+run_spec = pl.BlockSpec((None, 1), lambda i, b, h: (b, i))
 
 
 def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
@@ -105,12 +103,12 @@ def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
         interpret=interpret, name=name)
 
 
-def _forward(cfg, q, k, v, q_ids, kv_ids, lists):
+def _forward(cfg, q, k, v, q_ids, kv_ids, runs):
     (bq, bk, scale, *_), (bsz, s_len, heads, d), l_len = cfg, q.shape, k.shape[1]
     kernel = functools.partial(_fwd_kernel, scale=scale, bk=bk)
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0))
     kv_spec = pl.BlockSpec((None, l_len, None, d), lambda i, b, h: (b, 0, h, 0))
-    in_specs = [pl.BlockSpec((None, None, lists.shape[-1]), lambda i, b, h: (b, i, 0)),
+    in_specs = [run_spec, run_spec,
                 q_spec, kv_spec, kv_spec,
                 pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
                 pl.BlockSpec((None, l_len), lambda i, b, h: (b, 0))]
@@ -118,16 +116,16 @@ def _forward(cfg, q, k, v, q_ids, kv_ids, lists):
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((bsz, heads, s_len), jnp.float32)]
     return _call(kernel, cfg, (s_len // bq, bsz, heads), in_specs, out_specs, out_shape,
-                 "vdit_block_sparse_fwd")(lists, q, k, v, q_ids, kv_ids)
+                 "vdit_block_sparse_fwd")(*runs, q, k, v, q_ids, kv_ids)
 
 
-def _dq_kernel(list_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref, do_ref, dq_ref,
-               *, scale, bk):
+def _dq_kernel(start_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref, do_ref,
+               dq_ref, *, scale, bk):
     q, qid, do = q_ref[...], qid_ref[...], do_ref[...]
     lse, di = lse_ref[...], di_ref[...]
 
     def body(j, dq):
-        keys = pl.ds(list_ref[j + 1] * bk, bk)
+        keys = pl.ds((start_ref[0] + j) * bk, bk)
         k, v = k_ref[keys, :], v_ref[keys, :]
         s, mask = _logits(q, k, qid, kid_ref[keys], scale)
         p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
@@ -135,33 +133,33 @@ def _dq_kernel(list_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref,
         ds = p * (dp - di[:, None])
         return dq + plgpu.dot(ds.astype(k.dtype), k).astype(jnp.float32)
 
-    dq = lax.fori_loop(0, list_ref[0], body, jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(0, cnt_ref[0], body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _backward_dq(cfg, q, k, v, q_ids, kv_ids, lists, lse, di, g):
+def _backward_dq(cfg, q, k, v, q_ids, kv_ids, runs, lse, di, g):
     (bq, bk, scale, *_), (bsz, s_len, heads, d), l_len = cfg, q.shape, k.shape[1]
     kernel = functools.partial(_dq_kernel, scale=scale, bk=bk)
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0))
     kv_spec = pl.BlockSpec((None, l_len, None, d), lambda i, b, h: (b, 0, h, 0))
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-    in_specs = [pl.BlockSpec((None, None, lists.shape[-1]), lambda i, b, h: (b, i, 0)),
+    in_specs = [run_spec, run_spec,
                 q_spec, kv_spec, kv_spec,
                 pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
                 pl.BlockSpec((None, l_len), lambda i, b, h: (b, 0)),
                 row_spec, row_spec, q_spec]
     return _call(kernel, cfg, (s_len // bq, bsz, heads), in_specs, q_spec,
                  jax.ShapeDtypeStruct(q.shape, q.dtype), "vdit_block_sparse_dq")(
-        lists, q, k, v, q_ids, kv_ids, lse, di, g)
+        *runs, q, k, v, q_ids, kv_ids, lse, di, g)
 
 
-def _dkv_kernel(list_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref, do_ref,
-                dk_ref, dv_ref, *, scale, bq):
+def _dkv_kernel(start_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref,
+                do_ref, dk_ref, dv_ref, *, scale, bq):
     k, v, kid = k_ref[...], v_ref[...], kid_ref[...]
 
     def body(j, carry):
         dk, dv = carry
-        rows = pl.ds(list_ref[j + 1] * bq, bq)
+        rows = pl.ds((start_ref[0] + j) * bq, bq)
         q, do = q_ref[rows, :], do_ref[rows, :]
         s, mask = _logits(q, k, qid_ref[rows], kid, scale)  # [bq, bk]
         p = jnp.where(mask, jnp.exp(s - lse_ref[rows][:, None]), 0.0)
@@ -171,22 +169,22 @@ def _dkv_kernel(list_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref
         return dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, list_ref[0], body, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, cnt_ref[0], body, (zeros, zeros))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward_dkv(cfg, q, k, v, q_ids, kv_ids, lists, lse, di, g):
+def _backward_dkv(cfg, q, k, v, q_ids, kv_ids, runs, lse, di, g):
     (bq, bk, scale, *_), (bsz, s_len, heads, d), l_len = cfg, q.shape, k.shape[1]
     kernel = functools.partial(_dkv_kernel, scale=scale, bq=bq)
     q_spec = pl.BlockSpec((None, s_len, None, d), lambda i, b, h: (b, 0, h, 0))
     kv_spec = pl.BlockSpec((None, bk, None, d), lambda i, b, h: (b, i, h, 0))
     row_spec = pl.BlockSpec((None, None, s_len), lambda i, b, h: (b, h, 0))
-    in_specs = [pl.BlockSpec((None, None, lists.shape[-1]), lambda i, b, h: (b, i, 0)),
+    in_specs = [run_spec, run_spec,
                 q_spec, kv_spec, kv_spec,
                 pl.BlockSpec((None, s_len), lambda i, b, h: (b, 0)),
                 pl.BlockSpec((None, bk), lambda i, b, h: (b, i)),
                 row_spec, row_spec, q_spec]
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     return _call(kernel, cfg, (l_len // bk, bsz, heads), in_specs, [kv_spec, kv_spec], out_shape,
-                 "vdit_block_sparse_dkv")(lists, q, k, v, q_ids, kv_ids, lse, di, g)
+                 "vdit_block_sparse_dkv")(*runs, q, k, v, q_ids, kv_ids, lse, di, g)

@@ -4,12 +4,12 @@
 `[B, H, L, Dh]`, ids `[B, S]` / `[B, L]` int32 with S, L multiples of the blocks (the caller pads
 with negative ids, which meet nothing). Returns `[B, H, S, Dh]`; rows that see no key give 0.
 
-The grid is (B, H, query blocks, key steps). The block lists of `attention_blocks.kernel_maps`
-ride in SMEM as scalar prefetch (`pltpu.PrefetchScalarGridSpec`): step j of query block i
-fetches key block `list[b, i, j]`, and computes only while j < count[b, i]. Past the count the
-list repeats the last block, so the pipeline issues no new DMA and the step costs only the grid
-overhead. The backward pass runs two kernels the same way: dq over the query-block lists, dk/dv
-over the key-block lists (the transposed map).
+The grid is (B, H, query blocks, key steps). The block runs of `attention_blocks.kernel_maps`
+(`[B, n]` starts and counts) ride in SMEM as scalar prefetch (`pltpu.PrefetchScalarGridSpec`):
+step j of query block i fetches key block `start[b, i] + j` and computes only while
+j < count[b, i]. Past the count the index stays on the run's last block, so the pipeline issues
+no new DMA and the step costs only the grid overhead. The backward pass runs two kernels the same
+way: dq over the query blocks' runs, dk/dv over the key blocks' runs (the transposed map).
 
 Residuals kept for the backward pass: q, k, v, the output and a float32 log-sum-exp `[B, H, S]`
 (what `attention_proxy` models for `vdit plan`). Logits are float32; the softmax scale is 1/sqrt(Dh).
@@ -87,7 +87,7 @@ def _masked_logits(q, k, qid_ref, kid_ref, scale):
     return jnp.where(mask, s, MASK_VALUE), mask
 
 
-def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, lse_ref,
+def _fwd_kernel(start_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, lse_ref,
                 m_sc, l_sc, acc_sc, *, scale, nq, nk):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
@@ -118,33 +118,38 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, 
         lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, denom, 1.0)), -MASK_VALUE)
 
 
-def _kv_map(nq, nk):
-    """index_map of a key-side block in the forward/dq grid: the listed key block."""
-    def index_map(b, h, i, j, idx_ref, cnt_ref):
-        return b, h, idx_ref[(b * nq + i) * nk + j], 0
+def _step_block(row, j, start_ref, cnt_ref):
+    """The block that step j of a run fetches: start + j, held at the run's last block."""
+    return start_ref[row] + lax.min(j, lax.max(cnt_ref[row] - 1, 0))
+
+
+def _kv_map(nq):
+    """index_map of a key-side block in the forward/dq grid."""
+    def index_map(b, h, i, j, start_ref, cnt_ref):
+        return b, h, _step_block(b * nq + i, j, start_ref, cnt_ref), 0
     return index_map
 
 
-def _kid_map(nq, nk):
-    def index_map(b, h, i, j, idx_ref, cnt_ref):
-        return b, 0, idx_ref[(b * nq + i) * nk + j]
+def _kid_map(nq):
+    def index_map(b, h, i, j, start_ref, cnt_ref):
+        return b, 0, _step_block(b * nq + i, j, start_ref, cnt_ref)
     return index_map
 
 
 def _forward(cfg, q, k, v, q_ids, kv_ids, fwd_map):
     (bq, bk, interpret), (bsz, heads, s_len, d) = cfg, q.shape
     nq, nk = s_len // bq, k.shape[2] // bk
-    idx, cnt = fwd_map
+    start, cnt = fwd_map
     kernel = functools.partial(_fwd_kernel, scale=1.0 / np.sqrt(d), nq=nq, nk=nk)
     q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, *_: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), _kv_map(nq, nk))
+    kv_spec = pl.BlockSpec((None, None, bk, d), _kv_map(nq))
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(bsz, heads, nq, nk),
             in_specs=[q_spec, kv_spec, kv_spec,
                       pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
-                      pl.BlockSpec((None, SUBLANES, bk), _kid_map(nq, nk))],
+                      pl.BlockSpec((None, SUBLANES, bk), _kid_map(nq))],
             out_specs=[q_spec, pl.BlockSpec((None, None, bq, LANES),
                                             lambda b, h, i, j, *_: (b, h, i, 0))],
             scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
@@ -155,11 +160,11 @@ def _forward(cfg, q, k, v, q_ids, kv_ids, fwd_map):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret, name="vdit_block_sparse_fwd",
-    )(idx.reshape(-1), cnt.reshape(-1), q, k, v, _lane_ids(q_ids), _sublane_ids(kv_ids))
+    )(start.reshape(-1), cnt.reshape(-1), q, k, v, _lane_ids(q_ids), _sublane_ids(kv_ids))
     return out, lse[..., 0]
 
 
-def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref, do_ref,
+def _dq_kernel(start_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref, do_ref,
                dq_ref, dq_sc, *, scale, nq, nk):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
@@ -186,10 +191,10 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref,
 def _backward_dq(cfg, q, k, v, q_ids, kv_ids, fwd_map, lse, di, g):
     (bq, bk, interpret), (bsz, heads, s_len, d) = cfg, q.shape
     nq, nk = s_len // bq, k.shape[2] // bk
-    idx, cnt = fwd_map
+    start, cnt = fwd_map
     kernel = functools.partial(_dq_kernel, scale=1.0 / np.sqrt(d), nq=nq, nk=nk)
     q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, *_: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), _kv_map(nq, nk))
+    kv_spec = pl.BlockSpec((None, None, bk, d), _kv_map(nq))
     row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, *_: (b, h, 0, i))
     return pl.pallas_call(
         kernel,
@@ -197,7 +202,7 @@ def _backward_dq(cfg, q, k, v, q_ids, kv_ids, fwd_map, lse, di, g):
             num_scalar_prefetch=2, grid=(bsz, heads, nq, nk),
             in_specs=[q_spec, kv_spec, kv_spec,
                       pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
-                      pl.BlockSpec((None, SUBLANES, bk), _kid_map(nq, nk)),
+                      pl.BlockSpec((None, SUBLANES, bk), _kid_map(nq)),
                       row_spec, row_spec, q_spec],
             out_specs=q_spec,
             scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
@@ -205,11 +210,11 @@ def _backward_dq(cfg, q, k, v, q_ids, kv_ids, fwd_map, lse, di, g):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret, name="vdit_block_sparse_dq",
-    )(idx.reshape(-1), cnt.reshape(-1), q, k, v, _lane_ids(q_ids), _sublane_ids(kv_ids),
+    )(start.reshape(-1), cnt.reshape(-1), q, k, v, _lane_ids(q_ids), _sublane_ids(kv_ids),
       lse[:, :, None, :], di[:, :, None, :], g)
 
 
-def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref, do_ref,
+def _dkv_kernel(start_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref, do_ref,
                 dk_ref, dv_ref, dk_sc, dv_sc, *, scale, nq, nk):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)  # i: key block, j: step
 
@@ -239,11 +244,11 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref
 def _backward_dkv(cfg, q, k, v, q_ids, kv_ids, bwd_map, lse, di, g):
     (bq, bk, interpret), (bsz, heads, s_len, d) = cfg, q.shape
     nq, nk = s_len // bq, k.shape[2] // bk
-    idx, cnt = bwd_map  # [B, nk, nq], [B, nk]
+    start, cnt = bwd_map  # [B, nk] each
     kernel = functools.partial(_dkv_kernel, scale=1.0 / np.sqrt(d), nq=nq, nk=nk)
 
-    def q_side(b, h, i, j, idx_ref, cnt_ref):  # the listed query block of key block i
-        return idx_ref[(b * nk + i) * nq + j]
+    def q_side(b, h, i, j, start_ref, cnt_ref):  # step j's query block for key block i
+        return _step_block(b * nk + i, j, start_ref, cnt_ref)
 
     q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, *r: (b, h, q_side(b, h, i, j, *r), 0))
     kv_spec = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, *_: (b, h, i, 0))
@@ -264,5 +269,5 @@ def _backward_dkv(cfg, q, k, v, q_ids, kv_ids, bwd_map, lse, di, g):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret, name="vdit_block_sparse_dkv",
-    )(idx.reshape(-1), cnt.reshape(-1), q, k, v, _lane_ids(q_ids), _sublane_ids(kv_ids),
+    )(start.reshape(-1), cnt.reshape(-1), q, k, v, _lane_ids(q_ids), _sublane_ids(kv_ids),
       lse[:, :, None, :], di[:, :, None, :], g)

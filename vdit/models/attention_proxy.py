@@ -3,7 +3,7 @@
 Fused kernels (block_sparse and splash on TPU, block_sparse and cuDNN flash on GPU) never hold the
 `[B, H, S, L]` logits: forward keeps the output and a per-row log-sum-exp, backward reads q, k, v,
 out, lse and the incoming gradient and writes dq, dk, dv. The block_sparse kernels also keep their
-block lists (`attention_blocks.kernel_maps`: `[B, nq, nk]` and `[B, nk, nq]` int32 with counts),
+block runs (`attention_blocks.kernel_maps`: starts and counts, `[B, nq]` and `[B, nk]` int32),
 which the proxy builds and keeps too, at the GPU kernel's (smaller, so more) blocks.
 Compiling the plain XLA attention on CPU would instead report S x L
 buffers (tens of GB per head at 720p), so the planner swaps in this function: O(S) arithmetic with
@@ -45,7 +45,7 @@ def _backward(residuals, g):
     row = lse.transpose(0, 2, 1)[..., None].astype(q.dtype)  # [B, S, H, 1]
     dq = g * (jnp.mean(k, axis=1, keepdims=True) + out) + row
     gq = jnp.sum(g * q, axis=1, keepdims=True)  # [B, 1, H, Dh]
-    # The lists are read (as the kernels read them) so that they stay alive until here.
+    # The runs are read (as the kernels read them) so that they stay alive until here.
     used = sum(jnp.sum(x[0, :1]) for x in jax.tree.leaves(maps)).astype(q.dtype) * 0
     return (dq.astype(q.dtype) + used, (k * gq).astype(k.dtype), (v * gq).astype(v.dtype),
             jax.tree.map(lambda x: None, maps))
