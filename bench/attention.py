@@ -8,8 +8,10 @@ packing) from four mixes of clip shapes, as latent token counts in Wan2.1's geom
   stage1_image   configs/stage1_image.py: encode.shapes/shape_weights, data.tokens_per_row,
   stage2_video   max_segments, pack_bins, text_per_row of that recipe (images; 33/17-frame clips
   stage3_hq      with images; 81/49-frame 480x832 clips with images).
-For each mix, kernel block size (TPU 512x512, GPU 64x64: `attention.BLOCK_SPARSE_BLOCKS`) and
-attention (self: tokens to tokens; cross: tokens to the packed text), one JSON line:
+For each mix, kernel and its blocks (`attention.block_sparse_blocks`: TPU 512x512, GPU 64x64, keys
+of cross-attention 128 / 32; with `--tpu-blocks` also what TPU query/key blocks of 256 and 128
+would skip, "default": false) and attention (self: tokens to tokens; cross: tokens to the packed
+text), one JSON line:
   blocks_computed_over_needed  block pairs the kernel computes (`attention_blocks.computed_pairs`) /
                                block pairs holding at least one same-segment (query, key) pair
                                (exact, numpy); the issue's target is <= 1.15.
@@ -57,11 +59,13 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", dest="head_dim", type=int, default=128)
     p.add_argument("--time-rows", dest="time_rows", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--tpu-blocks", dest="tpu_blocks", default="256,128",
+                   help="also count these TPU blocks (what-if lines; '' for none)")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 row per mix, no timing (seconds)")
     a = p.parse_args(argv)
     if a.quick:
-        a.rows, a.skip_timing = 1, True
+        a.rows, a.skip_timing, a.tpu_blocks = 1, True, ""
     return a
 
 
@@ -133,15 +137,19 @@ def same_segment_pairs(q_row, kv_row) -> int:
     return int(np.sum(q_counts.astype(np.int64) * kv_counts))
 
 
-def count_lines(name: str, seg, text) -> list[dict]:
+def count_lines(name: str, seg, text, tpu_blocks=()) -> list[dict]:
     segments = float(np.mean([len(np.unique(r[r > 0])) for r in seg]))
+    configs = [(kernel, None, True) for kernel in attn.BLOCK_SPARSE_BLOCKS]
+    configs += [("tpu", (b, b), False) for b in tpu_blocks]
     lines = []
-    for kernel, (bq, bk) in attn.BLOCK_SPARSE_BLOCKS.items():
-        for kind, kv, block_kv in (("self", seg, bk), ("cross", text, bk)):
+    for kernel, override, default in configs:
+        for kind, kv in (("self", seg), ("cross", text)):
+            bq, bk = attn.block_sparse_blocks(kernel, seg.shape[1], kv.shape[1], override)
             lines.append({"bench": "attention_blocks", "mix": name, "kernel": kernel,
-                          "block": [bq, block_kv], "attention": kind, "rows": len(seg),
-                          "tokens_per_row": seg.shape[1], "kv_per_row": kv.shape[1],
-                          "segments_per_row": segments, **count(seg, kv, bq, block_kv)})
+                          "default": default, "block": [bq, bk], "attention": kind,
+                          "rows": len(seg), "tokens_per_row": seg.shape[1],
+                          "kv_per_row": kv.shape[1], "segments_per_row": segments,
+                          **count(seg, kv, bq, bk)})
     return lines
 
 
@@ -196,7 +204,9 @@ def main(argv=None):
         if name not in MIXES:
             raise SystemExit(f"unknown mix {name!r}; expected some of {MIXES}")
         seg, text = draw_rows(name, a.rows, a.seed)
-        lines = count_lines(name, seg, text) + (time_lines(name, seg, a) if timing else [])
+        tpu_blocks = [int(b) for b in a.tpu_blocks.split(",") if b]
+        lines = count_lines(name, seg, text, tpu_blocks)
+        lines += time_lines(name, seg, a) if timing else []
         for line in lines:
             print(json.dumps(line), flush=True)
 

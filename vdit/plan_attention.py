@@ -3,7 +3,7 @@
 A row of `tokens` holds clips of `clip_tokens` each (as many as fit, the rest padding, which
 attends padding); its text of `text_len` tokens is split evenly between the clips. The block
 pairs the kernels compute come from `attention_blocks.computed_pairs` on that row, at each kernel's
-blocks (`attention.BLOCK_SPARSE_BLOCKS`). FLOPs per computed block pair and head: forward 2
+blocks (`attention.block_sparse_blocks`). FLOPs per computed block pair and head: forward 2
 matmuls, backward 7 (the dq kernel recomputes q k^T and dO v^T; the dk/dv kernel recomputes both
 and adds p^T dO and ds^T q), each 2 x bq x bk x Dh; a dense kernel does the same over every pair.
 """
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdit.models import attention_blocks
-from vdit.models.attention import BLOCK_SPARSE_BLOCKS
+from vdit.models.attention import BLOCK_SPARSE_BLOCKS, block_sparse_blocks
 
 MATMULS_FWD, MATMULS_BWD = 2, 7
 
@@ -47,13 +47,13 @@ def attention_cost(model, rows: int, tokens: int, clip_tokens: int, text_len: in
     text_ids = packed_row(text_len, max(1, text_len // clips))
     out = {"clips_per_row": clips, "clip_tokens": min(clip_tokens, tokens)}
     per_pair = 2 * head_dim * heads * layers * rows * (MATMULS_FWD + MATMULS_BWD)
-    for kernel, blocks in BLOCK_SPARSE_BLOCKS.items():
+    for kernel in BLOCK_SPARSE_BLOCKS:
         computed = dense = 0
         for kv_ids in (q_ids, text_ids):
-            bk = blocks[1]
-            done, total = _pairs(q_ids, kv_ids, (blocks[0], bk))
-            computed += done * blocks[0] * bk
-            dense += total * blocks[0] * bk
+            bq, bk = block_sparse_blocks(kernel, tokens, kv_ids.shape[1])
+            done, total = _pairs(q_ids, kv_ids, (bq, bk))
+            computed += done * bq * bk
+            dense += total * bq * bk
         out[kernel] = {"tflop_block_sparse": computed * per_pair / 1e12,
                        "tflop_dense": dense * per_pair / 1e12, "fraction": computed / dense}
     return out

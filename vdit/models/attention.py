@@ -47,8 +47,10 @@ BACKENDS = ("xla", "cudnn", "splash", "block_sparse", "auto", "memory_proxy")
 _PLATFORM_OF = {"cudnn": ("gpu",), "splash": ("tpu",), "block_sparse": ("gpu", "tpu")}
 # Block sizes of the block_sparse kernels per platform (query, key): TPU blocks are multiples of
 # 128 lanes; Triton blocks are powers of two. Smaller blocks skip more finely, larger ones run
-# closer to peak; these are the usual flash-attention tiles.
+# closer to peak; these are the usual flash-attention tiles. Keys shorter than the queries (the
+# packed text of cross-attention: tens of tokens per clip) take the finer key block below.
 BLOCK_SPARSE_BLOCKS = {"tpu": (512, 512), "gpu": (64, 64)}
+BLOCK_SPARSE_SHORT_KV = {"tpu": 128, "gpu": 32}
 # A finite "minus infinity": a fully masked row then softmaxes to finite values, not NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
@@ -181,7 +183,7 @@ def block_sparse_attention(q, k, v, q_segment_ids, kv_segment_ids, *, platform: 
         raise ValueError(f"block_sparse attention has kernels for {tuple(BLOCK_SPARSE_BLOCKS)}, "
                          f"not {platform!r}")
     s, l_len, d = q.shape[1], k.shape[1], q.shape[-1]
-    bq, bkv = _fit_blocks(blocks or BLOCK_SPARSE_BLOCKS[platform], s, l_len, platform)
+    bq, bkv = block_sparse_blocks(platform, s, l_len, blocks)
     s_pad, l_pad = _round_up(s, bq), _round_up(l_len, bkv)
     q_seg = attention_blocks.pad_ids(q_segment_ids, s_pad)  # -1: meets nothing
     kv_seg = attention_blocks.pad_ids(kv_segment_ids, l_pad)
@@ -203,13 +205,22 @@ def _tpu_heads_major(q, k, v, q_seg, kv_seg, **kwargs):
     return t(pallas_tpu.block_sparse_attention(t(q), t(k), t(v), q_seg, kv_seg, **kwargs))
 
 
-def _fit_blocks(blocks, s: int, l_len: int, platform: str) -> tuple[int, int]:
-    """Shrinks each block to the (aligned) sequence when the sequence is shorter than the block."""
+def block_sparse_blocks(platform: str, s: int, l_len: int,
+                        blocks: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(query block, key block) of the block_sparse kernel on `platform` for S queries, L keys.
+
+    `blocks` overrides the platform's; keys shorter than the queries take the finer key block;
+    a block longer than its (aligned) sequence shrinks to it.
+    """
+    bq, bkv = blocks or BLOCK_SPARSE_BLOCKS[platform]
+    if l_len < s:
+        bkv = min(bkv, BLOCK_SPARSE_SHORT_KV[platform])
+
     def fit(block, n):
         if platform == "gpu":
             return min(block, max(16, pl.next_power_of_2(n)))
         return min(block, _round_up(n, min(block, 128)))
-    return fit(blocks[0], s), fit(blocks[1], l_len)
+    return fit(bq, s), fit(bkv, l_len)
 
 
 def _splash_per_device(q, k, v, q_seg, kv_seg, *, sizes, interpret):
