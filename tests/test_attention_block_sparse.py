@@ -131,3 +131,10 @@ def test_unordered_segments_stay_exact():
     ids = np.repeat(np.array([[1, 2, 1, 0]], np.int32), [16, 16, 16, 8], axis=1).repeat(2, 0)
     fwd, grad = compare("gpu", ids, ids, 16)
     assert fwd < TOL and grad < TOL, (fwd, grad)
+
+
+def test_tpu_kernel_with_full_lane_blocks():
+    """Blocks of 256 (the TPU path that tiles lane-replicated values) on a row of 300 tokens."""
+    ids = _rows([[100, 150, 30], [300]], 300)
+    fwd, grad = compare("tpu", ids, ids, 256)
+    assert fwd < TOL and grad < TOL, (fwd, grad)

@@ -32,7 +32,6 @@ from vdit.models import attention_blocks
 LANES, SUBLANES = 128, 8
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
@@ -65,14 +64,23 @@ def _attention_bwd(cfg, res, g):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _lane_ids(q_ids):
-    """`[B, S]` -> `[B, S, 128]`: query ids broadcast along lanes (a column per block)."""
-    return lax.broadcast_in_dim(q_ids, q_ids.shape + (LANES,), (0, 1))
+def _lane_ids(ids):
+    """`[B, N]` -> `[B, N, 128]`: ids broadcast along lanes (a column per block)."""
+    return lax.broadcast_in_dim(ids, ids.shape + (LANES,), (0, 1))
 
 
-def _sublane_ids(kv_ids):
-    """`[B, L]` -> `[B, 8, L]`: key ids broadcast along sublanes (a row per block)."""
-    return lax.broadcast_in_dim(kv_ids, (kv_ids.shape[0], SUBLANES, kv_ids.shape[1]), (0, 2))
+def _sublane_ids(ids):
+    """`[B, N]` -> `[B, 8, N]`: ids broadcast along sublanes (a row per block)."""
+    return lax.broadcast_in_dim(ids, (ids.shape[0], SUBLANES, ids.shape[1]), (0, 2))
+
+
+def _lanes(x, n: int):
+    """`[rows, 128]` lane-replicated values -> `[rows, n]` (tiled as the TPU flash kernel does)."""
+    if n <= LANES:
+        return x[:, :n]
+    if n % LANES:
+        raise ValueError(f"block width {n} is not a multiple of {LANES} lanes")
+    return jnp.tile(x, (1, n // LANES))
 
 
 def _row(ref):
@@ -80,10 +88,11 @@ def _row(ref):
     return jnp.expand_dims(ref[0], -1)
 
 
-def _masked_logits(q, k, qid_ref, kid_ref, scale):
-    """`[bq, bk]` float32 logits and the same-segment mask."""
-    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
-    mask = qid_ref[:, :1] == kid_ref[:1, :]
+def _masked_logits(a, b, a_ids_ref, b_ids_ref, scale):
+    """`[na, nb]` float32 logits a b^T and the same-segment mask; a's ids lane-replicated
+    `[na, 128]`, b's sublane-replicated `[8, nb]`."""
+    s = lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32) * scale
+    mask = _lanes(a_ids_ref[...], s.shape[1]) == b_ids_ref[:1, :]
     return jnp.where(mask, s, MASK_VALUE), mask
 
 
@@ -103,18 +112,19 @@ def _fwd_kernel(start_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref
         s, mask = _masked_logits(q_ref[...], k_ref[...], qid_ref, kid_ref, scale)
         m_prev = m_sc[...]  # [bq, 128], lanes replicated
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.where(mask, jnp.exp(s - m_next[:, :1]), 0.0)
+        p = jnp.where(mask, jnp.exp(s - _lanes(m_next, s.shape[1])), 0.0)
         alpha = jnp.exp(m_prev - m_next)
         l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
         m_sc[...] = m_next
         pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
-        acc_sc[...] = acc_sc[...] * alpha[:, :1] + pv
+        acc_sc[...] = acc_sc[...] * _lanes(alpha, pv.shape[1]) + pv
 
     @pl.when(j == nk - 1)
     def _end():
         denom = l_sc[...]
         seen = denom > 0.0  # a row that saw no key: output 0, lse huge (its p is 0 in backward)
-        o_ref[...] = (acc_sc[...] / jnp.where(seen, denom, 1.0)[:, :1]).astype(o_ref.dtype)
+        inv = _lanes(1.0 / jnp.where(seen, denom, 1.0), acc_sc.shape[1])
+        o_ref[...] = (acc_sc[...] * inv).astype(o_ref.dtype)
         lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, denom, 1.0)), -MASK_VALUE)
 
 
@@ -214,8 +224,10 @@ def _backward_dq(cfg, q, k, v, q_ids, kv_ids, fwd_map, lse, di, g):
       lse[:, :, None, :], di[:, :, None, :], g)
 
 
-def _dkv_kernel(start_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref, do_ref,
-                dk_ref, dv_ref, dk_sc, dv_sc, *, scale, nq, nk):
+def _dkv_kernel(start_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref,
+                do_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, scale, nq, nk):
+    """Works on transposed logits `[bk, bq]` (as splash's dk/dv kernel): every dot is NN or NT,
+    per-query vectors are rows `(1, bq)`; key ids lane-, query ids sublane-replicated."""
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)  # i: key block, j: step
 
     @pl.when(j == 0)
@@ -226,13 +238,13 @@ def _dkv_kernel(start_ref, cnt_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_r
     @pl.when(j < cnt_ref[b * nk + i])
     def _run():
         q, v, do = q_ref[...], v_ref[...], do_ref[...]
-        s, mask = _masked_logits(q, k_ref[...], qid_ref, kid_ref, scale)  # [bq, bk]
-        p = jnp.where(mask, jnp.exp(s - _row(lse_ref)), 0.0)
-        dv_sc[...] += lax.dot_general(p.astype(do.dtype), do, _TN,
+        st, mask = _masked_logits(k_ref[...], q, kid_ref, qid_ref, scale)  # [bk, bq]
+        pt = jnp.where(mask, jnp.exp(st - lse_ref[...]), 0.0)
+        dv_sc[...] += lax.dot_general(pt.astype(do.dtype), do, _NN,
                                       preferred_element_type=jnp.float32)
-        dp = lax.dot_general(do.astype(v.dtype), v, _NT, preferred_element_type=jnp.float32)
-        ds = p * (dp - _row(di_ref))
-        dk_sc[...] += lax.dot_general(ds.astype(q.dtype), q, _TN,
+        dpt = lax.dot_general(v, do.astype(v.dtype), _NT, preferred_element_type=jnp.float32)
+        dst = pt * (dpt - di_ref[...])
+        dk_sc[...] += lax.dot_general(dst.astype(q.dtype), q, _NN,
                                       preferred_element_type=jnp.float32)
 
     @pl.when(j == nq - 1)
@@ -259,9 +271,9 @@ def _backward_dkv(cfg, q, k, v, q_ids, kv_ids, bwd_map, lse, di, g):
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(bsz, heads, nk, nq),
             in_specs=[q_spec, kv_spec, kv_spec,
-                      pl.BlockSpec((None, bq, LANES),
-                                   lambda b, h, i, j, *r: (b, q_side(b, h, i, j, *r), 0)),
-                      pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j, *_: (b, 0, i)),
+                      pl.BlockSpec((None, SUBLANES, bq),
+                                   lambda b, h, i, j, *r: (b, 0, q_side(b, h, i, j, *r))),
+                      pl.BlockSpec((None, bk, LANES), lambda b, h, i, j, *_: (b, i, 0)),
                       row_spec, row_spec, q_spec],
             out_specs=[kv_spec, kv_spec],
             scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
@@ -269,5 +281,5 @@ def _backward_dkv(cfg, q, k, v, q_ids, kv_ids, bwd_map, lse, di, g):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret, name="vdit_block_sparse_dkv",
-    )(start.reshape(-1), cnt.reshape(-1), q, k, v, _lane_ids(q_ids), _sublane_ids(kv_ids),
+    )(start.reshape(-1), cnt.reshape(-1), q, k, v, _sublane_ids(q_ids), _lane_ids(kv_ids),
       lse[:, :, None, :], di[:, :, None, :], g)
