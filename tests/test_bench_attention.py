@@ -19,5 +19,6 @@ def test_attention_bench_quick_counts_every_mix():
         assert x["blocks_needed"] > 0 and x["blocks_computed"] >= x["blocks_needed"]
         assert x["blocks_computed_over_needed"] <= 1.15
         assert x["needed_flops_over_dense"] <= x["computed_flops_over_dense"] <= 1.0
+        assert x["computed_flops_over_needed"] >= 1.0 and x["aligned_flops_over_needed"] >= 1.0
     image_self = [x for x in lines if x["mix"] == "stage1_image" and x["attention"] == "self"]
     assert all(x["computed_flops_over_dense"] < 0.5 for x in image_self)  # many images per row
