@@ -16,7 +16,8 @@ Backends:
            (`attention_pallas_tpu.py`), a Pallas Triton kernel on GPU (`attention_pallas_gpu.py`);
            no dense mask. A packed row then costs about what its videos cost alone. Under a mesh
            it runs per device like splash.
-  "auto"   block_sparse on GPU and TPU, xla elsewhere.
+  "auto"   cudnn on GPU, splash on TPU, xla elsewhere. block_sparse is proven exact in Pallas
+           interpret mode only; `auto` moves to it once it has compiled and been timed on a device.
   "memory_proxy"  no real math: a stand-in with a fused kernel's memory footprint (O(S) residuals,
            no S x L logits), for `vdit plan` to cost memory by compiling on CPU.
 
@@ -62,7 +63,7 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
         raise ValueError(f"unknown attention backend {backend!r} (config.model.attention); "
                          f"expected one of {BACKENDS}")
     if backend == "auto":
-        return {"gpu": "block_sparse", "tpu": "block_sparse"}.get(platform, "xla")
+        return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
     need = _PLATFORM_OF.get(backend)
     if need is not None and platform not in need:
         raise RuntimeError(
