@@ -133,7 +133,7 @@ def _live_pid():
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
 
-def test_second_writer_refuses_and_stale_lock_is_taken_over(run, tmp_path, capsys):
+def test_second_writer_refuses_and_stale_lock_is_taken_over(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     os.makedirs(workdir)
     other = _live_pid()
@@ -190,3 +190,15 @@ def test_unknown_prompt_words_warn_once_with_a_suggestion(capsys):
     assert line == warnings[0]
     assert "prompt 1" in line and "'crimson'" in line and "'🚀'" in line and "<unk>" in line
     assert warn_unknown_words(object(), ["anything"], "vdit") == []  # byte-level: no warning
+
+
+def test_truncated_safetensors_is_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    from vdit.convert.safetensors_io import read_tensors
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": np.ones((64, 64), np.float32)}, str(path))
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"cannot read weights file .*model\.safetensors.*truncated"):
+        read_tensors(str(tmp_path))
