@@ -127,5 +127,8 @@ def check_writable(out: str, flag: str = "--out") -> None:
 
 
 def check_plan(args) -> None:
-    _at_least("--devices", getattr(args, "devices", None), 1, "a whole number >= 1")
+    for flag in ("devices", "frames", "tokens", "rows", "text_len", "clip_tokens",
+                 "proxy_devices"):  # 0 must not read as "not given"
+        _at_least("--" + flag.replace("_", "-"), getattr(args, flag, None), 1,
+                  "a whole number >= 1")
     _at_least("--hbm-gb", getattr(args, "hbm_gb", None), 1e-9, "a positive size in GiB")
