@@ -155,7 +155,10 @@ def _train(args) -> int:
 
         from vdit.train import dry_run
 
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # CPU backend only
+        try:  # the CPU backend's device count; no effect on TPU/GPU
+            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+        except RuntimeError:  # JAX already started (e.g. inside tests): its devices are kept
+            pass
         args.config_dict = _load(args)
         return dry_run.run_cli(args)
     from vdit.train.loop import train
