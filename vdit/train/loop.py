@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -151,6 +152,23 @@ def check_resume_compatible(saved: dict, config, sections=SHAPE_SECTIONS) -> Non
                          "settings (" + "; ".join(changed) + "); use a new --workdir or undo the change")
 
 
+def check_process_count(workdir: str, step: int, count: int) -> None:
+    """Refuses to resume on another number of processes (hosts). Each process reads its own 1/N
+    slice of the shuffled source and saves its iterator position (process_I-of-N.json); with a
+    different N the slices differ, so no saved position says where the new ones stand, and
+    guessing would repeat or skip data silently."""
+    folder = epath.Path(workdir) / "checkpoints" / str(step) / checkpoint.DATA
+    saved = sorted({int(p.name.split("-of-")[1].split(".")[0])
+                    for p in folder.glob("process_*-of-*.json")})
+    if saved and saved != [count]:
+        raise ValueError(
+            f"cannot resume {workdir!r} on {count} process(es): its step {step} checkpoint holds "
+            f"the data position of {saved[0]} process(es), each over its own slice of the data; "
+            f"with another host count those slices change and the saved positions do not apply. "
+            f"Resume on {saved[0]} hosts, or start a new --workdir with train.init_from="
+            f"{workdir}/checkpoints/{step} (weights kept, data order restarted)")
+
+
 def _normal(value):
     # an absent key and an empty list are the same setting (keys added later default to empty)
     value = list(value) if isinstance(value, tuple) else value
@@ -232,6 +250,7 @@ def train(config, workdir: str, stop_after: int | None = None) -> list[dict]:
     # Frozen weights always, trainable ones on a fresh start (vdit/train/init_from.py).
     state, frozen = init_from.apply(config, state, shardings, frozen, frozen_shardings, resuming)
     if resuming:
+        check_process_count(workdir, manager.latest_step(), jax.process_count())
         start, state, _ = checkpoint.restore(manager, state, data_it)
         log.info("resumed from step %d in %s", start, workdir)
 
