@@ -107,6 +107,7 @@ def _run_launch(words: list[str], env: dict) -> None:
         require_sections(config, "train", words[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("readme", ["README.md", "launch/README.md"])
 def test_readme_commands_run(readme, tmp_path, monkeypatch, capsys):
     quoted = commands(os.path.join(ROOT, readme))

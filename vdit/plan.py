@@ -1,6 +1,6 @@
 """`vdit plan`: per-device memory of a training step for a config and mesh, before launching.
 
-    vdit plan --config configs/wan2_1_t2v_14b.py --devices 256 --frames 81 --size 720x1280 \
+    vdit plan --config configs/wan2_1_t2v_14b.py --devices 256 --rows 64 --frames 81 --size 720x1280 \
         --hbm-gb 95 --config.mesh.fsdp=-1 --config.mesh.sequence=4
 
 Nothing real is allocated and nothing runs; the method (printed with --explain):
