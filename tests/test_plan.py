@@ -118,7 +118,8 @@ def test_analytic_bytes_scale_with_the_mesh():
 ])
 def test_clear_errors(argv, message):
     with pytest.raises(ValueError, match=message):
-        plan.main(["--config", WAN14B, "--devices", "256", *argv])
+        plan.main(["--config", WAN14B, "--devices", "256", "--config.data.rows_per_batch=256",
+                   *argv])
 
 
 def test_verdict_line():
