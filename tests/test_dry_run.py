@@ -20,6 +20,7 @@ WAN_RECIPES = ["wan2_1_t2v_1_3b", "wan2_1_t2v_14b", "wan2_1_i2v_14b", "stage1_im
                "stage2_video", "stage3_hq"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", WAN_RECIPES)
 def test_wan_recipe_dry_run(name):
     config = load_config(os.path.join(CONFIGS, f"{name}.py"))
