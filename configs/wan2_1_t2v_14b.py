@@ -1,27 +1,26 @@
-"""Wan2.1 text-to-video 14B: derived from the 1.3B recipe by its published sizes.
+"""Wan2.1 text-to-video 14B: derived from configs/wan2_1_t2v_1_3b.py by its published sizes.
 
 dim 5120 (40 heads x 128), ffn 13824, 40 layers; weights sharded over fsdp (ZeRO-3), full remat.
-"""
+Every other section (VAE, frozen UMT5, 480x832 x 81-frame data, optimizer, checkpoints) is the
+1.3B recipe's; the run starts from Wan2.1-T2V-14B as a vdit run (`vdit convert --from diffusers
+--src weights/Wan2.1-T2V-14B-Diffusers --out runs/wan2_1_t2v_14b`). See launch/README.md:
 
-import importlib.util
-import os
+    vdit plan  --config configs/wan2_1_t2v_14b.py --devices 32 --frames 81 --size 720x1280 --hbm-gb 95
+    vdit train --config configs/wan2_1_t2v_14b.py --workdir runs/wan14b --dry-run
+"""
 
 import ml_collections
 
-
-def _sibling(name: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"vdit_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from vdit.config import recipe
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _sibling("wan2_1_t2v_1_3b").get_config()
-    config.model.num_attention_heads = 40
-    config.model.ffn_dim = 13824
-    config.model.num_layers = 40
-    config.model.remat = "full"
-    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
+    config = recipe("wan2_1_t2v_1_3b")
+    config.model.update(dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, remat="full"))
+    config.text.tokenizer_path = "weights/Wan2.1-T2V-14B-Diffusers/tokenizer"
+    config.data.rows_per_batch = 8
+    config.encode.vae_workdir = "runs/wan2_1_t2v_14b/vae"
+    config.optim.lr = 1e-5
+    config.train.init_from = "runs/wan2_1_t2v_14b"
+    config.sample.scheduler["flow_shift"] = 5.0
     return config

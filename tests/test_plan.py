@@ -74,8 +74,9 @@ def test_plan_matches_the_compiled_step():
 
 
 def test_wan14b_720p_on_256_devices(capsys):
-    rc = plan.main(["--config", WAN14B, "--devices", "256", "--frames", "81", "--size",
-                    "720x1280", "--hbm-gb", "95", "--json", "--config.mesh.sequence=4"])
+    rc = plan.main(["--config", WAN14B, "--devices", "256", "--rows", "64", "--frames", "81",
+                    "--size", "720x1280", "--hbm-gb", "95", "--json",
+                    "--config.mesh.sequence=4"])
     assert rc == 0
     text, line = capsys.readouterr().out.rsplit("\n", 2)[-3:-1]
     result = json.loads(line)
@@ -112,11 +113,13 @@ def test_analytic_bytes_scale_with_the_mesh():
     (["--tokens", "1001", "--config.mesh.sequence=8"], "1001 tokens per row do not divide"),
     (["--tokens", "1024", "--config.mesh.sequence=16"], "only 8 devices are here"),
     (["--tokens", "1024", "--proxy-layers", "3,2"], "two increasing positive counts"),
-    ([], "give --frames and --size"),
+    (["--config.data.rows_per_batch=12"], "rows_per_batch = 12 does not divide over data x "
+                                           "fsdp = 256"),
 ])
 def test_clear_errors(argv, message):
     with pytest.raises(ValueError, match=message):
-        plan.main(["--config", WAN14B, "--devices", "256", *argv])
+        plan.main(["--config", WAN14B, "--devices", "256", "--config.data.rows_per_batch=256",
+                   *argv])
 
 
 def test_verdict_line():

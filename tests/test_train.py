@@ -2,6 +2,7 @@
 refuses a model-shape change on resume."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -79,6 +80,16 @@ def test_resume_refuses_model_change(workdir):
     loop.train(_config(workdir), workdir, stop_after=2)
     with pytest.raises(ValueError, match=r"model\.ffn_dim.*32.*64"):
         loop.train(_config(workdir, "--config.model.ffn_dim=64"), workdir)
+    # The same checkpoint as two hosts would have left it: one iterator position per process.
+    data = os.path.join(workdir, "checkpoints", "2", "data")
+    loop.check_process_count(workdir, 2, 1)  # the host count it was written with: resumes
+    saved = os.path.join(data, "process_0-of-1.json")
+    for i in range(2):
+        shutil.copy(saved, os.path.join(data, f"process_{i}-of-2.json"))
+    os.remove(saved)
+    with pytest.raises(ValueError, match=r"cannot resume .* on 1 process.*of 2 process\(es\), "
+                                         r"each over its own slice.*Resume on 2 hosts"):
+        loop.train(_config(workdir), workdir)
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):

@@ -56,6 +56,14 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         add_distributed_flags(p)
     if name in ("train-vae", "encode", "train"):
         _add_config_flags(p)
+    if name == "train":
+        p.add_argument("--dry-run", action="store_true",
+                       help="build the model, mesh and abstract sharded state, compile the step "
+                            "ahead of time, print one JSON line; nothing allocated or trained")
+        p.add_argument("--hbm-gb", dest="hbm_gb", type=float,
+                       help="with --dry-run: fail when the step needs more GiB per device")
+        p.add_argument("--cpu-devices", dest="cpu_devices", type=int, default=8,
+                       help="with --dry-run on CPU: fake devices to compile for (default 8)")
     elif name == "plan":
         from vdit.plan import add_plan_flags
 
@@ -107,11 +115,13 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from vdit.config import load_config
+    from vdit.config import load_config, require_sections
 
     if not args.config:
         raise ValueError("--config is required (a configs/*.py file)")
-    return load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)
+    require_sections(config, args.command, args.config)
+    return config
 
 
 def _train_vae(args) -> int:
@@ -146,6 +156,17 @@ def _encode(args) -> int:
 
 
 def _train(args) -> int:
+    if args.dry_run:
+        import jax
+
+        from vdit.train import dry_run
+
+        try:  # the CPU backend's device count; no effect on TPU/GPU
+            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+        except RuntimeError:  # JAX already started (e.g. inside tests): its devices are kept
+            pass
+        args.config_dict = _load(args)
+        return dry_run.run_cli(args)
     from vdit.train.loop import train
 
     history = train(_load(args), args.workdir)

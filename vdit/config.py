@@ -23,8 +23,26 @@ TEXT_KINDS = ("byte", "word", "umt5")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+# The config sections each command reads; a recipe lacking one is refused at start-up.
+COMMAND_SECTIONS = {
+    "train": ("model", "text", "data", "flow", "optim", "train", "checkpoint", "mesh"),
+    "encode": ("encode", "vae", "text", "data", "train"),
+    "train-vae": ("vae", "vae_train", "data", "optim", "train", "checkpoint", "mesh"),
+}
+
+
 class ConfigError(ValueError):
     """A config key has a value that cannot work; the message names key, value and what is allowed."""
+
+
+def require_sections(config: ml_collections.ConfigDict, command: str, name: str = "the config"):
+    """Raises ConfigError naming the sections `vdit <command>` needs that `config` lacks."""
+    missing = [s for s in COMMAND_SECTIONS.get(command, ()) if s not in config]
+    if missing:
+        raise ConfigError(f"{name} has no {', '.join(repr(s) for s in missing)} section"
+                          f"{'s' if len(missing) > 1 else ''}, which `vdit {command}` needs "
+                          f"(it has {sorted(config.keys())}); derive the recipe from one that "
+                          "has them (see configs/)")
 
 
 def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:

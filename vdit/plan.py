@@ -1,6 +1,6 @@
 """`vdit plan`: per-device memory of a training step for a config and mesh, before launching.
 
-    vdit plan --config configs/wan2_1_t2v_14b.py --devices 256 --frames 81 --size 720x1280 \
+    vdit plan --config configs/wan2_1_t2v_14b.py --devices 256 --rows 64 --frames 81 --size 720x1280 \
         --hbm-gb 95 --config.mesh.fsdp=-1 --config.mesh.sequence=4
 
 Nothing real is allocated and nothing runs; the method (printed with --explain):
@@ -193,11 +193,14 @@ def abstract_weights(cfg, dit) -> tuple[dict, dict]:
     s, length = 8, 4
     ones = lambda n: jnp.ones((1, n), jnp.int32)
 
+    image = ({"image_context": jnp.zeros((1, dit.pos_embed_seq_len or 1, dit.image_dim))}
+             if dit.has_image_branch else {})  # Wan2.1 I2V: the image branch's parameters
+
     def init(rng):
         out = {"dit": dit.init(rng, jnp.zeros((1, s, dit.token_in_dim)),
                                jnp.zeros((1, s, 3), jnp.int32), ones(s), jnp.zeros((1, 1)),
                                jnp.zeros((1, length, dit.text_dim)), ones(length),
-                               method="packed")["params"]}
+                               method="packed", **image)["params"]}
         if text_in_step(cfg):
             text_model = _text_model(cfg)
             out["text"] = text_model.init(rng, ones(length), ones(length))["params"]

@@ -2,8 +2,10 @@
 
     vdit convert --from diffusers --src weights/Wan2.1-T2V-1.3B-Diffusers --out runs/wan2_1_t2v_1_3b
 
-reads a text-to-video pipeline folder (model_index.json, transformer/, vae/, scheduler/,
-text_encoder/ + tokenizer/) and writes two vdit runs, each one step-0 checkpoint whose params and
+reads a text-to-video or image-to-video pipeline folder (model_index.json, transformer/, vae/,
+scheduler/, text_encoder/ + tokenizer/; Wan2.1 I2V adds image_encoder/ + image_processor/, its CLIP
+tower, which the run keeps as OUT/image_encoder and OUT/image_processor and names in its config's
+`image_encoder` section) and writes two vdit runs, each one step-0 checkpoint whose params and
 EMA are the published weights:
   OUT       the DiT and the UMT5 text encoder ({"dit", "text"}), with a config holding the
             `model`, `text` (frozen, tokenizer read from the source folder), `vae` and `sample`
@@ -19,7 +21,8 @@ numbers diffusers' pipeline gives on the folder itself.
 writes a vdit run (its latest checkpoint's EMA weights, LoRA merged, frozen parts filled in) as a
 pipeline folder: transformer/, vae/ (from the run's `encode.vae_workdir`, its config carrying the
 latent statistics of the run's shards so diffusers normalises as vdit trained), scheduler/ (the
-run's `sample.scheduler`), model_index.json, and for a UMT5 run text_encoder/ + tokenizer/. The
+run's `sample.scheduler`), model_index.json, for a UMT5 run text_encoder/ + tokenizer/, and for
+an I2V run its image_encoder/ + image_processor/. The
 byte and word encoders of the synthetic recipes have no transformers tokenizer, so their folders
 carry no text encoder (callers then pass text embeddings).
 """
@@ -35,6 +38,7 @@ import numpy as np
 
 from vdit.convert import wan
 from vdit.convert.safetensors_io import read_config
+from vdit.models.image import CONFIG_FIELDS as CLIP_FIELDS
 from vdit.models.vae_config import vae_from_config
 from vdit.pipelines import diffusers_folder as folder_lib
 from vdit.train import checkpoint, defaults
@@ -42,6 +46,7 @@ from vdit.train import checkpoint, defaults
 DIRECTIONS = (("diffusers", "vdit"), ("vdit", "diffusers"))
 DIFFUSERS_VERSION = "0.35.0"
 VAE_RUN = "vae"  # the VAE run's folder inside a converted run
+IMAGE_PARTS = ("image_encoder", "image_processor")  # Wan2.1 I2V's CLIP, kept beside the run
 
 
 def convert(src_format: str | None, dst_format: str | None, src: str, out: str) -> dict:
@@ -65,12 +70,11 @@ def from_diffusers(src: str, out: str) -> dict:
     from vdit.data.encode import STATS_FILE
 
     index = folder_lib.read_index(src)
-    for name in ("image_encoder", "transformer_2"):
-        if index.get(name) and index[name][0] is not None:
-            raise NotImplementedError(
-                f"{src}: the pipeline has {name}/, which a vdit run does not hold (its weights "
-                f"are the DiT and the text encoder); sample it directly with "
-                f"`vdit sample --workdir {src}`")
+    if index.get("transformer_2") and index["transformer_2"][0] is not None:
+        raise NotImplementedError(
+            f"{src}: the pipeline has transformer_2/, which a vdit run does not hold (its weights "
+            f"are the DiT and the text encoder); sample it directly with "
+            f"`vdit sample --workdir {src}`")
     for name in ("text_encoder", "tokenizer"):
         if not os.path.isdir(os.path.join(src, name)):
             raise FileNotFoundError(f"{src}: no {name}/ folder; a vdit run needs the pipeline's "
@@ -82,12 +86,20 @@ def from_diffusers(src: str, out: str) -> dict:
     mean, std = folder_lib.latent_stats(vae)
     vae_cfg = _vae_section(read_config(sub("vae")), mean, std)
     scheduler = folder_lib.read_json(os.path.join(sub("scheduler"), "scheduler_config.json"))
+    image = _read_image_encoder(src, index) if dit.has_image_branch else None
 
     out = os.path.abspath(out)
     config = _run_config(read_config(sub("transformer")), text_model, os.path.abspath(
         sub("tokenizer")), vae_cfg, scheduler, os.path.join(out, VAE_RUN))
+    if image is not None:
+        config.image_encoder = _image_section(image[0], out)
     weights = {"dit": dit_params, "text": text_params}
     checkpoint.write_weights(out, 0, weights, weights, config)
+    written = {"run": out, "vae_run": os.path.join(out, VAE_RUN)}
+    if image is not None:
+        wan.save_image_encoder(*image, config.image_encoder.image_encoder_path)
+        shutil.copytree(sub("image_processor"), config.image_encoder.image_processor_path)
+        written |= {name: config.image_encoder[f"{name}_path"] for name in IMAGE_PARTS}
     checkpoint.write_weights(os.path.join(out, VAE_RUN), 0, vae_params, vae_params,
                              ml_collections.ConfigDict({"vae": vae_cfg,
                                                         "checkpoint": defaults.checkpoint()}))
@@ -95,7 +107,26 @@ def from_diffusers(src: str, out: str) -> dict:
     os.makedirs(stats_dir, exist_ok=True)
     with open(os.path.join(stats_dir, STATS_FILE), "w") as f:
         json.dump({"mean": mean.tolist(), "std": std.tolist()}, f)
-    return {"run": out, "vae_run": os.path.join(out, VAE_RUN)}
+    return written
+
+
+def _read_image_encoder(src: str, index: dict):
+    """Wan2.1 I2V's CLIP tower and its preprocessing, read (and so checked) before any write."""
+    for name in IMAGE_PARTS:
+        if not (index.get(name) and index[name][0] is not None
+                and os.path.isdir(os.path.join(src, name))):
+            raise FileNotFoundError(f"{src}: the transformer has an image branch (Wan2.1 I2V) but "
+                                    f"the pipeline has no {name}/ component")
+    wan.read_image_processor(os.path.join(src, "image_processor"))
+    return wan.load_image_encoder(os.path.join(src, "image_encoder"))
+
+
+def _image_section(encoder, out: str) -> ml_collections.ConfigDict:
+    """The run config's `image_encoder`: transformers' CLIPVisionConfig names and where the run
+    keeps OUT/image_encoder (transformers layout) and OUT/image_processor."""
+    return ml_collections.ConfigDict(
+        {f: getattr(encoder, f) for f in CLIP_FIELDS} | {"projection_dim": encoder.projection_dim}
+        | {f"{name}_path": os.path.join(out, name) for name in IMAGE_PARTS})
 
 
 def _vae_section(cfg: dict, mean: np.ndarray, std: np.ndarray) -> ml_collections.ConfigDict:
@@ -177,6 +208,15 @@ def to_diffusers(src: str, out: str) -> dict:
         index |= {"text_encoder": ["transformers", "UMT5EncoderModel"],
                   "tokenizer": ["transformers", "T5TokenizerFast"]}
         written |= {"text_encoder": sub("text_encoder"), "tokenizer": sub("tokenizer")}
+    if config.get("image_encoder", {}).get("image_encoder_path"):
+        encoder, encoder_params = wan.load_image_encoder(config.image_encoder.image_encoder_path)
+        wan.save_image_encoder(encoder, encoder_params, sub("image_encoder"))
+        shutil.copytree(config.image_encoder.image_processor_path, sub("image_processor"))
+        arch = ("CLIPVisionModelWithProjection" if encoder.projection_dim is not None
+                else "CLIPVisionModel")
+        index |= {"image_encoder": ["transformers", arch],
+                  "image_processor": ["transformers", "CLIPImageProcessor"]}
+        written |= {name: sub(name) for name in IMAGE_PARTS}
     with open(sub("model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
     return written

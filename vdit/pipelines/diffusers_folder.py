@@ -110,8 +110,15 @@ def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dic
         parts |= dict(text_model=text_model, text_params=jax.device_put(text_params),
                       tokenizer=load_tokenizer(sub("tokenizer"), MAX_TEXT_TOKENS))
     if _has(index, path, "image_encoder"):
-        encoder, encoder_params = wan.load_image_encoder(sub("image_encoder"), dtype=dtype,
-                                                         attention=attention)
-        parts |= dict(image_encoder=encoder, image_encoder_params=jax.device_put(encoder_params),
-                      image_processor=wan.read_image_processor(sub("image_processor")))
+        parts |= image_parts(sub("image_encoder"), sub("image_processor"), dtype, attention)
     return parts
+
+
+def image_parts(encoder_dir: str, processor_dir: str, dtype: str = "float32",
+                attention: str = "xla") -> dict:
+    """The Generator's CLIP fields from an image_encoder/ and an image_processor/ folder."""
+    from vdit.convert import wan
+
+    encoder, encoder_params = wan.load_image_encoder(encoder_dir, dtype=dtype, attention=attention)
+    return dict(image_encoder=encoder, image_encoder_params=jax.device_put(encoder_params),
+                image_processor=wan.read_image_processor(processor_dir))

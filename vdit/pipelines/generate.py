@@ -34,6 +34,7 @@ import numpy as np
 from vdit.diffusion.samplers import Sampler, make_sampler
 from vdit.models import micro as micro_lib
 from vdit.pipelines import conditioning as cond_lib
+from vdit.pipelines.diffusers_folder import image_parts
 from vdit.pipelines.guided_dit import GuidedDiT
 
 # vdit runs sample with Wan2.1's diffusers default solver unless the config says otherwise.
@@ -98,10 +99,14 @@ class Generator:
                                                   "width", "motion") if k in config.sample}
         if "data" in config and "fps" in config.data:
             defaults["fps"] = float(config.data.fps)
+        image, clip = {}, config.get("image_encoder", {})
+        if clip.get("image_encoder_path"):  # a converted Wan2.1 I2V run (vdit/convert/runs.py)
+            image = image_parts(clip.image_encoder_path, clip.image_processor_path)
         return cls(dit, params["dit"], vae_from_config(config.vae), vae_params, sampler,
                    np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32),
                    text_model, text_params, tokenizer,
-                   mask_text=bool(config.sample.get("mask_text", True)), defaults=defaults)
+                   mask_text=bool(config.sample.get("mask_text", True)), defaults=defaults,
+                   **image)
 
     @classmethod
     def from_diffusers(cls, path: str, dtype: str = "float32",

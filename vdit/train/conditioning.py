@@ -110,6 +110,28 @@ def model_input(dit, x_t: jax.Array, batch: dict, rng: jax.Array, rate: float,
     return interleave(x_t, cond, p)
 
 
+IMAGE_CONTEXT, IMAGE_SEGMENT_IDS = "image_context", "image_segment_ids"
+
+
+def image_tokens_per_row(config) -> int:
+    """CLIP tokens a packed row carries for an image-branch DiT: one image's class + patch tokens
+    (`config.image_encoder`: 1 + (image_size / patch_size)^2) per segment."""
+    if "image_encoder" not in config:
+        raise ConfigError("config.model.image_dim is set (a Wan2.1 I2V image branch) but the "
+                          "config has no 'image_encoder' section (the CLIP tower whose tokens it "
+                          "reads)")
+    enc = config.image_encoder
+    return (1 + (int(enc.image_size) // int(enc.patch_size)) ** 2) * int(config.data.max_segments)
+
+
+def image_kwargs(dit, batch: dict) -> dict:
+    """The packed call's image keywords for an image-branch DiT (Wan2.1 I2V): the row's CLIP
+    tokens `image_context [B, N, image_dim]` and their segment ids `[B, N]`; {} otherwise."""
+    if not dit.has_image_branch:
+        return {}
+    return {"image_context": batch[IMAGE_CONTEXT], "image_segment_ids": batch[IMAGE_SEGMENT_IDS]}
+
+
 def micro_kwargs(dit, batch: dict) -> dict:
     """The packed call's `micro` keyword: {name: [B, K]} from the batch, or {} (none)."""
     if not dit.micro_conditioning:

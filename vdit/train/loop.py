@@ -9,21 +9,26 @@ may train only LoRA adapters on a frozen base (`config.lora`, vdit/models/lora.p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from etils import epath
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from vdit.data import encode, pipeline, sources
 from vdit.data.conditions import COND_TOKENS, MICRO_PREFIX
 from vdit.models import lora
 from vdit.models.dit import build_dit
-from vdit.models.text import text_encoder_from_config
+from vdit.models.text import encoder_from_dict, text_encoder_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.train import checkpoint, conditioning, init_from, optim, periodic_samples, preflight
 from vdit.train.checkpoint_fallback import check_saves
@@ -61,6 +66,39 @@ def build_models(config):
     return dit, text_model, tokenizer
 
 
+def build_text_model(config):
+    """The text encoder module alone: what the step runs, without reading tokenizer files."""
+    if config.text.get("kind") in ("byte", "word"):
+        return text_encoder_from_config(config.text)[0]
+    return encoder_from_dict(config.text, config.text.get("dtype", "float32"), "config.text")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """What compiling the train step needs, built from a config (by `train` and the dry run)."""
+
+    mesh: Mesh
+    rules: tuple
+    tx: optax.GradientTransformation
+    trainable: Callable  # rng -> boxed trainable params
+    frozen: Callable     # rng -> boxed frozen params
+    step_fn: Callable    # step(state, frozen, batch) -> (state, metrics)
+    spec: dict           # global ShapeDtypeStructs of one packed batch
+
+
+def step_setup(config, dit, text_model) -> StepSetup:
+    mesh = mesh_from_config(config.mesh)
+    rules = logical_rules("dit", config.mesh.get("rules", None))
+    boxed = lambda rng: init_params(dit, text_model, config, rng)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    loss_fn = lora.wrap_loss(make_dit_loss(dit, text_model, config), config)
+    text_dim = None if config.data.text_format == "ids" else dit.text_dim
+    return StepSetup(mesh, rules, tx, lambda r: split_trainable(config, boxed(r))[0],
+                     lambda r: split_trainable(config, boxed(r))[1],
+                     make_train_step(loss_fn, tx, config.train.ema_decay),
+                     batch_spec(config, dit, text_dim))
+
+
 def init_params(dit, text_model, config, rng):
     """Boxed (logically named) parameters {"dit": ..., "text": ...} from dummy packed inputs."""
     s, length = 8, 4
@@ -69,8 +107,11 @@ def init_params(dit, text_model, config, rng):
     ids = jnp.ones((1, length), jnp.int32)
     r_dit, r_text = jax.random.split(rng)
     context = jnp.zeros((1, length, dit.text_dim))
+    image = ({"image_context": jnp.zeros((1, dit.pos_embed_seq_len or 1, dit.image_dim))}
+             if dit.has_image_branch else {})
     dit_params = dit.init(r_dit, tokens, jnp.zeros((1, s, 3), jnp.int32), ones(s),
-                          jnp.zeros((1, 1)), context, ones(length), method="packed")["params"]
+                          jnp.zeros((1, 1)), context, ones(length), method="packed",
+                          **image)["params"]
     text_params = text_model.init(r_text, ids, ones(length))["params"]
     if lora.enabled(config):  # adapters for the targeted DiT kernels (vdit/models/lora.py)
         return {"dit": dit_params, "text": text_params,
@@ -115,6 +156,23 @@ def check_resume_compatible(saved: dict, config, sections=SHAPE_SECTIONS) -> Non
                          "settings (" + "; ".join(changed) + "); use a new --workdir or undo the change")
 
 
+def check_process_count(workdir: str, step: int, count: int) -> None:
+    """Refuses to resume on another number of processes (hosts). Each process reads its own 1/N
+    slice of the shuffled source and saves its iterator position (process_I-of-N.json); with a
+    different N the slices differ, so no saved position says where the new ones stand, and
+    guessing would repeat or skip data silently."""
+    folder = epath.Path(workdir) / "checkpoints" / str(step) / checkpoint.DATA
+    saved = sorted({int(p.name.split("-of-")[1].split(".")[0])
+                    for p in folder.glob("process_*-of-*.json")})
+    if saved and saved != [count]:
+        raise ValueError(
+            f"cannot resume {workdir!r} on {count} process(es): its step {step} checkpoint holds "
+            f"the data position of {saved[0]} process(es), each over its own slice of the data; "
+            f"with another host count those slices change and the saved positions do not apply. "
+            f"Resume on {saved[0]} hosts, or start a new --workdir with train.init_from="
+            f"{workdir}/checkpoints/{step} (weights kept, data order restarted)")
+
+
 def _normal(value):
     # an absent key and an empty list are the same setting (keys added later default to empty)
     value = list(value) if isinstance(value, tuple) else value
@@ -135,6 +193,10 @@ def batch_spec(config, dit, text_dim: int | None) -> dict:
         spec[COND_TOKENS] = f32(rows, s, dit.token_in_dim - dit.token_out_dim)
     for name in dit.micro_conditioning:
         spec[MICRO_PREFIX + name] = f32(rows, config.data.max_segments)
+    if dit.has_image_branch:
+        n = conditioning.image_tokens_per_row(config)
+        spec[conditioning.IMAGE_CONTEXT] = f32(rows, n, dit.image_dim)
+        spec[conditioning.IMAGE_SEGMENT_IDS] = i32(rows, n)
     return spec
 
 
@@ -167,11 +229,16 @@ def train(config, workdir: str, stop_after: int | None = None) -> list[dict]:
 def _train(config, workdir: str, stop_after: int | None) -> list[dict]:
     config = init_from.checked(config)
     lora.check_config(config)
-    mesh = mesh_from_config(config.mesh)
-    preflight.check_batch_divides(int(config.data.rows_per_batch), mesh)
-    rules = logical_rules("dit", config.mesh.get("rules", None))
     dit, text_model, tokenizer = build_models(config)
     conditioning.check_config(config, dit)
+    if dit.has_image_branch:
+        raise NotImplementedError(
+            "config.model.image_dim is set (a Wan2.1 I2V image branch): training needs each "
+            "clip's CLIP image tokens in its latent shards, which `vdit encode` does not write "
+            "yet; `vdit train --dry-run` compiles this model's step")
+    setup = step_setup(config, dit, text_model)
+    mesh, rules = setup.mesh, setup.rules
+    preflight.check_batch_divides(int(config.data.rows_per_batch), mesh)
     shards = latents_dir(config, workdir)
     if config.data.text_format == "ids" and os.path.isfile(os.path.join(shards, encode.STATS_FILE)):
         encode.check_tokenizer(encode.load_stats(shards), tokenizer, shards, "train on")
@@ -182,13 +249,9 @@ def _train(config, workdir: str, stop_after: int | None) -> list[dict]:
         condition=conditioning.uses_condition(config, dit), micro=dit.micro_conditioning,
         last_frame_rate=float(config.train.get("last_frame_rate", 0.0))))
 
-    boxed = lambda rng: init_params(dit, text_model, config, rng)
-    tx = optim.make_optimizer(config.optim, config.train.steps)
     rng = jax.random.key(config.train.seed)
-    state, shardings = create_state(lambda r: split_trainable(config, boxed(r))[0], tx, rng,
-                                    mesh, rules)
-    frozen, frozen_shardings = init_from.create_frozen(
-        config, lambda r: split_trainable(config, boxed(r))[1], rng, mesh, rules)
+    state, shardings = create_state(setup.trainable, setup.tx, rng, mesh, rules)
+    frozen, frozen_shardings = init_from.create_frozen(config, setup.frozen, rng, mesh, rules)
 
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     start = 0
@@ -200,6 +263,7 @@ def _train(config, workdir: str, stop_after: int | None) -> list[dict]:
     # Frozen weights always, trainable ones on a fresh start (vdit/train/init_from.py).
     state, frozen = init_from.apply(config, state, shardings, frozen, frozen_shardings, resuming)
     if resuming:
+        check_process_count(workdir, manager.latest_step(), jax.process_count())
         start, state, _ = checkpoint.restore(manager, state, data_it)
         log.info("resumed from step %d in %s", start, workdir)
     if start >= config.train.steps:  # said, not silent; a requeued finished job still succeeds
@@ -214,11 +278,8 @@ def _train(config, workdir: str, stop_after: int | None) -> list[dict]:
     if end <= start:  # stop_after=0: restore (falling back past unreadable steps) and stop
         return []
 
-    loss_fn = lora.wrap_loss(make_dit_loss(dit, text_model, config), config)
-    step_fn = make_train_step(loss_fn, tx, config.train.ema_decay)
-    text_dim = None if config.data.text_format == "ids" else dit.text_dim
-    compiled, flops = compile_step(step_fn, state, frozen, batch_spec(config, dit, text_dim),
-                                   shardings, frozen_shardings, mesh, rules)
+    compiled, flops = compile_step(setup.step_fn, state, frozen, setup.spec, shardings,
+                                   frozen_shardings, mesh, rules)
     writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard)
     history = _run(compiled, flops, state, frozen, data_it, source, mesh, manager, writer,
                    config, start, end, workdir)

@@ -44,7 +44,8 @@ def make_dit_loss(dit, text_model, cfg):
                                         num_segments)
         pred = dit.apply({"params": weights["dit"]}, x_in, batch["positions"], seg,
                          t_seg * flow.NUM_TRAIN_TIMESTEPS, context, batch["text_segment_ids"],
-                         method="packed", **conditioning.micro_kwargs(dit, batch))
+                         method="packed", **conditioning.micro_kwargs(dit, batch),
+                         **conditioning.image_kwargs(dit, batch))
         loss, _ = flow.packed_loss(pred, flow.velocity_target(x0, noise), seg, num_segments)
         tokens = jnp.sum(seg > 0)
         return loss, {"tokens": tokens}

@@ -68,6 +68,22 @@ def create_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransfor
     return create_sharded(lambda r: _new_state(init_fn(r), tx, r), rng, mesh, rules)
 
 
+def abstract_sharded(boxed_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules):
+    """(tree, shardings) like `create_sharded`, but the tree is `jax.ShapeDtypeStruct`s carrying
+    their shardings: nothing is allocated (what a dry run compiles against)."""
+    shardings = shardings_of(boxed_fn, mesh, rules)
+    shapes = jax.eval_shape(lambda r: unbox(boxed_fn(r)), rng)
+    tree = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, shardings)
+    return tree, shardings
+
+
+def abstract_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                   rng: jax.Array, mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
+    """`create_state`'s (state, shardings) with an abstract state (see `abstract_sharded`)."""
+    return abstract_sharded(lambda r: _new_state(init_fn(r), tx, r), rng, mesh, rules)
+
+
 def unbox(tree):
     """Strips flax's `Partitioned` boxes (logical names) leaving plain arrays."""
     return nn.meta.unbox(tree)

@@ -1,0 +1,38 @@
+"""Wan2.1 image-to-video 14B (Wan2.1-I2V-14B-480P / -720P): derived from configs/wan2_1_t2v_14b.py.
+
+diffusers' WanTransformer3DModel config of those checkpoints: in_channels 36 (16 noisy latents +
+4 first-frame mask + 16 condition latents), out_channels 16, and an image branch (`image_dim`
+1280, `added_kv_proj_dim` 5120) that reads CLIP ViT-H/14's penultimate features of the first
+frame (257 tokens of width 1280; the `image_encoder` section, transformers' CLIPVisionConfig names).
+Every training clip is conditioned on its first frame (`train.i2v_rate` 1.0).
+`vdit convert --from diffusers --src weights/Wan2.1-I2V-14B-480P-Diffusers --out runs/wan2_1_i2v_14b`
+writes the run (DiT + UMT5, with the pipeline's image_encoder/ and image_processor/ kept beside it).
+
+    vdit train --config configs/wan2_1_i2v_14b.py --workdir runs/wan_i2v --dry-run
+
+Training such a model for real needs the CLIP tokens of every clip in its latent shards, which
+`vdit encode` does not write yet: `vdit train` says so and stops; the dry run compiles the step
+with those tokens in the batch (`image_context`, `image_segment_ids`).
+"""
+
+import ml_collections
+
+from vdit.config import recipe
+
+
+def clip_vit_h14() -> ml_collections.ConfigDict:
+    """The CLIP vision tower Wan2.1 I2V ships in image_encoder/ (open-clip ViT-H/14 at 224 px)."""
+    return ml_collections.ConfigDict(dict(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+        image_size=224, patch_size=14, num_channels=3, hidden_act="gelu", layer_norm_eps=1e-5,
+        projection_dim=1024))
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = recipe("wan2_1_t2v_14b")
+    config.model.update(dict(in_channels=36, image_dim=1280, added_kv_proj_dim=5120))
+    config.image_encoder = clip_vit_h14()
+    config.text.tokenizer_path = "weights/Wan2.1-I2V-14B-480P-Diffusers/tokenizer"
+    config.encode.update(dict(vae_workdir="runs/wan2_1_i2v_14b/vae", i2v_condition=True))
+    config.train.update(dict(i2v_rate=1.0, init_from="runs/wan2_1_i2v_14b"))
+    return config

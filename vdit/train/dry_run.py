@@ -1,0 +1,86 @@
+"""`vdit train --dry-run`: prove a recipe before renting a pod.
+
+Builds what `vdit train` builds (model, mesh, the train step of `vdit.train.loop.step_setup`), but
+the train state and frozen weights only as abstract shapes with their shardings (`jax.eval_shape`:
+nothing allocated, no weights, tokenizer, latents or `train.init_from` run read), compiles the step
+ahead of time with the real shardings, and reports one JSON line:
+
+  params                     trainable parameters (frozen_params: the frozen ones)
+  devices, mesh, backend     where it compiled (the fake CPU mesh in tests; a pod's hosts there)
+  tokens_per_row, rows_per_batch, text_per_row   the step's batch
+  compiled_bytes_per_device  XLA's memory_analysis: arguments + outputs - donated aliases + temps
+  flops_per_step             matmul FLOPs of one step over all devices (`vdit.train.flops`)
+  data_overrides             the --config.data.* overrides given (e.g. rows shortened so a CPU
+                             compile stays quick); empty when the recipe's own batch compiled
+
+The bytes are this backend's: on CPU, attention is XLA's (S x S logits) where a TPU/GPU uses a
+fused kernel, so compare against `--hbm-gb` on the accelerator itself or use `vdit plan`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import jax
+
+from vdit.models import lora
+from vdit.models.dit import build_dit
+from vdit.train import conditioning, init_from
+from vdit.train.loop import build_text_model, compile_step, step_setup
+from vdit.train.state import abstract_sharded, abstract_state
+
+GIB = 2 ** 30
+
+
+class DoesNotFitError(ValueError):
+    """The compiled step needs more memory per device than --hbm-gb allows."""
+
+
+def dry_run(config, overrides=(), hbm_gb: float | None = None) -> dict:
+    """The report described in the module docstring; DoesNotFitError over `hbm_gb` GiB."""
+    t0 = time.perf_counter()
+    config = init_from.checked(config)
+    lora.check_config(config)
+    dit = build_dit(config.model)
+    conditioning.check_config(config, dit)
+    setup = step_setup(config, dit, build_text_model(config))
+    rng = jax.random.key(config.train.seed)
+    state, shardings = abstract_state(setup.trainable, setup.tx, rng, setup.mesh, setup.rules)
+    frozen, frozen_shardings = abstract_sharded(setup.frozen, rng, setup.mesh, setup.rules)
+    compiled, flops = compile_step(setup.step_fn, state, frozen, setup.spec, shardings,
+                                   frozen_shardings, setup.mesh, setup.rules)
+    memory = compiled.memory_analysis()
+    used = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    report = {
+        "params": count(state.params), "frozen_params": count(frozen),
+        "devices": jax.device_count(), "backend": jax.default_backend(),
+        "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
+        "tokens_per_row": int(config.data.tokens_per_row),
+        "rows_per_batch": int(config.data.rows_per_batch),
+        "text_per_row": int(config.data.text_per_row),
+        "compiled_bytes_per_device": int(used),
+        "compiled_gib_per_device": round(used / GIB, 3),
+        "flops_per_step": float(flops),
+        "data_overrides": [o for o in overrides if o.lstrip("-").startswith("config.data.")],
+        "compile_seconds": round(time.perf_counter() - t0, 1),
+    }
+    if hbm_gb is not None:
+        report["hbm_gb"] = float(hbm_gb)
+        report["fits"] = used <= hbm_gb * GIB
+    return report
+
+
+def run_cli(args) -> int:
+    """`vdit train --dry-run [--hbm-gb G]`: prints the report; 1 when it does not fit."""
+    report = dry_run(args.config_dict, args.overrides, args.hbm_gb)
+    print(json.dumps(report), flush=True)
+    if report.get("fits") is False:
+        over = report["compiled_bytes_per_device"] / GIB - args.hbm_gb
+        raise DoesNotFitError(
+            f"does not fit: the compiled step needs {report['compiled_gib_per_device']:.2f} GiB "
+            f"per device, {over:.2f} GiB more than --hbm-gb {args.hbm_gb:g}")
+    return 0
