@@ -40,7 +40,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4)
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true",
+                   help="a seconds-long smoke run (tiny sizes; the figures mean nothing)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.layers, a.dim, a.heads, a.ffn, a.text_dim, a.videos, a.latent = 1, 32, 2, 64, 32, 2, "1x4x4"
+        a.text_len, a.steps, a.warmup = 8, 2, 1
+    return a
 
 
 def model_config(a) -> dict:

@@ -27,12 +27,11 @@ carry no text encoder (callers then pass text embeddings).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import ml_collections
 import numpy as np
 
+from vdit import runs
 from vdit.convert import wan
 from vdit.convert.safetensors_io import read_config
 from vdit.models.vae_config import vae_from_config
@@ -52,7 +51,7 @@ def convert(src_format: str | None, dst_format: str | None, src: str, out: str) 
     if (src_format, dst_format) not in DIRECTIONS:
         raise ValueError(f"--from {src_format} --to {dst_format}: vdit converts diffusers -> vdit "
                          "or vdit -> diffusers")
-    if os.path.exists(out) and os.listdir(out):
+    if runs.user_path(out).exists() and any(runs.user_path(out).iterdir()):
         raise ValueError(f"--out {out!r} exists and is not empty; choose a new folder")
     if src_format == "diffusers":
         return from_diffusers(src, out)
@@ -62,8 +61,6 @@ def convert(src_format: str | None, dst_format: str | None, src: str, out: str) 
 # ---------------------------------------------------------------------- diffusers -> vdit
 def from_diffusers(src: str, out: str) -> dict:
     """Writes the runs OUT and OUT/vae described in the module docstring."""
-    from vdit.data.encode import STATS_FILE
-
     index = folder_lib.read_index(src)
     for name in ("image_encoder", "transformer_2"):
         if index.get(name) and index[name][0] is not None:
@@ -72,30 +69,29 @@ def from_diffusers(src: str, out: str) -> dict:
                 f"are the DiT and the text encoder); sample it directly with "
                 f"`vdit sample --workdir {src}`")
     for name in ("text_encoder", "tokenizer"):
-        if not os.path.isdir(os.path.join(src, name)):
+        if not (runs.user_path(src) / name).is_dir():
             raise FileNotFoundError(f"{src}: no {name}/ folder; a vdit run needs the pipeline's "
                                     "UMT5 text encoder and its tokenizer")
-    sub = lambda name: os.path.join(src, name)
+    sub = lambda name: str(runs.user_path(src) / name)
     dit, dit_params = wan.load_transformer(sub("transformer"))
     text_model, text_params = wan.load_text_encoder(sub("text_encoder"))
     vae, vae_params = wan.load_vae(sub("vae"))
     mean, std = folder_lib.latent_stats(vae)
     vae_cfg = _vae_section(read_config(sub("vae")), mean, std)
-    scheduler = folder_lib.read_json(os.path.join(sub("scheduler"), "scheduler_config.json"))
+    scheduler = folder_lib.read_json(sub("scheduler/scheduler_config.json"))
 
-    out = os.path.abspath(out)
-    config = _run_config(read_config(sub("transformer")), text_model, os.path.abspath(
-        sub("tokenizer")), vae_cfg, scheduler, os.path.join(out, VAE_RUN))
+    out = str(runs.absolute(out))
+    config = _run_config(read_config(sub("transformer")), text_model, str(runs.absolute(
+        sub("tokenizer"))), vae_cfg, scheduler, str(runs.user_path(out) / VAE_RUN))
     weights = {"dit": dit_params, "text": text_params}
     checkpoint.write_weights(out, 0, weights, weights, config)
-    checkpoint.write_weights(os.path.join(out, VAE_RUN), 0, vae_params, vae_params,
+    checkpoint.write_weights(str(runs.user_path(out) / VAE_RUN), 0, vae_params, vae_params,
                              ml_collections.ConfigDict({"vae": vae_cfg,
                                                         "checkpoint": defaults.checkpoint()}))
-    stats_dir = os.path.join(out, "latents")
-    os.makedirs(stats_dir, exist_ok=True)
-    with open(os.path.join(stats_dir, STATS_FILE), "w") as f:
-        json.dump({"mean": mean.tolist(), "std": std.tolist()}, f)
-    return {"run": out, "vae_run": os.path.join(out, VAE_RUN)}
+    stats = runs.stats_path(runs.user_path(out) / "latents")
+    stats.parent.mkdir(parents=True, exist_ok=True)
+    stats.write_text(json.dumps({"mean": mean.tolist(), "std": std.tolist()}))
+    return {"run": out, "vae_run": str(runs.user_path(out) / VAE_RUN)}
 
 
 def _vae_section(cfg: dict, mean: np.ndarray, std: np.ndarray) -> ml_collections.ConfigDict:
@@ -141,8 +137,8 @@ def to_diffusers(src: str, out: str) -> dict:
     from vdit.data.encode import load_stats
     from vdit.models.dit import build_dit
     from vdit.models.text import text_encoder_from_config
+    from vdit.runs import latents_dir
     from vdit.train.init_from import run_weights
-    from vdit.train.loop import latents_dir
 
     weights, saved = run_weights(src, "ema")
     config = ml_collections.ConfigDict(saved)
@@ -151,16 +147,16 @@ def to_diffusers(src: str, out: str) -> dict:
         raise ValueError(f"run {src!r} has no encode.vae_workdir: its VAE is needed for vae/")
     vae_params, vae_saved = checkpoint.load_params(vae_run)
     stats = load_stats(latents_dir(config, src))
-    sub = lambda name: os.path.join(out, name)
+    sub = lambda name: str(runs.user_path(out) / name)
     dit = build_dit(config.model)
     wan.save_transformer(dit, weights["dit"], sub("transformer"))
     vae_cfg = dict(vae_saved["vae"]) | {"latents_mean": list(stats["mean"]),
                                         "latents_std": list(stats["std"])}
     wan.save_vae(vae_from_config(vae_cfg), vae_params, sub("vae"))
     scheduler = dict(config.sample.scheduler)
-    os.makedirs(sub("scheduler"), exist_ok=True)
-    with open(os.path.join(sub("scheduler"), "scheduler_config.json"), "w") as f:
-        json.dump(scheduler, f, indent=2)
+    runs.user_path(sub("scheduler")).mkdir(parents=True, exist_ok=True)
+    runs.user_path(sub("scheduler/scheduler_config.json")).write_text(json.dumps(scheduler,
+                                                                                  indent=2))
     none = [None, None]
     index = {"_class_name": "WanImageToVideoPipeline" if dit.in_channels != dit.out_channels
              else "WanPipeline", "_diffusers_version": DIFFUSERS_VERSION,
@@ -173,10 +169,9 @@ def to_diffusers(src: str, out: str) -> dict:
     if config.text.get("kind") == "umt5":
         text_model, _ = text_encoder_from_config(config.text)
         wan.save_text_encoder(text_model, weights["text"], sub("text_encoder"))
-        shutil.copytree(config.text.tokenizer_path, sub("tokenizer"))
+        runs.copy_tree(config.text.tokenizer_path, sub("tokenizer"))
         index |= {"text_encoder": ["transformers", "UMT5EncoderModel"],
                   "tokenizer": ["transformers", "T5TokenizerFast"]}
         written |= {"text_encoder": sub("text_encoder"), "tokenizer": sub("tokenizer")}
-    with open(sub("model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+    runs.user_path(sub("model_index.json")).write_text(json.dumps(index, indent=2))
     return written

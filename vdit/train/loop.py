@@ -10,7 +10,6 @@ may train only LoRA adapters on a frozen base (`config.lora`, vdit/models/lora.p
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import flax.linen as nn
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from vdit import runs
 from vdit.data import encode, pipeline, sources
 from vdit.data.conditions import COND_TOKENS, MICRO_PREFIX
 from vdit.models import lora
@@ -39,10 +39,6 @@ SHAPE_SECTIONS = ("model", "text")
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-def latents_dir(config, workdir: str) -> str:
-    return config.data.get("latents_dir", None) or os.path.join(workdir, "latents")
 
 
 def null_caption(tokenizer) -> np.ndarray:
@@ -160,8 +156,8 @@ def train(config, workdir: str, stop_after: int | None = None) -> list[dict]:
     rules = logical_rules("dit", config.mesh.get("rules", None))
     dit, text_model, tokenizer = build_models(config)
     conditioning.check_config(config, dit)
-    shards = latents_dir(config, workdir)
-    if config.data.text_format == "ids" and os.path.isfile(os.path.join(shards, encode.STATS_FILE)):
+    shards = runs.latents_dir(config, workdir)
+    if config.data.text_format == "ids" and runs.stats_path(shards).is_file():
         encode.check_tokenizer(encode.load_stats(shards), tokenizer, shards, "train on")
     source = sources.SkippingSource(sources.LatentShardSource(shards))
     data_it = iter(pipeline.packed_dataset(
