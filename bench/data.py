@@ -80,7 +80,7 @@ def parse_args(argv=None):
                    help="a seconds-long smoke run (tiny sizes and model; the figures mean nothing)")
     a = p.parse_args(argv)
     if a.quick:
-        a.batches, a.tokens_per_row, a.epoch_clips, a.records = 4, 2048, 2000, 32
+        a.batches, a.epoch_clips, a.records = 2, 2000, 32
         a.pipeline_batches, a.steps = 2, 3
     return a
 

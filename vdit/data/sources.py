@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -128,8 +129,9 @@ class ArrayRecordSource(grain.sources.RandomAccessDataSource):
 class LatentShardSource(ArrayRecordSource):
     """Clips from latent shards (a folder or a list of files), decoded."""
 
-    def __init__(self, paths: str | Sequence[str]):
-        super().__init__(shard_paths(paths) if isinstance(paths, str) else paths, decode_record)
+    def __init__(self, paths: str | os.PathLike | Sequence[str]):
+        folder = isinstance(paths, (str, os.PathLike))  # a folder (local or gs://), else files
+        super().__init__(shard_paths(paths) if folder else paths, decode_record)
 
 
 class SkippingSource(grain.sources.RandomAccessDataSource):
