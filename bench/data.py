@@ -34,6 +34,7 @@ Lines of (b) carry the 1-minute load average: on a shared machine both rates sca
 share the benchmark gets.
 
     .venv/bin/python bench/data.py [--batches 200] [--tokens-per-row 16384] [--skip-throughput]
+    .venv/bin/python bench/data.py --quick      # seconds: what tests/test_bench.py runs
 """
 
 from __future__ import annotations
@@ -75,7 +76,21 @@ def parse_args(argv=None):
     p.add_argument("--pipeline-batches", type=int, default=100)
     p.add_argument("--steps", type=int, default=5, help="(b): train steps (first 2 untimed)")
     p.add_argument("--skip-throughput", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true",
+                   help="a seconds-long smoke run (tiny sizes and model; the figures mean nothing)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.batches, a.epoch_clips, a.records = 2, 2000, 32
+        a.pipeline_batches, a.steps = 2, 3
+    return a
+
+
+QUICK_MODEL = ["--config.model.num_layers=1", "--config.model.num_attention_heads=2",
+               "--config.model.attention_head_dim=8", "--config.model.ffn_dim=32",
+               "--config.model.text_dim=16", "--config.model.freq_dim=16",
+               "--config.text.d_model=16", "--config.text.d_kv=8", "--config.text.d_ff=32",
+               "--config.text.num_layers=1", "--config.text.num_heads=2",
+               "--config.data.rows_per_batch=8", "--config.data.prefetch=0"]
 
 
 # ------------------------------------------------------------------------------- (a) padding
@@ -211,8 +226,14 @@ def write_demo_shards(config, folder: str, count: int, num_shards: int = 4) -> f
                  width // vae.scale_factor_spatial, vae.z_dim)
         caption = world.caption(i, frames)
         ids, mask = tokenizer([caption])
-        records.append({"latents": rng.normal(size=shape).astype(np.float32), "caption": caption,
-                        "text": ids[0][:max(1, int(mask[0].sum()))].astype(np.int32)})
+        record = {"latents": rng.normal(size=shape).astype(np.float32), "caption": caption,
+                  "text": ids[0][:max(1, int(mask[0].sum()))].astype(np.int32)}
+        # The recipe trains image-to-video and keyframe rows (train.i2v_rate, last_frame_rate):
+        # records carry their conditions [T', H', W', tf + z] as `vdit encode` writes them.
+        cond = shape[:3] + (vae.scale_factor_temporal + vae.z_dim,)
+        for key in ("cond_latents", "cond_latents_last"):
+            record[key] = rng.normal(size=cond).astype(np.float32)
+        records.append(record)
         tokens.append(tokens_of(shape[:3]))
     per = -(-count // num_shards)
     for k in range(num_shards):
@@ -263,7 +284,7 @@ def step_rate(config, workdir: str, steps: int) -> dict:
 def throughput_lines(a) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="vdit-bench-data-") as tmp:
         shards = os.path.join(tmp, "latents")
-        config = demo_config(tmp, shards)
+        config = demo_config(tmp, shards, QUICK_MODEL if a.quick else ())
         mean_tokens = write_demo_shards(config, shards, a.records)
         lines = [{"bench": "data_shards", "records": a.records, "mean_clip_tokens": mean_tokens,
                   "shapes": [list(s) for s in config.encode.shapes]}]

@@ -7,23 +7,46 @@ FLOP/s use one analytic matmul count for both (train step = 3x forward), compare
 float32 matmul peak on this machine. Prints JSON lines; the last one holds the ratio
 vdit step time / torch step time (target <= 1.0).
 
-    .venv/bin/python bench/dit.py [--steps 5] [--warmup 2] [--layers 12]
+Fairness: both sides start from the same weights (the torch model's, converted with
+vdit.convert.wan_dit) and their forward outputs are compared before timing (the difference is
+printed); both run on `--threads` CPU threads (XLA's and torch's); torch's AdamW is fused; torch
+is timed eager and under torch.compile (a compile failure is reported, not fatal).
+
+    .venv/bin/python bench/dit.py [--steps 5] [--warmup 2] [--layers 12] [--threads 2] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import torch
 
-from vdit.models.dit import build_dit
+def _threads_flag(argv) -> int:
+    """--threads N from argv (default 1): XLA reads its flags when jax is first imported."""
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--threads="):
+            return int(arg.split("=", 1)[1])
+    return 1
+
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                           f"{'true' if _threads_flag(sys.argv) > 1 else 'false'} "
+                           f"intra_op_parallelism_threads={_threads_flag(sys.argv)}")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+
+from vdit.convert.wan_dit import params_from_diffusers  # noqa: E402
+from vdit.models.dit import build_dit  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -40,7 +63,14 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4)
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for each side")
+    p.add_argument("--quick", action="store_true",
+                   help="a seconds-long smoke run (tiny sizes; the figures mean nothing)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.layers, a.dim, a.heads, a.ffn, a.text_dim, a.videos, a.latent = 1, 32, 2, 64, 32, 2, "1x4x4"
+        a.text_len, a.steps, a.warmup = 8, 2, 1
+    return a
 
 
 def model_config(a) -> dict:
@@ -82,11 +112,47 @@ def timed(step, warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def bench_vdit(a, data) -> float:
-    model = build_dit(dict(model_config(a), dtype="float32", attention="xla", remat="none"))
+def torch_model(a):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(**model_config(a)).train()
+
+
+def vdit_model(a):
+    return build_dit(dict(model_config(a), dtype="float32", attention="xla", remat="none"))
+
+
+def shared_params(a, reference) -> dict:
+    """The torch model's weights as vdit params (both sides train the same weights)."""
+    tensors = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+    return params_from_diffusers(vdit_model(a), tensors, "bench torch model")
+
+
+def torch_inputs(data):
+    to_ncthw = lambda k: torch.from_numpy(data[k]).permute(0, 4, 1, 2, 3).contiguous()
+    return (to_ncthw("latents"), to_ncthw("target"), torch.from_numpy(data["timesteps"]),
+            torch.from_numpy(data["context"]))
+
+
+def output_difference(a, data, reference, params) -> dict:
+    """Forward outputs of both sides on the same batch and weights, before any timing."""
+    x, _, ts, ctx = torch_inputs(data)
+    with torch.no_grad():
+        ref = reference(x, ts, ctx, return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()
+    ours = np.asarray(vdit_model(a).apply({"params": params}, jnp.asarray(data["latents"]),
+                                          jnp.asarray(data["timesteps"]),
+                                          jnp.asarray(data["context"])))
+    diff = float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-12))
+    return {"bench": "dit_outputs_compared", "relative_l2_difference": diff,
+            "max_abs_difference": float(np.max(np.abs(ours - ref))), "close": diff < 1e-3}
+
+
+def bench_vdit(a, data, params) -> float:
+    model = vdit_model(a)
     x, tgt, ts, ctx = (jnp.asarray(data[k]) for k in ("latents", "target", "timesteps",
                                                        "context"))
-    params = jax.jit(model.init)(jax.random.key(0), x, ts, ctx)["params"]
+    params = jax.tree.map(jnp.asarray, params)
     opt = optax.adamw(a.lr, weight_decay=0.01)
     state = (params, opt.init(params))
 
@@ -107,19 +173,16 @@ def bench_vdit(a, data) -> float:
     return timed(run, a.warmup, a.steps)
 
 
-def bench_torch(a, data) -> float:
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(**model_config(a)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
-    to_ncthw = lambda k: torch.from_numpy(data[k]).permute(0, 4, 1, 2, 3).contiguous()
-    x, tgt = to_ncthw("latents"), to_ncthw("target")
-    ts, ctx = torch.from_numpy(data["timesteps"]), torch.from_numpy(data["context"])
+def bench_torch(a, data, compiled: bool = False) -> float:
+    """Step time of the reference at its best settings: fused AdamW, optionally torch.compile."""
+    model = torch_model(a)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, fused=True)
+    x, tgt, ts, ctx = torch_inputs(data)
+    forward = torch.compile(model) if compiled else model
 
     def run():
         opt.zero_grad(set_to_none=True)
-        out = model(x, ts, ctx, return_dict=False)[0]
+        out = forward(x, ts, ctx, return_dict=False)[0]
         torch.mean((out - tgt) ** 2).backward()
         opt.step()
 
@@ -149,21 +212,35 @@ def main(argv=None):
     t, h, w = data["latents"].shape[1:4]
     tokens = t * (h // 2) * (w // 2)
     flops = train_flops(a, tokens)
-    peak = matmul_peak()
+    torch.set_num_threads(a.threads)
+    peak = matmul_peak(256 if a.quick else 2048)
     common = {"bench": "dit_train_step", "tokens_per_video": tokens, "videos": a.videos,
-              "layers": a.layers, "dim": a.dim, "threads_torch": torch.get_num_threads(),
-              "flops_per_step": flops}
+              "layers": a.layers, "dim": a.dim, "threads": a.threads,
+              "threads_torch": torch.get_num_threads(), "flops_per_step": flops}
     print(json.dumps({"bench": "matmul_peak_f32", "flops_per_s": peak}), flush=True)
-    vdit_s = bench_vdit(a, data)
+    reference = torch_model(a)
+    params = shared_params(a, reference)
+    print(json.dumps(output_difference(a, data, reference, params)), flush=True)
+    del reference
+    vdit_s = bench_vdit(a, data, params)
     print(json.dumps({**common, "framework": "vdit", "step_s": vdit_s,
                       "achieved_flops_per_s": flops / vdit_s,
                       "fraction_of_peak": flops / vdit_s / max(peak.values())}), flush=True)
-    torch_s = bench_torch(a, data)
-    print(json.dumps({**common, "framework": "torch", "step_s": torch_s,
-                      "achieved_flops_per_s": flops / torch_s,
-                      "fraction_of_peak": flops / torch_s / max(peak.values())}), flush=True)
-    print(json.dumps({"bench": "dit_train_step_ratio", "vdit_over_torch": vdit_s / torch_s,
-                      "target": "<= 1.0"}), flush=True)
+    ratio = {"bench": "dit_train_step_ratio", "target": "<= 1.0",
+             "compares": "vdit jitted step / torch step (same weights, threads, fused AdamW)"}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        try:
+            torch_s = bench_torch(a, data, compiled)
+        except Exception as e:  # torch.compile needs a C++ toolchain; report, don't crash
+            print(json.dumps({**common, "framework": f"torch_{name}",
+                              "error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
+            ratio[f"vdit_over_torch_{name}"] = None
+            continue
+        print(json.dumps({**common, "framework": f"torch_{name}", "step_s": torch_s,
+                          "achieved_flops_per_s": flops / torch_s,
+                          "fraction_of_peak": flops / torch_s / max(peak.values())}), flush=True)
+        ratio[f"vdit_over_torch_{name}"] = vdit_s / torch_s
+    print(json.dumps(ratio), flush=True)
 
 
 if __name__ == "__main__":

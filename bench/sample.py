@@ -41,7 +41,13 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--text-dim", type=int, default=64)
     p.add_argument("--vae-dim", type=int, default=16, help="VAE base_dim")
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true",
+                   help="a seconds-long smoke run (tiny sizes; the figures mean nothing)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.frames, a.size, a.steps, a.repeats, a.layers, a.dim, a.heads = [5], 16, 2, 1, 1, 32, 2
+        a.text_dim, a.vae_dim = 16, 8
+    return a
 
 
 def build_pipeline(a, folder: str) -> WanPipeline:

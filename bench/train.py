@@ -62,7 +62,12 @@ def parse_args(argv=None):
     p.add_argument("--skip-demo", action="store_true", help="skip the demo model and packing")
     p.add_argument("--peak-flops", type=float, default=0.0, help="FLOP/s per device; 0: measure")
     p.add_argument("--matmul", type=int, default=2048)
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true",
+                   help="a seconds-long smoke run (tiny sizes; the figures mean nothing)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.steps, a.warmup, a.skip_b, a.matmul = 2, 1, True, 256
+    return a
 
 
 def demo_config():

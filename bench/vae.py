@@ -71,7 +71,12 @@ def parse_args(argv=None):
                    help="CPU threads for each impl (1: steady figures on a shared machine)")
     p.add_argument("--rss-child", nargs=2, metavar=("OP", "FRAMES"),
                    help=argparse.SUPPRESS)  # internal: one diffusers memory measurement
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true",
+                   help="a seconds-long smoke run (tiny sizes; the figures mean nothing)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.frames, a.height, a.width, a.base_dim, a.repeats = [5], 16, 16, 8, 1
+    return a
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters

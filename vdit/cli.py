@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vdit import cli_checks, cli_errors
+from vdit import cli_checks, cli_errors, runs
 
 # command -> (help, issue that builds it). A command is "built" once _handler() can import it.
 COMMANDS = {
@@ -97,7 +97,10 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("what", choices=["shapes"], help="which evaluation")
         p.add_argument("--videos", help="folder of videos to judge")
         p.add_argument("--prompts", help="jsonl: file, prompt, color, shape, direction per line")
-        p.add_argument("--workdir", help="a run folder whose samples to judge")
+        p.add_argument("--workdir", help="a DiT run to sample held-out prompts from and judge, "
+                       "or a folder holding a samples.jsonl")
+        p.add_argument("--samples", type=int, default=32, help="videos to sample from --workdir")
+        p.add_argument("--batch-size", type=int, default=8, help="videos generated per call")
     elif name == "curate":
         _add_config_flags(p, workdir_required=False)
         p.add_argument("--input", required=True)
@@ -134,23 +137,21 @@ def _train_vae(args) -> int:
 
 
 def _encode(args) -> int:
-    import os
-
     from vdit.data.encode import encode_synthetic
-    from vdit.train.loop import latents_dir
+    from vdit.runs import latents_dir
 
     config = _load(args)
     out = latents_dir(config, args.workdir)
     source = config.encode.get("source", "synthetic")
     if source == "synthetic":
         paths = encode_synthetic(config, out)
-        print(f"vdit encode: {len(paths)} shards in {os.path.abspath(out)}")
+        print(f"vdit encode: {len(paths)} shards in {runs.absolute(out)}")
         return 0
     from vdit.data.encode_videos import encode_videos
 
     summary = encode_videos(config, out)
     print(f"vdit encode: {summary['records']} clips in {len(summary['paths'])} shards in "
-          f"{os.path.abspath(out)}; skipped {summary['skipped']} videos "
+          f"{runs.absolute(out)}; skipped {summary['skipped']} videos "
           f"{summary['skipped_by_reason']} (see encode_summary.json)")
     return 0
 
@@ -177,18 +178,40 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    import os
-
     from vdit.eval.shapes import eval_shapes_dir, format_table
 
     prompts = args.prompts
     if prompts is None and args.workdir:
-        prompts = os.path.join(args.workdir, "samples.jsonl")
+        prompts = _eval_samples(args)
     if prompts is None:
-        raise ValueError("give --prompts FILE (jsonl: file, prompt, color, shape, direction) "
-                         "or --workdir with a samples.jsonl")
+        raise ValueError("give --workdir RUN (a DiT run, or a folder with a samples.jsonl) or "
+                         "--prompts FILE (jsonl: file, prompt, color, shape, direction)")
     print(format_table(eval_shapes_dir(args.videos, prompts)["scores"]))
     return 0
+
+
+def _eval_samples(args) -> str:
+    """The samples.jsonl to judge for --workdir: a DiT run (it has checkpoints) samples
+    `--samples` held-out prompts into RUN/eval/ first; another folder must hold a samples.jsonl
+    (what `make demo` writes)."""
+    import ml_collections
+
+    from vdit.eval.shapes_samples import write_samples
+    from vdit.pipelines.generate import Generator
+    from vdit.train.init_from import run_weights
+
+    workdir = runs.user_path(args.workdir)
+    if not runs.checkpoints_dir(workdir).is_dir():
+        if runs.samples_jsonl(workdir).is_file():
+            return str(runs.samples_jsonl(workdir))
+        raise FileNotFoundError(f"--workdir {args.workdir!r} has neither checkpoints/ (a run to "
+                                "sample) nor a samples.jsonl to judge")
+    params, saved = run_weights(str(workdir), "ema")
+    config = ml_collections.ConfigDict(saved)
+    gen = Generator.from_params(config, params, str(workdir))
+    out = runs.eval_dir(workdir)
+    print(f"vdit eval: sampling {args.samples} held-out prompts into {out}")
+    return write_samples(gen, config, out, args.samples, batch=args.batch_size)
 
 
 def _curate(args) -> int:
@@ -238,6 +261,19 @@ def _handler(command: str):
                         f"(tracked in issue {issue}); nothing was run")
 
 
+PATH_FLAGS = ("workdir", "out", "src", "input", "output", "prompts", "videos", "prompt_file",
+              "image", "video", "last_image")
+
+
+def check_paths(args) -> None:
+    """Every path flag given: an unsupported scheme or an unreachable bucket fails here, naming
+    the flag and the path, before any work starts."""
+    for flag in PATH_FLAGS:
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and value:
+            runs.check_reachable(value, "--" + flag.replace("_", "-"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if a.startswith("--config.")]
@@ -245,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = overrides
     try:
         handler = _handler(args.command)
+        check_paths(args)
         cli_checks.check_args(args)
         if hasattr(args, "coordinator"):
             from vdit.parallel.distributed import initialize_from_args

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
+from PIL import Image, UnidentifiedImageError
+
+from vdit import runs
 from vdit.data import video_io
+from vdit.train.preflight import check_workdir
 
 SEED_MAX = 2 ** 32 - 1  # jax.random.key takes any uint32 seed; prompt i uses --seed + i
 
@@ -23,14 +26,8 @@ def check_args(args) -> None:
         check_sample(args)
     elif command == "plan":
         check_plan(args)
-    elif command == "export":
+    elif command == "export" and args.out:
         check_workdir(args.out, "--out")
-
-
-def check_workdir(path: str | None, flag: str = "--workdir") -> None:
-    if path and os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {path!r} is a file, not a folder: give a folder path "
-                         "(it is created if missing)")
 
 
 def _at_least(flag: str, value, low, what: str = "") -> None:
@@ -40,7 +37,7 @@ def _at_least(flag: str, value, low, what: str = "") -> None:
 
 def check_sample(args) -> None:
     """`vdit sample`'s flags and files, before the generator loads."""
-    if not os.path.isdir(args.workdir):
+    if not runs.user_path(args.workdir, "--workdir").is_dir():
         check_workdir(args.workdir)
         raise ValueError(f"--workdir {args.workdir!r} does not exist: give a trained run folder "
                          "or a diffusers pipeline folder")
@@ -69,12 +66,11 @@ def check_sample(args) -> None:
 
 def check_image_file(flag: str, path: str) -> None:
     """An image PIL can decode completely (a text file or a truncated PNG fails here)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.isfile(path):
+    file = runs.user_path(path, flag)
+    if not file.is_file():
         raise ValueError(f"{flag} {path!r} does not exist")
     try:
-        with Image.open(path) as img:
+        with file.open("rb") as f, Image.open(f) as img:
             img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{flag} {path!r} is not a readable image ({e}); give a PNG or JPEG "
@@ -94,11 +90,11 @@ def check_prompt_file(path: str | None) -> None:
     """A UTF-8 text file (a binary file fails here, naming it)."""
     if not path:
         return
-    if not os.path.isfile(path):
+    file = runs.user_path(path, "--prompt-file")
+    if not file.is_file():
         raise ValueError(f"--prompt-file {path!r} does not exist")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompt-file {path!r} is not UTF-8 text (byte {e.start}): give a "
                          "text file with one prompt per line") from e
@@ -109,18 +105,21 @@ def check_prompt_file(path: str | None) -> None:
 
 def check_writable(out: str, flag: str = "--out") -> None:
     """The output's folder exists (or can be made) and takes a new file; checked before sampling."""
-    folder = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out):
+    target = runs.absolute(out)
+    folder = target.parent
+    if target.is_dir():
         raise ValueError(f"{flag} {out!r} is a folder: give a file name ending in .mp4 or .gif")
     probe = folder
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"{flag} {out!r}: {probe!r} is a file, so no folder can be made under it")
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"{flag} {out!r}: {os.fspath(probe)!r} is a file, so no folder can be "
+                         "made under it")
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vdit-write-test-"):
-            pass
+        folder.mkdir(parents=True, exist_ok=True)
+        test = folder / f".vdit-write-test-{os.getpid()}"
+        test.write_bytes(b"")
+        test.unlink()
     except OSError as e:
         raise ValueError(f"{flag} {out!r}: cannot write in {folder!r} ({e.strerror or e}); "
                          "choose a writable place") from e

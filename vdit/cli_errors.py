@@ -18,8 +18,10 @@ import sys
 import time
 import traceback
 
+from vdit import runs
+
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-LOG = os.path.join("logs", "error.log")
+LOG = "logs/error.log"
 
 
 def debug_requested(args) -> bool:
@@ -39,15 +41,16 @@ def message(error: BaseException) -> str:
 
 def write_log(workdir: str | None, command: str, error: BaseException) -> str | None:
     """Appends the traceback to <workdir>/logs/error.log when workdir is a folder; its path."""
-    if not workdir or not os.path.isdir(workdir):
-        return None
-    path = os.path.join(workdir, LOG)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as f:
-            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} vdit {command} (pid {os.getpid()})\n")
-            f.write("".join(traceback.format_exception(error)))
-    except OSError:  # an unwritable workdir: the screen message still names the error
+        if not workdir or not runs.user_path(workdir).is_dir():
+            return None
+        path = runs.user_path(workdir) / LOG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entry = (f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} vdit {command} (pid {os.getpid()})\n"
+                 + "".join(traceback.format_exception(error)))
+        # read + rewrite, not append: object stores (gs://) have no append
+        path.write_text((path.read_text() if path.exists() else "") + entry)
+    except (OSError, ValueError):  # an unwritable workdir: the screen message still names the error
         return None
     return path
 

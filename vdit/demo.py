@@ -19,28 +19,12 @@ import os
 import sys
 import time
 
-import numpy as np
+from vdit.eval.shapes_samples import heldout_world, write_samples
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 QUICK_VAE = ["--config.vae_train.steps=30", "--config.vae_train.eval_examples=8"]
 QUICK_DIT = ["--config.train.steps=30", "--config.encode.num_examples=64",
              "--config.encode.num_shards=2", "--config.sample.steps=4"]
-
-
-def heldout_world(config):
-    """The training world with held-out caption wordings (templates never seen in training)."""
-    from vdit.data.synthetic import SyntheticShapes
-
-    world = SyntheticShapes.from_config(config.data)
-    world.caption_split = "heldout"
-    return world
-
-
-def sample_prompts(config, count: int) -> list[dict]:
-    """Held-out caption wordings with their ground truth (the world's last clips)."""
-    world = heldout_world(config)
-    frames = int(config.sample.frames)
-    return [world.prompt_record(len(world) - count + i, frames) for i in range(count)]
 
 
 def keyframe_checks(gen, config, out: str, count: int) -> dict:
@@ -58,31 +42,6 @@ def keyframe_checks(gen, config, out: str, count: int) -> dict:
             write_video(os.path.join(out, name, f"{i:03d}.mp4"), video, fps=float(config.data.fps))
         result[name] = scores
     return result
-
-
-def write_samples(gen, config, out: str, count: int, batch: int) -> str:
-    """Generates `count` videos, writes mp4s, samples.jsonl and a grid; returns the jsonl path."""
-    from vdit.data.video_io import write_grid_png, write_video
-
-    records = sample_prompts(config, count)
-    frames, height, width = (int(config.sample[k]) for k in ("frames", "height", "width"))
-    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-    videos = []
-    for start in range(0, count, batch):
-        chunk = records[start:start + batch]
-        v = np.asarray(gen.generate([r["prompt"] for r in chunk], frames, height, width,
-                                    seed=start))
-        videos.extend(v)
-    lines = []
-    for i, (record, video) in enumerate(zip(records, videos)):
-        name = f"samples/{i:03d}.mp4"
-        write_video(os.path.join(out, name), video, fps=float(config.data.fps))
-        lines.append(json.dumps({"file": name, **record}))
-    path = os.path.join(out, "samples.jsonl")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    write_grid_png(os.path.join(out, "samples_grid.png"), videos[:16])
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,11 +18,11 @@ micro-conditioned on motion and an error for any other.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
 
+from vdit import runs
 from vdit.data import video_io
 
 SUFFIXES = (".mp4", ".gif")
@@ -40,7 +40,7 @@ def load_generator(workdir: str):
     from vdit.pipelines.diffusers_folder import is_pipeline_folder
     from vdit.pipelines.generate import Generator
 
-    if not os.path.isdir(workdir):
+    if not runs.check_reachable(workdir, "--workdir").is_dir():
         raise FileNotFoundError(f"--workdir {workdir!r} does not exist")
     if is_pipeline_folder(workdir):
         return Generator.from_diffusers(workdir), "diffusers"
@@ -50,10 +50,11 @@ def load_generator(workdir: str):
 def read_prompts(args) -> list[str]:
     prompts = [p for p in (args.prompt or []) if p.strip()]
     if args.prompt_file:
-        if not os.path.isfile(args.prompt_file):
+        path = runs.check_reachable(args.prompt_file, "--prompt-file")
+        if not path.is_file():
             raise FileNotFoundError(f"--prompt-file {args.prompt_file!r} does not exist")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
     if not prompts:
         raise ValueError("give a prompt: --prompt TEXT (repeatable) or --prompt-file FILE")
     return prompts
@@ -106,7 +107,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def output_paths(out: str, count: int) -> list[str]:
-    stem, suffix = os.path.splitext(out)
+    name = runs.user_path(out).name
+    suffix = name[name.rfind("."):] if "." in name else ""
+    stem = out[: len(out) - len(suffix)]
     if suffix.lower() not in SUFFIXES:
         raise ValueError(f"--out {out!r}: unsupported suffix {suffix!r}; use .mp4 or .gif")
     return [out] if count == 1 else [f"{stem}_{i:03d}{suffix}" for i in range(count)]
@@ -125,9 +128,9 @@ def load_image(path: str, height: int, width: int) -> np.ndarray:
     """An image file -> [H, W, 3] float32 in [-1, 1] at the target size."""
     from PIL import Image
 
-    if not os.path.isfile(path):
+    if not runs.check_reachable(path, "image").is_file():
         raise FileNotFoundError(f"image {path!r} does not exist")
-    with Image.open(path) as img:
+    with runs.user_path(path).open("rb") as f, Image.open(f) as img:
         pixels = np.asarray(img.convert("RGB"))
     return video_io.to_float(fit(pixels[None], height, width, f"image {path}")[0])
 
@@ -251,8 +254,8 @@ def run_cli(args) -> int:
         videos = job.run([prompts[i] for i in chunk], [args.seed + i for i in chunk])
         for i, video in zip(chunk, videos):
             path = paths[i]
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            video_io.write_video(path, video, job.fps)
-            print(f"vdit sample: wrote {os.path.abspath(path)} ({video.shape[0]} frames, "
+            with runs.staged_output(path) as local:  # PyAV writes local files
+                video_io.write_video(local, video, job.fps)
+            print(f"vdit sample: wrote {runs.absolute(path)} ({video.shape[0]} frames, "
                   f"{video.shape[1]}x{video.shape[2]}, seed {args.seed + i})")
     return 0

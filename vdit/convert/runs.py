@@ -30,12 +30,11 @@ carry no text encoder (callers then pass text embeddings).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import ml_collections
 import numpy as np
 
+from vdit import runs
 from vdit.convert import wan
 from vdit.convert.safetensors_io import read_config
 from vdit.models.image import CONFIG_FIELDS as CLIP_FIELDS
@@ -57,7 +56,7 @@ def convert(src_format: str | None, dst_format: str | None, src: str, out: str) 
     if (src_format, dst_format) not in DIRECTIONS:
         raise ValueError(f"--from {src_format} --to {dst_format}: vdit converts diffusers -> vdit "
                          "or vdit -> diffusers")
-    if os.path.exists(out) and os.listdir(out):
+    if runs.user_path(out).exists() and any(runs.user_path(out).iterdir()):
         raise ValueError(f"--out {out!r} exists and is not empty; choose a new folder")
     if src_format == "diffusers":
         return from_diffusers(src, out)
@@ -67,8 +66,6 @@ def convert(src_format: str | None, dst_format: str | None, src: str, out: str) 
 # ---------------------------------------------------------------------- diffusers -> vdit
 def from_diffusers(src: str, out: str) -> dict:
     """Writes the runs OUT and OUT/vae described in the module docstring."""
-    from vdit.data.encode import STATS_FILE
-
     index = folder_lib.read_index(src)
     if index.get("transformer_2") and index["transformer_2"][0] is not None:
         raise NotImplementedError(
@@ -76,37 +73,37 @@ def from_diffusers(src: str, out: str) -> dict:
             f"are the DiT and the text encoder); sample it directly with "
             f"`vdit sample --workdir {src}`")
     for name in ("text_encoder", "tokenizer"):
-        if not os.path.isdir(os.path.join(src, name)):
+        if not (runs.user_path(src) / name).is_dir():
             raise FileNotFoundError(f"{src}: no {name}/ folder; a vdit run needs the pipeline's "
                                     "UMT5 text encoder and its tokenizer")
-    sub = lambda name: os.path.join(src, name)
+    sub = lambda name: str(runs.user_path(src) / name)
     dit, dit_params = wan.load_transformer(sub("transformer"))
     text_model, text_params = wan.load_text_encoder(sub("text_encoder"))
     vae, vae_params = wan.load_vae(sub("vae"))
     mean, std = folder_lib.latent_stats(vae)
     vae_cfg = _vae_section(read_config(sub("vae")), mean, std)
-    scheduler = folder_lib.read_json(os.path.join(sub("scheduler"), "scheduler_config.json"))
+    scheduler = folder_lib.read_json(sub("scheduler/scheduler_config.json"))
     image = _read_image_encoder(src, index) if dit.has_image_branch else None
 
-    out = os.path.abspath(out)
-    config = _run_config(read_config(sub("transformer")), text_model, os.path.abspath(
-        sub("tokenizer")), vae_cfg, scheduler, os.path.join(out, VAE_RUN))
+    out = str(runs.absolute(out))
+    vae_run = str(runs.user_path(out) / VAE_RUN)
+    config = _run_config(read_config(sub("transformer")), text_model, str(runs.absolute(
+        sub("tokenizer"))), vae_cfg, scheduler, vae_run)
     if image is not None:
         config.image_encoder = _image_section(image[0], out)
     weights = {"dit": dit_params, "text": text_params}
     checkpoint.write_weights(out, 0, weights, weights, config)
-    written = {"run": out, "vae_run": os.path.join(out, VAE_RUN)}
+    written = {"run": out, "vae_run": vae_run}
     if image is not None:
         wan.save_image_encoder(*image, config.image_encoder.image_encoder_path)
-        shutil.copytree(sub("image_processor"), config.image_encoder.image_processor_path)
+        runs.copy_tree(sub("image_processor"), config.image_encoder.image_processor_path)
         written |= {name: config.image_encoder[f"{name}_path"] for name in IMAGE_PARTS}
-    checkpoint.write_weights(os.path.join(out, VAE_RUN), 0, vae_params, vae_params,
+    checkpoint.write_weights(vae_run, 0, vae_params, vae_params,
                              ml_collections.ConfigDict({"vae": vae_cfg,
                                                         "checkpoint": defaults.checkpoint()}))
-    stats_dir = os.path.join(out, "latents")
-    os.makedirs(stats_dir, exist_ok=True)
-    with open(os.path.join(stats_dir, STATS_FILE), "w") as f:
-        json.dump({"mean": mean.tolist(), "std": std.tolist()}, f)
+    stats = runs.stats_path(runs.user_path(out) / "latents")
+    stats.parent.mkdir(parents=True, exist_ok=True)
+    stats.write_text(json.dumps({"mean": mean.tolist(), "std": std.tolist()}))
     return written
 
 
@@ -114,11 +111,11 @@ def _read_image_encoder(src: str, index: dict):
     """Wan2.1 I2V's CLIP tower and its preprocessing, read (and so checked) before any write."""
     for name in IMAGE_PARTS:
         if not (index.get(name) and index[name][0] is not None
-                and os.path.isdir(os.path.join(src, name))):
+                and (runs.user_path(src) / name).is_dir()):
             raise FileNotFoundError(f"{src}: the transformer has an image branch (Wan2.1 I2V) but "
                                     f"the pipeline has no {name}/ component")
-    wan.read_image_processor(os.path.join(src, "image_processor"))
-    return wan.load_image_encoder(os.path.join(src, "image_encoder"))
+    wan.read_image_processor(str(runs.user_path(src) / "image_processor"))
+    return wan.load_image_encoder(str(runs.user_path(src) / "image_encoder"))
 
 
 def _image_section(encoder, out: str) -> ml_collections.ConfigDict:
@@ -126,7 +123,7 @@ def _image_section(encoder, out: str) -> ml_collections.ConfigDict:
     keeps OUT/image_encoder (transformers layout) and OUT/image_processor."""
     return ml_collections.ConfigDict(
         {f: getattr(encoder, f) for f in CLIP_FIELDS} | {"projection_dim": encoder.projection_dim}
-        | {f"{name}_path": os.path.join(out, name) for name in IMAGE_PARTS})
+        | {f"{name}_path": str(runs.user_path(out) / name) for name in IMAGE_PARTS})
 
 
 def _vae_section(cfg: dict, mean: np.ndarray, std: np.ndarray) -> ml_collections.ConfigDict:
@@ -172,8 +169,8 @@ def to_diffusers(src: str, out: str) -> dict:
     from vdit.data.encode import load_stats
     from vdit.models.dit import build_dit
     from vdit.models.text import text_encoder_from_config
+    from vdit.runs import latents_dir
     from vdit.train.init_from import run_weights
-    from vdit.train.loop import latents_dir
 
     weights, saved = run_weights(src, "ema")
     config = ml_collections.ConfigDict(saved)
@@ -182,16 +179,16 @@ def to_diffusers(src: str, out: str) -> dict:
         raise ValueError(f"run {src!r} has no encode.vae_workdir: its VAE is needed for vae/")
     vae_params, vae_saved = checkpoint.load_params(vae_run)
     stats = load_stats(latents_dir(config, src))
-    sub = lambda name: os.path.join(out, name)
+    sub = lambda name: str(runs.user_path(out) / name)
     dit = build_dit(config.model)
     wan.save_transformer(dit, weights["dit"], sub("transformer"))
     vae_cfg = dict(vae_saved["vae"]) | {"latents_mean": list(stats["mean"]),
                                         "latents_std": list(stats["std"])}
     wan.save_vae(vae_from_config(vae_cfg), vae_params, sub("vae"))
     scheduler = dict(config.sample.scheduler)
-    os.makedirs(sub("scheduler"), exist_ok=True)
-    with open(os.path.join(sub("scheduler"), "scheduler_config.json"), "w") as f:
-        json.dump(scheduler, f, indent=2)
+    runs.user_path(sub("scheduler")).mkdir(parents=True, exist_ok=True)
+    runs.user_path(sub("scheduler/scheduler_config.json")).write_text(json.dumps(scheduler,
+                                                                                  indent=2))
     none = [None, None]
     index = {"_class_name": "WanImageToVideoPipeline" if dit.in_channels != dit.out_channels
              else "WanPipeline", "_diffusers_version": DIFFUSERS_VERSION,
@@ -204,19 +201,18 @@ def to_diffusers(src: str, out: str) -> dict:
     if config.text.get("kind") == "umt5":
         text_model, _ = text_encoder_from_config(config.text)
         wan.save_text_encoder(text_model, weights["text"], sub("text_encoder"))
-        shutil.copytree(config.text.tokenizer_path, sub("tokenizer"))
+        runs.copy_tree(config.text.tokenizer_path, sub("tokenizer"))
         index |= {"text_encoder": ["transformers", "UMT5EncoderModel"],
                   "tokenizer": ["transformers", "T5TokenizerFast"]}
         written |= {"text_encoder": sub("text_encoder"), "tokenizer": sub("tokenizer")}
     if config.get("image_encoder", {}).get("image_encoder_path"):
         encoder, encoder_params = wan.load_image_encoder(config.image_encoder.image_encoder_path)
         wan.save_image_encoder(encoder, encoder_params, sub("image_encoder"))
-        shutil.copytree(config.image_encoder.image_processor_path, sub("image_processor"))
+        runs.copy_tree(config.image_encoder.image_processor_path, sub("image_processor"))
         arch = ("CLIPVisionModelWithProjection" if encoder.projection_dim is not None
                 else "CLIPVisionModel")
         index |= {"image_encoder": ["transformers", arch],
                   "image_processor": ["transformers", "CLIPImageProcessor"]}
         written |= {name: sub(name) for name in IMAGE_PARTS}
-    with open(sub("model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+    runs.user_path(sub("model_index.json")).write_text(json.dumps(index, indent=2))
     return written

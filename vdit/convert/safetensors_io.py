@@ -10,32 +10,33 @@ import os
 from collections.abc import Mapping
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, load_file, save
+
+from vdit import runs
 
 WEIGHTS_INDEX_SUFFIX = ".safetensors.index.json"
 
 
 def read_config(folder: str) -> dict:
     """Returns the parsed `config.json` of a model folder; errors name the missing path."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
+    path = runs.user_path(folder) / "config.json"
+    if not path.is_file():
         raise FileNotFoundError(f"no config.json in model folder {folder!r} (expected {path})")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{path!r} is not valid JSON ({e})") from e
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(path)!r} is not valid JSON ({e})") from e
 
 
 def read_tensors(folder: str) -> dict[str, np.ndarray]:
     """Loads every tensor of a folder's safetensors files (single file or sharded with an index)."""
-    if not os.path.isdir(folder):
+    root = runs.user_path(folder)
+    if not root.is_dir():
         raise FileNotFoundError(f"model folder {folder!r} does not exist")
-    names = sorted(os.listdir(folder))
+    names = sorted(p.name for p in root.iterdir())
     index = [n for n in names if n.endswith(WEIGHTS_INDEX_SUFFIX)]
     if index:
-        with open(os.path.join(folder, index[0])) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = sorted(set(json.loads((root / index[0]).read_text())["weight_map"].values()))
     else:
         files = [n for n in names if n.endswith(".safetensors")]
     if not files:
@@ -45,21 +46,22 @@ def read_tensors(folder: str) -> dict[str, np.ndarray]:
         )
     tensors: dict[str, np.ndarray] = {}
     for name in files:
-        path = os.path.join(folder, name)
-        for key, value in _load_named(path).items():
+        for key, value in _load(root / name).items():
             if key in tensors:
                 raise ValueError(f"tensor {key!r} appears in more than one file of {folder!r}")
             tensors[key] = _to_float32_if_half(value)
     return tensors
 
 
-def _load_named(path: str) -> dict[str, np.ndarray]:
-    """load_file, with a failure (truncated or corrupt file) naming the file."""
+def _load(path) -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file; a failure (truncated or corrupt file) names the file."""
     try:
-        return load_file(path)
+        # Local files are memory-mapped by load_file; a remote file is read whole (one at a time).
+        return load(path.read_bytes()) if runs.is_remote(path) else load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types; name the file
-        raise ValueError(f"cannot read weights file {path!r} ({type(e).__name__}: {e}): it is "
-                         "truncated or not a safetensors file; download or convert it again") from e
+        raise ValueError(f"cannot read weights file {os.fspath(path)!r} ({type(e).__name__}: {e}): "
+                         "it is truncated or not a safetensors file; download or convert it again"
+                         ) from e
 
 
 def _to_float32_if_half(x: np.ndarray) -> np.ndarray:
@@ -72,11 +74,11 @@ def _to_float32_if_half(x: np.ndarray) -> np.ndarray:
 def write_folder(folder: str, config: Mapping, tensors: Mapping[str, np.ndarray],
                  weights_name: str = "diffusion_pytorch_model.safetensors") -> None:
     """Writes config.json and one safetensors file; tensors are made contiguous first."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(dict(config), f, indent=2, sort_keys=True)
-    save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()},
-              os.path.join(folder, weights_name))
+    root = runs.user_path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
+    (root / weights_name).write_bytes(
+        save({k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}))
 
 
 def check_names_and_shapes(got: Mapping[str, np.ndarray], want: Mapping[str, tuple],

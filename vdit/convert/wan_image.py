@@ -13,11 +13,11 @@ the non-learned `embeddings.position_ids` buffer of old checkpoints is ignored. 
 from __future__ import annotations
 
 import json
-import os
 
 import flax.linen as nn
 import numpy as np
 
+from vdit import runs
 from vdit.convert.safetensors_io import (
     check_names_and_shapes,
     read_config,
@@ -180,8 +180,7 @@ def save_image_encoder(module: CLIPVisionEncoder, params, out_dir: str) -> None:
 
 def read_image_processor(path: str) -> PreprocessSettings:
     """The CLIPImageProcessor settings of a folder (its preprocessor_config.json)."""
-    file = os.path.join(path, "preprocessor_config.json")
-    if not os.path.isfile(file):
+    file = runs.user_path(path) / "preprocessor_config.json"
+    if not file.is_file():
         raise FileNotFoundError(f"no preprocessor_config.json in {path!r} (expected {file})")
-    with open(file) as f:
-        return settings_from_dict(json.load(f), where=file)
+    return settings_from_dict(json.loads(file.read_text()), where=str(file))

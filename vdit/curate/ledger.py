@@ -13,11 +13,12 @@ clips.jsonl.
 from __future__ import annotations
 
 import collections
-import glob
 import json
 import logging
 import os
 import re
+
+from vdit import runs
 
 log = logging.getLogger(__name__)
 LEDGER_PATTERN = "clips-{shard:05d}-of-{num_shards:05d}.jsonl"
@@ -27,18 +28,18 @@ NOT_CURATED = ("unreadable", "failed")  # reasons of videos that yielded no clip
 
 
 def ledger_path(output: str, shard: int, num_shards: int) -> str:
-    return os.path.join(output, LEDGER_PATTERN.format(shard=shard, num_shards=num_shards))
+    return str(runs.user_path(output) / LEDGER_PATTERN.format(shard=shard, num_shards=num_shards))
 
 
 def done_path(output: str, shard: int, num_shards: int) -> str:
-    return os.path.join(output, DONE_PATTERN.format(shard=shard, num_shards=num_shards))
+    return str(runs.user_path(output) / DONE_PATTERN.format(shard=shard, num_shards=num_shards))
 
 
 def check_num_shards(output: str, num_shards: int) -> None:
     """An output folder holds one run layout: ledgers of another --num-shards are an error."""
     other = set()
-    for path in glob.glob(os.path.join(output, "clips-*-of-*.jsonl")):
-        match = re.fullmatch(r"clips-\d{5}-of-(\d{5})\.jsonl", os.path.basename(path))
+    for path in runs.user_path(output).glob("clips-*-of-*.jsonl"):
+        match = re.fullmatch(r"clips-\d{5}-of-(\d{5})\.jsonl", path.name)
         if match and int(match.group(1)) != num_shards:
             other.add(int(match.group(1)))
     if other:
@@ -50,10 +51,9 @@ def check_num_shards(output: str, num_shards: int) -> None:
 def read_ledger(path: str) -> list[dict]:
     """Lines of a ledger ([] if it does not exist). A torn last line (a crash mid-write) is
     dropped with a warning; a bad line elsewhere is an error naming the line."""
-    if not os.path.exists(path):
+    if not runs.user_path(path).exists():
         return []
-    with open(path) as f:
-        raw = f.read().split("\n")
+    raw = runs.user_path(path).read_text().split("\n")
     lines = []
     for number, text in enumerate(raw, 1):
         if not text.strip():
@@ -69,11 +69,17 @@ def read_ledger(path: str) -> list[dict]:
 
 
 def append_lines(path: str, lines: list[dict]) -> None:
-    """Appends lines durably (flush + fsync), so a rerun sees them after a crash."""
+    """Appends lines durably (flush + fsync), so a rerun sees them after a crash. An object
+    store (gs://) has no append: the ledger object is rewritten whole, which is atomic there."""
     if not lines:
         return
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(line) + "\n" for line in lines))
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    if runs.is_remote(path):
+        target = runs.user_path(path)
+        target.write_text((target.read_text() if target.exists() else "") + text)
+        return
+    with open(path, "a") as f:  # a local path (is_remote is False): fsync needs a real file
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
@@ -92,18 +98,18 @@ def referenced_files(lines: list[dict]) -> set[str]:
 def merge_if_complete(output: str, num_shards: int) -> str | None:
     """Writes clips.jsonl (all workers' lines, in worker order) once every worker is done;
     returns its path, or None while some worker is still missing."""
-    if not all(os.path.exists(done_path(output, i, num_shards)) for i in range(num_shards)):
+    if not all(runs.user_path(done_path(output, i, num_shards)).exists()
+               for i in range(num_shards)):
         return None
-    merged = os.path.join(output, MERGED)
-    tmp = merged + f".tmp{os.getpid()}"
-    with open(tmp, "w") as out:
+    merged = runs.user_path(output) / MERGED
+    tmp = runs.user_path(output) / f"{MERGED}.tmp{os.getpid()}"
+    with tmp.open("w") as out:
         for i in range(num_shards):
-            path = ledger_path(output, i, num_shards)
-            if os.path.exists(path):
-                with open(path) as f:
-                    out.write(f.read())
-    os.replace(tmp, merged)
-    return merged
+            path = runs.user_path(ledger_path(output, i, num_shards))
+            if path.exists():
+                out.write(path.read_text())
+    tmp.replace(merged)
+    return str(merged)
 
 
 def summarize(lines: list[dict]) -> dict:

@@ -9,14 +9,13 @@ and a JSON `meta` string (the clip's line of clips.jsonl: source, frame range, e
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 from flax import serialization
 
+from vdit import runs
 from vdit.data.sources import ArrayRecordSource, write_records
 
 PART_PATTERN = "clips-{shard:05d}-of-{num_shards:05d}-part-{part:05d}.array_record"
@@ -54,18 +53,19 @@ def write_clip_file(path: str, examples: Iterable[dict]) -> int:
 
 
 def part_path(output: str, shard: int, num_shards: int, part: int) -> str:
-    return os.path.join(output, PART_PATTERN.format(shard=shard, num_shards=num_shards, part=part))
+    return str(runs.user_path(output) / PART_PATTERN.format(shard=shard, num_shards=num_shards,
+                                                            part=part))
 
 
 def worker_parts(output: str, shard: int, num_shards: int) -> list[str]:
     """This worker's finished part files, in order."""
-    return sorted(glob.glob(os.path.join(output, PART_GLOB.format(shard=shard,
-                                                                  num_shards=num_shards))))
+    pattern = PART_GLOB.format(shard=shard, num_shards=num_shards)
+    return sorted(str(p) for p in runs.user_path(output).glob(pattern))
 
 
 def clip_paths(folder: str) -> list[str]:
     """All clip shards of a curate output folder, in order; none is an error."""
-    paths = sorted(glob.glob(os.path.join(folder, "clips-*-part-*.array_record")))
+    paths = sorted(str(p) for p in runs.user_path(folder).glob("clips-*-part-*.array_record"))
     if not paths:
         raise FileNotFoundError(f"no clip shards (clips-*-part-*.array_record) in {folder!r}; "
                                 "run `vdit curate` first")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vdit import runs
 from vdit.curate import captions, ledger, records
 from vdit.curate.decode import iter_segments
 from vdit.curate.learned import build_learned_scorers
@@ -162,11 +163,11 @@ def curate(config, input_path: str, output: str, shard: int = 0, num_shards: int
         raise ValueError(f"--shard {shard} is outside [0, --num-shards {num_shards})")
     items = [it for it in list_inputs(input_path, cfg.input.extensions)
              if shard_of(it.source, num_shards) == shard]
-    if os.path.exists(output) and not os.path.isdir(output):
+    if runs.user_path(output).exists() and not runs.user_path(output).is_dir():
         raise ValueError(f"--output {output!r} is a file, not a folder")
     os.makedirs(output, exist_ok=True)
     # one writer per shard: two workers on one shard would record videos as both kept and failed
-    with FolderLock(os.path.join(output, f".lock-{shard:05d}-of-{num_shards:05d}"),
+    with FolderLock(str(runs.user_path(output) / f".lock-{shard:05d}-of-{num_shards:05d}"),
                     f"curate shard {shard}/{num_shards} of {output}"):
         return _curate_shard(cfg, items, output, shard, num_shards, scorers, captioner)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections import defaultdict
 
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from vdit import runs
 from vdit.data import conditions, sources
 from vdit.data.synthetic import SyntheticShapes
 from vdit.models.text import text_encoder_from_config
@@ -33,7 +33,7 @@ from vdit.train.checkpoint import load_params
 from vdit.train.run_kind import check_kind
 
 log = logging.getLogger(__name__)
-STATS_FILE = "stats.json"
+STATS_FILE = runs.STATS_FILE
 TOKENIZER_KEY = "tokenizer"  # stats.json: fingerprint of the tokenizer behind the shards' ids
 
 
@@ -48,11 +48,10 @@ def sample_shape(index: int, shapes, weights, seed: int) -> tuple[int, int, int]
 
 
 def load_stats(folder: str) -> dict:
-    path = os.path.join(folder, STATS_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {STATS_FILE} in {folder!r}: run `vdit encode` first")
-    with open(path) as f:
-        return json.load(f)
+    path = runs.stats_path(folder)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {STATS_FILE} in {str(folder)!r}: run `vdit encode` first")
+    return json.loads(path.read_text())
 
 
 def _measure_stats(encode_fn, data, cfg, shapes) -> dict:
@@ -92,9 +91,9 @@ def resolve_stats(config, out_dir: str, measure, tokenizer) -> tuple[np.ndarray,
     `encode.normalize` is "measure", else `vae.latents_mean/std`. The file also records the
     fingerprint of the tokenizer whose ids the shards hold (`vdit train` checks it); a resumed
     encode with another tokenizer is refused, as its shards would mix two id spaces."""
-    os.makedirs(out_dir, exist_ok=True)
-    stats_path = os.path.join(out_dir, STATS_FILE)
-    if os.path.isfile(stats_path):
+    runs.user_path(out_dir).mkdir(parents=True, exist_ok=True)
+    stats_path = runs.stats_path(out_dir)
+    if stats_path.is_file():
         stats = load_stats(out_dir)
     elif config.encode.normalize == "measure":
         stats = measure()
@@ -102,8 +101,7 @@ def resolve_stats(config, out_dir: str, measure, tokenizer) -> tuple[np.ndarray,
         stats = {"mean": list(config.vae.latents_mean), "std": list(config.vae.latents_std)}
     check_tokenizer(stats, tokenizer, out_dir, "encode into")
     stats[TOKENIZER_KEY] = tokenizer.fingerprint()
-    with open(stats_path, "w") as f:
-        json.dump(stats, f)
+    stats_path.write_text(json.dumps(stats))
     return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
 
 
@@ -144,9 +142,10 @@ def encode_synthetic(config, out_dir: str) -> list[str]:
     per_shard = -(-cfg.num_examples // cfg.num_shards)
     paths = []
     for shard in tqdm(range(cfg.num_shards), desc="encode", disable=not config.train.progress):
-        path = os.path.join(out_dir, sources.SHARD_PATTERN.format(index=shard, count=cfg.num_shards))
-        paths.append(path)
-        if os.path.exists(path):
+        path = runs.user_path(out_dir) / sources.SHARD_PATTERN.format(index=shard,
+                                                                      count=cfg.num_shards)
+        paths.append(str(path))
+        if path.exists():
             continue  # finished by an earlier run
         indices = range(shard * per_shard, min(cfg.num_examples, (shard + 1) * per_shard))
         examples = _encode_indices(indices, data, cfg, encode_fn, tokenizer, mean, std,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from vdit import runs
 from vdit.config import check_shapes, spatial_stride
 from vdit.data import conditions, sources
 from vdit.data.encode import channel_stats, latent_record, resolve_stats, vae_encoder
@@ -66,9 +66,9 @@ def encode_videos(config, out_dir: str, vae_params=None) -> dict:
     paths = []
     for shard in tqdm(range(num_shards), desc="encode", disable=not config.train.progress):
         name = sources.SHARD_PATTERN.format(index=shard, count=num_shards)
-        path = os.path.join(out_dir, name)
+        path = str(runs.user_path(out_dir) / name)
         paths.append(path)
-        if os.path.exists(path) and name in done:
+        if runs.user_path(path).exists() and name in done:
             continue  # finished by an earlier run
         indices = range(shard * per_shard, min(len(source), (shard + 1) * per_shard))
         records, skipped = _encode_shard(indices, source, cfg, encode_fn, tokenizer, mean, std,
@@ -154,22 +154,21 @@ def _measure_stats(encode_fn, source: VideoClipSource, cfg) -> dict:
 
 
 def _read_summary(out_dir: str) -> dict:
-    path = os.path.join(out_dir, SUMMARY_FILE)
-    if not os.path.isfile(path):
+    path = runs.user_path(out_dir) / SUMMARY_FILE
+    if not path.is_file():
         return {}
-    with open(path) as f:
-        return json.load(f)["shards"]
+    return json.loads(path.read_text())["shards"]
 
 
 def _write_summary(out_dir: str, shards: dict) -> None:
-    path = os.path.join(out_dir, SUMMARY_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"shards": shards}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    path = runs.user_path(out_dir) / SUMMARY_FILE
+    tmp = path.parent / (SUMMARY_FILE + ".tmp")
+    tmp.write_text(json.dumps({"shards": shards}, indent=1))
+    tmp.replace(path)
 
 
 def _totals(paths: list[str], shards: dict, filtered: int = 0) -> dict:
-    names = [os.path.basename(p) for p in paths]
+    names = [runs.user_path(p).name for p in paths]
     skipped = [s for n in names for s in shards[n]["skipped"]]
     by_reason = dict(Counter(s["reason"] for s in skipped))
     totals = {"paths": paths, "records": sum(shards[n]["records"] for n in names),

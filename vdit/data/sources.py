@@ -11,16 +11,20 @@
 
 from __future__ import annotations
 
-import glob
+import atexit
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 
 import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from flax import serialization
+
+from vdit import runs
 
 log = logging.getLogger(__name__)
 SHARD_PATTERN = "latents-{index:05d}-of-{count:05d}.array_record"
@@ -57,17 +61,19 @@ def write_records(path: str, examples: Iterable[dict], encode=None) -> int:
     """Writes `encode(example)` bytes to one ArrayRecord file atomically (tmp + rename): a crash
     never leaves a half-written file under the final name. Returns the count."""
     encode = encode_record if encode is None else encode
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    writer = ArrayRecordWriter(tmp, "group_size:1")
-    count = 0
-    try:
-        for example in examples:
-            writer.write(encode(example))
-            count += 1
-    finally:
-        writer.close()
-    os.replace(tmp, path)
+    final = runs.user_path(path)
+    tmp = final.parent / (final.name + ".tmp")
+    # ArrayRecord writes local files only: a remote shard is written locally, then uploaded.
+    with runs.staged_output(tmp) as local:
+        writer = ArrayRecordWriter(local, "group_size:1")
+        count = 0
+        try:
+            for example in examples:
+                writer.write(encode(example))
+                count += 1
+        finally:
+            writer.close()
+    tmp.replace(final)
     return count
 
 
@@ -78,11 +84,28 @@ def write_shard(path: str, examples: Iterable[dict]) -> int:
 
 def shard_paths(folder: str) -> list[str]:
     """The finished latent shards of a folder, in order; an empty folder is an error."""
-    paths = sorted(glob.glob(os.path.join(folder, "*.array_record")))
+    paths = sorted(str(p) for p in runs.user_path(folder).glob("*.array_record"))
     if not paths:
         raise FileNotFoundError(f"no latent shards (*.array_record) in {folder!r}; "
                                 "run `vdit encode` first")
     return paths
+
+
+def local_shards(paths: Sequence[str]) -> list[str]:
+    """Local filenames for ArrayRecord files: local paths as they are; remote ones (gs://...)
+    copied once into a temporary folder removed at exit, since ArrayRecord's reader opens local
+    files only. Each data-loading host copies the shards it reads."""
+    if not any(runs.is_remote(p) for p in paths):
+        return [str(p) for p in paths]
+    cache = tempfile.mkdtemp(prefix="vdit-shards-")
+    atexit.register(shutil.rmtree, cache, True)
+    local = []
+    for i, p in enumerate(paths):
+        if not runs.is_remote(p):
+            local.append(str(p))
+            continue
+        local.append(runs.download(p, f"{cache}/{i:05d}-{runs.user_path(p).name}"))
+    return local
 
 
 class ArrayRecordSource(grain.sources.RandomAccessDataSource):
@@ -91,7 +114,7 @@ class ArrayRecordSource(grain.sources.RandomAccessDataSource):
     def __init__(self, paths: Sequence[str], decode):
         self._paths = list(paths)
         self._decode = decode
-        self._records = grain.sources.ArrayRecordDataSource(self._paths)
+        self._records = grain.sources.ArrayRecordDataSource(local_shards(self._paths))
 
     def __len__(self) -> int:
         return len(self._records)
@@ -106,8 +129,9 @@ class ArrayRecordSource(grain.sources.RandomAccessDataSource):
 class LatentShardSource(ArrayRecordSource):
     """Clips from latent shards (a folder or a list of files), decoded."""
 
-    def __init__(self, paths: str | Sequence[str]):
-        super().__init__(shard_paths(paths) if isinstance(paths, str) else paths, decode_record)
+    def __init__(self, paths: str | os.PathLike | Sequence[str]):
+        folder = isinstance(paths, (str, os.PathLike))  # a folder (local or gs://), else files
+        super().__init__(shard_paths(paths) if folder else paths, decode_record)
 
 
 class SkippingSource(grain.sources.RandomAccessDataSource):

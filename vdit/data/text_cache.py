@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Sequence
 
@@ -20,6 +19,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from vdit import runs
 from vdit.models.text import encode_prompts
 from vdit.models.tokenizers import prompt_clean
 
@@ -102,21 +102,22 @@ def build_text_cache(path: str, module, params, tokenizer, captions: Sequence[st
 
 
 def _write(path: str, cache: TextCache) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    final = runs.user_path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / (final.name + ".tmp")
+    with tmp.open("wb") as f:
         np.savez(f, key=np.array(json.dumps(cache.key, sort_keys=True)),
                  captions=np.array(cache.captions, dtype=str), lengths=cache.lengths,
                  flat=cache.flat.astype(np.float32))
-    os.replace(tmp, path)
+    tmp.replace(final)
 
 
 def load_text_cache(path: str, key: dict) -> TextCache:
     """Reads a cache and checks it was built with `key` (from `cache_key`); errors say what differs."""
-    if not os.path.isfile(path):
+    if not runs.user_path(path).is_file():
         raise FileNotFoundError(f"text cache {path!r} does not exist; build it first")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with runs.user_path(path).open("rb") as f, np.load(f, allow_pickle=False) as data:
             stored = json.loads(str(data["key"]))
             captions = tuple(str(c) for c in data["captions"])
             lengths, flat = data["lengths"], data["flat"]

@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from os import PathLike
 
 import cv2
 import numpy as np
 
+from vdit import runs
 from vdit.data.synthetic import COLORS, DIRECTIONS, SHAPES
 from vdit.eval.shapes_detect import Features, classify_shape, color_classes, largest_blob
 
@@ -202,9 +203,9 @@ def _check_target(record: dict, where: str) -> dict:
     return record
 
 
-def read_prompts(prompts_file: str | Path) -> list[dict]:
+def read_prompts(prompts_file: str | PathLike) -> list[dict]:
     """Lines {file, prompt, color, shape, direction} of a prompts jsonl, validated."""
-    path = Path(prompts_file)
+    path = runs.user_path(prompts_file)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
     records = []
@@ -220,7 +221,7 @@ def read_prompts(prompts_file: str | Path) -> list[dict]:
     return records
 
 
-def eval_shapes_dir(videos_dir: str | Path | None, prompts_file: str | Path,
+def eval_shapes_dir(videos_dir: str | PathLike | None, prompts_file: str | PathLike,
                     cfg: JudgeConfig = JudgeConfig()) -> dict:
     """Judges every video listed in prompts_file and scores it against its line.
 
@@ -230,17 +231,18 @@ def eval_shapes_dir(videos_dir: str | Path | None, prompts_file: str | Path,
     """
     from vdit.data.video_io import VideoReadError, read_video
 
-    prompts_file = Path(prompts_file)
+    prompts_file = runs.user_path(prompts_file)
     records = read_prompts(prompts_file)
-    roots = [prompts_file.parent] + ([Path(videos_dir)] if videos_dir is not None else [])
+    roots = [prompts_file.parent] + ([runs.user_path(videos_dir)] if videos_dir is not None else [])
     preds, items, unreadable = [], [], 0
     for record in records:
-        candidates = [Path(record["file"])] if Path(record["file"]).is_absolute() else \
+        candidates = [runs.user_path(record["file"])] if runs.is_absolute(record["file"]) else \
             [root / record["file"] for root in roots]
         path = next((p for p in candidates if p.is_file()), candidates[0])
         try:
-            pred = judge_video(read_video(path))
-        except VideoReadError as e:
+            with runs.local_copy(path) as local:  # PyAV reads local files
+                pred = judge_video(read_video(local))
+        except (VideoReadError, FileNotFoundError) as e:
             unreadable += 1
             pred = {**_none(2, f"unreadable: {e}"), "frames": 2}
         preds.append(pred)

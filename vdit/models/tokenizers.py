@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import html
-import os
 import re
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 
 
 def prompt_clean(text: str) -> str:
@@ -143,10 +143,10 @@ class SentencePieceTokenizer:
     def __init__(self, path: str, max_length: int, add_eos: bool = True):
         import sentencepiece as spm
 
-        if not os.path.isfile(path):
+        if not epath.Path(path).is_file():
             raise FileNotFoundError(f"sentencepiece model {path!r} does not exist")
         self.path, self.max_length = path, _check_max_length(max_length)
-        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self._sp = spm.SentencePieceProcessor(model_proto=epath.Path(path).read_bytes())
         self.vocab_size = self._sp.get_piece_size()
         # T5 models set pad=0, eos=1; a model without a pad piece falls back to id 0.
         self.pad_id = max(self._sp.pad_id(), 0)
@@ -176,10 +176,10 @@ class JsonTokenizer:
     def __init__(self, path: str, max_length: int, pad_token: str = "<pad>"):
         from tokenizers import Tokenizer
 
-        if not os.path.isfile(path):
+        if not epath.Path(path).is_file():
             raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
         self.path, self.max_length = path, _check_max_length(max_length)
-        tok = Tokenizer.from_file(path)
+        tok = Tokenizer.from_str(epath.Path(path).read_text())
         self.pad_id = tok.token_to_id(pad_token)
         if self.pad_id is None:
             raise ValueError(f"tokenizer {path!r} has no pad token {pad_token!r}")
@@ -209,14 +209,15 @@ class JsonTokenizer:
 def load_tokenizer(path: str, max_length: int):
     """A tokenizer from a file (`*.json` or `*.model`) or a folder holding `tokenizer.json` or
     `spiece.model` (tokenizer.json preferred, as transformers' fast tokenizer does)."""
-    if os.path.isdir(path):
+    folder = epath.Path(path)
+    if folder.is_dir():
         kinds = (("tokenizer.json", JsonTokenizer), ("spiece.model", SentencePieceTokenizer))
         for name, cls in kinds:
-            if os.path.isfile(os.path.join(path, name)):
-                return cls(os.path.join(path, name), max_length)
+            if (folder / name).is_file():
+                return cls(str(folder / name), max_length)
         raise FileNotFoundError(f"tokenizer folder {path!r} has neither tokenizer.json nor "
-                                f"spiece.model (found: {sorted(os.listdir(path))})")
-    if not os.path.isfile(path):
+                                f"spiece.model (found: {sorted(p.name for p in folder.iterdir())})")
+    if not folder.is_file():
         raise FileNotFoundError(f"tokenizer path {path!r} does not exist")
     if path.endswith(".json"):
         return JsonTokenizer(path, max_length)
@@ -224,5 +225,4 @@ def load_tokenizer(path: str, max_length: int):
 
 
 def _file_hash(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    return hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()[:16]

@@ -11,10 +11,11 @@ features (a second transformer, `boundary_ratio`, `expand_timesteps`) are refuse
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
+
+from vdit import runs
 
 # The Wan pipelines whose folders share this layout (the class only changes diffusers' __call__).
 PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
@@ -30,28 +31,27 @@ MAX_TEXT_TOKENS = 512  # Wan's max_sequence_length: prompts are padded to 512 to
 
 
 def read_json(path: str) -> dict:
-    if not os.path.isfile(path):
+    if not runs.user_path(path).is_file():
         raise FileNotFoundError(f"missing {path}")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(runs.user_path(path).read_text())
 
 
 def is_pipeline_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model_index.json"))
+    return (runs.user_path(path) / "model_index.json").is_file()
 
 
 def _has(index: dict, path: str, name: str) -> bool:
     """Whether model_index.json names component `name` and its folder exists."""
     entry = index.get(name)
     listed = isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
-    return listed and os.path.isdir(os.path.join(path, name))
+    return listed and (runs.user_path(path) / name).is_dir()
 
 
 def read_index(path: str) -> dict:
     """model_index.json, checked: a Wan2.1 pipeline with transformer, vae and scheduler."""
-    if not os.path.isdir(path):
+    if not runs.user_path(path).is_dir():
         raise FileNotFoundError(f"diffusers pipeline folder {path!r} does not exist")
-    where = os.path.join(path, "model_index.json")
+    where = str(runs.user_path(path) / "model_index.json")
     index = read_json(where)
     name = index.get("_class_name")
     if name not in PIPELINES:
@@ -91,7 +91,7 @@ def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dic
     from vdit.models.tokenizers import load_tokenizer
 
     index = read_index(path)
-    sub = lambda name: os.path.join(path, name)
+    sub = lambda name: str(runs.user_path(path) / name)
     dit, dit_params = wan.load_transformer(sub("transformer"), dtype=dtype, attention=attention)
     vae, vae_params = wan.load_vae(sub("vae"))
     if dit.out_channels != vae.z_dim:
@@ -100,11 +100,10 @@ def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dic
     mean, std = latent_stats(vae)
     parts = dict(dit=dit, dit_params=jax.device_put(dit_params), vae=vae,
                  vae_params=jax.device_put(vae_params),
-                 sampler=make_sampler(read_json(os.path.join(sub("scheduler"),
-                                                             "scheduler_config.json"))),
+                 sampler=make_sampler(read_json(sub("scheduler/scheduler_config.json"))),
                  latents_mean=mean, latents_std=std, mask_text=False, defaults=dict(WAN_DEFAULTS))
     if _has(index, path, "text_encoder"):
-        if not os.path.isdir(sub("tokenizer")):
+        if not runs.user_path(sub("tokenizer")).is_dir():
             raise FileNotFoundError(f"{path}: text_encoder/ without tokenizer/")
         text_model, text_params = wan.load_text_encoder(sub("text_encoder"), dtype=dtype)
         parts |= dict(text_model=text_model, text_params=jax.device_put(text_params),

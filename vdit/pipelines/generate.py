@@ -84,8 +84,8 @@ class Generator:
         from vdit.models.dit import build_dit
         from vdit.models.text import text_encoder_from_config
         from vdit.models.vae_config import vae_from_config
+        from vdit.runs import latents_dir
         from vdit.train.checkpoint import load_params
-        from vdit.train.loop import latents_dir
         from vdit.train.run_kind import check_kind
 
         dit = build_dit(config.model)

@@ -8,7 +8,6 @@ saves), keep, keep_every (0 = off), async_save.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
@@ -17,6 +16,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from vdit import runs
 from vdit.train.checkpoint_fallback import newest_readable
 
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -36,7 +36,7 @@ def make_manager(workdir: str, cfg, with_data: bool = True) -> ocp.CheckpointMan
     handlers = {STATE: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
     if with_data:
         handlers[DATA] = grain.checkpoint.CheckpointHandler()
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+    return ocp.CheckpointManager(runs.checkpoints_dir(workdir),
                                  item_names=names, item_handlers=handlers, options=options)
 
 
@@ -92,8 +92,8 @@ def load_params(workdir: str, which: str = "ema", step: int | None = None) -> tu
 
     Restores without a target, so the caller needs no optimizer or mesh to read a run.
     """
-    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(path):
+    path = runs.checkpoints_dir(workdir)
+    if not path.is_dir():
         raise FileNotFoundError(f"workdir {workdir!r} has no checkpoints/ folder: train first")
     manager = ocp.CheckpointManager(path, item_names=(STATE, CONFIG),
                                     options=ocp.CheckpointManagerOptions(read_only=True, create=False))

@@ -10,14 +10,14 @@ deleted; readers (sampling) only report. `check_saves` turns a failed asynchrono
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+from vdit import runs
 
 ASIDE = "checkpoints.unreadable"
 
@@ -39,10 +39,11 @@ def one_line(error: BaseException, limit: int = 200) -> str:
 
 def step_dirs(directory: str) -> list[int]:
     """Step numbers of the folders under `directory` (finished or not), newest first."""
-    if not os.path.isdir(directory):
+    folder = runs.user_path(directory)
+    if not folder.is_dir():
         return []
-    return sorted((int(n) for n in os.listdir(directory)
-                   if n.isdigit() and os.path.isdir(os.path.join(directory, n))), reverse=True)
+    return sorted((int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir()),
+                  reverse=True)
 
 
 def newest_readable(manager: ocp.CheckpointManager, read: Callable[[int], Any],
@@ -75,13 +76,12 @@ def newest_readable(manager: ocp.CheckpointManager, read: Callable[[int], Any],
 
 
 def _move_aside(directory: str, step: int) -> str:
-    src = os.path.join(directory, str(step))
-    if not os.path.isdir(src):
+    src = runs.user_path(directory) / str(step)
+    if not src.is_dir():
         return "not on disk"
-    dst = os.path.join(os.path.dirname(directory.rstrip("/")), ASIDE,
-                       f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    shutil.move(src, dst)
+    dst = src.parent.parent / ASIDE / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dst)
     return f"moved to {dst}"
 
 

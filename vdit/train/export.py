@@ -14,17 +14,16 @@ weights to `vdit.convert.wan.save_transformer(build_dit(config.model), weights["
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
+from vdit import runs
 from vdit.train import checkpoint
 from vdit.train.init_from import resolve, run_weights
 
 
 def latest_step(workdir: str) -> int:
-    folder = os.path.join(workdir, "checkpoints")
-    steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+    folder = runs.checkpoints_dir(workdir)
+    steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit()] if folder.is_dir() else []
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {folder}: train first")
     return max(steps)
@@ -32,14 +31,12 @@ def latest_step(workdir: str) -> int:
 
 def standalone_config(saved: dict, workdir: str) -> ml_collections.ConfigDict:
     """The source run's config, made self-contained (no LoRA, no init_from)."""
-    from vdit.train.loop import latents_dir
-
     config = ml_collections.ConfigDict(saved)
     if "lora" in config:
         config.lora.enabled = False
     config.train.init_from = ""
     if "data" in config:
-        config.data.latents_dir = os.path.abspath(latents_dir(config, workdir))
+        config.data.latents_dir = str(runs.absolute(runs.latents_dir(config, workdir)))
     return config
 
 
@@ -48,11 +45,11 @@ def export_run(src: str, out: str) -> str:
     folder `out`; returns the checkpoint step folder written."""
     workdir, step = resolve(src)
     step = latest_step(workdir) if step is None else step
-    if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
+    if runs.checkpoints_dir(out).is_dir() and any(runs.checkpoints_dir(out).iterdir()):
         raise ValueError(f"--out {out!r} already holds checkpoints; choose a new folder")
-    path = os.path.join(workdir, "checkpoints", str(step))
+    path = str(runs.checkpoints_dir(workdir) / str(step))
     params, saved = run_weights(path, "params")
     ema, _ = run_weights(path, "ema")
     config = standalone_config(saved, workdir)
     checkpoint.write_weights(out, step, params, ema, config)
-    return os.path.join(os.path.abspath(out), "checkpoints", str(step))
+    return str(runs.checkpoints_dir(out) / str(step))

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 
 import jax
 import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from vdit import runs
 from vdit.models import lora
 from vdit.train.checkpoint import load_params
 from vdit.train.run_kind import check_kind
@@ -56,23 +56,22 @@ def checked(config):
     path = source_path(config)
     if path:
         which_weights(config)
-    if not path or os.path.isabs(path):
+    if not path or str(runs.absolute(path)) == path:
         return config
     config = copy.deepcopy(config)
-    config.train.init_from = os.path.abspath(path)
+    config.train.init_from = str(runs.absolute(path))
     return config
 
 
 def resolve(path: str) -> tuple[str, int | None]:
     """(workdir, step) of a checkpoint step folder `<workdir>/checkpoints/<step>`, else
     (path, None): a workdir, read at its latest step."""
-    path = os.path.abspath(path).rstrip(os.sep)
-    parent = os.path.dirname(path)
-    if os.path.basename(path).isdigit() and os.path.basename(parent) == "checkpoints":
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint step folder {path!r} does not exist")
-        return os.path.dirname(parent), int(os.path.basename(path))
-    return path, None
+    path = runs.absolute(path)
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint step folder {str(path)!r} does not exist")
+        return str(path.parent.parent), int(path.name)
+    return str(path), None
 
 
 def run_weights(path: str, which: str = "ema", _depth: int = 0) -> tuple[dict, dict]:

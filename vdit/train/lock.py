@@ -6,6 +6,7 @@ stale and taken over with a message: same host and the pid no longer runs (a SIG
 this very process (an earlier call that did not release it). A lock held by another host cannot be
 checked from here; the message says which host and pid and to delete the file once that run is
 gone. Used by `vdit train`/`train-vae` (workdir/lock, process 0 only) and per curate shard.
+Lock files are local (or shared-filesystem) files: the exclusive create needs an OS file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import logging
 import os
 import socket
 import time
+
+from vdit import runs
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +123,12 @@ class NoLock:
 
 
 def workdir_lock(workdir: str, process_index: int = 0, what: str | None = None):
-    """The lock of a run folder (workdir/lock), taken by process 0 only."""
+    """The lock of a run folder (workdir/lock), taken by process 0 only. An object store (gs://)
+    has no atomic exclusive create through the path layer, so a remote workdir is not locked."""
     if process_index != 0:
         return NoLock()
-    return FolderLock(os.path.join(workdir, "lock"), what or f"workdir {workdir}")
+    if runs.is_remote(workdir):
+        log.warning("workdir %s is on an object store: no lock file; run one writer at a time",
+                    workdir)
+        return NoLock()
+    return FolderLock(str(runs.user_path(workdir) / "lock"), what or f"workdir {workdir}")

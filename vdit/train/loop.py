@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -24,6 +23,7 @@ from etils import epath
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from vdit import runs
 from vdit.data import encode, pipeline, sources
 from vdit.data.conditions import COND_TOKENS, MICRO_PREFIX
 from vdit.models import lora
@@ -48,10 +48,6 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
     exit_code = 3  # `vdit train` exits with it (vdit/cli_errors.py): diverged, not misconfigured
-
-
-def latents_dir(config, workdir: str) -> str:
-    return config.data.get("latents_dir", None) or os.path.join(workdir, "latents")
 
 
 def null_caption(tokenizer) -> np.ndarray:
@@ -239,8 +235,8 @@ def _train(config, workdir: str, stop_after: int | None) -> list[dict]:
     setup = step_setup(config, dit, text_model)
     mesh, rules = setup.mesh, setup.rules
     preflight.check_batch_divides(int(config.data.rows_per_batch), mesh)
-    shards = latents_dir(config, workdir)
-    if config.data.text_format == "ids" and os.path.isfile(os.path.join(shards, encode.STATS_FILE)):
+    shards = runs.latents_dir(config, workdir)
+    if config.data.text_format == "ids" and runs.stats_path(shards).is_file():
         encode.check_tokenizer(encode.load_stats(shards), tokenizer, shards, "train on")
     source = sources.SkippingSource(sources.LatentShardSource(shards))
     preflight.check_has_clips(source, shards)

@@ -6,11 +6,12 @@ Only process 0 writes; other processes get a writer that drops everything, so ca
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
 import numpy as np
+
+from vdit import runs
 
 
 class MetricsWriter:
@@ -19,12 +20,17 @@ class MetricsWriter:
         self._tb = None
         if not self._enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        runs.user_path(workdir).mkdir(parents=True, exist_ok=True)
+        self._jsonl = _Appender(runs.metrics_path(workdir))
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter, record_writer  # optional heavy dependency
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            folder = str(runs.tensorboard_dir(workdir))
+            if runs.is_remote(folder):
+                # tensorboardX's own gs/s3 writers need google-cloud-storage / boto; route remote
+                # event files through the path layer instead (its registry is keyed by scheme).
+                record_writer.register_writer_factory(folder.split(":")[0], _EpathEvents())
+            self._tb = SummaryWriter(folder)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self._enabled:
@@ -44,6 +50,46 @@ class MetricsWriter:
                 self._tb.close()
 
 
+class _Appender:
+    """A text file appended line by line and flushed: a local file opened in append mode; on an
+    object store (gs://, no append) the object is rewritten whole at each flush."""
+
+    def __init__(self, path):
+        self._path = path
+        self._remote = runs.is_remote(path)
+        if self._remote:
+            self._text = path.read_text() if path.exists() else ""
+        else:
+            self._file = path.open("a")  # noqa: SIM115
+
+    def write(self, text: str) -> None:
+        if self._remote:
+            self._text += text
+        else:
+            self._file.write(text)
+
+    def flush(self) -> None:
+        if self._remote:
+            self._path.write_text(self._text)
+        else:
+            self._file.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if not self._remote:
+            self._file.close()
+
+
+class _EpathEvents:
+    """tensorboardX writer factory: event files opened through the runs path layer."""
+
+    def open(self, path: str):
+        return runs.user_path(path).open("wb")
+
+    def directory_check(self, path: str) -> None:
+        runs.user_path(path).mkdir(parents=True, exist_ok=True)
+
+
 def _scalar(value):
     value = np.asarray(jax.device_get(value))
     if value.dtype == bool:
@@ -53,10 +99,10 @@ def _scalar(value):
 
 def read_metrics(workdir: str) -> list[dict]:
     """All JSON lines written so far (a truncated last line from a crash is ignored)."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = runs.metrics_path(workdir)
     rows = []
-    if os.path.exists(path):
-        with open(path) as f:
+    if path.exists():
+        with path.open() as f:
             for line in f:
                 try:
                     rows.append(json.loads(line))
@@ -68,11 +114,10 @@ def read_metrics(workdir: str) -> list[dict]:
 def drop_rows_after(workdir: str, step: int) -> int:
     """Removes the rows of steps after `step` (those a resume from `step` replays), rewriting
     metrics.jsonl atomically so it keeps one row per step; returns how many were dropped."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = runs.metrics_path(workdir)
+    if not path.exists():
         return 0
-    with open(path) as f:
-        lines = f.readlines()
+    lines = path.read_text().splitlines(keepends=True)
     keep = []
     for line in lines:
         try:
@@ -82,7 +127,10 @@ def drop_rows_after(workdir: str, step: int) -> int:
         if int(row.get("step", 0)) <= step:
             keep.append(line if line.endswith("\n") else line + "\n")
     if len(keep) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        if runs.is_remote(path):  # an object write is already atomic
+            path.write_text("".join(keep))
+        else:
+            tmp = path.parent / (path.name + ".tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(path)
     return len(lines) - len(keep)

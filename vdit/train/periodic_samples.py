@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
+from vdit import runs
 from vdit.models import lora
 
 log = logging.getLogger(__name__)
@@ -83,24 +83,25 @@ class PeriodicSamples:
         gen = dataclasses.replace(self.generator, dit_params=weights["dit"],
                                   text_params=weights["text"])
         videos = _to_host(gen.generate(self.prompts, *self.shape, seed=self.seed))
-        out = os.path.join(self.folder, f"step_{step:06d}")
+        out = runs.user_path(self.folder) / f"step_{step:06d}"
         if jax.process_index() != 0:
-            return out
-        os.makedirs(out, exist_ok=True)
+            return str(out)
+        out.mkdir(parents=True, exist_ok=True)
         for i, video in enumerate(videos):
-            write_video(os.path.join(out, f"{i:02d}.mp4"), video, fps=self.fps)
-        write_grid_png(os.path.join(out, "grid.png"), videos)
-        with open(os.path.join(out, "prompts.txt"), "w") as f:
-            f.write("\n".join(self.prompts) + "\n")
+            with runs.staged_output(out / f"{i:02d}.mp4") as local:  # PyAV writes local files
+                write_video(local, video, fps=self.fps)
+        with runs.staged_output(out / "grid.png") as local:
+            write_grid_png(local, videos)
+        (out / "prompts.txt").write_text("\n".join(self.prompts) + "\n")
         log.info("step %d: wrote %d samples and grid.png to %s", step, len(videos), out)
-        return out
+        return str(out)
 
 
 def from_config(config, workdir: str, ema: dict, frozen: dict) -> PeriodicSamples | None:
     """The run's periodic sampler (VAE, latent statistics and prompts loaded now, so a problem
     shows before step 1), or None when `train.sample_every` is 0 or the run has no VAE."""
     from vdit.pipelines.generate import Generator
-    from vdit.train.loop import latents_dir
+    from vdit.runs import latents_dir
 
     every = int(config.train.get("sample_every", 0) or 0)
     if every <= 0:
@@ -120,7 +121,7 @@ def from_config(config, workdir: str, ema: dict, frozen: dict) -> PeriodicSample
     generator = Generator.from_params(config, complete_weights(config, ema, frozen), workdir)
     generator.latent_shape(*shape)  # a size the VAE and patches cannot take fails here
     fps = float(config.data.get("fps", 16.0)) if "data" in config else 16.0
-    return PeriodicSamples(every, os.path.join(workdir, "samples"),
+    return PeriodicSamples(every, str(runs.samples_dir(workdir)),
                            sample_prompts(config, latents_dir(config, workdir)), generator,
                            config, shape, int(config.sample.get("seed", 0)), fps)
 

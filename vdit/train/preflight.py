@@ -3,16 +3,16 @@ batch, and the workdir is a folder. Each failure is a ValueError naming the inpu
 
 from __future__ import annotations
 
-import os
-
 from jax.sharding import Mesh
 
+from vdit import runs
 from vdit.data.pipeline import BATCH_AXES
 
 
 def check_workdir(workdir: str, flag: str = "--workdir") -> None:
     """A run folder: absent (created later) or a folder, never a file."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    path = runs.user_path(workdir, flag)
+    if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {workdir!r} is a file, not a folder: give a folder path "
                          "(it is created if missing)")
 

@@ -1,0 +1,34 @@
+"""Benchmarks cannot rot: each bench/*.py runs in its `--quick` mode (tiny sizes, seconds) in a
+subprocess and must exit 0 printing JSON lines only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# bench/attention.py --quick has its own test (tests/test_bench_attention.py).
+OWN_TEST = {"attention.py"}
+BENCHES = sorted(n for n in os.listdir(os.path.join(ROOT, "bench"))
+                 if n.endswith(".py") and n not in OWN_TEST)
+
+
+def test_every_bench_is_covered():
+    assert {"data.py", "dit.py", "sample.py", "train.py", "vae.py"} <= set(BENCHES)
+
+
+@pytest.mark.parametrize("name", BENCHES)
+def test_bench_quick(name):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)  # the benchmarks run on the machine's real devices
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", name), "--quick"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert done.returncode == 0, f"bench/{name} --quick failed:\n{done.stderr[-3000:]}"
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert lines, f"bench/{name} --quick printed nothing"
+    for line in lines:
+        assert isinstance(json.loads(line), dict), f"bench/{name}: not a JSON object: {line}"

@@ -1,0 +1,99 @@
+"""Cloud paths: the whole shapes chain (train-vae -> encode -> train -> sample -> eval) with every
+path on gs://, served by tests/remote_fs.py through the code path real GCS takes (etils.epath's
+fsspec backend, Orbax's TensorStore kvstore); bad schemes and missing buckets fail up front."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from remote_fs import install
+
+from vdit import cli, runs
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+VAE = ["--config.vae.base_dim=8", "--config.vae.num_res_blocks=0",
+       "--config.vae_train.steps=2", "--config.vae_train.batch_size=2",
+       "--config.vae_train.shapes=[(5, 16, 16)]", "--config.vae_train.eval_examples=2",
+       "--config.train.progress=False", "--config.checkpoint.async_save=False",
+       "--config.optim.warmup_steps=0"]
+DIT = ["--config.vae.base_dim=8", "--config.vae.num_res_blocks=0",
+       "--config.model.num_layers=1", "--config.model.num_attention_heads=2",
+       "--config.model.attention_head_dim=8", "--config.model.ffn_dim=32",
+       "--config.model.text_dim=16", "--config.model.freq_dim=16",
+       "--config.text.d_model=16", "--config.text.d_kv=8", "--config.text.d_ff=32",
+       "--config.text.num_layers=1", "--config.text.num_heads=2",
+       "--config.data.tokens_per_row=48", "--config.data.rows_per_batch=8",
+       "--config.data.prefetch=0", "--config.train.progress=False", "--config.train.log_every=1",
+       "--config.train.steps=2", "--config.optim.warmup_steps=0", "--config.checkpoint.every=2",
+       "--config.checkpoint.async_save=False", "--config.encode.num_examples=8",
+       "--config.encode.num_shards=2", "--config.encode.batch_size=4",
+       "--config.encode.shapes=[(5, 16, 16)]", "--config.encode.shape_weights=[]",
+       "--config.sample.frames=5", "--config.sample.height=16", "--config.sample.width=16",
+       "--config.sample.steps=2"]
+
+
+@pytest.fixture
+def gcs(tmp_path, monkeypatch):
+    """gs://bucket served from tmp_path/gcs/bucket; the test runs in an empty local folder, so a
+    gs:// path taken for a local one would show up there as a folder named 'gs:'."""
+    root = tmp_path / "gcs"
+    (root / "bucket").mkdir(parents=True)
+    install(monkeypatch, str(root))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return root / "bucket", cwd
+
+
+def test_shapes_chain_on_gcs(gcs, capsys):
+    bucket, cwd = gcs
+    vae, dit = "gs://bucket/runs/vae", "gs://bucket/runs/dit"
+    shapes_vae, shapes_dit = (os.path.join(ROOT, "configs", n) for n in ("shapes_vae.py",
+                                                                          "shapes_dit.py"))
+    assert cli.main(["train-vae", "--config", shapes_vae, "--workdir", vae, *VAE]) == 0
+    dit_args = ["--config", shapes_dit, "--workdir", dit, *DIT,
+                f"--config.encode.vae_workdir={vae}"]
+    assert cli.main(["encode", *dit_args]) == 0
+    assert cli.main(["train", *dit_args, "--config.train.tensorboard=True"]) == 0
+    assert cli.main(["sample", "--workdir", dit, "--prompt", "a red circle moving right",
+                     "--frames", "5", "--size", "16x16", "--steps", "2",
+                     "--out", "gs://bucket/out/red.mp4"]) == 0
+    assert cli.main(["eval", "shapes", "--workdir", dit, "--samples", "2",
+                     "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "color" in out  # the judge's table
+
+    assert os.listdir(cwd) == []  # nothing landed in a local 'gs:' folder
+    run = bucket / "runs" / "dit"
+    assert sorted(p.name for p in (run / "latents").iterdir()) == [
+        "latents-00000-of-00002.array_record", "latents-00001-of-00002.array_record", "stats.json"]
+    assert (run / "checkpoints" / "2").is_dir()
+    assert (bucket / "runs" / "vae" / "checkpoints").is_dir()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert any(p.name.startswith("events.out") for p in (run / "tensorboard").iterdir())
+    assert (bucket / "out" / "red.mp4").stat().st_size > 0
+    lines = (run / "eval" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all((run / "eval" / json.loads(x)["file"]).is_file() for x in lines)
+
+
+@pytest.mark.parametrize("path, message", [
+    ("ftp://host/runs/dit", "unsupported scheme ftp://"),
+    ("gs://no-such-bucket/runs/dit", "gs://no-such-bucket"),
+])
+def test_bad_paths_fail_before_work(gcs, capsys, path, message):
+    _, cwd = gcs
+    code = cli.main(["train", "--config", os.path.join(ROOT, "configs", "shapes_dit.py"),
+                     "--workdir", path])
+    err = capsys.readouterr().err
+    assert code == 1 and path in err and message in err
+    assert os.listdir(cwd) == []
+
+
+def test_user_path_checks():
+    assert str(runs.user_path("gs://b/x") / "y") == "gs://b/x/y"
+    with pytest.raises(ValueError, match="memory://x"):
+        runs.user_path("memory://x", "--out")
+    assert runs.is_absolute("gs://b/x") and not runs.is_absolute("runs/x")
