@@ -1,0 +1,162 @@
+"""Shot changes of any length from a per-frame structure curve examined at several time scales.
+
+Each frame becomes a small thumbnail (OpenCV area downscale), every colour channel normalised to
+zero mean and unit contrast: a flash, a strobe, a lighting change or a fade's ramp change gain
+and offset, not structure, so they barely move it. At scale k (frames) the change at frame t is
+  D_k(t) = |mean(x[t-k-w+1 .. t-k]) - mean(x[t+k .. t+k+w-1])|^2 / (2 * size),  w = max(1, k//2)
+(about 1 - correlation of the two windows' mean structure): a transition of up to 2k frames
+centred at t compares the two shots, pure. Continuous change (pans, zooms, shake, moving
+objects) raises D_k everywhere alike; a shot change raises it at one place. So a local maximum
+of D_k (over +-k) is a boundary when it exceeds `min_change` and `ratio` times the median of
+D_k beyond its reach on each side (the larger of the two sides' medians: both shots' own
+change; a side mostly outside the video is left out, and with both out scale k does not
+judge), and the scene before it does not come back within `return_seconds` (an object
+passing close to the camera, or a flash, is an A-X-A pattern, a shot change is not).
+
+A found change is refined on the frames around it: each frame's place between the two shots'
+window means, alpha in [0, 1] (its projection on the line from one to the other), gives the
+transition frames (0.1 < alpha < 0.9 runs from the middle out, widened by half a side for the
+blend's faint ends) and the middle (the step from 0 to 1 that fits alpha best).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    frame: int  # first frame of the next shot: the transition's middle
+    start: int  # transition frames [start, end)
+    end: int
+    scale: int  # the largest scale (frames) that found it
+    score: float  # D_k at the peak
+
+
+def structure(frames_bgr: np.ndarray, size: int, floor: float) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> float32 [T, size*size*3]: thumbnails, each channel minus its mean
+    over its std (at least `floor`, 0..255 units: a flat or black frame stays near zero)."""
+    out = np.empty((len(frames_bgr), size * size * 3), np.float32)
+    for i, frame in enumerate(frames_bgr):
+        thumb = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+        thumb -= thumb.mean(axis=(0, 1))
+        thumb /= np.maximum(thumb.std(axis=(0, 1)), floor)
+        out[i] = thumb.reshape(-1)
+    return out
+
+
+def _window_means(cum: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Means of x[lo:hi] per row from cum = cumsum with a leading zero row."""
+    return (cum[hi] - cum[lo]) / (hi - lo)[:, None]
+
+
+def change_curve(cum: np.ndarray, num: int, k: int) -> np.ndarray:
+    """D_k(t) for t in [0, num) (0 where a window would leave the video)."""
+    w = max(1, k // 2)
+    t = np.arange(num)
+    ok = (t - k - w + 1 >= 0) & (t + k + w - 1 < num)
+    t = t[ok]
+    left = _window_means(cum, t - k - w + 1, t - k + 1)
+    right = _window_means(cum, t + k, t + k + w)
+    out = np.zeros(num, np.float32)
+    out[ok] = ((left - right) ** 2).mean(axis=1) / 2
+    return out
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a - b) ** 2).mean() / 2)
+
+
+def _peaks(curve: np.ndarray, k: int, cfg) -> list[int]:
+    """Local maxima of D_k over +-k that stand out from both sides' own change."""
+    num, w = len(curve), max(1, k // 2)
+    reach = 2 * k + w  # beyond this, D_k no longer sees a transition of <= 2k frames at t
+    found = []
+    for t in np.flatnonzero(curve >= cfg.min_change):
+        if curve[t] < curve[max(0, t - k):t + k + 1].max():
+            continue
+        sides = [curve[max(0, t - reach - 2 * k):max(0, t - reach + 1)],
+                 curve[t + reach:t + reach + 2 * k + 1]]
+        sides = [s[s > 0] for s in sides]  # 0 = undefined near the ends
+        sides = [s for s in sides if s.size >= max(2, w)]
+        if not sides:  # neither shot's own change is known at this scale
+            continue
+        if curve[t] >= cfg.ratio * max(float(np.median(s)) for s in sides):
+            found.append(int(t))
+    return found
+
+
+def _mean(cum: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    return (cum[hi] - cum[lo]) / (hi - lo)
+
+
+def _returns(cum: np.ndarray, num: int, change: Change, w: int, reach: int,
+             limit: float) -> bool:
+    """Whether the w frames before the transition reappear after it within `reach` frames (or
+    the w frames after it, before it): structure distance below `limit`."""
+    start, end = change.start, max(change.end, change.start + 1)
+    w = min(w, start, num - end)  # near the ends of the video, shorter windows
+    if w >= 1:
+        before, after = _mean(cum, start - w, start), _mean(cum, end, end + w)
+        for j in range(end, min(num - w, start + reach) + 1, max(1, w // 2)):
+            if _distance(before, _mean(cum, j, j + w)) < limit:
+                return True
+        for j in range(max(0, end - reach - w), start - w + 1, max(1, w // 2)):
+            if _distance(after, _mean(cum, j, j + w)) < limit:
+                return True
+    return False
+
+
+def _refine(x: np.ndarray, cum: np.ndarray, t: int, k: int, score: float) -> Change:
+    """Transition frames and middle from each frame's alpha between the two shots' windows."""
+    num, w = len(x), max(1, k // 2)
+    a = _window_means(cum, np.array([t - k - w + 1]), np.array([t - k + 1]))[0]
+    b = _window_means(cum, np.array([t + k]), np.array([t + k + w]))[0]
+    span = np.arange(max(0, t - k), min(num, t + k + 1))
+    d = b - a
+    alpha = np.clip((x[span] - a) @ d / max(float(d @ d), 1e-9), 0, 1)
+    # The middle: the step from shot a to shot b that best fits alpha (robust to motion).
+    gain = np.concatenate([[0.0], np.cumsum(alpha - 0.5)])
+    i = int(np.argmin(gain[:-1] - gain[-1] + gain[:-1]))  # sum before i of (a-.5) minus after
+    middle = int(span[i])
+    lo = i
+    while lo > 0 and alpha[lo - 1] > 0.1:
+        lo -= 1
+    hi = i
+    while hi < len(span) and alpha[hi] < 0.9:
+        hi += 1
+    start, end = int(span[0] + lo), int(span[0] + hi)
+    if end - start <= 1:  # one step from one shot to the other: a hard cut
+        return Change(middle, middle, middle, k, score)
+    # alpha 0.1 .. 0.9 is ~80% of a linear blend, less when the shots move: widen by half
+    # the span on each side to hold the blend's faint ends too.
+    margin = int(np.ceil(0.5 * (end - start))) + 1
+    return Change(middle, max(0, start - margin), min(num, end + margin), k, score)
+
+
+def detect_changes(frames_bgr: np.ndarray, fps: float, cfg) -> list[Change]:
+    """Shot changes of frames uint8 [T, H, W, 3]; cfg is config.curate.cuts.gradual."""
+    num = len(frames_bgr)
+    x = structure(frames_bgr, cfg.thumb_size, cfg.contrast_floor)
+    cum = np.concatenate([np.zeros((1, x.shape[1]), np.float64), np.cumsum(x, 0, np.float64)])
+    reach = max(1, round(cfg.return_seconds * fps))
+    scales = sorted({max(1, round(s * fps)) for s in cfg.scales_seconds})
+    found: list[Change] = []
+    for k in scales:
+        curve = change_curve(cum, num, k)
+        for t in _peaks(curve, k, cfg):
+            change = _refine(x, cum, t, k, float(curve[t]))
+            if _returns(cum, num, change, max(2, k // 2), reach,
+                        cfg.return_change * change.score):
+                continue
+            # The same change seen at a smaller scale: the larger scale's windows are purer.
+            found = [c for c in found if not _overlaps(c, change, k)]
+            found.append(change)
+    return sorted(found, key=lambda c: c.frame)
+
+
+def _overlaps(a: Change, b: Change, k: int) -> bool:
+    return abs(a.frame - b.frame) <= k or (a.start < b.end + 1 and b.start < a.end + 1)
