@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
                 # is seen whole at it (0.8 s: dissolves of 1.6 s), when each shot
                 # around it is at least ~3x the scale long.
                 scales_seconds=(0.04, 0.1, 0.2, 0.35, 0.55, 0.8),
+                min_window=5,  # frames per window at least (medians: flashes of < 3 frames)
                 min_change=0.25,  # structure change at a boundary (1 - correlation, 0..~1)
                 ratio=2.5,  # ... and this many times the change within the shots on each side
                 return_seconds=1.5,  # a scene back within this long was occluded, not cut

@@ -3,8 +3,9 @@
 Each frame becomes a small thumbnail (OpenCV area downscale), every colour channel normalised to
 zero mean and unit contrast: a flash, a strobe, a lighting change or a fade's ramp change gain
 and offset, not structure, so they barely move it. At scale k (frames) the change at frame t is
-  D_k(t) = |mean(x[t-k-w+1 .. t-k]) - mean(x[t+k .. t+k+w-1])|^2 / (2 * size),  w = max(1, k//2)
-(about 1 - correlation of the two windows' mean structure): a transition of up to 2k frames
+  D_k(t) = |med(x[t-k-w+1 .. t-k]) - med(x[t+k .. t+k+w-1])|^2 / (2 * size),
+w = max(min_window, k // 2), med the per-feature median over the window (about 1 - correlation
+of the two windows' structure; a median, so flash or strobe frames do not move it): a transition of up to 2k frames
 centred at t compares the two shots, pure. Continuous change (pans, zooms, shake, moving
 objects) raises D_k everywhere alike; a shot change raises it at one place. So a local maximum
 of D_k (over +-k) is a boundary when it exceeds `min_change` and `ratio` times the median of
@@ -48,21 +49,27 @@ def structure(frames_bgr: np.ndarray, size: int, floor: float) -> np.ndarray:
     return out
 
 
-def _window_means(cum: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Means of x[lo:hi] per row from cum = cumsum with a leading zero row."""
-    return (cum[hi] - cum[lo]) / (hi - lo)[:, None]
+def width(k: int, cfg) -> int:
+    """Frames in each window at scale k: k // 2, at least cfg.min_window."""
+    return max(cfg.min_window, k // 2)
 
 
-def change_curve(cum: np.ndarray, num: int, k: int) -> np.ndarray:
-    """D_k(t) for t in [0, num) (0 where a window would leave the video)."""
-    w = max(1, k // 2)
+def window_medians(x: np.ndarray, w: int) -> np.ndarray:
+    """[T - w + 1, F]: row j is the per-feature median of x[j:j+w] (a median, so a flash or
+    strobe frame shorter than half the window does not move it)."""
+    if len(x) < w:
+        return np.zeros((0, x.shape[1]), x.dtype)
+    return np.median(np.lib.stride_tricks.sliding_window_view(x, w, axis=0), axis=-1)
+
+
+def change_curve(med: np.ndarray, num: int, k: int, w: int) -> np.ndarray:
+    """D_k(t) for t in [0, num) from window medians of width w (0 where a window would
+    leave the video)."""
     t = np.arange(num)
     ok = (t - k - w + 1 >= 0) & (t + k + w - 1 < num)
     t = t[ok]
-    left = _window_means(cum, t - k - w + 1, t - k + 1)
-    right = _window_means(cum, t + k, t + k + w)
     out = np.zeros(num, np.float32)
-    out[ok] = ((left - right) ** 2).mean(axis=1) / 2
+    out[ok] = ((med[t - k - w + 1] - med[t + k]) ** 2).mean(axis=1) / 2
     return out
 
 
@@ -70,9 +77,8 @@ def _distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a - b) ** 2).mean() / 2)
 
 
-def _peaks(curve: np.ndarray, k: int, cfg) -> list[int]:
+def _peaks(curve: np.ndarray, k: int, w: int, cfg) -> list[int]:
     """Local maxima of D_k over +-k that stand out from both sides' own change."""
-    num, w = len(curve), max(1, k // 2)
     reach = 2 * k + w  # beyond this, D_k no longer sees a transition of <= 2k frames at t
     found = []
     for t in np.flatnonzero(curve >= cfg.min_change):
@@ -89,32 +95,28 @@ def _peaks(curve: np.ndarray, k: int, cfg) -> list[int]:
     return found
 
 
-def _mean(cum: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    return (cum[hi] - cum[lo]) / (hi - lo)
-
-
-def _returns(cum: np.ndarray, num: int, change: Change, w: int, reach: int,
+def _returns(med: np.ndarray, change: Change, k: int, w: int, reach: int,
              limit: float) -> bool:
-    """Whether the w frames before the transition reappear after it within `reach` frames (or
-    the w frames after it, before it): structure distance below `limit`."""
-    start, end = change.start, max(change.end, change.start + 1)
-    w = min(w, start, num - end)  # near the ends of the video, shorter windows
-    if w >= 1:
-        before, after = _mean(cum, start - w, start), _mean(cum, end, end + w)
-        for j in range(end, min(num - w, start + reach) + 1, max(1, w // 2)):
-            if _distance(before, _mean(cum, j, j + w)) < limit:
-                return True
-        for j in range(max(0, end - reach - w), start - w + 1, max(1, w // 2)):
-            if _distance(after, _mean(cum, j, j + w)) < limit:
-                return True
+    """Whether the shot before the transition (a window k frames clear of it) reappears after
+    it within `reach` frames, or the shot after it before it: structure distance < limit."""
+    last = len(med) - 1  # the last window start
+    before, after = change.start - k - w, change.end + k
+    if before < 0 or after > last:
+        return False
+    step = max(1, w // 2)
+    for j in range(after, min(last, change.start + reach) + 1, step):
+        if _distance(med[before], med[j]) < limit:
+            return True
+    for j in range(max(0, change.end - reach - w), before + 1, step):
+        if _distance(med[after], med[j]) < limit:
+            return True
     return False
 
 
-def _refine(x: np.ndarray, cum: np.ndarray, t: int, k: int, score: float) -> Change:
+def _refine(x: np.ndarray, med: np.ndarray, t: int, k: int, w: int, score: float) -> Change:
     """Transition frames and middle from each frame's alpha between the two shots' windows."""
-    num, w = len(x), max(1, k // 2)
-    a = _window_means(cum, np.array([t - k - w + 1]), np.array([t - k + 1]))[0]
-    b = _window_means(cum, np.array([t + k]), np.array([t + k + w]))[0]
+    num = len(x)
+    a, b = med[t - k - w + 1], med[t + k]
     span = np.arange(max(0, t - k), min(num, t + k + 1))
     d = b - a
     alpha = np.clip((x[span] - a) @ d / max(float(d @ d), 1e-9), 0, 1)
@@ -141,16 +143,19 @@ def detect_changes(frames_bgr: np.ndarray, fps: float, cfg) -> list[Change]:
     """Shot changes of frames uint8 [T, H, W, 3]; cfg is config.curate.cuts.gradual."""
     num = len(frames_bgr)
     x = structure(frames_bgr, cfg.thumb_size, cfg.contrast_floor)
-    cum = np.concatenate([np.zeros((1, x.shape[1]), np.float64), np.cumsum(x, 0, np.float64)])
     reach = max(1, round(cfg.return_seconds * fps))
     scales = sorted({max(1, round(s * fps)) for s in cfg.scales_seconds})
     found: list[Change] = []
+    medians = {}
     for k in scales:
-        curve = change_curve(cum, num, k)
-        for t in _peaks(curve, k, cfg):
-            change = _refine(x, cum, t, k, float(curve[t]))
-            if _returns(cum, num, change, max(2, k // 2), reach,
-                        cfg.return_change * change.score):
+        w = width(k, cfg)
+        if w not in medians:
+            medians[w] = window_medians(x, w)
+        med = medians[w]
+        curve = change_curve(med, num, k, w)
+        for t in _peaks(curve, k, w, cfg):
+            change = _refine(x, med, t, k, w, float(curve[t]))
+            if _returns(med, change, k, w, reach, cfg.return_change * change.score):
                 continue
             # The same change seen at a smaller scale: the larger scale's windows are purer.
             found = [c for c in found if not _overlaps(c, change, k)]

@@ -11,7 +11,7 @@ from vdit.config import ConfigError
 
 SECTIONS = ("input", "decode", "cuts", "motion", "scores", "captions", "output")
 POSITIVE = ("decode.max_segment_seconds", "decode.default_fps", "cuts.content_threshold",
-            "cuts.gradual.thumb_size", "cuts.gradual.contrast_floor", "cuts.gradual.min_change",
+            "cuts.gradual.thumb_size", "cuts.gradual.min_window", "cuts.gradual.contrast_floor", "cuts.gradual.min_change",
             "cuts.gradual.ratio", "cuts.gradual.return_change", "motion.fps", "motion.pair_fps",
             "motion.short_side", "motion.levels", "motion.winsize", "motion.iterations",
             "motion.poly_n", "motion.poly_sigma", "scores.frames", "scores.text_edge",
