@@ -85,11 +85,12 @@ def _gap(a: Boundary, b: Boundary) -> int:
 
 
 def _merge(candidates: list[Boundary], merge_frames: int, num_frames: int) -> list[Boundary]:
-    """One boundary per transition: in KIND_PRIORITY order, a candidate within merge_frames of
-    a kept boundary (by position or by transition) widens that one's transition instead."""
+    """One boundary per transition: in KIND_PRIORITY order (within a kind, the order given: the
+    more exact detectors first), a candidate within merge_frames of a kept boundary (by
+    position or by transition) widens that one's transition instead."""
     kept: list[Boundary] = []
     for kind in KIND_PRIORITY:
-        for b in sorted((c for c in candidates if c.kind == kind), key=lambda c: c.frame):
+        for b in (c for c in candidates if c.kind == kind):  # in the order given
             if not 0 < b.frame < num_frames:
                 continue
             near = [i for i, k in enumerate(kept)
@@ -98,8 +99,9 @@ def _merge(candidates: list[Boundary], merge_frames: int, num_frames: int) -> li
                 kept.append(b)
                 continue
             k = kept[near[0]]
-            kept[near[0]] = dataclasses.replace(k, start=min(k.start, b.start),
-                                                end=max(k.end, b.end))
+            if b.end > b.start:  # another hard cut nearby adds no transition frames
+                kept[near[0]] = dataclasses.replace(k, start=min(k.start, b.start),
+                                                    end=max(k.end, b.end))
     kept.sort(key=lambda b: b.frame)
     # Transitions of neighbouring boundaries must not overlap.
     out, prev_end = [], 0

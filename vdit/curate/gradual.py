@@ -5,19 +5,20 @@ zero mean and unit contrast: a flash, a strobe, a lighting change or a fade's ra
 and offset, not structure, so they barely move it. At scale k (frames) the change at frame t is
   D_k(t) = |med(x[t-k-w+1 .. t-k]) - med(x[t+k .. t+k+w-1])|^2 / (2 * size),
 w = max(min_window, k // 2), med the per-feature median over the window (about 1 - correlation
-of the two windows' structure; a median, so flash or strobe frames do not move it): a transition of up to 2k frames
-centred at t compares the two shots, pure. Continuous change (pans, zooms, shake, moving
+of the two windows' structure; a median, so flash or strobe frames do not move it): a
+transition of up to 2k frames centred at t compares the two shots, pure. Continuous change (pans, zooms, shake, moving
 objects) raises D_k everywhere alike; a shot change raises it at one place. So a local maximum
 of D_k (over +-k) is a boundary when it exceeds `min_change` and `ratio` times the median of
-D_k beyond its reach on each side (the larger of the two sides' medians: both shots' own
-change; a side mostly outside the video is left out, and with both out scale k does not
-judge), and the scene before it does not come back within `return_seconds` (an object
+D_k beyond its reach on each side, within the same shot (the larger of the two sides' medians:
+both shots' own change; a side too short to tell is left out, and with both out scale k does
+not judge), and the scene before it does not come back within `return_seconds` (an object
 passing close to the camera, or a flash, is an A-X-A pattern, a shot change is not).
 
 A found change is refined on the frames around it: each frame's place between the two shots'
 window means, alpha in [0, 1] (its projection on the line from one to the other), gives the
-transition frames (0.1 < alpha < 0.9 runs from the middle out, widened by half a side for the
-blend's faint ends) and the middle (the step from 0 to 1 that fits alpha best).
+transition frames (0.25 < alpha < 0.75 runs from the middle out, widened by half a side for the
+blend's faint ends) and the middle (the step from 0 to 1 that fits alpha best). The smallest
+scale whose windows hold the whole transition gives it.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class Change:
     frame: int  # first frame of the next shot: the transition's middle
     start: int  # transition frames [start, end)
     end: int
-    scale: int  # the largest scale (frames) that found it
+    scale: int  # the scale (frames) that found it
     score: float  # D_k at the peak
+    whole: bool = True  # the transition fitted between the scale's windows
 
 
 def structure(frames_bgr: np.ndarray, size: int, floor: float) -> np.ndarray:
@@ -77,18 +79,24 @@ def _distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a - b) ** 2).mean() / 2)
 
 
-def _peaks(curve: np.ndarray, k: int, w: int, cfg) -> list[int]:
-    """Local maxima of D_k over +-k that stand out from both sides' own change."""
+def _peaks(curve: np.ndarray, k: int, w: int, known: list[Change], cfg) -> list[int]:
+    """Local maxima of D_k over +-k that stand out from both sides' own change. A side's
+    change is D_k where both windows lie in the same shot as t's window on that side (between
+    the `known` changes and the transition's reach); a side with too little of it is left out,
+    and with both out scale k does not judge at t."""
+    num = len(curve)
     reach = 2 * k + w  # beyond this, D_k no longer sees a transition of <= 2k frames at t
     found = []
     for t in np.flatnonzero(curve >= cfg.min_change):
         if curve[t] < curve[max(0, t - k):t + k + 1].max():
             continue
-        sides = [curve[max(0, t - reach - 2 * k):max(0, t - reach + 1)],
-                 curve[t + reach:t + reach + 2 * k + 1]]
+        lo = max([c.end for c in known if c.end <= t - k - w + 1], default=0)
+        hi = min([c.start for c in known if c.start >= t + k + w], default=num)
+        sides = [curve[max(0, lo + k + w - 1):max(0, t - reach + 1)],
+                 curve[t + reach:max(t + reach, hi - k - w + 1)]]
         sides = [s[s > 0] for s in sides]  # 0 = undefined near the ends
         sides = [s for s in sides if s.size >= max(2, w)]
-        if not sides:  # neither shot's own change is known at this scale
+        if not sides:
             continue
         if curve[t] >= cfg.ratio * max(float(np.median(s)) for s in sides):
             found.append(int(t))
@@ -125,18 +133,19 @@ def _refine(x: np.ndarray, med: np.ndarray, t: int, k: int, w: int, score: float
     i = int(np.argmin(gain[:-1] - gain[-1] + gain[:-1]))  # sum before i of (a-.5) minus after
     middle = int(span[i])
     lo = i
-    while lo > 0 and alpha[lo - 1] > 0.1:
+    while lo > 0 and alpha[lo - 1] > 0.25:
         lo -= 1
     hi = i
-    while hi < len(span) and alpha[hi] < 0.9:
+    while hi < len(span) and alpha[hi] < 0.75:
         hi += 1
     start, end = int(span[0] + lo), int(span[0] + hi)
     if end - start <= 1:  # one step from one shot to the other: a hard cut
         return Change(middle, middle, middle, k, score)
-    # alpha 0.1 .. 0.9 is ~80% of a linear blend, less when the shots move: widen by half
-    # the span on each side to hold the blend's faint ends too.
+    whole = lo > 0 and hi < len(span)
+    # alpha 0.25 .. 0.75 is half of a linear blend (motion in the shots keeps the thresholds
+    # off 0 and 1): widen by half the span on each side to hold the blend's faint ends too.
     margin = int(np.ceil(0.5 * (end - start))) + 1
-    return Change(middle, max(0, start - margin), min(num, end + margin), k, score)
+    return Change(middle, max(0, start - margin), min(num, end + margin), k, score, whole)
 
 
 def detect_changes(frames_bgr: np.ndarray, fps: float, cfg) -> list[Change]:
@@ -153,13 +162,16 @@ def detect_changes(frames_bgr: np.ndarray, fps: float, cfg) -> list[Change]:
             medians[w] = window_medians(x, w)
         med = medians[w]
         curve = change_curve(med, num, k, w)
-        for t in _peaks(curve, k, w, cfg):
+        for t in _peaks(curve, k, w, found, cfg):
             change = _refine(x, med, t, k, w, float(curve[t]))
             if _returns(med, change, k, w, reach, cfg.return_change * change.score):
                 continue
-            # The same change seen at a smaller scale: the larger scale's windows are purer.
-            found = [c for c in found if not _overlaps(c, change, k)]
-            found.append(change)
+            # The same change seen at a smaller scale stays when it fitted between that
+            # scale's windows (they lie nearer, so motion in the shots blurs its span less).
+            near = [c for c in found if _overlaps(c, change, k)]
+            if near and all(c.whole for c in near):
+                continue
+            found = [c for c in found if c not in near] + [change]
     return sorted(found, key=lambda c: c.frame)
 
 
