@@ -37,8 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
                 min_window=5,  # frames per window at least (medians: flashes of < 3 frames)
                 min_change=0.25,  # structure change at a boundary (1 - correlation, 0..~1)
                 ratio=2.5,  # ... and this many times the change within the shots on each side
-                return_seconds=1.5,  # a scene back within this long was occluded, not cut
+                return_seconds=1.0,  # a scene back within this long was occluded, not cut
                 return_change=0.35,  # "back": within this fraction of the boundary's change
+                return_ratio=1.5,  # ... or within this many times the shots' own change
             ),
             min_scene_seconds=0.25,  # detectors emit no two cuts closer than this
             merge_seconds=0.25,  # boundaries from different detectors closer than this are one

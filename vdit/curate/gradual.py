@@ -11,13 +11,15 @@ objects) raises D_k everywhere alike; a shot change raises it at one place. So a
 of D_k (over +-k) is a boundary when it exceeds `min_change` and `ratio` times the median of
 D_k beyond its reach on each side, within the same shot (the larger of the two sides' medians:
 both shots' own change; a side too short to tell is left out, and with both out scale k does
-not judge), and the scene before it does not come back within `return_seconds` (an object
-passing close to the camera, or a flash, is an A-X-A pattern, a shot change is not).
+not judge), and the scene does not come back: at every larger scale whose windows reach less than
+`return_seconds` from it, D_K at the change stays above `return_change` times its peak and
+`return_ratio` times the shots' own change at that scale, where that is under half the peak (an object passing close to the
+camera is an A-X-A pattern, a shot change is not).
 
 A found change is refined on the frames around it: each frame's place between the two shots'
 window means, alpha in [0, 1] (its projection on the line from one to the other), gives the
-transition frames (0.25 < alpha < 0.75 runs from the middle out, widened by half a side for the
-blend's faint ends) and the middle (the step from 0 to 1 that fits alpha best). The smallest
+transition frames (0.25 < alpha < 0.75 runs from the middle out, widened by as much again on
+each side for the blend's faint ends) and the middle (the step from 0 to 1 that fits alpha best). The smallest
 scale whose windows hold the whole transition gives it.
 """
 
@@ -79,44 +81,50 @@ def _distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a - b) ** 2).mean() / 2)
 
 
-def _peaks(curve: np.ndarray, k: int, w: int, known: list[Change], cfg) -> list[int]:
-    """Local maxima of D_k over +-k that stand out from both sides' own change. A side's
-    change is D_k where both windows lie in the same shot as t's window on that side (between
-    the `known` changes and the transition's reach); a side with too little of it is left out,
-    and with both out scale k does not judge at t."""
-    num = len(curve)
+def _base(curve: np.ndarray, t: int, k: int, w: int, known: list[Change]) -> float | None:
+    """The shots' own change at scale k around t: the larger median of D_k on either side
+    beyond the reach of a transition at t, where both windows lie in the same shot as t's
+    window on that side (between the `known` changes); None when neither side has enough."""
     reach = 2 * k + w  # beyond this, D_k no longer sees a transition of <= 2k frames at t
+    lo = max([c.end for c in known if c.end <= t - k - w + 1], default=0)
+    hi = min([c.start for c in known if c.start >= t + k + w], default=len(curve))
+    sides = [curve[max(0, lo + k + w - 1):max(0, t - reach + 1)],
+             curve[t + reach:max(t + reach, hi - k - w + 1)]]
+    sides = [s[s > 0] for s in sides]  # 0 = undefined near the ends
+    sides = [s for s in sides if s.size >= max(2, w)]
+    return max(float(np.median(s)) for s in sides) if sides else None
+
+
+def _peaks(curve: np.ndarray, k: int, w: int, known: list[Change], cfg) -> list[int]:
+    """Local maxima of D_k over +-k above min_change and `ratio` times the shots' own change."""
     found = []
     for t in np.flatnonzero(curve >= cfg.min_change):
         if curve[t] < curve[max(0, t - k):t + k + 1].max():
             continue
-        lo = max([c.end for c in known if c.end <= t - k - w + 1], default=0)
-        hi = min([c.start for c in known if c.start >= t + k + w], default=num)
-        sides = [curve[max(0, lo + k + w - 1):max(0, t - reach + 1)],
-                 curve[t + reach:max(t + reach, hi - k - w + 1)]]
-        sides = [s[s > 0] for s in sides]  # 0 = undefined near the ends
-        sides = [s for s in sides if s.size >= max(2, w)]
-        if not sides:
-            continue
-        if curve[t] >= cfg.ratio * max(float(np.median(s)) for s in sides):
+        base = _base(curve, int(t), k, w, known)
+        if base is not None and curve[t] >= cfg.ratio * base:
             found.append(int(t))
     return found
 
 
-def _returns(med: np.ndarray, change: Change, k: int, w: int, reach: int,
-             limit: float) -> bool:
-    """Whether the shot before the transition (a window k frames clear of it) reappears after
-    it within `reach` frames, or the shot after it before it: structure distance < limit."""
-    last = len(med) - 1  # the last window start
-    before, after = change.start - k - w, change.end + k
-    if before < 0 or after > last:
-        return False
-    step = max(1, w // 2)
-    for j in range(after, min(last, change.start + reach) + 1, step):
-        if _distance(med[before], med[j]) < limit:
-            return True
-    for j in range(max(0, change.end - reach - w), before + 1, step):
-        if _distance(med[after], med[j]) < limit:
+def _returns(change: Change, curves: dict[int, np.ndarray], widths: dict[int, int],
+             known: list[Change], reach: int, cfg) -> bool:
+    """Whether, at a larger scale whose windows stay within `reach` frames, the two sides of
+    the change are alike: D_K at it below return_change times its peak, or below
+    return_ratio times the shots' own change at K (the scene came back: A-X-A)."""
+    others = [c for c in known if c is not change]
+    for big, curve in curves.items():
+        if not (change.scale < big and big + widths[big] <= reach and change.frame < len(curve)):
+            continue
+        value = float(curve[change.frame])
+        if value <= 0:  # a window would leave the video: unknown
+            continue
+        base = _base(curve, change.frame, big, widths[big], others)
+        # The shots' own change only tells where it is well below the change (fast pans
+        # decorrelate at large scales as much as a shot change does).
+        telling = base is not None and base <= 0.5 * change.score
+        if value < cfg.return_change * change.score or (
+                telling and value < cfg.return_ratio * base):
             return True
     return False
 
@@ -141,10 +149,11 @@ def _refine(x: np.ndarray, med: np.ndarray, t: int, k: int, w: int, score: float
     start, end = int(span[0] + lo), int(span[0] + hi)
     if end - start <= 1:  # one step from one shot to the other: a hard cut
         return Change(middle, middle, middle, k, score)
-    whole = lo > 0 and hi < len(span)
-    # alpha 0.25 .. 0.75 is half of a linear blend (motion in the shots keeps the thresholds
-    # off 0 and 1): widen by half the span on each side to hold the blend's faint ends too.
-    margin = int(np.ceil(0.5 * (end - start))) + 1
+    # alpha 0.25 .. 0.75 is half of a linear blend, less when the shots move (motion keeps
+    # the thresholds off 0 and 1): widen by the run on each side to hold the faint ends too.
+    margin = end - start + 1
+    # Whole: the widened span lies between the scale's windows (else a larger scale's are purer).
+    whole = start - margin > t - k and end + margin < t + k
     return Change(middle, max(0, start - margin), min(num, end + margin), k, score, whole)
 
 
@@ -154,24 +163,20 @@ def detect_changes(frames_bgr: np.ndarray, fps: float, cfg) -> list[Change]:
     x = structure(frames_bgr, cfg.thumb_size, cfg.contrast_floor)
     reach = max(1, round(cfg.return_seconds * fps))
     scales = sorted({max(1, round(s * fps)) for s in cfg.scales_seconds})
+    widths = {k: width(k, cfg) for k in scales}
+    medians = {w: window_medians(x, w) for w in set(widths.values())}
+    curves = {k: change_curve(medians[widths[k]], num, k, widths[k]) for k in scales}
     found: list[Change] = []
-    medians = {}
     for k in scales:
-        w = width(k, cfg)
-        if w not in medians:
-            medians[w] = window_medians(x, w)
-        med = medians[w]
-        curve = change_curve(med, num, k, w)
-        for t in _peaks(curve, k, w, found, cfg):
-            change = _refine(x, med, t, k, w, float(curve[t]))
-            if _returns(med, change, k, w, reach, cfg.return_change * change.score):
-                continue
+        for t in _peaks(curves[k], k, widths[k], found, cfg):
+            change = _refine(x, medians[widths[k]], t, k, widths[k], float(curves[k][t]))
             # The same change seen at a smaller scale stays when it fitted between that
             # scale's windows (they lie nearer, so motion in the shots blurs its span less).
             near = [c for c in found if _overlaps(c, change, k)]
             if near and all(c.whole for c in near):
                 continue
             found = [c for c in found if c not in near] + [change]
+    found = [c for c in found if not _returns(c, curves, widths, found, reach, cfg)]
     return sorted(found, key=lambda c: c.frame)
 
 
