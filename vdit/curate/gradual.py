@@ -150,11 +150,20 @@ def _refine(x: np.ndarray, med: np.ndarray, t: int, k: int, w: int, score: float
     if end - start <= 1:  # one step from one shot to the other: a hard cut
         return Change(middle, middle, middle, k, score)
     # alpha 0.25 .. 0.75 is half of a linear blend, less when the shots move (motion keeps
-    # the thresholds off 0 and 1): widen by the run on each side to hold the faint ends too.
+    # the thresholds off 0 and 1): widen by the run on each side to hold the faint ends too,
+    # and further while alpha stays beyond the shots' own spread (3 sigma of the windows'
+    # frames' alpha): a wipe's first and last frames change a corner only.
     margin = end - start + 1
+    own = np.concatenate([(x[t - k - w + 1:t - k + 1] - a) @ d, (x[t + k:t + k + w] - b) @ d])
+    spread = max(0.05, 3 * float(own.std()) / max(float(d @ d), 1e-9))
+    while lo > 0 and alpha[lo - 1] > spread:
+        lo -= 1
+    while hi < len(span) - 1 and alpha[hi + 1] < 1 - spread:
+        hi += 1
+    start, end = min(start - margin, int(span[0] + lo) - 1), max(end + margin, int(span[0] + hi) + 2)
     # Whole: the widened span lies between the scale's windows (else a larger scale's are purer).
-    whole = start - margin > t - k and end + margin < t + k
-    return Change(middle, max(0, start - margin), min(num, end + margin), k, score, whole)
+    whole = start > t - k and end < t + k
+    return Change(middle, max(0, start), min(num, end), k, score, whole)
 
 
 def detect_changes(frames_bgr: np.ndarray, fps: float, cfg) -> list[Change]:
