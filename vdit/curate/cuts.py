@@ -5,7 +5,8 @@ decoded frames (one decode, no second pass over the file), and clip splitting.
     one stands only when the structure detector sees a change there too (a flash, a strobe or a
     light switched on changes colour and brightness, not structure).
   - ThresholdDetector (full frame rate) finds fades through black; a fade's transition is its run
-    of dark frames and the brightness ramps around it, widened by the structure detector's span when one overlaps it.
+    of dark frames and the brightness ramps around it, widened by the structure detector's span
+    when one overlaps it.
   - `gradual.detect_changes` finds shot changes of any length (cuts, dissolves, wipes, fade
     ramps) as peaks of a thumbnail structure-change curve at several time scales, with the
     frames the transition spans.

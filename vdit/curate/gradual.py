@@ -6,21 +6,23 @@ and offset, not structure, so they barely move it. At scale k (frames) the chang
   D_k(t) = |med(x[t-k-w+1 .. t-k]) - med(x[t+k .. t+k+w-1])|^2 / (2 * size),
 w = max(min_window, k // 2), med the per-feature median over the window (about 1 - correlation
 of the two windows' structure; a median, so flash or strobe frames do not move it): a
-transition of up to 2k frames centred at t compares the two shots, pure. Continuous change (pans, zooms, shake, moving
-objects) raises D_k everywhere alike; a shot change raises it at one place. So a local maximum
-of D_k (over +-k) is a boundary when it exceeds `min_change` and `ratio` times the median of
-D_k beyond its reach on each side, within the same shot (the larger of the two sides' medians:
-both shots' own change; a side too short to tell is left out, and with both out scale k does
-not judge), and the scene does not come back: at every larger scale whose windows reach less than
-`return_seconds` from it, D_K at the change stays above `return_change` times its peak and
-`return_ratio` times the shots' own change at that scale, where that is under half the peak (an object passing close to the
-camera is an A-X-A pattern, a shot change is not).
+transition of up to 2k frames centred at t compares the two shots, pure. Continuous change
+(pans, zooms, shake, moving objects) raises D_k everywhere alike; a shot change raises it at
+one place. So a local maximum of D_k (over +-k) is a boundary when it exceeds `min_change` and
+`ratio` times the median of D_k beyond its reach on each side, within the same shot (the larger
+of the two sides' medians: both shots' own change; a side too short to tell is left out, and
+with both out scale k does not judge), and the scene does not come back: at every larger scale
+whose windows reach less than `return_seconds` from it, D_K at the change stays above
+`return_change` times its peak and `return_ratio` times the shots' own change at that scale
+where that is under half the peak (an object passing close to the camera is an A-X-A pattern,
+a shot change is not).
 
 A found change is refined on the frames around it: each frame's place between the two shots'
-window means, alpha in [0, 1] (its projection on the line from one to the other), gives the
-transition frames (0.25 < alpha < 0.75 runs from the middle out, widened by as much again on
-each side for the blend's faint ends) and the middle (the step from 0 to 1 that fits alpha best). The smallest
-scale whose windows hold the whole transition gives it.
+window medians, alpha in [0, 1] (its projection on the line from one to the other), gives the
+middle (the step from 0 to 1 that fits alpha best) and the transition frames: the run with
+0.25 < alpha < 0.75 around the middle, widened by as much again on each side and further while
+alpha stays beyond the spread of the windows' own frames (a blend's or wipe's faint ends). The
+smallest scale whose windows hold the whole transition gives it.
 """
 
 from __future__ import annotations

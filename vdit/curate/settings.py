@@ -11,14 +11,15 @@ from vdit.config import ConfigError
 
 SECTIONS = ("input", "decode", "cuts", "motion", "scores", "captions", "output")
 POSITIVE = ("decode.max_segment_seconds", "decode.default_fps", "cuts.content_threshold",
-            "cuts.gradual.thumb_size", "cuts.gradual.min_window", "cuts.gradual.contrast_floor", "cuts.gradual.min_change",
-            "cuts.gradual.ratio", "cuts.gradual.return_change",
+            "cuts.gradual.thumb_size", "cuts.gradual.min_window", "cuts.gradual.contrast_floor",
+            "cuts.gradual.min_change", "cuts.gradual.ratio", "cuts.gradual.return_change",
             "cuts.gradual.return_ratio", "motion.fps", "motion.pair_fps",
             "motion.short_side", "motion.levels", "motion.winsize", "motion.iterations",
             "motion.poly_n", "motion.poly_sigma", "scores.frames", "scores.text_edge",
             "scores.text_min_aspect", "output.clips_per_file", "output.max_file_mb")
 NON_NEGATIVE = ("decode.short_side", "cuts.short_side", "cuts.fade_threshold", "cuts.fade_rise",
-                "cuts.min_scene_seconds", "cuts.merge_seconds", "cuts.min_clip_seconds", "cuts.gradual.return_seconds",
+                "cuts.min_scene_seconds", "cuts.merge_seconds", "cuts.min_clip_seconds",
+                "cuts.gradual.return_seconds",
                 "cuts.max_clip_seconds", "motion.min_motion", "scores.short_side",
                 "scores.min_sharpness", "scores.border_luma", "output.short_side")
 FRACTIONS = ("motion.pyr_scale", "scores.min_brightness", "scores.max_brightness",

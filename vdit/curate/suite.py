@@ -157,7 +157,7 @@ def shot(rng: np.random.Generator, kind: str, frames: int, height: int, width: i
 def _finish(rng, video: np.ndarray) -> np.ndarray:
     """Sensor noise (sigma 2, frames drawn from a bank of 8 noise frames: cheap), then uint8."""
     bank = rng.standard_normal((8, *video.shape[1:]), dtype=np.float32) * 2.0 + 0.5
-    for i, frame in enumerate(video):
+    for frame in video:
         frame += bank[rng.integers(8)]
     return np.clip(video, 0, 255, out=video).astype(np.uint8)
 
