@@ -10,8 +10,8 @@ decoded frames (one decode, no second pass over the file), and clip splitting.
   - `gradual.detect_changes` finds shot changes of any length (cuts, dissolves, wipes, fade
     ramps) as peaks of a thumbnail structure-change curve at several time scales, with the
     frames the transition spans.
-Boundaries closer than `merge_seconds` (by position or by their transitions) are merged into
-one, preferring the position of fade > cut > dissolve, with the union of their transitions.
+Boundaries closer than `merge_seconds`, or whose transitions share frames, are merged into one,
+preferring the position of fade > cut > dissolve, with the union of their transitions.
 
 A `Boundary` carries the first frame of the next shot (`frame`) and the transition frames
 [start, end) that belong to neither shot (empty for a hard cut; the dark frames of a fade; the
@@ -80,22 +80,22 @@ def _fade_span(brightness: np.ndarray, frame: int, threshold: float,
     return lo, hi
 
 
-def _gap(a: Boundary, b: Boundary) -> int:
-    """Frames between two boundaries' transitions (0 when they touch or overlap)."""
-    return max(0, max(a.start, b.start) - min(a.end, b.end))
+def _overlap(a: Boundary, b: Boundary) -> bool:
+    """Whether two boundaries' transitions share frames."""
+    return max(a.start, b.start) < min(a.end, b.end)
 
 
 def _merge(candidates: list[Boundary], merge_frames: int, num_frames: int) -> list[Boundary]:
     """One boundary per transition: in KIND_PRIORITY order (within a kind, the order given: the
-    more exact detectors first), a candidate within merge_frames of a kept boundary (by
-    position or by transition) widens that one's transition instead."""
+    more exact detectors first), a candidate within merge_frames of a kept boundary, or whose
+    transition shares frames with its transition, widens that one's transition instead."""
     kept: list[Boundary] = []
     for kind in KIND_PRIORITY:
         for b in (c for c in candidates if c.kind == kind):  # in the order given
             if not 0 < b.frame < num_frames:
                 continue
             near = [i for i, k in enumerate(kept)
-                    if abs(b.frame - k.frame) <= merge_frames or _gap(b, k) <= merge_frames]
+                    if abs(b.frame - k.frame) <= merge_frames or _overlap(b, k)]
             if not near:
                 kept.append(b)
                 continue
