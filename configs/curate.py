@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
                 min_window=5,  # frames per window at least (medians: flashes of < 3 frames)
                 min_change=0.25,  # structure change at a boundary (1 - correlation, 0..~1)
                 ratio=2.5,  # ... and this many times the change within the shots on each side
+                cut_ratio=1.25,  # the ratio a ContentDetector cut must show to be confirmed
                 return_seconds=1.0,  # a scene back within this long was occluded, not cut
                 return_change=0.35,  # "back": within this fraction of the boundary's change
                 return_ratio=1.5,  # ... or within this many times the shots' own change

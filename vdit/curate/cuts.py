@@ -2,8 +2,9 @@
 decoded frames (one decode, no second pass over the file), and clip splitting.
 
   - ContentDetector (full frame rate) proposes hard cuts (one large frame-to-frame HSV change);
-    one stands only when the structure detector sees a change there too (a flash, a strobe or a
-    light switched on changes colour and brightness, not structure).
+    one stands only when the structure detector confirms it, more leniently than it finds cuts
+    itself (a flash, a strobe or a light switched on changes colour and brightness, not
+    structure).
   - ThresholdDetector (full frame rate) finds fades through black; a fade's transition is its run
     of dark frames and the brightness ramps around it, widened by the structure detector's span
     when one overlaps it.
@@ -134,11 +135,10 @@ def detect_boundaries(frames: np.ndarray, fps: float, cfg) -> list[Boundary]:
     candidates += [Boundary(f, "fade", *_fade_span(brightness, f, cfg.fade_threshold,
                                                   cfg.fade_rise))
                    for f in fades]
-    changes = gradual.detect_changes(bgr, fps, cfg.gradual)
-    # A hard cut of the content detector stands when a structure change confirms it (a flash or
-    # a light switched on changes luma, not structure); unconfirmed ones are dropped.
-    candidates = [c for c in candidates if c.kind != "cut" or any(
-        ch.start - 1 <= c.frame <= ch.end + 1 for ch in changes)]
+    changes, confirmed = gradual.detect_changes(bgr, fps, cfg.gradual, tuple(hard))
+    # A hard cut of the content detector stands when the structure confirms it (a flash or a
+    # light switched on changes luma, not structure); unconfirmed ones are dropped.
+    candidates = [c for c in candidates if c.kind != "cut" or c.frame in confirmed]
     candidates += [Boundary(ch.frame, "cut" if ch.end == ch.start else "dissolve", ch.start,
                             ch.end) for ch in changes]
     return _merge(candidates, max(0, round(cfg.merge_seconds * fps)), num)

@@ -98,10 +98,10 @@ def _base(curve: np.ndarray, t: int, k: int, w: int, known: list[Change]) -> flo
 
 
 def _peaks(curve: np.ndarray, k: int, w: int, known: list[Change], cfg) -> list[int]:
-    """Local maxima of D_k over +-k above min_change and `ratio` times the shots' own change."""
+    """Local maxima of D_k over +-(k + w) above min_change and `ratio` times the shots' own change."""
     found = []
     for t in np.flatnonzero(curve >= cfg.min_change):
-        if curve[t] < curve[max(0, t - k):t + k + 1].max():
+        if curve[t] < curve[max(0, t - k - w):t + k + w + 1].max():
             continue
         base = _base(curve, int(t), k, w, known)
         if base is not None and curve[t] >= cfg.ratio * base:
@@ -168,8 +168,11 @@ def _refine(x: np.ndarray, med: np.ndarray, t: int, k: int, w: int, score: float
     return Change(middle, max(0, start), min(num, end), k, score, whole)
 
 
-def detect_changes(frames_bgr: np.ndarray, fps: float, cfg) -> list[Change]:
-    """Shot changes of frames uint8 [T, H, W, 3]; cfg is config.curate.cuts.gradual."""
+def detect_changes(frames_bgr: np.ndarray, fps: float, cfg,
+                   proposed: tuple[int, ...] = ()) -> tuple[list[Change], list[int]]:
+    """Shot changes of frames uint8 [T, H, W, 3]; cfg is config.curate.cuts.gradual. Also
+    returns which of the `proposed` hard cuts (first frames of the next shot, from another
+    detector) the structure confirms (see `_confirm`)."""
     num = len(frames_bgr)
     x = structure(frames_bgr, cfg.thumb_size, cfg.contrast_floor)
     reach = max(1, round(cfg.return_seconds * fps))
@@ -188,7 +191,28 @@ def detect_changes(frames_bgr: np.ndarray, fps: float, cfg) -> list[Change]:
                 continue
             found = [c for c in found if c not in near] + [change]
     found = [c for c in found if not _returns(c, curves, widths, found, reach, cfg)]
-    return sorted(found, key=lambda c: c.frame)
+    # Each proposal is judged within the shots the others and the found changes bound.
+    marks = found + [Change(f, f, f, min(scales), 0.0) for f in proposed]
+    confirmed = [f for f in proposed if _confirm(f, curves, widths, marks, reach, cfg)]
+    return sorted(found, key=lambda c: c.frame), confirmed
+
+
+def _confirm(frame: int, curves: dict[int, np.ndarray], widths: dict[int, int],
+             known: list[Change], reach: int, cfg) -> bool:
+    """A proposed hard cut stands when the structure changes across it at the smallest scale
+    (D_k over its frame's neighbours >= min_change and >= cut_ratio times the shots' own
+    change: a flash or a light switched on fails) and the scene does not come back."""
+    k = min(curves)
+    curve = curves[k]
+    lo, hi = max(0, frame - 1), min(len(curve), frame + 1)
+    if hi <= lo:
+        return False
+    t = lo + int(np.argmax(curve[lo:hi]))
+    base = _base(curve, t, k, widths[k], [c for c in known if abs(c.frame - frame) > k])
+    value = float(curve[t])
+    if value < cfg.min_change or (base is not None and value < cfg.cut_ratio * base):
+        return False
+    return not _returns(Change(frame, frame, frame, k, value), curves, widths, known, reach, cfg)
 
 
 def _overlaps(a: Change, b: Change, k: int) -> bool:
