@@ -26,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
             short_side=128,  # detectors see frames downscaled to this short side
             content_threshold=27.0,  # ContentDetector (full fps): hard-cut candidates
             fade_threshold=12.0,  # ThresholdDetector (full fps): fades through black, 0..255
-            fade_rise=0.5,  # a fade's ramp: mean luma (0..255) climbing > this a frame from black
+            fade_rise=0.5,  # a fade's ramp: mean luma (0..255) climbing > this a frame away from a
+            # fade's dark frames or a cut
             gradual=dict(
                 thumb_size=16,  # structure thumbnails are thumb_size x thumb_size x 3
                 contrast_floor=4.0,  # 0..255: flatter channels are not normalised up (noise)

@@ -81,6 +81,20 @@ def _fade_span(brightness: np.ndarray, frame: int, threshold: float,
     return lo, hi
 
 
+def _with_ramps(b: Boundary, brightness: np.ndarray, rise: float) -> Boundary:
+    """A cut's or fade's transition widened by brightness ramps next to it: the frames before
+    it darkening toward it, and after it brightening away from it, by more than `rise` a frame
+    (a fade out that never reaches black, then a cut; a cut into a fade in)."""
+    if b.kind == "dissolve":
+        return b
+    lo, hi = b.start, b.end
+    while lo >= 2 and brightness[lo - 2] > brightness[lo - 1] + rise:
+        lo -= 1
+    while hi + 1 < len(brightness) and brightness[hi + 1] > brightness[hi] + rise:
+        hi += 1
+    return dataclasses.replace(b, start=lo, end=hi)
+
+
 def _overlap(a: Boundary, b: Boundary) -> bool:
     """Whether two boundaries' transitions share frames."""
     return max(a.start, b.start) < min(a.end, b.end)
@@ -141,7 +155,9 @@ def detect_boundaries(frames: np.ndarray, fps: float, cfg) -> list[Boundary]:
     candidates = [c for c in candidates if c.kind != "cut" or c.frame in confirmed]
     candidates += [Boundary(ch.frame, "cut" if ch.end == ch.start else "dissolve", ch.start,
                             ch.end) for ch in changes]
-    return _merge(candidates, max(0, round(cfg.merge_seconds * fps)), num)
+    merge_frames = max(0, round(cfg.merge_seconds * fps))
+    merged = _merge(candidates, merge_frames, num)
+    return _merge([_with_ramps(b, brightness, cfg.fade_rise) for b in merged], merge_frames, num)
 
 
 def split_clips(num_frames: int, boundaries: list[Boundary], fps: float,
