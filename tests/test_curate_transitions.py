@@ -34,6 +34,8 @@ def test_bench_quick_meets_the_reduced_suite():
     assert set(by_kind) == set(suite.TRANSITION_KINDS) | set(suite.NEGATIVE_KINDS)
     for kind in suite.TRANSITION_KINDS:
         assert by_kind[kind]["recall"] >= 0.95 and by_kind[kind]["precision"] >= 0.95, kind
+    for kind in ("cut", "fade", "fade_out", "fade_in"):  # their frames are in no clip
+        assert by_kind[kind]["spanning_clips"] == 0, kind
     for kind in suite.NEGATIVE_KINDS:
         assert by_kind[kind]["false_boundary_rate"] <= 0.05, kind
     speed = lines[-1]
