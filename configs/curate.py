@@ -20,15 +20,29 @@ def get_config() -> ml_collections.ConfigDict:
             max_segment_seconds=300.0,  # longer videos are cut into segments of this length
             default_fps=24.0,  # used when the container reports no frame rate
         ),
-        # Shot boundaries: a cascade of PySceneDetect detectors at two frame rates.
+        # Shot boundaries: PySceneDetect (hard cuts, fades through black) and a multi-scale
+        # structure-change detector (transitions of any length; see vdit/curate/gradual.py).
         cuts=dict(
             short_side=128,  # detectors see frames downscaled to this short side
-            content_threshold=27.0,  # ContentDetector (full fps): hard cuts
+            content_threshold=27.0,  # ContentDetector (full fps): hard-cut candidates
             fade_threshold=12.0,  # ThresholdDetector (full fps): fades through black, 0..255
-            slow_fps=(3.0, 1.5),  # more ContentDetectors on frames subsampled to ~these rates:
-            # gradual transitions (dissolves) of up to ~1/rate seconds
-            slow_threshold=27.0,
-            dissolve_ratio=2.0,  # a dissolve's per-frame change vs. the change around it
+            fade_rise=0.5,  # a fade's ramp: mean luma (0..255) climbing > this a frame away from a
+            # fade's dark frames or a cut
+            gradual=dict(
+                thumb_size=16,  # structure thumbnails are thumb_size x thumb_size x 3
+                contrast_floor=4.0,  # 0..255: flatter channels are not normalised up (noise)
+                # Time scales (seconds) of the change curve: a transition of up to 2x a scale
+                # is seen whole at it (0.8 s: dissolves of 1.6 s), when each shot
+                # around it is at least ~3x the scale long.
+                scales_seconds=(0.04, 0.1, 0.2, 0.35, 0.55, 0.8),
+                min_window=5,  # frames per window at least (medians: flashes of < 3 frames)
+                min_change=0.25,  # structure change at a boundary (1 - correlation, 0..~1)
+                ratio=2.5,  # ... and this many times the change within the shots on each side
+                cut_ratio=1.25,  # the ratio a ContentDetector cut must show to be confirmed
+                return_seconds=1.0,  # a scene back within this long was occluded, not cut
+                return_change=0.35,  # "back": within this fraction of the boundary's change
+                return_ratio=1.5,  # ... or within this many times the shots' own change
+            ),
             min_scene_seconds=0.25,  # detectors emit no two cuts closer than this
             merge_seconds=0.25,  # boundaries from different detectors closer than this are one
             min_clip_seconds=1.0,  # shorter clips are dropped ("too_short")

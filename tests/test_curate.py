@@ -225,14 +225,18 @@ def test_config_checks(cfg):
     bad = {"--config.curate.motion.min_motion=2.0": "minimum exceeds the maximum",
            "--config.curate.scores.max_text=1.5": r"'curate.scores.max_text' = 1.5; must be in",
            "--config.curate.motion.fps=0.0": r"'curate.motion.fps' = 0.0; must be > 0",
-           "--config.curate.cuts.slow_fps=(3.0, -1.0)": "'curate.cuts.slow_fps'",
+           "--config.curate.cuts.gradual.scales_seconds=(0.1, -1.0)":
+               "'curate.cuts.gradual.scales_seconds'",
+           "--config.curate.cuts.gradual.min_window=0": "'curate.cuts.gradual.min_window'",
            "--config.curate.motion.poly_n=6": "Farneback supports 5 or 7"}
     for override, message in bad.items():
         with pytest.raises(ConfigError, match=message):
             check_curate_config(load_config(path, [override]).curate)
     with pytest.raises(ConfigError, match="unknown config key 'curate.cuts.nope'"):
         load_config(path, ["--config.curate.cuts.nope=1"])
-    assert load_config(path, ["--config.curate.cuts.slow_fps=()"]).curate.cuts.slow_fps == ()
+    with pytest.raises(ConfigError, match="'curate.cuts.gradual.scales_seconds' = \\(\\)"):
+        check_curate_config(load_config(path, ["--config.curate.cuts.gradual.scales_seconds=()"])
+                            .curate)
 
 
 def test_learned_scorers_skipped_with_notice(cfg, caplog):

@@ -1,17 +1,18 @@
-"""Shot boundaries: a cascade of PySceneDetect detectors run on decoded frames, and clip splitting.
+"""Shot boundaries: PySceneDetect detectors and a multi-scale structure-change detector run on
+decoded frames (one decode, no second pass over the file), and clip splitting.
 
-Three detectors, fed the frames array directly (one decode, no second pass over the file):
-  - ContentDetector at the full frame rate finds hard cuts (one large frame-to-frame change).
-  - ThresholdDetector at the full frame rate finds fades through black.
-  - ContentDetector on frames subsampled to `slow_fps` finds gradual transitions (dissolves):
-    spread over many frames their per-frame change is small, but between frames a fraction of a
-    second apart it is as large as a hard cut's. Its coarse position is then refined on the
-    full-rate scores (the centroid of the elevated change around it), and kept only if that
-    change stands out from the change around it (continuous motion also trips it).
-Boundaries closer than `merge_seconds` (by position or by their transitions) are merged into
-one, preferring the position of fade > cut > dissolve (a fade's dark frames also trip the content
-detector, whose position there is less exact), with the union of their transitions (so a fade's
-ramps, seen as dissolves, join its dark frames).
+  - ContentDetector (full frame rate) proposes hard cuts (one large frame-to-frame HSV change);
+    one stands only when the structure detector confirms it, more leniently than it finds cuts
+    itself (a flash, a strobe or a light switched on changes colour and brightness, not
+    structure).
+  - ThresholdDetector (full frame rate) finds fades through black; a fade's transition is its run
+    of dark frames and the brightness ramps around it, widened by the structure detector's span
+    when one overlaps it.
+  - `gradual.detect_changes` finds shot changes of any length (cuts, dissolves, wipes, fade
+    ramps) as peaks of a thumbnail structure-change curve at several time scales, with the
+    frames the transition spans.
+Boundaries closer than `merge_seconds`, or whose transitions share frames, are merged into one,
+preferring the position of fade > cut > dissolve, with the union of their transitions.
 
 A `Boundary` carries the first frame of the next shot (`frame`) and the transition frames
 [start, end) that belong to neither shot (empty for a hard cut; the dark frames of a fade; the
@@ -26,7 +27,8 @@ import cv2
 import numpy as np
 from scenedetect.common import FrameTimecode
 from scenedetect.detectors import ContentDetector, ThresholdDetector
-from scenedetect.stats_manager import StatsManager
+
+from vdit.curate import gradual
 
 KIND_PRIORITY = ("fade", "cut", "dissolve")  # merge order: earlier kinds win
 
@@ -52,28 +54,19 @@ def detection_frames(frames: np.ndarray, short_side: int) -> np.ndarray:
     return np.stack(out)
 
 
-def _run(detector, frames_bgr: np.ndarray, fps: float, step: int = 1,
-         with_scores: bool = False):
-    """Feeds frames[::step] to a detector; returns (cut frame numbers in the original frame
-    numbering, the ContentDetector's per-frame score [N] when with_scores else None)."""
-    rate = float(fps) / step
-    stats = StatsManager() if with_scores else None
-    detector.stats_manager = stats  # with stats, ContentDetector also computes edge maps
+def _run(detector, frames_bgr: np.ndarray, fps: float) -> list[int]:
+    """Feeds every frame to a PySceneDetect detector; returns its cut frame numbers."""
     cuts = []
-    picked = frames_bgr[::step]
-    for j, frame in enumerate(picked):
-        cuts += detector.process_frame(FrameTimecode(j, fps=rate), frame)
-    cuts += detector.post_process(FrameTimecode(len(picked) - 1, fps=rate))
-    key = [ContentDetector.FRAME_SCORE_KEY]
-    scores = None
-    if with_scores:
-        scores = np.array([(stats.get_metrics(j, key)[0] or 0.0) if stats.metrics_exist(j, key)
-                           else 0.0 for j in range(len(picked))], np.float64)
-    return [int(c.frame_num) * step for c in cuts], scores
+    for j, frame in enumerate(frames_bgr):
+        cuts += detector.process_frame(FrameTimecode(j, fps=float(fps)), frame)
+    cuts += detector.post_process(FrameTimecode(len(frames_bgr) - 1, fps=float(fps)))
+    return [int(c.frame_num) for c in cuts]
 
 
-def _fade_span(brightness: np.ndarray, frame: int, threshold: float) -> tuple[int, int]:
-    """The run of dark frames (mean < threshold) around `frame`, as [start, end)."""
+def _fade_span(brightness: np.ndarray, frame: int, threshold: float,
+               rise: float) -> tuple[int, int]:
+    """The run of dark frames (mean < threshold) around `frame` and the ramps on either side
+    (brightness climbing by more than `rise` a frame away from the dark run), as [start, end)."""
     if brightness[frame] >= threshold:
         return frame, frame
     lo, hi = frame, frame + 1
@@ -81,76 +74,50 @@ def _fade_span(brightness: np.ndarray, frame: int, threshold: float) -> tuple[in
         lo -= 1
     while hi < len(brightness) and brightness[hi] < threshold:
         hi += 1
+    while lo > 0 and brightness[lo - 1] > brightness[lo] + rise:
+        lo -= 1
+    while hi < len(brightness) and brightness[hi] > brightness[hi - 1] + rise:
+        hi += 1
     return lo, hi
 
 
-def _refine_dissolve(scores: np.ndarray, coarse: int, step: int, min_ratio: float,
-                     bounds: tuple[int, int]) -> Boundary | None:
-    """A transition found at the subsampled rate between frames coarse - step and coarse,
-    refined on the full-rate change scores[t] (frame t-1 -> t) inside the shot bounds
-    [lo, hi) set by the other detectors; None if it is not one.
-
-    Within the three subsampled intervals around it, the transition is the run of frames whose
-    change (above the window's floor) stays over half the peak inside the coarse interval; its
-    position is the run's weighted centroid. Continuous motion also trips the subsampled
-    detector, but changes as much outside such a run as inside: a transition's mean change must
-    be min_ratio times the median change on either side of it (up to four intervals away)."""
-    lo, hi = max(bounds[0] + 1, coarse - 2 * step), min(bounds[1], coarse + step + 1)
-    inner_lo = max(0, coarse - step + 1 - lo)
-    if hi - lo < 2 or inner_lo >= min(coarse + 1, hi) - lo:
-        return None
-    weight = scores[lo:hi] - scores[lo:hi].min()
-    inner = weight[inner_lo:coarse + 1 - lo]
-    if inner.max() <= 0:
-        return None
-    peak = int(np.argmax(inner)) + inner_lo
-    above = weight >= 0.5 * weight[peak]
-    first, last = peak, peak
-    while first > 0 and above[first - 1]:
-        first -= 1
-    while last + 1 < len(weight) and above[last + 1]:
-        last += 1
-    start, end = lo + first, lo + last  # transition frames [start, end)
-    sides = [scores[max(bounds[0] + 1, coarse - 4 * step):start],
-             scores[end + 1:min(bounds[1], coarse + 4 * step + 1)]]
-    calm = max((float(np.median(side)) for side in sides if side.size), default=0.0)
-    if scores[start:end + 1].mean() < min_ratio * calm:
-        return None
-    t = np.arange(start, end + 1)
-    w = weight[first:last + 1]
-    centre = int(round(float((t * w).sum() / w.sum())))
-    return Boundary(centre, "dissolve", start, end)
+def _with_ramps(b: Boundary, brightness: np.ndarray, rise: float) -> Boundary:
+    """A cut's or fade's transition widened by brightness ramps next to it: the frames before
+    it darkening toward it, and after it brightening away from it, by more than `rise` a frame
+    (a fade out that never reaches black, then a cut; a cut into a fade in)."""
+    if b.kind == "dissolve":
+        return b
+    lo, hi = b.start, b.end
+    while lo >= 2 and brightness[lo - 2] > brightness[lo - 1] + rise:
+        lo -= 1
+    while hi + 1 < len(brightness) and brightness[hi + 1] > brightness[hi] + rise:
+        hi += 1
+    return dataclasses.replace(b, start=lo, end=hi)
 
 
-def _shot_bounds(frame: int, primary: list[Boundary], num_frames: int) -> tuple[int, int]:
-    """[lo, hi): the frames between the primary boundaries on either side of `frame`."""
-    lo = max([b.end for b in primary if b.frame <= frame], default=0)
-    hi = min([b.start if b.start > b.frame - 1 else b.frame for b in primary
-              if b.frame > frame], default=num_frames)
-    return lo, hi
-
-
-def _gap(a: Boundary, b: Boundary) -> int:
-    """Frames between two boundaries' transitions (0 when they touch or overlap)."""
-    return max(0, max(a.start, b.start) - min(a.end, b.end))
+def _overlap(a: Boundary, b: Boundary) -> bool:
+    """Whether two boundaries' transitions share frames."""
+    return max(a.start, b.start) < min(a.end, b.end)
 
 
 def _merge(candidates: list[Boundary], merge_frames: int, num_frames: int) -> list[Boundary]:
-    """One boundary per transition: in KIND_PRIORITY order, a candidate within merge_frames of
-    a kept boundary (by position or by transition) widens that one's transition instead."""
+    """One boundary per transition: in KIND_PRIORITY order (within a kind, the order given: the
+    more exact detectors first), a candidate within merge_frames of a kept boundary, or whose
+    transition shares frames with its transition, widens that one's transition instead."""
     kept: list[Boundary] = []
     for kind in KIND_PRIORITY:
-        for b in sorted((c for c in candidates if c.kind == kind), key=lambda c: c.frame):
+        for b in (c for c in candidates if c.kind == kind):  # in the order given
             if not 0 < b.frame < num_frames:
                 continue
             near = [i for i, k in enumerate(kept)
-                    if abs(b.frame - k.frame) <= merge_frames or _gap(b, k) <= merge_frames]
+                    if abs(b.frame - k.frame) <= merge_frames or _overlap(b, k)]
             if not near:
                 kept.append(b)
                 continue
             k = kept[near[0]]
-            kept[near[0]] = dataclasses.replace(k, start=min(k.start, b.start),
-                                                end=max(k.end, b.end))
+            if b.end > b.start:  # another hard cut nearby adds no transition frames
+                kept[near[0]] = dataclasses.replace(k, start=min(k.start, b.start),
+                                                    end=max(k.end, b.end))
     kept.sort(key=lambda b: b.frame)
     # Transitions of neighbouring boundaries must not overlap.
     out, prev_end = [], 0
@@ -173,26 +140,24 @@ def detect_boundaries(frames: np.ndarray, fps: float, cfg) -> list[Boundary]:
         return []
     bgr = detection_frames(frames, cfg.short_side)
     min_len = max(1, round(cfg.min_scene_seconds * fps))
-    hard, scores = _run(ContentDetector(threshold=cfg.content_threshold, min_scene_len=min_len),
-                        bgr, fps, with_scores=True)
-    fades, _ = _run(ThresholdDetector(threshold=cfg.fade_threshold, min_scene_len=min_len,
+    hard = _run(ContentDetector(threshold=cfg.content_threshold, min_scene_len=min_len),
+                bgr, fps)
+    fades = _run(ThresholdDetector(threshold=cfg.fade_threshold, min_scene_len=min_len,
                                       fade_bias=0.0, add_final_scene=True), bgr, fps)
     brightness = bgr.reshape(num, -1).mean(axis=1)
     candidates = [Boundary(f, "cut", f, f) for f in hard]
-    candidates += [Boundary(f, "fade", *_fade_span(brightness, f, cfg.fade_threshold))
+    candidates += [Boundary(f, "fade", *_fade_span(brightness, f, cfg.fade_threshold,
+                                                  cfg.fade_rise))
                    for f in fades]
+    changes, confirmed = gradual.detect_changes(bgr, fps, cfg.gradual, tuple(hard))
+    # A hard cut of the content detector stands when the structure confirms it (a flash or a
+    # light switched on changes luma, not structure); unconfirmed ones are dropped.
+    candidates = [c for c in candidates if c.kind != "cut" or c.frame in confirmed]
+    candidates += [Boundary(ch.frame, "cut" if ch.end == ch.start else "dissolve", ch.start,
+                            ch.end) for ch in changes]
     merge_frames = max(0, round(cfg.merge_seconds * fps))
-    primary = _merge(candidates, merge_frames, num)
-    for slow_fps in cfg.slow_fps:
-        step = max(1, round(fps / slow_fps))
-        if step > 1:
-            detector = ContentDetector(threshold=cfg.slow_threshold,
-                                       min_scene_len=max(1, round(min_len / step)))
-            for coarse in _run(detector, bgr, fps, step)[0]:
-                bounds = _shot_bounds(coarse, primary, num)
-                found = _refine_dissolve(scores, coarse, step, cfg.dissolve_ratio, bounds)
-                candidates += [found] if found is not None else []
-    return _merge(candidates, merge_frames, num)
+    merged = _merge(candidates, merge_frames, num)
+    return _merge([_with_ramps(b, brightness, cfg.fade_rise) for b in merged], merge_frames, num)
 
 
 def split_clips(num_frames: int, boundaries: list[Boundary], fps: float,

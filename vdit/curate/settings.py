@@ -11,12 +11,15 @@ from vdit.config import ConfigError
 
 SECTIONS = ("input", "decode", "cuts", "motion", "scores", "captions", "output")
 POSITIVE = ("decode.max_segment_seconds", "decode.default_fps", "cuts.content_threshold",
-            "cuts.slow_threshold", "cuts.dissolve_ratio", "motion.fps", "motion.pair_fps",
+            "cuts.gradual.thumb_size", "cuts.gradual.min_window", "cuts.gradual.contrast_floor",
+            "cuts.gradual.min_change", "cuts.gradual.ratio", "cuts.gradual.cut_ratio",
+            "cuts.gradual.return_change", "cuts.gradual.return_ratio", "motion.fps", "motion.pair_fps",
             "motion.short_side", "motion.levels", "motion.winsize", "motion.iterations",
             "motion.poly_n", "motion.poly_sigma", "scores.frames", "scores.text_edge",
             "scores.text_min_aspect", "output.clips_per_file", "output.max_file_mb")
-NON_NEGATIVE = ("decode.short_side", "cuts.short_side", "cuts.fade_threshold",
+NON_NEGATIVE = ("decode.short_side", "cuts.short_side", "cuts.fade_threshold", "cuts.fade_rise",
                 "cuts.min_scene_seconds", "cuts.merge_seconds", "cuts.min_clip_seconds",
+                "cuts.gradual.return_seconds",
                 "cuts.max_clip_seconds", "motion.min_motion", "scores.short_side",
                 "scores.min_sharpness", "scores.border_luma", "output.short_side")
 FRACTIONS = ("motion.pyr_scale", "scores.min_brightness", "scores.max_brightness",
@@ -35,8 +38,9 @@ def default_config_path() -> str:
 
 
 def _get(cfg, key: str):
-    section, name = key.split(".")
-    return cfg[section][name]
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
 
 
 def _number(cfg, key: str) -> float:
@@ -60,11 +64,11 @@ def check_curate_config(cfg) -> None:
     for key in FRACTIONS:
         if not 0 <= _number(cfg, key) <= 1:
             raise ConfigError(f"config key 'curate.{key}' = {_get(cfg, key)!r}; must be in [0, 1]")
-    slow = cfg.cuts.slow_fps
-    if not isinstance(slow, (list, tuple)) or not all(
-            isinstance(v, (int, float)) and v > 0 for v in slow):
-        raise ConfigError(f"config key 'curate.cuts.slow_fps' = {slow!r}; expected a tuple of "
-                          "frame rates > 0, e.g. (3.0, 1.5) (or () for no dissolve detection)")
+    scales = cfg.cuts.gradual.scales_seconds
+    if not isinstance(scales, (list, tuple)) or not scales or not all(
+            isinstance(v, (int, float)) and v > 0 for v in scales):
+        raise ConfigError(f"config key 'curate.cuts.gradual.scales_seconds' = {scales!r}; "
+                          "expected a non-empty tuple of durations > 0, e.g. (0.04, 0.2, 0.75)")
     pairs = [("motion.min_motion", "motion.max_motion"),
              ("scores.min_brightness", "scores.max_brightness"),
              ("scores.text_min_char_height", "scores.text_max_char_height")]

@@ -1,0 +1,97 @@
+"""Shot boundaries held to the transition suite (vdit/curate/suite.py): the reduced suite through
+bench/curate.py --quick, the suite's own truth, and the still-shot-into-a-dissolve case end to
+end through the curation pipeline (the full suite runs in the bench)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vdit.config import load_config
+from vdit.curate import cuts, pipeline, suite
+from vdit.curate.decode import Segment
+from vdit.curate.settings import default_config_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(default_config_path()).curate
+
+
+def test_bench_quick_meets_the_reduced_suite():
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "curate.py"), "--quick"],
+                         capture_output=True, text=True, env=env, timeout=300, check=True)
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    by_kind = {line["kind"]: line for line in lines if "kind" in line}
+    print("\n".join(json.dumps(line) for line in lines))
+    assert set(by_kind) == set(suite.TRANSITION_KINDS) | set(suite.NEGATIVE_KINDS)
+    for kind in suite.TRANSITION_KINDS:
+        assert by_kind[kind]["recall"] >= 0.95 and by_kind[kind]["precision"] >= 0.95, kind
+    for kind in ("cut", "fade", "fade_out", "fade_in"):  # their frames are in no clip
+        assert by_kind[kind]["spanning_clips"] == 0, kind
+    for kind in suite.NEGATIVE_KINDS:
+        assert by_kind[kind]["false_boundary_rate"] <= 0.05, kind
+    speed = lines[-1]
+    videos = sum(line["videos"] for line in by_kind.values())
+    assert speed["quick"] and speed["videos"] == videos and speed["frames_per_s"] > 0
+
+
+def test_suite_truth_and_shots():
+    rng = np.random.default_rng(3)
+    size = (48, 64)
+    video = suite.transition_video(rng, "dissolve", ("still", "panning"), 24.0, size,
+                                   similar=False, length=10, seconds=1.0)
+    (t,) = video.transitions
+    assert (t.start, t.end, t.middle) == (24, 34, 29.0) and video.frames.shape == (58, 48, 64, 3)
+    # Blended frames lie between the last frame of one shot and the first of the other.
+    a, b, mid = (video.frames[i].astype(float) for i in (t.start - 1, t.end, t.start + 5))
+    assert np.abs(mid - (a + b) / 2).mean() < 0.5 * np.abs(a - b).mean()
+    cut = suite.transition_video(rng, "cut", ("moving", "zooming"), 30.0, size, True, 0, 1.0)
+    assert cut.transitions[0].start == cut.transitions[0].end == 30
+    still = suite.shot(rng, "still", 5, *size, 24.0, suite.palette(rng))
+    assert np.all(still == still[0])
+    moving = suite.shot(rng, "panning", 5, *size, 24.0, suite.palette(rng))
+    assert np.abs(moving[0] - moving[-1]).mean() > 1.0
+    fade = suite.transition_video(rng, "fade", ("still", "still"), 25.0, size, False, 8, 1.0)
+    t = fade.transitions[0]
+    assert fade.frames[t.start:t.end].mean(axis=(1, 2, 3)).min() < 3  # black in the middle
+    with pytest.raises(ValueError, match="unknown shot type 'tilt'"):
+        suite.shot(rng, "tilt", 5, *size, 24.0, suite.palette(rng))
+    with pytest.raises(ValueError, match="unknown hard negative 'rain'"):
+        suite.negative_video(rng, "rain", 24.0, size, 1.0)
+
+
+def test_still_shot_into_a_dissolve_is_its_own_static_clip(cfg):
+    """The issue's video at 24 fps: moving | cut | moving | cut | still, 12-frame cross-fade into
+    moving. The still shot ends at the cross-fade and is dropped as static; no clip holds a
+    blended frame."""
+    rng = np.random.default_rng(7)
+    fps, (h, w), n, fade = 24.0, (144, 192), 60, 12
+    shots = [suite.shot(rng, kind, n + fade, h, w, fps, suite.palette(rng))
+             for kind in ("moving", "panning", "still", "moving")]
+    mix = suite._ramp(fade)
+    still, last = shots[2], shots[3]
+    tail = np.concatenate([still[:n], (1 - mix) * still[n:] + mix * last[:fade], last[fade:]])
+    video = suite._finish(rng, np.concatenate([shots[0][:n], shots[1][:n], tail]))
+    blend = (3 * n, 3 * n + fade)
+    segment = Segment(0, 0, video, fps, last=True)
+    results = pipeline.process_segment(segment, pipeline.VideoItem("v.mp4", "v.mp4"), None, cfg)
+    ranges = [(r.line["start_frame"], r.line["end_frame"]) for r in results]
+    print("clips:", [(r, x.line["reason"], round(x.line["motion"], 4))
+                     for r, x in zip(ranges, results)])
+    assert all(end <= blend[0] or start >= blend[1] for start, end in ranges)
+    still_clip = [x for (start, end), x in zip(ranges, results)
+                  if start >= 2 * n - 1 and end <= blend[0]]
+    assert len(still_clip) == 1 and still_clip[0].line["reason"] == "static"
+    assert still_clip[0].line["num_frames"] >= n - fade
+    after = [x for (start, _), x in zip(ranges, results) if start >= blend[1]]
+    assert after and after[0].line["motion"] >= cfg.motion.min_motion
+    found = cuts.detect_boundaries(video, fps, cfg.cuts)
+    assert [round(b.frame / n) for b in found] == [1, 2, 3]  # three shot changes, no more

@@ -1,0 +1,219 @@
+"""Shot changes of any length from a per-frame structure curve examined at several time scales.
+
+Each frame becomes a small thumbnail (OpenCV area downscale), every colour channel normalised to
+zero mean and unit contrast: a flash, a strobe, a lighting change or a fade's ramp change gain
+and offset, not structure, so they barely move it. At scale k (frames) the change at frame t is
+  D_k(t) = |med(x[t-k-w+1 .. t-k]) - med(x[t+k .. t+k+w-1])|^2 / (2 * size),
+w = max(min_window, k // 2), med the per-feature median over the window (about 1 - correlation
+of the two windows' structure; a median, so flash or strobe frames do not move it): a
+transition of up to 2k frames centred at t compares the two shots, pure. Continuous change
+(pans, zooms, shake, moving objects) raises D_k everywhere alike; a shot change raises it at
+one place. So a local maximum of D_k (over +-k) is a boundary when it exceeds `min_change` and
+`ratio` times the median of D_k beyond its reach on each side, within the same shot (the larger
+of the two sides' medians: both shots' own change; a side too short to tell is left out, and
+with both out scale k does not judge), and the scene does not come back: at every larger scale
+whose windows reach less than `return_seconds` from it, D_K at the change stays above
+`return_change` times its peak and `return_ratio` times the shots' own change at that scale
+where that is under half the peak (an object passing close to the camera is an A-X-A pattern,
+a shot change is not).
+
+A found change is refined on the frames around it: each frame's place between the two shots'
+window medians, alpha in [0, 1] (its projection on the line from one to the other), gives the
+middle (the step from 0 to 1 that fits alpha best) and the transition frames: the run with
+0.25 < alpha < 0.75 around the middle, widened by as much again on each side and further while
+alpha stays beyond the spread of the windows' own frames (a blend's or wipe's faint ends). The
+smallest scale whose windows hold the whole transition gives it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    frame: int  # first frame of the next shot: the transition's middle
+    start: int  # transition frames [start, end)
+    end: int
+    scale: int  # the scale (frames) that found it
+    score: float  # D_k at the peak
+    whole: bool = True  # the transition fitted between the scale's windows
+
+
+def structure(frames_bgr: np.ndarray, size: int, floor: float) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> float32 [T, size*size*3]: thumbnails, each channel minus its mean
+    over its std (at least `floor`, 0..255 units: a flat or black frame stays near zero)."""
+    out = np.empty((len(frames_bgr), size * size * 3), np.float32)
+    for i, frame in enumerate(frames_bgr):
+        thumb = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+        thumb -= thumb.mean(axis=(0, 1))
+        thumb /= np.maximum(thumb.std(axis=(0, 1)), floor)
+        out[i] = thumb.reshape(-1)
+    return out
+
+
+def width(k: int, cfg) -> int:
+    """Frames in each window at scale k: k // 2, at least cfg.min_window."""
+    return max(cfg.min_window, k // 2)
+
+
+def window_medians(x: np.ndarray, w: int) -> np.ndarray:
+    """[T - w + 1, F]: row j is the per-feature median of x[j:j+w] (a median, so a flash or
+    strobe frame shorter than half the window does not move it)."""
+    if len(x) < w:
+        return np.zeros((0, x.shape[1]), x.dtype)
+    return np.median(np.lib.stride_tricks.sliding_window_view(x, w, axis=0), axis=-1)
+
+
+def change_curve(med: np.ndarray, num: int, k: int, w: int) -> np.ndarray:
+    """D_k(t) for t in [0, num) from window medians of width w (0 where a window would
+    leave the video)."""
+    t = np.arange(num)
+    ok = (t - k - w + 1 >= 0) & (t + k + w - 1 < num)
+    t = t[ok]
+    out = np.zeros(num, np.float32)
+    out[ok] = ((med[t - k - w + 1] - med[t + k]) ** 2).mean(axis=1) / 2
+    return out
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a - b) ** 2).mean() / 2)
+
+
+def _base(curve: np.ndarray, t: int, k: int, w: int, known: list[Change]) -> float | None:
+    """The shots' own change at scale k around t: the larger median of D_k on either side
+    beyond the reach of a transition at t, where both windows lie in the same shot as t's
+    window on that side (between the `known` changes); None when neither side has enough."""
+    reach = 2 * k + w  # beyond this, D_k no longer sees a transition of <= 2k frames at t
+    lo = max([c.end for c in known if c.end <= t - k - w + 1], default=0)
+    hi = min([c.start for c in known if c.start >= t + k + w], default=len(curve))
+    sides = [curve[max(0, lo + k + w - 1):max(0, t - reach + 1)],
+             curve[t + reach:max(t + reach, hi - k - w + 1)]]
+    sides = [s[s > 0] for s in sides]  # 0 = undefined near the ends
+    sides = [s for s in sides if s.size >= max(2, w)]
+    return max(float(np.median(s)) for s in sides) if sides else None
+
+
+def _peaks(curve: np.ndarray, k: int, w: int, known: list[Change], cfg) -> list[int]:
+    """Local maxima of D_k over +-(k + w) above min_change and `ratio` times the shots' own change."""
+    found = []
+    for t in np.flatnonzero(curve >= cfg.min_change):
+        if curve[t] < curve[max(0, t - k - w):t + k + w + 1].max():
+            continue
+        base = _base(curve, int(t), k, w, known)
+        if base is not None and curve[t] >= cfg.ratio * base:
+            found.append(int(t))
+    return found
+
+
+def _returns(change: Change, curves: dict[int, np.ndarray], widths: dict[int, int],
+             known: list[Change], reach: int, cfg) -> bool:
+    """Whether, at a larger scale whose windows stay within `reach` frames, the two sides of
+    the change are alike: D_K at it below return_change times its peak, or below
+    return_ratio times the shots' own change at K (the scene came back: A-X-A)."""
+    others = [c for c in known if c is not change]
+    for big, curve in curves.items():
+        if not (change.scale < big and big + widths[big] <= reach and change.frame < len(curve)):
+            continue
+        value = float(curve[change.frame])
+        if value <= 0:  # a window would leave the video: unknown
+            continue
+        base = _base(curve, change.frame, big, widths[big], others)
+        # The shots' own change only tells where it is well below the change (fast pans
+        # decorrelate at large scales as much as a shot change does).
+        telling = base is not None and base <= 0.5 * change.score
+        if value < cfg.return_change * change.score or (
+                telling and value < cfg.return_ratio * base):
+            return True
+    return False
+
+
+def _refine(x: np.ndarray, med: np.ndarray, t: int, k: int, w: int, score: float) -> Change:
+    """Transition frames and middle from each frame's alpha between the two shots' windows."""
+    num = len(x)
+    a, b = med[t - k - w + 1], med[t + k]
+    span = np.arange(max(0, t - k), min(num, t + k + 1))
+    d = b - a
+    alpha = np.clip((x[span] - a) @ d / max(float(d @ d), 1e-9), 0, 1)
+    # The middle: the step from shot a to shot b that best fits alpha (robust to motion).
+    gain = np.concatenate([[0.0], np.cumsum(alpha - 0.5)])
+    i = int(np.argmin(gain[:-1] - gain[-1] + gain[:-1]))  # sum before i of (a-.5) minus after
+    middle = int(span[i])
+    lo = i
+    while lo > 0 and alpha[lo - 1] > 0.25:
+        lo -= 1
+    hi = i
+    while hi < len(span) and alpha[hi] < 0.75:
+        hi += 1
+    start, end = int(span[0] + lo), int(span[0] + hi)
+    if end - start <= 1:  # one step from one shot to the other: a hard cut
+        return Change(middle, middle, middle, k, score)
+    # alpha 0.25 .. 0.75 is half of a linear blend, less when the shots move (motion keeps
+    # the thresholds off 0 and 1): widen by the run on each side to hold the faint ends too,
+    # and further while alpha stays beyond the shots' own spread (3 sigma of the windows'
+    # frames' alpha): a wipe's first and last frames change a corner only.
+    margin = end - start + 1
+    own = np.concatenate([(x[t - k - w + 1:t - k + 1] - a) @ d, (x[t + k:t + k + w] - b) @ d])
+    spread = max(0.05, 3 * float(own.std()) / max(float(d @ d), 1e-9))
+    while lo > 0 and alpha[lo - 1] > spread:
+        lo -= 1
+    while hi < len(span) - 1 and alpha[hi + 1] < 1 - spread:
+        hi += 1
+    start, end = min(start - margin, int(span[0] + lo) - 1), max(end + margin, int(span[0] + hi) + 2)
+    # Whole: the widened span lies between the scale's windows (else a larger scale's are purer).
+    whole = start > t - k and end < t + k
+    return Change(middle, max(0, start), min(num, end), k, score, whole)
+
+
+def detect_changes(frames_bgr: np.ndarray, fps: float, cfg,
+                   proposed: tuple[int, ...] = ()) -> tuple[list[Change], list[int]]:
+    """Shot changes of frames uint8 [T, H, W, 3]; cfg is config.curate.cuts.gradual. Also
+    returns which of the `proposed` hard cuts (first frames of the next shot, from another
+    detector) the structure confirms (see `_confirm`)."""
+    num = len(frames_bgr)
+    x = structure(frames_bgr, cfg.thumb_size, cfg.contrast_floor)
+    reach = max(1, round(cfg.return_seconds * fps))
+    scales = sorted({max(1, round(s * fps)) for s in cfg.scales_seconds})
+    widths = {k: width(k, cfg) for k in scales}
+    medians = {w: window_medians(x, w) for w in set(widths.values())}
+    curves = {k: change_curve(medians[widths[k]], num, k, widths[k]) for k in scales}
+    found: list[Change] = []
+    for k in scales:
+        for t in _peaks(curves[k], k, widths[k], found, cfg):
+            change = _refine(x, medians[widths[k]], t, k, widths[k], float(curves[k][t]))
+            # The same change seen at a smaller scale stays when it fitted between that
+            # scale's windows (they lie nearer, so motion in the shots blurs its span less).
+            near = [c for c in found if _overlaps(c, change, k)]
+            if near and all(c.whole for c in near):
+                continue
+            found = [c for c in found if c not in near] + [change]
+    found = [c for c in found if not _returns(c, curves, widths, found, reach, cfg)]
+    # Each proposal is judged within the shots the others and the found changes bound.
+    marks = found + [Change(f, f, f, min(scales), 0.0) for f in proposed]
+    confirmed = [f for f in proposed if _confirm(f, curves, widths, marks, reach, cfg)]
+    return sorted(found, key=lambda c: c.frame), confirmed
+
+
+def _confirm(frame: int, curves: dict[int, np.ndarray], widths: dict[int, int],
+             known: list[Change], reach: int, cfg) -> bool:
+    """A proposed hard cut stands when the structure changes across it at the smallest scale
+    (D_k over its frame's neighbours >= min_change and >= cut_ratio times the shots' own
+    change: a flash or a light switched on fails) and the scene does not come back."""
+    k = min(curves)
+    curve = curves[k]
+    lo, hi = max(0, frame - 1), min(len(curve), frame + 1)
+    if hi <= lo:
+        return False
+    t = lo + int(np.argmax(curve[lo:hi]))
+    base = _base(curve, t, k, widths[k], [c for c in known if abs(c.frame - frame) > k])
+    value = float(curve[t])
+    if value < cfg.min_change or (base is not None and value < cfg.cut_ratio * base):
+        return False
+    return not _returns(Change(frame, frame, frame, k, value), curves, widths, known, reach, cfg)
+
+
+def _overlaps(a: Change, b: Change, k: int) -> bool:
+    return abs(a.frame - b.frame) <= k or (a.start < b.end + 1 and b.start < a.end + 1)
