@@ -11,8 +11,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# bench/attention.py --quick has its own test (tests/test_bench_attention.py).
-OWN_TEST = {"attention.py"}
+# bench/attention.py and bench/curate.py --quick have their own tests (tests/test_bench_attention.py,
+# tests/test_curate_transitions.py).
+OWN_TEST = {"attention.py", "curate.py"}
 BENCHES = sorted(n for n in os.listdir(os.path.join(ROOT, "bench"))
                  if n.endswith(".py") and n not in OWN_TEST)
 
