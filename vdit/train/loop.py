@@ -234,6 +234,6 @@ def _run(compiled, flops, state, frozen, data_it, source, mesh, manager, writer,
         if (step + 1) % config.checkpoint.every == 0 or step + 1 == config.train.steps:
             checkpoint.save(manager, step + 1, state, config, data_it)
         if samples is not None:
-            samples.maybe_write(step + 1, state.ema, frozen)
+            samples.maybe_write(step + 1, state.ema, frozen, writer)
     manager.wait_until_finished()
     return history
