@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     # 16 px per token: a 256x256 image is 256 tokens, 16 of them fill a row.
     config.encode = ml_collections.ConfigDict(dict(
         source="data/clips/clips.jsonl", video_root="data/raw", vae_workdir="runs/wan2_1_t2v_1_3b/vae",
+        tfds_data_dir="", tfds_video_key="", tfds_caption_key="caption",
         shapes=[(1, 256, 256), (1, 256, 448), (1, 448, 256)], shape_weights=[0.6, 0.2, 0.2],
         num_shards=256, batch_size=16, normalize="config", seed=0))
 
