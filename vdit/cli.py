@@ -24,6 +24,7 @@ COMMANDS = {
     "convert": ("convert Wan2.1 diffusers weights to and from vdit", 4),
     "plan": ("print per-device memory for a config and mesh before launching", 9),
     "export": ("write a run's complete weights (LoRA merged) as a standalone vdit run", 7),
+    "serve": ("a local web page for generation over one loaded model", 22),
 }
 
 
@@ -112,6 +113,11 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--to", dest="dst_format", choices=["diffusers", "vdit"])
         p.add_argument("--src", required=True)
         p.add_argument("--out", required=True)
+    elif name == "serve":
+        p.add_argument("--workdir", required=True, help="a vdit run or a diffusers Wan folder")
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
+        p.add_argument("--port", type=int, default=8000, help="port (0 = any free one)")
+        p.add_argument("--out", help="folder for the videos (default WORKDIR/serve)")
     elif name == "export":
         p.add_argument("--workdir", required=True, help="a run folder or checkpoint step folder")
         p.add_argument("--out", required=True, help="new run folder for the merged weights")
@@ -247,9 +253,15 @@ def _convert(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from vdit.serve import run_cli
+
+    return run_cli(args)
+
+
 HANDLERS = {"train-vae": _train_vae, "encode": _encode, "train": _train, "sample": _sample,
             "curate": _curate, "eval": _eval, "plan": _plan, "export": _export,
-            "convert": _convert}
+            "convert": _convert, "serve": _serve}
 
 
 def _handler(command: str):

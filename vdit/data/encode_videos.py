@@ -1,7 +1,8 @@
 """`vdit encode` over video files: a folder or jsonl manifest -> latent shards (same records as
 `encode_synthetic`: normalised VAE posterior mean, caption token ids, caption, meta).
 
-Every entry of `encode.source` is encoded once (`encode.num_examples` applies to the synthetic
+`encode.source` is a folder, a manifest or a TFDS dataset ("tfds:NAME[/CONFIG][:SPLIT]", read by
+`vdit/data/tfds_source.py`). Every entry of it is encoded once (`encode.num_examples` applies to the synthetic
 source only), entry i going to shard i // ceil(N / num_shards). Within a shard, clips are grouped
 by the shape drawn for them (`VideoClipSource.shape`) and encoded in batches padded to
 `encode.batch_size`, so the VAE compiles once per shape bucket. Videos that cannot be read
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from vdit import runs
 from vdit.config import check_shapes, spatial_stride
-from vdit.data import conditions, sources
+from vdit.data import conditions, sources, tfds_source
 from vdit.data.encode import channel_stats, latent_record, resolve_stats, vae_encoder
 from vdit.data.video_files import ClipTooShortError, FrameRangeError, VideoClipSource
 from vdit.data.video_io import VideoReadError
@@ -47,6 +48,13 @@ def check_encode_shapes(config) -> None:
     check_shapes("encode.shapes", config.encode.shapes, spatial_stride(config))
 
 
+def clip_source(cfg) -> VideoClipSource | tfds_source.TfdsClipSource:
+    """The pixel-clip source `encode.source` names: a TFDS dataset ("tfds:..."), else files."""
+    if tfds_source.is_tfds(cfg.source):
+        return tfds_source.TfdsClipSource.from_config(cfg)
+    return VideoClipSource.from_config(cfg)
+
+
 def encode_videos(config, out_dir: str, vae_params=None) -> dict:
     """Encodes `config.encode.source` into shards under `out_dir`; `vae_params` default to the
     EMA weights of `encode.vae_workdir`. Returns {"paths", "records", "skipped",
@@ -54,7 +62,7 @@ def encode_videos(config, out_dir: str, vae_params=None) -> dict:
     "filtered" (manifest lines with `kept` false)."""
     cfg = config.encode
     check_encode_shapes(config)
-    source = VideoClipSource.from_config(cfg)
+    source = clip_source(cfg)
     _, tokenizer = text_encoder_from_config(config.text)
     encode_fn = vae_encoder(config, vae_params)
     mean, std = resolve_stats(config, out_dir, lambda: _measure_stats(encode_fn, source, cfg),
@@ -132,7 +140,7 @@ def _encode_shard(indices, source, cfg, encode_fn, tokenizer, mean, std,
     return [records[i] for i in indices if i in records], skipped
 
 
-def _measure_stats(encode_fn, source: VideoClipSource, cfg) -> dict:
+def _measure_stats(encode_fn, source, cfg) -> dict:
     """Per-channel mean/std of the posterior mean over the first `batch_size` readable videos
     at each configured shape (videos too short for a shape are passed over, not counted)."""
     zs = []

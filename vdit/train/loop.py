@@ -319,7 +319,7 @@ def _run(compiled, flops, state, frozen, data_it, source, mesh, manager, writer,
                         step + 1, bad)
         check_saves(manager, step + 1)
         if samples is not None:
-            samples.maybe_write(step + 1, state.ema, frozen)
+            samples.maybe_write(step + 1, state.ema, frozen, writer)
     check_saves(manager, end, wait=True)
     return history
 

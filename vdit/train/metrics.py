@@ -1,15 +1,21 @@
 """Run metrics: JSON lines (`metrics.jsonl`) and TensorBoard event files in the workdir.
 
 Only process 0 writes; other processes get a writer that drops everything, so callers never branch.
+`write_videos` puts videos in TensorBoard as animated GIF images (one tag per video, shown in the
+Images dashboard) without moviepy: the GIF is encoded here with Pillow.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
 import jax
 import numpy as np
+from PIL import Image
+from tensorboardX import SummaryWriter, record_writer
+from tensorboardX.proto.summary_pb2 import Summary
 
 from vdit import runs
 
@@ -23,8 +29,6 @@ class MetricsWriter:
         runs.user_path(workdir).mkdir(parents=True, exist_ok=True)
         self._jsonl = _Appender(runs.metrics_path(workdir))
         if tensorboard:
-            from tensorboardX import SummaryWriter, record_writer  # optional heavy dependency
-
             folder = str(runs.tensorboard_dir(workdir))
             if runs.is_remote(folder):
                 # tensorboardX's own gs/s3 writers need google-cloud-storage / boto; route remote
@@ -42,6 +46,19 @@ class MetricsWriter:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
+
+    def write_videos(self, step: int, videos: dict, fps: float) -> None:
+        """`videos`: tag -> uint8 or [-1, 1] float [T, H, W, 3]; each an animated image at `step`."""
+        if not self._enabled or self._tb is None:
+            return
+        for tag, video in videos.items():
+            frames = np.asarray(video)
+            height, width = frames.shape[1:3]
+            image = Summary.Image(height=height, width=width, colorspace=3,
+                                  encoded_image_string=gif_bytes(frames, fps))
+            self._tb.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]),
+                                             step)
+        self._tb.flush()
 
     def close(self) -> None:
         if self._enabled:
@@ -88,6 +105,18 @@ class _EpathEvents:
 
     def directory_check(self, path: str) -> None:
         runs.user_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def gif_bytes(video: np.ndarray, fps: float) -> bytes:
+    """An animated GIF (looping) of `video` [T, H, W, 3], uint8 or float in [-1, 1]."""
+    frames = np.asarray(video)
+    if frames.dtype != np.uint8:
+        frames = np.round((np.clip(frames, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    images = [Image.fromarray(f) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], loop=0,
+                   duration=max(20, int(round(1000.0 / max(fps, 1e-3)))))
+    return buf.getvalue()
 
 
 def _scalar(value):

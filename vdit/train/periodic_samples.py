@@ -8,6 +8,11 @@ Config: `train.sample_every` (0 = off); `sample.frames/height/width/steps/guidan
 noise at every step, so the videos are comparable over training). A run without
 `encode.vae_workdir` cannot decode and samples nothing (one warning at start).
 
+With a metrics writer (the training loop's), each video also goes to TensorBoard as an animated
+image `samples/{i:02d}` and, when every prompt names one shapes-world object (color, shape,
+direction: the shapes recipes), the judge's accuracies `judge/color`, `judge/shape`,
+`judge/direction` and `judge/all` are logged at the sample step (vdit/eval/shapes.py).
+
 Every process runs the generation (the weights may be sharded over all of them); process 0 writes.
 """
 
@@ -22,7 +27,9 @@ import ml_collections
 import numpy as np
 
 from vdit import runs
+from vdit.eval.shapes import judge_video, score
 from vdit.models import lora
+from vdit.models.prompt_expand import shapes_expander
 
 log = logging.getLogger(__name__)
 DEFAULT_NUM_PROMPTS = 4
@@ -72,11 +79,12 @@ class PeriodicSamples:
     seed: int
     fps: float
 
-    def maybe_write(self, step: int, ema: dict, frozen: dict) -> str | None:
+    def maybe_write(self, step: int, ema: dict, frozen: dict, writer=None) -> str | None:
         """Samples when `step` is a multiple of `every`; returns the step folder or None."""
-        return self.write(step, ema, frozen) if step % self.every == 0 else None
+        return self.write(step, ema, frozen, writer) if step % self.every == 0 else None
 
-    def write(self, step: int, ema: dict, frozen: dict) -> str:
+    def write(self, step: int, ema: dict, frozen: dict, writer=None) -> str:
+        """`writer`: a `vdit.train.metrics.MetricsWriter` for TensorBoard videos and judge scores."""
         from vdit.data.video_io import write_grid_png, write_video
 
         weights = complete_weights(self.config, ema, frozen)
@@ -94,7 +102,28 @@ class PeriodicSamples:
             write_grid_png(local, videos)
         (out / "prompts.txt").write_text("\n".join(self.prompts) + "\n")
         log.info("step %d: wrote %d samples and grid.png to %s", step, len(videos), out)
+        if writer is not None:
+            writer.write_videos(step, {f"samples/{i:02d}": v for i, v in enumerate(videos)},
+                                self.fps)
+            targets = shapes_targets(self.prompts)
+            if targets is not None:
+                scores = score([judge_video(v) for v in videos], targets)
+                writer.write(step, {f"judge/{k}": scores[k]
+                                    for k in ("color", "shape", "direction", "all")})
         return str(out)
+
+
+def shapes_targets(prompts: list[str]) -> list[dict] | None:
+    """{color, shape, direction} of each prompt when every prompt names exactly one shapes-world
+    object (what the judge can score), else None."""
+    expander = shapes_expander()
+    targets = []
+    for prompt in prompts:
+        objects = expander.parse(prompt)
+        if objects is None or len(objects) != 1:
+            return None
+        targets.append(objects[0])
+    return targets
 
 
 def from_config(config, workdir: str, ema: dict, frozen: dict) -> PeriodicSamples | None:

@@ -1,0 +1,160 @@
+"""`vdit serve` (vdit/serve.py): one model load, queued requests, clear errors for bad requests,
+and the page in a real browser (Debian's headless Chromium driven by Playwright) against a tiny
+shapes run trained in the fixture: type a prompt, wait for the video, check it plays and that the
+served file has the asked frames and size."""
+
+import json
+import os
+import shutil
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from test_periodic_samples import VAE, latents, vae_workdir  # noqa: F401 - fixtures
+from train_testing import train_tiny
+
+from vdit import cli
+from vdit.data import video_io
+from vdit.serve import Studio, make_server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, latents, vae_workdir):  # noqa: F811 - fixtures
+    """A 2-step tiny shapes run (5 frames 16x16, 2 sampling steps by default) behind a server on
+    a free loopback port."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    train_tiny("shapes_dit", workdir, latents, 2, *VAE, "--config.train.i2v_rate=0.0",
+               f"--config.encode.vae_workdir={vae_workdir}", "--config.sample.steps=2",
+               "--config.sample.frames=5", "--config.sample.height=16", "--config.sample.width=16")
+    studio = Studio(workdir, str(tmp_path_factory.mktemp("serve")))
+    server = make_server(studio, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield studio, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _post(url, body):
+    request = urllib.request.Request(url + "/api/generate", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def _get(url):
+    with urllib.request.urlopen(url) as r:
+        return json.load(r)
+
+
+def _wait(url, job_id):
+    import time
+
+    for _ in range(600):
+        job = _get(f"{url}/api/jobs/{job_id}")
+        if job["state"] in ("done", "error"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_cli_has_serve():
+    args = cli.build_parser().parse_args(["serve", "--workdir", "runs/dit", "--port", "0"])
+    assert (args.command, args.workdir, args.port, args.host) == ("serve", "runs/dit", 0, "127.0.0.1")
+
+
+def test_bad_requests_get_clear_messages(studio):
+    _, url = studio
+    for body, message in (({"prompt": " "}, "prompt: type what the video should show"),
+                          ({"prompt": "a red circle", "frames": 6}, "--frames"),
+                          ({"prompt": "a red circle", "size": "20x20"}, "height=20 must be"),
+                          ({"prompt": "a red circle", "size": "big"}, "expected HEIGHTxWIDTH"),
+                          ({"prompt": "a red circle", "steps": "many"}, "steps: 'many' is not an integer"),
+                          ({"prompt": "a red circle", "steps": 0}, "steps: 0 is out of range"),
+                          ({"prompt": "a red circle", "image": "data:image/png;base64,AAAA"},
+                           "first image: cannot read it")):
+        status, out = _post(url, body)
+        assert status == 400 and message in out["error"], (body, out)
+
+
+def test_requests_are_queued_and_served(studio):
+    s, url = studio
+    ids = [_post(url, {"prompt": p, "seed": i})[1]["id"]
+           for i, p in enumerate(["a red circle moving right", "a blue square moving up"])]
+    jobs = [_wait(url, i) for i in ids]
+    assert [j["state"] for j in jobs] == ["done", "done"], jobs
+    assert [j["id"] for j in _get(url + "/api/jobs")["jobs"][:2]] == ids[::-1]  # newest first
+    with urllib.request.urlopen(url + jobs[0]["video"]) as r:
+        data = r.read()
+    path = os.path.join(s.out_dir, "check.mp4")
+    with open(path, "wb") as f:
+        f.write(data)
+    video, _ = video_io.load_video(path)
+    assert video.shape == (5, 16, 16, 3)
+    request = urllib.request.Request(url + jobs[0]["video"], headers={"Range": "bytes=0-9"})
+    with urllib.request.urlopen(request) as r:
+        assert r.status == 206 and r.read() == data[:10]
+
+
+def _browser():
+    try:
+        from playwright.sync_api import sync_playwright  # optional: the test extra
+    except ImportError:
+        pytest.skip("playwright is not installed: pip install -e '.[test]'")
+    if not os.path.isfile(CHROMIUM):
+        pytest.skip("no Chromium: install Debian's package (apt-get install -y chromium); "
+                    ".ci/run does")
+    return sync_playwright
+
+
+def test_page_in_a_real_browser(studio, tmp_path):
+    _, url = studio
+    sync_playwright = _browser()
+    with sync_playwright() as p:
+        # A fresh profile folder (Playwright passes it as --user-data-dir).
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_FLAGS, viewport={"width": 1000, "height": 700})
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('size').value !== ''")
+            assert page.input_value("#frames") == "5" and page.input_value("#size") == "16x16"
+
+            page.fill("#prompt", "")  # a bad request: the message shows on the page
+            page.click("#generate")
+            page.wait_for_selector("#error", state="visible")
+            assert "prompt: type what the video should show" in page.inner_text("#error")
+
+            page.fill("#prompt", "a green triangle moving left")
+            page.fill("#frames", "9")
+            page.fill("#size", "16x32")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('result').readyState >= 2",
+                                   timeout=120_000)
+            assert page.is_hidden("#error")
+            info = page.evaluate("""() => { const v = document.getElementById('result');
+                return {duration: v.duration, width: v.videoWidth, height: v.videoHeight,
+                        src: v.getAttribute('src')}; }""")
+            assert (info["width"], info["height"]) == (32, 16)
+            # It plays: the playback position moves.
+            page.wait_for_function("document.getElementById('result').currentTime > 0.05")
+            assert page.get_attribute("#download", "href") == info["src"]
+            assert "a green triangle moving left" in page.inner_text("#recent")
+            page.screenshot(path=os.environ.get("VDIT_SERVE_SCREENSHOT",
+                                                str(tmp_path / "page.png")))
+        finally:
+            browser.close()
+    with urllib.request.urlopen(url + info["src"]) as r:
+        (tmp_path / "served.mp4").write_bytes(r.read())
+    video, fps = video_io.load_video(tmp_path / "served.mp4")
+    assert video.shape == (9, 16, 32, 3)
+    assert np.isclose(info["duration"], 9 / fps, atol=1.5 / fps)  # the browser's duration

@@ -1,0 +1,302 @@
+"""`vdit serve`: a local web page for generation, over one model loaded once.
+
+`serve(workdir, host, port, out_dir)` loads the model of a vdit run folder or a diffusers Wan
+pipeline folder (as `vdit sample` does), then answers on http://HOST:PORT/ (stdlib
+`http.server`, one thread per connection):
+  GET  /                 the page (vdit/serve_page.py)
+  POST /api/generate     JSON {prompt, negative_prompt, image (data: URL or ""), frames, size
+                         ("HxW"), steps, guidance, seed} -> {"id"}; a bad request is 400 with
+                         {"error": message naming the field}, checked before it is queued
+  GET  /api/jobs/ID      {id, state (queued|running|done|error), phase, progress in [0, 1],
+                         position (jobs ahead when queued), error, video (URL when done), ...}
+  GET  /api/jobs         the recent jobs, newest first
+  GET  /videos/NAME.mp4  a result (byte ranges honoured, so the browser can seek)
+Requests run one at a time on a worker thread in arrival order (the model is never used by two at
+once). Sampling is one compiled loop, so progress within it is an estimate: the fraction of the
+previous job's sampling time at the same shape and steps that has elapsed (capped below 1); the
+phases around it (text, sampling, writing) are exact.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from argparse import Namespace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+from PIL import Image
+
+from vdit.data import video_io
+from vdit.sample_cli import SampleJob, load_generator, parse_size
+from vdit.serve_page import PAGE
+
+log = logging.getLogger(__name__)
+MAX_STEPS = 500
+MAX_RECENT = 20
+
+
+@dataclasses.dataclass
+class Job:
+    id: str
+    params: dict
+    job: SampleJob
+    image: str | None
+    state: str = "queued"
+    phase: str = "queued"
+    progress: float = 0.0
+    error: str = ""
+    video: str = ""
+    created: float = dataclasses.field(default_factory=time.time)
+    seconds: float = 0.0
+
+    def public(self, position: int) -> dict:
+        return {"id": self.id, "state": self.state, "phase": self.phase,
+                "progress": round(self.progress, 3), "position": position, "error": self.error,
+                "video": self.video, "seconds": round(self.seconds, 2), **self.params}
+
+
+class Studio:
+    """The loaded model, the queue and the jobs; `submit` validates, the worker thread samples."""
+
+    def __init__(self, workdir: str, out_dir: str):
+        self.workdir, self.out_dir = workdir, out_dir
+        os.makedirs(out_dir, exist_ok=True)
+        self.gen, self.kind = load_generator(workdir)
+        if self.gen.text_model is None:
+            raise ValueError(f"{workdir} has no text encoder (text_encoder/ + tokenizer/): "
+                             "vdit serve needs one to encode prompts")
+        self.defaults = self.gen.defaults
+        self.jobs: dict[str, Job] = {}
+        self._order: list[str] = []
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._lock = threading.Lock()
+        self._timing: dict[tuple, float] = {}  # (frames, h, w, steps) -> last sampling seconds
+        self._worker = threading.Thread(target=self._work, daemon=True, name="vdit-serve-worker")
+        self._worker.start()
+
+    # ---------------------------------------------------------------- requests
+    def submit(self, body: dict) -> str:
+        """Checks a request (ValueError naming the field) and queues it; returns the job id."""
+        params = self._params(body)
+        image = _save_image(body.get("image") or "", self.out_dir)
+        args = Namespace(workdir=self.workdir, size=params["size"], fps=None, video=None,
+                         frames=params["frames"], image=image, steps=params["steps"],
+                         guidance=params["guidance"], negative_prompt=params["negative_prompt"],
+                         mode="restyle", motion=None, strength=0.7, last_image=None,
+                         context_frames=None)
+        job = SampleJob(self.gen, self.kind, args)  # frames 1+4k, size multiples, I2V needs
+        with self._lock:
+            job_id = f"{len(self._order) + 1:04d}"
+            self.jobs[job_id] = Job(job_id, params, job, image)
+            self._order.append(job_id)
+        self._queue.put(job_id)
+        return job_id
+
+    def _params(self, body: dict) -> dict:
+        if not isinstance(body, dict):
+            raise ValueError("the request body must be a JSON object")
+        prompt = str(body.get("prompt", "")).strip()
+        if not prompt:
+            raise ValueError("prompt: type what the video should show")
+        d = self.defaults
+        size = str(body.get("size") or f"{d.get('height', 64)}x{d.get('width', 64)}").strip()
+        parse_size(size)  # "--size ...: expected HEIGHTxWIDTH"
+        return {"prompt": prompt, "negative_prompt": str(body.get("negative_prompt", "")).strip(),
+                "frames": _number(body, "frames", int, d.get("frames", 17), 1, 1000),
+                "size": size, "steps": _number(body, "steps", int, d.get("steps", 20), 1, MAX_STEPS),
+                "guidance": _number(body, "guidance", float, d.get("guidance", 5.0), 0.0, 100.0),
+                "seed": _number(body, "seed", int, 0, 0, 2**31 - 1),
+                "first_image": bool(body.get("image"))}
+
+    def status(self, job_id: str) -> dict | None:
+        with self._lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return None
+            ahead = [j for j in self._order if self.jobs[j].state == "queued"]
+            position = ahead.index(job_id) if job.state == "queued" else 0
+            return job.public(position)
+
+    def recent(self) -> list[dict]:
+        ids = list(reversed(self._order))[:MAX_RECENT]
+        return [s for s in (self.status(i) for i in ids) if s is not None]
+
+    # ---------------------------------------------------------------- worker
+    def _work(self) -> None:
+        while True:
+            job = self.jobs[self._queue.get()]
+            start = time.perf_counter()
+            job.state = "running"
+            try:
+                self._run(job)
+                job.state, job.phase, job.progress = "done", "done", 1.0
+            except Exception as e:  # noqa: BLE001 - a failed job is reported on the page, never fatal
+                log.exception("vdit serve: job %s failed", job.id)
+                job.state, job.phase, job.error = "error", "failed", f"{type(e).__name__}: {e}"
+            job.seconds = time.perf_counter() - start
+
+    def _run(self, job: Job) -> None:
+        p = job.params
+        key = (p["frames"], p["size"], p["steps"])
+        expected = self._timing.get(key)
+        job.phase, job.progress = "sampling", 0.05
+        done = threading.Event()
+        ticker = threading.Thread(target=_tick, args=(job, expected, done), daemon=True)
+        ticker.start()
+        t0 = time.perf_counter()
+        try:
+            video = job.job.run([p["prompt"]], [p["seed"]])[0]
+        finally:
+            done.set()
+        self._timing[key] = time.perf_counter() - t0
+        job.phase, job.progress = "writing", 0.95
+        name = f"{job.id}.mp4"
+        video_io.write_video(os.path.join(self.out_dir, name), video, job.job.fps)
+        job.video = f"/videos/{name}"
+
+
+def _tick(job: Job, expected: float | None, done: threading.Event) -> None:
+    """Advances the sampling estimate (5% -> 90%) against the previous run's seconds."""
+    t0 = time.perf_counter()
+    while not done.wait(0.2):
+        if expected:
+            job.progress = 0.05 + 0.85 * min(0.99, (time.perf_counter() - t0) / expected)
+        else:  # first run at this shape (includes compiling): creep towards 90%
+            job.progress = 0.05 + 0.85 * (1 - 1 / (1 + (time.perf_counter() - t0) / 20))
+
+
+def _number(body: dict, key: str, kind, default, low, high):
+    value = body.get(key)
+    if value is None or value == "":
+        return kind(default)
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        kind_name = "an integer" if kind is int else "a number"
+        raise ValueError(f"{key}: {value!r} is not {kind_name}") from None
+    if not low <= number <= high:
+        raise ValueError(f"{key}: {number} is out of range [{low}, {high}]")
+    return number
+
+
+def _save_image(data_url: str, out_dir: str) -> str | None:
+    """A data: URL from the page -> a PNG file under out_dir/inputs (None when no image)."""
+    if not data_url:
+        return None
+    head, _, payload = data_url.partition(",")
+    if not head.startswith("data:image/") or ";base64" not in head:
+        raise ValueError("first image: expected an image file (PNG, JPEG, ...)")
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(payload, validate=True))) as img:
+            pixels = np.asarray(img.convert("RGB"))
+    except Exception as e:  # noqa: BLE001 - PIL raises several types for a bad file
+        raise ValueError(f"first image: cannot read it as an image ({type(e).__name__}: {e})") from e
+    folder = os.path.join(out_dir, "inputs")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{time.time_ns()}.png")
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+class Handler(BaseHTTPRequestHandler):
+    studio: Studio  # set on the subclass that make_server builds
+
+    def log_message(self, fmt, *args):  # quiet by default: the logger, not stderr lines
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    def _send(self, status: int, body: bytes, content_type: str, extra: dict | None = None):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, value) -> None:
+        self._send(status, json.dumps(value).encode(), "application/json")
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        path = self.path.split("?")[0]
+        if path == "/":
+            self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+        elif path == "/api/jobs":
+            self._json(200, {"jobs": self.studio.recent(), "model": self.studio.workdir,
+                             "defaults": _jsonable(self.studio.defaults)})
+        elif path.startswith("/api/jobs/"):
+            status = self.studio.status(path.rsplit("/", 1)[1])
+            self._json(200 if status else 404, status or {"error": "no such job"})
+        elif path.startswith("/videos/"):
+            self._video(path.rsplit("/", 1)[1])
+        else:
+            self._json(404, {"error": f"no page {path}"})
+
+    do_HEAD = do_GET
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        if self.path != "/api/generate":
+            return self._json(404, {"error": f"no endpoint {self.path}"})
+        try:
+            length = int(self.headers.get("Content-Length", 0))
+            body = json.loads(self.rfile.read(length) or b"{}")
+            job_id = self.studio.submit(body)
+        except json.JSONDecodeError as e:
+            return self._json(400, {"error": f"the request is not JSON: {e}"})
+        except (ValueError, FileNotFoundError) as e:
+            return self._json(400, {"error": str(e)})
+        self._json(202, {"id": job_id})
+
+    def _video(self, name: str) -> None:
+        path = os.path.join(self.studio.out_dir, name)
+        if not name.endswith(".mp4") or "/" in name or not os.path.isfile(path):
+            return self._json(404, {"error": f"no video {name}"})
+        with open(path, "rb") as f:
+            data = f.read()
+        start, end = 0, len(data) - 1
+        ranged = self.headers.get("Range", "")
+        if ranged.startswith("bytes="):
+            first, _, last = ranged[6:].partition("-")
+            start = int(first) if first else max(0, len(data) - int(last))
+            end = int(last) if first and last else end
+            return self._send(206, data[start:end + 1], "video/mp4", {
+                "Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"})
+        self._send(200, data, "video/mp4", {"Accept-Ranges": "bytes"})
+
+
+def _jsonable(values: dict) -> dict:
+    return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in values.items()}
+
+
+def make_server(studio: Studio, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """The HTTP server for `studio` (port 0 picks a free one: see `server.server_address`)."""
+    handler = type("StudioHandler", (Handler,), {"studio": studio})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def run_cli(args) -> int:
+    """The body of `vdit serve`: load once, serve until interrupted."""
+    out = args.out or os.path.join(args.workdir, "serve")
+    studio = Studio(args.workdir, out)
+    server = make_server(studio, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"vdit serve: {studio.kind} model from {args.workdir}; open http://{host}:{port}/ "
+          f"(videos in {os.path.abspath(out)}; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
