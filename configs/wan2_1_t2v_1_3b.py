@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
         eps=1e-6,
         rope_max_seq_len=1024,
         dtype="bfloat16",
-        attention="auto",  # cudnn on GPU, splash on TPU, xla on CPU
+        attention="auto",  # block_sparse on GPU and TPU, xla on CPU
         remat="save_dots",
     ))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))

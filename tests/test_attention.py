@@ -45,8 +45,6 @@ def test_fully_masked_rows_stay_finite_in_xla():
 
 def test_auto_is_xla_on_cpu():
     assert attn.resolve_backend("auto", "cpu") == "xla"
-    assert attn.resolve_backend("auto", "gpu") == "cudnn"
-    assert attn.resolve_backend("auto", "tpu") == "splash"
 
 
 @pytest.mark.parametrize("backend,need", [("cudnn", "GPU"), ("splash", "TPU")])

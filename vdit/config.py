@@ -17,7 +17,7 @@ import ml_collections
 
 OVERRIDE_PREFIX = "--config."
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
-ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash")
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash", "block_sparse")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn")
 TEXT_KINDS = ("byte", "word", "umt5")
 DTYPES = ("float32", "bfloat16", "float16")

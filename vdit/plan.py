@@ -21,6 +21,9 @@ Nothing real is allocated and nothing runs; the method (printed with --explain):
   clipping, AdamW, EMA temporaries) as a multiple of the proxy's parameter bytes, applied to the
   plan's parameter bytes.
 
+* attention FLOPs (`vdit/plan_attention.py`): a row of clips of --clip-tokens, forward and backward,
+  with the block_sparse kernels' skip at each kernel's blocks, against a dense kernel.
+
 Caveats: the proxy is compiled by this machine's backend (CPU unless run on an accelerator); CPU
 upcasts some bfloat16 math and fuses differently from TPU/GPU, and fused kernels' on-chip scratch
 is not counted. Treat the total as an estimate and keep headroom (XLA also reserves some memory).
@@ -49,6 +52,7 @@ from vdit.parallel.mesh import (
     resolve_axis_sizes,
     split_mesh_config,
 )
+from vdit.plan_attention import attention_cost, format_cost
 
 log = logging.getLogger(__name__)
 GIB = 2 ** 30
@@ -90,6 +94,9 @@ def add_plan_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, help="global rows per step (default: config.data."
                         "rows_per_batch, else one per data x fsdp shard)")
     parser.add_argument("--text-len", dest="text_len", type=int, help="text tokens per row")
+    parser.add_argument("--clip-tokens", dest="clip_tokens", type=int,
+                        help="tokens per clip packed in a row, for the attention cost (default: "
+                        "config.data's frames x height x width clip, else the whole row)")
     parser.add_argument("--proxy-layers", dest="proxy_layers", default="2,3",
                         help="two layer counts the proxy is compiled with, e.g. 2,3")
     parser.add_argument("--proxy-devices", dest="proxy_devices", type=int, default=8,
@@ -334,12 +341,28 @@ def run_cli(args) -> int:
     if args.explain:
         print(__doc__)
     print(format_plan(plan, args.config, args.hbm_gb))
+    cost = attention_cost(config.model, problem.rows, problem.tokens,
+                          clip_tokens_of(config, args, problem), problem.text_len)
+    print(format_cost(cost))
     if args.json:
         fits = None if not args.hbm_gb else plan.total <= args.hbm_gb * GIB
         print(json.dumps({"devices": devices, "mesh": plan.mesh, "bytes": plan.bytes,
                           "total": plan.total, "fits": fits,
-                          "problem": dataclasses.asdict(problem), "counts": plan.counts}))
+                          "problem": dataclasses.asdict(problem), "counts": plan.counts,
+                          "attention": cost}))
     return 0
+
+
+def clip_tokens_of(config, args, problem: Problem) -> int:
+    """--clip-tokens, else the clip of config.data (frames, height, width), else the whole row."""
+    if getattr(args, "clip_tokens", None):
+        if args.clip_tokens < 1:
+            raise ValueError(f"--clip-tokens={args.clip_tokens}: expected >= 1")
+        return int(args.clip_tokens)
+    data = config.get("data", {})
+    if not (args.tokens or args.frames) and all(k in data for k in ("frames", "height", "width")):
+        return tokens_per_row(config, int(data.frames), int(data.height), int(data.width))
+    return problem.tokens
 
 
 def _proxy_layers(text: str) -> tuple[int, int]:

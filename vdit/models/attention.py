@@ -11,7 +11,13 @@ Backends:
   "splash" Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) with its
            native segment ids; TPU only. Under a mesh it runs per device in `shard_map`, batch and
            heads split as the logical rules map `activation_batch` / `activation_heads`.
-  "auto"   cudnn on GPU, splash on TPU, xla elsewhere.
+  "block_sparse"  segment-aware flash attention that computes only the (query block, key block)
+           pairs whose segments meet (`attention_blocks.py`): a Pallas Mosaic kernel on TPU
+           (`attention_pallas_tpu.py`), a Pallas Triton kernel on GPU (`attention_pallas_gpu.py`);
+           no dense mask. A packed row then costs about what its videos cost alone. Under a mesh
+           it runs per device like splash.
+  "auto"   cudnn on GPU, splash on TPU, xla elsewhere. block_sparse is proven exact in Pallas
+           interpret mode only; `auto` moves to it once it has compiled and been timed on a device.
   "memory_proxy"  no real math: a stand-in with a fused kernel's memory footprint (O(S) residuals,
            no S x L logits), for `vdit plan` to cost memory by compiling on CPU.
 
@@ -31,10 +37,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
-BACKENDS = ("xla", "cudnn", "splash", "auto", "memory_proxy")
-_PLATFORM_OF = {"cudnn": "gpu", "splash": "tpu"}
+from vdit.models import attention_blocks
+from vdit.models import attention_pallas_gpu as pallas_gpu
+from vdit.models import attention_pallas_tpu as pallas_tpu
+
+BACKENDS = ("xla", "cudnn", "splash", "block_sparse", "auto", "memory_proxy")
+_PLATFORM_OF = {"cudnn": ("gpu",), "splash": ("tpu",), "block_sparse": ("gpu", "tpu")}
+# Block sizes of the block_sparse kernels per platform (query, key): TPU blocks are multiples of
+# 128 lanes; Triton blocks are powers of two. Smaller blocks skip more finely, larger ones run
+# closer to peak; these are the usual flash-attention tiles. Keys shorter than the queries (the
+# packed text of cross-attention: tens of tokens per clip) take the finer key block below.
+BLOCK_SPARSE_BLOCKS = {"tpu": (512, 512), "gpu": (64, 64)}
+BLOCK_SPARSE_SHORT_KV = {"tpu": 128, "gpu": 32}
 # A finite "minus infinity": a fully masked row then softmaxes to finite values, not NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
@@ -48,10 +65,11 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
     if backend == "auto":
         return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
     need = _PLATFORM_OF.get(backend)
-    if need is not None and platform != need:
+    if need is not None and platform not in need:
         raise RuntimeError(
-            f"attention backend {backend!r} (config.model.attention) needs a {need.upper()}, but "
-            f"JAX is running on {platform!r}; use 'xla' or 'auto' on this machine")
+            f"attention backend {backend!r} (config.model.attention) needs a "
+            f"{' or '.join(n.upper() for n in need)}, but JAX is running on {platform!r}; use "
+            "'xla' or 'auto' on this machine")
     return backend
 
 
@@ -78,7 +96,10 @@ def local_attention(q, k, v, q_segment_ids, kv_segment_ids, backend: str, shard:
     if backend == "memory_proxy":
         from vdit.models.attention_proxy import proxy_attention
 
-        return proxy_attention(q, k, v, q_segment_ids, kv_segment_ids)
+        return proxy_attention(q, k, v, q_segment_ids, kv_segment_ids,
+                               blocks=BLOCK_SPARSE_BLOCKS["gpu"])
+    if backend == "block_sparse":
+        return block_sparse_attention(q, k, v, q_segment_ids, kv_segment_ids, shard=shard)
     return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, shard=shard)
 
 
@@ -134,15 +155,73 @@ def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, interpret: bool 
     qp = qp * jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)  # splash does not scale logits
     kernel_fn = functools.partial(_splash_per_device, sizes=(s_pad, l_pad, q.shape[2], bq, bkv),
                                   interpret=interpret)
+    return _per_device(kernel_fn, (qp, kp, vp, q_seg, kv_seg), shard)[:, :s]
+
+
+def _per_device(kernel_fn, args, shard: bool):
+    """Runs `kernel_fn(q, k, v, q_seg, kv_seg)` per device under a mesh (batch and heads split as
+    the logical rules say), or directly without one or when `shard` is False."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not shard:
-        out = kernel_fn(qp, kp, vp, q_seg, kv_seg)
+        return kernel_fn(*args)
+    spec = nn.logical_to_mesh_axes(("activation_batch", None, "activation_heads", None))
+    seg_spec = PartitionSpec(spec[0], None)
+    return jax.shard_map(kernel_fn, mesh=mesh, in_specs=(spec, spec, spec, seg_spec, seg_spec),
+                         out_specs=spec, check_vma=False)(*args)
+
+
+def block_sparse_attention(q, k, v, q_segment_ids, kv_segment_ids, *, platform: str | None = None,
+                           interpret: bool = False, blocks: tuple[int, int] | None = None,
+                           shard: bool = True):
+    """The block-sparse kernels; sequences are padded to block multiples with ids that meet nothing.
+
+    `platform` picks the kernel ("tpu": Mosaic, "gpu": Triton; default: the running one),
+    `interpret=True` runs it in the Pallas interpreter (any machine; tests use it), `blocks`
+    overrides `BLOCK_SPARSE_BLOCKS[platform]`, `shard=False` skips the shard_map.
+    """
+    platform = platform or jax.default_backend()
+    if platform not in BLOCK_SPARSE_BLOCKS:
+        raise ValueError(f"block_sparse attention has kernels for {tuple(BLOCK_SPARSE_BLOCKS)}, "
+                         f"not {platform!r}")
+    s, l_len, d = q.shape[1], k.shape[1], q.shape[-1]
+    bq, bkv = block_sparse_blocks(platform, s, l_len, blocks)
+    s_pad, l_pad = _round_up(s, bq), _round_up(l_len, bkv)
+    q_seg = attention_blocks.pad_ids(q_segment_ids, s_pad)  # -1: meets nothing
+    kv_seg = attention_blocks.pad_ids(kv_segment_ids, l_pad)
+    qp, kp, vp = (_pad_axis1(x, n, 0) for x, n in ((q, s_pad), (k, l_pad), (v, l_pad)))
+    if platform == "gpu":  # Triton's dot wants a power-of-two head width >= 16: zero-pad it
+        d_pad = max(16, pl.next_power_of_2(d))
+        qp, kp, vp = (jnp.pad(x, ((0, 0),) * 3 + ((0, d_pad - d),)) for x in (qp, kp, vp))
+        kernel_fn = functools.partial(pallas_gpu.block_sparse_attention, block_q=bq, block_kv=bkv,
+                                      scale=1.0 / np.sqrt(d), interpret=interpret)
     else:
-        spec = nn.logical_to_mesh_axes(("activation_batch", None, "activation_heads", None))
-        seg_spec = PartitionSpec(spec[0], None)
-        out = jax.shard_map(kernel_fn, mesh=mesh, in_specs=(spec, spec, spec, seg_spec, seg_spec),
-                            out_specs=spec, check_vma=False)(qp, kp, vp, q_seg, kv_seg)
-    return out[:, :s]
+        kernel_fn = functools.partial(_tpu_heads_major, block_q=bq, block_kv=bkv,
+                                      interpret=interpret)
+    return _per_device(kernel_fn, (qp, kp, vp, q_seg, kv_seg), shard)[:, :s, :, :d]
+
+
+def _tpu_heads_major(q, k, v, q_seg, kv_seg, **kwargs):
+    """[B, S, H, Dh] -> the TPU kernel's [B, H, S, Dh] and back."""
+    t = lambda x: x.swapaxes(1, 2)  # noqa: E731
+    return t(pallas_tpu.block_sparse_attention(t(q), t(k), t(v), q_seg, kv_seg, **kwargs))
+
+
+def block_sparse_blocks(platform: str, s: int, l_len: int,
+                        blocks: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(query block, key block) of the block_sparse kernel on `platform` for S queries, L keys.
+
+    `blocks` overrides the platform's; keys shorter than the queries take the finer key block;
+    a block longer than its (aligned) sequence shrinks to it.
+    """
+    bq, bkv = blocks or BLOCK_SPARSE_BLOCKS[platform]
+    if l_len < s:
+        bkv = min(bkv, BLOCK_SPARSE_SHORT_KV[platform])
+
+    def fit(block, n):
+        if platform == "gpu":
+            return min(block, max(16, pl.next_power_of_2(n)))
+        return min(block, _round_up(n, min(block, 128)))
+    return fit(bq, s), fit(bkv, l_len)
 
 
 def _splash_per_device(q, k, v, q_seg, kv_seg, *, sizes, interpret):

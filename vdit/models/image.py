@@ -97,7 +97,7 @@ class CLIPVisionEncoder(nn.Module):
 
     Fields are transformers' CLIPVisionConfig names; `projection_dim=None` is `CLIPVisionModel`
     (no `image_embeds`), an int adds `CLIPVisionModelWithProjection`'s projection. `attention`
-    is a backend of `vdit.models.attention` ("xla", "cudnn", "splash", "auto"); `dtype` is the
+    is a backend of `vdit.models.attention` ("xla", "cudnn", "splash", "block_sparse", "auto"); `dtype` is the
     compute dtype (params and outputs are float32).
     """
 

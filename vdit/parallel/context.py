@@ -7,7 +7,7 @@ numbers as one device, segment masks intact), run per device in `jax.shard_map`:
 
   ulysses       (DeepSpeed-Ulysses) an all-to-all turns each device's `[B, S/P, H, Dh]` q, k, v
                 into `[B, S, H/P, Dh]`: the whole sequence for a slice of the heads. The segment
-                ids are all-gathered, the ordinary per-device kernel (xla / cudnn / splash) runs,
+                ids are all-gathered, the ordinary per-device kernel (any backend) runs,
                 and a second all-to-all returns the output to token shards. Needs the per-device
                 heads (after the `tensor` split) divisible by P. Traffic: four all-to-alls of a
                 device's own q-sized shard, independent of P.
