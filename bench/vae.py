@@ -56,6 +56,11 @@ from diffusers import AutoencoderKLWan  # noqa: E402
 from vdit.convert.wan_vae import params_from_torch  # noqa: E402
 from vdit.models.vae_config import vae_from_config  # noqa: E402
 
+# diffusers AutoencoderKLWan arguments per VAE layout, on top of the size flags.
+LAYOUTS = {"wan2.1": {},
+           "wan2.2": dict(is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+                          scale_factor_spatial=16)}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -65,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--base-dim", type=int, default=32)
     p.add_argument("--z-dim", type=int, default=4)
     p.add_argument("--num-res-blocks", type=int, default=1)
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="wan2.1",
+                   help="wan2.2: residual blocks and 2x2 patching (16x spatial), z-dim 48 advised")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
@@ -141,8 +148,11 @@ def diffusers_runner(ref, op: str, x: torch.Tensor):
 
 def build_models(args):
     torch.manual_seed(args.seed)
+    layout = dict(LAYOUTS[args.layout])
+    if args.layout != "wan2.1":  # diffusers' default statistics have Wan2.1's 16 channels
+        layout.update(latents_mean=[0.0] * args.z_dim, latents_std=[1.0] * args.z_dim)
     ref = AutoencoderKLWan(base_dim=args.base_dim, z_dim=args.z_dim,
-                           num_res_blocks=args.num_res_blocks).eval()
+                           num_res_blocks=args.num_res_blocks, **layout).eval()
     vae = vae_from_config(dict(ref.config))
     params = params_from_torch(vae, {k: v.numpy() for k, v in ref.state_dict().items()}, "bench")
     return ref, vae, jax.device_put(params)
@@ -163,7 +173,7 @@ def time_all(args) -> list[dict]:
             run_vdit, facts = vdit_runner(vae, params, op, jax.device_put(x))
             want = run_ref()
             err = float(np.linalg.norm(run_vdit() - want) / np.linalg.norm(want))
-            common = dict(bench="vae", op=op, frames=frames, height=args.height,
+            common = dict(bench="vae", layout=args.layout, op=op, frames=frames, height=args.height,
                           width=args.width, base_dim=args.base_dim, threads=args.threads)
             rows.append(dict(common, impl="vdit", backend=jax.default_backend(),
                              seconds=median_seconds(run_vdit, args.repeats), **facts,
@@ -176,10 +186,11 @@ def time_all(args) -> list[dict]:
 def diffusers_rss(args, op: str, frames: int) -> float:
     """In a fresh process: RSS growth of one diffusers call (median of 3, after a warm-up)."""
     return_freed_memory_to_os()
-    ref, _, _ = build_models(args)
+    ref, vae, _ = build_models(args)
     latent_frames = 1 + (frames - 1) // 4
+    f = vae.spatial_factor
     shape = ((1, 3, frames, args.height, args.width) if op == "encode" else
-             (1, args.z_dim, latent_frames, args.height // 8, args.width // 8))
+             (1, args.z_dim, latent_frames, args.height // f, args.width // f))
     run = diffusers_runner(ref, op, torch.randn(shape))
     run()
     return statistics.median(rss_peak_delta(run) for _ in range(3))
@@ -188,6 +199,7 @@ def diffusers_rss(args, op: str, frames: int) -> float:
 def rss_in_child(args, op: str, frames: int) -> float:
     flags = ["--height", args.height, "--width", args.width, "--base-dim", args.base_dim,
              "--z-dim", args.z_dim, "--num-res-blocks", args.num_res_blocks, "--seed", args.seed,
+             "--layout", args.layout,
              "--threads", args.threads, "--rss-child", op, frames]
     done = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, flags)],
                           capture_output=True, text=True, check=True)

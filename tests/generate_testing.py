@@ -73,6 +73,27 @@ def t2v_pipeline(folder: str, scheduler: str = "unipc", with_text: bool = False,
     return pipe
 
 
+# Wan2.2 TI2V-5B's shape at toy size: the 2.2 VAE (residual, 2x2 patches, 16x spatial), latents
+# of Z22 channels straight into the DiT, per-token timesteps (`expand_timesteps`).
+Z22 = 6
+VAE22 = dict(base_dim=8, decoder_base_dim=12, z_dim=Z22, num_res_blocks=1, is_residual=True,
+             patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16,
+             latents_mean=[0.2, -0.1, 0.0, 0.4, -0.3, 0.1],
+             latents_std=[1.2, 0.8, 1.5, 0.9, 1.1, 2.0])
+
+
+def ti2v_pipeline(folder: str, scheduler: str = "unipc") -> WanPipeline:
+    """A saved Wan2.2-TI2V-shaped text-to-video pipeline (expand_timesteps=True)."""
+    torch.manual_seed(5)
+    vae = AutoencoderKLWan(**VAE22).eval()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae,
+                       scheduler=SCHEDULERS[scheduler](),
+                       transformer=tiny_transformer(4, in_channels=Z22, out_channels=Z22),
+                       expand_timesteps=True)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
 def add_text_encoder(folder: str) -> None:
     from text_testing import torch_encoder, write_word_tokenizer
 

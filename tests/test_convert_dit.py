@@ -77,6 +77,32 @@ def test_dense_parity_and_round_trip(name, tmp_path, monkeypatch):
     assert tuple(back.config.patch_size) == CONFIGS[name]["patch_size"]
 
 
+def test_per_token_timesteps_match_diffusers(tmp_path):
+    """Wan2.2 TI2V's `expand_timesteps`: a [B, N] timestep per patch token, the first latent
+    frame's tokens at 0 (a clean image) and the rest at the step's t, in diffusers' token order."""
+    ref, folder = _reference("a", tmp_path)
+    dit, params = wan_dit.load_transformer(folder)
+    latents, _, context = _inputs("a", CONFIGS["a"])
+    b, t, h, w = LATENTS["a"]
+    per_frame = (h // 2) * (w // 2)  # tokens per latent frame with (1, 2, 2) patches
+    timesteps = np.repeat(np.array([[0.0], [731.0]], np.float32), t * per_frame, axis=1)
+    timesteps[1, :per_frame] = 0.0  # row 1 as I2V: a clean first frame; row 0 all clean
+    timesteps[0, per_frame:] = 212.0
+    ours = np.asarray(dit.apply({"params": params}, latents, timesteps, context))
+    want = _torch_forward(ref, latents, timesteps, context)
+    rel = np.linalg.norm(ours - want) / np.linalg.norm(want)
+    print(f"per-token timesteps: relative error {rel:.2e}")
+    assert rel < 1e-4, rel
+    # one timestep per row is the special case of equal per-token ones
+    flat = np.array([3.5, 917.0], np.float32)
+    same = dit.apply({"params": params}, latents, np.repeat(flat[:, None], t * per_frame, 1),
+                     context)
+    np.testing.assert_allclose(same, dit.apply({"params": params}, latents, flat, context),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"per token \[B=2, N=18\]"):
+        dit.apply({"params": params}, latents, timesteps[:, :5], context)
+
+
 def test_builder_from_config_matches_loaded_module(tmp_path):
     _, folder = _reference("a", tmp_path)
     dit, _ = wan_dit.load_transformer(folder, dtype="float32", remat="full")

@@ -14,7 +14,14 @@ from safetensors.numpy import load_file, save_file
 from vae_reference import decode, encode, from_torch, reference_vae, rel_err, state_tensors, to_torch
 
 from vdit.config import load_config
-from vdit.convert.wan_vae import WEIGHTS_NAME, load_vae, params_from_torch, save_vae, torch_shapes
+from vdit.convert.wan_vae import (
+    WEIGHTS_NAME,
+    load_vae,
+    params_from_torch,
+    params_to_torch,
+    save_vae,
+    torch_shapes,
+)
 from vdit.models.vae_config import diffusers_config, vae_from_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -25,6 +32,11 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
     dict(base_dim=8, z_dim=4, num_res_blocks=3, dim_mult=[1, 2], temperal_downsample=[True]),
     dict(base_dim=6, decoder_base_dim=10, z_dim=3, dim_mult=[1, 3, 2, 2, 1],
          temperal_downsample=[False, True, False, True], in_channels=4, out_channels=2),
+    # Wan2.2's layout (residual blocks, 2x2 patches) at a reduced width, and an odd variant
+    dict(base_dim=16, decoder_base_dim=32, z_dim=48, is_residual=True, patch_size=2,
+         in_channels=12, out_channels=12, scale_factor_spatial=16),
+    dict(base_dim=4, z_dim=5, is_residual=True, patch_size=1, dim_mult=[1, 2, 2],
+         temperal_downsample=[True, False], num_res_blocks=3),
 ])
 def test_tensor_names_and_shapes_match_diffusers(config):
     vae = vae_from_config(config)
@@ -78,6 +90,27 @@ def test_save_then_load_round_trips_through_diffusers(saved):
     assert rel_err(mean, from_torch(dist.mean)) < 1e-4
     assert rel_err(logvar, from_torch(dist.logvar)) < 1e-4
     assert rel_err(decode(vae2, params2, from_torch(dist.mean)), out) < 1e-4
+
+
+def test_wan22_folder_loads_and_saves_back(tmp_path):
+    """A Wan2.2 VAE folder written by diffusers -> `wan.load_vae` -> `save_vae` -> diffusers again,
+    tensors bit-identical both ways (encode/decode parity is in test_vae.py)."""
+    ref = reference_vae("wan22", seed=3)
+    ref.save_pretrained(str(tmp_path / "in"))
+    vae, params = load_vae(str(tmp_path / "in"))
+    assert (vae.is_residual, vae.patch_size, vae.z_dim, vae.spatial_factor,
+            vae.video_channels) == (True, 2, 6, 16, 3)
+    want = state_tensors(ref)
+    assert all(np.array_equal(v, want[k]) for k, v in params_to_torch(vae, params).items())
+    save_vae(vae, params, str(tmp_path / "out"))
+    reloaded, info = AutoencoderKLWan.from_pretrained(str(tmp_path / "out"),
+                                                      output_loading_info=True)
+    assert not any(info.values()), info
+    assert {k: v for k, v in reloaded.config.items() if not k.startswith("_")} == \
+        {k: v for k, v in ref.config.items() if not k.startswith("_")}
+    got = state_tensors(reloaded)
+    assert sorted(got) == sorted(want)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
 def _copy_with(saved_folder, tmp_path, edit_tensors=None, edit_config=None):

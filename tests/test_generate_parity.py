@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from generate_testing import i2v_pipeline, t2v_pipeline, text_embeddings
+from generate_testing import Z22, i2v_pipeline, t2v_pipeline, text_embeddings, ti2v_pipeline
 from PIL import Image
 from vae_reference import from_torch, rel_err, to_torch
 
@@ -36,6 +36,26 @@ def test_text_to_video_matches_wan_pipeline(tmp_path):
                    return_dict=False)[0]
     err = rel_err(ours, from_torch(ref))
     print(f"t2v unipc: relative error {err:.2e}")
+    assert err < 1e-3, err
+
+
+def test_ti2v_text_to_video_matches_wan_pipeline(tmp_path):
+    """Wan2.2 TI2V-5B's layout (2.2 VAE, expand_timesteps) sampling text-to-video."""
+    pipe = ti2v_pipeline(str(tmp_path))
+    gen = Generator.from_diffusers(str(tmp_path))
+    assert gen.vae.spatial_factor == 16
+    ctx, neg = text_embeddings(1)
+    size = 64  # 4x4 latents at 16x
+    noise = np.random.default_rng(4).normal(size=(1, 3, 4, 4, Z22)).astype(np.float32)
+    ours = gen.text_to_video(ctx, neg, noise, steps=STEPS, guidance=GUIDANCE, output="latent")
+    with torch.no_grad():
+        ref = pipe(prompt_embeds=torch.from_numpy(ctx),
+                   negative_prompt_embeds=torch.from_numpy(neg),
+                   height=size, width=size, num_frames=FRAMES, num_inference_steps=STEPS,
+                   guidance_scale=GUIDANCE, latents=to_torch(noise), output_type="latent",
+                   return_dict=False)[0]
+    err = rel_err(ours, from_torch(ref))
+    print(f"ti2v t2v unipc: relative error {err:.2e}")
     assert err < 1e-3, err
 
 
@@ -106,6 +126,9 @@ def test_pipeline_folder_errors_are_named(tmp_path):
         Generator.from_diffusers(str(tmp_path))
     write({"_class_name": "WanPipeline", "boundary_ratio": 0.9})
     with pytest.raises(NotImplementedError, match="Wan2.2's two-stage"):
+        Generator.from_diffusers(str(tmp_path))
+    write({"_class_name": "WanImageToVideoPipeline", "expand_timesteps": True})
+    with pytest.raises(NotImplementedError, match="expand_timesteps=true with WanImageToVideo"):
         Generator.from_diffusers(str(tmp_path))
     write({"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]})
     (tmp_path / "transformer").mkdir()

@@ -46,14 +46,19 @@ def models():
     return out
 
 
-# Every clip length on Wan's layout; the first-chunk-only and longest cases on the other one
+# Non-square frames, a multiple of each layout's spatial factor.
+SIZES = {"wan": (16, 24), "custom": (16, 24), "wan22": (32, 48)}
+
+
+# Every clip length on Wan's layout; the first-chunk-only and longer cases on the others
 # (each case compiles encode and decode: keep the list short).
 @pytest.mark.parametrize("name, frames", [("wan", 1), ("wan", 5), ("wan", 9), ("wan", 17),
-                                          ("custom", 1), ("custom", 17)])
+                                          ("custom", 1), ("custom", 17),
+                                          ("wan22", 1), ("wan22", 9)])
 def test_encode_and_decode_match_diffusers(models, name, frames):
     ref, vae, params = models[name]
     rng = np.random.default_rng(frames)
-    video = rng.uniform(-1, 1, (2, frames, 16, 24, 3)).astype(np.float32)  # non-square
+    video = rng.uniform(-1, 1, (2, frames, *SIZES[name], 3)).astype(np.float32)
     with torch.no_grad():
         dist = ref.encode(to_torch(video)).latent_dist
     mean, logvar = encode(vae, params, video)
@@ -64,16 +69,18 @@ def test_encode_and_decode_match_diffusers(models, name, frames):
     with torch.no_grad():
         want = from_torch(ref.decode(to_torch(latents)).sample)
     got = decode(vae, params, latents)
-    assert got.shape == (2, frames, 16, 24, 3)
+    assert got.shape == (2, frames, *SIZES[name], 3)
     assert rel_err(got, want) < TOL
 
 
-def test_chunked_equals_whole_clip(models):
+@pytest.mark.parametrize("name", ["wan", "wan22"])
+def test_chunked_equals_whole_clip(models, name):
     """Chunked (scan, per-frame 2D conv taps) against whole-clip (one call, native 3D convs)."""
-    _, vae, params = models["wan"]
+    _, vae, params = models[name]
     whole_vae = vae.clone(conv_impl="native")
     rng = np.random.default_rng(0)
-    video = rng.uniform(-1, 1, (2, 9, 16, 24, 3)).astype(np.float32)  # shapes as above: reuses
+    # shapes as above: the chunked runs reuse those compilations
+    video = rng.uniform(-1, 1, (2, 9, *SIZES[name], 3)).astype(np.float32)
     chunked, whole = encode(vae, params, video, True), encode(whole_vae, params, video, False)
     for a, b in zip(chunked, whole):
         assert rel_err(a, b) < 1e-5
@@ -134,6 +141,21 @@ def test_tiling_matches_diffusers_and_stays_close_to_untiled(models):
     assert rel_err(decode(tiled, local, from_torch(dist.mean)), want) < 0.1
 
 
+def test_wan22_tiling_matches_diffusers(models):
+    """Wan2.2 tiles: encode tiles are cut from the patched frames, decode tiles sized by the full
+    16x factor (diffusers' conventions); two overlapping columns of tiles each way."""
+    ref, vae, params = models["wan22"]
+    tiles = dict(tile_sample_min_height=32, tile_sample_stride_height=32,
+                 tile_sample_min_width=32, tile_sample_stride_width=16)
+    tiled = vae.clone(use_tiling=True, **tiles)
+    video = np.random.default_rng(1).uniform(-1, 1, (1, 1, 32, 64, 3)).astype(np.float32)
+    dist, want = _run_reference(ref, video, tiles)
+    mean, logvar = encode(tiled, params, video)
+    assert rel_err(mean, from_torch(dist.mean)) < TOL
+    assert rel_err(logvar, from_torch(dist.logvar)) < TOL
+    assert rel_err(decode(tiled, params, from_torch(dist.mean)), want) < TOL
+
+
 def _shape_of(vae, method, shape):
     params = jax.eval_shape(lambda v: vae.init(jax.random.key(0), v),
                             jax.ShapeDtypeStruct((1, 1, 8, 8, 3), jnp.float32))["params"]
@@ -155,8 +177,9 @@ def test_bad_inputs_are_named(method, shape, message):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(is_residual=True), "Wan2.2"),
-    (dict(patch_size=2), "patch_size"),
+    (dict(is_residual=True, dim_mult=[1, 3, 2, 2]), "encoder stage 1 goes 8 -> 24"),
+    (dict(patch_size=2), "in_channels=3 with patch_size=2"),
+    (dict(patch_size=0), "patch_size=0"),
     (dict(attn_scales=[0.5]), "attn_scales"),
     (dict(temperal_downsample=[True]), "expected 3"),
     (dict(temperal_downsample=[True, True, True]), "at most 2"),

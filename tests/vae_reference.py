@@ -7,13 +7,17 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-# Two layouts: Wan2.1's own stage/time layout (spatial 8x, time 4x), and a non-default one
-# (3 stages, spatial 4x, time 2x in the first stage only, separate decoder width, 2 res blocks).
+# Three layouts: Wan2.1's own stage/time layout (spatial 8x, time 4x); a non-default one (3 stages,
+# spatial 4x, time 2x in the first stage only, separate decoder width, 2 res blocks); and Wan2.2's
+# (residual blocks, 2x2 patching: spatial 16x, time 4x, 12 patched channels, separate decoder width).
 CONFIGS = {
     "wan": dict(base_dim=8, z_dim=4, num_res_blocks=1),
     "custom": dict(base_dim=12, decoder_base_dim=8, z_dim=4, dim_mult=[1, 2, 3],
                    num_res_blocks=2, temperal_downsample=[True, False],
                    scale_factor_spatial=4, scale_factor_temporal=2),
+    "wan22": dict(base_dim=8, decoder_base_dim=12, z_dim=6, num_res_blocks=1, is_residual=True,
+                  patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16,
+                  latents_mean=[0.0] * 6, latents_std=[1.0] * 6),
 }
 
 

@@ -59,7 +59,7 @@ def _torch_shape(path: tuple[str, ...], shape: tuple) -> tuple:
 def param_shapes(vae: WanVAE) -> dict[tuple[str, ...], tuple]:
     """Our parameter paths -> shapes, from an abstract init (no compute, no memory)."""
     f = vae.spatial_factor
-    video = jax.ShapeDtypeStruct((1, 1, f, f, vae.in_channels), jnp.float32)
+    video = jax.ShapeDtypeStruct((1, 1, f, f, vae.video_channels), jnp.float32)
     abstract = jax.eval_shape(lambda v: vae.init(jax.random.key(0), v), video)
     params = flax.core.meta.unbox(abstract["params"])
     return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(params).items()}

@@ -7,7 +7,9 @@ Two ways to call one module `WanDiT` (same parameters):
       v = dit.apply({"params": p}, latents, timesteps, context)
       latents `[B, T', H', W', C_in]`, timesteps `[B]` in [0, 1000), context `[B, L, text_dim]`
       -> `[B, T', H', W', C_out]`. It patchifies, runs `packed` with one segment per row (every
-      text token visible), and unpatchifies.
+      text token visible), and unpatchifies. Timesteps may also be per token, `[B, N]` over the
+      N patch tokens in (t, h, w) order: Wan2.2 TI2V's `expand_timesteps` (clean image tokens
+      at 0), as diffusers' transformer takes a 2D timestep.
 
   packed (DESIGN section 3), `method="packed"`:
       out = dit.apply({"params": p}, tokens, positions, segment_ids, timesteps, context,
@@ -19,6 +21,8 @@ Two ways to call one module `WanDiT` (same parameters):
       context_segment_ids `[B, L]` (0 = padding) -> `[B, S, pt*ph*pw*C_out]`.
       Self-attention stays within a segment, cross-attention sees only the segment's own text,
       and adaLN modulation uses the segment's timestep. Padding tokens give finite garbage.
+      Optional `time_ids [B, S]` (1..K) pick each token's timestep column instead of its segment
+      id, so tokens of one segment can sit at different noise levels (TI2V's clean first frame).
 
 Image-conditioned models (Wan2.1 I2V / FLF2V: `image_dim` and `added_kv_proj_dim` set) take
 `image_context [B, N, image_dim]` (CLIP penultimate features; N = pos_embed_seq_len when that is
@@ -132,27 +136,34 @@ class WanDiT(nn.Module):
             raise ValueError(f"latents must be [B, T', H', W', C={self.in_channels}] "
                              f"(config.model.in_channels), got shape {tuple(latents.shape)}")
         b = latents.shape[0]
-        if jnp.shape(timesteps) != (b,):
-            raise ValueError(f"timesteps must be [B={b}], got shape {jnp.shape(timesteps)}")
         grid = patches.grid_shape(latents.shape[1:], self.patch_size)
         tokens = patches.patchify_batch(latents, self.patch_size)
         n = tokens.shape[1]
+        if jnp.shape(timesteps) not in ((b,), (b, n)):
+            raise ValueError(f"timesteps must be [B={b}] or per token [B={b}, N={n}], got shape "
+                             f"{jnp.shape(timesteps)}")
+        per_token = jnp.ndim(timesteps) == 2
+        timesteps = jnp.reshape(timesteps, (b, n if per_token else 1))
+        time_ids = jnp.broadcast_to(jnp.arange(1, n + 1), (b, n)) if per_token else None
         positions = jnp.broadcast_to(jnp.asarray(patches.grid_positions(grid)), (b, n, 3))
         ones = lambda length: jnp.ones((b, length), jnp.int32)
         if micro is not None:
             micro_lib.check_values(self.micro_conditioning, micro, (b,))
-            micro = {k: jnp.reshape(v, (b, 1)) for k, v in micro.items()}
-        out = self.packed(tokens, positions, ones(n), jnp.reshape(timesteps, (b, 1)), context,
-                          ones(context.shape[1]), image_context=image_context, micro=micro)
+            micro = {k: jnp.broadcast_to(jnp.reshape(v, (b, 1)), timesteps.shape)
+                     for k, v in micro.items()}
+        out = self.packed(tokens, positions, ones(n), timesteps, context, ones(context.shape[1]),
+                          image_context=image_context, micro=micro, time_ids=time_ids)
         return patches.unpatchify_batch(out, grid, self.patch_size)
 
     def packed(self, tokens, positions, segment_ids, timesteps, context, context_segment_ids,
-               image_context=None, image_segment_ids=None, micro=None):
+               image_context=None, image_segment_ids=None, micro=None, time_ids=None):
         """Packed call; shapes in the module docstring. Returns `[B, S, pt*ph*pw*C_out]`."""
-        check_packed(self, tokens, positions, segment_ids, timesteps, context, context_segment_ids)
+        check_packed(self, tokens, positions, segment_ids, timesteps, context, context_segment_ids,
+                     time_ids)
         image = self._image_tokens(image_context, image_segment_ids, tokens.shape[0])
-        num_segments = timesteps.shape[1]
-        seg_index = jnp.clip(segment_ids - 1, 0, num_segments - 1)[:, :, None]
+        num_columns = timesteps.shape[1]
+        ids = segment_ids if time_ids is None else time_ids
+        seg_index = jnp.clip(ids - 1, 0, num_columns - 1)[:, :, None]  # each token's column
 
         x = self.patch_embedding(tokens).astype(jnp.float32)
         x = nn.with_logical_constraint(x, TOKENS)
@@ -259,7 +270,7 @@ def _concrete(x) -> np.ndarray | None:
 
 
 def check_packed(m: WanDiT, tokens, positions, segment_ids, timesteps, context,
-                 context_segment_ids) -> None:
+                 context_segment_ids, time_ids=None) -> None:
     """Shape checks always; value checks (RoPE range, text per segment) when inputs are concrete."""
     b, s = tokens.shape[:2]
     want = {"tokens": (tokens, (b, s, m.token_in_dim)), "positions": (positions, (b, s, 3)),
@@ -276,6 +287,13 @@ def check_packed(m: WanDiT, tokens, positions, segment_ids, timesteps, context,
     if pos is not None and pos.size and (pos.min() < 0 or pos.max() >= m.rope_max_seq_len):
         raise ValueError(f"positions span [{pos.min()}, {pos.max()}], outside the RoPE range "
                          f"[0, rope_max_seq_len={m.rope_max_seq_len})")
+    if time_ids is not None:
+        if tuple(time_ids.shape) != (b, s):
+            raise ValueError(f"time_ids has shape {tuple(time_ids.shape)}, expected {(b, s)}")
+        ids = _concrete(time_ids)
+        if ids is not None and ids.size and (ids.min() < 0 or ids.max() > timesteps.shape[1]):
+            raise ValueError(f"time_ids span [{ids.min()}, {ids.max()}] but timesteps has "
+                             f"K={timesteps.shape[1]} columns: ids must lie in 0..K")
     if seg is not None and ctx_seg is not None:
         _check_segments(seg, ctx_seg, timesteps.shape[1])
 

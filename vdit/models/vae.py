@@ -1,6 +1,7 @@
-"""The causal 3D VAE in Wan2.1's layout (diffusers `AutoencoderKLWan`): encoder, decoder, chunked
-processing in time with carried conv caches, optional spatial tiling, and the pure helpers around
-the posterior and latent normalisation.
+"""The causal 3D VAE in Wan2.1's layout (diffusers `AutoencoderKLWan`), or Wan2.2's by config
+(`is_residual=True`, `patch_size=2`: residual down/up blocks and 2x2 pixel patching at the ends):
+encoder, decoder, chunked processing in time with carried conv caches, optional spatial tiling, and
+the pure helpers around the posterior and latent normalisation.
 
 Public contract (DESIGN.md section 4):
     mean, logvar = vae.apply({"params": p}, video, method="encode")   # video [B, T, H, W, 3]
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 from vdit.models.vae_blocks import Conv3d
 from vdit.models.vae_coders import Decoder, Encoder, run_in_chunks
 from vdit.models.vae_config import check_fields
+from vdit.models.vae_residual import patchify, unpatchify
 from vdit.models.vae_tiling import tiled_map
 
 # Wan encodes 4 frames per chunk after the first frame; diffusers' chunk loop fixes it (T = 1+4k).
@@ -34,12 +36,14 @@ LOGVAR_RANGE = (-30.0, 20.0)
 
 
 class WanVAE(nn.Module):
-    """Wan2.1 video VAE. Fields carry diffusers' `AutoencoderKLWan` config names (same meaning),
-    plus the compute `dtype`, `conv_impl` (how 3D convs run, see `vae_blocks.Conv3d`) and spatial
-    tiling (`use_tiling`, `tile_sample_*` in pixels, as diffusers' `enable_tiling`).
+    """Wan2.1 / Wan2.2 video VAE. Fields carry diffusers' `AutoencoderKLWan` config names (same
+    meaning), plus the compute `dtype`, `conv_impl` (how 3D convs run, see `vae_blocks.Conv3d`)
+    and spatial tiling (`use_tiling`, `tile_sample_*` in pixels, as diffusers' `enable_tiling`).
 
-    `latents_mean/std`, `scale_factor_*` and `patch_size`/`is_residual` are kept for the round trip
-    to diffusers; the module itself never normalises latents (see `normalize_latents`).
+    With `patch_size` p, `in_channels`/`out_channels` count the channels of the patched frames (as
+    in diffusers: Wan2.2 has 12 = 3 * 2 * 2), so videos have `video_channels` = in_channels / p^2.
+    `latents_mean/std` and `scale_factor_*` are kept for the round trip to diffusers; the module
+    itself never normalises latents (see `normalize_latents`).
     """
 
     base_dim: int = 96
@@ -71,15 +75,34 @@ class WanVAE(nn.Module):
         super().__post_init__()
 
     @property
-    def spatial_factor(self) -> int:
+    def patch(self) -> int:
+        return self.patch_size or 1
+
+    @property
+    def coder_factor(self) -> int:
+        """Spatial downsampling of the encoder alone (patched frames -> latents)."""
         return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent along H and W: the coder's factor times the patch size."""
+        return self.coder_factor * self.patch
+
+    @property
+    def video_channels(self) -> int:
+        return self.in_channels // self.patch ** 2
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels // self.patch ** 2
 
     @property
     def temporal_factor(self) -> int:
         return 2 ** sum(bool(t) for t in self.temperal_downsample)
 
     def setup(self):
-        common = dict(dropout=self.dropout, dtype=self.dtype, conv_impl=self.conv_impl)
+        common = dict(dropout=self.dropout, dtype=self.dtype, conv_impl=self.conv_impl,
+                      is_residual=self.is_residual)
         self.encoder = Encoder(self.base_dim, 2 * self.z_dim, tuple(self.dim_mult),
                                self.num_res_blocks, tuple(self.temperal_downsample), **common)
         self.quant_conv = Conv3d(2 * self.z_dim, (1, 1, 1), dtype=self.dtype)
@@ -96,13 +119,18 @@ class WanVAE(nn.Module):
         return self.decode(z, clamp=False, deterministic=deterministic), mean, logvar
 
     def encode(self, video, *, chunked: bool = True, deterministic: bool = True):
-        """video [B, 1+4k, H, W, in_channels] in [-1, 1] -> (mean, logvar), each
+        """video [B, 1+4k, H, W, video_channels] in [-1, 1] -> (mean, logvar), each
         [B, 1 + 4k / temporal_factor, H/f, W/f, z_dim], float32; logvar clamped like diffusers."""
-        _check_video(video, self.in_channels, self.spatial_factor)
+        _check_video(video, self.video_channels, self.spatial_factor, self._channels_rule())
         x = video.astype(self.dtype)
-        h, w, f = x.shape[2], x.shape[3], self.spatial_factor
+        tiled = self.use_tiling and (x.shape[2] > self.tile_sample_min_height
+                                     or x.shape[3] > self.tile_sample_min_width)
+        if self.patch_size is not None:
+            x = patchify(x, self.patch)
+        h, w, f = x.shape[2], x.shape[3], self.coder_factor
+        # diffusers cuts encode tiles from the patched frames at the configured pixel sizes
         tile, stride = self._tile_sizes()
-        if self.use_tiling and (h > tile[0] or w > tile[1]):
+        if tiled:
             tile_l, stride_l = (tile[0] // f, tile[1] // f), (stride[0] // f, stride[1] // f)
             blend = (tile_l[0] - stride_l[0], tile_l[1] - stride_l[1])
             out = tiled_map(self._tile_scan("_encode_tile", chunked, deterministic), x, tile,
@@ -115,12 +143,16 @@ class WanVAE(nn.Module):
     def decode(self, latents, *, chunked: bool = True, clamp: bool = True,
                deterministic: bool = True):
         """latents [B, T', h, w, z_dim] -> video [B, 1 + (T'-1) * temporal_factor, h*f, w*f,
-        out_channels], float32, clamped to [-1, 1] like diffusers unless `clamp=False`."""
+        output_channels], float32, clamped to [-1, 1] like diffusers unless `clamp=False`."""
         _check_latents(latents, self.z_dim)
         x = latents.astype(self.dtype)
-        h, w, f = x.shape[2], x.shape[3], self.spatial_factor
+        h, w, f = x.shape[2], x.shape[3], self.coder_factor
         tile, stride = self._tile_sizes()
-        tile_l, stride_l = (tile[0] // f, tile[1] // f), (stride[0] // f, stride[1] // f)
+        # diffusers sizes decode tiles in latents by the full factor, outputs in patched pixels
+        tile_l = (tile[0] // self.spatial_factor, tile[1] // self.spatial_factor)
+        stride_l = (stride[0] // self.spatial_factor, stride[1] // self.spatial_factor)
+        p = self.patch
+        tile, stride = (tile[0] // p, tile[1] // p), (stride[0] // p, stride[1] // p)
         if self.use_tiling and (h > tile_l[0] or w > tile_l[1]):
             blend = (tile[0] - stride[0], tile[1] - stride[1])
             out = tiled_map(self._tile_scan("_decode_tile", chunked, deterministic), x, tile_l,
@@ -128,6 +160,8 @@ class WanVAE(nn.Module):
         else:
             out = self._decode_tile(x, chunked, deterministic)
         out = out.astype(jnp.float32)
+        if self.patch_size is not None:
+            out = unpatchify(out, self.patch)
         return jnp.clip(out, -1.0, 1.0) if clamp else out
 
     def _encode_tile(self, x, chunked: bool, deterministic: bool):
@@ -147,6 +181,11 @@ class WanVAE(nn.Module):
                        split_rngs={"params": False, "dropout": True})
         return lambda tiles: scan(self, (), tiles)[1]
 
+    def _channels_rule(self) -> str:
+        if self.patch_size is None:
+            return f"in_channels={self.in_channels}"
+        return f"in_channels={self.in_channels} / patch_size^2={self.patch ** 2}"
+
     def _tile_sizes(self):
         return ((self.tile_sample_min_height, self.tile_sample_min_width),
                 (self.tile_sample_stride_height, self.tile_sample_stride_width))
@@ -160,7 +199,7 @@ def init_params(vae: WanVAE, rng):
     which takes ~20 s on CPU for even a tiny VAE; rbg compiles in a fraction of that.
     """
     f = vae.spatial_factor
-    video = jnp.zeros((1, 1, f, f, vae.in_channels), jnp.float32)
+    video = jnp.zeros((1, 1, f, f, vae.video_channels), jnp.float32)
     seed = jax.random.bits(rng, (4,), jnp.uint32)
 
     @jax.jit
@@ -169,13 +208,13 @@ def init_params(vae: WanVAE, rng):
     return init(seed)
 
 
-def _check_video(video, channels: int, factor: int) -> None:
+def _check_video(video, channels: int, factor: int, rule: str) -> None:
     if video.ndim != 5:
         raise ValueError(f"VAE encode expects video [B, T, H, W, C], got shape {video.shape}")
     _, t, h, w, c = video.shape
     if c != channels:
         raise ValueError(f"VAE encode: video has {c} channels (last axis of shape {video.shape}), "
-                         f"the VAE expects in_channels={channels}")
+                         f"the VAE expects {channels} ({rule})")
     if t < 1 or (t - 1) % ENCODE_CHUNK_FRAMES:
         lower = 1 + ENCODE_CHUNK_FRAMES * max(0, (t - 1) // ENCODE_CHUNK_FRAMES)
         raise ValueError(f"VAE encode: {t} frames; expected 1 + 4k frames (1, 5, 9, 13, 17, ...), "

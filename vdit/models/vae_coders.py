@@ -8,6 +8,7 @@ chunk) to its output and the new caches; parameter names follow diffusers' modul
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +24,7 @@ from vdit.models.vae_blocks import (
     causal_conv,
     sub_cache,
 )
+from vdit.models.vae_residual import ResidualDownBlock, ResidualUpBlock
 
 
 class _Coder(nn.Module):
@@ -31,7 +33,8 @@ class _Coder(nn.Module):
 
 
 class Encoder(_Coder):
-    """[B, T, H, W, Cin] -> [B, T', H/f, W/f, out_dim] for one chunk; see `vae_blocks`."""
+    """[B, T, H, W, Cin] -> [B, T', H/f, W/f, out_dim] for one chunk; see `vae_blocks`.
+    `is_residual` (Wan2.2): one `ResidualDownBlock` per stage instead of a flat list of blocks."""
 
     base_dim: int
     out_dim: int
@@ -41,6 +44,7 @@ class Encoder(_Coder):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    is_residual: bool = False
 
     @nn.compact
     def __call__(self, x, cache, deterministic: bool = True):
@@ -48,22 +52,33 @@ class Encoder(_Coder):
         new = {}
         x, new["conv_in"] = causal_conv(self._conv(dims[0], "conv_in"), x,
                                         sub_cache(cache, "conv_in"))
-        layers = []  # (module class, its leading fields); diffusers numbers them in one list
-        for i, out_dim in enumerate(dims[1:]):
-            layers += [(ResidualBlock, (out_dim, self.dropout))] * self.num_res_blocks
-            if i != len(self.dim_mult) - 1:
-                mode = "downsample3d" if self.temperal_downsample[i] else "downsample2d"
-                layers.append((Resample, (mode, out_dim)))
-        for n, (cls, fields) in enumerate(layers):
+        for n, block in enumerate(self._down_blocks(dims)):
             name = f"down_blocks_{n}"
-            x, new[name] = cls(*fields, self.dtype, self.conv_impl, name=name)(
-                x, sub_cache(cache, name), deterministic)
+            x, new[name] = block(name=name)(x, sub_cache(cache, name), deterministic)
         x, new["mid_block"] = MidBlock(self.dropout, self.dtype, self.conv_impl, name="mid_block")(
             x, sub_cache(cache, "mid_block"), deterministic)
         x = jax.nn.silu(ChannelRMSNorm(name="norm_out")(x))
         x, new["conv_out"] = causal_conv(self._conv(self.out_dim, "conv_out"),
                                          x, sub_cache(cache, "conv_out"))
         return x, new
+
+    def _down_blocks(self, dims):
+        """Module constructors (taking `name=`) in diffusers' numbering of `down_blocks`."""
+        common = dict(dtype=self.dtype, conv_impl=self.conv_impl)
+        last = len(self.dim_mult) - 1
+        if self.is_residual:
+            return [functools.partial(ResidualDownBlock, out_dim, self.num_res_blocks,
+                                      i != last and self.temperal_downsample[i], i != last,
+                                      self.dropout, **common)
+                    for i, out_dim in enumerate(dims[1:])]
+        blocks = []
+        for i, out_dim in enumerate(dims[1:]):
+            blocks += [functools.partial(ResidualBlock, out_dim, self.dropout, **common)
+                       ] * self.num_res_blocks
+            if i != last:
+                mode = "downsample3d" if self.temperal_downsample[i] else "downsample2d"
+                blocks.append(functools.partial(Resample, mode, out_dim, **common))
+        return blocks
 
 
 class UpBlock(nn.Module):
@@ -92,7 +107,8 @@ class UpBlock(nn.Module):
 
 
 class Decoder(_Coder):
-    """[B, T', h, w, z] -> [B, T, h*f, w*f, out_dim] for one chunk; mirror of the encoder."""
+    """[B, T', h, w, z] -> [B, T, h*f, w*f, out_dim] for one chunk; mirror of the encoder.
+    `is_residual` (Wan2.2): `ResidualUpBlock`s, whose resamplers keep the block's width."""
 
     base_dim: int
     out_dim: int
@@ -102,6 +118,7 @@ class Decoder(_Coder):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    is_residual: bool = False
 
     @nn.compact
     def __call__(self, x, cache, deterministic: bool = True):
@@ -112,12 +129,19 @@ class Decoder(_Coder):
         x, new["mid_block"] = MidBlock(self.dropout, self.dtype, self.conv_impl, name="mid_block")(
             x, sub_cache(cache, "mid_block"), deterministic)
         for i, out_dim in enumerate(dims[1:]):
-            mode = None
-            if i != len(self.dim_mult) - 1:
-                mode = "upsample3d" if self.temperal_upsample[i] else "upsample2d"
+            up = i != len(self.dim_mult) - 1
             name = f"up_blocks_{i}"
-            x, new[name] = UpBlock(out_dim, self.num_res_blocks, mode, self.dropout, self.dtype,
-                                   self.conv_impl, name=name)(x, sub_cache(cache, name), deterministic)
+            if self.is_residual:
+                block = ResidualUpBlock(out_dim, self.num_res_blocks,
+                                        up and self.temperal_upsample[i], up, self.dropout,
+                                        self.dtype, self.conv_impl, name=name)
+            else:
+                mode = None
+                if up:
+                    mode = "upsample3d" if self.temperal_upsample[i] else "upsample2d"
+                block = UpBlock(out_dim, self.num_res_blocks, mode, self.dropout, self.dtype,
+                                self.conv_impl, name=name)
+            x, new[name] = block(x, sub_cache(cache, name), deterministic)
         x = jax.nn.silu(ChannelRMSNorm(name="norm_out")(x))
         x, new["conv_out"] = causal_conv(self._conv(self.out_dim, "conv_out"),
                                          x, sub_cache(cache, "conv_out"))

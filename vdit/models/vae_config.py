@@ -45,12 +45,6 @@ def check_fields(vae) -> None:
         value = getattr(vae, name)
         if isinstance(value, list):
             object.__setattr__(vae, name, tuple(value))
-    if vae.is_residual:
-        raise ValueError("VAE config is_residual=True is the Wan2.2 VAE, which vdit does not "
-                         "implement; only the Wan2.1 layout (is_residual=False) is supported")
-    if vae.patch_size is not None:
-        raise ValueError(f"VAE config patch_size={vae.patch_size!r} (Wan2.2's patchified VAE) is "
-                         "not supported; expected None")
     if vae.attn_scales:
         raise ValueError(f"VAE config attn_scales={list(vae.attn_scales)!r}: attention inside the "
                          "down blocks is not supported (diffusers' Wan2.1 encoder cannot run it "
@@ -73,7 +67,43 @@ def check_fields(vae) -> None:
         raise ValueError(f"VAE config conv_impl={vae.conv_impl!r}; allowed: {list(CONV3D_IMPLS)}")
     if not 0.0 <= float(vae.dropout) < 1.0:
         raise ValueError(f"VAE config dropout={vae.dropout!r}: expected 0 <= dropout < 1")
+    _check_patch(vae)
+    if vae.is_residual:
+        _check_residual(vae)
     _check_tiles(vae)
+
+
+def _check_patch(vae) -> None:
+    if vae.patch_size is None:
+        return
+    _positive(vae, ("patch_size",))
+    for name in ("in_channels", "out_channels"):
+        channels = getattr(vae, name)
+        if channels % vae.patch_size ** 2:
+            raise ValueError(f"VAE config {name}={channels} with patch_size={vae.patch_size}: the "
+                             f"patched frames have (video channels) * {vae.patch_size ** 2} "
+                             "channels, so expected a multiple of patch_size^2")
+
+
+def _check_residual(vae) -> None:
+    """The Wan2.2 shortcuts fold/unfold space-time blocks into channels: widths must divide."""
+    dims = [vae.base_dim * m for m in (1, *vae.dim_mult)]
+    last = len(vae.dim_mult) - 1
+    for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        factor = (2 if i != last and vae.temperal_downsample[i] else 1) * (4 if i != last else 1)
+        if cin * factor % cout:
+            raise ValueError(f"VAE config is_residual=True: encoder stage {i} goes {cin} -> {cout} "
+                             f"channels; its shortcut needs {cin} * {factor} divisible by {cout} "
+                             f"(base_dim={vae.base_dim}, dim_mult={list(vae.dim_mult)})")
+    base = vae.decoder_base_dim or vae.base_dim
+    dims = [base * m for m in (vae.dim_mult[-1], *vae.dim_mult[::-1])]
+    up = vae.temperal_downsample[::-1]
+    for i, (cin, cout) in enumerate(zip(dims[:-2], dims[1:-1])):
+        factor = (2 if up[i] else 1) * 4
+        if cout * factor % cin:
+            raise ValueError(f"VAE config is_residual=True: decoder stage {i} goes {cin} -> "
+                             f"{cout} channels; its shortcut needs {cout} * {factor} divisible by "
+                             f"{cin} (decoder_base_dim={base}, dim_mult={list(vae.dim_mult)})")
 
 
 def _check_tiles(vae) -> None:

@@ -4,8 +4,10 @@ A folder holds `model_index.json` and one sub-folder per component: `transformer
 `scheduler/scheduler_config.json` (required), `text_encoder/` + `tokenizer/` (optional: without
 them, callers pass text embeddings), `image_encoder/` + `image_processor/` (Wan2.1 I2V's CLIP).
 Latent normalisation uses the VAE config's `latents_mean` / `latents_std`, as diffusers' Wan
-pipelines do (diffusers' own 16-channel defaults when the config leaves them out). Wan2.2
-features (a second transformer, `boundary_ratio`, `expand_timesteps`) are refused by name.
+pipelines do (diffusers' own 16-channel defaults when the config leaves them out). Wan2.2's
+TI2V-5B text-to-video folders (the 2.2 VAE, `expand_timesteps` on a WanPipeline) load; the other
+Wan2.2 features (a second transformer, `boundary_ratio`, `expand_timesteps` for I2V) are refused
+by name.
 """
 
 from __future__ import annotations
@@ -59,9 +61,11 @@ def read_index(path: str) -> dict:
     if _has(index, path, "transformer_2") or index.get("boundary_ratio") is not None:
         raise NotImplementedError(f"{where}: a second transformer / boundary_ratio (Wan2.2's "
                                   "two-stage denoising) is not supported")
-    if index.get("expand_timesteps"):
-        raise NotImplementedError(f"{where}: expand_timesteps=true (Wan2.2 TI2V) is not "
-                                  "supported")
+    # text-only TI2V: every token's timestep is the step's, so the plain sampler is exact
+    if index.get("expand_timesteps") and name != "WanPipeline":
+        raise NotImplementedError(f"{where}: expand_timesteps=true with {name} (Wan2.2 TI2V "
+                                  "image-to-video: a clean first latent frame) is not supported; "
+                                  "its text-to-video WanPipeline folder is")
     for required in ("transformer", "vae", "scheduler"):
         if not _has(index, path, required):
             raise FileNotFoundError(f"{path}: the pipeline has no {required}/ component "
