@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 from PIL import Image
 
+from vdit import runs
 from vdit.data import video_io
 from vdit.sample_cli import SampleJob, load_generator, parse_size
 from vdit.serve_page import PAGE
@@ -287,7 +288,8 @@ def make_server(studio: Studio, host: str = "127.0.0.1", port: int = 8000) -> Th
 
 def run_cli(args) -> int:
     """The body of `vdit serve`: load once, serve until interrupted."""
-    out = args.out or os.path.join(args.workdir, "serve")
+    # The server writes and serves its videos from a local folder; a remote run serves from ./serve.
+    out = args.out or ("serve" if runs.is_remote(args.workdir) else os.path.join(args.workdir, "serve"))
     studio = Studio(args.workdir, out)
     server = make_server(studio, args.host, args.port)
     host, port = server.server_address[:2]
