@@ -13,6 +13,8 @@ How the commands run, and why:
 * `launch/...` lines run in their `--dry-run` form (inserted after the script name) with fake
   gcloud/sbatch/srun on PATH that fail the test if called; the `vdit train` config and overrides
   they would launch (after `--`) must load and hold every section `vdit train` needs.
+* `vdit eval shapes --workdir` samples 2 held-out prompts (`--samples 2`
+  appended); `vdit serve` gets `--port 0` and returns once its model is loaded and its port bound.
 * Inputs the READMEs assume a reader has are made first: a few short videos in `videos/`,
   `first.png`, a tiny random Wan2.1 pipeline folder at `weights/Wan2.1-T2V-1.3B-Diffusers`, and
   `demo_out/samples.jsonl` (what `make demo` writes; here it lists the walkthrough's own out.mp4).
@@ -21,6 +23,7 @@ How the commands run, and why:
 import json
 import os
 import shutil
+import socketserver
 import stat
 import subprocess
 
@@ -55,6 +58,10 @@ def _tiny(argv: list[str]) -> list[str]:
     command = argv[0]
     if command == "sample":
         return ["--steps", "2"]
+    if command == "eval":
+        return ["--samples", "2"] if "--workdir" in argv else []
+    if command == "serve":  # any free port; serve_forever returns at once (see the test)
+        return ["--port", "0"]
     if "--config" not in argv:
         return []
     name = os.path.splitext(os.path.basename(argv[argv.index("--config") + 1]))[0]
@@ -116,6 +123,9 @@ def test_readme_commands_run(readme, tmp_path, monkeypatch, capsys):
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
     _inputs(tmp_path)
     monkeypatch.chdir(tmp_path)
+    # `vdit serve` loads its model and binds its port for real, then returns instead of serving
+    # until Ctrl-C (tests/test_serve.py drives the page in a browser).
+    monkeypatch.setattr(socketserver.BaseServer, "serve_forever", lambda self, *a, **k: None)
     env = _launch_env(tmp_path)
     for words in quoted:
         if words[0] == "export":
