@@ -70,9 +70,15 @@ def parse_args(argv=None):
     return a
 
 
-def demo_config():
+# --quick: a one-layer demo model, so the smoke run compiles in seconds
+QUICK_DEMO = ["--config.model.num_layers=1", "--config.model.num_attention_heads=2",
+              "--config.model.attention_head_dim=8", "--config.model.ffn_dim=32",
+              "--config.text.num_layers=1"]
+
+
+def demo_config(extra=()):
     return load_config(DEMO, ["--config.train.progress=False", "--config.data.prefetch=0",
-                              "--config.mesh.data=1"])
+                              "--config.mesh.data=1", *extra])
 
 
 def dit12x384_config(layers: int):
@@ -341,7 +347,7 @@ def main(argv=None):
                       "devices": jax.device_count(), "cpus": os.cpu_count(),
                       "load_1min": os.getloadavg()[0]}), flush=True)
     if not args.skip_demo:
-        demo = demo_config()
+        demo = demo_config(QUICK_DEMO if args.quick else ())
         records = lambda cfg, dit, tok, n: packed_batches(cfg, dit, tok,
                                                           demo_records(cfg, dit, tok, 400), n)
         batches, times, flops = bench_model("demo", demo, peak, args, records)

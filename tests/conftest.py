@@ -16,6 +16,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # tiny model in several files) are compiled once per session.
 import tempfile  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="vdit-jax-cache-"))
+# The environment variables carry the same cache to the `vdit`/bench subprocesses tests start
+# (a trainer killed and restarted compiles its step once).
+CACHE_DIR = tempfile.mkdtemp(prefix="vdit-jax-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -49,7 +49,8 @@ DIT_TINY = SHAPES_TINY + [
     "--config.train.tensorboard=False", "--config.data.rows_per_batch=8",
     "--config.data.prefetch=0"]
 TINY = {"shapes_vae": SHAPES_TINY + ["--config.vae_train.steps=2", "--config.vae_train.batch_size=2",
-                                     "--config.vae_train.eval_examples=2"]}
+                                     "--config.vae_train.eval_examples=2",
+                                     "--config.vae_train.shapes=[(1, 32, 32)]"]}
 FAKE_TOOLS = ("gcloud", "sbatch", "srun", "scancel", "scontrol", "tail")
 
 

@@ -102,6 +102,9 @@ def init_params(dit, text_model, config, rng):
     ones = lambda n: jnp.ones((1, n), jnp.int32)
     ids = jnp.ones((1, length), jnp.int32)
     r_dit, r_text = jax.random.split(rng)
+    # The DiT's draws use an "rbg" key: XLA compiles one threefry kernel per tensor, which costs
+    # seconds of CPU compile per run; the frozen text encoder keeps its threefry draws.
+    r_dit = jax.random.wrap_key_data(jax.random.bits(r_dit, (4,), jnp.uint32), impl="rbg")
     context = jnp.zeros((1, length, dit.text_dim))
     image = ({"image_context": jnp.zeros((1, dit.pos_embed_seq_len or 1, dit.image_dim))}
              if dit.has_image_branch else {})

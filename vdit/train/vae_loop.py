@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vdit.data.synthetic import SyntheticShapes
-from vdit.models.vae import kl_divergence, sample_posterior
+from vdit.models.vae import init_params, kl_divergence, sample_posterior
 from vdit.models.vae_config import vae_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.train import checkpoint, optim
@@ -106,8 +106,8 @@ def _train_vae(config, workdir: str) -> dict:
     vae = vae_from_config(config.vae)
     data = SyntheticShapes.from_config(config.data)
     tx = optim.make_optimizer(config.optim, cfg.steps)
-    f0, h0, w0 = cfg.shapes[0]
-    init = lambda r: vae.init(r, jnp.zeros((1, f0, h0, w0, 3)))["params"]
+    # rbg draws (vae.init_params): threefry would cost a minute of compile on CPU
+    init = lambda r: init_params(vae, r)
     state, shardings = create_state(init, tx, jax.random.key(cfg.seed), mesh, rules)
 
     manager = checkpoint.make_manager(workdir, config.checkpoint, with_data=False)
