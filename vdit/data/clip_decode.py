@@ -33,7 +33,8 @@ def cover_size(height: int, width: int, target_h: int, target_w: int) -> tuple[i
 
 
 class VideoReader:
-    """An open video file: `num_frames`, `fps` (0.0 when the file gives none), `read`;
+    """An open video file: `num_frames`, `fps` (0.0 when the file gives none), `height`,
+    `width`, `read`;
     `decoded` counts the frames decoded so far (what a seek saves)."""
 
     def __init__(self, path: str | Path):
@@ -46,6 +47,7 @@ class VideoReader:
             stream = self._stream(self._container)
             rate = stream.average_rate or stream.guessed_rate
             self.fps = float(rate) if rate else 0.0
+            self.height, self.width = stream.height, stream.width
             self._time_base = stream.time_base
             self._start_pts = stream.start_time or 0
             self.num_frames = stream.frames if stream.frames > 0 else self._count_packets()
