@@ -40,8 +40,7 @@ from vdit import runs
 from vdit.config import check_shapes, spatial_stride
 from vdit.data import conditions, sources, tfds_source
 from vdit.data import encode_summary as summary
-from vdit.data.encode import (channel_stats, latent_record, owned_shards, resolve_stats,
-                              stats_id, vae_encoder)
+from vdit.data.encode import channel_stats, latent_record, owned_shards, resolve_stats, stats_id, vae_encoder
 from vdit.data.video_files import ClipTooShortError, FrameRangeError, VideoClipSource
 from vdit.data.video_io import VideoReadError
 from vdit.models.text import text_encoder_from_config

@@ -19,9 +19,9 @@ Entries:
 `fps` frames per second when fps > 0, else consecutive source frames; one middle frame for T = 1
 images), scaled to cover height x width and center-cropped. Only those frames are decoded,
 resized while decoding, after a seek near the first (`clip_decode.VideoReader`): memory does not
-grow with the video's length or native resolution. A missing or corrupt file raises `VideoReadError`, a video or
-range with too few frames `ClipTooShortError`, a range past the video's end `FrameRangeError`;
-callers skip and count all three (see `vdit/data/encode_videos.py`).
+grow with the video's length or native resolution. A missing or corrupt file raises
+`VideoReadError`, a video or range with too few frames `ClipTooShortError`, a range past the
+video's end `FrameRangeError`; callers skip and count all three (see `vdit/data/encode_videos.py`).
 """
 
 from __future__ import annotations
