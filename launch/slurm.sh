@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# Submit, watch and cancel vdit training on a SLURM GPU cluster (job script: slurm_gpu.sbatch).
-# Every command is printed before it runs; --dry-run only prints, including the srun line the
-# job will run on its nodes.
+# Submit, watch and cancel vdit training on a SLURM GPU cluster (job script: slurm_gpu.sbatch),
+# and vdit's data jobs as array jobs (job script: slurm_data.sbatch). Every command is printed
+# before it runs; --dry-run only prints, including the line the job will run on its nodes.
 #
 #   launch/slurm.sh [--dry-run] submit --config FILE --workdir DIR [options] [-- vdit flags]
-#   launch/slurm.sh [--dry-run] logs JOBID       tail the job's log (vdit-train-JOBID.log)
+#   launch/slurm.sh [--dry-run] curate --shards N --input DIR --output DIR [options] [-- flags]
+#   launch/slurm.sh [--dry-run] encode --shards N --config FILE --workdir DIR [options] [-- flags]
+#   launch/slurm.sh [--dry-run] logs JOBID       tail the job's log (vdit-train-JOBID.log; an
+#                                                array task JOBID_I: vdit-data-JOBID_I.log)
 #   launch/slurm.sh [--dry-run] cancel JOBID
 #
 # submit options: --nodes N (default 2), --gpus-per-node G (default 8), --partition P,
 #   --time HH:MM:SS, --account A, --port N (coordinator port, default 8476), --venv DIR
+# curate/encode: --shards N array tasks, task I running `vdit curate|encode --shard I
+#   --num-shards N`; --gpus G per task (default 1 for encode, 0 for curate), --config FILE
+#   (optional for curate), --partition, --time, --account, --venv as for submit
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -23,6 +29,11 @@ TIME=""
 ACCOUNT=""
 CONFIG=""
 WORKDIR=""
+SHARDS=""
+DATA_GPUS=""
+INPUT=""
+OUTPUT=""
+VENV=""
 JOB_ARGS=()
 EXTRA=()
 
@@ -37,10 +48,15 @@ parse() {
       --account) ACCOUNT="$2"; shift ;;
       --config) CONFIG="$2"; JOB_ARGS+=("$1" "$2"); shift ;;
       --workdir) WORKDIR="$2"; JOB_ARGS+=("$1" "$2"); shift ;;
-      --port|--venv) JOB_ARGS+=("$1" "$2"); shift ;;
+      --port) JOB_ARGS+=("$1" "$2"); shift ;;
+      --venv) VENV="$2"; JOB_ARGS+=("$1" "$2"); shift ;;
+      --shards) SHARDS="$2"; shift ;;
+      --gpus) DATA_GPUS="$2"; shift ;;
+      --input) INPUT="$2"; shift ;;
+      --output) OUTPUT="$2"; shift ;;
       -h|--help) usage; exit 0 ;;
       --) shift; EXTRA=("$@"); break ;;
-      submit|logs|cancel)
+      submit|curate|encode|logs|cancel)
         [[ -z "$COMMAND" ]] || die "two commands given: $COMMAND and $1"
         COMMAND="$1" ;;
       *)
@@ -51,7 +67,7 @@ parse() {
     esac
     shift
   done
-  need "a command" "$COMMAND" "submit, logs or cancel"
+  need "a command" "$COMMAND" "submit, curate, encode, logs or cancel"
   [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$NODES'"
 }
 
@@ -72,11 +88,47 @@ submit() {
   fi
 }
 
+# A data job as an array job: task I of N runs `vdit curate|encode --shard I --num-shards N`.
+submit_data() {
+  [[ "$SHARDS" =~ ^[1-9][0-9]*$ ]] || die "--shards must be a positive integer, got '$SHARDS'"
+  local args=("$COMMAND" --num-shards "$SHARDS")
+  if [[ "$COMMAND" == curate ]]; then
+    need "--input" "$INPUT" "--input DIR (videos every node can read)"
+    need "--output" "$OUTPUT" "--output DIR (on a filesystem every node sees)"
+    [[ -z "$CONFIG" ]] || args+=(--config "$CONFIG")
+    args+=(--input "$INPUT" --output "$OUTPUT")
+  else
+    need "--config" "$CONFIG" "--config configs/FILE.py"
+    need "--workdir" "$WORKDIR" "--workdir DIR (on a filesystem every node sees)"
+    args+=(--config "$CONFIG" --workdir "$WORKDIR")
+  fi
+  [[ -z "$VENV" ]] || args+=(--venv "$VENV")
+  [[ ${#EXTRA[@]} -eq 0 ]] || args+=(-- "${EXTRA[@]}")
+  local gpus="${DATA_GPUS:-$([[ "$COMMAND" == encode ]] && echo 1 || echo 0)}"
+  local script options=(--array="0-$((SHARDS - 1))")
+  script="$(dirname "${BASH_SOURCE[0]}")/slurm_data.sbatch"
+  [[ "$gpus" == 0 ]] || options+=(--gpus="$gpus")
+  [[ -z "$PARTITION" ]] || options+=(--partition="$PARTITION")
+  [[ -z "$TIME" ]] || options+=(--time="$TIME")
+  [[ -z "$ACCOUNT" ]] || options+=(--account="$ACCOUNT")
+  run sbatch "${options[@]}" "$script" "${args[@]}"
+  if [[ "$DRY_RUN" == 1 ]]; then
+    echo "# array task I (of 0..$((SHARDS - 1))) runs:"
+    bash "$script" --dry-run "${args[@]}"
+  fi
+}
+
+# An array task's log is vdit-data-JOBID_TASK.log, a training job's vdit-train-JOBID.log.
+log_file() {
+  if [[ "$JOB" == *_* ]]; then echo "vdit-data-$JOB.log"; else echo "vdit-train-$JOB.log"; fi
+}
+
 main() {
   parse "$@"
   case "$COMMAND" in
     submit) submit ;;
-    logs) need "a job id" "$JOB" "logs JOBID"; run tail -n 200 -F "vdit-train-$JOB.log" ;;
+    curate|encode) submit_data ;;
+    logs) need "a job id" "$JOB" "logs JOBID"; run tail -n 200 -F "$(log_file)" ;;
     cancel) need "a job id" "$JOB" "cancel JOBID"; run scancel "$JOB" ;;
   esac
 }

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
 # Cloud TPU VM slices with gcloud: create, install vdit on every worker, train on every worker,
-# tail the log, delete. Every gcloud command is printed before it runs; --dry-run only prints.
+# curate or encode on every worker (each its own shard), tail the log, delete. Every gcloud
+# command is printed before it runs; --dry-run only prints.
 #
-#   launch/tpu_vm.sh [--dry-run] COMMAND [options] [-- extra `vdit train` flags]
+#   launch/tpu_vm.sh [--dry-run] COMMAND [options] [-- extra `vdit` flags]
 #
-# Commands: create | install | train | logs | delete | up (= create, install, train)
+# Commands: create | install | train | curate | encode | logs | delete | up (= create, install,
+#   train). curate/encode run `vdit curate`/`vdit encode --shard W --num-shards N` on every
+#   worker, W its worker number and N the slice's worker count (from the TPU metadata server).
 # Options (or environment variables):
 #   --name NAME          TPU_NAME      slice name                       (required)
 #   --zone ZONE          TPU_ZONE      e.g. us-east5-a                  (required)
@@ -13,9 +16,15 @@
 #   --accelerator TYPE   TPU_TYPE      default v5p-64 (32 chips, 8 hosts)
 #   --version RUNTIME    TPU_VERSION   TPU VM runtime image, default v2-alpha-tpuv5
 #   --spot                             use Spot capacity
-#   --config FILE        TPU_CONFIG    configs/*.py, path inside the repo (train)
-#   --workdir DIR        TPU_WORKDIR   run folder all workers write, e.g. gs://bucket/run (train)
+#   --config FILE        TPU_CONFIG    configs/*.py, path inside the repo (train, encode;
+#                                      optional for curate)
+#   --workdir DIR        TPU_WORKDIR   run folder all workers write, e.g. gs://bucket/run
+#                                      (train, encode)
+#   --input DIR                        curate: videos every worker reads (a shared mount)
+#   --output DIR                       curate: clip shards folder all workers write
 #   --worker N                         worker whose log `logs` tails (default 0)
+#   --log NAME                         log `logs` tails (default vdit-train.log; vdit-curate.log,
+#                                      vdit-encode.log for the data jobs)
 #   --remote-dir DIR                   where the repo lives on the workers (default ~/vdit)
 set -euo pipefail
 # shellcheck source=common.sh
@@ -32,8 +41,12 @@ SPOT=0
 WORKER=0
 REMOTE_DIR="vdit"  # relative to the worker's home
 LOG="vdit-train.log"
+INPUT=""
+OUTPUT=""
 COMMAND=""
 EXTRA=()
+# The slice's metadata server: each worker's number and the list of all workers.
+META="http://metadata.google.internal/computeMetadata/v1/instance/attributes"
 
 parse() {
   while [[ $# -gt 0 ]]; do
@@ -48,17 +61,20 @@ parse() {
       --config) CONFIG="$2"; shift ;;
       --workdir) WORKDIR="$2"; shift ;;
       --worker) WORKER="$2"; shift ;;
+      --input) INPUT="$2"; shift ;;
+      --output) OUTPUT="$2"; shift ;;
+      --log) LOG="$2"; shift ;;
       --remote-dir) REMOTE_DIR="$2"; shift ;;
       -h|--help) usage; exit 0 ;;
       --) shift; EXTRA=("$@"); break ;;
-      create|install|train|logs|delete|up)
+      create|install|train|curate|encode|logs|delete|up)
         [[ -z "$COMMAND" ]] || die "two commands given: $COMMAND and $1"
         COMMAND="$1" ;;
       *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
   done
-  need "a command" "$COMMAND" "create, install, train, logs, delete or up"
+  need "a command" "$COMMAND" "create, install, train, curate, encode, logs, delete or up"
   need "--name" "$NAME" "--name NAME or TPU_NAME"
   need "--zone" "$ZONE" "--zone ZONE or TPU_ZONE"
 }
@@ -101,6 +117,31 @@ train() {
   tpu ssh "$NAME" --worker=all --command="$start"
 }
 
+# vdit curate / vdit encode on every worker, each its own shard (--distributed off: the workers
+# never talk to each other; outputs are merged by name in the shared folder).
+data_job() {
+  local command="$1" flags
+  if [[ "$command" == curate ]]; then
+    need "--input" "$INPUT" "--input DIR (videos every worker can read)"
+    need "--output" "$OUTPUT" "--output gs://BUCKET/CLIPS"
+    local args=(--input "$INPUT" --output "$OUTPUT")
+    [[ -z "$CONFIG" ]] || args=(--config "$CONFIG" "${args[@]}")
+  else
+    need "--config" "$CONFIG" "--config configs/FILE.py"
+    need "--workdir" "$WORKDIR" "--workdir gs://BUCKET/RUN"
+    local args=(--config "$CONFIG" --workdir "$WORKDIR")
+  fi
+  printf -v flags ' %q' "${args[@]}" --distributed off
+  local tail="" get="curl -sf -H Metadata-Flavor:Google $META"
+  [[ ${#EXTRA[@]} -eq 0 ]] || printf -v tail ' %q' "${EXTRA[@]}"
+  local start="cd $REMOTE_DIR || exit 1"
+  start+="; W=\$($get/agent-worker-number) && N=\$($get/worker-network-endpoints | tr , '\\n' | grep -c .)"
+  start+=" || { echo 'no TPU worker number from the metadata server' >&2; exit 1; }"
+  start+="; nohup .venv/bin/python -m vdit $command$flags --shard \$W --num-shards \$N$tail"
+  start+=" > ~/vdit-$command.log 2>&1 &"
+  tpu ssh "$NAME" --worker=all --command="$start"
+}
+
 logs() {
   tpu ssh "$NAME" --worker="$WORKER" --command="tail -n 200 -F ~/$LOG"
 }
@@ -115,6 +156,7 @@ main() {
     create) create ;;
     install) install ;;
     train) train ;;
+    curate|encode) data_job "$COMMAND" ;;
     logs) logs ;;
     delete) delete ;;
     up) create; install; train ;;

@@ -11,8 +11,8 @@ How the commands run, and why:
 * `vdit train` with a Wan-size recipe runs in its `--dry-run` form (appended); the shapes recipes
   train for real (2 steps), since the lines after them sample, export and convert those runs.
 * `launch/...` lines run in their `--dry-run` form (inserted after the script name) with fake
-  gcloud/sbatch/srun on PATH that fail the test if called; the `vdit train` config and overrides
-  they would launch (after `--`) must load and hold every section `vdit train` needs.
+  gcloud/sbatch/srun on PATH that fail the test if called; the `vdit train` (or `encode`) config
+  and overrides they would launch (after `--`) must load and hold every section it needs.
 * `vdit eval shapes --workdir` samples 2 held-out prompts (`--samples 2`
   appended); `vdit serve` gets `--port 0` and returns once its model is loaded and its port bound.
 * Inputs the READMEs assume a reader has are made first: a few short videos in `videos/`,
@@ -109,10 +109,11 @@ def _run_launch(words: list[str], env: dict) -> None:
     proc = subprocess.run(["bash", os.path.join(ROOT, script), *argv], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"{' '.join(words)}\n{proc.stdout}{proc.stderr}"
-    if "--config" in rest:  # the vdit train it launches: its recipe and overrides must hold
+    if "--config" in rest:  # the vdit train/encode it launches: recipe and overrides must hold
         overrides = rest[rest.index("--") + 1:] if "--" in rest else []
         config = load_config(os.path.join(ROOT, rest[rest.index("--config") + 1]), overrides)
-        require_sections(config, "train", words[0])
+        command = next((w for w in rest if w in ("encode", "curate")), "train")
+        require_sections(config, command, words[0])
 
 
 @pytest.mark.slow

@@ -140,3 +140,78 @@ def test_shellcheck_clean():
                      if f.endswith((".sh", ".sbatch")))
     proc = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_slurm_data_jobs_dry_run(env):
+    """curate/encode as array jobs: task I runs `vdit ... --shard I --num-shards N`."""
+    out = _run(env, "slurm.sh", "--dry-run", "encode", "--shards", "16", "--partition", "gpu",
+               "--config", "configs/wan2_1_t2v_1_3b.py", "--workdir", "/shared/run", "--",
+               "--config.encode.source=/shared/videos").stdout
+    sbatch, task = _commands(out)
+    assert sbatch[:4] == ["sbatch", "--array=0-15", "--gpus=1", "--partition=gpu"]
+    assert sbatch[4].endswith("launch/slurm_data.sbatch")
+    assert sbatch[5:] == ["encode", "--num-shards", "16", "--config", "configs/wan2_1_t2v_1_3b.py",
+                          "--workdir", "/shared/run", "--", "--config.encode.source=/shared/videos"]
+    assert task == [os.path.join(ROOT, ".venv/bin/python"), "-m", "vdit", "encode", "--config",
+                    "configs/wan2_1_t2v_1_3b.py", "--workdir", "/shared/run", "--distributed",
+                    "off", "--shard", "$SLURM_ARRAY_TASK_ID", "--num-shards", "16",
+                    "--config.encode.source=/shared/videos"]
+    sbatch, task = _commands(_run(env, "slurm.sh", "--dry-run", "curate", "--shards", "4",
+                                  "--input", "/shared/raw", "--output", "/shared/clips").stdout)
+    assert sbatch[1] == "--array=0-3" and not any(w.startswith("--gpus") for w in sbatch)
+    assert task[3:] == ["curate", "--input", "/shared/raw", "--output", "/shared/clips",
+                        "--distributed", "off", "--shard", "$SLURM_ARRAY_TASK_ID",
+                        "--num-shards", "4"]
+    logs, = _commands(_run(env, "slurm.sh", "--dry-run", "logs", "77_3").stdout)
+    assert logs[-1] == "vdit-data-77_3.log"
+
+
+def test_slurm_data_task_inside_an_array(env):
+    args = ["encode", "--num-shards", "4", "--config", "c.py", "--workdir", "/w"]
+    task, = _commands(_run(dict(env, SLURM_ARRAY_TASK_ID="3"), "slurm_data.sbatch", "--dry-run",
+                           *args).stdout)
+    assert task[task.index("--shard") + 1] == "3"
+    for environ, message in ((dict(env, SLURM_ARRAY_TASK_ID="4"),
+                              "array task 4 is outside --num-shards 4"),
+                             (env, "not inside a SLURM array task")):
+        assert message in _run(environ, "slurm_data.sbatch", *args, ok=False).stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["encode", "--shards", "x", "--config", "c", "--workdir", "w"],
+     "--shards must be a positive integer"),
+    (["encode", "--shards", "2", "--config", "c"], "--workdir is required"),
+    (["curate", "--shards", "2", "--output", "o"], "--input is required"),
+])
+def test_slurm_data_bad_input(env, args, message):
+    assert message in _run(env, "slurm.sh", "--dry-run", *args, ok=False).stderr
+
+
+def test_tpu_vm_data_jobs_shard_by_worker_number(env, tmp_path):
+    """Every worker runs the job with its own metadata worker number as --shard; the remote
+    command, run here with a fake metadata server (curl) and python, shows it."""
+    train, = _commands(_run(env, "tpu_vm.sh", "--dry-run", "encode", *TPU, "--config",
+                            "configs/wan2_1_t2v_1_3b.py", "--workdir", "gs://b/run", "--",
+                            "--config.encode.source=/mnt/videos").stdout)
+    assert train[4:7] == ["ssh", "vdit-test", "--worker=all"]
+    remote = train[7].removeprefix("--command=")
+    home = tmp_path / "home"
+    (home / "vdit" / ".venv" / "bin").mkdir(parents=True)
+    python = home / "vdit" / ".venv" / "bin" / "python"
+    python.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/ran\n")
+    curl = tmp_path / "bin" / "curl"
+    curl.write_text("#!/bin/sh\ncase \"$*\" in *agent-worker-number) echo 2 ;; "
+                    "*) echo 'a:b:10.0.0.1,a:b:10.0.0.2,a:b:10.0.0.3' ;; esac\n")
+    for tool in (python, curl):
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    subprocess.run(["bash", "-c", remote + " wait"], cwd=home, env=dict(env, HOME=str(home)),
+                   check=True, timeout=30)
+    assert (tmp_path / "ran").read_text().split() == [
+        "-m", "vdit", "encode", "--config", "configs/wan2_1_t2v_1_3b.py", "--workdir",
+        "gs://b/run", "--distributed", "off", "--shard", "2", "--num-shards", "3",
+        "--config.encode.source=/mnt/videos"]
+    curate, = _commands(_run(env, "tpu_vm.sh", "--dry-run", "curate", *TPU, "--input",
+                             "/mnt/raw", "--output", "gs://b/clips").stdout)
+    assert "vdit curate --input /mnt/raw --output gs://b/clips --distributed off" in curate[7]
+    assert "--input is required" in _run(env, "tpu_vm.sh", "--dry-run", "curate", *TPU,
+                                         ok=False).stderr

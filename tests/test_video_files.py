@@ -284,3 +284,44 @@ def test_encode_a_curate_manifest(curated, vae_workdir, tmp_path):
         assert record["caption"] == line["caption"] and record["meta"]["motion"] == line["motion"]
         assert record["meta"]["first_frame"] == line["start_frame"] + 7
         assert record["meta"]["fps"] == 12.0 and record["latents"].shape == (3, 8, 8, 8)
+
+
+def test_sharded_encode_merges_by_name_with_one_normalisation(videos, vae_workdir, tmp_path):
+    """Two workers (`--shard i --num-shards 2`) over a 3-shard layout: each writes only its own
+    shards and summary, the last one merges; reruns skip; bad shards/layouts/stats fail clearly."""
+    out = str(tmp_path / "latents")
+    config = _config(videos["manifest"], vae_workdir, "--config.encode.num_shards=3")
+    second = encode_videos(config, out, shard=1, num_shards=2)
+    assert [os.path.basename(p) for p in second["paths"]] == ["latents-00001-of-00003.array_record"]
+    assert not second["complete"] and not os.path.exists(os.path.join(out, SUMMARY_FILE))
+    first = encode_videos(config, out, shard=0, num_shards=2)
+    assert [os.path.basename(p)[:14] for p in first["paths"]] == ["latents-00000-", "latents-00002-"]
+    assert first["complete"] and first["shards"] == 3
+    kept, skipped = _expected(config, videos, manifest=True)
+    assert {r["meta"]["file"] for r in _records(out)} == set(kept)
+    assert first["skipped"] + second["skipped"] == skipped
+    with open(os.path.join(out, SUMMARY_FILE)) as f:
+        merged = json.load(f)["shards"]
+    assert sorted(merged) == [f"latents-0000{i}-of-00003.array_record" for i in range(3)]
+    assert len({entry["stats"] for entry in merged.values()}) == 1
+    stamps = [os.path.getmtime(p) for p in first["paths"]]
+    again = encode_videos(config, out, shard=0, num_shards=2)
+    assert [os.path.getmtime(p) for p in again["paths"]] == stamps and again["complete"]
+    with pytest.raises(ValueError, match=r"--shard 2 is outside \[0, --num-shards 2\)"):
+        encode_videos(config, out, shard=2, num_shards=2)
+    with pytest.raises(ValueError, match=r"already holds an encode into \[3\] shards, not 4"):
+        encode_videos(config, out, shard=0, num_shards=4)
+    worker = os.path.join(out, "encode_summary-00001-of-00002.json")
+    with open(worker) as f:
+        entries = json.load(f)
+    entries["shards"]["latents-00001-of-00003.array_record"]["stats"] = "measured-elsewhere"
+    with open(worker, "w") as f:
+        json.dump(entries, f)
+    with pytest.raises(ValueError, match=r"latents-00001-of-00003.*other latent stats"):
+        encode_videos(config, out, shard=0, num_shards=2)
+
+
+def test_cli_rejects_a_shard_outside_the_workers(capsys):
+    assert cli.main(["encode", "--config", CONFIG, "--workdir", "unused", "--shard", "3",
+                     "--num-shards", "2"]) != 0
+    assert "--shard 3 is outside [0, --num-shards 2)" in capsys.readouterr().err

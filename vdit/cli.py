@@ -57,6 +57,11 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         add_distributed_flags(p)
     if name in ("train-vae", "encode", "train"):
         _add_config_flags(p)
+    if name in ("encode", "curate"):
+        p.add_argument("--shard", type=int, default=0,
+                       help="this worker's index in [0, --num-shards) (default 0)")
+        p.add_argument("--num-shards", type=int, default=1,
+                       help="workers splitting the input, each its own --shard (default 1)")
     if name == "train":
         p.add_argument("--dry-run", action="store_true",
                        help="build the model, mesh and abstract sharded state, compile the step "
@@ -106,8 +111,6 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         _add_config_flags(p, workdir_required=False)
         p.add_argument("--input", required=True)
         p.add_argument("--output", required=True)
-        p.add_argument("--shard", type=int, default=0)
-        p.add_argument("--num-shards", type=int, default=1)
     elif name == "convert":
         p.add_argument("--from", dest="src_format", choices=["diffusers", "vdit"])
         p.add_argument("--to", dest="dst_format", choices=["diffusers", "vdit"])
@@ -143,22 +146,27 @@ def _train_vae(args) -> int:
 
 
 def _encode(args) -> int:
-    from vdit.data.encode import encode_synthetic
+    from vdit.data.encode import encode_synthetic, owned_shards
     from vdit.runs import latents_dir
 
+    owned_shards(args.num_shards, args.shard, args.num_shards)  # bad flags fail before any load
     config = _load(args)
     out = latents_dir(config, args.workdir)
     source = config.encode.get("source", "synthetic")
+    worker = f"worker {args.shard}/{args.num_shards}: " if args.num_shards > 1 else ""
     if source == "synthetic":
-        paths = encode_synthetic(config, out)
-        print(f"vdit encode: {len(paths)} shards in {runs.absolute(out)}")
+        paths = encode_synthetic(config, out, args.shard, args.num_shards)
+        print(f"vdit encode: {worker}{len(paths)} shards in {runs.absolute(out)}")
         return 0
     from vdit.data.encode_videos import encode_videos
 
-    summary = encode_videos(config, out)
-    print(f"vdit encode: {summary['records']} clips in {len(summary['paths'])} shards in "
+    summary = encode_videos(config, out, shard=args.shard, num_shards=args.num_shards)
+    print(f"vdit encode: {worker}{summary['records']} clips in {len(summary['paths'])} shards in "
           f"{runs.absolute(out)}; skipped {summary['skipped']} videos "
           f"{summary['skipped_by_reason']} (see encode_summary.json)")
+    if not summary["complete"]:
+        print(f"vdit encode: {summary['shards']} shards in all; encode_summary.json is written "
+              "when every worker has finished")
     return 0
 
 

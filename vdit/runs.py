@@ -73,6 +73,26 @@ def absolute(path: str | os.PathLike) -> epath.Path:
     return p if is_remote(p) else epath.Path(os.path.abspath(os.fspath(p)))
 
 
+def create_if_absent(path, text: str) -> bool:
+    """Writes `text` to `path` unless the file exists; True when this call created it. Locally an
+    exclusive create (O_EXCL), so of workers racing to write the same file exactly one wins; an
+    object store has no exclusive create, so there the last of racing writers wins (callers
+    re-read the file and check what they used, see `vdit/data/encode_videos.py`)."""
+    p = user_path(path)
+    if is_remote(p):
+        if p.exists():
+            return False
+        p.write_text(text)
+        return True
+    try:
+        fd = os.open(os.fspath(p), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return True
+
+
 # ---------------------------------------------------------------------- a run's layout
 def checkpoints_dir(workdir) -> epath.Path:
     return absolute(workdir) / "checkpoints"

@@ -109,7 +109,7 @@ def _resume(output: str, shard: int, num_shards: int) -> tuple[list[dict], int]:
         else:
             log.warning("curate: deleting %s (no ledger line points at it: an interrupted run)",
                         path)
-            os.remove(path)
+            runs.user_path(path).unlink()
     return lines, next_part
 
 
@@ -165,7 +165,7 @@ def curate(config, input_path: str, output: str, shard: int = 0, num_shards: int
              if shard_of(it.source, num_shards) == shard]
     if runs.user_path(output).exists() and not runs.user_path(output).is_dir():
         raise ValueError(f"--output {output!r} is a file, not a folder")
-    os.makedirs(output, exist_ok=True)
+    runs.user_path(output).mkdir(parents=True, exist_ok=True)  # gs:// too
     # one writer per shard: two workers on one shard would record videos as both kept and failed
     with FolderLock(str(runs.user_path(output) / f".lock-{shard:05d}-of-{num_shards:05d}"),
                     f"curate shard {shard}/{num_shards} of {output}"):

@@ -14,6 +14,7 @@ first-frame image-to-video condition as `cond_latents`, see `vdit/data/condition
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -86,23 +87,41 @@ def vae_encoder(config, params=None):
 
 
 def resolve_stats(config, out_dir: str, measure, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) [C] for normalising latents, also written to `out_dir/stats.json`: the stats
-    already there (a resumed encode keeps its normalisation), else `measure()` when
-    `encode.normalize` is "measure", else `vae.latents_mean/std`. The file also records the
-    fingerprint of the tokenizer whose ids the shards hold (`vdit train` checks it); a resumed
-    encode with another tokenizer is refused, as its shards would mix two id spaces."""
+    """(mean, std) [C] for normalising latents, from `out_dir/stats.json`, which is written first
+    when absent: `measure()` when `encode.normalize` is "measure", else `vae.latents_mean/std`.
+    A resumed encode keeps its normalisation; of sharded workers racing to write it (each measures
+    the same clips), the first file written wins and every worker normalises with what is on disk.
+    The file also records the fingerprint of the tokenizer whose ids the shards hold (`vdit train`
+    checks it); a resumed encode with another tokenizer is refused, as its shards would mix two id
+    spaces."""
     runs.user_path(out_dir).mkdir(parents=True, exist_ok=True)
     stats_path = runs.stats_path(out_dir)
-    if stats_path.is_file():
-        stats = load_stats(out_dir)
-    elif config.encode.normalize == "measure":
-        stats = measure()
-    else:
-        stats = {"mean": list(config.vae.latents_mean), "std": list(config.vae.latents_std)}
+    if not stats_path.is_file():
+        stats = (measure() if config.encode.normalize == "measure" else
+                 {"mean": list(config.vae.latents_mean), "std": list(config.vae.latents_std)})
+        stats[TOKENIZER_KEY] = tokenizer.fingerprint()
+        runs.create_if_absent(stats_path, json.dumps(stats))
+    stats = load_stats(out_dir)
     check_tokenizer(stats, tokenizer, out_dir, "encode into")
-    stats[TOKENIZER_KEY] = tokenizer.fingerprint()
-    stats_path.write_text(json.dumps(stats))
+    if stats.get(TOKENIZER_KEY) != tokenizer.fingerprint():  # unrecorded, or another max length
+        stats[TOKENIZER_KEY] = tokenizer.fingerprint()
+        stats_path.write_text(json.dumps(stats))
     return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+
+
+def stats_id(mean: np.ndarray, std: np.ndarray) -> str:
+    """A short fingerprint of normalisation stats: shards written with different ones differ."""
+    data = np.concatenate([np.asarray(mean, np.float32), np.asarray(std, np.float32)])
+    return hashlib.sha1(data.tobytes()).hexdigest()[:16]
+
+
+def owned_shards(count: int, shard: int, num_shards: int) -> list[int]:
+    """Output shards [0, count) that worker `shard` of `num_shards` (`--shard`/`--num-shards`)
+    writes: every num_shards-th, from its own index."""
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"--shard {shard} is outside [0, --num-shards {num_shards}); give "
+                         "0 <= --shard < --num-shards")
+    return list(range(shard, count, num_shards))
 
 
 def _vocabulary(fingerprint: str) -> str:
@@ -131,9 +150,11 @@ def latent_record(z: np.ndarray, ids: np.ndarray, mask: np.ndarray, caption: str
             "meta": meta}
 
 
-def encode_synthetic(config, out_dir: str) -> list[str]:
-    """Encodes the synthetic world into `encode.num_shards` shards under `out_dir`."""
+def encode_synthetic(config, out_dir: str, shard: int = 0, num_shards: int = 1) -> list[str]:
+    """Encodes the synthetic world into `encode.num_shards` shards under `out_dir`; worker `shard`
+    of `num_shards` writes its `owned_shards`. Returns their paths."""
     cfg = config.encode
+    owned = owned_shards(cfg.num_shards, shard, num_shards)
     _, tokenizer = text_encoder_from_config(config.text)
     data = SyntheticShapes.from_config(config.data)
     encode_fn = vae_encoder(config)
@@ -141,13 +162,13 @@ def encode_synthetic(config, out_dir: str) -> list[str]:
                               lambda: _measure_stats(encode_fn, data, cfg, cfg.shapes), tokenizer)
     per_shard = -(-cfg.num_examples // cfg.num_shards)
     paths = []
-    for shard in tqdm(range(cfg.num_shards), desc="encode", disable=not config.train.progress):
-        path = runs.user_path(out_dir) / sources.SHARD_PATTERN.format(index=shard,
+    for index in tqdm(owned, desc="encode", disable=not config.train.progress):
+        path = runs.user_path(out_dir) / sources.SHARD_PATTERN.format(index=index,
                                                                       count=cfg.num_shards)
         paths.append(str(path))
         if path.exists():
             continue  # finished by an earlier run
-        indices = range(shard * per_shard, min(cfg.num_examples, (shard + 1) * per_shard))
+        indices = range(index * per_shard, min(cfg.num_examples, (index + 1) * per_shard))
         examples = _encode_indices(indices, data, cfg, encode_fn, tokenizer, mean, std,
                                    conditions.encode_condition_fn(config, encode_fn, mean, std))
         sources.write_shard(path, examples)

@@ -3,14 +3,20 @@
 
 `encode.source` is a folder, a manifest or a TFDS dataset ("tfds:NAME[/CONFIG][:SPLIT]", read by
 `vdit/data/tfds_source.py`). Every entry of it is encoded once (`encode.num_examples` applies to the synthetic
-source only), entry i going to shard i // ceil(N / num_shards). Within a shard, clips are grouped
+source only), entry i going to shard i // ceil(N / count), count = max(encode.num_shards,
+--num-shards) (at most one shard per entry). `--shard i --num-shards n` (as `vdit curate` takes
+them) makes this process worker i of n: it writes shards i, i + n, ... and nothing else, so n
+processes (SLURM array tasks, TPU VM workers) split the work without talking to each other; a
+rerun of any worker skips its finished shards, and the shards of all workers are merged by
+name (see `vdit/data/encode_summary.py`). Within a shard, clips are grouped
 by the shape drawn for them (`VideoClipSource.shape`) and encoded in batches padded to
 `encode.batch_size`, so the VAE compiles once per shape bucket. Videos that cannot be read
 (missing, corrupt), are too short for their shape, whose manifest frame range passes their end,
 or fail otherwise are skipped and counted by reason, never fatal. Manifest lines with `kept`
 false (e.g. clips `vdit curate` dropped) are not entries at all: they are counted as `filtered`.
-`encode_summary.json` beside the shards keeps each finished shard's counts and skipped files,
-so a rerun (which skips finished shards) still reports the whole run.
+`encode_summary.json` beside the shards keeps each finished shard's counts, skipped files and
+the fingerprint of the latent stats it was normalised with, so a rerun (which skips finished
+shards) still reports the whole run, and shards normalised differently are an error.
 
 Config section `encode` (keys read here): source, video_root (optional: the folder a manifest's
 relative paths resolve against, e.g. curate's input), shapes, shape_weights, seed, fps (0 = every
@@ -22,9 +28,8 @@ second), then index, file, source_frames, source_fps, fps (of the clip), first_f
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import jax.numpy as jnp
@@ -34,13 +39,14 @@ from tqdm import tqdm
 from vdit import runs
 from vdit.config import check_shapes, spatial_stride
 from vdit.data import conditions, sources, tfds_source
-from vdit.data.encode import channel_stats, latent_record, resolve_stats, vae_encoder
+from vdit.data import encode_summary as summary
+from vdit.data.encode import channel_stats, latent_record, owned_shards, resolve_stats, stats_id, vae_encoder
 from vdit.data.video_files import ClipTooShortError, FrameRangeError, VideoClipSource
 from vdit.data.video_io import VideoReadError
 from vdit.models.text import text_encoder_from_config
 
 log = logging.getLogger(__name__)
-SUMMARY_FILE = "encode_summary.json"
+SUMMARY_FILE = summary.SUMMARY_FILE
 
 
 def check_encode_shapes(config) -> None:
@@ -55,38 +61,51 @@ def clip_source(cfg) -> VideoClipSource | tfds_source.TfdsClipSource:
     return VideoClipSource.from_config(cfg)
 
 
-def encode_videos(config, out_dir: str, vae_params=None) -> dict:
+def encode_videos(config, out_dir: str, vae_params=None, shard: int = 0,
+                  num_shards: int = 1) -> dict:
     """Encodes `config.encode.source` into shards under `out_dir`; `vae_params` default to the
-    EMA weights of `encode.vae_workdir`. Returns {"paths", "records", "skipped",
-    "skipped_by_reason", "skipped_files"} over all shards, this run's and earlier runs', and
-    "filtered" (manifest lines with `kept` false)."""
+    EMA weights of `encode.vae_workdir`. Worker `shard` of `num_shards` writes its
+    `owned_shards`. Returns {"paths", "records", "skipped", "skipped_by_reason",
+    "skipped_files"} over this worker's shards, this run's and earlier runs', "filtered"
+    (manifest lines with `kept` false), "shards" (the run's shard count) and "complete" (every
+    worker's shards are finished and merged into encode_summary.json)."""
     cfg = config.encode
     check_encode_shapes(config)
     source = clip_source(cfg)
+    count = max(1, min(max(int(cfg.num_shards), num_shards), len(source)))
+    owned = owned_shards(count, shard, num_shards)
+    summary.check_layout(out_dir, count)
     _, tokenizer = text_encoder_from_config(config.text)
     encode_fn = vae_encoder(config, vae_params)
+    # Every worker measures the same clips (the source's first), and all use stats.json's.
     mean, std = resolve_stats(config, out_dir, lambda: _measure_stats(encode_fn, source, cfg),
                               tokenizer)
+    stats = stats_id(mean, std)
     condition_fn = conditions.encode_condition_fn(config, encode_fn, mean, std)
-    num_shards = max(1, min(int(cfg.num_shards), len(source)))
-    per_shard = -(-len(source) // num_shards)
-    done = _read_summary(out_dir)
+    per_shard = -(-len(source) // count)
+    names = [sources.SHARD_PATTERN.format(index=i, count=count) for i in range(count)]
+    done = summary.read_done(out_dir)
+    mine_file = summary.summary_file(shard, num_shards)
+    mine = {names[i]: done[names[i]] for i in owned if names[i] in done}
     paths = []
-    for shard in tqdm(range(num_shards), desc="encode", disable=not config.train.progress):
-        name = sources.SHARD_PATTERN.format(index=shard, count=num_shards)
-        path = str(runs.user_path(out_dir) / name)
+    for index in tqdm(owned, desc=f"encode {shard}/{num_shards}",
+                      disable=not config.train.progress):
+        path = str(runs.user_path(out_dir) / names[index])
         paths.append(path)
-        if runs.user_path(path).exists() and name in done:
+        if runs.user_path(path).exists() and names[index] in done:
             continue  # finished by an earlier run
-        indices = range(shard * per_shard, min(len(source), (shard + 1) * per_shard))
+        indices = range(index * per_shard, min(len(source), (index + 1) * per_shard))
         records, skipped = _encode_shard(indices, source, cfg, encode_fn, tokenizer, mean, std,
                                          condition_fn)
         # The summary entry goes first: a crash before the shard's rename re-encodes the shard
         # and rewrites its entry, so the counts never miss a finished shard.
-        done[name] = {"records": len(records), "skipped": skipped}
-        _write_summary(out_dir, done)
+        mine[names[index]] = {"records": len(records), "skipped": skipped, "stats": stats}
+        summary.write(out_dir, mine_file, mine)
         sources.write_shard(path, records)
-    return _totals(paths, done, source.filtered)
+    summary.check_stats([runs.user_path(p).name for p in paths], mine, stats, out_dir)
+    complete = summary.merge_if_complete(out_dir, names, stats)
+    return {**summary.totals(paths, mine, source.filtered), "shards": count,
+            "complete": complete}
 
 
 def _load(source: VideoClipSource, index: int, skipped: list) -> dict | None:
@@ -159,29 +178,3 @@ def _measure_stats(encode_fn, source, cfg) -> dict:
         raise ValueError(f"config key 'encode.source' = {cfg.source!r}: no video could be read "
                          "at any of 'encode.shapes' to measure latent statistics")
     return channel_stats(zs)
-
-
-def _read_summary(out_dir: str) -> dict:
-    path = runs.user_path(out_dir) / SUMMARY_FILE
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text())["shards"]
-
-
-def _write_summary(out_dir: str, shards: dict) -> None:
-    path = runs.user_path(out_dir) / SUMMARY_FILE
-    tmp = path.parent / (SUMMARY_FILE + ".tmp")
-    tmp.write_text(json.dumps({"shards": shards}, indent=1))
-    tmp.replace(path)
-
-
-def _totals(paths: list[str], shards: dict, filtered: int = 0) -> dict:
-    names = [runs.user_path(p).name for p in paths]
-    skipped = [s for n in names for s in shards[n]["skipped"]]
-    by_reason = dict(Counter(s["reason"] for s in skipped))
-    totals = {"paths": paths, "records": sum(shards[n]["records"] for n in names),
-              "skipped": len(skipped), "skipped_by_reason": by_reason,
-              "skipped_files": [s["file"] for s in skipped], "filtered": filtered}
-    log.info("encode: %d clips in %d shards; skipped %d videos %s; %d manifest lines not kept",
-             totals["records"], len(paths), totals["skipped"], by_reason, filtered)
-    return totals

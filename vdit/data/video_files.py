@@ -14,13 +14,14 @@ Entries:
   skipped and counted as filtered, not as errors. Curate's `caption` is the caption and its
   `motion` (frame short sides per second) reaches the record's meta for micro-conditioning.
 
-`source[i]` decodes entry i (PyAV, `video_io`; a ranged entry only up to its end frame) into the
-clip shape `shape(i)`, drawn by `encode.sample_shape` from (shapes, weights, seed): `frames` frames
-taken from the middle of the video or its frame range (at `fps` frames per second when fps > 0,
-else consecutive source frames; one middle frame for T = 1 images), then scaled to cover
-height x width and center-cropped. A missing or corrupt file raises `VideoReadError`, a video or
-range with too few frames `ClipTooShortError`, a range past the video's end `FrameRangeError`;
-callers skip and count all three (see `vdit/data/encode_videos.py`).
+`source[i]` decodes entry i into the clip shape `shape(i)`, drawn by `encode.sample_shape` from
+(shapes, weights, seed): `frames` frames taken from the middle of the video or its frame range (at
+`fps` frames per second when fps > 0, else consecutive source frames; one middle frame for T = 1
+images), scaled to cover height x width and center-cropped. Only those frames are decoded,
+resized while decoding, after a seek near the first (`clip_decode.VideoReader`): memory does not
+grow with the video's length or native resolution. A missing or corrupt file raises
+`VideoReadError`, a video or range with too few frames `ClipTooShortError`, a range past the
+video's end `FrameRangeError`; callers skip and count all three (see `vdit/data/encode_videos.py`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-import av
 import grain
 import numpy as np
 
 from vdit.data import video_io
+from vdit.data.clip_decode import VideoReader
 from vdit.data.encode import sample_shape
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
@@ -152,38 +153,6 @@ def list_videos(source: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS
     return list_source(source, extensions)[0]
 
 
-def load_frames(path: str | Path, frame_range: tuple[int, int] | None = None
-                ) -> tuple[np.ndarray, float]:
-    """(frames uint8 [T, H, W, 3], fps) of a whole video, or of its frames [start, end) (decoding
-    stops at `end`; frames are numbered in decode order, as `vdit curate` numbers them)."""
-    if frame_range is None:
-        return video_io.load_video(path)
-    start, end = frame_range
-    path = Path(path)
-    if not path.is_file():
-        raise video_io.VideoReadError(f"cannot read video {path}: file not found")
-    frames, count = [], 0
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise video_io.VideoReadError(f"cannot read video {path}: no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            for count, frame in enumerate(container.decode(stream), 1):
-                if count > start:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                if count >= end:
-                    break
-    except video_io.VideoReadError:
-        raise
-    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-        raise video_io.VideoReadError(f"cannot read video {path}: {e}") from e
-    if count < end:
-        raise FrameRangeError(f"video {path} has {count} frames; its manifest line asks for "
-                              f"frames [{start}, {end})")
-    return np.stack(frames), float(rate) if rate else 0.0
-
-
 def clip_indices(num_source: int, source_fps: float, frames: int, target_fps: float,
                  where: str = "video") -> np.ndarray:
     """Indices [frames] of a window in the middle of a num_source-frame video: every source frame
@@ -235,15 +204,17 @@ class VideoClipSource(grain.sources.RandomAccessDataSource):
         `first_frame` is the clip's first frame in the whole video."""
         entry = self.entries[index]
         frames, height, width = shape
-        video, source_fps = load_frames(entry.file, entry.frames)
-        offset = entry.frames[0] if entry.frames else 0
-        where = f"video {entry.file}" + (f" frames [{offset}, {entry.frames[1]})"
-                                         if entry.frames else "")
-        idx = clip_indices(len(video), source_fps, frames, self._fps, where)
-        clip = video_io.resize_and_crop(video[idx], height, width)
-        meta = {**entry.meta, "index": index, "file": entry.key, "source_frames": len(video),
-                "source_fps": source_fps, "fps": self._fps if self._fps > 0 else source_fps,
-                "first_frame": offset + int(idx[0])}
+        with VideoReader(entry.file) as reader:
+            start, end = entry.frames or (0, reader.num_frames)
+            if end > reader.num_frames:
+                raise FrameRangeError(f"video {entry.file} has {reader.num_frames} frames; its "
+                                      f"manifest line asks for frames [{start}, {end})")
+            where = f"video {entry.file}" + (f" frames [{start}, {end})" if entry.frames else "")
+            idx = clip_indices(end - start, reader.fps, frames, self._fps, where)
+            clip = reader.read(start + idx, height, width)
+        meta = {**entry.meta, "index": index, "file": entry.key, "source_frames": end - start,
+                "source_fps": reader.fps, "fps": self._fps if self._fps > 0 else reader.fps,
+                "first_frame": start + int(idx[0])}
         return {"video": video_io.to_float(clip), "caption": entry.caption, "meta": meta}
 
     def __repr__(self) -> str:

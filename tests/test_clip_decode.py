@@ -1,0 +1,65 @@
+"""Bounded clip decode (vdit/data/clip_decode.py): the frames asked for, found by seeking in a
+video with few keyframes, resized while decoding; counts without stored frame numbers; bad files
+fail naming the file."""
+
+import numpy as np
+import pytest
+
+from vdit.data import video_io
+from vdit.data.clip_decode import VideoReader, cover_size
+from vdit.data.counter_video import frame_number, write_counter_video
+
+
+@pytest.fixture(scope="module")
+def counter(tmp_path_factory):
+    path = tmp_path_factory.mktemp("counter") / "counter.mp4"
+    write_counter_video(path, 200, 24.0, 64, 96, gop=50)
+    return path
+
+
+@pytest.mark.parametrize("indices", [[0, 1, 2], [49, 50, 51], [120, 122, 124, 124], [199]])
+def test_read_seeks_to_the_frames_asked_for(counter, indices):
+    with VideoReader(counter) as reader:
+        assert (reader.num_frames, reader.fps) == (200, 24.0)
+        frames = reader.read(indices, 64, 96)
+        assert [frame_number(f) for f in frames] == indices
+        # a keyframe every 50 frames: at most the frames since the last one are decoded
+        assert reader.decoded <= indices[-1] - 50 * (indices[0] // 50) + 1 + 8
+
+
+def test_read_resizes_while_decoding_like_a_full_decode(counter):
+    full, _ = video_io.load_video(counter)
+    with VideoReader(counter) as reader:
+        clip = reader.read([100, 101], 24, 24)  # 64x96 covers 24x24 at 24x36, then crops
+    assert clip.shape == (2, 24, 24, 3) and clip.dtype == np.uint8
+    reference = video_io.resize_and_crop(full[[100, 101]], 24, 24)
+    assert np.abs(clip.astype(int) - reference.astype(int)).mean() < 6
+    assert cover_size(1080, 1920, 256, 256) == (256, 455)
+
+
+def test_frame_count_without_a_stored_count(tmp_path):
+    path = tmp_path / "ramp.gif"
+    video_io.write_gif(path, np.repeat(np.arange(0, 250, 25, dtype=np.uint8), 16 * 16 * 3)
+                       .reshape(10, 16, 16, 3), fps=8.0)
+    with VideoReader(path) as reader:
+        assert reader.num_frames == 10
+        assert reader.read([4], 16, 16)[0].mean() == pytest.approx(100, abs=3)
+
+
+def test_bad_files_and_indices_fail_clearly(counter, tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\0" * 500)
+    with pytest.raises(video_io.VideoReadError, match="broken.mp4"):
+        VideoReader(broken)
+    with pytest.raises(video_io.VideoReadError, match="missing.mp4: file not found"):
+        VideoReader(tmp_path / "missing.mp4")
+    with VideoReader(counter) as reader:
+        with pytest.raises(video_io.VideoReadError, match="has 200 frames; frame 200"):
+            reader.read([199, 200], 8, 8)
+        with pytest.raises(ValueError, match="ascending"):
+            reader.read([5, 3], 8, 8)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(counter.read_bytes()[: counter.stat().st_size // 2])
+    with pytest.raises(video_io.VideoReadError, match="cut.mp4"):
+        with VideoReader(cut) as reader:
+            reader.read([199], 8, 8)

@@ -1,0 +1,154 @@
+"""Bounded-memory clip decode: a few frames of a video file, resized while decoding, after a seek
+to the keyframe before the first one; a long high-resolution video never sits in memory whole.
+
+`VideoReader(path)` opens a file and knows its frame count (the container's, else counted from
+the demuxed packets, which decodes nothing) and fps; `reader.read(indices, height, width)`
+returns frames [T, height, width, 3] uint8 at those source frame numbers, each scaled while it is
+decoded (PyAV/swscale: area filter when shrinking, bicubic when growing) to cover height x width
+and center-cropped. Frames are numbered from the start of the video in presentation order, as
+`vdit curate` numbers them: from the frame's timestamp after a seek, by counting when the file
+has no timestamps or its seek lands past the first wanted frame (then decoding restarts from the
+first frame; still one frame held at a time). Memory is O(T x height x width) plus the decoder's
+reference frames, independent of the video's length and native resolution. Unreadable files,
+and files that fail part way, raise `VideoReadError` naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import av
+import numpy as np
+
+from vdit.data.video_io import VideoReadError
+
+AV_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
+
+
+def cover_size(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
+    """(h, w) of a height x width frame scaled (aspect kept) to cover target_h x target_w."""
+    scale = max(target_h / height, target_w / width)
+    return max(target_h, round(height * scale)), max(target_w, round(width * scale))
+
+
+class VideoReader:
+    """An open video file: `num_frames`, `fps` (0.0 when the file gives none), `height`,
+    `width`, `read`;
+    `decoded` counts the frames decoded so far (what a seek saves)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.decoded = 0
+        if not self.path.is_file():
+            raise VideoReadError(f"cannot read video {self.path}: file not found")
+        self._container = self._open()
+        try:
+            stream = self._stream(self._container)
+            rate = stream.average_rate or stream.guessed_rate
+            self.fps = float(rate) if rate else 0.0
+            self.height, self.width = stream.height, stream.width
+            self._time_base = stream.time_base
+            self._start_pts = stream.start_time or 0
+            self.num_frames = stream.frames if stream.frames > 0 else self._count_packets()
+        except BaseException:
+            self._container.close()
+            raise
+        if self.num_frames < 1:
+            self.close()
+            raise VideoReadError(f"cannot read video {self.path}: no decodable frames")
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._container.close()
+
+    def _open(self):
+        try:
+            return av.open(str(self.path))
+        except AV_ERRORS as e:
+            raise VideoReadError(f"cannot read video {self.path}: {e}") from e
+
+    def _stream(self, container):
+        if not container.streams.video:
+            raise VideoReadError(f"cannot read video {self.path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        return stream
+
+    def _count_packets(self) -> int:
+        """Frames of a container that does not store its count: one per video packet (demuxing
+        only; nothing is decoded). Reopens the file afterwards, positioned at its start."""
+        try:
+            count = sum(1 for p in self._container.demux(self._stream(self._container))
+                        if p.size)
+        except AV_ERRORS as e:
+            raise VideoReadError(f"cannot read video {self.path}: {e}") from e
+        self._container.close()
+        self._container = self._open()
+        return count
+
+    def _index(self, frame, fallback: int) -> int:
+        """Frame number of a decoded frame: from its timestamp, else the decode count."""
+        if frame.pts is None or not self.fps:
+            return fallback
+        return round(float((frame.pts - self._start_pts) * self._time_base) * self.fps)
+
+    def read(self, indices: Sequence[int], height: int, width: int) -> np.ndarray:
+        """uint8 [len(indices), height, width, 3]: source frames `indices` (ascending, repeats
+        allowed), each scaled to cover height x width and center-cropped as it is decoded."""
+        indices = [int(i) for i in indices]
+        if not indices or indices != sorted(indices) or indices[0] < 0:
+            raise ValueError(f"frame indices must be ascending and >= 0, got {indices[:8]}")
+        if indices[-1] >= self.num_frames:
+            raise VideoReadError(f"video {self.path} has {self.num_frames} frames; frame "
+                                 f"{indices[-1]} was asked for")
+        wanted = set(indices)
+        try:
+            got = self._decode(wanted, indices[0], height, width, seek=indices[0] > 0)
+            if got is None:  # no timestamps or the seek overshot: count from the first frame
+                self._container.seek(0, stream=self._container.streams.video[0])
+                got = self._decode(wanted, indices[0], height, width, seek=False)
+        except VideoReadError:
+            raise
+        except AV_ERRORS as e:
+            raise VideoReadError(f"cannot read video {self.path}: {e}") from e
+        missing = sorted(wanted - set(got or {}))
+        if missing:
+            raise VideoReadError(f"video {self.path} ended before frame {missing[0]} (it "
+                                 f"claims {self.num_frames} frames)")
+        return np.stack([got[i] for i in indices])
+
+    def _decode(self, wanted: set[int], first: int, height: int, width: int,
+                seek: bool) -> dict[int, np.ndarray] | None:
+        """{frame number: cropped frame} of the wanted frames, or None when this pass cannot
+        number frames reliably (no timestamps after a seek, or the seek landed past `first`)."""
+        stream = self._container.streams.video[0]
+        if seek:
+            if not self.fps:
+                return None
+            offset = self._start_pts + int(first / self.fps / self._time_base)
+            self._container.seek(offset, stream=stream, backward=True)
+        got, last, size = {}, max(wanted), None
+        for count, frame in enumerate(self._container.decode(stream)):
+            self.decoded += 1
+            if seek and frame.pts is None:
+                return None
+            number = self._index(frame, count)
+            if seek and count == 0 and number > first:
+                return None
+            if number in wanted and number not in got:
+                if size is None:
+                    size = cover_size(frame.height, frame.width, height, width)
+                shrink = size[0] * size[1] < frame.height * frame.width
+                image = frame.to_ndarray(height=size[0], width=size[1], format="rgb24",
+                                         interpolation="AREA" if shrink else "BICUBIC")
+                top, left = (size[0] - height) // 2, (size[1] - width) // 2
+                got[number] = image[top:top + height, left:left + width]
+            if number >= last:
+                break
+        return got
