@@ -112,11 +112,20 @@ class Generator:
         image, clip = {}, config.get("image_encoder", {})
         if clip.get("image_encoder_path"):  # a converted Wan2.1 I2V run (vdit/convert/runs.py)
             image = image_parts(clip.image_encoder_path, clip.image_processor_path)
+        experts = {}
+        if "dit_2" in params:  # a two-expert (Wan2.2 A14B) run: both experts share config.model
+            if "experts" not in config:
+                raise ValueError(f"run {workdir!r} holds a second expert (dit_2) but its config "
+                                 "has no experts.boundary_ratio")
+            experts = dict(dit_2=dit, dit_2_params=params["dit_2"],
+                           boundary=float(config.experts.boundary_ratio)
+                           * sampler.spec.num_train_timesteps)
         return cls(dit, params["dit"], vae_from_config(config.vae), vae_params, sampler,
                    np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32),
                    text_model, text_params, tokenizer,
                    mask_text=bool(config.sample.get("mask_text", True)), defaults=defaults,
-                   **image)
+                   expand_timesteps=bool(config.sample.get("expand_timesteps", False)),
+                   **image, **experts)
 
     @classmethod
     def from_diffusers(cls, path: str, dtype: str = "float32",
