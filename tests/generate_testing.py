@@ -94,6 +94,36 @@ def ti2v_pipeline(folder: str, scheduler: str = "unipc") -> WanPipeline:
     return pipe
 
 
+def ti2v_i2v_pipeline(folder: str, scheduler: str = "unipc") -> WanImageToVideoPipeline:
+    """A saved Wan2.2-TI2V-shaped image-to-video pipeline: the image's clean latent is frame 0."""
+    torch.manual_seed(6)
+    vae = AutoencoderKLWan(**VAE22).eval()
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae,
+                                   scheduler=SCHEDULERS[scheduler](), image_processor=None,
+                                   image_encoder=None, expand_timesteps=True,
+                                   transformer=tiny_transformer(7, in_channels=Z22,
+                                                                out_channels=Z22))
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def a14b_pipeline(folder: str, i2v: bool = False, boundary_ratio: float = 0.875,
+                  scheduler: str = "unipc"):
+    """A saved Wan2.2-A14B-shaped two-expert pipeline (high-noise `transformer`, low-noise
+    `transformer_2`, different random weights); `i2v`: WanImageToVideoPipeline whose DiTs take
+    z + 4 mask + z channels and no CLIP branch, as Wan2.2 I2V-A14B."""
+    channels = dict(in_channels=2 * Z + 4) if i2v else {}
+    high, low = tiny_transformer(11, **channels), tiny_transformer(12, **channels)
+    kw = dict(tokenizer=None, text_encoder=None, vae=tiny_vae(), scheduler=SCHEDULERS[scheduler](),
+              transformer=high, transformer_2=low, boundary_ratio=boundary_ratio)
+    if i2v:
+        pipe = WanImageToVideoPipeline(image_processor=None, image_encoder=None, **kw)
+    else:
+        pipe = WanPipeline(**kw)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
 def add_text_encoder(folder: str) -> None:
     from text_testing import torch_encoder, write_word_tokenizer
 

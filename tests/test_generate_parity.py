@@ -125,10 +125,10 @@ def test_pipeline_folder_errors_are_named(tmp_path):
     with pytest.raises(ValueError, match="_class_name='StableDiffusionPipeline'"):
         Generator.from_diffusers(str(tmp_path))
     write({"_class_name": "WanPipeline", "boundary_ratio": 0.9})
-    with pytest.raises(NotImplementedError, match="Wan2.2's two-stage"):
+    with pytest.raises(ValueError, match="transformer_2/ absent, boundary_ratio=0.9"):
         Generator.from_diffusers(str(tmp_path))
-    write({"_class_name": "WanImageToVideoPipeline", "expand_timesteps": True})
-    with pytest.raises(NotImplementedError, match="expand_timesteps=true with WanImageToVideo"):
+    write({"_class_name": "WanVideoToVideoPipeline", "expand_timesteps": True})
+    with pytest.raises(NotImplementedError, match="expand_timesteps=true with WanVideoToVideo"):
         Generator.from_diffusers(str(tmp_path))
     write({"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]})
     (tmp_path / "transformer").mkdir()

@@ -14,7 +14,11 @@ EMA are the published weights:
             statistics, which Wan's pipelines normalise with;
   OUT/vae   the VAE, as `vdit train-vae` lays out a run (what `encode.vae_workdir` names).
 So `train.init_from=OUT` starts a stage from Wan2.1, and `vdit sample --workdir OUT` gives the
-numbers diffusers' pipeline gives on the folder itself.
+numbers diffusers' pipeline gives on the folder itself. Wan2.2 folders convert too: a two-expert
+A14B folder's transformer_2/ (the low-noise expert, same config as transformer/) becomes the
+weights' "dit_2" part and its boundary_ratio the config's `experts.boundary_ratio`; TI2V's
+`expand_timesteps` becomes `sample.expand_timesteps`; `sample.pipeline_class` keeps the
+folder's pipeline class for the way back.
 
     vdit convert --to diffusers --src runs/dit --out DIR
 
@@ -22,7 +26,8 @@ writes a vdit run (its latest checkpoint's EMA weights, LoRA merged, frozen part
 pipeline folder: transformer/, vae/ (from the run's `encode.vae_workdir`, its config carrying the
 latent statistics of the run's shards so diffusers normalises as vdit trained), scheduler/ (the
 run's `sample.scheduler`), model_index.json, for a UMT5 run text_encoder/ + tokenizer/, and for
-an I2V run its image_encoder/ + image_processor/. The
+an I2V run its image_encoder/ + image_processor/; a two-expert run adds transformer_2/ and
+boundary_ratio, a TI2V run expand_timesteps. The
 byte and word encoders of the synthetic recipes have no transformers tokenizer, so their folders
 carry no text encoder (callers then pass text embeddings).
 """
@@ -67,11 +72,6 @@ def convert(src_format: str | None, dst_format: str | None, src: str, out: str) 
 def from_diffusers(src: str, out: str) -> dict:
     """Writes the runs OUT and OUT/vae described in the module docstring."""
     index = folder_lib.read_index(src)
-    if index.get("transformer_2") and index["transformer_2"][0] is not None:
-        raise NotImplementedError(
-            f"{src}: the pipeline has transformer_2/, which a vdit run does not hold (its weights "
-            f"are the DiT and the text encoder); sample it directly with "
-            f"`vdit sample --workdir {src}`")
     for name in ("text_encoder", "tokenizer"):
         if not (runs.user_path(src) / name).is_dir():
             raise FileNotFoundError(f"{src}: no {name}/ folder; a vdit run needs the pipeline's "
@@ -84,6 +84,9 @@ def from_diffusers(src: str, out: str) -> dict:
     vae_cfg = _vae_section(read_config(sub("vae")), mean, std)
     scheduler = folder_lib.read_json(sub("scheduler/scheduler_config.json"))
     image = _read_image_encoder(src, index) if dit.has_image_branch else None
+    weights = {"dit": dit_params, "text": text_params}
+    if index.get("boundary_ratio") is not None:
+        weights["dit_2"] = _read_low_noise_expert(src)
 
     out = str(runs.absolute(out))
     vae_run = str(runs.user_path(out) / VAE_RUN)
@@ -91,7 +94,11 @@ def from_diffusers(src: str, out: str) -> dict:
         sub("tokenizer"))), vae_cfg, scheduler, vae_run)
     if image is not None:
         config.image_encoder = _image_section(image[0], out)
-    weights = {"dit": dit_params, "text": text_params}
+    config.sample.pipeline_class = index["_class_name"]
+    if index.get("expand_timesteps"):
+        config.sample.expand_timesteps = True
+    if "dit_2" in weights:
+        config.experts = ml_collections.ConfigDict({"boundary_ratio": index["boundary_ratio"]})
     checkpoint.write_weights(out, 0, weights, weights, config)
     written = {"run": out, "vae_run": vae_run}
     if image is not None:
@@ -105,6 +112,19 @@ def from_diffusers(src: str, out: str) -> dict:
     stats.parent.mkdir(parents=True, exist_ok=True)
     stats.write_text(json.dumps({"mean": mean.tolist(), "std": std.tolist()}))
     return written
+
+
+def _read_low_noise_expert(src: str):
+    """transformer_2/'s parameters; a vdit run holds both experts under one `model` section, so
+    the two configs must agree."""
+    sub = lambda name: str(runs.user_path(src) / name)
+    strip = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}
+    high, low = strip(read_config(sub("transformer"))), strip(read_config(sub("transformer_2")))
+    if high != low:
+        diff = sorted(k for k in high.keys() | low.keys() if high.get(k) != low.get(k))
+        raise ValueError(f"{src}: transformer_2/ config differs from transformer/'s in {diff}; a "
+                         "vdit run holds two experts of one config")
+    return wan.load_transformer(sub("transformer_2"))[1]
 
 
 def _read_image_encoder(src: str, index: dict):
@@ -190,14 +210,22 @@ def to_diffusers(src: str, out: str) -> dict:
     runs.user_path(sub("scheduler/scheduler_config.json")).write_text(json.dumps(scheduler,
                                                                                   indent=2))
     none = [None, None]
-    index = {"_class_name": "WanImageToVideoPipeline" if dit.in_channels != dit.out_channels
-             else "WanPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+    pipeline = config.sample.get("pipeline_class") or (
+        "WanImageToVideoPipeline" if dit.in_channels != dit.out_channels else "WanPipeline")
+    index = {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
              "transformer": ["diffusers", "WanTransformer3DModel"],
              "vae": ["diffusers", "AutoencoderKLWan"],
              "scheduler": ["diffusers", scheduler.get("_class_name", "UniPCMultistepScheduler")],
              "text_encoder": none, "tokenizer": none}
     written = {"transformer": sub("transformer"), "vae": sub("vae"),
                "scheduler": sub("scheduler")}
+    if config.sample.get("expand_timesteps"):
+        index["expand_timesteps"] = True
+    if "dit_2" in weights:
+        wan.save_transformer(dit, weights["dit_2"], sub("transformer_2"))
+        index |= {"transformer_2": ["diffusers", "WanTransformer3DModel"],
+                  "boundary_ratio": float(config.experts.boundary_ratio)}
+        written["transformer_2"] = sub("transformer_2")
     if config.text.get("kind") == "umt5":
         text_model, _ = text_encoder_from_config(config.text)
         wan.save_text_encoder(text_model, weights["text"], sub("text_encoder"))

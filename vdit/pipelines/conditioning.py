@@ -16,6 +16,11 @@ data prediction x - s v is then exactly x0) carries such frames along that path,
 step they equal the known frames noised to the new sigma, which is what inpainting by replacement
 does, and the model sees them as consistent noisy context at each step. At sigma 0 they are x0;
 callers also set them to x0 exactly afterwards (`apply_pins`) to drop float rounding.
+
+Clean first frame (Wan2.2 TI2V image-to-video, diffusers' `expand_timesteps`): the model sees the
+image's clean latent in latent frame 0 and timestep 0 on that frame's tokens, the step's timestep
+elsewhere (`CleanFirstFrame`); the solver's own frame 0 is ignored and set to the image latent at
+the end.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+
+from vdit.data import patches
 
 
 def i2v_mask(known_frames: Sequence[bool], latent_hw: tuple[int, int],
@@ -91,3 +98,30 @@ def apply_pins(latents, pin):
     """Sets the pinned frames to their known clean latents exactly."""
     known, mask, _ = pin
     return latents + mask * (known - latents)
+
+
+@dataclasses.dataclass(frozen=True)
+class CleanFirstFrame:
+    """velocity_fn(x, timesteps, params, clean, *inner_args) for TI2V image-to-video.
+
+    x [B, T', h, w, C]; timesteps [B]; clean [B, 1, h, w, C] (the image's normalised latent).
+    `inner(x', timesteps' [B, N], params, *inner_args)` sees x with frame 0 replaced by `clean`
+    and per-token timesteps: 0 on frame 0's tokens, the step's elsewhere (N tokens in (t, h, w)
+    order, as the DiT patchifies). `patch_size` is the DiT's (pt must be 1: a token of frame 0
+    must not also hold frame 1)."""
+
+    inner: Any
+    patch_size: tuple[int, int, int]
+
+    def __post_init__(self):
+        if self.patch_size[0] != 1:
+            raise ValueError(f"a clean first latent frame needs a temporal patch of 1, got "
+                             f"patch_size={self.patch_size}")
+
+    def __call__(self, x, timesteps, params, clean, *args):
+        x = x.at[:, :1].set(clean.astype(x.dtype))
+        grid = patches.grid_shape(x.shape[1:], self.patch_size)
+        per_frame = grid[1] * grid[2]
+        frame0 = jnp.arange(grid[0] * per_frame) < per_frame  # [N]
+        per_token = jnp.where(frame0[None], 0.0, timesteps[:, None]).astype(timesteps.dtype)
+        return self.inner(x, per_token, params, *args)

@@ -4,10 +4,10 @@ A folder holds `model_index.json` and one sub-folder per component: `transformer
 `scheduler/scheduler_config.json` (required), `text_encoder/` + `tokenizer/` (optional: without
 them, callers pass text embeddings), `image_encoder/` + `image_processor/` (Wan2.1 I2V's CLIP).
 Latent normalisation uses the VAE config's `latents_mean` / `latents_std`, as diffusers' Wan
-pipelines do (diffusers' own 16-channel defaults when the config leaves them out). Wan2.2's
-TI2V-5B text-to-video folders (the 2.2 VAE, `expand_timesteps` on a WanPipeline) load; the other
-Wan2.2 features (a second transformer, `boundary_ratio`, `expand_timesteps` for I2V) are refused
-by name.
+pipelines do (diffusers' own 16-channel defaults when the config leaves them out). Wan2.2 folders
+load too: TI2V-5B (the 2.2 VAE, `expand_timesteps` in model_index.json) and the two-expert A14B
+ones (`transformer_2/` the low-noise expert, `boundary_ratio` in model_index.json: the boundary
+timestep is boundary_ratio * the scheduler's num_train_timesteps, as diffusers computes it).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def _has(index: dict, path: str, name: str) -> bool:
 
 
 def read_index(path: str) -> dict:
-    """model_index.json, checked: a Wan2.1 pipeline with transformer, vae and scheduler."""
+    """model_index.json, checked: a Wan pipeline with transformer, vae and scheduler (and, for
+    Wan2.2 A14B, transformer_2 with boundary_ratio)."""
     if not runs.user_path(path).is_dir():
         raise FileNotFoundError(f"diffusers pipeline folder {path!r} does not exist")
     where = str(runs.user_path(path) / "model_index.json")
@@ -58,14 +59,16 @@ def read_index(path: str) -> dict:
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise ValueError(f"{where}: _class_name={name!r}; vdit loads {list(PIPELINES)}")
-    if _has(index, path, "transformer_2") or index.get("boundary_ratio") is not None:
-        raise NotImplementedError(f"{where}: a second transformer / boundary_ratio (Wan2.2's "
-                                  "two-stage denoising) is not supported")
-    # text-only TI2V: every token's timestep is the step's, so the plain sampler is exact
-    if index.get("expand_timesteps") and name != "WanPipeline":
-        raise NotImplementedError(f"{where}: expand_timesteps=true with {name} (Wan2.2 TI2V "
-                                  "image-to-video: a clean first latent frame) is not supported; "
-                                  "its text-to-video WanPipeline folder is")
+    two, ratio = _has(index, path, "transformer_2"), index.get("boundary_ratio")
+    if two != (ratio is not None):
+        raise ValueError(f"{where}: a two-expert Wan2.2 pipeline needs both transformer_2/ and "
+                         f"boundary_ratio; got transformer_2/ {'present' if two else 'absent'}, "
+                         f"boundary_ratio={ratio!r}")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                              or not 0.0 < ratio < 1.0):
+        raise ValueError(f"{where}: boundary_ratio={ratio!r}; expected a number in (0, 1)")
+    if index.get("expand_timesteps") and name == "WanVideoToVideoPipeline":
+        raise NotImplementedError(f"{where}: expand_timesteps=true with {name} is not supported")
     for required in ("transformer", "vae", "scheduler"):
         if not _has(index, path, required):
             raise FileNotFoundError(f"{path}: the pipeline has no {required}/ component "
@@ -102,10 +105,20 @@ def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dic
         raise ValueError(f"{path}: transformer out_channels={dit.out_channels} differs from the "
                          f"VAE's z_dim={vae.z_dim}")
     mean, std = latent_stats(vae)
+    sampler = make_sampler(read_json(sub("scheduler/scheduler_config.json")))
     parts = dict(dit=dit, dit_params=jax.device_put(dit_params), vae=vae,
-                 vae_params=jax.device_put(vae_params),
-                 sampler=make_sampler(read_json(sub("scheduler/scheduler_config.json"))),
-                 latents_mean=mean, latents_std=std, mask_text=False, defaults=dict(WAN_DEFAULTS))
+                 vae_params=jax.device_put(vae_params), sampler=sampler,
+                 latents_mean=mean, latents_std=std, mask_text=False, defaults=dict(WAN_DEFAULTS),
+                 expand_timesteps=bool(index.get("expand_timesteps")))
+    if index.get("boundary_ratio") is not None:
+        dit_2, dit_2_params = wan.load_transformer(sub("transformer_2"), dtype=dtype,
+                                                   attention=attention)
+        for key in ("in_channels", "out_channels", "patch_size"):
+            if getattr(dit_2, key) != getattr(dit, key):
+                raise ValueError(f"{path}: transformer_2 {key}={getattr(dit_2, key)} differs from "
+                                 f"transformer's {getattr(dit, key)}")
+        parts |= dict(dit_2=dit_2, dit_2_params=jax.device_put(dit_2_params),
+                      boundary=float(index["boundary_ratio"]) * sampler.spec.num_train_timesteps)
     if _has(index, path, "text_encoder"):
         if not runs.user_path(sub("tokenizer")).is_dir():
             raise FileNotFoundError(f"{path}: text_encoder/ without tokenizer/")

@@ -15,6 +15,9 @@ Image-to-video uses the model's I2V input channels and CLIP image tokens when it
 I2V, exactly as diffusers' WanImageToVideoPipeline) and otherwise pins the known latent frames
 (see `vdit/pipelines/conditioning.py`). Text-to-video on an I2V-capable model without a CLIP image
 branch (vdit runs trained with `train.i2v_rate`) feeds mask 0 and condition 0, as training does.
+Wan2.2: a TI2V model (`expand_timesteps`) does image-to-video with the image's clean latent as
+frame 0 at timestep 0; a two-expert A14B model (`dit_2`, `boundary`) denoises steps with timestep
+>= boundary with `dit` (guidance `guidance`) and the rest with `dit_2` (`guidance_2`).
 Micro-conditioned models (`config.model.micro_conditioning`) sample with the values of
 `gen.with_micro(fps=..., motion=...)` (fps defaults to the run's `data.fps`, motion to
 `sample.motion` when the config has it); `generate(..., fps=, motion=)` is a shortcut.
@@ -35,7 +38,7 @@ from vdit.diffusion.samplers import Sampler, make_sampler
 from vdit.models import micro as micro_lib
 from vdit.pipelines import conditioning as cond_lib
 from vdit.pipelines.diffusers_folder import image_parts
-from vdit.pipelines.guided_dit import GuidedDiT
+from vdit.pipelines.guided_dit import GuidedDiT, TwoExperts
 
 # vdit runs sample with Wan2.1's diffusers default solver unless the config says otherwise.
 DEFAULT_SCHEDULER = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000,
@@ -62,6 +65,13 @@ class Generator:
     image_encoder_params: Any = None
     image_processor: Any = None
     micro: dict = dataclasses.field(default_factory=dict)  # micro-conditioning values to sample with
+    # Wan2.2 A14B: the low-noise expert (same latent layout as `dit`) and the timestep below which
+    # it denoises (boundary_ratio * num_train_timesteps); `dit` is then the high-noise expert.
+    dit_2: Any = None
+    dit_2_params: Any = None
+    boundary: float | None = None
+    # Wan2.2 TI2V: image-to-video puts the image's clean latent in frame 0 at timestep 0.
+    expand_timesteps: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -102,11 +112,20 @@ class Generator:
         image, clip = {}, config.get("image_encoder", {})
         if clip.get("image_encoder_path"):  # a converted Wan2.1 I2V run (vdit/convert/runs.py)
             image = image_parts(clip.image_encoder_path, clip.image_processor_path)
+        experts = {}
+        if "dit_2" in params:  # a two-expert (Wan2.2 A14B) run: both experts share config.model
+            if "experts" not in config:
+                raise ValueError(f"run {workdir!r} holds a second expert (dit_2) but its config "
+                                 "has no experts.boundary_ratio")
+            experts = dict(dit_2=dit, dit_2_params=params["dit_2"],
+                           boundary=float(config.experts.boundary_ratio)
+                           * sampler.spec.num_train_timesteps)
         return cls(dit, params["dit"], vae_from_config(config.vae), vae_params, sampler,
                    np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32),
                    text_model, text_params, tokenizer,
                    mask_text=bool(config.sample.get("mask_text", True)), defaults=defaults,
-                   **image)
+                   expand_timesteps=bool(config.sample.get("expand_timesteps", False)),
+                   **image, **experts)
 
     @classmethod
     def from_diffusers(cls, path: str, dtype: str = "float32",
@@ -192,7 +211,8 @@ class Generator:
     def sample(self, noise, context, negative_context, steps: int | None = None,
                guidance: float | None = None, output: str = "video", *, context_mask=None,
                negative_mask=None, start_step: int | None = None, init_latents=None,
-               condition=None, image_context=None, pin=None):
+               condition=None, image_context=None, pin=None, guidance_2: float | None = None,
+               first_frame=None):
         """The one sampling path every workflow uses.
 
         noise [B, T', H', W', C]; context [B, L, D_txt] (negative_context may be None when
@@ -201,6 +221,9 @@ class Generator:
         already-noised latents. condition [B, T', H', W', tf + z]: Wan I2V channels.
         image_context [B, N, D_img]: CLIP tokens for models with an image branch.
         pin = (known [B, T', H', W', C], mask [B, T', 1, 1, 1]): latent frames kept fixed.
+        guidance_2: the low-noise expert's guidance (two-expert models; default `guidance`).
+        first_frame [B, 1, H', W', C]: a clean normalised latent the model sees in frame 0 at
+        timestep 0 (Wan2.2 TI2V image-to-video); the result's frame 0 is set to it.
         """
         if output not in ("latent", "video"):
             raise ValueError(f"output={output!r}; expected 'latent' or 'video'")
@@ -226,8 +249,14 @@ class Generator:
             uncond = (negative_context,
                       ones(negative_context) if negative_mask is None else negative_mask,
                       condition, image_context, micro)
-        velocity = GuidedDiT(self.dit, guidance, self.mask_text)
-        args = (self.dit_params, cond, uncond)
+        if first_frame is not None:
+            first_frame = jnp.asarray(first_frame, jnp.float32)
+            if first_frame.shape != (b, 1) + x.shape[2:]:
+                raise ValueError(f"first_frame must be [B, 1, H', W', C] = {(b, 1) + x.shape[2:]}, "
+                                 f"got {tuple(first_frame.shape)}")
+        velocity, params = self._velocity(guidance, guidance_2, first_frame is not None)
+        extra = () if first_frame is None else (first_frame,)
+        args = (params, *extra, cond, uncond)
         if pin is not None:
             if start and init_latents is None:
                 raise ValueError("pin with start_step > 0 needs init_latents: the pinned frames "
@@ -239,7 +268,25 @@ class Generator:
         latents = self.sampler.sample(velocity, x, steps, *args, start_step=start)
         if pin is not None:
             latents = cond_lib.apply_pins(latents, pin)
+        if first_frame is not None:
+            latents = latents.at[:, :1].set(first_frame)
         return latents if output == "latent" else self.decode(latents)
+
+    def _velocity(self, guidance: float, guidance_2: float | None, clean_first: bool):
+        """(velocity_fn, its params): one guided DiT, or the two experts switched by timestep."""
+        def guided(dit, scale):
+            v = GuidedDiT(dit, scale, self.mask_text)
+            return cond_lib.CleanFirstFrame(v, tuple(dit.patch_size)) if clean_first else v
+
+        if self.dit_2 is None:
+            if guidance_2 is not None:
+                raise ValueError(f"guidance_2={guidance_2} needs a two-expert model (a pipeline "
+                                 "folder with transformer_2/ and boundary_ratio)")
+            return guided(self.dit, guidance), self.dit_params
+        scale_2 = guidance if guidance_2 is None else float(guidance_2)
+        velocity = TwoExperts(guided(self.dit, guidance), guided(self.dit_2, scale_2),
+                              float(self.boundary))
+        return velocity, (self.dit_params, self.dit_2_params)
 
     def _check_noise(self, noise) -> jax.Array:
         x = jnp.asarray(noise, jnp.float32)
@@ -262,17 +309,19 @@ class Generator:
     # ------------------------------------------------------------------ workflows
     def text_to_video(self, context, negative_context, noise, steps: int | None = None,
                       guidance: float | None = None, output: str = "video",
-                      context_mask=None, negative_mask=None, start_step: int | None = None):
+                      context_mask=None, negative_mask=None, start_step: int | None = None,
+                      guidance_2: float | None = None):
         """Samples from `noise` [B, T', H', W', C] (normalised latent space) given text
-        embeddings; returns latents (output="latent") or decoded video [B, T, H, W, 3]."""
+        embeddings; returns latents (output="latent") or decoded video [B, T, H, W, 3].
+        guidance_2: the low-noise expert's scale (two-expert models; default `guidance`)."""
         return self.sample(noise, context, negative_context, steps, guidance, output,
                            context_mask=context_mask, negative_mask=negative_mask,
-                           start_step=start_step)
+                           start_step=start_step, guidance_2=guidance_2)
 
     def image_to_video(self, image, context, negative_context, noise, steps: int | None = None,
                        guidance: float | None = None, output: str = "video", *,
                        context_mask=None, negative_mask=None, last_image=None,
-                       image_embeds=None):
+                       image_embeds=None, guidance_2: float | None = None):
         """First frame `image` [B, H, W, 3] in [-1, 1] (H, W the video size that `noise`
         implies) -> video whose frame 0 is that image; with `last_image`, also its last frame
         (first-last-frame interpolation). `image_embeds` [B, N, D_img] replaces the CLIP pass."""
@@ -281,7 +330,14 @@ class Generator:
         first = self._check_images("image", image, x.shape)
         last = None if last_image is None else self._check_images("last_image", last_image,
                                                                   x.shape)
-        kw = dict(context_mask=context_mask, negative_mask=negative_mask)
+        kw = dict(context_mask=context_mask, negative_mask=negative_mask, guidance_2=guidance_2)
+        if self.expand_timesteps and not self.condition_channels:
+            if last is not None:
+                raise ValueError("last_image: a TI2V model (expand_timesteps) conditions on the "
+                                 "first frame only")
+            # the image alone is encoded (one latent frame), as diffusers' TI2V pipeline does
+            kw["first_frame"] = self.encode_video(first[:, None])
+            return self.sample(x, context, negative_context, steps, guidance, output, **kw)
         if self.condition_channels:
             video = jnp.zeros((x.shape[0], frames) + first.shape[1:], jnp.float32)
             video = video.at[:, 0].set(first)

@@ -1,5 +1,6 @@
 """The DiT as the sampler's velocity function: classifier-free guidance with cond and uncond in
-one call, optional I2V condition channels, and vdit's packed call for runs trained on packed text."""
+one call, optional I2V condition channels, and vdit's packed call for runs trained on packed text;
+`TwoExperts` switches between two such velocities by the step's timestep (Wan2.2 A14B)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from vdit.data import patches
@@ -45,8 +47,34 @@ class GuidedDiT:
         tokens = patches.patchify_batch(x, self.dit.patch_size)
         n = tokens.shape[1]
         positions = jnp.broadcast_to(jnp.asarray(patches.grid_positions(grid)), (b, n, 3))
+        # per-token timesteps [B, N] (a clean first frame) pick their column by time_ids
+        per_token = timesteps.ndim == 2
+        time_ids = jnp.broadcast_to(jnp.arange(1, n + 1), (b, n)) if per_token else None
+        columns = timesteps if per_token else timesteps[:, None]
+        if micro is not None:
+            micro = {k: jnp.broadcast_to(v[:, None], columns.shape) for k, v in micro.items()}
         out = self.dit.apply({"params": params}, tokens, positions, jnp.ones((b, n), jnp.int32),
-                             timesteps[:, None], context, context_ids, image_context=image,
-                             micro=None if micro is None else {k: v[:, None] for k, v in micro.items()},
-                             method="packed")
+                             columns, context, context_ids, time_ids=time_ids,
+                             image_context=image, micro=micro, method="packed")
         return patches.unpatchify_batch(out, grid, self.dit.patch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoExperts:
+    """velocity_fn(x, timesteps, (params_high, params_low), *args), diffusers' Wan2.2 two-stage
+    denoising: `high(x, timesteps, params_high, *args)` at steps whose timestep t >= `boundary`
+    (boundary_ratio * num_train_timesteps), `low(...)` below it. timesteps [B] hold the step's
+    t in every row; the comparison is in float32, as torch compares a timestep tensor with the
+    Python boundary. Only the chosen expert runs (`lax.cond`). Hashable."""
+
+    high: Any
+    low: Any
+    boundary: float
+
+    def __call__(self, x, timesteps, params, *args):
+        high_params, low_params = params
+        t = jnp.asarray(timesteps, jnp.float32).reshape(-1)[0]
+        return jax.lax.cond(
+            t >= jnp.float32(self.boundary),
+            lambda: self.high(x, timesteps, high_params, *args).astype(jnp.float32),
+            lambda: self.low(x, timesteps, low_params, *args).astype(jnp.float32))

@@ -230,6 +230,11 @@ def _train(config, workdir: str, stop_after: int | None) -> list[dict]:
     lora.check_config(config)
     dit, text_model, tokenizer = build_models(config)
     conditioning.check_config(config, dit)
+    if "experts" in config:
+        raise NotImplementedError(
+            "config has an 'experts' section (a Wan2.2 two-expert A14B recipe): training an "
+            "expert on its own timestep range is not implemented yet; `vdit train --dry-run` "
+            "compiles one expert's step, `vdit sample` / `vdit convert` handle both experts")
     if dit.has_image_branch:
         raise NotImplementedError(
             "config.model.image_dim is set (a Wan2.1 I2V image branch): training needs each "

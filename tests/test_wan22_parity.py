@@ -1,0 +1,104 @@
+"""Wan2.2 sampling against diffusers on tiny random weights: the two-expert A14B pipelines (T2V and
+I2V; the expert and its guidance chosen per step by timestep) and TI2V image-to-video (clean image
+latent in frame 0, per-token timesteps). Same noise, scheduler, steps and guidance give the same
+final latents (float32)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from generate_testing import Z22, Z, a14b_pipeline, text_embeddings, ti2v_i2v_pipeline
+from PIL import Image
+from vae_reference import from_torch, rel_err, to_torch
+
+from vdit.pipelines.generate import Generator
+
+FRAMES, STEPS = 9, 4
+
+
+def _noise(shape, seed=3):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _image(size, seed=5):
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _pixels(image, batch):
+    return np.repeat((image.astype(np.float32) / 255.0 * 2.0 - 1.0)[None], batch, axis=0)
+
+
+def _reference(pipe, ctx, neg, noise, size, image=None, **kw):
+    extra = {} if image is None else {"image": Image.fromarray(image)}
+    with torch.no_grad():
+        ref = pipe(prompt_embeds=torch.from_numpy(ctx), negative_prompt_embeds=torch.from_numpy(neg),
+                   height=size, width=size, num_frames=FRAMES, num_inference_steps=STEPS,
+                   latents=to_torch(noise), output_type="latent", return_dict=False, **extra,
+                   **kw)[0]
+    return from_torch(ref)
+
+
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_two_expert_sampling_matches_diffusers(i2v, tmp_path):
+    """4 UniPC steps at flow shift 3 have timesteps 999, 900, 750, 500: with boundary_ratio 0.875
+    two steps run each expert, each with its own guidance."""
+    pipe = a14b_pipeline(str(tmp_path), i2v=i2v)
+    gen = Generator.from_diffusers(str(tmp_path))
+    assert gen.dit_2 is not None and gen.boundary == 875.0
+    _, timesteps = gen.sampler.schedule(STEPS)
+    high = int(np.sum(timesteps >= gen.boundary))
+    assert 0 < high < STEPS, timesteps
+    ctx, neg = text_embeddings(2)
+    noise = _noise((2, 3, 4, 4, Z))
+    kw = dict(steps=STEPS, guidance=5.0, guidance_2=2.0, output="latent")
+    if i2v:
+        image = _image(32)
+        ours = gen.image_to_video(_pixels(image, 2), ctx, neg, noise, **kw)
+    else:
+        image = None
+        ours = gen.text_to_video(ctx, neg, noise, **kw)
+    ref = _reference(pipe, ctx, neg, noise, 32, image, guidance_scale=5.0, guidance_scale_2=2.0)
+    err = rel_err(ours, ref)
+    print(f"a14b {'i2v' if i2v else 't2v'}: relative error {err:.2e}")
+    assert err < 1e-3, err
+    if not i2v:  # the low-noise expert's own guidance matters: another value moves the result
+        other = gen.text_to_video(ctx, neg, noise, steps=STEPS, guidance=5.0, output="latent")
+        assert rel_err(other, ref) > 1e-3
+
+
+def test_ti2v_image_to_video_matches_diffusers(tmp_path):
+    pipe = ti2v_i2v_pipeline(str(tmp_path))
+    gen = Generator.from_diffusers(str(tmp_path))
+    assert gen.expand_timesteps and gen.condition_channels == 0
+    ctx, neg = text_embeddings(1)
+    size = 64  # 4x4 latents at 16x
+    noise = _noise((1, 3, 4, 4, Z22), seed=4)
+    image = _image(size, seed=8)
+    ours = gen.image_to_video(_pixels(image, 1), ctx, neg, noise, steps=STEPS, guidance=5.0,
+                              output="latent")
+    ref = _reference(pipe, ctx, neg, noise, size, image, guidance_scale=5.0)
+    err = rel_err(ours, ref)
+    print(f"ti2v i2v: relative error {err:.2e}")
+    assert err < 1e-3, err
+    # frame 0 is the image's latent exactly
+    np.testing.assert_allclose(np.asarray(ours[:, 0]),
+                               np.asarray(gen.encode_video(_pixels(image, 1)[:, None])[:, 0]))
+
+
+def test_two_expert_folder_errors_are_named(tmp_path):
+    a14b_pipeline(str(tmp_path))
+    gen = Generator.from_diffusers(str(tmp_path))
+    ctx, neg = text_embeddings(1)
+    single = Generator(**{k: v for k, v in vars(gen).items()
+                          if k not in ("dit_2", "dit_2_params", "boundary")})
+    with pytest.raises(ValueError, match="guidance_2=2.0 needs a two-expert model"):
+        single.text_to_video(ctx, neg, _noise((1, 3, 4, 4, Z)), steps=2, guidance_2=2.0)
+    index_path = tmp_path / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps(index | {"boundary_ratio": 1.5}))
+    with pytest.raises(ValueError, match="boundary_ratio=1.5"):
+        Generator.from_diffusers(str(tmp_path))
+    index_path.write_text(json.dumps({k: v for k, v in index.items() if k != "boundary_ratio"}))
+    with pytest.raises(ValueError, match="needs both transformer_2/ and boundary_ratio"):
+        Generator.from_diffusers(str(tmp_path))
