@@ -19,7 +19,7 @@ from vdit.config import recipe
 def get_config() -> ml_collections.ConfigDict:
     config = recipe("shapes_dit")
     config.distill = ml_collections.ConfigDict(dict(
-        teacher="runs/dit", teacher_weights="ema",
+        teacher="runs/dit", teacher_weights="ema", method="discrete", delta=0.05,
         guidance=config.sample.guidance,  # the teacher's CFG scale, baked into the student
         tangent_warmup=200, weight_eps=1e-3))
     # Text-to-video clips only (the consistency target is the guided text-to-video ODE), every

@@ -20,7 +20,8 @@ from vdit.config import recipe
 def get_config() -> ml_collections.ConfigDict:
     config = recipe("wan2_1_t2v_1_3b")
     config.distill = ml_collections.ConfigDict(dict(
-        teacher="runs/wan2_1_t2v_1_3b", teacher_weights="ema", guidance=5.0,
+        teacher="runs/wan2_1_t2v_1_3b", teacher_weights="ema", method="continuous", delta=0.05,
+        guidance=5.0,
         tangent_warmup=1000, weight_eps=1e-3))
     config.lora.update(dict(enabled=True, rank=64, alpha=64.0))
     config.data.update(dict(caption_dropout=0.0, rows_per_batch=16))

@@ -65,6 +65,7 @@ def make_distill_loss(dit, text_model, config, null_ids: np.ndarray):
     num_segments = int(config.data.max_segments)
     cfg = config.distill
     guidance, warmup, eps = float(cfg.guidance), int(cfg.tangent_warmup), float(cfg.weight_eps)
+    method, delta = cfg.get("method", "continuous"), float(cfg.get("delta", 0.05))
 
     def velocity(dit_params, x_t, t_seg, batch, context, context_ids):
         x_in = conditioning.model_input(dit, x_t, batch, jax.random.key(0), 0.0, num_segments)
@@ -92,9 +93,18 @@ def make_distill_loss(dit, text_model, config, null_ids: np.ndarray):
         def student_fn(x, t):
             return velocity(student, x, t, batch, context, batch["text_segment_ids"])
 
-        pred, dpred_dt = jax.jvp(student_fn, (x_t, t_seg), (v_teacher, jnp.ones_like(t_seg)))
         ramp = tangent_ramp(step, warmup)
-        target = jax.lax.stop_gradient(v_teacher - ramp * t_tok * dpred_dt)
+        if method == "continuous":
+            pred, dpred_dt = jax.jvp(student_fn, (x_t, t_seg), (v_teacher, jnp.ones_like(t_seg)))
+            target = v_teacher - ramp * t_tok * dpred_dt
+        else:  # one teacher Euler step back, the student (no gradient) there
+            pred = student_fn(x_t, t_seg)
+            t_prev = jnp.maximum(t_seg - delta, 0.0)
+            t_prev_tok = flow.per_token(t_prev, seg)[..., None]
+            x_prev = x_t - (t_tok - t_prev_tok) * v_teacher
+            pred_prev = jax.lax.stop_gradient(student_fn(x_prev, t_prev))
+            target = v_teacher + ramp * t_prev_tok / t_tok * (pred_prev - v_teacher)
+        target = jax.lax.stop_gradient(target)
         mse, seg_mse = flow.packed_loss(pred, target, seg, num_segments)
         present = (flow.segment_token_counts(seg, num_segments) > 0).astype(jnp.float32)
         weight = jax.lax.stop_gradient(1.0 / (seg_mse + eps))

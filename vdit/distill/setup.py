@@ -38,7 +38,9 @@ from vdit.train.checkpoint import load_params
 from vdit.train.step import make_train_step
 
 TEACHER_SECTIONS = ("model", "text", "vae", "encode")
-KEYS = ("teacher", "teacher_weights", "guidance", "tangent_warmup", "weight_eps")
+KEYS = ("teacher", "teacher_weights", "method", "guidance", "tangent_warmup", "delta",
+        "weight_eps")
+METHODS = ("continuous", "discrete")
 
 
 def check_config(config) -> None:
@@ -56,8 +58,10 @@ def check_config(config) -> None:
                           "--config.distill.teacher=runs/dit")
     init_from.which_weights(ml_collections.ConfigDict(
         {"train": {"init_from_weights": cfg.get("teacher_weights", "ema")}}))
-    for key, low in (("guidance", 0.0), ("weight_eps", 0.0)):
-        value = cfg.get(key, None)
+    if cfg.get("method", "continuous") not in METHODS:
+        raise ConfigError(f"config key 'distill.method' = {cfg.method!r}; allowed: {list(METHODS)}")
+    for key, low in (("guidance", 0.0), ("weight_eps", 0.0), ("delta", 0.0)):
+        value = cfg.get(key, 0.05 if key == "delta" else None)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= low:
             raise ConfigError(f"config key 'distill.{key}' = {value!r}: expected a number > {low}")
     warmup = cfg.get("tangent_warmup", None)
