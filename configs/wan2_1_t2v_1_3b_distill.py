@@ -1,6 +1,8 @@
-"""Wan2.1-T2V-1.3B distilled to a 4-step student (rCM/sCM-style continuous-time consistency
-distillation, guidance baked in; vdit/distill/objective.py), as a rank-64 LoRA on the frozen
-teacher: the adapter is the few-step model, like the popular 4-step Wan LoRAs.
+"""Wan2.1-T2V-1.3B distilled to a 4-step student (consistency distillation of the guided teacher
+ODE, guidance baked in; vdit/distill/objective.py), as a rank-64 LoRA on the frozen teacher: the
+adapter is the few-step model, like the popular 4-step Wan LoRAs. `distill.method` "discrete"
+(one teacher step of `delta` back, a bounded target) is the default; "continuous" (sCM/rCM's
+`jax.jvp` tangent through the DiT) runs the same step with the jvp instead.
 
     vdit encode  --config configs/wan2_1_t2v_1_3b_distill.py --workdir runs/wan_distill
     vdit distill --config configs/wan2_1_t2v_1_3b_distill.py --workdir runs/wan_distill \
@@ -20,7 +22,7 @@ from vdit.config import recipe
 def get_config() -> ml_collections.ConfigDict:
     config = recipe("wan2_1_t2v_1_3b")
     config.distill = ml_collections.ConfigDict(dict(
-        teacher="runs/wan2_1_t2v_1_3b", teacher_weights="ema", method="continuous", delta=0.05,
+        teacher="runs/wan2_1_t2v_1_3b", teacher_weights="ema", method="discrete", delta=0.02,
         guidance=5.0,
         tangent_warmup=1000, weight_eps=1e-3))
     config.lora.update(dict(enabled=True, rank=64, alpha=64.0))

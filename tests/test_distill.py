@@ -2,7 +2,8 @@
 (the student's loss falls); a stopped and resumed distillation equals an uninterrupted one; the
 jvp's consistency target equals a finite difference; the student's sampler makes exactly `steps`
 DiT calls without a CFG pass, and `vdit sample --workdir STUDENT` uses it; a LoRA student through
-the Wan recipe (real Wan modules, tiny sizes) distils and checkpoints only its adapter."""
+the Wan recipe (real Wan modules, tiny sizes, the jvp target) distils, checkpoints only its adapter
+and exports it as one."""
 
 import json
 import os
@@ -12,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
+from safetensors.numpy import load_file
 from train_testing import TINY, VIDEOS, tiny_config, train_tiny, write_shards, write_vae_run
 
 from vdit import cli
@@ -169,10 +172,23 @@ def test_lora_student_through_the_wan_recipe(tmp_path):
     teacher = str(tmp_path / "teacher")
     train_tiny("wan2_1_t2v_1_3b", teacher, latents, 1, *wan, "--config.train.init_from=")
     config = _student_config("wan2_1_t2v_1_3b_distill", teacher, *wan,
-                             f"--config.data.latents_dir={latents}", "--config.lora.rank=2")
+                             f"--config.data.latents_dir={latents}", "--config.lora.rank=2",
+                             "--config.distill.method=continuous")
     history = distill(config, str(tmp_path / "student"), stop_after=2)
     assert [h["step"] for h in history] == [1, 2]
     assert all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in history)
     params, saved = checkpoint.load_params(str(tmp_path / "student"), "params")
     assert set(params) == {"lora"} and saved["sample"]["steps"] == 4
     assert ml_collections.ConfigDict(saved).sample.scheduler._class_name == "ConsistencySampler"
+    # the student exports as an adapter for its teacher: the EMA factors, by kernel path
+    out = str(tmp_path / "adapter")
+    assert cli.main(["export", "--workdir", str(tmp_path / "student"), "--out", out,
+                     "--adapter"]) == 0
+    ema, _ = checkpoint.load_params(str(tmp_path / "student"), "ema")
+    written = load_file(os.path.join(out, "adapter.safetensors"))
+    want = traverse_util.flatten_dict(ema["lora"], sep="/")
+    assert set(written) == set(want) and any(k.endswith("to_q/kernel/a") for k in written)
+    for key, value in want.items():
+        np.testing.assert_array_equal(written[key], value)
+    meta = json.loads(open(os.path.join(out, "adapter_config.json")).read())
+    assert meta["rank"] == 2 and meta["base"] == teacher and meta["sample"]["steps"] == 4

@@ -122,6 +122,8 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
     elif name == "export":
         p.add_argument("--workdir", required=True, help="a run folder or checkpoint step folder")
         p.add_argument("--out", required=True, help="new run folder for the merged weights")
+        p.add_argument("--adapter", action="store_true",
+                       help="write only a LoRA run's adapter (safetensors + json) into --out")
 
 
 def _load(args):
@@ -251,9 +253,10 @@ def _plan(args) -> int:
 
 
 def _export(args) -> int:
-    from vdit.train.export import export_run
+    from vdit.train.export import export_adapter, export_run
 
-    print(f"vdit export: wrote {export_run(args.workdir, args.out)}")
+    write = export_adapter if args.adapter else export_run
+    print(f"vdit export: wrote {write(args.workdir, args.out)}")
     return 0
 
 

@@ -1,22 +1,25 @@
-"""The distillation loss: continuous-time consistency distillation of a flow-matching teacher with
-its classifier-free guidance baked in (sCM / rCM in the rectified-flow parameterisation, i.e.
-MeanFlow with the end time fixed at 0), on the trainer's packed batches.
+"""The distillation loss: consistency distillation of a flow-matching teacher with its
+classifier-free guidance baked in (sCM / rCM's objective in the rectified-flow parameterisation,
+i.e. MeanFlow with the end time fixed at 0; or its discrete, LCM-style form), on the trainer's
+packed batches.
 
 The student F(x_t, t) (the DiT, initialised from the teacher) is read as the average velocity
 from t down to 0: its clean estimate f(x_t, t) = x_t - t F. Along the teacher's guided ODE
 dx/dt = v_T(x, t) = v_u + w (v_c - v_u), f must stay constant (consistency); d f / dt = 0 gives
+F = v_T - t dF/dt, and the student regresses on a stop-gradient target built from it:
 
-    F = v_T - t dF/dt,    dF/dt = (dF/dx) v_T + dF/dt|_x   (one `jax.jvp` through the DiT,
-                                                            tangents (v_T, 1), attention included)
+  method "continuous": target = v_T - r t dF/dt, dF/dt = (dF/dx) v_T + dF/dt|_x from one
+      `jax.jvp` through the student DiT (tangents v_T and 1; attention included);
+  method "discrete": one teacher Euler step back to t' = t - delta, x' = x_t - (t - t') v_T, and
+      target = v_T + r (t'/t) (F(x', t') - v_T), i.e. F such that f(x_t, t) = f(x', t'): the
+      continuous target as delta -> 0, but bounded (a mix of v_T and the student's own output).
 
-and the student regresses on that right-hand side with the gradient stopped:
-loss = || F - sg(v_T - r t dF/dt) ||^2 per segment. `r` ramps from 0 to 1 over
-`distill.tangent_warmup` steps (sCM's tangent warmup): at r = 0 the target is the guided teacher
-velocity itself (guidance distillation), which keeps the first steps near the teacher. Each
-segment's term is divided by sg(its own value + `distill.weight_eps`) (MeanFlow's adaptive
-weight; sCM normalises its tangent the same way): dF/dt carries the timestep embedding's
-1000x time scale, and this keeps one large tangent from swamping a batch. The reported loss is
-the plain mean squared error; its gradient is the weighted one's.
+`r` ramps from 0 to 1 over `distill.tangent_warmup` steps (sCM's tangent warmup): at r = 0 the
+target is the guided teacher velocity itself (guidance distillation), which keeps the first steps
+near the teacher. Each segment's term is divided by sg(its own value + `distill.weight_eps`)
+(MeanFlow's adaptive weight; sCM normalises its tangent the same way): Wan's timestep embedding
+sees 1000 t, so dF/dt of a young model is in the hundreds, and one large tangent must not swamp a
+batch. The reported loss is the plain mean squared error; its gradient is the weighted one's.
 
 The teacher's DiT is `frozen["teacher"]` (full-weight student, params["dit"]) or, under LoRA, the
 frozen base `frozen["dit"]` with the student = base + adapters. The unconditional branch reads
