@@ -52,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--text-dim", type=int, default=64)
     p.add_argument("--vae-dim", type=int, default=16, help="VAE base_dim")
-    p.add_argument("--teacher-steps", type=int, default=20, help="the teacher's solver steps")
+    p.add_argument("--teacher-steps", type=int,
+                   help="the teacher's solver steps (default: 20, or --teacher's config)")
     p.add_argument("--student-steps", type=int, default=4)
     p.add_argument("--teacher", help="a trained teacher run (with --student)")
     p.add_argument("--student", help="its distilled student run (`vdit distill`)")
@@ -150,10 +151,13 @@ def bench_distill(a, teacher: Generator, student: Generator, frames: int, size: 
 def distill_rows(a, gen: Generator | None) -> list[dict]:
     if a.teacher:
         teacher, student = Generator.from_workdir(a.teacher), Generator.from_workdir(a.student)
+        if a.teacher_steps:
+            teacher = dataclasses.replace(teacher, defaults={**teacher.defaults,
+                                                             "steps": a.teacher_steps})
         d = teacher.defaults
         return [bench_distill(a, teacher, student, int(d["frames"]),
                               (int(d["height"]), int(d["width"])))]
-    teacher = dataclasses.replace(gen, defaults={**gen.defaults, "steps": a.teacher_steps,
+    teacher = dataclasses.replace(gen, defaults={**gen.defaults, "steps": a.teacher_steps or 20,
                                                  "guidance": a.guidance})
     return [bench_distill(a, teacher, student_of(gen, a.student_steps), f, (a.size, a.size))
             for f in a.frames]

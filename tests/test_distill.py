@@ -169,8 +169,11 @@ def test_lora_student_through_the_wan_recipe(tmp_path):
     remat), a LoRA student on the frozen teacher, jvp through them; only the adapter trains."""
     latents = write_shards(str(tmp_path / "latents"), VIDEOS)
     wan = ("--config.model.in_channels=8", "--config.model.out_channels=8")
-    teacher = str(tmp_path / "teacher")
-    train_tiny("wan2_1_t2v_1_3b", teacher, latents, 1, *wan, "--config.train.init_from=")
+    teacher = str(tmp_path / "teacher")  # random weights, written as a run (no training)
+    config = tiny_config("wan2_1_t2v_1_3b", latents, *wan, "--config.train.init_from=")
+    dit, text_model, _ = loop.build_models(config)
+    weights = loop.unbox(loop.init_params(dit, text_model, config, jax.random.key(0)))
+    checkpoint.write_weights(teacher, 1, weights, weights, config)
     config = _student_config("wan2_1_t2v_1_3b_distill", teacher, *wan,
                              f"--config.data.latents_dir={latents}", "--config.lora.rank=2",
                              "--config.distill.method=continuous")
