@@ -132,7 +132,8 @@ def student_of(gen: Generator, steps: int) -> Generator:
 
 
 def bench_distill(a, teacher: Generator, student: Generator, frames: int, size: tuple) -> dict:
-    """Seconds per clip, whole video, teacher's sampler vs student's, same noise and text."""
+    """Seconds per clip, whole video and sampling alone (latents out, no VAE decode), teacher's
+    sampler vs student's, same noise and text."""
     rng = np.random.default_rng(frames)
     noise = teacher.noise(0, a.batch, frames, *size)
     ctx = rng.normal(size=(a.batch, 16, teacher.dit.text_dim)).astype(np.float32)
@@ -140,11 +141,14 @@ def bench_distill(a, teacher: Generator, student: Generator, frames: int, size: 
     row = {"bench": "distill", "frames": frames, "size": f"{size[0]}x{size[1]}"}
     for name, gen in (("teacher", teacher), ("student", student)):
         steps, guidance = int(gen.defaults["steps"]), float(gen.defaults["guidance"])
-        run = lambda gen=gen, s=steps, g=guidance: jax.block_until_ready(
-            gen.text_to_video(ctx, neg, noise, s, g, "video"))
-        row |= {f"{name}_steps": steps, f"{name}_guidance": guidance,
-                f"{name}_s_per_clip": round(median_seconds(run, a.repeats) / a.batch, 4)}
+        row |= {f"{name}_steps": steps, f"{name}_guidance": guidance}
+        for output, key in (("video", "s_per_clip"), ("latent", "s_sampling_only")):
+            run = lambda gen=gen, s=steps, g=guidance, o=output: jax.block_until_ready(
+                gen.text_to_video(ctx, neg, noise, s, g, o))
+            row[f"{name}_{key}"] = round(median_seconds(run, a.repeats) / a.batch, 4)
     row["ratio"] = round(row["student_s_per_clip"] / row["teacher_s_per_clip"], 3)
+    row["ratio_sampling_only"] = round(row["student_s_sampling_only"]
+                                       / row["teacher_s_sampling_only"], 3)
     return row
 
 
