@@ -93,8 +93,8 @@ def make_distill_loss(dit, text_model, config, null_ids: np.ndarray):
         v_u = velocity(teacher, x_t, t_seg, batch, null_context, null["text_segment_ids"])
         v_teacher = jax.lax.stop_gradient(v_u + guidance * (v_c - v_u))
 
-        def student_fn(x, t):
-            return velocity(student, x, t, batch, context, batch["text_segment_ids"])
+        def student_fn(x, t, params=student):
+            return velocity(params, x, t, batch, context, batch["text_segment_ids"])
 
         ramp = tangent_ramp(step, warmup)
         if method == "continuous":
@@ -105,7 +105,7 @@ def make_distill_loss(dit, text_model, config, null_ids: np.ndarray):
             t_prev = jnp.maximum(t_seg - delta, 0.0)
             t_prev_tok = flow.per_token(t_prev, seg)[..., None]
             x_prev = x_t - (t_tok - t_prev_tok) * v_teacher
-            pred_prev = jax.lax.stop_gradient(student_fn(x_prev, t_prev))
+            pred_prev = student_fn(x_prev, t_prev, jax.lax.stop_gradient(student))
             target = v_teacher + ramp * t_prev_tok / t_tok * (pred_prev - v_teacher)
         target = jax.lax.stop_gradient(target)
         mse, seg_mse = flow.packed_loss(pred, target, seg, num_segments)
