@@ -1,7 +1,7 @@
 """`vdit distill`: a few steps on a tiny teacher run are finite and start as guidance distillation
 (the student's loss falls); a stopped and resumed distillation equals an uninterrupted one; the
 jvp's consistency target equals a finite difference; the student's sampler makes exactly `steps`
-DiT calls without a CFG pass, and `vdit sample --workdir STUDENT` uses it; a LoRA student through
+DiT calls without a CFG pass, and the student run's Generator uses it; a LoRA student through
 the Wan recipe (real Wan modules, tiny sizes, the jvp target) distils, checkpoints only its adapter
 and exports it as one."""
 
@@ -90,11 +90,7 @@ def test_student_starts_as_the_teacher_and_samples_in_steps_without_cfg(teacher,
     with jax.disable_jit():  # the loop runs in Python, one DiT call per step is visible
         gen.generate(["a red circle moving right"], frames=5, height=16, width=16)
     assert batches == [1, 1, 1, 1]  # 4 calls of the prompt's batch alone: no unconditional rows
-    monkeypatch.undo()
-    out = str(root / "fast.mp4")
-    assert cli.main(["sample", "--workdir", student, "--prompt", "a red circle moving right",
-                     "--frames", "5", "--size", "16x16", "--steps", "2", "--out", out]) == 0
-    assert os.path.getsize(out) > 0
+    # (`vdit sample --workdir STUDENT` itself runs in tests/test_docs.py's README walkthrough)
 
 
 def test_consistency_target_is_the_derivative_along_the_teacher_flow(teacher):
