@@ -1,5 +1,6 @@
 # Two commands on a fresh machine (Python 3.11 + the package registry):
 #   make demo   trains a tiny model on the built-in synthetic shapes and writes videos to demo_out/
+#   make distill  (after make demo) distills the demo model into a 4-step student
 #   make test   lints and runs the test suite on 8 fake CPU devices (what CI runs)
 # Both create .venv if missing and install what they need.
 
@@ -9,7 +10,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 QUICK  ?=
 
-.PHONY: demo test install install-test lint clean
+.PHONY: demo distill test install install-test lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +40,8 @@ demo: install
 
 clean:
 	rm -rf demo_out .pytest_cache .ruff_cache
+
+# After `make demo`: distills demo_out/runs/dit into a 4-step student (demo_out/runs/distill),
+# samples the same held-out prompts into demo_out/distill_samples/ and judges teacher vs student.
+distill: install
+	$(PY) -m vdit.demo_distill --out demo_out $(if $(QUICK),--quick,)

@@ -9,12 +9,22 @@ per shape), for the whole video (`s_per_video`) and for sampling alone (`s_sampl
 out). Prints one JSON line per frame count and a summary line with the ratio of whole-video
 seconds, vdit / diffusers (target <= 0.7).
 
+Then a distilled student against its teacher (`vdit distill`): seconds per clip, whole video, of
+the teacher's sampler (`--teacher-steps` UniPC steps with CFG: two DiT rows per clip and step)
+against the student's (`--student-steps` consistency steps, guidance 1: one row per step), on the
+same weights and noise; the last line is student / teacher (target <= 0.15). With `--teacher RUN
+--student RUN` (e.g. demo_out/runs/dit and demo_out/runs/distill) the two trained runs are timed
+with their own configs' steps, guidance and clip size instead.
+
     .venv/bin/python bench/sample.py [--frames 17 33] [--size 64] [--steps 10] [--repeats 3]
+    .venv/bin/python bench/sample.py --only-distill --teacher demo_out/runs/dit \
+        --student demo_out/runs/distill
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -25,6 +35,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
+from vdit.diffusion.samplers_consistency import ConsistencySampler
 from vdit.pipelines.generate import Generator
 
 
@@ -41,12 +52,20 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--text-dim", type=int, default=64)
     p.add_argument("--vae-dim", type=int, default=16, help="VAE base_dim")
+    p.add_argument("--teacher-steps", type=int,
+                   help="the teacher's solver steps (default: 20, or --teacher's config)")
+    p.add_argument("--student-steps", type=int, default=4)
+    p.add_argument("--teacher", help="a trained teacher run (with --student)")
+    p.add_argument("--student", help="its distilled student run (`vdit distill`)")
+    p.add_argument("--only-distill", action="store_true", help="skip the diffusers comparison")
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke run (tiny sizes; the figures mean nothing)")
     a = p.parse_args(argv)
     if a.quick:
         a.frames, a.size, a.steps, a.repeats, a.layers, a.dim, a.heads = [5], 16, 2, 1, 1, 32, 2
-        a.text_dim, a.vae_dim = 16, 8
+        a.text_dim, a.vae_dim, a.teacher_steps = 16, 8, 5
+    if bool(a.teacher) != bool(a.student):
+        p.error("give --teacher and --student together")
     return a
 
 
@@ -106,6 +125,48 @@ def bench_frames(a, pipe, gen, frames: int) -> dict:
     return row
 
 
+def student_of(gen: Generator, steps: int) -> Generator:
+    """The same weights behind a distilled student's sampler: consistency steps, no CFG."""
+    return dataclasses.replace(gen, sampler=ConsistencySampler(3.0, 1.0),
+                               defaults={**gen.defaults, "steps": steps, "guidance": 1.0})
+
+
+def bench_distill(a, teacher: Generator, student: Generator, frames: int, size: tuple) -> dict:
+    """Seconds per clip, whole video and sampling alone (latents out, no VAE decode), teacher's
+    sampler vs student's, same noise and text."""
+    rng = np.random.default_rng(frames)
+    noise = teacher.noise(0, a.batch, frames, *size)
+    ctx = rng.normal(size=(a.batch, 16, teacher.dit.text_dim)).astype(np.float32)
+    neg = rng.normal(size=ctx.shape).astype(np.float32)
+    row = {"bench": "distill", "frames": frames, "size": f"{size[0]}x{size[1]}"}
+    for name, gen in (("teacher", teacher), ("student", student)):
+        steps, guidance = int(gen.defaults["steps"]), float(gen.defaults["guidance"])
+        row |= {f"{name}_steps": steps, f"{name}_guidance": guidance}
+        for output, key in (("video", "s_per_clip"), ("latent", "s_sampling_only")):
+            run = lambda gen=gen, s=steps, g=guidance, o=output: jax.block_until_ready(
+                gen.text_to_video(ctx, neg, noise, s, g, o))
+            row[f"{name}_{key}"] = round(median_seconds(run, a.repeats) / a.batch, 4)
+    row["ratio"] = round(row["student_s_per_clip"] / row["teacher_s_per_clip"], 3)
+    row["ratio_sampling_only"] = round(row["student_s_sampling_only"]
+                                       / row["teacher_s_sampling_only"], 3)
+    return row
+
+
+def distill_rows(a, gen: Generator | None) -> list[dict]:
+    if a.teacher:
+        teacher, student = Generator.from_workdir(a.teacher), Generator.from_workdir(a.student)
+        if a.teacher_steps:
+            teacher = dataclasses.replace(teacher, defaults={**teacher.defaults,
+                                                             "steps": a.teacher_steps})
+        d = teacher.defaults
+        return [bench_distill(a, teacher, student, int(d["frames"]),
+                              (int(d["height"]), int(d["width"])))]
+    teacher = dataclasses.replace(gen, defaults={**gen.defaults, "steps": a.teacher_steps or 20,
+                                                 "guidance": a.guidance})
+    return [bench_distill(a, teacher, student_of(gen, a.student_steps), f, (a.size, a.size))
+            for f in a.frames]
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
     print(json.dumps({"bench": "sample", "jax_devices": str(jax.devices()[0]),
@@ -113,13 +174,21 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         pipe = build_pipeline(a, folder)
         gen = Generator.from_diffusers(folder)
-        rows = [bench_frames(a, pipe, gen, f) for f in a.frames]
+        rows = [] if a.only_distill else [bench_frames(a, pipe, gen, f) for f in a.frames]
+        distilled = distill_rows(a, gen)
     for row in rows:
         print(json.dumps(row))
-    total_v = sum(r["vdit_s_per_video"] for r in rows)
-    total_t = sum(r["diffusers_s_per_video"] for r in rows)
-    print(json.dumps({"summary": "vdit/diffusers seconds per video", "ratio":
-                      round(total_v / total_t, 3), "target": 0.7}))
+    if rows:
+        total_v = sum(r["vdit_s_per_video"] for r in rows)
+        total_t = sum(r["diffusers_s_per_video"] for r in rows)
+        print(json.dumps({"summary": "vdit/diffusers seconds per video", "ratio":
+                          round(total_v / total_t, 3), "target": 0.7}))
+    for row in distilled:
+        print(json.dumps(row))
+    ratio = sum(r["student_s_per_clip"] for r in distilled) / sum(
+        r["teacher_s_per_clip"] for r in distilled)
+    print(json.dumps({"summary": "student/teacher seconds per clip", "ratio": round(ratio, 3),
+                      "target": 0.15}))
 
 
 if __name__ == "__main__":

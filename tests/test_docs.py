@@ -48,6 +48,10 @@ DIT_TINY = SHAPES_TINY + [
     "--config.encode.batch_size=8", "--config.train.steps=2", "--config.checkpoint.every=2",
     "--config.train.tensorboard=False", "--config.data.rows_per_batch=8",
     "--config.data.prefetch=0"]
+# `vdit distill` takes the model sizes from its (tiny) teacher run: only the schedule shrinks.
+DISTILL_TINY = SHAPES_TINY + [
+    "--config.train.steps=2", "--config.checkpoint.every=2", "--config.train.tensorboard=False",
+    "--config.data.rows_per_batch=8", "--config.data.prefetch=0"]
 TINY = {"shapes_vae": SHAPES_TINY + ["--config.vae_train.steps=2", "--config.vae_train.batch_size=2",
                                      "--config.vae_train.eval_examples=2",
                                      "--config.vae_train.shapes=[(1, 32, 32)]"]}
@@ -66,6 +70,8 @@ def _tiny(argv: list[str]) -> list[str]:
     if "--config" not in argv:
         return []
     name = os.path.splitext(os.path.basename(argv[argv.index("--config") + 1]))[0]
+    if name.startswith("shapes_") and command == "distill":
+        return DISTILL_TINY
     if name.startswith("shapes_"):
         return TINY.get(name, DIT_TINY) if command in ("train-vae", "encode", "train") else []
     return ["--dry-run"] if command == "train" else []

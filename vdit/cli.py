@@ -18,6 +18,7 @@ COMMANDS = {
     "train-vae": ("train the causal video VAE", 3),
     "encode": ("encode a data source into latent + text-embedding shards", 6),
     "train": ("train the diffusion transformer (resumes from --workdir)", 7),
+    "distill": ("distill a trained run into a few-step student (resumes from --workdir)", 26),
     "sample": ("generate videos: text-to-video, image-to-video, video-to-video", 8),
     "curate": ("cut, score, filter and caption raw videos into clip shards", 10),
     "eval": ("evaluate samples: `vdit eval shapes` scores prompt adherence", 2),
@@ -53,9 +54,9 @@ def _add_config_flags(p: argparse.ArgumentParser, workdir_required: bool = True)
 def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
     from vdit.parallel.distributed import add_distributed_flags
 
-    if name in ("train-vae", "encode", "train", "plan", "sample", "curate"):
+    if name in ("train-vae", "encode", "train", "distill", "plan", "sample", "curate"):
         add_distributed_flags(p)
-    if name in ("train-vae", "encode", "train"):
+    if name in ("train-vae", "encode", "train", "distill"):
         _add_config_flags(p)
     if name in ("encode", "curate"):
         p.add_argument("--shard", type=int, default=0,
@@ -124,6 +125,8 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
     elif name == "export":
         p.add_argument("--workdir", required=True, help="a run folder or checkpoint step folder")
         p.add_argument("--out", required=True, help="new run folder for the merged weights")
+        p.add_argument("--adapter", action="store_true",
+                       help="write only a LoRA run's adapter (safetensors + json) into --out")
 
 
 def _load(args):
@@ -191,6 +194,17 @@ def _train(args) -> int:
     return 0
 
 
+def _distill(args) -> int:
+    from vdit.distill.setup import distill
+
+    history = distill(_load(args), args.workdir)
+    if history:
+        print(f"vdit distill: step {history[-1]['step']}, loss {history[-1]['loss']:.4f}; "
+              f"checkpoints in {args.workdir}/checkpoints; sample it with `vdit sample "
+              f"--workdir {args.workdir}`")
+    return 0
+
+
 def _eval(args) -> int:
     from vdit.eval.shapes import eval_shapes_dir, format_table
 
@@ -247,9 +261,10 @@ def _plan(args) -> int:
 
 
 def _export(args) -> int:
-    from vdit.train.export import export_run
+    from vdit.train.export import export_adapter, export_run
 
-    print(f"vdit export: wrote {export_run(args.workdir, args.out)}")
+    write = export_adapter if args.adapter else export_run
+    print(f"vdit export: wrote {write(args.workdir, args.out)}")
     return 0
 
 
@@ -267,7 +282,8 @@ def _serve(args) -> int:
     return run_cli(args)
 
 
-HANDLERS = {"train-vae": _train_vae, "encode": _encode, "train": _train, "sample": _sample,
+HANDLERS = {"train-vae": _train_vae, "encode": _encode, "train": _train, "distill": _distill,
+            "sample": _sample,
             "curate": _curate, "eval": _eval, "plan": _plan, "export": _export,
             "convert": _convert, "serve": _serve}
 
@@ -313,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         return cli_errors.EXIT_USAGE
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one error path (module doc)
         # a run folder keeps a log of its errors; sample/plan/curate inputs are not written to
-        workdir = args.workdir if args.command in ("train-vae", "encode", "train") else None
+        workdir = (args.workdir if args.command in ("train-vae", "encode", "train", "distill")
+                   else None)
         return cli_errors.report(args.command, e, cli_errors.debug_requested(args), workdir)
 
 

@@ -20,7 +20,7 @@ SEED_MAX = 2 ** 32 - 1  # jax.random.key takes any uint32 seed; prompt i uses --
 
 def check_args(args) -> None:
     command = args.command
-    if command in ("train-vae", "encode", "train"):
+    if command in ("train-vae", "encode", "train", "distill"):
         check_workdir(args.workdir)
     if command == "sample":
         check_sample(args)

@@ -26,6 +26,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # The config sections each command reads; a recipe lacking one is refused at start-up.
 COMMAND_SECTIONS = {
     "train": ("model", "text", "data", "flow", "optim", "train", "checkpoint", "mesh"),
+    "distill": ("distill", "data", "flow", "optim", "train", "checkpoint", "mesh", "sample"),
     "encode": ("encode", "vae", "text", "data", "train"),
     "train-vae": ("vae", "vae_train", "data", "optim", "train", "checkpoint", "mesh"),
 }

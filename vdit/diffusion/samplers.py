@@ -26,6 +26,8 @@ import numpy as np
 
 from vdit.diffusion import samplers_unipc
 from vdit.diffusion.samplers_config import SamplerSpec, parse_scheduler_config
+from vdit.diffusion.samplers_consistency import CLASS_NAME as CONSISTENCY
+from vdit.diffusion.samplers_consistency import ConsistencySampler, parse_consistency_config
 from vdit.diffusion.samplers_schedule import check_num_steps, flow_schedule, start_step_for_strength
 
 VelocityFn = Callable[..., jax.Array]
@@ -125,8 +127,11 @@ class Sampler:
                     timesteps, tables, args)
 
 
-def make_sampler(scheduler_config: dict) -> Sampler:
-    """A diffusers scheduler_config dict -> Sampler (Euler or UniPC by `_class_name`)."""
+def make_sampler(scheduler_config: dict) -> Sampler | ConsistencySampler:
+    """A diffusers scheduler_config dict -> Sampler (Euler or UniPC by `_class_name`), or a
+    distilled student's few-step `ConsistencySampler` (vdit/diffusion/samplers_consistency.py)."""
+    if isinstance(scheduler_config, dict) and scheduler_config.get("_class_name") == CONSISTENCY:
+        return parse_consistency_config(scheduler_config)
     return Sampler(parse_scheduler_config(scheduler_config))
 
 

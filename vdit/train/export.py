@@ -10,15 +10,28 @@ The output workdir holds one checkpoint, at the source's step, whose state is
 `data.latents_dir` pointing at the source's latents (their statistics are needed to sample). It
 is not a resumable training state (no optimizer). For diffusers' layout instead, pass the same
 weights to `vdit.convert.wan.save_transformer(build_dit(config.model), weights["dit"], out_dir)`.
+
+`vdit export --adapter` writes a LoRA run's adapter alone instead (e.g. a `vdit distill` LoRA
+student: a few-step adapter for its teacher): OUT/adapter.safetensors, one tensor per factor named
+by its DiT kernel's path ("blocks/attn1/to_q/kernel/a" [*layers, *in, rank], ".../b"
+[*layers, rank, *out]; merged kernel = kernel + a @ b * alpha / rank, vdit/models/lora.py), and
+OUT/adapter_config.json: rank, alpha, targets, the base run and the run's sampler settings.
 """
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import save
 
 from vdit import runs
 from vdit.train import checkpoint
 from vdit.train.init_from import resolve, run_weights
+
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
 def latest_step(workdir: str) -> int:
@@ -53,3 +66,26 @@ def export_run(src: str, out: str) -> str:
     config = standalone_config(saved, workdir)
     checkpoint.write_weights(out, step, params, ema, config)
     return str(runs.checkpoints_dir(out) / str(step))
+
+
+def export_adapter(src: str, out: str) -> str:
+    """Writes the LoRA adapter of the run at `src` (EMA weights) to the folder `out` (see the
+    module doc); returns the safetensors path. A run without adapters is an error."""
+    workdir, step = resolve(src)
+    params, saved = checkpoint.load_params(workdir, "ema", step)
+    if "lora" not in params:
+        raise ValueError(f"--workdir {src!r} holds no LoRA adapter (its weights are "
+                         f"{sorted(params)}): --adapter exports LoRA runs (lora.enabled=True)")
+    folder = runs.user_path(out)
+    if (folder / ADAPTER_FILE).exists():
+        raise ValueError(f"--out {out!r} already holds an {ADAPTER_FILE}; choose a new folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    flat = traverse_util.flatten_dict(params["lora"], sep="/")
+    data = save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()})
+    (folder / ADAPTER_FILE).write_bytes(data)
+    lora = saved.get("lora", {})
+    meta = {"rank": lora.get("rank"), "alpha": lora.get("alpha"), "targets": lora.get("targets"),
+            "base": saved.get("train", {}).get("init_from", ""), "sample": {
+                k: saved.get("sample", {}).get(k) for k in ("steps", "guidance", "scheduler")}}
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return str(folder / ADAPTER_FILE)

@@ -146,17 +146,20 @@ def create_frozen(config, boxed_fn, rng, mesh, rules):
     return unbox(jax.eval_shape(boxed_fn, rng)), shardings_of(boxed_fn, mesh, rules)
 
 
-def apply(config, state, shardings, frozen: dict, frozen_shardings, resuming: bool):
+def apply(config, state, shardings, frozen: dict, frozen_shardings, resuming: bool,
+          frozen_from: dict | None = None):
     """(state, frozen) with the frozen weights from `train.init_from` (`frozen` may be abstract,
     see `create_frozen`), and on a fresh start the trainable ones too (params and EMA; the
-    optimizer state, step and rng stay as created)."""
+    optimizer state, step and rng stay as created). `frozen_from` maps a frozen key to the
+    source's key that fills it (default: the same key)."""
     path = source_path(config)
     if not path or (resuming and not frozen):  # nothing to take from the source
         return state, frozen
     weights = source_weights(config)
     where = f"init_from run {path!r}"
     if frozen:
-        frozen = jax.device_put(_fit({k: weights[k] for k in frozen}, frozen, where),
+        alias = frozen_from or {}
+        frozen = jax.device_put(_fit({k: weights[alias.get(k, k)] for k in frozen}, frozen, where),
                                 frozen_shardings)
     take = {k: weights[k] for k in state.params if k in weights}
     if resuming or not take:

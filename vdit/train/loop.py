@@ -80,6 +80,9 @@ class StepSetup:
     frozen: Callable     # rng -> boxed frozen params
     step_fn: Callable    # step(state, frozen, batch) -> (state, metrics)
     spec: dict           # global ShapeDtypeStructs of one packed batch
+    # frozen key -> the init_from run's weights that fill it (default: the same key); e.g.
+    # `vdit distill` keeps the teacher's DiT as frozen["teacher"] = the source's "dit".
+    frozen_from: dict = dataclasses.field(default_factory=dict)
 
 
 def step_setup(config, dit, text_model) -> StepSetup:
@@ -217,15 +220,18 @@ def compile_step(step_fn, state, frozen, spec, shardings, frozen_shardings, mesh
     return compiled, jaxpr_flops(traced.jaxpr)
 
 
-def train(config, workdir: str, stop_after: int | None = None) -> list[dict]:
+def train(config, workdir: str, stop_after: int | None = None,
+          setup_fn: Callable = step_setup) -> list[dict]:
     """Trains to `config.train.steps` (or `stop_after` more steps); returns the logged metrics.
-    Process 0 holds the workdir's lock (vdit/train/lock.py) for the whole run."""
+    Process 0 holds the workdir's lock (vdit/train/lock.py) for the whole run. `setup_fn(config,
+    dit, text_model) -> StepSetup` supplies the objective: `vdit train`'s by default,
+    `vdit distill`'s from vdit/distill/setup.py (same data, state, checkpoints and resume)."""
     preflight.check_workdir(workdir)
     with workdir_lock(workdir, jax.process_index()):
-        return _train(config, workdir, stop_after)
+        return _train(config, workdir, stop_after, setup_fn)
 
 
-def _train(config, workdir: str, stop_after: int | None) -> list[dict]:
+def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable) -> list[dict]:
     config = init_from.checked(config)
     lora.check_config(config)
     dit, text_model, tokenizer = build_models(config)
@@ -240,7 +246,7 @@ def _train(config, workdir: str, stop_after: int | None) -> list[dict]:
             "config.model.image_dim is set (a Wan2.1 I2V image branch): training needs each "
             "clip's CLIP image tokens in its latent shards, which `vdit encode` does not write "
             "yet; `vdit train --dry-run` compiles this model's step")
-    setup = step_setup(config, dit, text_model)
+    setup = setup_fn(config, dit, text_model)
     mesh, rules = setup.mesh, setup.rules
     preflight.check_batch_divides(int(config.data.rows_per_batch), mesh)
     shards = runs.latents_dir(config, workdir)
@@ -265,7 +271,8 @@ def _train(config, workdir: str, stop_after: int | None) -> list[dict]:
         check_resume_compatible(saved, config)
         lora.check_resume(saved, config)
     # Frozen weights always, trainable ones on a fresh start (vdit/train/init_from.py).
-    state, frozen = init_from.apply(config, state, shardings, frozen, frozen_shardings, resuming)
+    state, frozen = init_from.apply(config, state, shardings, frozen, frozen_shardings, resuming,
+                                    setup.frozen_from)
     if resuming:
         check_process_count(workdir, manager.latest_step(), jax.process_count())
         start, state, _ = checkpoint.restore(manager, state, data_it)

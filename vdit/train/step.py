@@ -16,13 +16,17 @@ import optax
 from vdit.train.state import TrainState
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float):
-    """Returns step(state, frozen, batch) -> (state, metrics); jit it with shardings outside."""
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float,
+                    pass_step: bool = False):
+    """Returns step(state, frozen, batch) -> (state, metrics); jit it with shardings outside.
+    With `pass_step`, the loss also gets the update's index: loss_fn(..., rng, step) (for
+    objectives with a schedule of their own, e.g. `vdit distill`'s tangent warmup)."""
 
     def step(state: TrainState, frozen, batch) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, aux), grads = grad_fn(state.params, frozen, batch, step_rng)
+        extra = (state.step,) if pass_step else ()
+        (loss, aux), grads = grad_fn(state.params, frozen, batch, step_rng, *extra)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step must leave params, moments and EMA exactly as they were.

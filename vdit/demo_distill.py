@@ -1,0 +1,124 @@
+"""`make distill` (after `make demo`): the demo's DiT distilled into a 4-step student, judged
+against it on the same held-out prompts.
+
+1. distills OUT/runs/dit into OUT/runs/distill (configs/shapes_distill.py; resumes if stopped),
+2. samples the same held-out prompts, seeds and batches as `make demo` into OUT/distill_samples/
+   and OUT/distill_samples.jsonl (the format of OUT/samples.jsonl),
+3. prints the judge's table, teacher (OUT/samples.jsonl, sampled again if missing) vs student, and
+   each one's sampling seconds per clip (median of `--repeats` warm batches); writes
+   OUT/distill_judge.json.
+Extra `--config.KEY=VALUE` arguments override the student's config. `--quick` is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from vdit.config import load_config
+from vdit.distill.setup import distill
+from vdit.eval.shapes import eval_shapes_dir, format_table
+from vdit.eval.shapes_samples import sample_prompts, write_samples
+from vdit.pipelines.generate import Generator
+from vdit.train.init_from import run_weights
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "shapes_distill.py")
+QUICK = ["--config.train.steps=20", "--config.distill.tangent_warmup=10"]
+BATCH = 8  # as `make demo` samples: the same prompts, noise and batches
+
+
+def seconds_per_clip(gen, config, repeats: int) -> float:
+    """Median wall time of one warm batch of BATCH held-out prompts, per clip."""
+    prompts = [r["prompt"] for r in sample_prompts(config, BATCH)]
+    size = [int(config.sample[k]) for k in ("frames", "height", "width")]
+    run = lambda: jax.block_until_ready(gen.generate(prompts, *size, seed=0))
+    run()  # compiles
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / BATCH
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="demo_out")
+    parser.add_argument("--quick", action="store_true", help="a few-minute smoke run")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="timed batches per model")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [a for a in overrides if not a.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+    out = os.path.abspath(args.out)
+    teacher, student = os.path.join(out, "runs", "dit"), os.path.join(out, "runs", "distill")
+    if not os.path.isdir(os.path.join(teacher, "checkpoints")):
+        raise SystemExit(f"make distill: no teacher run in {teacher}: run `make demo` first")
+    config = load_config(CONFIG, (QUICK if args.quick else []) + overrides
+                         + [f"--config.distill.teacher={teacher}"])
+    t0 = time.time()
+    print(f"[1/3] distilling {teacher} for {config.train.steps} steps -> {student}")
+    history = distill(config, student)
+    if history:
+        print(f"      final loss {history[-1]['loss']:.4f} ({time.time() - t0:.0f}s)")
+
+    print(f"[2/3] sampling {args.samples} held-out prompts with the student -> "
+          f"{out}/distill_samples")
+    gen, run_config = load(student)
+    student_file = write_samples(gen, run_config, out, args.samples, BATCH, "distill_samples")
+    teacher_gen, teacher_config = load(teacher)
+    teacher_file = os.path.join(out, "samples.jsonl")
+    if not os.path.isfile(teacher_file):
+        teacher_file = write_samples(teacher_gen, teacher_config, out, args.samples, BATCH)
+    print(f"      done ({time.time() - t0:.0f}s)")
+
+    print("[3/3] judging teacher vs student (color / shape / direction of the main object):")
+    result = {}
+    for name, file, model in (("teacher", teacher_file, teacher_gen), ("student", student_file, gen)):
+        scores = eval_shapes_dir(None, file)["scores"]
+        speed = seconds_per_clip(model, run_config, args.repeats)
+        result[name] = {"scores": scores, "s_per_clip": round(speed, 4),
+                        "steps": int(model.defaults["steps"]),
+                        "guidance": float(model.defaults["guidance"])}
+        print(f"{name}: {result[name]['steps']} steps, guidance {result[name]['guidance']}, "
+              f"{speed:.3f} s per clip")
+        print(format_table(scores))
+    ratio = result["student"]["s_per_clip"] / max(result["teacher"]["s_per_clip"], 1e-9)
+    diffs = {k: round(result["student"]["scores"][k] - result["teacher"]["scores"][k], 4)
+             for k in ("color", "shape", "direction")}
+    result |= {"time_ratio": round(ratio, 4), "score_diff": diffs,
+               "distill_seconds": round(time.time() - t0, 1)}
+    with open(os.path.join(out, "distill_judge.json"), "w") as f:
+        json.dump(result, f, indent=2, default=_plain)
+    print(f"student/teacher seconds per clip {ratio:.3f}; score differences {diffs}; "
+          f"make distill finished in {time.time() - t0:.0f}s")
+    return 0
+
+
+def load(workdir: str):
+    """(Generator, saved config) of a run, from its EMA weights."""
+    params, saved = run_weights(workdir, "ema")
+    config = ml_collections.ConfigDict(saved)
+    return Generator.from_params(config, params, workdir), config
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""`vdit distill`: few-step students of trained runs (vdit/distill/setup.py)."""
