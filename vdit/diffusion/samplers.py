@@ -28,7 +28,12 @@ from vdit.diffusion import samplers_unipc
 from vdit.diffusion.samplers_config import SamplerSpec, parse_scheduler_config
 from vdit.diffusion.samplers_consistency import CLASS_NAME as CONSISTENCY
 from vdit.diffusion.samplers_consistency import ConsistencySampler, parse_consistency_config
-from vdit.diffusion.samplers_schedule import check_num_steps, flow_schedule, start_step_for_strength
+from vdit.diffusion.samplers_schedule import (
+    check_num_steps,
+    flow_schedule,
+    resolve_start,
+    start_step_for_strength,
+)
 
 VelocityFn = Callable[..., jax.Array]
 
@@ -76,22 +81,10 @@ class Sampler:
         """First step index for editing with `strength` (diffusers' get_timesteps)."""
         return start_step_for_strength(num_steps, strength)
 
-    def _resolve_start(self, num_steps: int, start_step, strength) -> int:
-        if strength is not None:
-            if start_step is not None:
-                raise ValueError(f"give start_step ({start_step}) or strength ({strength}), "
-                                 "not both")
-            return self.start_step(num_steps, strength)
-        start = 0 if start_step is None else start_step
-        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not (
-                0 <= start < num_steps):
-            raise ValueError(f"start_step={start!r}; expected an integer in [0, {num_steps})")
-        return int(start)
-
     def add_noise(self, x0: jax.Array, noise: jax.Array, num_steps: int, start_step=None,
                   strength=None) -> jax.Array:
         """Noises clean latents to the sigma of the first step run: (1 - s) x0 + s noise."""
-        start = self._resolve_start(check_num_steps(num_steps), start_step, strength)
+        start = resolve_start(check_num_steps(num_steps), start_step, strength)
         sigma = jnp.float32(self.schedule(num_steps)[0][start])
         return (1.0 - sigma) * x0.astype(jnp.float32) + sigma * noise.astype(jnp.float32)
 
@@ -113,7 +106,7 @@ class Sampler:
         noise clean latents for it with `add_noise` (same num_steps and start).
         """
         num_steps = check_num_steps(num_steps)
-        start = self._resolve_start(num_steps, start_step, strength)
+        start = resolve_start(num_steps, start_step, strength)
         x = jnp.asarray(x)
         if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"x must be a floating array [B, ...]; got {x.dtype} {x.shape}")

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.diffusion.samplers_schedule import check_num_steps, start_step_for_strength
+from vdit.diffusion.samplers_schedule import check_num_steps, resolve_start, start_step_for_strength
 
 CLASS_NAME = "ConsistencySampler"
 KEYS = ("_class_name", "flow_shift", "gamma", "num_train_timesteps")
@@ -103,17 +103,8 @@ class ConsistencySampler:
     def start_step(self, num_steps: int, strength: float) -> int:
         return start_step_for_strength(num_steps, strength)
 
-    def _start(self, num_steps: int, start_step, strength) -> int:
-        if strength is not None:
-            return self.start_step(num_steps, strength)
-        start = 0 if start_step is None else start_step
-        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not (
-                0 <= start < num_steps):
-            raise ValueError(f"start_step={start!r}; expected an integer in [0, {num_steps})")
-        return int(start)
-
     def add_noise(self, x0, noise, num_steps: int, start_step=None, strength=None) -> jax.Array:
-        start = self._start(check_num_steps(num_steps), start_step, strength)
+        start = resolve_start(check_num_steps(num_steps), start_step, strength)
         sigma = jnp.float32(self.schedule(num_steps)[0][start])
         return (1.0 - sigma) * jnp.asarray(x0, jnp.float32) + sigma * jnp.asarray(noise, jnp.float32)
 
@@ -122,7 +113,7 @@ class ConsistencySampler:
         """x [B, ...] at the first step's time -> clean latents, `num_steps - start` model calls.
         velocity_fn(x [B, ...], timesteps [B] in [0, 1000), *args) -> F [B, ...]; hashable."""
         num_steps = check_num_steps(num_steps)
-        start = self._start(num_steps, start_step, strength)
+        start = resolve_start(num_steps, start_step, strength)
         x = jnp.asarray(x, jnp.float32)
         try:
             hash(velocity_fn)

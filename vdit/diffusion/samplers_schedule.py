@@ -90,3 +90,16 @@ def start_step_for_strength(num_steps: int, strength: float) -> int:
         raise ValueError(f"strength={strength} with num_steps={num_steps} leaves no denoising "
                          f"step; use strength >= {1.0 / num_steps:.4g}")
     return num_steps - kept
+
+
+def resolve_start(num_steps: int, start_step, strength) -> int:
+    """The first step index run: from `strength` (SDEdit-style) or `start_step`, not both."""
+    if strength is not None:
+        if start_step is not None:
+            raise ValueError(f"give start_step ({start_step}) or strength ({strength}), not both")
+        return start_step_for_strength(num_steps, strength)
+    start = 0 if start_step is None else start_step
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not (
+            0 <= start < num_steps):
+        raise ValueError(f"start_step={start!r}; expected an integer in [0, {num_steps})")
+    return int(start)
