@@ -189,7 +189,8 @@ def text_in_step(cfg) -> bool:
 
 
 def abstract_weights(cfg, dit) -> tuple[dict, dict]:
-    """(trainable, frozen) boxed abstract parameters: {"dit"[, "text"]} split like the trainer."""
+    """(trainable, frozen) boxed abstract parameters: {"dit"[, "dit_2", "text"]} split like the
+    trainer (vdit/train/experts.py: which expert of two trains)."""
     s, length = 8, 4
     ones = lambda n: jnp.ones((1, n), jnp.int32)
 
@@ -207,9 +208,15 @@ def abstract_weights(cfg, dit) -> tuple[dict, dict]:
         return out
 
     boxed = jax.eval_shape(init, jax.random.key(0))
-    if "text" in boxed and not cfg.text.get("trainable", False):
-        return {"dit": boxed["dit"]}, {"text": boxed["text"]}
-    return boxed, {}
+    names = ["dit"]
+    if "experts" in cfg:  # Wan2.2 two experts of one shape; experts.train says which train
+        boxed["dit_2"] = boxed["dit"]
+        names = {"high": ["dit"], "low": ["dit_2"]}.get(cfg.experts.get("train", "both"),
+                                                       ["dit", "dit_2"])
+    if "text" in boxed and cfg.text.get("trainable", False):
+        names.append("text")
+    return ({k: v for k, v in boxed.items() if k in names},
+            {k: v for k, v in boxed.items() if k not in names})
 
 
 def _text_model(cfg):

@@ -27,7 +27,7 @@ import jax
 
 from vdit.models import lora
 from vdit.models.dit import build_dit
-from vdit.train import conditioning, init_from
+from vdit.train import conditioning, experts, init_from
 from vdit.train.loop import build_text_model, compile_step, step_setup
 from vdit.train.state import abstract_sharded, abstract_state
 
@@ -45,6 +45,7 @@ def dry_run(config, overrides=(), hbm_gb: float | None = None) -> dict:
     lora.check_config(config)
     dit = build_dit(config.model)
     conditioning.check_config(config, dit)
+    experts.check_config(config)
     setup = step_setup(config, dit, build_text_model(config))
     rng = jax.random.key(config.train.seed)
     state, shardings = abstract_state(setup.trainable, setup.tx, rng, setup.mesh, setup.rules)

@@ -4,7 +4,9 @@ One call, `train(config, workdir)`: build mesh, models and data; create or resto
 compile the step once ahead of time (logging its memory analysis); then step, log, checkpoint.
 A run on a workdir with a checkpoint resumes exactly (model, optimizer, EMA, rng, data position).
 A new run may start from another run's weights (`train.init_from`, vdit/train/init_from.py) and
-may train only LoRA adapters on a frozen base (`config.lora`, vdit/models/lora.py).
+may train only LoRA adapters on a frozen base (`config.lora`, vdit/models/lora.py). A Wan2.2
+two-expert config (`experts`) trains one expert or both, each on its own time range
+(vdit/train/experts.py).
 """
 
 from __future__ import annotations
@@ -30,18 +32,17 @@ from vdit.models import lora
 from vdit.models.dit import build_dit
 from vdit.models.text import encoder_from_dict, text_encoder_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
-from vdit.train import checkpoint, conditioning, init_from, optim, periodic_samples, preflight
+from vdit.train import checkpoint, conditioning, experts, init_from, optim, periodic_samples, preflight
 from vdit.train.checkpoint_fallback import check_saves
 from vdit.train.flops import jaxpr_flops
 from vdit.train.lock import workdir_lock
 from vdit.train.metrics import MetricsWriter, drop_rows_after
-from vdit.train.objective import make_dit_loss
 from vdit.train.state import create_state, unbox
 from vdit.train.step import make_train_step
 
 log = logging.getLogger(__name__)
 # Sections whose values fix parameter shapes: changing them on resume cannot load the checkpoint.
-SHAPE_SECTIONS = ("model", "text")
+SHAPE_SECTIONS = ("model", "text", "experts")
 
 
 class NonFiniteError(RuntimeError):
@@ -90,7 +91,7 @@ def step_setup(config, dit, text_model) -> StepSetup:
     rules = logical_rules("dit", config.mesh.get("rules", None))
     boxed = lambda rng: init_params(dit, text_model, config, rng)
     tx = optim.make_optimizer(config.optim, config.train.steps)
-    loss_fn = lora.wrap_loss(make_dit_loss(dit, text_model, config), config)
+    loss_fn = lora.wrap_loss(experts.make_loss(dit, text_model, config), config)
     text_dim = None if config.data.text_format == "ids" else dit.text_dim
     return StepSetup(mesh, rules, tx, lambda r: split_trainable(config, boxed(r))[0],
                      lambda r: split_trainable(config, boxed(r))[1],
@@ -99,7 +100,9 @@ def step_setup(config, dit, text_model) -> StepSetup:
 
 
 def init_params(dit, text_model, config, rng):
-    """Boxed (logically named) parameters {"dit": ..., "text": ...} from dummy packed inputs."""
+    """Boxed (logically named) parameters {"dit": ..., "text": ...} from dummy packed inputs;
+    two-expert configs add the low-noise expert "dit_2" (same shapes, its own init), LoRA the
+    adapters of the trained expert(s) ("lora", "lora_2"; vdit/train/experts.py)."""
     s, length = 8, 4
     tokens = jnp.zeros((1, s, dit.token_in_dim))
     ones = lambda n: jnp.ones((1, n), jnp.int32)
@@ -111,24 +114,27 @@ def init_params(dit, text_model, config, rng):
     context = jnp.zeros((1, length, dit.text_dim))
     image = ({"image_context": jnp.zeros((1, dit.pos_embed_seq_len or 1, dit.image_dim))}
              if dit.has_image_branch else {})
-    dit_params = dit.init(r_dit, tokens, jnp.zeros((1, s, 3), jnp.int32), ones(s),
-                          jnp.zeros((1, 1)), context, ones(length), method="packed",
-                          **image)["params"]
-    text_params = text_model.init(r_text, ids, ones(length))["params"]
+    init_dit = lambda r: dit.init(r, tokens, jnp.zeros((1, s, 3), jnp.int32), ones(s),
+                                  jnp.zeros((1, 1)), context, ones(length), method="packed",
+                                  **image)["params"]
+    params = {"dit": init_dit(r_dit), "text": text_model.init(r_text, ids, ones(length))["params"]}
+    if experts.enabled(config):
+        params["dit_2"] = init_dit(jax.random.fold_in(r_dit, 3))
     if lora.enabled(config):  # adapters for the targeted DiT kernels (vdit/models/lora.py)
-        return {"dit": dit_params, "text": text_params,
-                "lora": lora.init_adapters(jax.random.fold_in(rng, 2), dit_params, config.lora)}
-    return {"dit": dit_params, "text": text_params}
+        for i, expert in enumerate(experts.trained(config)):
+            name = experts.LORA_KEY[expert]
+            params[name] = lora.init_adapters(jax.random.fold_in(rng, 2 + 2 * i),
+                                              params[lora.ADAPTED[name]], config.lora)
+    return params
 
 
 def split_trainable(config, params: dict) -> tuple[dict, dict]:
     """(trainable, frozen): the text encoder trains only when config.text.trainable; under LoRA
-    only the adapters train (base DiT and text encoder frozen, whatever text.trainable says)."""
-    if lora.enabled(config):
-        return {"lora": params["lora"]}, {"dit": params["dit"], "text": params["text"]}
-    if config.text.get("trainable", False):
-        return params, {}
-    return {"dit": params["dit"]}, {"text": params["text"]}
+    only the adapters train (base DiT and text encoder frozen, whatever text.trainable says);
+    of two experts, the one `experts.train` leaves out is frozen."""
+    names = experts.trainable_names(config)
+    return ({k: v for k, v in params.items() if k in names},
+            {k: v for k, v in params.items() if k not in names})
 
 
 def restore_frozen(config) -> dict:
@@ -236,11 +242,7 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable) -> 
     lora.check_config(config)
     dit, text_model, tokenizer = build_models(config)
     conditioning.check_config(config, dit)
-    if "experts" in config:
-        raise NotImplementedError(
-            "config has an 'experts' section (a Wan2.2 two-expert A14B recipe): training an "
-            "expert on its own timestep range is not implemented yet; `vdit train --dry-run` "
-            "compiles one expert's step, `vdit sample` / `vdit convert` handle both experts")
+    experts.check_config(config)
     if dit.has_image_branch:
         raise NotImplementedError(
             "config.model.image_dim is set (a Wan2.1 I2V image branch): training needs each "
@@ -316,6 +318,7 @@ def _run(compiled, flops, state, frozen, data_it, source, mesh, manager, writer,
                    "nonfinite_total": int(state.bad_total)}
         if peak > 0:
             metrics["mfu"] = flops / seconds / peak
+        metrics.update({k: out[k] for k in ("loss_high", "loss_low") if k in out})
         history.append({"step": step + 1, **metrics})
         if np.isfinite(float(out["loss"])):
             last_finite = (step + 1, float(out["loss"]))

@@ -1,0 +1,206 @@
+"""Wan2.2 two-expert training (vdit/train/experts.py): each expert trains on its own range of the
+shifted flow time, "both" splits a batch's rows between the experts, one-expert runs carry the
+other expert bit for bit, resume is exact, LoRA adapts either expert, and sampling the trained run
+uses both experts by timestep."""
+
+import dataclasses
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+from train_testing import VIDEOS, tiny_config, train_tiny, write_shards, write_vae_run
+
+from vdit.config import ConfigError
+from vdit.data import pipeline, sources
+from vdit.diffusion import flow
+from vdit.models import lora
+from vdit.pipelines.generate import Generator
+from vdit.train import checkpoint, experts, init_from, loop
+
+BOUNDARY = 0.8
+
+
+def _flow(sampling: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(time_sampling=sampling, logit_mean=0.0, logit_std=1.0,
+                                          shift_mode="resolution", shift=2.0, base_tokens=48,
+                                          max_shift=3.0))
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal"])
+def test_time_sampler_restricted_to_each_experts_range(sampling):
+    """Every draw lies in the expert's range of shifted t, with the unrestricted sampler's
+    density there (its mean over the range matches draws of the full sampler that land there)."""
+    cfg = _flow(sampling)
+    seg = jnp.asarray(np.repeat([[1] * 16 + [2] * 80], 4096, axis=0))  # two shifts per row
+    rng = jax.random.key(0)
+    full = np.asarray(flow.sample_segment_times(rng, seg, 2, cfg))
+    for lo, hi in ((BOUNDARY, 1.0), (0.0, BOUNDARY)):
+        t = np.asarray(flow.sample_segment_times(jax.random.key(1), seg, 2, cfg, (lo, hi)))
+        assert t.shape == (4096, 2) and t.min() >= lo and t.max() < hi
+        for k in range(2):  # per segment: each has its own resolution shift
+            inside = full[:, k][(full[:, k] >= lo) & (full[:, k] < hi)]
+            assert abs(t[:, k].mean() - inside.mean()) < 0.01, (lo, hi, k)
+    with pytest.raises(ValueError, match=r"time range \(0.9, 0.5\)"):
+        flow.sample_segment_times(rng, seg, 2, cfg, (0.9, 0.5))
+
+
+def _batch(config, seed: int = 0) -> dict:
+    """One packed batch of the tiny test shards (host arrays)."""
+    latents = config.data.latents_dir
+    source = sources.LatentShardSource(latents)
+    it = iter(pipeline.packed_dataset(source, config.data, (1, 2, 2), np.asarray([1], np.int32)))
+    return jax.tree.map(jnp.asarray, next(it))
+
+
+def _tiny_moe(latents: str, *extra: str):
+    return tiny_config("shapes_moe", latents, *extra)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny two-expert "both" run (4 steps), the same run in two halves (resume), and a
+    high-noise-only run; shared latents (with stats) and a zero VAE for sampling."""
+    root = tmp_path_factory.mktemp("experts")
+    latents = write_shards(str(root / "latents"), VIDEOS)
+    with open(os.path.join(latents, "stats.json"), "w") as f:
+        json.dump({"mean": [0.0] * 8, "std": [1.0] * 8}, f)
+    vae = str(root / "vae")
+    write_vae_run(vae, _tiny_moe(latents))
+    extra = (f"--config.encode.vae_workdir={vae}",)
+    out = {"root": root, "latents": latents, "extra": extra,
+           "full": str(root / "full"), "split": str(root / "split"), "high": str(root / "high")}
+    out["full_history"] = train_tiny("shapes_moe", out["full"], latents, 4, *extra)
+    out["split_history"] = (train_tiny("shapes_moe", out["split"], latents, 2, *extra)
+                            + train_tiny("shapes_moe", out["split"], latents, 2, *extra))
+    out["high_history"] = train_tiny("shapes_moe", out["high"], latents, 2, *extra,
+                                     "--config.experts.train=high")
+    return out
+
+
+def _seed_weights(config) -> dict:
+    dit, text_model, _ = loop.build_models(config)
+    return nn.meta.unbox(loop.init_params(dit, text_model, config,
+                                          jax.random.key(config.train.seed)))
+
+
+def test_both_experts_each_learn_from_their_own_rows_and_times(runs):
+    """The high-noise expert sees the first half of the rows at t >= boundary, the low-noise
+    one the second half below it; each expert's gradient depends on its own rows only."""
+    config = _tiny_moe(runs["latents"], *runs["extra"])
+    dit, text_model, _ = loop.build_models(config)
+    weights = _seed_weights(config)
+    params, frozen = loop.split_trainable(config, weights)
+    assert set(params) == {"dit", "dit_2"} and set(frozen) == {"text"}
+    loss_fn = experts.make_loss(dit, text_model, config)
+    batch = _batch(config)
+    seen = []
+
+    def record(f, args, kwargs, context):
+        if context.method_name == "packed":
+            seen.append((np.asarray(args[2]), np.asarray(args[3])))
+        return f(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, frozen, batch, jax.random.key(3))
+    half = config.data.rows_per_batch // 2
+    (seg_h, t_h), (seg_l, t_l) = seen
+    assert seg_h.shape[0] == seg_l.shape[0] == half
+    present = lambda seg: flow.segment_token_counts(seg, config.data.max_segments) > 0
+    assert np.all(t_h[present(seg_h)] >= 1000 * BOUNDARY)
+    assert np.all(t_l[present(seg_l)] < 1000 * BOUNDARY)
+    np.testing.assert_allclose(loss, 0.5 * (aux["loss_high"] + aux["loss_low"]), rtol=1e-6)
+
+    # Other tokens in the low expert's rows: the high expert's gradient does not move.
+    moved = dict(batch, tokens=batch["tokens"].at[half:].add(1.0))
+    grads_moved = jax.grad(lambda p: loss_fn(p, frozen, moved, jax.random.key(3))[0])(params)
+    jax.tree.map(np.testing.assert_array_equal, grads_moved["dit"], grads["dit"])
+    diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads_moved["dit_2"],
+                        grads["dit_2"])
+    assert max(jax.tree.leaves(diff)) > 0
+
+
+def test_two_expert_resume_is_exact(runs):
+    steps = [h["step"] for h in runs["split_history"]]
+    assert steps == [1, 2, 3, 4]
+    np.testing.assert_allclose([h["loss"] for h in runs["split_history"]],
+                               [h["loss"] for h in runs["full_history"]], rtol=1e-6, atol=1e-7)
+    assert all("loss_high" in h and "loss_low" in h for h in runs["full_history"])
+    full, _ = checkpoint.load_params(runs["full"], "params")
+    split, _ = checkpoint.load_params(runs["split"], "params")
+    assert set(full) == {"dit", "dit_2"}  # the checkpoint holds both experts
+    jax.tree.map(np.testing.assert_array_equal, split, full)
+
+
+def test_one_expert_run_carries_the_other_bit_identical(runs):
+    config = _tiny_moe(runs["latents"], *runs["extra"], "--config.experts.train=high")
+    seed = _seed_weights(config)
+    trained, _ = checkpoint.load_params(runs["high"], "params")
+    assert set(trained) == {"dit"}
+    weights, _ = init_from.run_weights(runs["high"], "params")
+    assert set(weights) == {"dit", "dit_2", "text"}
+    jax.tree.map(np.testing.assert_array_equal, weights["dit_2"], jax.tree.map(np.asarray,
+                                                                               seed["dit_2"]))
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), weights["dit"],
+                           jax.tree.map(np.asarray, seed["dit"]))
+    assert any(jax.tree.leaves(changed))
+
+
+def test_lora_on_the_low_noise_expert_only(runs):
+    base = runs["full"]
+    run = str(runs["root"] / "lora_low")
+    history = train_tiny("shapes_moe", run, runs["latents"], 2, *runs["extra"],
+                         f"--config.train.init_from={base}", "--config.experts.train=low",
+                         "--config.lora.enabled=True", "--config.lora.rank=2")
+    assert all(np.isfinite(h["loss"]) for h in history)
+    trained, saved = checkpoint.load_params(run, "params")
+    assert set(trained) == {"lora_2"}
+    before, _ = init_from.run_weights(base, "params")
+    after, _ = init_from.run_weights(run, "params")
+    jax.tree.map(np.testing.assert_array_equal, after["dit"], before["dit"])
+    want = lora.merge_lora(before["dit_2"], trained["lora_2"], ml_collections.ConfigDict(
+        saved["lora"]))
+    jax.tree.map(np.testing.assert_array_equal, after["dit_2"], jax.tree.map(np.asarray, want))
+    flat_a, flat_b = (traverse_util.flatten_dict(t, sep="/") for t in (after["dit_2"],
+                                                                       before["dit_2"]))
+    assert any(not np.array_equal(flat_a[k], flat_b[k]) for k in flat_b)
+
+
+def test_sampling_the_trained_run_uses_both_experts(runs):
+    """`vdit sample`'s Generator on the run: both trained experts, switched at the boundary; a
+    2-step sample (timesteps 1000 and ~667 at flow shift 2) runs each expert once."""
+    gen = Generator.from_workdir(runs["full"])
+    weights, _ = init_from.run_weights(runs["full"], "ema")
+    assert gen.boundary == pytest.approx(1000 * BOUNDARY) and gen.dit_2 is not None
+    jax.tree.map(np.testing.assert_array_equal, gen.dit_params, weights["dit"])
+    jax.tree.map(np.testing.assert_array_equal, gen.dit_2_params, weights["dit_2"])
+    context, mask = gen.encode_text(["a red circle moving left"])
+    negative, negative_mask = gen.encode_text([""])
+    noise = jax.random.normal(jax.random.key(0), (1, 2, 4, 4, 8))
+    run = lambda g: np.asarray(g.text_to_video(context, negative, noise, steps=2, guidance=2.0,
+                                               output="latent", context_mask=mask,
+                                               negative_mask=negative_mask))
+    both = run(gen)
+    assert np.all(np.isfinite(both))
+    only_high = run(dataclasses.replace(gen, dit_2_params=gen.dit_params))
+    only_low = run(dataclasses.replace(gen, dit_params=gen.dit_2_params))
+    assert not np.allclose(both, only_high) and not np.allclose(both, only_low)
+
+
+def test_experts_config_errors_name_the_key(tmp_path):
+    config = _tiny_moe(str(tmp_path))
+    config.experts.train = "middle"
+    with pytest.raises(ConfigError, match=r"'experts.train' = 'middle'"):
+        experts.check_config(config)
+    config = _tiny_moe(str(tmp_path), "--config.data.rows_per_batch=3")
+    with pytest.raises(ConfigError, match=r"'data.rows_per_batch' = 3"):
+        experts.check_config(config)
+    config = _tiny_moe(str(tmp_path), "--config.experts.boundary_ratio=1.5")
+    with pytest.raises(ConfigError, match=r"'experts.boundary_ratio' = 1.5"):
+        experts.check_config(config)
