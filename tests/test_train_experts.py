@@ -77,12 +77,13 @@ def runs(tmp_path_factory):
     out = {name: str(root / name) for name in ("full", "split", "high", "lora_low")}
     out |= {"root": root, "latents": latents, "extra": extra}
     out["full_history"] = train_tiny("shapes_moe", out["full"], latents, 2, *extra)
-    out["split_history"] = (train_tiny("shapes_moe", out["split"], latents, 1, *extra)
-                            + train_tiny("shapes_moe", out["split"], latents, 1, *extra))
-    base = f"--config.train.init_from={out['full']}"
-    out["high_history"] = train_tiny("shapes_moe", out["high"], latents, 1, *extra, base,
+    every = "--config.checkpoint.every=1"  # a checkpoint after the first half's one step
+    out["split_history"] = (train_tiny("shapes_moe", out["split"], latents, 1, *extra, every)
+                            + train_tiny("shapes_moe", out["split"], latents, 1, *extra, every))
+    base = (f"--config.train.init_from={out['full']}", every)
+    out["high_history"] = train_tiny("shapes_moe", out["high"], latents, 1, *extra, *base,
                                      "--config.experts.train=high")
-    out["lora_history"] = train_tiny("shapes_moe", out["lora_low"], latents, 1, *extra, base,
+    out["lora_history"] = train_tiny("shapes_moe", out["lora_low"], latents, 1, *extra, *base,
                                      "--config.experts.train=low", "--config.lora.enabled=True",
                                      "--config.lora.rank=2")
     return out
