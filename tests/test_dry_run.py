@@ -115,3 +115,19 @@ def test_train_refuses_the_experts_section(tmp_path):
     config.experts = ml_collections.ConfigDict(dict(boundary_ratio=0.875, train="high"))
     with pytest.raises(NotImplementedError, match="'experts' section"):
         loop._train(config, str(tmp_path / "run"), None, loop.step_setup)
+
+
+@pytest.mark.slow
+def test_distill_recipe_dry_run_compiles_the_lora_student(tmp_path, capsys):
+    """`vdit distill --dry-run` on the Wan2.1-1.3B distill recipe: the LoRA student's consistency
+    step through the real Wan modules and the frozen UMT5 compiles; no teacher run is read."""
+    workdir = str(tmp_path / "student")
+    assert cli.main(["distill", "--config", os.path.join(CONFIGS, "wan2_1_t2v_1_3b_distill.py"),
+                     "--workdir", workdir, "--dry-run", "--config.data.rows_per_batch=8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    config = load_config(os.path.join(CONFIGS, "wan2_1_t2v_1_3b_distill.py"))
+    trainable, frozen = plan.abstract_weights(plan.training_config(config), build_dit(config.model))
+    assert report["params"] == plan.param_count(trainable) < 0.1e9  # rank-64 adapters only
+    assert report["frozen_params"] > 1.3e9 + 5e9  # the frozen base DiT (the teacher) and UMT5
+    assert report["devices"] == 8 and report["data_overrides"] == ["--config.data.rows_per_batch=8"]
+    assert not os.path.exists(workdir)

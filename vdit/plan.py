@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 
 from vdit.config import spatial_stride
+from vdit.models import lora
 from vdit.parallel.mesh import (
     MESH_AXES,
     logical_rules,
@@ -189,7 +190,8 @@ def text_in_step(cfg) -> bool:
 
 
 def abstract_weights(cfg, dit) -> tuple[dict, dict]:
-    """(trainable, frozen) boxed abstract parameters: {"dit"[, "text"]} split like the trainer."""
+    """(trainable, frozen) boxed abstract parameters: {"dit"[, "text"][, "lora"]} split like the
+    trainer."""
     s, length = 8, 4
     ones = lambda n: jnp.ones((1, n), jnp.int32)
 
@@ -204,9 +206,13 @@ def abstract_weights(cfg, dit) -> tuple[dict, dict]:
         if text_in_step(cfg):
             text_model = _text_model(cfg)
             out["text"] = text_model.init(rng, ones(length), ones(length))["params"]
+        if lora.enabled(cfg):
+            out["lora"] = lora.init_adapters(rng, out["dit"], cfg.lora)
         return out
 
     boxed = jax.eval_shape(init, jax.random.key(0))
+    if "lora" in boxed:  # only the adapters train (vdit.train.loop.split_trainable)
+        return {"lora": boxed.pop("lora")}, boxed
     if "text" in boxed and not cfg.text.get("trainable", False):
         return {"dit": boxed["dit"]}, {"text": boxed["text"]}
     return boxed, {}

@@ -95,6 +95,7 @@ def compile_proxy(cfg, layers: int, sizes: dict, rows: int, problem, rules,
                   full_step: bool) -> tuple[int, int]:
     """(temporary bytes per device, proxy parameter bytes per device) of one proxy compile."""
     from vdit.data.pipeline import batch_sharding
+    from vdit.models import lora
     from vdit.models.dit import build_dit
     from vdit.plan import _text_model, abstract_weights, per_device_bytes, text_in_step
     from vdit.train import optim
@@ -108,7 +109,7 @@ def compile_proxy(cfg, layers: int, sizes: dict, rows: int, problem, rules,
     mesh = make_mesh(sizes, devices=jax.devices()[:math.prod(sizes.values())])
     text_ids = text_in_step(cfg)
     batch = abstract_batch(dit, rows, problem.tokens, problem.text_len, text_ids)
-    loss_fn = make_dit_loss(dit, _text_model(cfg) if text_ids else None, cfg)
+    loss_fn = lora.wrap_loss(make_dit_loss(dit, _text_model(cfg) if text_ids else None, cfg), cfg)
     fixed, fixed_sh = _plain(frozen), _shardings(frozen, mesh, rules)
     if full_step:
         tx = optim.make_optimizer(cfg.optim, int(cfg.train.steps))
