@@ -188,9 +188,10 @@ def _dry_run(args, config, setup_fn=None) -> int:
 def _train(args) -> int:
     if args.dry_run:
         return _dry_run(args, _load(args))
+    from vdit.pipelines.periodic_samples import from_config as periodic_samples
     from vdit.train.loop import train
 
-    history = train(_load(args), args.workdir)
+    history = train(_load(args), args.workdir, samples_fn=periodic_samples)
     if history:
         print(f"vdit train: step {history[-1]['step']}, loss {history[-1]['loss']:.4f}; "
               f"checkpoints in {args.workdir}/checkpoints")

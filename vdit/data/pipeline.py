@@ -24,7 +24,8 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vdit.data import conditions, patches
+from vdit.data import conditions
+from vdit.models import patches
 
 BATCH_AXES = ("data", "fsdp")
 

@@ -34,8 +34,9 @@ from vdit.distill.objective import make_distill_loss
 from vdit.models import lora
 from vdit.models.text import text_encoder_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
+from vdit.pipelines import periodic_samples
+from vdit.runs.checkpoint import load_params
 from vdit.train import init_from, loop, optim
-from vdit.train.checkpoint import load_params
 from vdit.train.step import make_train_step
 
 TEACHER_SECTIONS = ("model", "text", "vae", "encode")
@@ -152,5 +153,6 @@ def abstract_setup(config, dit, text_model) -> loop.StepSetup:
 
 def distill(config, workdir: str, stop_after: int | None = None) -> list[dict]:
     """Distils to `config.train.steps` (or `stop_after` more steps); returns the logged metrics."""
-    return loop.train(prepare(config), workdir, stop_after, setup_fn=distill_setup)
+    return loop.train(prepare(config), workdir, stop_after, setup_fn=distill_setup,
+                      samples_fn=periodic_samples.from_config)
 

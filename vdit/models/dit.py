@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.data import patches
 from vdit.models import micro as micro_lib
+from vdit.models import patches
 from vdit.models.dit_block import TOKENS, scanned_blocks
 from vdit.models.layers import (
     MLP,
