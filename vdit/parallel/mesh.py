@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+from vdit.config import MESH_AXES
 
 # Logical name -> mesh axis (or tuple of axes, or None = replicated). MaxDiffusion-style: batch over
 # data+fsdp, weights' embed dim over fsdp (ZeRO-3), heads and MLP over tensor, tokens over sequence.
