@@ -58,7 +58,9 @@ def load_encoder(config):
         module = encoder_from_dict(cfg, where="config.image_encoder")
         size = module.image_size
         pixels = jnp.zeros((1, size, size, module.num_channels))
-        params = nn.unbox(jax.jit(module.init)(jax.random.key(int(cfg.seed)), pixels)["params"])
+        # An "rbg" key: threefry would compile one kernel per parameter (seconds on a CPU).
+        key = jax.random.key(int(cfg.seed), impl="rbg")
+        params = nn.unbox(jax.jit(module.init)(key, pixels)["params"])
         settings = PreprocessSettings(shortest_edge=size, crop_height=size, crop_width=size)
     else:
         raise ConfigError("config.image_encoder gives neither 'image_encoder_path' (with "
