@@ -16,7 +16,7 @@ from train_testing import TINY, VIDEOS, tiny_config, write_shards, write_vae_run
 
 from vdit import cli
 from vdit.data import sources
-from vdit.train import checkpoint
+from vdit.runs import checkpoint
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 DIT = os.path.join(CONFIGS, "shapes_dit.py")

@@ -19,9 +19,9 @@ from train_testing import VIDEOS, train_tiny, write_shards
 
 from vdit import cli
 from vdit.models.tokenizers import WordTokenizer
+from vdit.runs import checkpoint
+from vdit.runs.checkpoint_fallback import ASIDE, CheckpointSaveError
 from vdit.sample_cli import warn_unknown_words
-from vdit.train import checkpoint
-from vdit.train.checkpoint_fallback import ASIDE, CheckpointSaveError
 from vdit.train.lock import FolderLock, LockedError
 from vdit.train.metrics import read_metrics
 

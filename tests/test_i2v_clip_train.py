@@ -16,8 +16,9 @@ from train_testing import VIDEOS, tiny_config, write_shards
 
 from vdit.config import ConfigError
 from vdit.convert import wan
-from vdit.data import encode, encode_images, image_tokens, patches, pipeline, sources
+from vdit.data import encode, encode_images, image_tokens, pipeline, sources
 from vdit.data.synthetic import SyntheticShapes
+from vdit.models import patches
 from vdit.models.dit import build_dit
 from vdit.models.text import text_encoder_from_config
 from vdit.models.vae_config import vae_from_config

@@ -63,7 +63,7 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
                        help="this worker's index in [0, --num-shards) (default 0)")
         p.add_argument("--num-shards", type=int, default=1,
                        help="workers splitting the input, each its own --shard (default 1)")
-    if name == "train":
+    if name in ("train", "distill"):
         p.add_argument("--dry-run", action="store_true",
                        help="build the model, mesh and abstract sharded state, compile the step "
                             "ahead of time, print one JSON line; nothing allocated or trained")
@@ -173,21 +173,25 @@ def _encode(args) -> int:
     return 0
 
 
+def _dry_run(args, config, setup_fn=None) -> int:
+    import jax
+
+    from vdit.train import dry_run
+
+    try:  # the CPU backend's device count; no effect on TPU/GPU
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    except RuntimeError:  # JAX already started (e.g. inside tests): its devices are kept
+        pass
+    return dry_run.run_cli(args, config, setup_fn)
+
+
 def _train(args) -> int:
     if args.dry_run:
-        import jax
-
-        from vdit.train import dry_run
-
-        try:  # the CPU backend's device count; no effect on TPU/GPU
-            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-        except RuntimeError:  # JAX already started (e.g. inside tests): its devices are kept
-            pass
-        args.config_dict = _load(args)
-        return dry_run.run_cli(args)
+        return _dry_run(args, _load(args))
+    from vdit.pipelines.periodic_samples import from_config as periodic_samples
     from vdit.train.loop import train
 
-    history = train(_load(args), args.workdir)
+    history = train(_load(args), args.workdir, samples_fn=periodic_samples)
     if history:
         print(f"vdit train: step {history[-1]['step']}, loss {history[-1]['loss']:.4f}; "
               f"checkpoints in {args.workdir}/checkpoints")
@@ -195,8 +199,10 @@ def _train(args) -> int:
 
 
 def _distill(args) -> int:
-    from vdit.distill.setup import distill
+    from vdit.distill.setup import abstract_config, abstract_setup, distill
 
+    if args.dry_run:
+        return _dry_run(args, abstract_config(_load(args)), abstract_setup)
     history = distill(_load(args), args.workdir)
     if history:
         print(f"vdit distill: step {history[-1]['step']}, loss {history[-1]['loss']:.4f}; "

@@ -37,7 +37,7 @@ def _opt(args, name: str, default=None):
 
 def load_generator(workdir: str):
     """(Generator, "diffusers" | "vdit") for a pipeline folder or a vdit run folder."""
-    from vdit.pipelines.diffusers_folder import is_pipeline_folder
+    from vdit.convert.diffusers_folder import is_pipeline_folder
     from vdit.pipelines.generate import Generator
 
     if not runs.check_reachable(workdir, "--workdir").is_dir():
@@ -62,8 +62,8 @@ def read_prompts(args) -> list[str]:
 
 def expand_prompts(prompts: list[str], kind: str) -> list[str]:
     """The shapes world's rule-based expander for vdit runs; diffusers models only clean."""
-    from vdit.models.prompt_expand import shapes_expander
     from vdit.models.tokenizers import prompt_clean
+    from vdit.pipelines.prompt_expand import shapes_expander
 
     expander = shapes_expander() if kind == "vdit" else prompt_clean
     if kind != "vdit":
@@ -79,7 +79,7 @@ def warn_unknown_words(tokenizer, prompts: list[str], kind: str) -> list[str]:
     """One warning per prompt with words the text encoder's vocabulary lacks (a word-level
     encoder reads them as <unk>), with the shapes expander's rewrite as a suggestion for vdit runs.
     Returns the warnings printed."""
-    from vdit.models.prompt_expand import shapes_expander
+    from vdit.pipelines.prompt_expand import shapes_expander
 
     unknown_words = getattr(tokenizer, "unknown_words", None)
     if unknown_words is None:  # byte/subword tokenizers read any text

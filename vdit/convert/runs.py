@@ -40,12 +40,13 @@ import ml_collections
 import numpy as np
 
 from vdit import runs
+from vdit.convert import diffusers_folder as folder_lib
 from vdit.convert import wan
 from vdit.convert.safetensors_io import read_config
 from vdit.models.image import CONFIG_FIELDS as CLIP_FIELDS
 from vdit.models.vae_config import vae_from_config
-from vdit.pipelines import diffusers_folder as folder_lib
-from vdit.train import checkpoint, defaults
+from vdit.runs import checkpoint
+from vdit.train import defaults
 
 DIRECTIONS = (("diffusers", "vdit"), ("vdit", "diffusers"))
 DIFFUSERS_VERSION = "0.35.0"

@@ -22,8 +22,7 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.data import patches
-from vdit.pipelines.conditioning import i2v_mask
+from vdit.models import patches
 
 COND_KEY = "cond_latents"      # record key written by `vdit encode`: first frame known
 COND_KEY_LAST = "cond_latents_last"  # first and last frames known
@@ -39,7 +38,7 @@ def condition_latents(video, known: Sequence[bool], encode: Callable, temporal_f
         raise ValueError(f"known must flag each of the video's {video.shape[1]} frames, got "
                          f"shape {known.shape}")
     latents = encode(jnp.asarray(video, jnp.float32) * known[None, :, None, None, None])
-    mask = i2v_mask(known, latents.shape[2:4], temporal_factor)
+    mask = patches.i2v_mask(known, latents.shape[2:4], temporal_factor)
     mask = jnp.broadcast_to(jnp.asarray(mask), latents.shape[:1] + mask.shape)
     return jnp.concatenate([mask, latents.astype(jnp.float32)], axis=-1)
 

@@ -33,8 +33,8 @@ from vdit.data import conditions, encode_images, sources
 from vdit.data.synthetic import SyntheticShapes
 from vdit.models.text import text_encoder_from_config
 from vdit.models.vae_config import vae_from_config
-from vdit.train.checkpoint import load_params
-from vdit.train.run_kind import check_kind
+from vdit.runs.checkpoint import load_params
+from vdit.runs.run_kind import check_kind
 
 log = logging.getLogger(__name__)
 STATS_FILE = runs.STATS_FILE

@@ -26,7 +26,8 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vdit.data import conditions, image_tokens, patches
+from vdit.data import conditions, image_tokens
+from vdit.models import patches
 
 BATCH_AXES = ("data", "fsdp")
 

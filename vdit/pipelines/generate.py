@@ -34,10 +34,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vdit.convert import diffusers_folder as folder_lib
+from vdit.convert.diffusers_folder import image_parts
 from vdit.diffusion.samplers import Sampler, make_sampler
 from vdit.models import micro as micro_lib
 from vdit.pipelines import conditioning as cond_lib
-from vdit.pipelines.diffusers_folder import image_parts
 from vdit.pipelines.guided_dit import GuidedDiT, TwoExperts
 
 # vdit runs sample with Wan2.1's diffusers default solver unless the config says otherwise.
@@ -95,8 +96,8 @@ class Generator:
         from vdit.models.text import text_encoder_from_config
         from vdit.models.vae_config import vae_from_config
         from vdit.runs import latents_dir
-        from vdit.train.checkpoint import load_params
-        from vdit.train.run_kind import check_kind
+        from vdit.runs.checkpoint import load_params
+        from vdit.runs.run_kind import check_kind
 
         dit = build_dit(config.model)
         text_model, tokenizer = text_encoder_from_config(config.text)
@@ -130,10 +131,8 @@ class Generator:
     @classmethod
     def from_diffusers(cls, path: str, dtype: str = "float32",
                        attention: str = "xla") -> Generator:
-        """A diffusers Wan2.1 pipeline folder (see `vdit/pipelines/diffusers_folder.py`)."""
-        from vdit.pipelines.diffusers_folder import load_parts
-
-        return cls(**load_parts(path, dtype=dtype, attention=attention))
+        """A diffusers Wan2.1 pipeline folder (see `vdit/convert/diffusers_folder.py`)."""
+        return cls(**folder_lib.load_parts(path, dtype=dtype, attention=attention))
 
     # ------------------------------------------------------------------ model facts
     @property

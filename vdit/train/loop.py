@@ -30,8 +30,9 @@ from vdit.models import lora
 from vdit.models.dit import build_dit
 from vdit.models.text import encoder_from_dict, text_encoder_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
-from vdit.train import checkpoint, conditioning, init_from, optim, periodic_samples, preflight
-from vdit.train.checkpoint_fallback import check_saves
+from vdit.runs import checkpoint
+from vdit.runs.checkpoint_fallback import check_saves
+from vdit.train import conditioning, init_from, optim, preflight
 from vdit.train.flops import jaxpr_flops
 from vdit.train.lock import workdir_lock
 from vdit.train.metrics import MetricsWriter, drop_rows_after
@@ -221,17 +222,21 @@ def compile_step(step_fn, state, frozen, spec, shardings, frozen_shardings, mesh
 
 
 def train(config, workdir: str, stop_after: int | None = None,
-          setup_fn: Callable = step_setup) -> list[dict]:
+          setup_fn: Callable = step_setup, samples_fn: Callable | None = None) -> list[dict]:
     """Trains to `config.train.steps` (or `stop_after` more steps); returns the logged metrics.
     Process 0 holds the workdir's lock (vdit/train/lock.py) for the whole run. `setup_fn(config,
     dit, text_model) -> StepSetup` supplies the objective: `vdit train`'s by default,
-    `vdit distill`'s from vdit/distill/setup.py (same data, state, checkpoints and resume)."""
+    `vdit distill`'s from vdit/distill/setup.py (same data, state, checkpoints and resume).
+    `samples_fn(config, workdir, ema, frozen)` makes the periodic sampler that
+    `train.sample_every` asks for (`vdit.pipelines.periodic_samples.from_config`, which `vdit
+    train` passes; generation sits above training, so the trainer takes it as an argument)."""
     preflight.check_workdir(workdir)
     with workdir_lock(workdir, jax.process_index()):
-        return _train(config, workdir, stop_after, setup_fn)
+        return _train(config, workdir, stop_after, setup_fn, samples_fn)
 
 
-def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable) -> list[dict]:
+def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
+           samples_fn: Callable | None) -> list[dict]:
     config = init_from.checked(config)
     lora.check_config(config)
     dit, text_model, tokenizer = build_models(config)
@@ -289,16 +294,25 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable) -> 
     compiled, flops = compile_step(setup.step_fn, state, frozen, setup.spec, shardings,
                                    frozen_shardings, mesh, rules)
     writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard)
+    samples = _periodic_samples(samples_fn, config, workdir, state.ema, frozen)
     history = _run(compiled, flops, state, frozen, data_it, source, mesh, manager, writer,
-                   config, start, end, workdir)
+                   config, start, end, samples)
     writer.close()
     return history
 
 
+def _periodic_samples(samples_fn, config, workdir, ema, frozen):
+    if samples_fn is not None:
+        return samples_fn(config, workdir, ema, frozen)
+    if int(config.train.get("sample_every", 0) or 0) > 0:
+        log.warning("train.sample_every is set, but this caller of vdit.train.loop.train passed no "
+                    "samples_fn (vdit.pipelines.periodic_samples.from_config): no periodic samples")
+    return None
+
+
 def _run(compiled, flops, state, frozen, data_it, source, mesh, manager, writer, config,
-         start, end, workdir) -> list[dict]:
+         start, end, samples) -> list[dict]:
     history, last_finite = [], None
-    samples = periodic_samples.from_config(config, workdir, state.ema, frozen)
     peak = float(config.train.peak_flops_per_device) * jax.device_count()
     bar = tqdm(range(start, end), initial=start, total=config.train.steps, desc="train",
                disable=jax.process_index() != 0 or not config.train.progress)
