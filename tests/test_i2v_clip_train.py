@@ -16,6 +16,7 @@ from train_testing import VIDEOS, tiny_config, write_shards
 
 from vdit.config import ConfigError
 from vdit.convert import wan
+from vdit.convert.diffusers_folder import image_parts
 from vdit.data import encode, encode_images, image_tokens, pipeline, sources
 from vdit.data.synthetic import SyntheticShapes
 from vdit.models import patches
@@ -23,7 +24,8 @@ from vdit.models.dit import build_dit
 from vdit.models.text import text_encoder_from_config
 from vdit.models.vae_config import vae_from_config
 from vdit.pipelines.generate import Generator
-from vdit.train import checkpoint, conditioning, loop
+from vdit.runs import checkpoint
+from vdit.train import conditioning, loop
 from vdit.train.objective import make_dit_loss
 
 CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -99,14 +101,19 @@ def test_encode_stores_the_first_frames_clip_tokens(run, tmp_path):
     folders = _config(run["root"], run["latents"], seed=None,
                       image_encoder_path=str(tmp_path / "image_encoder"),
                       image_processor_path=str(tmp_path / "image_processor"))
-    got = encode_images.encode_fn(folders)(np.stack(firsts)[:, None])[image_tokens.RECORD_KEY]
-    module2, params2, settings2 = encode_images.load_encoder(folders)
+    # the loader `vdit encode` passes (the data layer does not import convert)
+    fn = encode_images.encode_fn(folders, image_parts)
+    got = fn(np.stack(firsts)[:, None])[image_tokens.RECORD_KEY]
+    module2, params2, settings2 = encode_images.load_encoder(folders, image_parts)
     assert settings2.shortest_edge == 32 and settings2.crop_height == 28
     np.testing.assert_allclose(got, _generator_tokens(folders, module2, params2, settings2,
                                                       np.stack(firsts)), rtol=1e-5, atol=1e-5)
 
 
 def test_encoder_config_errors(run):
+    with pytest.raises(ValueError, match=r"names a CLIP folder, but no loader"):
+        encode_images.load_encoder(_config(run["root"], run["latents"], image_encoder_path="x",
+                                           image_processor_path="y"))
     cases = [(dict(seed=None), r"neither 'image_encoder_path'.*nor 'seed'"),
              (dict(hidden_size=32, intermediate_size=64), r"\[N, D\] = \[5, 32\].*expect \[5, 16\]"),
              (dict(image_encoder_path="x"), r"'image_encoder.image_processor_path' is not")]

@@ -164,12 +164,14 @@ def record_extras_fn(config, encode_fn, mean, std, image_fn=None) -> Callable | 
     return lambda video: {key: value for f in fns for key, value in f(video).items()}
 
 
-def encode_synthetic(config, out_dir: str, shard: int = 0, num_shards: int = 1) -> list[str]:
+def encode_synthetic(config, out_dir: str, shard: int = 0, num_shards: int = 1,
+                     image_loader: encode_images.ImageLoader | None = None) -> list[str]:
     """Encodes the synthetic world into `encode.num_shards` shards under `out_dir`; worker `shard`
-    of `num_shards` writes its `owned_shards`. Returns their paths."""
+    of `num_shards` writes its `owned_shards`. Returns their paths. `image_loader` reads an
+    image-branch DiT's CLIP folders (`encode_images.load_encoder`)."""
     cfg = config.encode
     owned = owned_shards(cfg.num_shards, shard, num_shards)
-    image_fn = encode_images.encode_fn(config)  # a missing CLIP tower fails before any work
+    image_fn = encode_images.encode_fn(config, image_loader)  # a missing tower fails before work
     _, tokenizer = text_encoder_from_config(config.text)
     data = SyntheticShapes.from_config(config.data)
     encode_fn = vae_encoder(config)

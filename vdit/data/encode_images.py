@@ -4,8 +4,9 @@ set, Wan2.1 I2V); the record layout is `vdit/data/image_tokens.py`'s.
 The CLIP tower and its preprocessing come from the config's `image_encoder` section:
 - `image_encoder_path` + `image_processor_path`: a transformers CLIPVisionModel folder and a
   CLIPImageProcessor folder, as `vdit convert --from diffusers` keeps them beside a converted
-  Wan2.1 I2V run (OUT/image_encoder, OUT/image_processor) and as `vdit sample` loads them
-  (`vdit.pipelines.diffusers_folder.image_parts`, the same loader);
+  Wan2.1 I2V run (OUT/image_encoder, OUT/image_processor), read by the loader the caller passes
+  (`vdit encode` passes `vdit.convert.diffusers_folder.image_parts`, the one `vdit sample` loads
+  them with; the data layer does not import convert);
 - else `seed`: random weights drawn from that seed (toy runs; nothing downloaded), preprocessed
   with CLIPImageProcessor's defaults at the tower's `image_size`.
 Neither is an error naming both keys, so a real run never trains on random CLIP features.
@@ -20,6 +21,7 @@ training conditions on what sampling feeds.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,7 +32,6 @@ from vdit.config import ConfigError
 from vdit.data.image_tokens import RECORD_KEY, tokens_per_image
 from vdit.models.image import encoder_from_dict, penultimate_features
 from vdit.models.image_preprocess import PreprocessSettings, preprocess, to_uint8
-from vdit.pipelines.diffusers_folder import image_parts
 
 
 def has_image_branch(config) -> bool:
@@ -38,9 +39,14 @@ def has_image_branch(config) -> bool:
     return "model" in config and config.model.get("image_dim") is not None
 
 
-def load_encoder(config):
+# (encoder_dir, processor_dir) -> {"image_encoder", "image_encoder_params", "image_processor"}
+ImageLoader = Callable[[str, str], dict[str, Any]]
+
+
+def load_encoder(config, loader: ImageLoader | None = None):
     """(CLIPVisionEncoder, params, PreprocessSettings) of `config.image_encoder` (module doc);
-    errors name the config keys."""
+    `loader` reads the folders `image_encoder_path` / `image_processor_path` name. Errors name
+    the config keys."""
     if "image_encoder" not in config:
         raise ConfigError("config.model.image_dim is set (a Wan2.1 I2V image branch) but the "
                           "config has no 'image_encoder' section (the CLIP tower whose tokens "
@@ -51,7 +57,11 @@ def load_encoder(config):
             raise ConfigError("config key 'image_encoder.image_encoder_path' is set but "
                               "'image_encoder.image_processor_path' is not (the CLIPImageProcessor "
                               "folder, OUT/image_processor of a converted Wan2.1 I2V run)")
-        parts = image_parts(cfg.image_encoder_path, cfg.image_processor_path)
+        if loader is None:
+            raise ValueError("config key 'image_encoder.image_encoder_path' names a CLIP folder, "
+                             "but no loader for it was given: pass image_loader="
+                             "vdit.convert.diffusers_folder.image_parts (as `vdit encode` does)")
+        parts = loader(cfg.image_encoder_path, cfg.image_processor_path)
         module, params = parts["image_encoder"], parts["image_encoder_params"]
         settings = parts["image_processor"]
     elif cfg.get("seed") is not None:
@@ -81,13 +91,13 @@ def _check_matches(config, module) -> None:
                           f"'model.image_dim' expect {list(want)}")
 
 
-def encode_fn(config) -> Callable | None:
+def encode_fn(config, loader: ImageLoader | None = None) -> Callable | None:
     """video [B, T, H, W, 3] in [-1, 1] -> {RECORD_KEY: float32 numpy [B, N, image_dim]} from each
-    clip's first frame; None when the config's DiT has no image branch. Weights load here, so a
-    missing tower fails before any clip is encoded."""
+    clip's first frame; None when the config's DiT has no image branch. Weights load here (see
+    `load_encoder`), so a missing tower fails before any clip is encoded."""
     if not has_image_branch(config):
         return None
-    module, params, settings = load_encoder(config)
+    module, params, settings = load_encoder(config, loader)
 
     def fn(video) -> dict:
         pixels = preprocess(to_uint8(np.asarray(video[:, 0])), settings)

@@ -71,10 +71,12 @@ def clip_source(cfg) -> VideoClipSource | tfds_source.TfdsClipSource:
 
 
 def encode_videos(config, out_dir: str, vae_params=None, shard: int = 0,
-                  num_shards: int = 1) -> dict:
+                  num_shards: int = 1, image_loader: encode_images.ImageLoader | None = None
+                  ) -> dict:
     """Encodes `config.encode.source` into shards under `out_dir`; `vae_params` default to the
     EMA weights of `encode.vae_workdir`. Worker `shard` of `num_shards` writes its
-    `owned_shards`. Returns {"paths", "records", "skipped", "skipped_by_reason",
+    `owned_shards`; `image_loader` reads an image-branch DiT's CLIP folders
+    (`encode_images.load_encoder`). Returns {"paths", "records", "skipped", "skipped_by_reason",
     "skipped_files"} over this worker's shards, this run's and earlier runs', "filtered"
     (manifest lines with `kept` false), "shards" (the run's shard count) and "complete" (every
     worker's shards are finished and merged into encode_summary.json)."""
@@ -84,7 +86,7 @@ def encode_videos(config, out_dir: str, vae_params=None, shard: int = 0,
     count = max(1, min(max(int(cfg.num_shards), num_shards), len(source)))
     owned = owned_shards(count, shard, num_shards)
     summary.check_layout(out_dir, count)
-    image_fn = encode_images.encode_fn(config)  # a missing CLIP tower fails before any work
+    image_fn = encode_images.encode_fn(config, image_loader)  # a missing tower fails first
     _, tokenizer = text_encoder_from_config(config.text)
     encode_fn = vae_encoder(config, vae_params)
     # Every worker measures the same clips (the source's first), and all use stats.json's.
