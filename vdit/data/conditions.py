@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdit.models import patches
+from vdit.models.vae_config import vae_from_config
 
 COND_KEY = "cond_latents"      # record key written by `vdit encode`: first frame known
 COND_KEY_LAST = "cond_latents_last"  # first and last frames known
@@ -92,7 +93,6 @@ def encode_condition_fn(config, encode_fn: Callable, mean, std) -> Callable | No
     `encode_fn` gives the raw posterior mean; mean/std are the per-channel stats."""
     if not config.encode.get("i2v_condition", False):
         return None
-    from vdit.models.vae_config import vae_from_config
 
     tf = vae_from_config(config.vae).temporal_factor
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)

@@ -41,7 +41,8 @@ import sys
 import jax
 import ml_collections
 
-from vdit.config import spatial_stride
+from vdit.config import check_frames, check_size, load_config, spatial_stride
+from vdit.models.dit import build_dit
 from vdit.parallel.mesh import (
     MESH_AXES,
     logical_rules,
@@ -112,8 +113,6 @@ def add_plan_flags(parser: argparse.ArgumentParser) -> None:
 
 def tokens_per_row(config, frames: int, height: int, width: int) -> int:
     """Patch tokens of one clip: latent frames x (H / stride) x (W / stride) over the patch."""
-    from vdit.config import check_frames, check_size
-
     stride = spatial_stride(config)
     check_frames("--frames", frames)
     check_size("--size height", height, stride)
@@ -182,8 +181,6 @@ def batch_bytes(cfg, dit, problem: Problem, mesh: dict) -> int:
 def plan_memory(config, devices: int, problem: Problem, proxy_layers=(2, 3),
                 local_devices: int | None = None) -> MemoryPlan:
     """The per-device memory of a training step of `config` on `devices` devices."""
-    from vdit.models.dit import build_dit
-
     cfg = training_config(config)
     mesh = mesh_sizes(cfg, devices)
     rules = logical_rules("dit", cfg.get("mesh", {}).get("rules", None))
@@ -232,8 +229,6 @@ def _human(n: float) -> str:
 
 def run_cli(args) -> int:
     """`vdit plan`: args.config, args.overrides and the `add_plan_flags` flags."""
-    from vdit.config import load_config
-
     if not getattr(args, "config", None):
         raise ValueError("--config is required (a configs/*.py file)")
     proxy = _proxy_layers(args.proxy_layers)
