@@ -136,6 +136,7 @@ def _load(args):
         raise ValueError("--config is required (a configs/*.py file)")
     config = load_config(args.config, args.overrides)
     require_sections(config, args.command, args.config)
+    cli_checks.check_config(config, args.command)
     return config
 
 

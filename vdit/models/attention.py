@@ -40,12 +40,14 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
+from vdit.config import ATTENTION_BACKENDS
 from vdit.models import attention_blocks
 from vdit.models import attention_pallas_gpu as pallas_gpu
 from vdit.models import attention_pallas_tpu as pallas_tpu
 from vdit.parallel import context
 
-BACKENDS = ("xla", "cudnn", "splash", "block_sparse", "auto", "memory_proxy")
+# The config's backends, and `vdit plan`'s memory proxy (never chosen by a config).
+BACKENDS = (*ATTENTION_BACKENDS, "memory_proxy")
 _PLATFORM_OF = {"cudnn": ("gpu",), "splash": ("tpu",), "block_sparse": ("gpu", "tpu")}
 # Block sizes of the block_sparse kernels per platform (query, key): TPU blocks are multiples of
 # 128 lanes; Triton blocks are powers of two. Smaller blocks skip more finely, larger ones run
