@@ -150,6 +150,7 @@ def _train_vae(args) -> int:
 
 
 def _encode(args) -> int:
+    from vdit.convert.diffusers_folder import image_parts  # an I2V run's CLIP folders
     from vdit.data.encode import encode_synthetic, owned_shards
     from vdit.runs import latents_dir
 
@@ -159,12 +160,13 @@ def _encode(args) -> int:
     source = config.encode.get("source", "synthetic")
     worker = f"worker {args.shard}/{args.num_shards}: " if args.num_shards > 1 else ""
     if source == "synthetic":
-        paths = encode_synthetic(config, out, args.shard, args.num_shards)
+        paths = encode_synthetic(config, out, args.shard, args.num_shards, image_parts)
         print(f"vdit encode: {worker}{len(paths)} shards in {runs.absolute(out)}")
         return 0
     from vdit.data.encode_videos import encode_videos
 
-    summary = encode_videos(config, out, shard=args.shard, num_shards=args.num_shards)
+    summary = encode_videos(config, out, shard=args.shard, num_shards=args.num_shards,
+                            image_loader=image_parts)
     print(f"vdit encode: {worker}{summary['records']} clips in {len(summary['paths'])} shards in "
           f"{runs.absolute(out)}; skipped {summary['skipped']} videos "
           f"{summary['skipped_by_reason']} (see encode_summary.json)")

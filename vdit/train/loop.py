@@ -248,11 +248,6 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
             "config has an 'experts' section (a Wan2.2 two-expert A14B recipe): training an "
             "expert on its own timestep range is not implemented yet; `vdit train --dry-run` "
             "compiles one expert's step, `vdit sample` / `vdit convert` handle both experts")
-    if dit.has_image_branch:
-        raise NotImplementedError(
-            "config.model.image_dim is set (a Wan2.1 I2V image branch): training needs each "
-            "clip's CLIP image tokens in its latent shards, which `vdit encode` does not write "
-            "yet; `vdit train --dry-run` compiles this model's step")
     setup = setup_fn(config, dit, text_model)
     mesh, rules = setup.mesh, setup.rules
     preflight.check_batch_divides(int(config.data.rows_per_batch), mesh)
@@ -261,10 +256,12 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
         encode.check_tokenizer(encode.load_stats(shards), tokenizer, shards, "train on")
     source = sources.SkippingSource(sources.LatentShardSource(shards))
     preflight.check_has_clips(source, shards)
+    preflight.check_record_keys(source.wrapped, conditioning.record_keys(config, dit))
     data_it = iter(pipeline.packed_dataset(
         source, config.data, dit.patch_size, null_caption(tokenizer),
         condition=conditioning.uses_condition(config, dit), micro=dit.micro_conditioning,
-        last_frame_rate=float(config.train.get("last_frame_rate", 0.0))))
+        last_frame_rate=float(config.train.get("last_frame_rate", 0.0)),
+        image=conditioning.image_record_shape(config, dit)))
 
     rng = jax.random.key(config.train.seed)
     state, shardings = create_state(setup.trainable, setup.tx, rng, mesh, rules)

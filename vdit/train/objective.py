@@ -45,7 +45,8 @@ def make_dit_loss(dit, text_model, cfg):
         pred = dit.apply({"params": weights["dit"]}, x_in, batch["positions"], seg,
                          t_seg * flow.NUM_TRAIN_TIMESTEPS, context, batch["text_segment_ids"],
                          method="packed", **conditioning.micro_kwargs(dit, batch),
-                         **conditioning.image_kwargs(dit, batch))
+                         **conditioning.image_kwargs(dit, batch, jax.random.fold_in(rng, 2),
+                                                     i2v_rate, num_segments))
         loss, _ = flow.packed_loss(pred, flow.velocity_target(x0, noise), seg, num_segments)
         tokens = jnp.sum(seg > 0)
         return loss, {"tokens": tokens}
