@@ -121,7 +121,7 @@ def test_train_refuses_the_experts_section(tmp_path):
     config = tiny_config("shapes_dit", str(tmp_path / "latents"))
     config.experts = ml_collections.ConfigDict(dict(boundary_ratio=0.875, train="high"))
     with pytest.raises(NotImplementedError, match="'experts' section"):
-        loop._train(config, str(tmp_path / "run"), None, loop.step_setup)
+        loop._train(config, str(tmp_path / "run"), None, loop.step_setup, None)
 
 
 @pytest.mark.slow
