@@ -36,7 +36,6 @@ import numpy as np
 
 from vdit.config import check_frames
 from vdit.convert import diffusers_folder as folder_lib
-from vdit.convert.diffusers_folder import image_parts
 from vdit.data.conditions import condition_latents
 from vdit.data.encode import load_stats
 from vdit.diffusion.samplers import Sampler, make_sampler
@@ -114,7 +113,7 @@ class Generator:
             defaults["fps"] = float(config.data.fps)
         image, clip = {}, config.get("image_encoder", {})
         if clip.get("image_encoder_path"):  # a converted Wan2.1 I2V run (vdit/convert/runs.py)
-            image = image_parts(clip.image_encoder_path, clip.image_processor_path)
+            image = folder_lib.image_parts(clip.image_encoder_path, clip.image_processor_path)
         experts = {}
         if "dit_2" in params:  # a two-expert (Wan2.2 A14B) run: both experts share config.model
             if "experts" not in config:
