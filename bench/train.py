@@ -42,9 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdit.config import load_config
-from vdit.data import conditions, patches, pipeline
+from vdit.data import conditions, pipeline
 from vdit.data.encode import sample_shape
-from vdit.models import lora
+from vdit.models import lora, patches
 from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.train import conditioning, loop, optim
 from vdit.train.objective import make_dit_loss

@@ -4,15 +4,20 @@ diffusers' WanTransformer3DModel config of those checkpoints: in_channels 36 (16
 4 first-frame mask + 16 condition latents), out_channels 16, and an image branch (`image_dim`
 1280, `added_kv_proj_dim` 5120) that reads CLIP ViT-H/14's penultimate features of the first
 frame (257 tokens of width 1280; the `image_encoder` section, transformers' CLIPVisionConfig names).
-Every training clip is conditioned on its first frame (`train.i2v_rate` 1.0).
-`vdit convert --from diffusers --src weights/Wan2.1-I2V-14B-480P-Diffusers --out runs/wan2_1_i2v_14b`
-writes the run (DiT + UMT5, with the pipeline's image_encoder/ and image_processor/ kept beside it).
+Every training clip is conditioned on its first frame (`train.i2v_rate` 1.0), as Wan2.1 I2V is
+trained: its condition latents and its first frame's CLIP tokens.
 
-    vdit train --config configs/wan2_1_i2v_14b.py --workdir runs/wan_i2v --dry-run
+    vdit convert --from diffusers --src weights/Wan2.1-I2V-14B-480P-Diffusers --out runs/wan2_1_i2v_14b
+    vdit encode --config configs/wan2_1_i2v_14b.py --workdir runs/wan_i2v
+    vdit train  --config configs/wan2_1_i2v_14b.py --workdir runs/wan_i2v --dry-run
+    vdit train  --config configs/wan2_1_i2v_14b.py --workdir runs/wan_i2v
+    vdit sample --workdir runs/wan_i2v --image first.png --prompt "..." --out i2v.mp4
 
-Training such a model for real needs the CLIP tokens of every clip in its latent shards, which
-`vdit encode` does not write yet: `vdit train` says so and stops; the dry run compiles the step
-with those tokens in the batch (`image_context`, `image_segment_ids`).
+`convert` writes the run (DiT + UMT5, OUT/vae, and the pipeline's CLIP tower as OUT/image_encoder
+and OUT/image_processor). `encode` stores per clip the VAE latents, the first-frame condition
+(`cond_latents`) and the first frame's CLIP tokens (`first_frame_clip_tokens` [257, 1280]),
+computed with the tower that `image_encoder.image_encoder_path` / `image_processor_path` name (the
+converted run's, the one `sample` also loads); `train` starts from the converted weights.
 """
 
 import ml_collections
@@ -32,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = recipe("wan2_1_t2v_14b")
     config.model.update(dict(in_channels=36, image_dim=1280, added_kv_proj_dim=5120))
     config.image_encoder = clip_vit_h14()
+    config.image_encoder.update(dict(image_encoder_path="runs/wan2_1_i2v_14b/image_encoder",
+                                     image_processor_path="runs/wan2_1_i2v_14b/image_processor"))
     config.text.tokenizer_path = "weights/Wan2.1-I2V-14B-480P-Diffusers/tokenizer"
     config.encode.update(dict(vae_workdir="runs/wan2_1_i2v_14b/vae", i2v_condition=True))
     config.train.update(dict(i2v_rate=1.0, init_from="runs/wan2_1_i2v_14b"))

@@ -17,8 +17,14 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import tempfile  # noqa: E402
 
 # The environment variables carry the same cache to the `vdit`/bench subprocesses tests start
-# (a trainer killed and restarted compiles its step once).
-CACHE_DIR = tempfile.mkdtemp(prefix="vdit-jax-cache-")
+# (a trainer killed and restarted compiles its step once). pytest-xdist workers of one run share
+# it too (the run id is common to them), so a program compiled in one worker is not recompiled.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _RUN_ID:
+    CACHE_DIR = os.path.join(tempfile.gettempdir(), f"vdit-jax-cache-{_RUN_ID}")
+    os.makedirs(CACHE_DIR, exist_ok=True)
+else:
+    CACHE_DIR = tempfile.mkdtemp(prefix="vdit-jax-cache-")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from vdit.data import patches
+from vdit.models import patches
 
 
 def tiny_model_config(**overrides) -> ml_collections.ConfigDict:

@@ -16,7 +16,7 @@ from train_testing import TINY, VIDEOS, tiny_config, write_shards, write_vae_run
 
 from vdit import cli
 from vdit.data import sources
-from vdit.train import checkpoint
+from vdit.runs import checkpoint
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 DIT = os.path.join(CONFIGS, "shapes_dit.py")
@@ -115,6 +115,11 @@ CASES = [
     ("sample on a VAE run", lambda e: ["sample", "--workdir", e["vae"], "--prompt", "x",
                                        "--out", e["root"] + "/out/v.mp4"],
      ["is a VAE run", "a DiT run", "is needed"], 1),
+    ("lora rank 0 at start-up", lambda e: ["train", "--config", DIT, "--workdir", e["root"] + "/w6",
+                                           "--config.lora.enabled=True", "--config.lora.rank=0"],
+     ["lora.rank", "0", "positive"], 1),
+    ("i2v_rate above 1", lambda e: ["train", "--config", DIT, "--workdir", e["root"] + "/w7",
+                                    "--config.train.i2v_rate=1.5"], ["train.i2v_rate", "1.5"], 1),
     ("sample workdir missing", lambda e: _sample(e)[:1] + ["--workdir", e["root"] + "/nope",
                                                           "--prompt", "x"],
      ["--workdir", "nope", "does not exist"], 1),

@@ -7,6 +7,8 @@ import ml_collections
 import pytest
 
 from vdit import config as cfglib
+from vdit.models import attention, dit_block
+from vdit.parallel import mesh
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -91,3 +93,10 @@ def test_every_shipped_config_validates():
     for name in names:
         c = cfglib.load_config(os.path.join(CONFIG_DIR, name))
         assert isinstance(c, ml_collections.ConfigDict), name
+
+
+def test_named_choices_are_defined_once_and_implemented():
+    """The config check's names are the ones the code implements (one definition each)."""
+    assert set(dit_block._REMAT) == set(cfglib.REMAT_POLICIES)
+    assert set(cfglib.ATTENTION_BACKENDS) <= set(attention.BACKENDS)
+    assert mesh.MESH_AXES is cfglib.MESH_AXES

@@ -2,6 +2,8 @@
 self-attention by Ulysses all-to-all (or all-gathered k/v when heads do not divide), equal to one
 device for the attention op alone and for the DiT's packed loss and gradients."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,10 +12,13 @@ import pytest
 from dit_testing import pack_row, tiny_model_config
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vdit.models.attention import xla_attention
+from vdit.models.attention import local_attention, xla_attention
 from vdit.models.dit import build_dit
 from vdit.parallel import context
 from vdit.parallel.mesh import logical_rules, make_mesh
+
+# The per-device kernel the sequence-parallel schedules run (what models.attention passes).
+XLA = functools.partial(local_attention, backend="xla", shard=False)
 
 RULES = logical_rules("dit")
 
@@ -35,7 +40,7 @@ def test_attention_op_matches_one_device(schedule):
         out = fn(q, k, v, seg, seg)
         return jnp.sum(out * jnp.cos(out)), out
 
-    sp = lambda *a: context.sequence_parallel_attention(*a, backend="xla", schedule=schedule)
+    sp = lambda *a: context.sequence_parallel_attention(*a, XLA, schedule=schedule)
     want = jax.value_and_grad(lambda *a: loss(xla_attention, *a), argnums=(0, 1, 2),
                               has_aux=True)(q, k, v)
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
@@ -50,7 +55,7 @@ def test_rows_and_heads_that_do_not_divide_stay_whole():
     q, k, v, seg = _qkv(b=1, h=3)  # 1 row over data=2; 3 heads over 4: all-gathered k/v
     want = xla_attention(q, k, v, seg[:1], seg[:1])
     with jax.set_mesh(make_mesh({"data": 2, "sequence": 4})), nn.logical_axis_rules(RULES):
-        got = jax.jit(lambda *a: context.sequence_parallel_attention(*a, backend="xla"))(
+        got = jax.jit(lambda *a: context.sequence_parallel_attention(*a, XLA))(
             q, k, v, seg[:1], seg[:1])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
@@ -65,10 +70,10 @@ def test_schedule_choice_and_errors():
     with jax.set_mesh(make_mesh({"data": 2, "sequence": 4})), nn.logical_axis_rules(RULES):
         with pytest.raises(ValueError, match="14 tokens per row .* 4 devices .*mesh.sequence"):
             cut = lambda x: x[:, :14]
-            context.sequence_parallel_attention(cut(q), cut(k), cut(v), cut(seg), cut(seg), "xla")
+            context.sequence_parallel_attention(cut(q), cut(k), cut(v), cut(seg), cut(seg), XLA)
         with pytest.raises(ValueError, match="ulysses needs per-device heads"):
             context.sequence_parallel_attention(q[..., :2, :], k[..., :2, :], v[..., :2, :],
-                                                seg, seg, "xla", "ulysses")
+                                                seg, seg, XLA, "ulysses")
     assert context.sequence_parallel_size() == 1  # no mesh in context
 
 

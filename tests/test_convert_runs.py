@@ -18,7 +18,7 @@ from vdit.convert import wan
 from vdit.convert.safetensors_io import read_config, read_tensors
 from vdit.models.vae_config import vae_from_config
 from vdit.pipelines.generate import Generator
-from vdit.train import checkpoint
+from vdit.runs import checkpoint
 from vdit.train.init_from import run_weights
 
 COMPONENTS = ("transformer", "vae", "text_encoder")

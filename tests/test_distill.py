@@ -24,7 +24,8 @@ from vdit.diffusion.samplers_consistency import ConsistencySampler, consistency_
 from vdit.distill import objective
 from vdit.distill.setup import distill, prepare
 from vdit.pipelines.generate import Generator
-from vdit.train import checkpoint, conditioning, loop
+from vdit.runs import checkpoint
+from vdit.train import conditioning, loop
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 

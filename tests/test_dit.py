@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from dit_testing import pack_row, tiny_model_config
 
-from vdit.data import patches
+from vdit.models import patches
 from vdit.models.dit import build_dit
 
 PATCH = (1, 2, 2)

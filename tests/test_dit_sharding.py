@@ -9,7 +9,7 @@ from dit_testing import pack_row, tiny_model_config
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vdit.models.dit import build_dit
-from vdit.parallel.mesh import logical_rules, make_mesh
+from vdit.parallel.mesh import DIT_RULES, logical_rules, logical_to_mesh_spec, make_mesh
 
 MESHES = [{"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}]
 
@@ -51,3 +51,10 @@ def test_sharded_equals_single_device(setup, sizes):
         kernel = sharded["blocks"]["attn1"]["to_q"]["kernel"]
         assert kernel.sharding.shard_shape(kernel.shape)[1] == kernel.shape[1] // sizes["fsdp"]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_a_logical_axis_without_a_rule_is_an_error():
+    assert logical_to_mesh_spec(("embed", "mlp"), DIT_RULES) == PartitionSpec("fsdp", "tensor")
+    assert logical_to_mesh_spec(("embed", None), DIT_RULES) == PartitionSpec("fsdp", None)
+    with pytest.raises(ValueError, match="logical axis 'embd' has no sharding rule"):
+        logical_to_mesh_spec(("embd", "mlp"), DIT_RULES)

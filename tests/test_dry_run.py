@@ -14,6 +14,7 @@ from vdit import cli, plan
 from vdit.config import load_config
 from vdit.models.dit import build_dit
 from vdit.parallel.mesh import logical_rules
+from vdit.plan import weights as plan_weights
 from vdit.train.dry_run import GIB, dry_run
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -24,15 +25,21 @@ WAN22_RECIPES = {"wan2_2_ti2v_5b": (4.9e9, 5.1e9, 48), "wan2_2_t2v_a14b": (14.2e
                  "wan2_2_i2v_a14b": (14.2e9, 14.4e9, 36)}
 
 
+def _plan_weights(config):
+    """(trainable, frozen) abstract weights as `vdit plan` counts them."""
+    return plan_weights.abstract_weights(plan_weights.training_config(config),
+                                         build_dit(config.model))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", WAN_RECIPES)
 def test_wan_recipe_dry_run(name):
     config = load_config(os.path.join(CONFIGS, f"{name}.py"))
     report = dry_run(config)
     # The counts agree with `vdit plan`'s independent abstract init.
-    trainable, frozen = plan.abstract_weights(plan.training_config(config), build_dit(config.model))
-    assert report["params"] == plan.param_count(trainable)
-    assert report["frozen_params"] == plan.param_count(frozen) > 5e9  # UMT5-XXL, frozen
+    trainable, frozen = _plan_weights(config)
+    assert report["params"] == plan_weights.param_count(trainable)
+    assert report["frozen_params"] == plan_weights.param_count(frozen) > 5e9  # UMT5-XXL, frozen
     assert report["devices"] == 8 and report["mesh"]["fsdp"] == 8
     assert report["tokens_per_row"] == config.data.tokens_per_row
     assert report["data_overrides"] == []
@@ -50,11 +57,11 @@ def test_wan22_recipe_loads_and_plans_on_v5p(name):
     """Published sizes; the analytic parameter/optimizer bytes on a v5p-64 slice (32 chips,
     sequence 4) leave room for activations in 95 GiB (the full plan adds a proxy compile)."""
     low, high, channels = WAN22_RECIPES[name]
-    config = plan.training_config(load_config(os.path.join(CONFIGS, f"{name}.py"),
+    config = plan_weights.training_config(load_config(os.path.join(CONFIGS, f"{name}.py"),
                                               ["--config.mesh.sequence=4"]))
     dit = build_dit(config.model)
     assert dit.in_channels == channels and dit.out_channels == config.vae.z_dim
-    sizes, counts = plan.analytic_bytes(config, dit, plan.mesh_sizes(config, 32),
+    sizes, counts = plan_weights.analytic_bytes(config, dit, plan.mesh_sizes(config, 32),
                                         logical_rules("dit"))
     assert low < counts["trainable"] < high
     assert sum(sizes.values()) < 0.5 * 95 * GIB
@@ -103,3 +110,19 @@ def test_missing_section_names_it_and_the_command(tmp_path, capsys):
     assert cli.main(["encode", "--config", str(path), "--workdir", str(tmp_path / "w")]) == 1
     assert "no 'encode' section, which `vdit encode` needs" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.slow
+def test_distill_recipe_dry_run_compiles_the_lora_student(tmp_path, capsys):
+    """`vdit distill --dry-run` on the Wan2.1-1.3B distill recipe: the LoRA student's consistency
+    step through the real Wan modules and the frozen UMT5 compiles; no teacher run is read."""
+    workdir = str(tmp_path / "student")
+    assert cli.main(["distill", "--config", os.path.join(CONFIGS, "wan2_1_t2v_1_3b_distill.py"),
+                     "--workdir", workdir, "--dry-run", "--config.data.rows_per_batch=8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    config = load_config(os.path.join(CONFIGS, "wan2_1_t2v_1_3b_distill.py"))
+    trainable, frozen = _plan_weights(config)
+    assert report["params"] == plan_weights.param_count(trainable) < 0.1e9  # rank-64 adapters only
+    assert report["frozen_params"] > 1.3e9 + 5e9  # the frozen base DiT (the teacher) and UMT5
+    assert report["devices"] == 8 and report["data_overrides"] == ["--config.data.rows_per_batch=8"]
+    assert not os.path.exists(workdir)

@@ -19,9 +19,9 @@ from train_testing import VIDEOS, train_tiny, write_shards
 
 from vdit import cli
 from vdit.models.tokenizers import WordTokenizer
+from vdit.runs import checkpoint
+from vdit.runs.checkpoint_fallback import ASIDE, CheckpointSaveError
 from vdit.sample_cli import warn_unknown_words
-from vdit.train import checkpoint
-from vdit.train.checkpoint_fallback import ASIDE, CheckpointSaveError
 from vdit.train.lock import FolderLock, LockedError
 from vdit.train.metrics import read_metrics
 
@@ -36,23 +36,26 @@ def run(tmp_path_factory):
     return {"root": root, "latents": latents, "workdir": workdir}
 
 
-def _state_files(step_dir):
+def _data_files(step_dir):
+    """The state's array data files (OCDBT's d/ folders). Which arrays share a file varies from
+    save to save, so every one is damaged: no array of the step reads back."""
     files = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(step_dir, "state"))
-             for n in names]
-    return sorted(files, key=os.path.getsize)
+             for n in names if os.path.basename(d) == "d"]
+    assert files, f"no array data files under {step_dir}/state"
+    return files
 
 
 def _truncate(step_dir):
-    path = _state_files(step_dir)[-1]  # the largest: array data
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
+    for path in _data_files(step_dir):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
 
 
 def _zero(step_dir):
-    path = _state_files(step_dir)[-1]
-    size = os.path.getsize(path)
-    with open(path, "wb") as f:
-        f.write(b"\0" * size)
+    for path in _data_files(step_dir):
+        size = os.path.getsize(path)
+        with open(path, "wb") as f:
+            f.write(b"\0" * size)
 
 
 def _empty(step_dir):

@@ -11,6 +11,7 @@ import pytest
 from generate_testing import i2v_pipeline, smooth_video, t2v_pipeline, text_embeddings
 
 from vdit.diffusion.samplers import make_sampler
+from vdit.models import patches
 from vdit.pipelines import conditioning
 from vdit.pipelines import video_to_video as v2v
 from vdit.pipelines.generate import DEFAULT_SCHEDULER, Generator
@@ -38,13 +39,13 @@ def _noise(gen, seed=0):
 
 def test_i2v_mask_folds_the_first_frame_into_four_channels():
     known = conditioning.known_pixel_frames(9, first=1, last=1)
-    mask = conditioning.i2v_mask(known, (2, 3), 4)
+    mask = patches.i2v_mask(known, (2, 3), 4)
     assert mask.shape == (3, 2, 3, 4)
     np.testing.assert_array_equal(mask[:, 0, 0], [[1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 1]])
-    five = conditioning.i2v_mask(conditioning.known_pixel_frames(9, first=5), (1, 1), 4)
+    five = patches.i2v_mask(conditioning.known_pixel_frames(9, first=5), (1, 1), 4)
     np.testing.assert_array_equal(five[:, 0, 0], [[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]])
     with pytest.raises(ValueError, match="1 \\+ 4k pixel frames"):
-        conditioning.i2v_mask(np.ones(8, bool), (1, 1), 4)
+        patches.i2v_mask(np.ones(8, bool), (1, 1), 4)
 
 
 class _Swirl:

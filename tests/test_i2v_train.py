@@ -17,13 +17,13 @@ from generate_testing import t2v_pipeline, text_embeddings
 from test_train import TINY
 
 from vdit.config import ConfigError, load_config, recipe
-from vdit.data import conditions, encode, patches, sources
+from vdit.data import conditions, encode, sources
 from vdit.data.synthetic import SyntheticShapes
+from vdit.models import patches
 from vdit.models.dit import build_dit
 from vdit.models.tokenizers import ByteTokenizer
 from vdit.models.vae_config import vae_from_config
 from vdit.pipelines import generate
-from vdit.pipelines.conditioning import i2v_mask
 from vdit.pipelines.generate import Generator
 from vdit.train import conditioning, loop
 
@@ -118,7 +118,7 @@ def _write_shards(folder):
     examples = []
     for i, (t, h, w) in enumerate([(1, 4, 4), (2, 4, 8), (3, 4, 4), (2, 8, 4)] * 4):
         latents = rng.normal(size=(t, h, w, 8)).astype(np.float32) + (i % 3)
-        mask = i2v_mask(conditions.first_frame_known(1 + 4 * (t - 1)), (h, w), 4)
+        mask = patches.i2v_mask(conditions.first_frame_known(1 + 4 * (t - 1)), (h, w), 4)
         first = np.zeros_like(latents)
         first[0] = latents[0] + 0.1 * rng.normal(size=latents[0].shape)
         ids, m = tok(["a red circle moving left"])

@@ -13,7 +13,8 @@ import numpy as np
 from train_testing import CONFIGS, TINY, VIDEOS, write_shards
 
 from vdit.config import load_config
-from vdit.train import checkpoint, loop
+from vdit.runs import checkpoint
+from vdit.train import loop
 from vdit.train.metrics import read_metrics
 
 CONFIG = os.path.join(CONFIGS, "shapes_dit.py")

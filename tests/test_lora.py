@@ -22,7 +22,8 @@ from vdit.models import lora
 from vdit.models.vae_config import vae_from_config
 from vdit.parallel.mesh import DIT_RULES, logical_to_mesh_spec
 from vdit.pipelines.generate import Generator
-from vdit.train import checkpoint, init_from, loop
+from vdit.runs import checkpoint
+from vdit.train import init_from, loop
 
 TARGETS = [r"blocks/attn[12]/to_(q|k|v|out)/kernel$", r"blocks/ffn/linear_[12]/kernel$",
            r"^time_proj/kernel$"]

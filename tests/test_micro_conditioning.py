@@ -13,8 +13,9 @@ import pytest
 from dit_testing import pack_row, tiny_model_config
 from generate_testing import t2v_pipeline, text_embeddings
 
-from vdit.data import patches, pipeline
+from vdit.data import pipeline
 from vdit.data.synthetic import SyntheticShapes
+from vdit.models import patches
 from vdit.models.dit import build_dit
 from vdit.pipelines.generate import Generator
 from vdit.sample_cli import SampleJob

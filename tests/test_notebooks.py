@@ -20,7 +20,7 @@ from test_train import TINY
 
 from vdit.config import CONFIG_DIR, load_config
 from vdit.models.vae_config import vae_from_config
-from vdit.train import checkpoint
+from vdit.runs import checkpoint
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 NOTEBOOKS = os.path.join(ROOT, "notebooks")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vdit.data import patches
+from vdit.models import patches
 
 
 @pytest.mark.parametrize("patch", [(1, 2, 2), (2, 2, 2), (1, 1, 1), (2, 1, 3)])

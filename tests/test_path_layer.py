@@ -1,4 +1,4 @@
-"""Every user-given path goes through the path layer (vdit/runs.py, etils.epath), so gs:// works
+"""Every user-given path goes through the path layer (vdit/runs/__init__.py, etils.epath), so gs:// works
 wherever a local path does: a scan of vdit/ for calls that take a path as a local filename
 (`open`, `os.path.*`, `glob`, `shutil`, `pathlib`, os file calls, numpy/safetensors/PyAV/PIL file
 readers). Each remaining use is listed below with why it is not a user path or why it is safe."""
@@ -10,7 +10,7 @@ import collections
 import pathlib
 
 VDIT = pathlib.Path(__file__).resolve().parent.parent / "vdit"
-PATH_LAYER = "runs.py"
+PATH_LAYER = "runs/__init__.py"
 OS_FILE_CALLS = {"makedirs", "listdir", "remove", "replace", "rename", "walk", "scandir", "mkdir",
                  "rmdir", "unlink", "stat"}
 READERS = {"np.load", "np.save", "np.savez", "av.open", "Image.open", "load_file", "save_file",
@@ -98,7 +98,7 @@ def test_no_local_file_calls_outside_the_path_layer():
                   for f, calls in found.items()}
     unexpected = {f: c for f, c in unexpected.items() if c}
     assert not unexpected, (
-        "calls that treat a path as a local filename outside vdit/runs.py (route the path "
+        "calls that treat a path as a local filename outside vdit/runs/__init__.py (route the path "
         f"through vdit.runs / etils.epath, or allow it in ALLOWED with the reason): {unexpected}")
 
 
@@ -106,4 +106,4 @@ def test_the_scan_sees_what_it_forbids(tmp_path):
     assert _is_file_call("open") and _is_file_call("os.path.join") and _is_file_call("glob.glob")
     assert _is_file_call("os.makedirs") and _is_file_call("shutil.copytree")
     assert not _is_file_call("os.environ.get") and not _is_file_call("runs.user_path")
-    assert "train/checkpoint.py" not in file_calls()  # once os.path.abspath: gs://x -> ./gs:/x
+    assert "runs/checkpoint.py" not in file_calls()  # once os.path.abspath: gs://x -> ./gs:/x

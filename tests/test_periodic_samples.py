@@ -1,4 +1,4 @@
-"""Periodic samples during DiT training (vdit/train/periodic_samples.py): the expected files at the
+"""Periodic samples during DiT training (vdit/pipelines/periodic_samples.py): the expected files at the
 expected steps with a tiny random VAE, prompts from the config or the shards' captions, and a clean
 skip for a run without a VAE."""
 
@@ -15,7 +15,9 @@ from train_testing import CAPTIONS, VIDEOS, tiny_config, train_tiny, write_shard
 
 from vdit.data import video_io
 from vdit.models.vae_config import vae_from_config
-from vdit.train import checkpoint, loop, periodic_samples
+from vdit.pipelines import periodic_samples
+from vdit.runs import checkpoint
+from vdit.train import loop
 
 VAE = ["--config.vae.base_dim=8", "--config.vae.num_res_blocks=0"]
 # i2v_rate 0: the shards carry no I2V condition latents (the recipe may train image-to-video).
@@ -51,7 +53,8 @@ def test_samples_written_at_every_sample_step(tmp_path, latents, vae_workdir, ca
     workdir = str(tmp_path)
     extra = (*VAE, *SAMPLE, f"--config.encode.vae_workdir={vae_workdir}")
     with caplog.at_level(logging.INFO, logger=periodic_samples.__name__):
-        train_tiny("shapes_dit", workdir, latents, 5, *extra)
+        train_tiny("shapes_dit", workdir, latents, 5, *extra,
+                   samples_fn=periodic_samples.from_config)
     root = os.path.join(workdir, "samples")
     assert sorted(os.listdir(root)) == ["step_000002", "step_000004"]
     for step in (2, 4):
@@ -128,7 +131,7 @@ def test_tensorboard_gets_sample_videos_and_judge_scores(tmp_path, latents, vae_
                          f"--config.encode.vae_workdir={vae_workdir}",
                          "--config.train.peak_flops_per_device=1e12", "--config.train.tensorboard=True")
     config.sample.prompts = ["a red circle moving right", "a blue square moving up"]
-    loop.train(config, workdir, stop_after=2)
+    loop.train(config, workdir, stop_after=2, samples_fn=periodic_samples.from_config)
     tags = read_event_tags(os.path.join(workdir, "tensorboard"))
     assert {t for t, k in tags.items() if "image" in k} == {"samples/00", "samples/01"}
     for tag in ("loss", "grad_norm", "tokens_per_s", "mfu", "judge/color", "judge/shape",

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from vdit.data import patches, pipeline, sources
+from vdit.data import pipeline, sources
+from vdit.models import patches
 
 PATCH = (1, 2, 2)
 SHAPES = [(1, 4, 6), (3, 8, 4), (2, 6, 6), (3, 4, 4)]  # latent (T', H', W'); C = 4

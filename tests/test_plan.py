@@ -15,6 +15,7 @@ from vdit.config import load_config
 from vdit.data import pipeline
 from vdit.models.dit import build_dit
 from vdit.parallel.mesh import logical_rules, make_mesh
+from vdit.plan import weights as plan_weights
 from vdit.train import loop, optim
 from vdit.train.objective import make_dit_loss
 from vdit.train.state import create_sharded, create_state, shardings_of, state_shardings
@@ -93,11 +94,11 @@ def test_wan14b_720p_on_256_devices(capsys):
 
 
 def test_analytic_bytes_scale_with_the_mesh():
-    config = plan.training_config(load_config(WAN14B))
+    config = plan_weights.training_config(load_config(WAN14B))
     dit = build_dit(config.model)
     rules = logical_rules("dit")
-    small, counts = plan.analytic_bytes(config, dit, plan.mesh_sizes(config, 64), rules)
-    big, _ = plan.analytic_bytes(config, dit, plan.mesh_sizes(config, 1024), rules)
+    small, counts = plan_weights.analytic_bytes(config, dit, plan.mesh_sizes(config, 64), rules)
+    big, _ = plan_weights.analytic_bytes(config, dit, plan.mesh_sizes(config, 1024), rules)
     replicated = (16 * big["parameters"] - small["parameters"]) / 15  # bytes no axis splits
     assert 0 < replicated < 0.01 * counts["trainable"] * 4
     assert plan.tokens_per_row(config, 81, 480, 832) == 21 * 30 * 52

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from vdit.data import shapes_captions
-from vdit.models import prompt_expand as pe
+from vdit.pipelines import prompt_expand as pe
 
 
 def test_shapes_terse_prompts_become_canonical_captions():

@@ -10,7 +10,8 @@ import pytest
 from train_testing import IMAGES, VIDEOS, tiny_config, train_tiny, write_shards
 
 from vdit.config import load_config, spatial_stride
-from vdit.train import checkpoint, init_from, loop, optim
+from vdit.runs import checkpoint
+from vdit.train import init_from, loop, optim
 from vdit.train.state import create_sharded, create_state, unbox
 
 CHAINS = {"wan": ["stage1_image", "stage2_video", "stage3_hq"],

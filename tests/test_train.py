@@ -4,13 +4,15 @@ refuses a model-shape change on resume."""
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from vdit.config import load_config
 from vdit.data import sources
 from vdit.models.tokenizers import ByteTokenizer
-from vdit.train import loop
+from vdit.train import loop, step_loop
 from vdit.train.metrics import read_metrics
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "shapes_dit.py")
@@ -57,12 +59,60 @@ def workdir(tmp_path):
 
 
 def test_trains_and_loss_falls(workdir):
-    history = loop.train(_config(workdir), workdir)
+    """...and writes the profiler window's trace and the persistent compilation cache."""
+    cache, session_cache = os.path.join(workdir, "jax-cache"), jax.config.jax_compilation_cache_dir
+    try:
+        history = loop.train(_config(workdir, "--config.train.profile_steps=2",
+                                     "--config.train.profile_skip=3",
+                                     f"--config.train.compilation_cache_dir={cache}"), workdir)
+    finally:  # later tests in this process share the session's cache again
+        compilation_cache.set_cache_dir(session_cache)
+        compilation_cache.reset_cache()
     losses = [h["loss"] for h in history]
     assert len(losses) == 12 and all(np.isfinite(losses))
     assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4])
     rows = read_metrics(workdir)
     assert rows[-1]["step"] == 12 and "tokens_per_s" in rows[-1] and rows[-1]["data/skipped"] == 0
+    assert all(r["data_time"] >= 0 and r["step_time"] > 0 for r in rows)
+    traces = [f for _, _, files in os.walk(os.path.join(workdir, "profile")) for f in files]
+    assert any(f.endswith(".xplane.pb") for f in traces), traces
+    assert os.listdir(cache)  # the compiled step was written to the configured cache
+
+
+def test_host_fetches_each_step_after_dispatching_the_next(monkeypatch):
+    """The loop never waits on the step it just dispatched: step s's outputs are fetched after
+    step s+1 is queued, except where it must wait (a checkpoint step, the last step)."""
+    events = []
+
+    class State:
+        ema = None
+
+    def compiled(state, frozen, batch):
+        events.append(f"run{batch}")
+        return state, {"loss": np.float32(1.0), "grad_norm": np.float32(1.0),
+                       "tokens": np.int32(8), "bad_streak": np.int32(0),
+                       "bad_total": np.int32(0), "step": batch}
+
+    def device_get(out):
+        events.append(f"get{out['step']}")
+        return out
+
+    monkeypatch.setattr(step_loop.jax, "device_get", device_get)
+    monkeypatch.setattr(step_loop.pipeline, "to_global", lambda batch, mesh: batch)
+    monkeypatch.setattr(step_loop, "check_saves", lambda *a, **k: None)
+    monkeypatch.setattr(step_loop.checkpoint, "save", lambda m, s, *a: events.append(f"save{s}"))
+
+    class Writer:
+        def write(self, step, metrics):
+            pass
+
+    config = _config("unused", "--config.checkpoint.every=4", "--config.train.steps=6")
+    source = type("Source", (), {"skipped": 0})()
+    loop_ = step_loop.StepLoop(compiled, 1.0, None, None, Writer(), config, "unused", None)
+    history = loop_.run(State(), {}, iter(range(1, 7)), source, 0, 6)
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert events == ["run1", "run2", "get1", "run3", "get2", "run4", "get3", "get4", "save4",
+                      "run5", "run6", "get5", "get6", "save6"]
 
 
 def test_resume_is_exact(workdir, tmp_path):
@@ -95,7 +145,7 @@ def test_resume_refuses_model_change(workdir):
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     workdir = str(tmp_path)
     _write_shards(os.path.join(workdir, "latents"), nan=True)
-    with pytest.raises(loop.NonFiniteError, match=r"step 3: 3 consecutive"):
+    with pytest.raises(step_loop.NonFiniteError, match=r"step 3: 3 consecutive"):
         loop.train(_config(workdir, "--config.train.max_bad_steps=3"), workdir)
     rows = read_metrics(workdir)
     assert [r["nonfinite_total"] for r in rows] == [1, 2, 3]

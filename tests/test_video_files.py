@@ -20,7 +20,7 @@ from vdit.curate.settings import default_config_path
 from vdit.data import pipeline, sources, video_files, video_io
 from vdit.data.encode_videos import SUMMARY_FILE, encode_videos
 from vdit.models.vae_config import vae_from_config
-from vdit.train import checkpoint
+from vdit.runs import checkpoint
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "shapes_dit.py")
 SHAPES = "[(9, 32, 32), (5, 32, 48), (1, 32, 32)]"

@@ -15,7 +15,8 @@ from vdit.config import load_config
 from vdit.data import sources
 from vdit.models.tokenizers import ByteTokenizer
 from vdit.models.vae_config import vae_from_config
-from vdit.train import checkpoint, loop
+from vdit.runs import checkpoint
+from vdit.train import loop
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 # test_train's tiny sizes and schedule: runs of any recipe compile the same step (cached once).
@@ -46,9 +47,11 @@ def tiny_config(name: str, latents: str, *extra: str):
                        TINY + [f"--config.data.latents_dir={latents}", *extra])
 
 
-def train_tiny(name: str, workdir: str, latents: str, steps: int, *extra: str) -> list[dict]:
+def train_tiny(name: str, workdir: str, latents: str, steps: int, *extra: str,
+               samples_fn=None) -> list[dict]:
     """`steps` steps of TINY's 12-step schedule (a checkpoint every 2 steps)."""
-    return loop.train(tiny_config(name, latents, *extra), workdir, stop_after=steps)
+    return loop.train(tiny_config(name, latents, *extra), workdir, stop_after=steps,
+                      samples_fn=samples_fn)
 
 
 def write_vae_run(workdir: str, config) -> None:

@@ -63,7 +63,7 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
                        help="this worker's index in [0, --num-shards) (default 0)")
         p.add_argument("--num-shards", type=int, default=1,
                        help="workers splitting the input, each its own --shard (default 1)")
-    if name == "train":
+    if name in ("train", "distill"):
         p.add_argument("--dry-run", action="store_true",
                        help="build the model, mesh and abstract sharded state, compile the step "
                             "ahead of time, print one JSON line; nothing allocated or trained")
@@ -136,6 +136,7 @@ def _load(args):
         raise ValueError("--config is required (a configs/*.py file)")
     config = load_config(args.config, args.overrides)
     require_sections(config, args.command, args.config)
+    cli_checks.check_config(config, args.command)
     return config
 
 
@@ -149,6 +150,7 @@ def _train_vae(args) -> int:
 
 
 def _encode(args) -> int:
+    from vdit.convert.diffusers_folder import image_parts  # an I2V run's CLIP folders
     from vdit.data.encode import encode_synthetic, owned_shards
     from vdit.runs import latents_dir
 
@@ -158,12 +160,13 @@ def _encode(args) -> int:
     source = config.encode.get("source", "synthetic")
     worker = f"worker {args.shard}/{args.num_shards}: " if args.num_shards > 1 else ""
     if source == "synthetic":
-        paths = encode_synthetic(config, out, args.shard, args.num_shards)
+        paths = encode_synthetic(config, out, args.shard, args.num_shards, image_parts)
         print(f"vdit encode: {worker}{len(paths)} shards in {runs.absolute(out)}")
         return 0
     from vdit.data.encode_videos import encode_videos
 
-    summary = encode_videos(config, out, shard=args.shard, num_shards=args.num_shards)
+    summary = encode_videos(config, out, shard=args.shard, num_shards=args.num_shards,
+                            image_loader=image_parts)
     print(f"vdit encode: {worker}{summary['records']} clips in {len(summary['paths'])} shards in "
           f"{runs.absolute(out)}; skipped {summary['skipped']} videos "
           f"{summary['skipped_by_reason']} (see encode_summary.json)")
@@ -173,21 +176,25 @@ def _encode(args) -> int:
     return 0
 
 
+def _dry_run(args, config, setup_fn=None) -> int:
+    import jax
+
+    from vdit.train import dry_run
+
+    try:  # the CPU backend's device count; no effect on TPU/GPU
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    except RuntimeError:  # JAX already started (e.g. inside tests): its devices are kept
+        pass
+    return dry_run.run_cli(args, config, setup_fn)
+
+
 def _train(args) -> int:
     if args.dry_run:
-        import jax
-
-        from vdit.train import dry_run
-
-        try:  # the CPU backend's device count; no effect on TPU/GPU
-            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-        except RuntimeError:  # JAX already started (e.g. inside tests): its devices are kept
-            pass
-        args.config_dict = _load(args)
-        return dry_run.run_cli(args)
+        return _dry_run(args, _load(args))
+    from vdit.pipelines.periodic_samples import from_config as periodic_samples
     from vdit.train.loop import train
 
-    history = train(_load(args), args.workdir)
+    history = train(_load(args), args.workdir, samples_fn=periodic_samples)
     if history:
         print(f"vdit train: step {history[-1]['step']}, loss {history[-1]['loss']:.4f}; "
               f"checkpoints in {args.workdir}/checkpoints")
@@ -195,8 +202,10 @@ def _train(args) -> int:
 
 
 def _distill(args) -> int:
-    from vdit.distill.setup import distill
+    from vdit.distill.setup import abstract_config, abstract_setup, distill
 
+    if args.dry_run:
+        return _dry_run(args, abstract_config(_load(args)), abstract_setup)
     history = distill(_load(args), args.workdir)
     if history:
         print(f"vdit distill: step {history[-1]['step']}, loss {history[-1]['loss']:.4f}; "

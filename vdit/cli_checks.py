@@ -2,6 +2,10 @@
 the right kind, outputs writable. Each failure is a ValueError naming the flag, the value and the fix.
 
 `check_args(args)` dispatches on `args.command`; `vdit/cli.py` calls it first thing.
+`check_config(config, command)` runs when the recipe is loaded: `vdit.config.validate` (mesh,
+attention backend, remat policy, dtypes, shapes, counts) has run by then; this adds the rules that
+live with the code they configure (LoRA, I2V conditioning, init_from, the distill section), so a
+bad key fails before any model, data or device work, whatever the command.
 """
 
 from __future__ import annotations
@@ -13,9 +17,26 @@ from PIL import Image, UnidentifiedImageError
 
 from vdit import runs
 from vdit.data import video_io
+from vdit.distill import setup as distill_setup
+from vdit.models import lora
+from vdit.models.dit import build_dit
+from vdit.train import conditioning, experts, init_from
 from vdit.train.preflight import check_workdir
 
 SEED_MAX = 2 ** 32 - 1  # jax.random.key takes any uint32 seed; prompt i uses --seed + i
+
+
+def check_config(config, command: str) -> None:
+    """Start-up checks of a loaded recipe for `vdit <command>` (module doc); ConfigError or
+    ValueError naming the key."""
+    if command == "distill":  # the student's init_from and LoRA base come from the teacher
+        distill_setup.check_config(config)
+    elif command == "train":
+        if init_from.source_path(config):
+            init_from.which_weights(config)
+        lora.check_config(config)
+        conditioning.check_config(config, build_dit(config.model))
+        experts.check_config(config)
 
 
 def check_args(args) -> None:

@@ -19,7 +19,15 @@ import os
 import sys
 import time
 
+from vdit.config import load_config
+from vdit.data.encode import encode_synthetic
+from vdit.data.video_io import write_video
+from vdit.eval.keyframes import image_to_video_check, interpolation_check
+from vdit.eval.shapes import eval_shapes_dir, format_table
 from vdit.eval.shapes_samples import heldout_world, write_samples
+from vdit.pipelines.generate import Generator
+from vdit.train.loop import train
+from vdit.train.vae_loop import train_vae
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 QUICK_VAE = ["--config.vae_train.steps=30", "--config.vae_train.eval_examples=8"]
@@ -30,9 +38,6 @@ QUICK_DIT = ["--config.train.steps=30", "--config.encode.num_examples=64",
 def keyframe_checks(gen, config, out: str, count: int) -> dict:
     """Image-to-video and keyframe-interpolation judge scores (vdit/eval/keyframes.py); writes
     the videos to out/i2v/ and out/interp/."""
-    from vdit.data.video_io import write_video
-    from vdit.eval.keyframes import image_to_video_check, interpolation_check
-
     size = tuple(int(config.sample[k]) for k in ("frames", "height", "width"))
     result = {}
     for name, check in (("i2v", image_to_video_check), ("interp", interpolation_check)):
@@ -53,12 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices
 
-    from vdit.config import load_config
-    from vdit.data.encode import encode_synthetic
-    from vdit.eval.shapes import eval_shapes_dir, format_table
-    from vdit.pipelines.generate import Generator
-    from vdit.train.loop import train
-    from vdit.train.vae_loop import train_vae
 
     out = os.path.abspath(args.out)
     vae_dir, dit_dir = os.path.join(out, "runs", "vae"), os.path.join(out, "runs", "dit")

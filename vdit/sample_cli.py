@@ -21,9 +21,16 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+from PIL import Image
 
 from vdit import runs
+from vdit.config import check_frames
+from vdit.convert.diffusers_folder import is_pipeline_folder
 from vdit.data import video_io
+from vdit.models.tokenizers import prompt_clean
+from vdit.pipelines import video_to_video as v2v
+from vdit.pipelines.generate import Generator
+from vdit.pipelines.prompt_expand import shapes_expander
 
 SUFFIXES = (".mp4", ".gif")
 MODES = ("restyle", "extend", "upscale")
@@ -37,9 +44,6 @@ def _opt(args, name: str, default=None):
 
 def load_generator(workdir: str):
     """(Generator, "diffusers" | "vdit") for a pipeline folder or a vdit run folder."""
-    from vdit.pipelines.diffusers_folder import is_pipeline_folder
-    from vdit.pipelines.generate import Generator
-
     if not runs.check_reachable(workdir, "--workdir").is_dir():
         raise FileNotFoundError(f"--workdir {workdir!r} does not exist")
     if is_pipeline_folder(workdir):
@@ -62,9 +66,6 @@ def read_prompts(args) -> list[str]:
 
 def expand_prompts(prompts: list[str], kind: str) -> list[str]:
     """The shapes world's rule-based expander for vdit runs; diffusers models only clean."""
-    from vdit.models.prompt_expand import shapes_expander
-    from vdit.models.tokenizers import prompt_clean
-
     expander = shapes_expander() if kind == "vdit" else prompt_clean
     if kind != "vdit":
         print("vdit sample: no prompt expander for diffusers models; prompts are only cleaned")
@@ -79,8 +80,6 @@ def warn_unknown_words(tokenizer, prompts: list[str], kind: str) -> list[str]:
     """One warning per prompt with words the text encoder's vocabulary lacks (a word-level
     encoder reads them as <unk>), with the shapes expander's rewrite as a suggestion for vdit runs.
     Returns the warnings printed."""
-    from vdit.models.prompt_expand import shapes_expander
-
     unknown_words = getattr(tokenizer, "unknown_words", None)
     if unknown_words is None:  # byte/subword tokenizers read any text
         return []
@@ -126,8 +125,6 @@ def fit(video: np.ndarray, height: int, width: int, what: str) -> np.ndarray:
 
 def load_image(path: str, height: int, width: int) -> np.ndarray:
     """An image file -> [H, W, 3] float32 in [-1, 1] at the target size."""
-    from PIL import Image
-
     if not runs.check_reachable(path, "image").is_file():
         raise FileNotFoundError(f"image {path!r} does not exist")
     with runs.user_path(path).open("rb") as f, Image.open(f) as img:
@@ -137,8 +134,6 @@ def load_image(path: str, height: int, width: int) -> np.ndarray:
 
 def trim_frames(video: np.ndarray, frames: int | None, path: str) -> np.ndarray:
     """The first `frames` frames (default: the longest 1 + 4k prefix) of a [T, H, W, 3] clip."""
-    from vdit.config import check_frames
-
     usable = 1 + 4 * ((video.shape[0] - 1) // 4)
     if frames is None:
         frames = usable
@@ -195,7 +190,6 @@ class SampleJob:
         from seeds[i] alone, so a prompt's video does not depend on the batch it ran in."""
         import jax.numpy as jnp
 
-        from vdit.pipelines import video_to_video as v2v
 
         gen, args, b = self.gen, self.args, len(prompts)
         context, mask = gen.encode_text(prompts)
@@ -230,8 +224,6 @@ class SampleJob:
 
 def run_cli(args) -> int:
     """The body of `vdit sample`; returns the exit status (errors raise ValueError and friends)."""
-    from vdit.config import check_frames
-
     prompts = read_prompts(args)
     paths = output_paths(args.out, len(prompts))
     if args.frames is not None:

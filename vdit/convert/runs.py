@@ -40,12 +40,18 @@ import ml_collections
 import numpy as np
 
 from vdit import runs
+from vdit.convert import diffusers_folder as folder_lib
 from vdit.convert import wan
 from vdit.convert.safetensors_io import read_config
+from vdit.convert.wan_dit import model_config_from_diffusers
+from vdit.data.encode import load_stats
+from vdit.models.dit import build_dit
 from vdit.models.image import CONFIG_FIELDS as CLIP_FIELDS
+from vdit.models.text import CONFIG_FIELDS, text_encoder_from_config
 from vdit.models.vae_config import vae_from_config
-from vdit.pipelines import diffusers_folder as folder_lib
-from vdit.train import checkpoint, defaults
+from vdit.runs import checkpoint, latents_dir
+from vdit.train import defaults
+from vdit.train.init_from import run_weights
 
 DIRECTIONS = (("diffusers", "vdit"), ("vdit", "diffusers"))
 DIFFUSERS_VERSION = "0.35.0"
@@ -155,9 +161,6 @@ def _vae_section(cfg: dict, mean: np.ndarray, std: np.ndarray) -> ml_collections
 
 def _run_config(dit_cfg: dict, text_model, tokenizer_path: str, vae_cfg, scheduler: dict,
                 vae_run: str) -> ml_collections.ConfigDict:
-    from vdit.convert.wan_dit import model_config_from_diffusers
-    from vdit.models.text import CONFIG_FIELDS
-
     config = ml_collections.ConfigDict()
     config.model = model_config_from_diffusers(dit_cfg, dtype="float32", attention="auto",
                                                remat="none")
@@ -186,12 +189,6 @@ def _run_config(dit_cfg: dict, text_model, tokenizer_path: str, vae_cfg, schedul
 # ---------------------------------------------------------------------- vdit -> diffusers
 def to_diffusers(src: str, out: str) -> dict:
     """Writes the pipeline folder described in the module docstring."""
-    from vdit.data.encode import load_stats
-    from vdit.models.dit import build_dit
-    from vdit.models.text import text_encoder_from_config
-    from vdit.runs import latents_dir
-    from vdit.train.init_from import run_weights
-
     weights, saved = run_weights(src, "ema")
     config = ml_collections.ConfigDict(saved)
     vae_run = config.get("encode", {}).get("vae_workdir", "")

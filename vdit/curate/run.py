@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vdit import runs
+from vdit.config import load_config
 from vdit.curate import captions, ledger, records
 from vdit.curate.decode import iter_segments
 from vdit.curate.learned import build_learned_scorers
@@ -199,8 +200,6 @@ def _curate_shard(cfg, items, output: str, shard: int, num_shards: int, scorers,
 def run_cli(args) -> int:
     """Entry point of `vdit curate`; args has config, overrides, input, output, shard,
     num_shards. Returns the exit code."""
-    from vdit.config import load_config
-
     config = load_config(args.config or default_config_path(), list(args.overrides or ()))
     summary = curate(config, args.input, args.output, args.shard, args.num_shards)
     run = summary["this_run"]

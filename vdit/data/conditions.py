@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.data import patches
-from vdit.pipelines.conditioning import i2v_mask
+from vdit.models import patches
+from vdit.models.vae_config import vae_from_config
 
 COND_KEY = "cond_latents"      # record key written by `vdit encode`: first frame known
 COND_KEY_LAST = "cond_latents_last"  # first and last frames known
@@ -39,7 +39,7 @@ def condition_latents(video, known: Sequence[bool], encode: Callable, temporal_f
         raise ValueError(f"known must flag each of the video's {video.shape[1]} frames, got "
                          f"shape {known.shape}")
     latents = encode(jnp.asarray(video, jnp.float32) * known[None, :, None, None, None])
-    mask = i2v_mask(known, latents.shape[2:4], temporal_factor)
+    mask = patches.i2v_mask(known, latents.shape[2:4], temporal_factor)
     mask = jnp.broadcast_to(jnp.asarray(mask), latents.shape[:1] + mask.shape)
     return jnp.concatenate([mask, latents.astype(jnp.float32)], axis=-1)
 
@@ -93,7 +93,6 @@ def encode_condition_fn(config, encode_fn: Callable, mean, std) -> Callable | No
     `encode_fn` gives the raw posterior mean; mean/std are the per-channel stats."""
     if not config.encode.get("i2v_condition", False):
         return None
-    from vdit.models.vae_config import vae_from_config
 
     tf = vae_from_config(config.vae).temporal_factor
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)

@@ -10,6 +10,8 @@ clips when `encode.normalize` is "measure").
 Config section `encode`: vae_workdir, shapes, shape_weights, num_examples, num_shards, batch_size,
 normalize ("config" | "measure"), seed, i2v_condition (default False: also store each clip's
 first-frame image-to-video condition as `cond_latents`, see `vdit/data/conditions.py`).
+A config whose DiT has an image branch (`model.image_dim`, Wan2.1 I2V) also stores each clip's
+first-frame CLIP tokens (`first_frame_clip_tokens`, see `vdit/data/encode_images.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +29,12 @@ import numpy as np
 from tqdm import tqdm
 
 from vdit import runs
-from vdit.data import conditions, sources
+from vdit.data import conditions, encode_images, sources
 from vdit.data.synthetic import SyntheticShapes
 from vdit.models.text import text_encoder_from_config
 from vdit.models.vae_config import vae_from_config
-from vdit.train.checkpoint import load_params
-from vdit.train.run_kind import check_kind
+from vdit.runs.checkpoint import load_params
+from vdit.runs.run_kind import check_kind
 
 log = logging.getLogger(__name__)
 STATS_FILE = runs.STATS_FILE
@@ -150,11 +153,25 @@ def latent_record(z: np.ndarray, ids: np.ndarray, mask: np.ndarray, caption: str
             "meta": meta}
 
 
-def encode_synthetic(config, out_dir: str, shard: int = 0, num_shards: int = 1) -> list[str]:
+def record_extras_fn(config, encode_fn, mean, std, image_fn=None) -> Callable | None:
+    """video [B, T, H, W, 3] -> {record key: [B, ...] numpy} of the optional per-clip arrays the
+    config asks for: I2V condition latents (`conditions.encode_condition_fn`) and `image_fn`'s
+    first-frame CLIP tokens (`encode_images.encode_fn`); None when it asks for none."""
+    fns = [f for f in (conditions.encode_condition_fn(config, encode_fn, mean, std), image_fn)
+           if f is not None]
+    if not fns:
+        return None
+    return lambda video: {key: value for f in fns for key, value in f(video).items()}
+
+
+def encode_synthetic(config, out_dir: str, shard: int = 0, num_shards: int = 1,
+                     image_loader: encode_images.ImageLoader | None = None) -> list[str]:
     """Encodes the synthetic world into `encode.num_shards` shards under `out_dir`; worker `shard`
-    of `num_shards` writes its `owned_shards`. Returns their paths."""
+    of `num_shards` writes its `owned_shards`. Returns their paths. `image_loader` reads an
+    image-branch DiT's CLIP folders (`encode_images.load_encoder`)."""
     cfg = config.encode
     owned = owned_shards(cfg.num_shards, shard, num_shards)
+    image_fn = encode_images.encode_fn(config, image_loader)  # a missing tower fails before work
     _, tokenizer = text_encoder_from_config(config.text)
     data = SyntheticShapes.from_config(config.data)
     encode_fn = vae_encoder(config)
@@ -170,7 +187,7 @@ def encode_synthetic(config, out_dir: str, shard: int = 0, num_shards: int = 1) 
             continue  # finished by an earlier run
         indices = range(index * per_shard, min(cfg.num_examples, (index + 1) * per_shard))
         examples = _encode_indices(indices, data, cfg, encode_fn, tokenizer, mean, std,
-                                   conditions.encode_condition_fn(config, encode_fn, mean, std))
+                                   record_extras_fn(config, encode_fn, mean, std, image_fn))
         sources.write_shard(path, examples)
     return paths
 

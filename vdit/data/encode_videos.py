@@ -21,7 +21,8 @@ shards) still reports the whole run, and shards normalised differently are an er
 Config section `encode` (keys read here): source, video_root (optional: the folder a manifest's
 relative paths resolve against, e.g. curate's input), shapes, shape_weights, seed, fps (0 = every
 source frame), extensions, num_shards, batch_size, decode_threads, normalize, vae_workdir,
-i2v_condition (also store `cond_latents`, as `encode_synthetic` does).
+i2v_condition (also store `cond_latents`, as `encode_synthetic` does). A DiT with an image branch
+(`model.image_dim`) also gets each clip's first-frame CLIP tokens (`vdit/data/encode_images.py`).
 Record meta: the manifest line's other keys (e.g. a curated "motion", in frame short sides per
 second), then index, file, source_frames, source_fps, fps (of the clip), first_frame.
 """
@@ -38,9 +39,17 @@ from tqdm import tqdm
 
 from vdit import runs
 from vdit.config import check_shapes, spatial_stride
-from vdit.data import conditions, sources, tfds_source
+from vdit.data import encode_images, sources, tfds_source
 from vdit.data import encode_summary as summary
-from vdit.data.encode import channel_stats, latent_record, owned_shards, resolve_stats, stats_id, vae_encoder
+from vdit.data.encode import (
+    channel_stats,
+    latent_record,
+    owned_shards,
+    record_extras_fn,
+    resolve_stats,
+    stats_id,
+    vae_encoder,
+)
 from vdit.data.video_files import ClipTooShortError, FrameRangeError, VideoClipSource
 from vdit.data.video_io import VideoReadError
 from vdit.models.text import text_encoder_from_config
@@ -62,10 +71,12 @@ def clip_source(cfg) -> VideoClipSource | tfds_source.TfdsClipSource:
 
 
 def encode_videos(config, out_dir: str, vae_params=None, shard: int = 0,
-                  num_shards: int = 1) -> dict:
+                  num_shards: int = 1, image_loader: encode_images.ImageLoader | None = None
+                  ) -> dict:
     """Encodes `config.encode.source` into shards under `out_dir`; `vae_params` default to the
     EMA weights of `encode.vae_workdir`. Worker `shard` of `num_shards` writes its
-    `owned_shards`. Returns {"paths", "records", "skipped", "skipped_by_reason",
+    `owned_shards`; `image_loader` reads an image-branch DiT's CLIP folders
+    (`encode_images.load_encoder`). Returns {"paths", "records", "skipped", "skipped_by_reason",
     "skipped_files"} over this worker's shards, this run's and earlier runs', "filtered"
     (manifest lines with `kept` false), "shards" (the run's shard count) and "complete" (every
     worker's shards are finished and merged into encode_summary.json)."""
@@ -75,13 +86,14 @@ def encode_videos(config, out_dir: str, vae_params=None, shard: int = 0,
     count = max(1, min(max(int(cfg.num_shards), num_shards), len(source)))
     owned = owned_shards(count, shard, num_shards)
     summary.check_layout(out_dir, count)
+    image_fn = encode_images.encode_fn(config, image_loader)  # a missing tower fails first
     _, tokenizer = text_encoder_from_config(config.text)
     encode_fn = vae_encoder(config, vae_params)
     # Every worker measures the same clips (the source's first), and all use stats.json's.
     mean, std = resolve_stats(config, out_dir, lambda: _measure_stats(encode_fn, source, cfg),
                               tokenizer)
     stats = stats_id(mean, std)
-    condition_fn = conditions.encode_condition_fn(config, encode_fn, mean, std)
+    condition_fn = record_extras_fn(config, encode_fn, mean, std, image_fn)
     per_shard = -(-len(source) // count)
     names = [sources.SHARD_PATTERN.format(index=i, count=count) for i in range(count)]
     done = summary.read_done(out_dir)
@@ -132,7 +144,8 @@ def _padded(videos: list, batch_size: int) -> jnp.ndarray:
 def _encode_shard(indices, source, cfg, encode_fn, tokenizer, mean, std,
                   condition_fn=None) -> tuple[list, list]:
     """(records in index order, skipped entries) of the clips `indices`; `condition_fn` (video
-    -> I2V condition latents, `vdit/data/conditions.py`) adds `cond_latents` like encode.py."""
+    -> {record key: [B, ...]}, `encode.record_extras_fn`) adds `cond_latents` and first-frame
+    CLIP tokens like encode.py."""
     buckets = defaultdict(list)
     for i in indices:
         buckets[source.shape(i)].append(i)

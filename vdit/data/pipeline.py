@@ -6,8 +6,10 @@ first-fit packing -> batch -> (prefetch). Each packed row follows DESIGN.md sect
   text [L] token ids or [L, D_txt] embeddings, text_segment_ids [L], text_positions [L].
 Segment k of the video tokens and segment k of the text belong to the same clip.
 Optional (see `vdit/data/conditions.py`): `cond_tokens [S, pt*ph*pw*(tf + z)]` (image-to-video
-condition, packed like the tokens) and `micro_<name> [max_segments]` (column k-1 is segment k's
-fps / motion value, 0 for absent segments).
+condition, packed like the tokens), `micro_<name> [max_segments]` (column k-1 is segment k's
+fps / motion value, 0 for absent segments) and, for a DiT with an image branch, `image_context
+[max_segments * N, image_dim]` with `image_segment_ids [max_segments * N]` (each clip's N
+first-frame CLIP tokens under its segment id, 0 = padding; see `vdit/data/image_tokens.py`).
 
 Config section `data` (the keys read here): tokens_per_row, text_per_row, rows_per_batch (global,
 over all processes), max_segments (clips per row), pack_bins, shuffle_seed, caption_dropout,
@@ -24,16 +26,18 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vdit.data import conditions, patches
+from vdit.data import conditions, image_tokens
+from vdit.models import patches
 
 BATCH_AXES = ("data", "fsdp")
 
 
 def clip_tokens(record: dict, patch_size, text_per_row: int, condition: bool = False,
-                micro=(), cond_key: str = conditions.COND_KEY) -> dict:
+                micro=(), cond_key: str = conditions.COND_KEY,
+                image: tuple[int, int] | None = None) -> dict:
     """One decoded clip -> its tokens, (t, h, w) positions and text (trimmed to the row budget);
-    with `condition` its I2V condition tokens (from record key `cond_key`), and a [1] value per
-    name of `micro`."""
+    with `condition` its I2V condition tokens (from record key `cond_key`), a [1] value per
+    name of `micro`, and with `image` = (N, image_dim) its first-frame CLIP tokens [N, image_dim]."""
     latents = np.asarray(record["latents"], np.float32)
     tokens, positions = patches.patchify(latents, patch_size)
     text = np.asarray(record["text"])[:text_per_row]
@@ -43,6 +47,8 @@ def clip_tokens(record: dict, patch_size, text_per_row: int, condition: bool = F
                                                              cond_key)
     for name in micro:
         out[conditions.MICRO_PREFIX + name] = conditions.micro_value(record, name)
+    if image is not None:
+        out[image_tokens.IMAGE_CONTEXT] = image_tokens.record_tokens(record, image)
     return out
 
 
@@ -57,7 +63,9 @@ def check_budget(num_tokens: int, text_len: int, cfg, where: str) -> None:
 
 
 def _rename(row: dict, extra=()) -> dict:
-    return {k: row[k] for k in extra} | {
+    images = ({image_tokens.IMAGE_SEGMENT_IDS: row[image_tokens.IMAGE_CONTEXT + "_segment_ids"]}
+              if image_tokens.IMAGE_CONTEXT in extra else {})
+    return {k: row[k] for k in extra} | images | {
         "tokens": row["tokens"],
         "positions": row["positions"],
         "segment_ids": row["tokens_segment_ids"],
@@ -67,13 +75,14 @@ def _rename(row: dict, extra=()) -> dict:
     }
 
 
-def _clip_tokens(patch_size, text_per_row: int, condition: bool, micro, last_frame_rate: float):
+def _clip_tokens(patch_size, text_per_row: int, condition: bool, micro, last_frame_rate: float,
+                 image: tuple[int, int] | None):
     """clip_tokens with the condition variant drawn per clip: first and last frame known at
     `last_frame_rate`, else first frame only."""
     def fn(record: dict, rng: np.random.Generator) -> dict:
         last = condition and last_frame_rate > 0 and rng.random() < last_frame_rate
         key = conditions.COND_KEY_LAST if last else conditions.COND_KEY
-        return clip_tokens(record, patch_size, text_per_row, condition, micro, key)
+        return clip_tokens(record, patch_size, text_per_row, condition, micro, key, image)
     return fn
 
 
@@ -88,14 +97,15 @@ def _drop_caption(null_text: np.ndarray, rate: float):
 def packed_dataset(source, cfg, patch_size, null_text: np.ndarray,
                    process_index: int | None = None, process_count: int | None = None,
                    condition: bool = False, micro=(), last_frame_rate: float = 0.0,
-                   ) -> grain.IterDataset:
+                   image: tuple[int, int] | None = None) -> grain.IterDataset:
     """Infinite iterator of this process's packed batches: dict of [rows, S, ...] arrays.
 
     `source` yields records with latents/text (None for a skipped record); `null_text` is the
     empty caption that replaces a caption at rate `caption_dropout` (classifier-free guidance).
     `condition` adds `cond_tokens` (records need `cond_latents`, and `cond_latents_last` when
     `last_frame_rate` > 0); `micro` names per-segment values read from the records' meta
-    (`micro_<name>`).
+    (`micro_<name>`); `image` = (N, image_dim) adds `image_context` / `image_segment_ids` from the
+    records' first-frame CLIP tokens (an image-branch DiT; see `vdit/data/image_tokens.py`).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -107,11 +117,13 @@ def packed_dataset(source, cfg, patch_size, null_text: np.ndarray,
     ds = ds.filter(lambda r: r is not None)
     micro = tuple(micro)
     ds = ds.random_map(_clip_tokens(patch_size, cfg.text_per_row, condition, micro,
-                                    last_frame_rate), seed=cfg.shuffle_seed + 2)
+                                    last_frame_rate, image), seed=cfg.shuffle_seed + 2)
     ds = ds.random_map(_drop_caption(null_text, cfg.caption_dropout), seed=cfg.shuffle_seed + 1)
     it = ds.to_iter_dataset()
     extra = {conditions.COND_TOKENS: cfg.tokens_per_row} if condition else {}
     extra |= {conditions.MICRO_PREFIX + name: cfg.max_segments for name in micro}
+    if image is not None:  # room for every clip's tokens: a row holds at most max_segments clips
+        extra[image_tokens.IMAGE_CONTEXT] = image[0] * cfg.max_segments
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={"tokens": cfg.tokens_per_row, "positions": cfg.tokens_per_row,
                            "text": cfg.text_per_row, **extra},

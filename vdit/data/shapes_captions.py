@@ -27,7 +27,7 @@ from vdit.models.tokenizers import split_words
 # One word per shape: the demo's word-level text encoder is frozen at random features, so a
 # synonym shares nothing with its shape's other words and must be learned from its own examples
 # (with 4 / 3 circle / square words a 1600-step demo DiT drew circles as squares). Users' synonyms
-# reach these words through the prompt expander (SHAPE_ALIASES, vdit/models/prompt_expand.py).
+# reach these words through the prompt expander (SHAPE_ALIASES, vdit/pipelines/prompt_expand.py).
 SHAPE_WORDS = {
     "circle": ("circle",),
     "square": ("square",),

@@ -3,7 +3,8 @@
 - Latent shards (`vdit encode` writes them): ArrayRecord files, one msgpack record per clip with
   `latents [T', H', W', C]`, `text` (token ids [L] int32, or caption embeddings [L, D]), `caption`
   and a JSON `meta` string; optionally `cond_latents` / `cond_latents_last` [T', H', W', tf + z]
-  (image-to-video and keyframe conditions, `vdit/data/conditions.py`). Grain reads them directly
+  (image-to-video and keyframe conditions, `vdit/data/conditions.py`) and `first_frame_clip_tokens`
+  [N, image_dim] (the first frame's CLIP tokens, `vdit/data/image_tokens.py`). Grain reads them directly
   (`grain.sources.ArrayRecordDataSource`).
 - `SkippingSource` wraps any source so that an unreadable record is skipped and counted
   (`skipped`, reported as the metric `data/skipped`) instead of crashing the run.
@@ -25,11 +26,13 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from flax import serialization
 
 from vdit import runs
+from vdit.data.image_tokens import RECORD_KEY as IMAGE_TOKENS_KEY
 
 log = logging.getLogger(__name__)
 SHARD_PATTERN = "latents-{index:05d}-of-{count:05d}.array_record"
 REQUIRED_KEYS = ("latents", "text", "caption")
-OPTIONAL_ARRAYS = ("cond_latents", "cond_latents_last")  # float32 arrays kept when an example has them
+# float32 arrays kept when an example has them
+OPTIONAL_ARRAYS = ("cond_latents", "cond_latents_last", IMAGE_TOKENS_KEY)
 
 
 def encode_record(example: dict) -> bytes:
@@ -114,7 +117,8 @@ class ArrayRecordSource(grain.sources.RandomAccessDataSource):
     def __init__(self, paths: Sequence[str], decode):
         self._paths = list(paths)
         self._decode = decode
-        self._records = grain.sources.ArrayRecordDataSource(local_shards(self._paths))
+        self._local = local_shards(self._paths)
+        self._records = grain.sources.ArrayRecordDataSource(self._local)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -124,6 +128,15 @@ class ArrayRecordSource(grain.sources.RandomAccessDataSource):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self._paths)} files)"
+
+    def first_records(self) -> list[tuple[str, dict | None]]:
+        """(path as given, its first record decoded, or None for an empty file) per file: what
+        a start-up check reads to name the shard that lacks something."""
+        out = []
+        for path, local in zip(self._paths, self._local, strict=True):
+            records = grain.sources.ArrayRecordDataSource([local])
+            out.append((path, self._decode(records[0]) if len(records) else None))
+        return out
 
 
 class LatentShardSource(ArrayRecordSource):
@@ -152,6 +165,11 @@ class SkippingSource(grain.sources.RandomAccessDataSource):
             log.warning("data: skipping record %d of %r (%s: %s); skipped so far: %d",
                         index, self._source, type(e).__name__, e, self.skipped)
             return None
+
+    @property
+    def wrapped(self):
+        """The source whose records this one passes on."""
+        return self._source
 
     def __repr__(self) -> str:
         return f"SkippingSource({self._source!r})"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 
 import ml_collections
+import numpy as np
 
 from vdit import runs
 from vdit.config import ConfigError
@@ -33,8 +34,9 @@ from vdit.distill.objective import make_distill_loss
 from vdit.models import lora
 from vdit.models.text import text_encoder_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
+from vdit.pipelines import periodic_samples
+from vdit.runs.checkpoint import load_params
 from vdit.train import init_from, loop, optim
-from vdit.train.checkpoint import load_params
 from vdit.train.step import make_train_step
 
 TEACHER_SECTIONS = ("model", "text", "vae", "encode")
@@ -106,14 +108,29 @@ def prepare(config) -> ml_collections.ConfigDict:
     return config
 
 
-def distill_setup(config, dit, text_model) -> loop.StepSetup:
-    """`vdit.train.loop.step_setup` with the distillation loss and the teacher in `frozen`."""
+def abstract_config(config) -> ml_collections.ConfigDict:
+    """The student config `vdit distill --dry-run` compiles: the recipe's own model, text and vae
+    sections stand for the teacher's (a distill recipe derives from its teacher's recipe), and no
+    teacher run is read."""
+    check_config(config)
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.train.i2v_rate = 0.0
+        config.train.last_frame_rate = 0.0
+    return config
+
+
+def distill_setup(config, dit, text_model, null_ids=None) -> loop.StepSetup:
+    """`vdit.train.loop.step_setup` with the distillation loss and the teacher in `frozen`.
+
+    null_ids: the empty caption's token ids (default: the config's tokenizer says)."""
     mesh = mesh_from_config(config.mesh)
     rules = logical_rules("dit", config.mesh.get("rules", None))
     boxed = lambda rng: loop.init_params(dit, text_model, config, rng)
     tx = optim.make_optimizer(config.optim, config.train.steps)
-    _, tokenizer = text_encoder_from_config(config.text)
-    loss_fn = make_distill_loss(dit, text_model, config, loop.null_caption(tokenizer))
+    if null_ids is None:
+        null_ids = loop.null_caption(text_encoder_from_config(config.text)[1])
+    loss_fn = make_distill_loss(dit, text_model, config, null_ids)
     text_dim = None if config.data.text_format == "ids" else dit.text_dim
     teacher_copy = not lora.enabled(config)  # under LoRA the frozen base DiT is the teacher
 
@@ -128,7 +145,14 @@ def distill_setup(config, dit, text_model) -> loop.StepSetup:
                           {"teacher": "dit"} if teacher_copy else {})
 
 
+def abstract_setup(config, dit, text_model) -> loop.StepSetup:
+    """`distill_setup` without tokenizer files, for the dry run: the empty caption is one
+    end-of-text token (as UMT5 encodes it); the compiled program depends on its length only."""
+    return distill_setup(config, dit, text_model, np.ones((1,), np.int32))
+
+
 def distill(config, workdir: str, stop_after: int | None = None) -> list[dict]:
     """Distils to `config.train.steps` (or `stop_after` more steps); returns the logged metrics."""
-    return loop.train(prepare(config), workdir, stop_after, setup_fn=distill_setup)
+    return loop.train(prepare(config), workdir, stop_after, setup_fn=distill_setup,
+                      samples_fn=periodic_samples.from_config)
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from vdit import runs
 from vdit.data.synthetic import COLORS, DIRECTIONS, SHAPES
+from vdit.data.video_io import VideoReadError, read_video
 from vdit.eval.shapes_detect import Features, classify_shape, color_classes, largest_blob
 
 NONE = "none"
@@ -229,8 +230,6 @@ def eval_shapes_dir(videos_dir: str | PathLike | None, prompts_file: str | PathL
     missing videos count as "none" answers (wrong) and are counted in `unreadable`.
     Returns {"scores": score(...) + unreadable, "items": per-video records with "pred"}.
     """
-    from vdit.data.video_io import VideoReadError, read_video
-
     prompts_file = runs.user_path(prompts_file)
     records = read_prompts(prompts_file)
     roots = [prompts_file.parent] + ([runs.user_path(videos_dir)] if videos_dir is not None else [])

@@ -40,11 +40,14 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
+from vdit.config import ATTENTION_BACKENDS
 from vdit.models import attention_blocks
 from vdit.models import attention_pallas_gpu as pallas_gpu
 from vdit.models import attention_pallas_tpu as pallas_tpu
+from vdit.parallel import context
 
-BACKENDS = ("xla", "cudnn", "splash", "block_sparse", "auto", "memory_proxy")
+# The config's backends, and `vdit plan`'s memory proxy (never chosen by a config).
+BACKENDS = (*ATTENTION_BACKENDS, "memory_proxy")
 _PLATFORM_OF = {"cudnn": ("gpu",), "splash": ("tpu",), "block_sparse": ("gpu", "tpu")}
 # Block sizes of the block_sparse kernels per platform (query, key): TPU blocks are multiples of
 # 128 lanes; Triton blocks are powers of two. Smaller blocks skip more finely, larger ones run
@@ -78,12 +81,9 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, backend: str = "xla",
     """Segment-masked multi-head attention, softmax scale 1/sqrt(Dh). Shapes in the module doc."""
     _check_shapes(q, k, v, q_segment_ids, kv_segment_ids)
     backend = resolve_backend(backend)
-    if sequence_parallel:
-        from vdit.parallel import context  # imports this module: resolve at call time
-
-        if context.sequence_parallel_size() > 1:
-            return context.sequence_parallel_attention(q, k, v, q_segment_ids, kv_segment_ids,
-                                                       backend)
+    if sequence_parallel and context.sequence_parallel_size() > 1:
+        attend = functools.partial(local_attention, backend=backend, shard=False)
+        return context.sequence_parallel_attention(q, k, v, q_segment_ids, kv_segment_ids, attend)
     return local_attention(q, k, v, q_segment_ids, kv_segment_ids, backend)
 
 

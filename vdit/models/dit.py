@@ -14,7 +14,7 @@ Two ways to call one module `WanDiT` (same parameters):
   packed (DESIGN section 3), `method="packed"`:
       out = dit.apply({"params": p}, tokens, positions, segment_ids, timesteps, context,
                       context_segment_ids, method="packed")
-      tokens `[B, S, pt*ph*pw*C_in]` (see `vdit/data/patches.py` for the feature order),
+      tokens `[B, S, pt*ph*pw*C_in]` (see `vdit/models/patches.py` for the feature order),
       positions `[B, S, 3]` int (t, h, w) patch-grid indices < rope_max_seq_len,
       segment_ids `[B, S]` int (0 = padding, 1..K a video or image of the row),
       timesteps `[B, K]` (segment k uses column k-1), context `[B, L, text_dim]`,
@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.data import patches
 from vdit.models import micro as micro_lib
+from vdit.models import patches
 from vdit.models.dit_block import TOKENS, scanned_blocks
 from vdit.models.layers import (
     MLP,

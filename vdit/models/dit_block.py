@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from vdit.config import REMAT_POLICIES
 from vdit.models.attention import attention
 from vdit.models.layers import MLP, Dense, LayerNorm, RMSNorm, apply_rope, layer_norm, modulate
 
@@ -118,7 +119,8 @@ class WanBlock(nn.Module):
         return nn.with_logical_constraint(x, TOKENS), None
 
 
-REMAT_POLICIES = {
+# One policy per name of `vdit.config.REMAT_POLICIES` (which the config check uses).
+_REMAT = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -130,10 +132,10 @@ REMAT_POLICIES = {
 def scanned_blocks(num_layers: int, remat: str):
     """The block class stacked `num_layers` times with `nn.scan` (one compiled block)."""
     if remat not in REMAT_POLICIES:
-        raise ValueError(f"config.model.remat={remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        raise ValueError(f"config.model.remat={remat!r} is not one of {list(REMAT_POLICIES)}")
     block = WanBlock
     if remat != "none":
-        block = nn.remat(WanBlock, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        block = nn.remat(WanBlock, policy=_REMAT[remat], prevent_cse=False)
     return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=(nn.broadcast,) * 8, length=num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})

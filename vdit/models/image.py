@@ -22,6 +22,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import einops
 import flax.linen as nn
 import flax.struct
 import jax
@@ -144,9 +145,9 @@ class CLIPVisionEncoder(nn.Module):
 
     def _embed(self, pixels):
         """`[B, H, W, C]` -> `[B, 1 + N, D]`: patch embedding, class token, positions."""
-        b, p, c, d = pixels.shape[0], self.patch_size, self.num_channels, self.hidden_size
+        b, p, d = pixels.shape[0], self.patch_size, self.hidden_size
         g = self.image_size // p
-        patches = pixels.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches = einops.rearrange(pixels, "b (gh ph) (gw pw) c -> b gh gw ph pw c", ph=p, pw=p)
         tokens = Dense((d,), (None, None, "patch_in", "embed"), ("embed",), in_dims=3,
                        use_bias=False, dtype=self.dtype, name="patch_embedding")(patches)
         tokens = tokens.reshape(b, g * g, d).astype(jnp.float32)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -276,5 +277,5 @@ class Resample(nn.Module):
             return x, {"time_conv": jnp.zeros((b, CACHE_FRAMES, h, w, c), x.dtype)}
         y, time_cache = causal_conv(conv, x, cache["time_conv"])
         # channel half s of output frame i becomes frame 2i + s
-        y = y.reshape(b, t, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
+        y = einops.rearrange(y, "b t h w (s c) -> b (t s) h w c", s=2)
         return y, {"time_conv": time_cache}

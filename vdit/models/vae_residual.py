@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -22,15 +23,12 @@ def patchify(x, p: int):
     b, t, h, w, c = x.shape
     if h % p or w % p:
         raise ValueError(f"VAE patchify: frame size {h}x{w} is not a multiple of patch_size={p}")
-    x = x.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 6, 5, 3)
-    return x.reshape(b, t, h // p, w // p, c * p * p)
+    return einops.rearrange(x, "b t (h ph) (w pw) c -> b t h w (c pw ph)", ph=p, pw=p)
 
 
 def unpatchify(x, p: int):
     """Inverse of `patchify`: [B, T, h, w, C*p*p] -> [B, T, h*p, w*p, C]."""
-    b, t, h, w, cp = x.shape
-    x = x.reshape(b, t, h, w, cp // (p * p), p, p).transpose(0, 1, 2, 6, 3, 5, 4)
-    return x.reshape(b, t, h * p, w * p, cp // (p * p))
+    return einops.rearrange(x, "b t h w (c pw ph) -> b t (h ph) (w pw) c", ph=p, pw=p)
 
 
 def avg_down(x, out_dim: int, factor_t: int, factor_s: int):
@@ -41,11 +39,9 @@ def avg_down(x, out_dim: int, factor_t: int, factor_s: int):
     pad_t = (-x.shape[1]) % factor_t
     if pad_t:
         x = jnp.pad(x, ((0, 0), (pad_t, 0), (0, 0), (0, 0), (0, 0)))
-    b, t, h, w, c = x.shape
-    x = x.reshape(b, t // factor_t, factor_t, h // factor_s, factor_s, w // factor_s, factor_s, c)
-    x = x.transpose(0, 1, 3, 5, 7, 2, 4, 6)  # [B, T', H', W', C, ft, fs_h, fs_w]
-    x = x.reshape(b, t // factor_t, h // factor_s, w // factor_s, out_dim, -1)
-    return jnp.mean(x, axis=-1)
+    x = einops.rearrange(x, "b (t ft) (h fh) (w fw) c -> b t h w (c ft fh fw)",
+                         ft=factor_t, fh=factor_s, fw=factor_s)
+    return einops.reduce(x, "b t h w (o g) -> b t h w o", "mean", o=out_dim)
 
 
 def dup_up(x, out_dim: int, factor_t: int, factor_s: int, first_chunk: bool):
@@ -53,11 +49,9 @@ def dup_up(x, out_dim: int, factor_t: int, factor_s: int, first_chunk: bool):
 
     [B, T, H, W, C] -> [B, T*ft, H*fs, W*fs, out_dim]; on a clip's first chunk the first ft - 1
     output frames are dropped (its single frame stays single)."""
-    b, t, h, w, c = x.shape
-    x = jnp.repeat(x, out_dim * factor_t * factor_s * factor_s // c, axis=-1)
-    x = x.reshape(b, t, h, w, out_dim, factor_t, factor_s, factor_s)
-    x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4)  # [B, T, ft, H, fs_h, W, fs_w, out]
-    x = x.reshape(b, t * factor_t, h * factor_s, w * factor_s, out_dim)
+    x = jnp.repeat(x, out_dim * factor_t * factor_s * factor_s // x.shape[-1], axis=-1)
+    x = einops.rearrange(x, "b t h w (o ft fh fw) -> b (t ft) (h fh) (w fw) o",
+                         o=out_dim, ft=factor_t, fh=factor_s, fw=factor_s)
     return x[:, factor_t - 1:] if first_chunk else x
 
 

@@ -31,8 +31,6 @@ import jax
 from jax.interpreters import pxla
 from jax.sharding import PartitionSpec
 
-from vdit.models.attention import local_attention
-
 SCHEDULES = ("ulysses", "allgather_kv")
 _LOGICAL = ("activation_batch", "activation_length", "activation_heads", None)
 
@@ -75,12 +73,14 @@ def pick_schedule(heads: int, heads_split: int, seq_split: int) -> str:
     return "ulysses" if (heads // heads_split) % seq_split == 0 else "allgather_kv"
 
 
-def sequence_parallel_attention(q, k, v, q_segment_ids, kv_segment_ids, backend: str,
+def sequence_parallel_attention(q, k, v, q_segment_ids, kv_segment_ids, attend,
                                 schedule: str | None = None):
     """Self-attention with tokens sharded over the mesh: q/k/v `[B, S, H, Dh]`, ids `[B, S]`.
 
-    `backend` is a resolved per-device backend (see `vdit.models.attention`); `schedule` None
-    picks one (module doc). Returns `[B, S, H, Dh]` sharded like q.
+    `attend(q, k, v, q_segment_ids, kv_segment_ids)` is the per-device segment-masked attention
+    run inside the shard_map (a kernel of `vdit.models.attention`, which passes its own: this
+    module stays below the models); `schedule` None picks one (module doc). Returns
+    `[B, S, H, Dh]` sharded like q.
     """
     mesh = current_mesh()
     if mesh is None:
@@ -108,7 +108,7 @@ def sequence_parallel_attention(q, k, v, q_segment_ids, kv_segment_ids, backend:
     spec = PartitionSpec(batch, length, heads, None)
     seg_spec = PartitionSpec(batch, length)
     body = _ulysses if schedule == "ulysses" else _allgather_kv
-    fn = functools.partial(body, axis=_axes(length), backend=backend)
+    fn = functools.partial(body, axis=_axes(length), attend=attend)
     return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec, seg_spec, seg_spec),
                          out_specs=spec, check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
 
@@ -117,15 +117,15 @@ def _gather_tokens(x, axis):
     return jax.lax.all_gather(x, axis, axis=1, tiled=True)
 
 
-def _ulysses(q, k, v, q_seg, kv_seg, *, axis, backend):
+def _ulysses(q, k, v, q_seg, kv_seg, *, axis, attend):
     """Per device: `[b, S/P, h, Dh]` -> whole sequence for h/P heads -> attention -> back."""
     to_heads = lambda x: jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
-    out = local_attention(to_heads(q), to_heads(k), to_heads(v), _gather_tokens(q_seg, axis),
-                          _gather_tokens(kv_seg, axis), backend, shard=False)
+    out = attend(to_heads(q), to_heads(k), to_heads(v), _gather_tokens(q_seg, axis),
+                 _gather_tokens(kv_seg, axis))
     return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
 
 
-def _allgather_kv(q, k, v, q_seg, kv_seg, *, axis, backend):
+def _allgather_kv(q, k, v, q_seg, kv_seg, *, axis, attend):
     """Per device: this block's queries against every token's keys and values."""
-    return local_attention(q, _gather_tokens(k, axis), _gather_tokens(v, axis), q_seg,
-                           _gather_tokens(kv_seg, axis), backend, shard=False)
+    return attend(q, _gather_tokens(k, axis), _gather_tokens(v, axis), q_seg,
+                  _gather_tokens(kv_seg, axis))

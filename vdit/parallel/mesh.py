@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+from vdit.config import MESH_AXES
 
 # Logical name -> mesh axis (or tuple of axes, or None = replicated). MaxDiffusion-style: batch over
 # data+fsdp, weights' embed dim over fsdp (ZeRO-3), heads and MLP over tensor, tokens over sequence.
@@ -116,7 +116,8 @@ def logical_to_mesh_spec(names, rules) -> PartitionSpec:
 
     Unlike flax's helper this allows a logical name to repeat (a conv kernel's spatial axes) and
     never uses a mesh axis twice in one array: a later dimension whose mesh axis is taken stays
-    whole. Names without a rule are replicated.
+    whole. A name without a rule is an error (a rule of None replicates): a typo or a new
+    parameter must not silently end up whole on every device.
     """
     if names is None:
         return PartitionSpec()
@@ -124,6 +125,9 @@ def logical_to_mesh_spec(names, rules) -> PartitionSpec:
     used: set[str] = set()
     spec = []
     for name in names:
+        if name is not None and name not in table:
+            raise ValueError(f"logical axis {name!r} has no sharding rule (known: {sorted(table)});"
+                             " add one to the rule tables in vdit/parallel/mesh.py")
         axes = table.get(name)
         axes_t = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
         if not axes_t or used & set(axes_t):

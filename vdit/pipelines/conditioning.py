@@ -6,7 +6,8 @@ I2V conditioning (diffusers' `WanImageToVideoPipeline`, replicated exactly): the
 black video, VAE-encoded (posterior mean) and normalised; a mask marks the known pixel frames,
 with frame 0 repeated `temporal_factor` times so the mask folds into `temporal_factor` channels
 per latent frame. The DiT sees, along channels, `[noisy latents (z), mask (tf), condition (z)]`
-(Wan: 16 + 4 + 16 = 36 = `in_channels`). `i2v_mask` builds the mask.
+(Wan: 16 + 4 + 16 = 36 = `in_channels`). `vdit.models.patches.i2v_mask` builds the mask (its
+layout is the model's; the training data builds the same).
 
 Pinning (for models without such channels, e.g. vdit's text-to-video runs): chosen latent frames
 are known clean latents x0. They start on the flow's noising path, x = (1 - s) x0 + s e (e the
@@ -32,24 +33,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.data import patches
-
-
-def i2v_mask(known_frames: Sequence[bool], latent_hw: tuple[int, int],
-             temporal_factor: int) -> np.ndarray:
-    """Known pixel frames `[T]` (T = 1 + tf * (T' - 1)) -> mask `[T', h, w, tf]` float32.
-
-    Latent frame j, channel c is pixel frame j * tf + c of the sequence with frame 0 repeated tf
-    times (diffusers' fold of `mask_lat_size`)."""
-    known = np.asarray(known_frames, np.float32)
-    tf = int(temporal_factor)
-    if known.ndim != 1 or (known.shape[0] - 1) % tf:
-        raise ValueError(f"known_frames must list 1 + {tf}k pixel frames, got {known.shape}")
-    expanded = np.concatenate([np.repeat(known[:1], tf), known[1:]])
-    per_latent = expanded.reshape(-1, tf)  # [T', tf]
-    h, w = latent_hw
-    return np.ascontiguousarray(np.broadcast_to(per_latent[:, None, None, :],
-                                                (per_latent.shape[0], h, w, tf)))
+from vdit.models import patches
 
 
 def known_pixel_frames(frames: int, first: int = 1, last: int = 0) -> np.ndarray:

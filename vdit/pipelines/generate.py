@@ -34,11 +34,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vdit.config import check_frames
+from vdit.convert import diffusers_folder as folder_lib
+from vdit.data.conditions import condition_latents
+from vdit.data.encode import load_stats
 from vdit.diffusion.samplers import Sampler, make_sampler
 from vdit.models import micro as micro_lib
+from vdit.models.dit import build_dit
+from vdit.models.image import penultimate_features
+from vdit.models.image_preprocess import preprocess, to_uint8
+from vdit.models.text import encode_prompts, text_encoder_from_config
+from vdit.models.vae_config import vae_from_config
 from vdit.pipelines import conditioning as cond_lib
-from vdit.pipelines.diffusers_folder import image_parts
 from vdit.pipelines.guided_dit import GuidedDiT, TwoExperts
+from vdit.runs import latents_dir
+from vdit.runs.checkpoint import load_params
+from vdit.runs.run_kind import check_kind
+from vdit.train.init_from import run_weights
 
 # vdit runs sample with Wan2.1's diffusers default solver unless the config says otherwise.
 DEFAULT_SCHEDULER = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000,
@@ -77,8 +89,6 @@ class Generator:
     @classmethod
     def from_workdir(cls, workdir: str, which: str = "ema") -> Generator:
         """A trained vdit run: its DiT (EMA weights), text encoder, VAE and latent statistics."""
-        from vdit.train.init_from import run_weights
-
         # Complete weights: frozen parts from the run's init_from (or seed), LoRA merged.
         params, saved = run_weights(workdir, which)
         return cls.from_params(ml_collections.ConfigDict(saved), params, workdir)
@@ -90,14 +100,6 @@ class Generator:
         (host or device arrays, e.g. the EMA during training), with the VAE of
         `config.encode.vae_workdir` and the latent statistics of the run's latents folder
         (`workdir` locates the default one)."""
-        from vdit.data.encode import load_stats
-        from vdit.models.dit import build_dit
-        from vdit.models.text import text_encoder_from_config
-        from vdit.models.vae_config import vae_from_config
-        from vdit.runs import latents_dir
-        from vdit.train.checkpoint import load_params
-        from vdit.train.run_kind import check_kind
-
         dit = build_dit(config.model)
         text_model, tokenizer = text_encoder_from_config(config.text)
         text_params = params["text"]
@@ -111,7 +113,7 @@ class Generator:
             defaults["fps"] = float(config.data.fps)
         image, clip = {}, config.get("image_encoder", {})
         if clip.get("image_encoder_path"):  # a converted Wan2.1 I2V run (vdit/convert/runs.py)
-            image = image_parts(clip.image_encoder_path, clip.image_processor_path)
+            image = folder_lib.image_parts(clip.image_encoder_path, clip.image_processor_path)
         experts = {}
         if "dit_2" in params:  # a two-expert (Wan2.2 A14B) run: both experts share config.model
             if "experts" not in config:
@@ -130,10 +132,8 @@ class Generator:
     @classmethod
     def from_diffusers(cls, path: str, dtype: str = "float32",
                        attention: str = "xla") -> Generator:
-        """A diffusers Wan2.1 pipeline folder (see `vdit/pipelines/diffusers_folder.py`)."""
-        from vdit.pipelines.diffusers_folder import load_parts
-
-        return cls(**load_parts(path, dtype=dtype, attention=attention))
+        """A diffusers Wan2.1 pipeline folder (see `vdit/convert/diffusers_folder.py`)."""
+        return cls(**folder_lib.load_parts(path, dtype=dtype, attention=attention))
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -153,8 +153,6 @@ class Generator:
     # ------------------------------------------------------------------ pieces
     def encode_text(self, prompts: list[str]) -> tuple[jax.Array, jax.Array]:
         """Prompts -> (context [B, L, D], mask [B, L]) with Wan's zeroed padding."""
-        from vdit.models.text import encode_prompts
-
         if self.text_model is None:
             raise ValueError("this Generator has no text encoder: pass context embeddings")
         context = encode_prompts(self.text_model, self.text_params, self.tokenizer, prompts)
@@ -177,9 +175,6 @@ class Generator:
 
     def image_tokens(self, images) -> jax.Array:
         """Images [B, H, W, 3] in [-1, 1] -> CLIP penultimate features [B, N, D_img]."""
-        from vdit.models.image import penultimate_features
-        from vdit.models.image_preprocess import preprocess, to_uint8
-
         if self.image_encoder is None:
             raise ValueError("this model conditions on CLIP image features but the Generator has "
                              "no image encoder (a pipeline folder without image_encoder/): pass "
@@ -190,8 +185,6 @@ class Generator:
     def condition_from_frames(self, video, known) -> jax.Array:
         """Wan I2V conditioning: video [B, T, H, W, 3] whose frames flagged in `known` [T] are
         given (the rest are zeroed) -> [B, T', H', W', tf + z] = concat(mask, latents)."""
-        from vdit.data.conditions import condition_latents
-
         return condition_latents(video, known, self.encode_video, self.temporal_factor)
 
     def with_micro(self, fps: float | None = None, motion: float | None = None) -> Generator:
@@ -404,8 +397,6 @@ class Generator:
         return jax.random.normal(jax.random.key(seed), shape)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        from vdit.config import check_frames
-
         check_frames("--frames", frames)
         f, tf = self.vae.spatial_factor, self.vae.temporal_factor
         pt, ph, pw = self.dit.patch_size

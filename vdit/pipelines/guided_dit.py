@@ -11,8 +11,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vdit.data import patches
 from vdit.diffusion.samplers import cfg_velocity
+from vdit.models import patches
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,14 @@ same rows train as text-to-video. The DiT's packed call takes a timestep per tok
 Tokens list their features (pt, ph, pw, C) with channels fastest, so the model input is built per
 patch position: [..., P*z] and [..., P*(tf+z)] are viewed as [..., P, C] and joined along C, which
 equals patchifying the channel-concatenated latents (tests check it).
+
+An image-branch DiT (Wan2.1 I2V: `model.image_dim`) also reads each segment's first-frame CLIP
+tokens (`image_context`, packed by the pipeline). A segment sees them exactly when it sees its
+condition latents (the same per-segment draw); every other segment, and every segment of a run
+with i2v_rate 0, gets zero tokens. Wan2.1 I2V trains every clip image-conditioned (i2v_rate 1.0),
+where this changes nothing; below 1.0, keeping the tokens would hand a "text-to-video" segment its
+first frame's content through the image branch, so it would never learn to go without, and zeros
+(like the zero condition latents) are the null image it is then sampled with.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from vdit.config import ConfigError
-from vdit.data.conditions import COND_TOKENS, MICRO_PREFIX
+from vdit.data import image_tokens
+from vdit.data.conditions import COND_KEY, COND_KEY_LAST, COND_TOKENS, MICRO_PREFIX
 from vdit.diffusion import flow
 
 
@@ -62,6 +71,7 @@ def clean_first_frame(config, dit) -> bool:
 
 def check_config(config, dit) -> None:
     """Start-up checks for I2V training; errors name the config keys."""
+    check_image_config(config, dit)
     rate = i2v_rate(config)
     if not 0.0 <= rate <= 1.0:
         raise ConfigError(f"config key 'train.i2v_rate' = {rate}; expected a fraction in [0, 1]")
@@ -110,23 +120,32 @@ def draw_i2v(rng: jax.Array, shape: tuple[int, int], rate: float) -> jax.Array:
     return (jax.random.uniform(rng, shape) < rate).astype(jnp.float32)
 
 
+def i2v_flags(dit, batch: dict, rng: jax.Array, rate: float, num_segments: int) -> jax.Array:
+    """[B, K] float 1.0 where segment k trains image-to-video: drawn at `rate` from `rng` (a pure
+    function of it, so `model_input` and `image_kwargs` agree), never for single-latent-frame
+    segments; all zero without `cond_tokens` in the batch or with `rate` 0."""
+    seg = batch["segment_ids"]
+    if COND_TOKENS not in batch or rate <= 0:
+        return jnp.zeros((seg.shape[0], num_segments), jnp.float32)
+    if dit.patch_size[0] == 1:  # a token's t position is then its latent frame
+        return first_frame_flags(batch, rng, rate, num_segments)
+    return draw_i2v(rng, (seg.shape[0], num_segments), rate)
+
+
 def model_input(dit, x_t: jax.Array, batch: dict, rng: jax.Array, rate: float,
                 num_segments: int) -> jax.Array:
     """Noisy tokens [B, S, P*z] -> the DiT's input tokens [B, S, P*in_channels].
 
     T2V models take x_t as it is. I2V-capable ones get each segment's condition (drawn at
-    `rate`) or zeros; without `cond_tokens` in the batch every segment is text-to-video."""
+    `rate`, `i2v_flags`) or zeros; without `cond_tokens` in the batch every segment is
+    text-to-video."""
     extra = condition_channels(dit)
     if not extra:
         return x_t
     p = math.prod(dit.patch_size)
     if COND_TOKENS in batch and rate > 0:
-        seg = batch["segment_ids"]
-        if dit.patch_size[0] == 1:  # a token's t position is then its latent frame
-            flags = first_frame_flags(batch, rng, rate, num_segments)
-        else:
-            flags = draw_i2v(rng, (seg.shape[0], num_segments), rate)
-        cond = batch[COND_TOKENS] * flow.per_token(flags, seg)[..., None]
+        flags = i2v_flags(dit, batch, rng, rate, num_segments)
+        cond = batch[COND_TOKENS] * flow.per_token(flags, batch["segment_ids"])[..., None]
     else:
         cond = jnp.zeros(x_t.shape[:-1] + (p * extra,), x_t.dtype)
     return interleave(x_t, cond, p)
@@ -159,7 +178,7 @@ def clean_first_frame_inputs(x0: jax.Array, x_t: jax.Array, timesteps: jax.Array
     return tokens, columns, kwargs, 1.0 - clean.astype(jnp.float32)
 
 
-IMAGE_CONTEXT, IMAGE_SEGMENT_IDS = "image_context", "image_segment_ids"
+IMAGE_CONTEXT, IMAGE_SEGMENT_IDS = image_tokens.IMAGE_CONTEXT, image_tokens.IMAGE_SEGMENT_IDS
 
 
 def image_tokens_per_row(config) -> int:
@@ -169,16 +188,65 @@ def image_tokens_per_row(config) -> int:
         raise ConfigError("config.model.image_dim is set (a Wan2.1 I2V image branch) but the "
                           "config has no 'image_encoder' section (the CLIP tower whose tokens it "
                           "reads)")
-    enc = config.image_encoder
-    return (1 + (int(enc.image_size) // int(enc.patch_size)) ** 2) * int(config.data.max_segments)
+    return image_tokens.tokens_per_image(config.image_encoder) * int(config.data.max_segments)
 
 
-def image_kwargs(dit, batch: dict) -> dict:
+def image_record_shape(config, dit) -> tuple[int, int] | None:
+    """(N, image_dim) of one clip's first-frame CLIP tokens that the pipeline packs for an
+    image-branch DiT; None for a DiT without one."""
+    if not dit.has_image_branch:
+        return None
+    per_row = image_tokens_per_row(config)
+    return per_row // int(config.data.max_segments), int(dit.image_dim)
+
+
+def check_image_config(config, dit) -> None:
+    """Start-up checks for training an image branch; errors name the config keys."""
+    if not dit.has_image_branch:
+        return
+    image_tokens_per_row(config)  # the image_encoder section is there
+    if dit.pos_embed_seq_len:
+        raise ConfigError(f"config key 'model.pos_embed_seq_len' = {dit.pos_embed_seq_len}: a "
+                          "first-last-frame image branch (Wan2.1 FLF2V) reads two images' CLIP "
+                          "tokens, but the latent shards hold the first frame's only; train it "
+                          "with pos_embed_seq_len unset (Wan2.1 I2V)")
+    width = int(config.image_encoder.get("hidden_size", dit.image_dim))
+    if width != dit.image_dim:
+        raise ConfigError(f"config key 'image_encoder.hidden_size' = {width} but 'model.image_dim'"
+                          f" = {dit.image_dim}: the image branch reads the CLIP tower's hidden "
+                          "states, so they must be equal")
+
+
+def image_kwargs(dit, batch: dict, rng: jax.Array | None = None, rate: float = 0.0,
+                 num_segments: int = 1) -> dict:
     """The packed call's image keywords for an image-branch DiT (Wan2.1 I2V): the row's CLIP
-    tokens `image_context [B, N, image_dim]` and their segment ids `[B, N]`; {} otherwise."""
+    tokens `image_context [B, N, image_dim]` and their segment ids `[B, N]`; {} otherwise. With
+    `rng`, the tokens of segments that `i2v_flags(rng, rate)` leaves text-to-video are zeroed (see
+    the module doc); without it they are passed as they are."""
     if not dit.has_image_branch:
         return {}
-    return {"image_context": batch[IMAGE_CONTEXT], "image_segment_ids": batch[IMAGE_SEGMENT_IDS]}
+    image, ids = batch[IMAGE_CONTEXT], batch[IMAGE_SEGMENT_IDS]
+    if rng is not None:
+        flags = i2v_flags(dit, batch, rng, rate, num_segments)
+        image = image * (flow.per_token(flags, ids) * (ids > 0))[..., None]
+    return {"image_context": image, "image_segment_ids": ids}
+
+
+def record_keys(config, dit) -> dict[str, str]:
+    """{latent record key: what needs it, and the encode setting that writes it} for this run's
+    conditioning (a start-up check names the shard that lacks one)."""
+    keys = {}
+    if uses_condition(config, dit):
+        keys[COND_KEY] = ("config.train.i2v_rate > 0 (encode with "
+                          "config.encode.i2v_condition=True)")
+        if float(config.train.get("last_frame_rate", 0.0)) > 0:
+            keys[COND_KEY_LAST] = ("config.train.last_frame_rate > 0 (encode with "
+                                   "config.encode.last_frame_condition=True)")
+    if dit.has_image_branch:
+        keys[image_tokens.RECORD_KEY] = ("the DiT's image branch, config.model.image_dim (encode "
+                                         "with `vdit encode` and this config: its image_encoder "
+                                         "section gives the CLIP tower)")
+    return keys
 
 
 def micro_kwargs(dit, batch: dict) -> dict:

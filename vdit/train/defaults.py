@@ -24,7 +24,12 @@ def train() -> ml_collections.ConfigDict:
         steps=10_000, seed=0, ema_decay=0.999, log_every=10, max_bad_steps=3,
         peak_flops_per_device=0.0, tensorboard=True, progress=True, sample_every=0,
         init_from="", init_from_weights="params", i2v_rate=0.0,
-        last_frame_rate=0.0))
+        last_frame_rate=0.0,
+        # A jax.profiler trace of `profile_steps` steps after `profile_skip` (vdit/train/step_loop.py).
+        profile_steps=0, profile_skip=3,
+        # JAX's persistent compilation cache (a local or gs:// folder; "" = off): a restarted or
+        # requeued job loads its compiled step instead of compiling it again.
+        compilation_cache_dir=""))
 
 
 def lora() -> ml_collections.ConfigDict:

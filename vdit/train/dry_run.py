@@ -1,4 +1,4 @@
-"""`vdit train --dry-run`: prove a recipe before renting a pod.
+"""`vdit train --dry-run` (and `vdit distill --dry-run`): prove a recipe before renting a pod.
 
 Builds what `vdit train` builds (model, mesh, the train step of `vdit.train.loop.step_setup`), but
 the train state and frozen weights only as abstract shapes with their shardings (`jax.eval_shape`:
@@ -38,15 +38,18 @@ class DoesNotFitError(ValueError):
     """The compiled step needs more memory per device than --hbm-gb allows."""
 
 
-def dry_run(config, overrides=(), hbm_gb: float | None = None) -> dict:
-    """The report described in the module docstring; DoesNotFitError over `hbm_gb` GiB."""
+def dry_run(config, overrides=(), hbm_gb: float | None = None, setup_fn=step_setup) -> dict:
+    """The report described in the module docstring; DoesNotFitError over `hbm_gb` GiB.
+
+    `setup_fn` builds the step as `vdit.train.loop.step_setup` does (`vdit distill --dry-run`
+    passes the distillation's)."""
     t0 = time.perf_counter()
     config = init_from.checked(config)
     lora.check_config(config)
     dit = build_dit(config.model)
     conditioning.check_config(config, dit)
     experts.check_config(config)
-    setup = step_setup(config, dit, build_text_model(config))
+    setup = setup_fn(config, dit, build_text_model(config))
     rng = jax.random.key(config.train.seed)
     state, shardings = abstract_state(setup.trainable, setup.tx, rng, setup.mesh, setup.rules)
     frozen, frozen_shardings = abstract_sharded(setup.frozen, rng, setup.mesh, setup.rules)
@@ -75,9 +78,9 @@ def dry_run(config, overrides=(), hbm_gb: float | None = None) -> dict:
     return report
 
 
-def run_cli(args) -> int:
-    """`vdit train --dry-run [--hbm-gb G]`: prints the report; 1 when it does not fit."""
-    report = dry_run(args.config_dict, args.overrides, args.hbm_gb)
+def run_cli(args, config, setup_fn=None) -> int:
+    """`vdit train|distill --dry-run [--hbm-gb G]`: prints the report; 1 when it does not fit."""
+    report = dry_run(config, args.overrides, args.hbm_gb, setup_fn or step_setup)
     print(json.dumps(report), flush=True)
     if report.get("fits") is False:
         over = report["compiled_bytes_per_device"] / GIB - args.hbm_gb

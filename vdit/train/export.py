@@ -28,7 +28,7 @@ from flax import traverse_util
 from safetensors.numpy import save
 
 from vdit import runs
-from vdit.train import checkpoint
+from vdit.runs import checkpoint
 from vdit.train.init_from import resolve, run_weights
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"

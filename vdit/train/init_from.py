@@ -30,9 +30,9 @@ from flax import traverse_util
 
 from vdit import runs
 from vdit.models import lora
+from vdit.runs.checkpoint import load_params
+from vdit.runs.run_kind import check_kind
 from vdit.train import experts
-from vdit.train.checkpoint import load_params
-from vdit.train.run_kind import check_kind
 from vdit.train.state import create_sharded, shardings_of, unbox
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -22,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from vdit import runs
 from vdit.data import encode, pipeline, sources
@@ -32,23 +31,18 @@ from vdit.models import lora
 from vdit.models.dit import build_dit
 from vdit.models.text import encoder_from_dict, text_encoder_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
-from vdit.train import checkpoint, conditioning, experts, init_from, optim, periodic_samples, preflight
-from vdit.train.checkpoint_fallback import check_saves
+from vdit.runs import checkpoint
+from vdit.train import conditioning, experts, init_from, optim, preflight
 from vdit.train.flops import jaxpr_flops
 from vdit.train.lock import workdir_lock
 from vdit.train.metrics import MetricsWriter, drop_rows_after
 from vdit.train.state import create_state, unbox
 from vdit.train.step import make_train_step
+from vdit.train.step_loop import StepLoop
 
 log = logging.getLogger(__name__)
 # Sections whose values fix parameter shapes: changing them on resume cannot load the checkpoint.
 SHAPE_SECTIONS = ("model", "text", "experts")
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
-
-    exit_code = 3  # `vdit train` exits with it (vdit/cli_errors.py): diverged, not misconfigured
 
 
 def null_caption(tokenizer) -> np.ndarray:
@@ -227,27 +221,35 @@ def compile_step(step_fn, state, frozen, spec, shardings, frozen_shardings, mesh
 
 
 def train(config, workdir: str, stop_after: int | None = None,
-          setup_fn: Callable = step_setup) -> list[dict]:
+          setup_fn: Callable = step_setup, samples_fn: Callable | None = None) -> list[dict]:
     """Trains to `config.train.steps` (or `stop_after` more steps); returns the logged metrics.
     Process 0 holds the workdir's lock (vdit/train/lock.py) for the whole run. `setup_fn(config,
     dit, text_model) -> StepSetup` supplies the objective: `vdit train`'s by default,
-    `vdit distill`'s from vdit/distill/setup.py (same data, state, checkpoints and resume)."""
+    `vdit distill`'s from vdit/distill/setup.py (same data, state, checkpoints and resume).
+    `samples_fn(config, workdir, ema, frozen)` makes the periodic sampler that
+    `train.sample_every` asks for (`vdit.pipelines.periodic_samples.from_config`, which `vdit
+    train` passes; generation sits above training, so the trainer takes it as an argument)."""
     preflight.check_workdir(workdir)
     with workdir_lock(workdir, jax.process_index()):
-        return _train(config, workdir, stop_after, setup_fn)
+        return _train(config, workdir, stop_after, setup_fn, samples_fn)
 
 
-def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable) -> list[dict]:
+def use_compilation_cache(config) -> None:
+    """Points JAX's persistent compilation cache at `train.compilation_cache_dir`, if set."""
+    folder = str(config.train.get("compilation_cache_dir", "") or "")
+    if folder:
+        compilation_cache.set_cache_dir(str(runs.absolute(folder)))
+        compilation_cache.reset_cache()  # the next compile opens the cache at the new folder
+
+
+def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
+           samples_fn: Callable | None) -> list[dict]:
+    use_compilation_cache(config)
     config = init_from.checked(config)
     lora.check_config(config)
     dit, text_model, tokenizer = build_models(config)
     conditioning.check_config(config, dit)
     experts.check_config(config)
-    if dit.has_image_branch:
-        raise NotImplementedError(
-            "config.model.image_dim is set (a Wan2.1 I2V image branch): training needs each "
-            "clip's CLIP image tokens in its latent shards, which `vdit encode` does not write "
-            "yet; `vdit train --dry-run` compiles this model's step")
     setup = setup_fn(config, dit, text_model)
     mesh, rules = setup.mesh, setup.rules
     preflight.check_batch_divides(int(config.data.rows_per_batch), mesh)
@@ -256,10 +258,12 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable) -> 
         encode.check_tokenizer(encode.load_stats(shards), tokenizer, shards, "train on")
     source = sources.SkippingSource(sources.LatentShardSource(shards))
     preflight.check_has_clips(source, shards)
+    preflight.check_record_keys(source.wrapped, conditioning.record_keys(config, dit))
     data_it = iter(pipeline.packed_dataset(
         source, config.data, dit.patch_size, null_caption(tokenizer),
         condition=conditioning.uses_condition(config, dit), micro=dit.micro_conditioning,
-        last_frame_rate=float(config.train.get("last_frame_rate", 0.0))))
+        last_frame_rate=float(config.train.get("last_frame_rate", 0.0)),
+        image=conditioning.image_record_shape(config, dit)))
 
     rng = jax.random.key(config.train.seed)
     state, shardings = create_state(setup.trainable, setup.tx, rng, mesh, rules)
@@ -294,58 +298,17 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable) -> 
     compiled, flops = compile_step(setup.step_fn, state, frozen, setup.spec, shardings,
                                    frozen_shardings, mesh, rules)
     writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard)
-    history = _run(compiled, flops, state, frozen, data_it, source, mesh, manager, writer,
-                   config, start, end, workdir)
+    samples = _periodic_samples(samples_fn, config, workdir, state.ema, frozen)
+    steps = StepLoop(compiled, flops, mesh, manager, writer, config, workdir, samples)
+    history = steps.run(state, frozen, data_it, source, start, end)
     writer.close()
     return history
 
 
-def _run(compiled, flops, state, frozen, data_it, source, mesh, manager, writer, config,
-         start, end, workdir) -> list[dict]:
-    history, last_finite = [], None
-    samples = periodic_samples.from_config(config, workdir, state.ema, frozen)
-    peak = float(config.train.peak_flops_per_device) * jax.device_count()
-    bar = tqdm(range(start, end), initial=start, total=config.train.steps, desc="train",
-               disable=jax.process_index() != 0 or not config.train.progress)
-    for step in bar:
-        t0 = time.perf_counter()
-        batch = pipeline.to_global(next(data_it), mesh)
-        state, out = compiled(state, frozen, batch)
-        out = jax.device_get(out)
-        seconds = time.perf_counter() - t0
-        metrics = {"loss": out["loss"], "grad_norm": out["grad_norm"], "step_time": seconds,
-                   "tokens_per_s": out["tokens"] / seconds, "data/skipped": source.skipped,
-                   "nonfinite_total": int(state.bad_total)}
-        if peak > 0:
-            metrics["mfu"] = flops / seconds / peak
-        metrics.update({k: out[k] for k in ("loss_high", "loss_low") if k in out})
-        history.append({"step": step + 1, **metrics})
-        if np.isfinite(float(out["loss"])):
-            last_finite = (step + 1, float(out["loss"]))
-        if (step + 1) % config.train.log_every == 0 or step + 1 == end:
-            writer.write(step + 1, metrics)
-        bar.set_postfix(loss=f"{float(out['loss']):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        bad = int(state.bad_streak)
-        if bad >= config.train.max_bad_steps:
-            check_saves(manager, step + 1, wait=True)
-            raise NonFiniteError(_nonfinite_message(step + 1, bad, last_finite, config))
-        due = (step + 1) % config.checkpoint.every == 0 or step + 1 == config.train.steps
-        if due and bad == 0:  # never a checkpoint from a step whose loss was not finite
-            checkpoint.save(manager, step + 1, state, config, data_it)
-        elif due:
-            log.warning("step %d: not saving a checkpoint (%d non-finite steps in a row)",
-                        step + 1, bad)
-        check_saves(manager, step + 1)
-        if samples is not None:
-            samples.maybe_write(step + 1, state.ema, frozen, writer)
-    check_saves(manager, end, wait=True)
-    return history
-
-
-def _nonfinite_message(step: int, bad: int, last_finite, config) -> str:
-    last = ("no step had a finite loss" if last_finite is None
-            else f"last finite loss {last_finite[1]:.6g} at step {last_finite[0]}")
-    return (f"step {step}: {bad} consecutive steps with a non-finite loss or gradient "
-            f"(limit train.max_bad_steps={config.train.max_bad_steps}; {last}); updates were "
-            "skipped and no checkpoint was saved from them: lower optim.lr or check the data, "
-            "then rerun to resume from the last checkpoint")
+def _periodic_samples(samples_fn, config, workdir, ema, frozen):
+    if samples_fn is not None:
+        return samples_fn(config, workdir, ema, frozen)
+    if int(config.train.get("sample_every", 0) or 0) > 0:
+        log.warning("train.sample_every is set, but this caller of vdit.train.loop.train passed no "
+                    "samples_fn (vdit.pipelines.periodic_samples.from_config): no periodic samples")
+    return None

@@ -73,7 +73,7 @@ def make_loss_terms(dit, text_model, cfg, dit_key: str = "dit"):
             x_in = conditioning.model_input(dit, x_t, batch, rng, i2v_rate, num_segments)
         pred = dit.apply({"params": weights[dit_key]}, x_in, batch["positions"], seg, timesteps,
                          context, batch["text_segment_ids"], method="packed", **micro,
-                         **conditioning.image_kwargs(dit, batch))
+                         **conditioning.image_kwargs(dit, batch, rng, i2v_rate, num_segments))
         loss, _ = flow.packed_loss(pred, flow.velocity_target(x0, noise), seg, num_segments,
                                    loss_mask)
         return loss, {"tokens": jnp.sum(seg > 0)}

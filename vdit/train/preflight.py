@@ -24,6 +24,18 @@ def check_has_clips(source, shards: str) -> None:
                          "(or curate) and check that it kept some clips")
 
 
+def check_record_keys(source, keys: dict[str, str]) -> None:
+    """Each latent shard's first record holds every key in `keys` ({key: what needs it}), so a
+    shard encoded without them fails here, named, rather than deep in the input pipeline."""
+    if not keys:
+        return
+    for path, record in source.first_records():
+        missing = [k for k in keys if record is not None and k not in record]
+        if missing:
+            raise ValueError(f"latent shard {path!r} has no {missing[0]!r} in its records, which "
+                             f"{keys[missing[0]]} needs; its records have {sorted(record)}")
+
+
 def check_batch_divides(rows: int, mesh: Mesh) -> None:
     """data.rows_per_batch splits evenly over the mesh axes that shard rows (data x fsdp)."""
     shards = 1

@@ -47,7 +47,10 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_dec
             bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
             bad_total=state.bad_total + (~finite).astype(jnp.int32),
         )
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
+        # The streak counters ride with the metrics: the loop reads them a step late, from the
+        # outputs, instead of waiting on the (donated) state.
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+                   "bad_streak": new_state.bad_streak, "bad_total": new_state.bad_total, **aux}
         return new_state, metrics
 
     return step

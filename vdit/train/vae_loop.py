@@ -26,8 +26,9 @@ from vdit.data.synthetic import SyntheticShapes
 from vdit.models.vae import init_params, kl_divergence, sample_posterior
 from vdit.models.vae_config import vae_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
-from vdit.train import checkpoint, optim
-from vdit.train.checkpoint_fallback import check_saves
+from vdit.runs import checkpoint
+from vdit.runs.checkpoint_fallback import check_saves
+from vdit.train import optim
 from vdit.train.lock import workdir_lock
 from vdit.train.loop import check_resume_compatible
 from vdit.train.metrics import MetricsWriter, drop_rows_after

@@ -9,6 +9,10 @@ diffusers' WanTransformer3DModel does.
 
 Functions work on numpy arrays (data pipeline) and on jax arrays (inside the model): they only use
 `.reshape`/`.transpose`. Positions are numpy int32 since they depend on static shapes only.
+
+`i2v_mask` is the Wan2.1 I2V mask layout: which pixel frames are known, folded into
+`temporal_factor` channels per latent frame (diffusers' `mask_lat_size`), as the DiT's input
+channels expect it, for the training data and for generation alike.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import einops
 import numpy as np
 
 
@@ -72,11 +77,9 @@ def patchify_batch(latents, patch_size: Sequence[int]):
     if latents.ndim != 5:
         raise ValueError(f"patchify_batch expects [B, T', H', W', C], got {tuple(latents.shape)}")
     pt, ph, pw = _check_patch(patch_size)
-    b, c = latents.shape[0], latents.shape[-1]
-    gt, gh, gw = grid_shape(latents.shape[1:], patch_size)
-    x = latents.reshape(b, gt, pt, gh, ph, gw, pw, c)
-    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # [B, gt, gh, gw, pt, ph, pw, C]
-    return x.reshape(b, gt * gh * gw, pt * ph * pw * c)
+    grid_shape(latents.shape[1:], patch_size)  # checks divisibility, naming the shapes
+    return einops.rearrange(latents, "b (gt pt) (gh ph) (gw pw) c -> b (gt gh gw) (pt ph pw c)",
+                            pt=pt, ph=ph, pw=pw)
 
 
 def unpatchify_batch(tokens, grid: Sequence[int], patch_size: Sequence[int]):
@@ -87,8 +90,22 @@ def unpatchify_batch(tokens, grid: Sequence[int], patch_size: Sequence[int]):
         raise ValueError(
             f"tokens of shape {tuple(tokens.shape)} do not fit grid {(gt, gh, gw)} with patch "
             f"size {(pt, ph, pw)}: expected [B, {gt * gh * gw}, a multiple of {pt * ph * pw}]")
-    b = tokens.shape[0]
-    c = tokens.shape[2] // (pt * ph * pw)
-    x = tokens.reshape(b, gt, gh, gw, pt, ph, pw, c)
-    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # [B, gt, pt, gh, ph, gw, pw, C]
-    return x.reshape(b, gt * pt, gh * ph, gw * pw, c)
+    return einops.rearrange(tokens, "b (gt gh gw) (pt ph pw c) -> b (gt pt) (gh ph) (gw pw) c",
+                            gt=gt, gh=gh, gw=gw, pt=pt, ph=ph, pw=pw)
+
+
+def i2v_mask(known_frames: Sequence[bool], latent_hw: tuple[int, int],
+             temporal_factor: int) -> np.ndarray:
+    """Known pixel frames `[T]` (T = 1 + tf * (T' - 1)) -> mask `[T', h, w, tf]` float32.
+
+    Latent frame j, channel c is pixel frame j * tf + c of the sequence with frame 0 repeated tf
+    times (diffusers' fold of `mask_lat_size`)."""
+    known = np.asarray(known_frames, np.float32)
+    tf = int(temporal_factor)
+    if known.ndim != 1 or (known.shape[0] - 1) % tf:
+        raise ValueError(f"known_frames must list 1 + {tf}k pixel frames, got {known.shape}")
+    expanded = np.concatenate([np.repeat(known[:1], tf), known[1:]])
+    per_latent = expanded.reshape(-1, tf)  # [T', tf]
+    h, w = latent_hw
+    return np.ascontiguousarray(np.broadcast_to(per_latent[:, None, None, :],
+                                                (per_latent.shape[0], h, w, tf)))

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from vdit import runs
-from vdit.train.checkpoint_fallback import newest_readable
+from vdit.runs.checkpoint_fallback import newest_readable
 
 STATE, DATA, CONFIG = "state", "data", "config"
 

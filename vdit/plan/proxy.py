@@ -1,4 +1,4 @@
-"""The compiled proxies behind `vdit plan`'s measured numbers (method in `vdit/plan.py`).
+"""The compiled proxies behind `vdit plan`'s measured numbers (method in `vdit/plan/__init__.py`).
 
 Functions of the trainer are lowered from abstract shapes and compiled, never run, for a model
 with a few layers, on a mesh of local devices that keeps the planned mesh's per-device activation
@@ -23,7 +23,15 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
+from vdit.data.pipeline import batch_sharding
+from vdit.models import lora
+from vdit.models.dit import build_dit
 from vdit.parallel.mesh import logical_to_mesh_spec, make_mesh
+from vdit.plan.weights import abstract_weights, per_device_bytes, step_text_model, text_in_step
+from vdit.train import optim
+from vdit.train.objective import make_dit_loss
+from vdit.train.state import TrainState
+from vdit.train.step import make_train_step
 
 # The proxy is compiled, never run: skip the CPU code generator's expensive optimisations (about
 # 3x faster; buffer assignment, hence memory_analysis, happens before them and is unchanged).
@@ -82,8 +90,6 @@ def abstract_batch(dit, rows: int, tokens: int, text_len: int, text_ids: bool) -
 
 def abstract_state(trainable, tx):
     """A boxed abstract TrainState for `trainable` (params and EMA keep their logical names)."""
-    from vdit.train.state import TrainState
-
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     return TrainState(step=scalar, params=trainable, ema=trainable,
@@ -94,13 +100,6 @@ def abstract_state(trainable, tx):
 def compile_proxy(cfg, layers: int, sizes: dict, rows: int, problem, rules,
                   full_step: bool) -> tuple[int, int]:
     """(temporary bytes per device, proxy parameter bytes per device) of one proxy compile."""
-    from vdit.data.pipeline import batch_sharding
-    from vdit.models.dit import build_dit
-    from vdit.plan import _text_model, abstract_weights, per_device_bytes, text_in_step
-    from vdit.train import optim
-    from vdit.train.objective import make_dit_loss
-    from vdit.train.step import make_train_step
-
     model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
     model_cfg.num_layers, model_cfg.attention = layers, "memory_proxy"
     dit = build_dit(model_cfg)
@@ -108,7 +107,7 @@ def compile_proxy(cfg, layers: int, sizes: dict, rows: int, problem, rules,
     mesh = make_mesh(sizes, devices=jax.devices()[:math.prod(sizes.values())])
     text_ids = text_in_step(cfg)
     batch = abstract_batch(dit, rows, problem.tokens, problem.text_len, text_ids)
-    loss_fn = make_dit_loss(dit, _text_model(cfg) if text_ids else None, cfg)
+    loss_fn = lora.wrap_loss(make_dit_loss(dit, step_text_model(cfg) if text_ids else None, cfg), cfg)
     fixed, fixed_sh = _plain(frozen), _shardings(frozen, mesh, rules)
     if full_step:
         tx = optim.make_optimizer(cfg.optim, int(cfg.train.steps))

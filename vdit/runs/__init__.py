@@ -121,6 +121,11 @@ def samples_dir(workdir) -> epath.Path:
     return user_path(workdir) / "samples"
 
 
+def profile_dir(workdir) -> epath.Path:
+    """Where `train.profile_steps` writes its jax.profiler trace."""
+    return user_path(workdir) / "profile"
+
+
 def eval_dir(workdir) -> epath.Path:
     """Where `vdit eval shapes --workdir` writes its samples (samples/ + samples.jsonl)."""
     return user_path(workdir) / "eval"

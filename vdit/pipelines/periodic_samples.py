@@ -25,11 +25,15 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from vdit import runs
+from vdit.data.sources import LatentShardSource
+from vdit.data.video_io import write_grid_png, write_video
 from vdit.eval.shapes import judge_video, score
 from vdit.models import lora
-from vdit.models.prompt_expand import shapes_expander
+from vdit.pipelines.generate import Generator
+from vdit.pipelines.prompt_expand import shapes_expander
 
 log = logging.getLogger(__name__)
 DEFAULT_NUM_PROMPTS = 4
@@ -49,8 +53,6 @@ def sample_prompts(config, latents: str) -> list[str]:
         if isinstance(given, str) or not all(isinstance(p, str) for p in given):
             raise ValueError(f"config key 'sample.prompts' = {given!r}: expected a list of strings")
         return list(given)
-    from vdit.data.sources import LatentShardSource
-
     count = int(config.sample.get("num_prompts", DEFAULT_NUM_PROMPTS))
     source = LatentShardSource(latents)
     captions: list[str] = []
@@ -83,8 +85,6 @@ class PeriodicSamples:
 
     def write(self, step: int, ema: dict, frozen: dict, writer=None) -> str:
         """`writer`: a `vdit.train.metrics.MetricsWriter` for TensorBoard videos and judge scores."""
-        from vdit.data.video_io import write_grid_png, write_video
-
         weights = complete_weights(self.config, ema, frozen)
         gen = dataclasses.replace(self.generator, dit_params=weights["dit"],
                                   text_params=weights["text"])
@@ -127,9 +127,6 @@ def shapes_targets(prompts: list[str]) -> list[dict] | None:
 def from_config(config, workdir: str, ema: dict, frozen: dict) -> PeriodicSamples | None:
     """The run's periodic sampler (VAE, latent statistics and prompts loaded now, so a problem
     shows before step 1), or None when `train.sample_every` is 0 or the run has no VAE."""
-    from vdit.pipelines.generate import Generator
-    from vdit.runs import latents_dir
-
     every = int(config.train.get("sample_every", 0) or 0)
     if every <= 0:
         return None
@@ -149,13 +146,11 @@ def from_config(config, workdir: str, ema: dict, frozen: dict) -> PeriodicSample
     generator.latent_shape(*shape)  # a size the VAE and patches cannot take fails here
     fps = float(config.data.get("fps", 16.0)) if "data" in config else 16.0
     return PeriodicSamples(every, str(runs.samples_dir(workdir)),
-                           sample_prompts(config, latents_dir(config, workdir)), generator,
+                           sample_prompts(config, runs.latents_dir(config, workdir)), generator,
                            config, shape, int(config.sample.get("seed", 0)), fps)
 
 
 def _to_host(x) -> np.ndarray:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)

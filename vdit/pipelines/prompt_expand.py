@@ -20,6 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
+from vdit.data import shapes_captions as sc
+from vdit.data.synthetic import COLORS
 from vdit.models.tokenizers import prompt_clean
 
 _CLAUSE_SPLIT = re.compile(r"\s*(?:;|\band\b|\bplus\b)\s*")  # commas stay: "a ball, rolling left"
@@ -81,9 +83,6 @@ def template_render(template: str, joiner: str = " and "):
 def shapes_vocab() -> dict[str, dict[str, str]]:
     """Surface words of the synthetic world (from its caption module) -> canonical values; shape
     aliases the captions never use ("ball", "box") map to the captions' shape words."""
-    from vdit.data import shapes_captions as sc
-    from vdit.data.synthetic import COLORS
-
     shape = {w: name for table in (sc.SHAPE_WORDS, sc.SHAPE_ALIASES)
              for name, words in table.items() for w in (name, *words)}
     direction = {w: name for name, words in sc.DIRECTION_WORDS.items() for w in (name, *words)}
@@ -98,8 +97,6 @@ def shapes_expander(template: int | None = 0, split: str = "train") -> SlotExpan
     template: a fixed template index, or None to draw one from `split`'s templates with the rng
     given per call (no rng: the split's first template, canonical words).
     """
-    from vdit.data import shapes_captions as sc
-
     choices = sc.template_ids(split)
     if template is not None and not 0 <= template < len(sc.TEMPLATES):
         raise ValueError(f"prompt expansion template={template}: expected None or an index "

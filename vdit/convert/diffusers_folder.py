@@ -18,6 +18,9 @@ import jax
 import numpy as np
 
 from vdit import runs
+from vdit.convert import wan
+from vdit.diffusion.samplers import make_sampler
+from vdit.models.tokenizers import load_tokenizer
 
 # The Wan pipelines whose folders share this layout (the class only changes diffusers' __call__).
 PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
@@ -93,10 +96,6 @@ def latent_stats(vae) -> tuple[np.ndarray, np.ndarray]:
 
 def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dict:
     """The Generator's fields from a pipeline folder (parameters placed on the default device)."""
-    from vdit.convert import wan
-    from vdit.diffusion.samplers import make_sampler
-    from vdit.models.tokenizers import load_tokenizer
-
     index = read_index(path)
     sub = lambda name: str(runs.user_path(path) / name)
     dit, dit_params = wan.load_transformer(sub("transformer"), dtype=dtype, attention=attention)
@@ -133,8 +132,6 @@ def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dic
 def image_parts(encoder_dir: str, processor_dir: str, dtype: str = "float32",
                 attention: str = "xla") -> dict:
     """The Generator's CLIP fields from an image_encoder/ and an image_processor/ folder."""
-    from vdit.convert import wan
-
     encoder, encoder_params = wan.load_image_encoder(encoder_dir, dtype=dtype, attention=attention)
     return dict(image_encoder=encoder, image_encoder_params=jax.device_put(encoder_params),
                 image_processor=wan.read_image_processor(processor_dir))

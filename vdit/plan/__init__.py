@@ -11,7 +11,7 @@ Nothing real is allocated and nothing runs; the method (printed with --explain):
   `--devices`); a leaf's per-device bytes are its shard's (dims divided by the mesh axes it is
   split over, rounded up). These equal the compiled step's argument bytes.
 * activations, gradients and update temporaries: XLA's `memory_analysis()` of compiled *proxies*
-  (`vdit/plan_proxy.py`). A device count that does not exist here cannot be compiled, so a proxy
+  (`vdit/plan/proxy.py`). A device count that does not exist here cannot be compiled, so a proxy
   keeps every per-device activation shape: the same rows per device, tokens per row, `tensor`
   and `sequence` sizes, on the local devices (data x fsdp shrunk to what fits). Attention is the
   "memory_proxy" backend (`vdit/models/attention_proxy.py`): a fused kernel's residuals, never the
@@ -21,7 +21,7 @@ Nothing real is allocated and nothing runs; the method (printed with --explain):
   clipping, AdamW, EMA temporaries) as a multiple of the proxy's parameter bytes, applied to the
   plan's parameter bytes.
 
-* attention FLOPs (`vdit/plan_attention.py`): a row of clips of --clip-tokens, forward and backward,
+* attention FLOPs (`vdit/plan/attention.py`): a row of clips of --clip-tokens, forward and backward,
   with the block_sparse kernels' skip at each kernel's blocks, against a dense kernel.
 
 Caveats: the proxy is compiled by this machine's backend (CPU unless run on an accelerator); CPU
@@ -38,21 +38,24 @@ import logging
 import math
 import sys
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from vdit.config import spatial_stride
+from vdit.config import check_frames, check_size, load_config, spatial_stride
+from vdit.models.dit import build_dit
 from vdit.parallel.mesh import (
     MESH_AXES,
     logical_rules,
-    logical_to_mesh_spec,
     resolve_axis_sizes,
     split_mesh_config,
 )
-from vdit.plan_attention import attention_cost, format_cost
+from vdit.plan.attention import attention_cost, format_cost
+from vdit.plan.proxy import measure
+from vdit.plan.weights import (
+    analytic_bytes,
+    text_in_step,
+    training_config,
+)
 
 log = logging.getLogger(__name__)
 GIB = 2 ** 30
@@ -110,8 +113,6 @@ def add_plan_flags(parser: argparse.ArgumentParser) -> None:
 
 def tokens_per_row(config, frames: int, height: int, width: int) -> int:
     """Patch tokens of one clip: latent frames x (H / stride) x (W / stride) over the patch."""
-    from vdit.config import check_frames, check_size
-
     stride = spatial_stride(config)
     check_frames("--frames", frames)
     check_size("--size height", height, stride)
@@ -166,111 +167,6 @@ def mesh_sizes(config, devices: int) -> dict:
     return {a: s * int(dcn.get(a, 1)) for a, s in zip(MESH_AXES, sizes)}
 
 
-# ------------------------------------------------------------------- abstract state, analytic
-
-
-def training_config(config) -> ml_collections.ConfigDict:
-    """The config with the sections the loss needs filled from `vdit.train.defaults`."""
-    from vdit.train import defaults
-
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    for name in ("optim", "flow", "train"):
-        if name not in cfg:
-            cfg[name] = getattr(defaults, name)()
-    if "data" not in cfg:
-        cfg.data = defaults.packing()
-        cfg.data.text_format = "embeddings"  # text encoded ahead of time, as large runs do
-    return cfg
-
-
-def text_in_step(cfg) -> bool:
-    """Whether the step runs the text encoder (token ids in the batch) or reads embeddings."""
-    return "text" in cfg and cfg.data.get("text_format", "ids") == "ids"
-
-
-def abstract_weights(cfg, dit) -> tuple[dict, dict]:
-    """(trainable, frozen) boxed abstract parameters: {"dit"[, "dit_2", "text"]} split like the
-    trainer (vdit/train/experts.py: which expert of two trains)."""
-    s, length = 8, 4
-    ones = lambda n: jnp.ones((1, n), jnp.int32)
-
-    image = ({"image_context": jnp.zeros((1, dit.pos_embed_seq_len or 1, dit.image_dim))}
-             if dit.has_image_branch else {})  # Wan2.1 I2V: the image branch's parameters
-
-    def init(rng):
-        out = {"dit": dit.init(rng, jnp.zeros((1, s, dit.token_in_dim)),
-                               jnp.zeros((1, s, 3), jnp.int32), ones(s), jnp.zeros((1, 1)),
-                               jnp.zeros((1, length, dit.text_dim)), ones(length),
-                               method="packed", **image)["params"]}
-        if text_in_step(cfg):
-            text_model = _text_model(cfg)
-            out["text"] = text_model.init(rng, ones(length), ones(length))["params"]
-        return out
-
-    boxed = jax.eval_shape(init, jax.random.key(0))
-    names = ["dit"]
-    if "experts" in cfg:  # Wan2.2 two experts of one shape; experts.train says which train
-        boxed["dit_2"] = boxed["dit"]
-        names = {"high": ["dit"], "low": ["dit_2"]}.get(cfg.experts.get("train", "both"),
-                                                       ["dit", "dit_2"])
-    if "text" in boxed and cfg.text.get("trainable", False):
-        names.append("text")
-    return ({k: v for k, v in boxed.items() if k in names},
-            {k: v for k, v in boxed.items() if k not in names})
-
-
-def _text_model(cfg):
-    from vdit.models import text
-
-    if cfg.text.get("kind") in ("byte", "word"):
-        return text.text_encoder_from_config(cfg.text)[0]
-    return text.encoder_from_dict(cfg.text, cfg.text.get("dtype", "float32"), "config.text")
-
-
-def _leaves(tree):
-    """[(shape, dtype, logical names or None)] of a boxed abstract tree."""
-    out = []
-    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
-        if isinstance(leaf, nn.Partitioned):
-            out.append((leaf.value.shape, leaf.value.dtype, leaf.names))
-        else:
-            out.append((leaf.shape, leaf.dtype, None))
-    return out
-
-
-def per_device_bytes(tree, mesh: dict, rules, dtype=None) -> int:
-    """Bytes one device holds of `tree` under `rules` on a mesh of `mesh` sizes."""
-    total = 0
-    for shape, leaf_dtype, names in _leaves(tree):
-        spec = logical_to_mesh_spec(names, rules) if names else ()
-        local = list(shape)
-        for i, axes in enumerate(spec):
-            if axes is not None:
-                split = math.prod(mesh[a] for a in ((axes,) if isinstance(axes, str) else axes))
-                local[i] = -(-local[i] // split)
-        total += math.prod(local) * np.dtype(dtype or leaf_dtype).itemsize
-    return total
-
-
-def param_count(tree) -> int:
-    return sum(math.prod(shape) for shape, _, _ in _leaves(tree))
-
-
-def analytic_bytes(cfg, dit, mesh: dict, rules) -> tuple[dict, dict]:
-    """Per-device bytes of params, EMA, optimizer and frozen weights; and parameter counts."""
-    from vdit.train import optim
-
-    trainable, frozen = abstract_weights(cfg, dit)
-    tx = optim.make_optimizer(cfg.optim, int(cfg.train.get("steps", 1)))
-    opt_state = jax.eval_shape(tx.init, trainable)
-    params = per_device_bytes(trainable, mesh, rules)
-    out = {"parameters": params, "ema": params,
-           "optimizer": per_device_bytes(opt_state, mesh, rules),
-           "frozen weights": per_device_bytes(frozen, mesh, rules)}
-    counts = {"trainable": param_count(trainable), "frozen": param_count(frozen)}
-    return out, counts
-
-
 # ------------------------------------------------------------------------------- the plan
 
 
@@ -285,9 +181,6 @@ def batch_bytes(cfg, dit, problem: Problem, mesh: dict) -> int:
 def plan_memory(config, devices: int, problem: Problem, proxy_layers=(2, 3),
                 local_devices: int | None = None) -> MemoryPlan:
     """The per-device memory of a training step of `config` on `devices` devices."""
-    from vdit.models.dit import build_dit
-    from vdit.plan_proxy import measure
-
     cfg = training_config(config)
     mesh = mesh_sizes(cfg, devices)
     rules = logical_rules("dit", cfg.get("mesh", {}).get("rules", None))
@@ -336,8 +229,6 @@ def _human(n: float) -> str:
 
 def run_cli(args) -> int:
     """`vdit plan`: args.config, args.overrides and the `add_plan_flags` flags."""
-    from vdit.config import load_config
-
     if not getattr(args, "config", None):
         raise ValueError("--config is required (a configs/*.py file)")
     proxy = _proxy_layers(args.proxy_layers)
