@@ -13,7 +13,7 @@ tokens a clip. Image-to-video samples with the image's clean latent as frame 0 a
 
 import ml_collections
 
-from vdit.config import recipe
+from . import wan2_1_t2v_1_3b
 
 WAN22_LATENTS_MEAN = [
     -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813,
@@ -29,7 +29,7 @@ WAN22_LATENTS_STD = [
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("wan2_1_t2v_1_3b")
+    config = wan2_1_t2v_1_3b.get_config()
     # full remat: 32 rows of 27280 tokens at save_dots need ~2x a v5p chip's HBM (`vdit plan`)
     config.model.update(dict(num_attention_heads=24, ffn_dim=14336, in_channels=48,
                              out_channels=48, remat="full"))
