@@ -42,6 +42,7 @@ from vdit.models import micro as micro_lib
 from vdit.models.image import penultimate_features
 from vdit.models.image_preprocess import preprocess, to_uint8
 from vdit.models.text import encode_prompts
+from vdit.models.vae import denormalize_latents, normalize_latents
 from vdit.pipelines import conditioning as cond_lib
 from vdit.pipelines import run_parts
 from vdit.pipelines.guided_dit import GuidedDiT, TwoExperts
@@ -128,11 +129,11 @@ class Generator:
         latents of a clip's first frames encode them inside a canvas of the output's length: the
         same compiled encoder serves every workflow of one video shape."""
         mean = _encode(self.vae, self.vae_params, jnp.asarray(video, jnp.float32))
-        return (mean - jnp.asarray(self.latents_mean)) / jnp.asarray(self.latents_std)
+        return normalize_latents(mean, self.latents_mean, self.latents_std)
 
     def decode(self, latents: jax.Array) -> jax.Array:
         """Normalised latents [B, T', H', W', C] -> video [B, T, H, W, 3] in [-1, 1]."""
-        z = latents * jnp.asarray(self.latents_std) + jnp.asarray(self.latents_mean)
+        z = denormalize_latents(latents, self.latents_mean, self.latents_std)
         return _decode(self.vae, self.vae_params, z)
 
     def image_tokens(self, images) -> jax.Array:
