@@ -16,10 +16,10 @@ denoise with both, by timestep.
 
 import ml_collections
 
-from vdit.config import recipe
+from . import shapes_dit
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("shapes_dit")
+    config = shapes_dit.get_config()
     config.experts = ml_collections.ConfigDict(dict(boundary_ratio=0.8, train="both"))
     return config

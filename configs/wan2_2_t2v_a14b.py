@@ -15,11 +15,11 @@ frozen from train.init_from), "low" (t < 0.875), or "both" (half of each batch's
 
 import ml_collections
 
-from vdit.config import recipe
+from . import wan2_1_t2v_14b
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("wan2_1_t2v_14b")
+    config = wan2_1_t2v_14b.get_config()
     config.experts = ml_collections.ConfigDict(dict(boundary_ratio=0.875, train="high"))
     config.text.tokenizer_path = "weights/Wan2.2-T2V-A14B-Diffusers/tokenizer"
     config.encode.vae_workdir = "runs/wan2_2_t2v_a14b/vae"

@@ -21,7 +21,8 @@ from vdit.data import pipeline, sources
 from vdit.diffusion import flow
 from vdit.models import lora
 from vdit.pipelines.generate import Generator
-from vdit.train import checkpoint, experts, init_from, loop
+from vdit.runs import checkpoint
+from vdit.train import experts, init_from, loop
 
 BOUNDARY = 0.8
 

@@ -16,7 +16,7 @@ B at zero, so a fresh adapter leaves the model exactly as it was.
 
 Config section `lora`: enabled, rank, alpha, targets (regexes, `re.search`ed against
 "/"-joined parameter paths such as "blocks/attn1/to_q/kernel"; only parameters named "kernel"
-with at least 2 axes besides "layers" are candidates). Defaults: `vdit.train.defaults.lora()`.
+with at least 2 axes besides "layers" are candidates). Defaults: `lora()` in configs/common.py.
 """
 
 from __future__ import annotations

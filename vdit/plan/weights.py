@@ -12,19 +12,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vdit.config import recipe_module
 from vdit.models import lora, text
 from vdit.parallel.mesh import logical_to_mesh_spec
-from vdit.train import defaults, experts, optim
+from vdit.train import experts, optim
 
 
 def training_config(config) -> ml_collections.ConfigDict:
-    """The config with the sections the loss needs filled from `vdit.train.defaults`."""
+    """The config with the sections the loss needs filled from configs/common.py."""
+    common = recipe_module("common")
     cfg = ml_collections.ConfigDict(config.to_dict())
     for name in ("optim", "flow", "train"):
         if name not in cfg:
-            cfg[name] = getattr(defaults, name)()
+            cfg[name] = getattr(common, name)()
     if "data" not in cfg:
-        cfg.data = defaults.packing()
+        cfg.data = common.packing()
         cfg.data.text_format = "embeddings"  # text encoded ahead of time, as large runs do
     return cfg
 
