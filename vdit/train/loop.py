@@ -131,12 +131,6 @@ def split_trainable(config, params: dict) -> tuple[dict, dict]:
             {k: v for k, v in params.items() if k not in names})
 
 
-def restore_frozen(config) -> dict:
-    """The frozen (not trained, not checkpointed) weights of a run: from its train.init_from
-    run when it has one, else recreated from its seed."""
-    return init_from.frozen_weights(config)
-
-
 def seed_frozen(config) -> dict:
     """The frozen weights of a run without init_from, recreated from its seed."""
     dit, text_model, _ = build_models(config)
