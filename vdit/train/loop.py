@@ -33,6 +33,7 @@ from vdit.models.text import encoder_from_dict, text_encoder_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.runs import checkpoint
 from vdit.train import conditioning, experts, init_from, optim, preflight
+from vdit.train.config_checks import check_train_config
 from vdit.train.flops import jaxpr_flops
 from vdit.train.lock import workdir_lock
 from vdit.train.metrics import MetricsWriter, drop_rows_after
@@ -239,11 +240,8 @@ def use_compilation_cache(config) -> None:
 def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
            samples_fn: Callable | None) -> list[dict]:
     use_compilation_cache(config)
-    config = init_from.checked(config)
-    lora.check_config(config)
     dit, text_model, tokenizer = build_models(config)
-    conditioning.check_config(config, dit)
-    experts.check_config(config)
+    config = check_train_config(config, dit)
     setup = setup_fn(config, dit, text_model)
     mesh, rules = setup.mesh, setup.rules
     preflight.check_batch_divides(int(config.data.rows_per_batch), mesh)
