@@ -46,7 +46,7 @@ from vdit.data import conditions, pipeline
 from vdit.data.encode import sample_shape
 from vdit.models import lora, patches
 from vdit.parallel.mesh import logical_rules, mesh_from_config
-from vdit.train import conditioning, loop, optim
+from vdit.train import conditioning, loop, optim, run_params
 from vdit.train.objective import make_dit_loss
 from vdit.train.state import create_sharded, create_state
 from vdit.train.step import make_train_step
@@ -98,13 +98,13 @@ def build_step(config):
     """(compiled step, its FLOPs, state, frozen, mesh, dit, tokenizer) as loop.train builds them."""
     mesh = mesh_from_config(config.mesh)
     rules = logical_rules("dit", config.mesh.get("rules", None))
-    dit, text_model, tokenizer = loop.build_models(config)
-    boxed = lambda rng: loop.init_params(dit, text_model, config, rng)
+    dit, text_model, tokenizer = run_params.build_models(config)
+    boxed = lambda rng: run_params.init_params(dit, text_model, config, rng)
     tx = optim.make_optimizer(config.optim, config.train.steps)
     rng = jax.random.key(config.train.seed)
-    state, shardings = create_state(lambda r: loop.split_trainable(config, boxed(r))[0], tx, rng,
+    state, shardings = create_state(lambda r: run_params.split_trainable(config, boxed(r))[0], tx, rng,
                                     mesh, rules)
-    frozen, frozen_shardings = create_sharded(lambda r: loop.split_trainable(config, boxed(r))[1],
+    frozen, frozen_shardings = create_sharded(lambda r: run_params.split_trainable(config, boxed(r))[1],
                                               rng, mesh, rules)
     loss_fn = lora.wrap_loss(make_dit_loss(dit, text_model, config), config)
     step_fn = make_train_step(loss_fn, tx, config.train.ema_decay)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from train_testing import tiny_config
 
-from vdit.train import loop, optim
+from vdit.train import loop, optim, run_params
 from vdit.train.flops import jaxpr_flops
 from vdit.train.objective import make_dit_loss
 from vdit.train.state import TrainState, unbox
@@ -32,11 +32,11 @@ def test_matmul_grad_conv_and_scan_counts():
 
 def _step_flops(layers: int):
     config = tiny_config("shapes_dit", "unused", f"--config.model.num_layers={layers}")
-    dit, text_model, _ = loop.build_models(config)
+    dit, text_model, _ = run_params.build_models(config)
     tx = optim.make_optimizer(config.optim, config.train.steps)
-    params = jax.eval_shape(lambda r: unbox(loop.init_params(dit, text_model, config, r)),
+    params = jax.eval_shape(lambda r: unbox(run_params.init_params(dit, text_model, config, r)),
                             jax.random.key(0))
-    trainable, frozen = loop.split_trainable(config, params)
+    trainable, frozen = run_params.split_trainable(config, params)
     zero = jnp.zeros((), jnp.int32)
     state = jax.eval_shape(lambda p: TrainState(
         step=zero, params=p, ema=p, opt_state=tx.init(p),

@@ -23,7 +23,7 @@ from vdit.models.vae_config import vae_from_config
 from vdit.parallel.mesh import DIT_RULES, logical_to_mesh_spec
 from vdit.pipelines.generate import Generator
 from vdit.runs import checkpoint
-from vdit.train import init_from, loop
+from vdit.train import init_from, loop, run_params
 
 TARGETS = [r"blocks/attn[12]/to_(q|k|v|out)/kernel$", r"blocks/ffn/linear_[12]/kernel$",
            r"^time_proj/kernel$"]
@@ -36,8 +36,8 @@ def _cfg(**kw) -> ml_collections.ConfigDict:
 def _model(num_layers: int):
     """(dit, boxed abstract params, random base params): shapes only, nothing compiled."""
     config = tiny_config("shapes_dit", "unused", f"--config.model.num_layers={num_layers}")
-    dit, text_model, _ = loop.build_models(config)
-    boxed = jax.eval_shape(lambda r: loop.init_params(dit, text_model, config, r)["dit"],
+    dit, text_model, _ = run_params.build_models(config)
+    boxed = jax.eval_shape(lambda r: run_params.init_params(dit, text_model, config, r)["dit"],
                            jax.random.key(0))
     rng = np.random.default_rng(0)
     base = jax.tree.map(lambda s: (0.2 * rng.normal(size=s.shape)).astype(np.float32),
@@ -209,9 +209,9 @@ def test_lora_run_trains_only_adapters(runs):
     trained, saved = checkpoint.load_params(runs["run"], "params")
     assert set(trained) == {"lora"}
     config = ml_collections.ConfigDict(saved)
-    dit, text_model, _ = loop.build_models(config)
+    dit, text_model, _ = run_params.build_models(config)
     rng = jax.random.key(config.train.seed)
-    boxed = jax.eval_shape(lambda: loop.init_params(dit, text_model, config, rng)["dit"])
+    boxed = jax.eval_shape(lambda: run_params.init_params(dit, text_model, config, rng)["dit"])
     # The adapters' start depends only on shapes and the rng: the one the trainer drew.
     initial = nn.meta.unbox(lora.init_adapters(jax.random.fold_in(rng, 2), boxed, config.lora))
     for key, value in traverse_util.flatten_dict(trained["lora"]).items():

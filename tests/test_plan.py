@@ -16,7 +16,7 @@ from vdit.data import pipeline
 from vdit.models.dit import build_dit
 from vdit.parallel.mesh import logical_rules, make_mesh
 from vdit.plan import weights as plan_weights
-from vdit.train import loop, optim
+from vdit.train import loop, optim, run_params
 from vdit.train.objective import make_dit_loss
 from vdit.train.state import abstract_sharded, abstract_state
 from vdit.train.step import make_train_step
@@ -39,11 +39,11 @@ def _compiled_step_memory(config):
     """memory_analysis() of the trainer's step (its shardings, donated state) on 8 devices."""
     mesh = make_mesh({k: v for k, v in config.mesh.items() if k != "rules"})
     rules = logical_rules("dit")
-    dit, text_model, _ = loop.build_models(config)
-    boxed = lambda r: loop.init_params(dit, text_model, config, r)
+    dit, text_model, _ = run_params.build_models(config)
+    boxed = lambda r: run_params.init_params(dit, text_model, config, r)
     tx = optim.make_optimizer(config.optim, config.train.steps)
-    trainable = lambda r: loop.split_trainable(config, boxed(r))[0]
-    frozen = lambda r: loop.split_trainable(config, boxed(r))[1]
+    trainable = lambda r: run_params.split_trainable(config, boxed(r))[0]
+    frozen = lambda r: run_params.split_trainable(config, boxed(r))[1]
     # Abstract state and frozen weights, with the trainer's own shardings.
     state, sh = abstract_state(trainable, tx, jax.random.key(0), mesh, rules)
     fixed, fsh = abstract_sharded(frozen, jax.random.key(0), mesh, rules)

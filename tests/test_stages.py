@@ -11,7 +11,7 @@ from train_testing import IMAGES, VIDEOS, tiny_config, train_tiny, write_shards
 
 from vdit.config import load_config, spatial_stride
 from vdit.runs import checkpoint
-from vdit.train import init_from, loop, optim
+from vdit.train import init_from, loop, optim, run_params
 from vdit.train.state import create_sharded, create_state, unbox
 
 CHAINS = {"wan": ["stage1_image", "stage2_video", "stage3_hq"],
@@ -73,13 +73,13 @@ def stage1(tmp_path_factory):
 def _fresh_state(config):
     """The state and frozen weights `train` creates before init_from, and their shardings."""
     mesh_rules = (loop.mesh_from_config(config.mesh), loop.logical_rules("dit"))
-    dit, text_model, _ = loop.build_models(config)
-    boxed = lambda r: loop.init_params(dit, text_model, config, r)
+    dit, text_model, _ = run_params.build_models(config)
+    boxed = lambda r: run_params.init_params(dit, text_model, config, r)
     tx = optim.make_optimizer(config.optim, config.train.steps)
     rng = jax.random.key(config.train.seed)
-    state, shardings = create_state(lambda r: loop.split_trainable(config, boxed(r))[0], tx, rng,
+    state, shardings = create_state(lambda r: run_params.split_trainable(config, boxed(r))[0], tx, rng,
                                     *mesh_rules)
-    frozen, frozen_shardings = create_sharded(lambda r: loop.split_trainable(config, boxed(r))[1],
+    frozen, frozen_shardings = create_sharded(lambda r: run_params.split_trainable(config, boxed(r))[1],
                                               rng, *mesh_rules)
     return state, shardings, frozen, frozen_shardings
 
@@ -133,8 +133,8 @@ def test_stage_chain_starts_from_previous_stage(stage1):
 def test_init_from_refuses_other_shapes(stage1):
     config = tiny_config("shapes_stage2_video", stage1["videos"], "--config.model.ffn_dim=64",
                          f"--config.train.init_from={stage1['workdir']}")
-    dit, text_model, _ = loop.build_models(config)
-    params = jax.eval_shape(lambda r: unbox(loop.init_params(dit, text_model, config, r)),
+    dit, text_model, _ = run_params.build_models(config)
+    params = jax.eval_shape(lambda r: unbox(run_params.init_params(dit, text_model, config, r)),
                             jax.random.key(0))  # the new run's (abstract) trainable weights
     with pytest.raises(ValueError, match=r"train\.init_from.*blocks/ffn/linear_1/kernel: .*"
                                          r"\(1, 16, 32\), this run needs \(1, 16, 64\)"):

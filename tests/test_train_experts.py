@@ -22,7 +22,7 @@ from vdit.diffusion import flow
 from vdit.models import lora
 from vdit.pipelines.generate import Generator
 from vdit.runs import checkpoint
-from vdit.train import experts, init_from, loop
+from vdit.train import experts, init_from, run_params
 
 BOUNDARY = 0.8
 
@@ -95,7 +95,7 @@ def test_both_experts_each_learn_from_their_own_rows_and_times(runs):
     """The high-noise expert sees the first half of the rows at t >= boundary, the low-noise
     one the second half below it; each expert's gradient depends on its own rows only."""
     config = _tiny_moe(runs["latents"], *runs["extra"])
-    dit, text_model, _ = loop.build_models(config)
+    dit, text_model, _ = run_params.build_models(config)
     params, _ = checkpoint.load_params(runs["full"], "params")
     assert set(params) == {"dit", "dit_2"}
     frozen = {"text": init_from.run_weights(runs["full"], "params")[0]["text"]}

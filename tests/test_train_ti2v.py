@@ -12,7 +12,7 @@ from train_testing import VIDEOS, tiny_config, write_shards
 from vdit.config import ConfigError
 from vdit.data import pipeline, sources
 from vdit.diffusion import flow
-from vdit.train import conditioning, loop
+from vdit.train import conditioning, run_params
 from vdit.train.objective import make_loss_terms
 
 
@@ -31,10 +31,10 @@ def latents(tmp_path_factory):
 def test_first_frame_tokens_are_clean_at_t0_and_carry_no_loss(latents):
     config = _ti2v_config(latents)
     k = config.data.max_segments
-    dit, text_model, _ = loop.build_models(config)
+    dit, text_model, _ = run_params.build_models(config)
     assert conditioning.clean_first_frame(config, dit)
-    weights = nn.meta.unbox(loop.init_params(dit, text_model, config, jax.random.key(0)))
-    params, frozen = loop.split_trainable(config, weights)
+    weights = nn.meta.unbox(run_params.init_params(dit, text_model, config, jax.random.key(0)))
+    params, frozen = run_params.split_trainable(config, weights)
     source = sources.LatentShardSource(latents)
     batch = jax.tree.map(jnp.asarray, next(iter(pipeline.packed_dataset(
         source, config.data, dit.patch_size, np.asarray([1], np.int32)))))
@@ -80,7 +80,7 @@ def test_first_frame_tokens_are_clean_at_t0_and_carry_no_loss(latents):
 
 def test_ti2v_needs_a_temporal_patch_of_one(latents):
     config = _ti2v_config(latents, 0.5, "--config.model.patch_size=[2, 2, 2]")
-    dit, _, _ = loop.build_models(config)
+    dit, _, _ = run_params.build_models(config)
     with pytest.raises(ConfigError, match="temporal patch of 1"):
         conditioning.check_config(config, dit)
     config.sample.expand_timesteps = False

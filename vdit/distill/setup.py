@@ -36,7 +36,7 @@ from vdit.models.text import text_encoder_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.pipelines import periodic_samples
 from vdit.runs.checkpoint import load_params
-from vdit.train import init_from, loop, optim
+from vdit.train import init_from, loop, optim, run_params
 from vdit.train.step import make_train_step
 
 TEACHER_SECTIONS = ("model", "text", "vae", "encode")
@@ -126,7 +126,7 @@ def distill_setup(config, dit, text_model, null_ids=None) -> loop.StepSetup:
     null_ids: the empty caption's token ids (default: the config's tokenizer says)."""
     mesh = mesh_from_config(config.mesh)
     rules = logical_rules("dit", config.mesh.get("rules", None))
-    boxed = lambda rng: loop.init_params(dit, text_model, config, rng)
+    boxed = lambda rng: run_params.init_params(dit, text_model, config, rng)
     tx = optim.make_optimizer(config.optim, config.train.steps)
     if null_ids is None:
         null_ids = loop.null_caption(text_encoder_from_config(config.text)[1])
@@ -136,10 +136,10 @@ def distill_setup(config, dit, text_model, null_ids=None) -> loop.StepSetup:
 
     def frozen(rng):
         params = boxed(rng)
-        part = loop.split_trainable(config, params)[1]
+        part = run_params.split_trainable(config, params)[1]
         return {**part, "teacher": params["dit"]} if teacher_copy else part
 
-    return loop.StepSetup(mesh, rules, tx, lambda r: loop.split_trainable(config, boxed(r))[0],
+    return loop.StepSetup(mesh, rules, tx, lambda r: run_params.split_trainable(config, boxed(r))[0],
                           frozen, make_train_step(loss_fn, tx, config.train.ema_decay, True),
                           loop.batch_spec(config, dit, text_dim),
                           {"teacher": "dit"} if teacher_copy else {})

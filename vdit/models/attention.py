@@ -45,6 +45,7 @@ from vdit.config import ATTENTION_BACKENDS
 from vdit.models import attention_blocks
 from vdit.models import attention_pallas_gpu as pallas_gpu
 from vdit.models import attention_pallas_tpu as pallas_tpu
+from vdit.models.attention_proxy import proxy_attention
 from vdit.parallel import context
 
 # The config's backends, and `vdit plan`'s memory proxy (never chosen by a config).
@@ -93,8 +94,6 @@ def local_attention(q, k, v, q_segment_ids, kv_segment_ids, backend: str, shard:
     if backend == "cudnn":
         return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
     if backend == "memory_proxy":
-        from vdit.models.attention_proxy import proxy_attention
-
         return proxy_attention(q, k, v, q_segment_ids, kv_segment_ids,
                                blocks=BLOCK_SPARSE_BLOCKS["gpu"])
     if backend == "block_sparse":

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from vdit.models.vae_blocks import Conv3d
 from vdit.models.vae_coders import Decoder, Encoder, run_in_chunks
-from vdit.models.vae_config import check_fields
+from vdit.models.vae_fields import check_fields
 from vdit.models.vae_residual import patchify, unpatchify
 from vdit.models.vae_tiling import tiled_map
 

@@ -27,7 +27,8 @@ import jax
 
 from vdit.models.dit import build_dit
 from vdit.train.config_checks import check_train_config
-from vdit.train.loop import build_text_model, compile_step, step_setup
+from vdit.train.loop import compile_step, step_setup
+from vdit.train.run_params import build_text_model
 from vdit.train.state import abstract_sharded, abstract_state
 
 GIB = 2 ** 30

@@ -32,7 +32,7 @@ from vdit import runs
 from vdit.models import lora
 from vdit.runs.checkpoint import load_params
 from vdit.runs.run_kind import check_kind
-from vdit.train import experts
+from vdit.train import experts, run_params
 from vdit.train.state import create_sharded, shardings_of, unbox
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,9 @@ def run_weights(path: str, which: str = "ema", _depth: int = 0) -> tuple[dict, d
 def frozen_weights(config, _depth: int = 0) -> dict:
     """The frozen (not checkpointed) weights of a run with `config`: from its init_from run, or
     recreated from its seed."""
-    from vdit.train import loop  # loop imports this module
-
     path = source_path(config)
     if not path:
-        return loop.seed_frozen(config)
+        return run_params.seed_frozen(config)
     if _depth > MAX_CHAIN:
         raise ValueError(f"train.init_from chain longer than {MAX_CHAIN} runs (a cycle?) at {path!r}")
     weights = source_weights(config, _depth)
@@ -116,9 +114,7 @@ def source_weights(config, _depth: int = 0) -> dict:
 
 
 def frozen_keys(config) -> list[str]:
-    from vdit.train import loop
-
-    return sorted(loop.split_trainable(config, dict.fromkeys(experts.part_names(config), 0))[1])
+    return sorted(run_params.split_trainable(config, dict.fromkeys(experts.part_names(config), 0))[1])
 
 
 def check_shapes(source: dict, target, where: str) -> None:

@@ -28,8 +28,6 @@ from vdit import runs
 from vdit.data import encode, pipeline, sources
 from vdit.data.conditions import COND_TOKENS, MICRO_PREFIX
 from vdit.models import lora
-from vdit.models.dit import build_dit
-from vdit.models.text import encoder_from_dict, text_encoder_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.runs import checkpoint
 from vdit.train import conditioning, experts, init_from, optim, preflight
@@ -37,7 +35,8 @@ from vdit.train.config_checks import check_train_config
 from vdit.train.flops import jaxpr_flops
 from vdit.train.lock import workdir_lock
 from vdit.train.metrics import MetricsWriter, drop_rows_after
-from vdit.train.state import create_state, unbox
+from vdit.train.run_params import build_models, init_params, split_trainable
+from vdit.train.state import create_state
 from vdit.train.step import make_train_step
 from vdit.train.step_loop import StepLoop
 
@@ -50,19 +49,6 @@ def null_caption(tokenizer) -> np.ndarray:
     """Token ids of the empty caption (what CFG's unconditional branch sees), trimmed."""
     ids, mask = tokenizer([""])
     return np.asarray(ids[0][: max(1, int(np.sum(mask[0])))], np.int32)
-
-
-def build_models(config):
-    dit = build_dit(config.model)
-    text_model, tokenizer = text_encoder_from_config(config.text)
-    return dit, text_model, tokenizer
-
-
-def build_text_model(config):
-    """The text encoder module alone: what the step runs, without reading tokenizer files."""
-    if config.text.get("kind") in ("byte", "word"):
-        return text_encoder_from_config(config.text)[0]
-    return encoder_from_dict(config.text, config.text.get("dtype", "float32"), "config.text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,51 +78,6 @@ def step_setup(config, dit, text_model) -> StepSetup:
                      lambda r: split_trainable(config, boxed(r))[1],
                      make_train_step(loss_fn, tx, config.train.ema_decay),
                      batch_spec(config, dit, text_dim))
-
-
-def init_params(dit, text_model, config, rng):
-    """Boxed (logically named) parameters {"dit": ..., "text": ...} from dummy packed inputs;
-    two-expert configs add the low-noise expert "dit_2" (same shapes, its own init), LoRA the
-    adapters of the trained expert(s) ("lora", "lora_2"; vdit/train/experts.py)."""
-    s, length = 8, 4
-    tokens = jnp.zeros((1, s, dit.token_in_dim))
-    ones = lambda n: jnp.ones((1, n), jnp.int32)
-    ids = jnp.ones((1, length), jnp.int32)
-    r_dit, r_text = jax.random.split(rng)
-    # The DiT's draws use an "rbg" key: XLA compiles one threefry kernel per tensor, which costs
-    # seconds of CPU compile per run; the frozen text encoder keeps its threefry draws.
-    r_dit = jax.random.wrap_key_data(jax.random.bits(r_dit, (4,), jnp.uint32), impl="rbg")
-    context = jnp.zeros((1, length, dit.text_dim))
-    image = ({"image_context": jnp.zeros((1, dit.pos_embed_seq_len or 1, dit.image_dim))}
-             if dit.has_image_branch else {})
-    init_dit = lambda r: dit.init(r, tokens, jnp.zeros((1, s, 3), jnp.int32), ones(s),
-                                  jnp.zeros((1, 1)), context, ones(length), method="packed",
-                                  **image)["params"]
-    params = {"dit": init_dit(r_dit), "text": text_model.init(r_text, ids, ones(length))["params"]}
-    if experts.enabled(config):
-        params["dit_2"] = init_dit(jax.random.fold_in(r_dit, 3))
-    if lora.enabled(config):  # adapters for the targeted DiT kernels (vdit/models/lora.py)
-        for i, expert in enumerate(experts.trained(config)):
-            name = experts.LORA_KEY[expert]
-            params[name] = lora.init_adapters(jax.random.fold_in(rng, 2 + 2 * i),
-                                              params[lora.ADAPTED[name]], config.lora)
-    return params
-
-
-def split_trainable(config, params: dict) -> tuple[dict, dict]:
-    """(trainable, frozen): the text encoder trains only when config.text.trainable; under LoRA
-    only the adapters train (base DiT and text encoder frozen, whatever text.trainable says);
-    of two experts, the one `experts.train` leaves out is frozen."""
-    names = experts.trainable_names(config)
-    return ({k: v for k, v in params.items() if k in names},
-            {k: v for k, v in params.items() if k not in names})
-
-
-def seed_frozen(config) -> dict:
-    """The frozen weights of a run without init_from, recreated from its seed."""
-    dit, text_model, _ = build_models(config)
-    boxed = init_params(dit, text_model, config, jax.random.key(config.train.seed))
-    return unbox(split_trainable(config, boxed)[1])
 
 
 def check_resume_compatible(saved: dict, config, sections=SHAPE_SECTIONS) -> None:
