@@ -15,11 +15,11 @@ teacher takes 20 UniPC steps of two calls each. `make distill` runs it on `make 
 
 import ml_collections
 
-from vdit.config import recipe
+from . import shapes_dit
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("shapes_dit")
+    config = shapes_dit.get_config()
     config.distill = ml_collections.ConfigDict(dict(
         teacher="runs/dit", teacher_weights="ema", method="discrete", delta=0.05,
         guidance=config.sample.guidance,  # the teacher's CFG scale, baked into the student

@@ -23,15 +23,24 @@ DiT's gradient barely tells those shapes apart; random features keep every word 
 
 import ml_collections
 
-from vdit.config import recipe
-from vdit.data import shapes_captions
-from vdit.data.synthetic import COLORS
-from vdit.train import defaults
+from . import common, shapes_vae, wan2_1_t2v_1_3b
+
+# The shapes world's caption words (vdit/data/shapes_captions.py `vocabulary`, over the colors of
+# vdit/data/synthetic.py; a test keeps the two equal): word ids are their places in this list.
+SHAPES_VOCAB = [
+    "red", "yellow", "green", "cyan", "blue", "purple", "and", "circle", "square",
+    "triangle", "right", "to", "the", "rightward", "left", "leftward", "up", "upward",
+    "toward", "top", "down", "downward", "bottom", "moving", "drifting", "sliding",
+    "gliding", "heading", "travelling", "moves", "drifts", "slides", "glides", "heads",
+    "travels", "rolling", "rolls", "static", "stationary", "motionless", "standing",
+    "still", "staying", "in", "place", "not", "stays", "does", "move", "a", "video",
+    "shows", "is", "there", "that", ",", "clip", "of", "one",
+]
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("wan2_1_t2v_1_3b")
-    vae = recipe("shapes_vae")
+    config = wan2_1_t2v_1_3b.get_config()
+    vae = shapes_vae.get_config()
     z_dim = vae.vae.z_dim
     config.model.update(dict(
         num_attention_heads=6, attention_head_dim=32, in_channels=2 * z_dim + 4, out_channels=z_dim,
@@ -42,13 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
     # Whole words of the world's lexicon: a caption is ~8 tokens (bytes: ~40), which cuts the text
     # encoder's and the cross-attention's share of a train step several-fold.
     config.text = ml_collections.ConfigDict(dict(
-        kind="word", vocab=shapes_captions.vocabulary(list(COLORS)), max_length=32, d_model=128,
+        kind="word", vocab=SHAPES_VOCAB, max_length=32, d_model=128,
         d_kv=32, d_ff=256, num_layers=2, num_heads=4,
         relative_attention_num_buckets=32, relative_attention_max_distance=64,
         feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dtype="float32",
         trainable=False))
 
-    config.data = defaults.packing()
+    config.data = common.packing()
     config.data.update(vae.data)  # the world the VAE was trained on
     config.data.update(dict(
         tokens_per_row=96, text_per_row=32, rows_per_batch=32, max_segments=2, pack_bins=8,
@@ -62,16 +71,16 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=32, normalize="measure", seed=0, i2v_condition=True,
         last_frame_condition=True))
 
-    config.flow = defaults.flow()
+    config.flow = common.flow()
     # shift 2 at a 32x32 clip's 48 tokens, as the sampler's flow_shift: more training where the
     # object's place and motion are decided.
     config.flow.update(dict(shift_mode="resolution", shift=2.0, base_tokens=48, max_shift=3.0))
-    config.optim = defaults.optim()
+    config.optim = common.optim()
     config.optim.update(dict(lr=2e-3, warmup_steps=100, weight_decay=0.0))
-    config.train = defaults.train()
+    config.train = common.train()
     config.train.update(dict(steps=1600, ema_decay=0.99, log_every=25, i2v_rate=0.3,
                              last_frame_rate=0.3))
-    config.checkpoint = defaults.checkpoint()
+    config.checkpoint = common.checkpoint()
     config.checkpoint.update(dict(every=500, keep=2))
     config.sample = ml_collections.ConfigDict(dict(
         frames=9, height=32, width=32, steps=20, guidance=3.0, num_prompts=4, seed=0,
@@ -79,6 +88,6 @@ def get_config() -> ml_collections.ConfigDict:
                        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=2.0,
                        solver_order=2, predict_x0=True, solver_type="bh2",
                        lower_order_final=True)))
-    config.lora = defaults.lora()
-    config.mesh = defaults.mesh()
+    config.lora = common.lora()
+    config.mesh = common.mesh()
     return config

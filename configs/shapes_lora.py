@@ -12,13 +12,12 @@ By default it trains on the base run's latents (same normalisation statistics); 
 
 import ml_collections
 
-from vdit.config import recipe
-from vdit.train import defaults
+from . import common, shapes_dit
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("shapes_dit")
-    config.lora = defaults.lora()
+    config = shapes_dit.get_config()
+    config.lora = common.lora()
     config.lora.update(dict(enabled=True, rank=8, alpha=8.0))
     config.text.trainable = False  # under LoRA only the adapters train
     config.train.update(dict(steps=200, init_from="runs/dit"))

@@ -18,16 +18,15 @@ frozen throughout: it only encodes the clips.
 
 import ml_collections
 
-from vdit.config import recipe
-from vdit.train import defaults
+from . import common, shapes_dit
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("shapes_dit")
+    config = shapes_dit.get_config()
     config.encode.update(dict(shapes=[(1, 48, 48), (1, 48, 64), (1, 64, 48)],
                               shape_weights=[0.6, 0.2, 0.2]))
     config.data.frames = 1
     config.sample.frames = 1
     config.train.steps = 200
-    config.lora = defaults.lora()  # off; --config.lora.enabled=True finetunes adapters instead
+    config.lora = common.lora()  # off; --config.lora.enabled=True finetunes adapters instead
     return config

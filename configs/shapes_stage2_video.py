@@ -4,12 +4,12 @@ shapes of configs/shapes_dit.py), starting from stage 1's weights (configs/shape
 
 import ml_collections
 
-from vdit.config import recipe
+from . import shapes_dit, shapes_stage1_image
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("shapes_stage1_image")
-    base = recipe("shapes_dit")
+    config = shapes_stage1_image.get_config()
+    base = shapes_dit.get_config()
     config.encode.update(dict(shapes=base.encode.shapes, shape_weights=base.encode.shape_weights))
     config.data.frames = base.data.frames
     config.sample.frames = base.sample.frames

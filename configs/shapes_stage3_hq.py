@@ -7,11 +7,11 @@ visible motion (`data.max_objects`, `data.speed_range`, read by the synthetic so
 
 import ml_collections
 
-from vdit.config import recipe
+from . import shapes_stage2_video
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("shapes_stage2_video")
+    config = shapes_stage2_video.get_config()
     # 17 frames at 64x64 -> 5 latent frames x 8 x 8 = 320 tokens.
     config.encode.update(dict(shapes=[(17, 64, 64), (9, 64, 64), (1, 64, 64)],
                               shape_weights=[0.4, 0.4, 0.2]))

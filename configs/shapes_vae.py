@@ -8,7 +8,7 @@ shapes world with mixed image and short-video batches (see vdit/train/vae_loop.p
 
 import ml_collections
 
-from vdit.train import defaults
+from . import common
 
 Z_DIM = 8
 
@@ -56,10 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
         steps=1000, batch_size=8, shapes=[(1, 32, 32), (1, 32, 32), (9, 32, 32)],
         l1_weight=0.0, l2_weight=1.0, kl_weight=1e-6, perceptual_weight=0.0,
         adversarial_weight=0.0, seed=0, log_every=10, eval_every=0, eval_examples=16, ema_decay=0.99))
-    config.optim = defaults.optim()
+    config.optim = common.optim()
     config.optim.update(dict(lr=1e-3, warmup_steps=20, weight_decay=0.0))
-    config.checkpoint = defaults.checkpoint()
+    config.checkpoint = common.checkpoint()
     config.checkpoint.update(dict(every=200, keep=2))
-    config.train = defaults.train()
-    config.mesh = defaults.mesh()
+    config.train = common.train()
+    config.mesh = common.mesh()
     return config

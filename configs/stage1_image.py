@@ -24,11 +24,11 @@ stage: it only encodes clips to latent shards (`vdit encode`, from the vdit VAE 
 
 import ml_collections
 
-from vdit.config import recipe
+from . import wan2_1_t2v_1_3b
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("wan2_1_t2v_1_3b")
+    config = wan2_1_t2v_1_3b.get_config()
     # 16 px per token: a 256x256 image is 256 tokens, 16 of them fill a row.
     config.data.update(dict(frames=1, height=256, width=256, tokens_per_row=4096,
                             text_per_row=2048, rows_per_batch=256, max_segments=16, pack_bins=16))

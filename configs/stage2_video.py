@@ -8,11 +8,11 @@ mixed with images, starting from stage 1's weights (see configs/stage1_image.py)
 
 import ml_collections
 
-from vdit.config import recipe
+from . import stage1_image
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("stage1_image")
+    config = stage1_image.get_config()
     # 33 frames -> 9 latent frames x 256 = 2304 tokens; images keep the text-image skill.
     config.encode.update(dict(shapes=[(33, 256, 256), (17, 256, 256), (1, 256, 256)],
                               shape_weights=[0.4, 0.3, 0.3]))

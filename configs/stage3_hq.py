@@ -12,11 +12,11 @@ without text overlays) and is encoded into this stage's own latents:
 
 import ml_collections
 
-from vdit.config import recipe
+from . import curate, stage2_video
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("stage2_video")
+    config = stage2_video.get_config()
     # 81 frames at 480x832 -> 21 x 30 x 52 = 32760 tokens: one clip per row.
     config.encode.update(dict(shapes=[(81, 480, 832), (49, 480, 832), (1, 480, 832)],
                               shape_weights=[0.5, 0.3, 0.2], batch_size=2,
@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.update(dict(steps=10_000, init_from="runs/stage2_video"))
     config.sample.update(dict(frames=81, height=480, width=832))
 
-    config.curate = recipe("curate").curate
+    config.curate = curate.get_config().curate
     config.curate.cuts.min_clip_seconds = 5.1  # 81 frames at 16 fps
     config.curate.motion.min_motion = 0.02
     config.curate.scores.update(dict(min_sharpness=50.0, max_text=0.05, min_contrast=0.06))

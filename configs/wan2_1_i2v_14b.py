@@ -22,7 +22,7 @@ converted run's, the one `sample` also loads); `train` starts from the converted
 
 import ml_collections
 
-from vdit.config import recipe
+from . import wan2_1_t2v_14b
 
 
 def clip_vit_h14() -> ml_collections.ConfigDict:
@@ -34,7 +34,7 @@ def clip_vit_h14() -> ml_collections.ConfigDict:
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("wan2_1_t2v_14b")
+    config = wan2_1_t2v_14b.get_config()
     config.model.update(dict(in_channels=36, image_dim=1280, added_kv_proj_dim=5120))
     config.image_encoder = clip_vit_h14()
     config.image_encoder.update(dict(image_encoder_path="runs/wan2_1_i2v_14b/image_encoder",

@@ -11,11 +11,11 @@ Every other section (VAE, frozen UMT5, 480x832 x 81-frame data, optimizer, check
 
 import ml_collections
 
-from vdit.config import recipe
+from . import wan2_1_t2v_1_3b
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("wan2_1_t2v_1_3b")
+    config = wan2_1_t2v_1_3b.get_config()
     config.model.update(dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, remat="full"))
     config.text.tokenizer_path = "weights/Wan2.1-T2V-14B-Diffusers/tokenizer"
     config.data.rows_per_batch = 8

@@ -16,7 +16,7 @@ The stage recipes (configs/stage1_image.py, ...) and the 14B ones derive from th
 
 import ml_collections
 
-from vdit.train import defaults
+from . import common
 
 WAN_LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
@@ -76,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.text = umt5_xxl()
 
     # 81 frames at 480x832 -> 21 x 30 x 52 = 32760 tokens: one clip per row.
-    config.data = defaults.packing()
+    config.data = common.packing()
     config.data.update(dict(
         frames=81, height=480, width=832, fps=16.0, tokens_per_row=32768, text_per_row=512,
         rows_per_batch=32, max_segments=4, pack_bins=4, caption_dropout=0.1, num_workers=8))
@@ -86,17 +86,17 @@ def get_config() -> ml_collections.ConfigDict:
         shapes=[(81, 480, 832), (49, 480, 832), (1, 480, 832)], shape_weights=[0.5, 0.3, 0.2],
         num_shards=256, batch_size=2, normalize="config", seed=0))
 
-    config.flow = defaults.flow()
+    config.flow = common.flow()
     config.flow.update(dict(shift_mode="resolution", base_tokens=256, max_shift=7.0))
-    config.optim = defaults.optim()
+    config.optim = common.optim()
     config.optim.update(dict(lr=2e-5, warmup_steps=200, weight_decay=0.01))
-    config.train = defaults.train()
+    config.train = common.train()
     config.train.update(dict(steps=10_000, ema_decay=0.9999, log_every=50,
                              init_from="runs/wan2_1_t2v_1_3b"))
-    config.checkpoint = defaults.checkpoint()
+    config.checkpoint = common.checkpoint()
     config.checkpoint.update(dict(every=1000, keep=3, keep_every=10_000))
     config.sample = ml_collections.ConfigDict(dict(
         frames=81, height=480, width=832, steps=50, guidance=5.0, scheduler=wan_scheduler(3.0)))
-    config.lora = defaults.lora()
+    config.lora = common.lora()
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
     return config

@@ -16,11 +16,11 @@ UMT5 encoder runs frozen in the step, for the captions and the teacher's empty n
 
 import ml_collections
 
-from vdit.config import recipe
+from . import wan2_1_t2v_1_3b
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("wan2_1_t2v_1_3b")
+    config = wan2_1_t2v_1_3b.get_config()
     config.distill = ml_collections.ConfigDict(dict(
         teacher="runs/wan2_1_t2v_1_3b", teacher_weights="ema", method="discrete", delta=0.02,
         guidance=5.0,

@@ -9,11 +9,11 @@ condition latents) and, unlike Wan2.1 I2V, no CLIP image branch; boundary_ratio 
 
 import ml_collections
 
-from vdit.config import recipe
+from . import wan2_2_t2v_a14b
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("wan2_2_t2v_a14b")
+    config = wan2_2_t2v_a14b.get_config()
     config.model.in_channels = 36
     config.experts.boundary_ratio = 0.9
     config.text.tokenizer_path = "weights/Wan2.2-I2V-A14B-Diffusers/tokenizer"

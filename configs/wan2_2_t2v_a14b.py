@@ -5,9 +5,9 @@ denoises timesteps >= `experts.boundary_ratio` * 1000 (0.875), the low-noise one
 published sampling: flow shift 12, guidance 4.0 (high) / 3.0 (low, `sample.guidance_2`).
 `vdit convert --from diffusers --src weights/Wan2.2-T2V-A14B-Diffusers --out runs/wan2_2_t2v_a14b`
 writes both experts into one run ("dit" high, "dit_2" low), which `vdit sample` and `vdit convert
---to diffusers` use as diffusers does. Training an expert on its own timestep range (the expert
-`experts.train` names) is not implemented yet: `vdit train` refuses the `experts` section, and
-`--dry-run` compiles one expert's step (both experts have the same shapes).
+--to diffusers` use as diffusers does. `vdit train` trains the expert(s) `experts.train` names on
+their own timestep range (vdit/train/experts.py): "high" (here: t >= 0.875, the other expert
+frozen from train.init_from), "low" (t < 0.875), or "both" (half of each batch's rows per expert).
 
     vdit plan  --config configs/wan2_2_t2v_a14b.py --devices 32 --hbm-gb 95 --config.mesh.sequence=4
     vdit train --config configs/wan2_2_t2v_a14b.py --workdir runs/a14b_high --dry-run
@@ -15,11 +15,11 @@ writes both experts into one run ("dit" high, "dit_2" low), which `vdit sample` 
 
 import ml_collections
 
-from vdit.config import recipe
+from . import wan2_1_t2v_14b
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("wan2_1_t2v_14b")
+    config = wan2_1_t2v_14b.get_config()
     config.experts = ml_collections.ConfigDict(dict(boundary_ratio=0.875, train="high"))
     config.text.tokenizer_path = "weights/Wan2.2-T2V-A14B-Diffusers/tokenizer"
     config.encode.vae_workdir = "runs/wan2_2_t2v_a14b/vae"

@@ -4,7 +4,8 @@ The DiT at its published sizes (dim 3072 = 24 heads x 128, ffn 14336, 30 layers)
 channels of the Wan2.2 VAE (residual blocks, 2x2 pixel patching: 16x space, 4x time, z 48, its
 published latent statistics); native 121 frames at 704x1280, 24 fps: 31 x 44 x 80 latents, 27280
 tokens a clip. Image-to-video samples with the image's clean latent as frame 0 at timestep 0
-(`sample.expand_timesteps`). `vdit convert --from diffusers --src weights/Wan2.2-TI2V-5B-Diffusers
+(`sample.expand_timesteps`), and training gives half the videos that clean first frame
+(`train.i2v_rate`). `vdit convert --from diffusers --src weights/Wan2.2-TI2V-5B-Diffusers
 --out runs/wan2_2_ti2v_5b` writes the run this recipe starts from.
 
     vdit plan  --config configs/wan2_2_ti2v_5b.py --devices 32 --hbm-gb 95 --config.mesh.sequence=4
@@ -13,7 +14,7 @@ tokens a clip. Image-to-video samples with the image's clean latent as frame 0 a
 
 import ml_collections
 
-from vdit.config import recipe
+from . import wan2_1_t2v_1_3b
 
 WAN22_LATENTS_MEAN = [
     -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813,
@@ -29,7 +30,7 @@ WAN22_LATENTS_STD = [
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = recipe("wan2_1_t2v_1_3b")
+    config = wan2_1_t2v_1_3b.get_config()
     # full remat: 32 rows of 27280 tokens at save_dots need ~2x a v5p chip's HBM (`vdit plan`)
     config.model.update(dict(num_attention_heads=24, ffn_dim=14336, in_channels=48,
                              out_channels=48, remat="full"))
@@ -42,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.encode.update(dict(vae_workdir="runs/wan2_2_ti2v_5b/vae",
                               shapes=[(121, 704, 1280), (61, 704, 1280), (1, 704, 1280)]))
     config.train.init_from = "runs/wan2_2_ti2v_5b"
+    # TI2V trains both tasks in one model: half the videos keep their clean first latent frame at
+    # timestep 0 (no loss there), the rest are text-to-video (vdit/train/conditioning.py).
+    config.train.i2v_rate = 0.5
     config.sample.update(dict(frames=121, height=704, width=1280, expand_timesteps=True))
     config.sample.scheduler["flow_shift"] = 5.0
     return config

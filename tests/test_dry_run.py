@@ -8,16 +8,13 @@ import json
 import os
 import textwrap
 
-import ml_collections
 import pytest
-from train_testing import tiny_config
 
 from vdit import cli, plan
 from vdit.config import load_config
 from vdit.models.dit import build_dit
 from vdit.parallel.mesh import logical_rules
 from vdit.plan import weights as plan_weights
-from vdit.train import loop
 from vdit.train.dry_run import GIB, dry_run
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -113,15 +110,6 @@ def test_missing_section_names_it_and_the_command(tmp_path, capsys):
     assert cli.main(["encode", "--config", str(path), "--workdir", str(tmp_path / "w")]) == 1
     assert "no 'encode' section, which `vdit encode` needs" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "w")
-
-
-def test_train_refuses_the_experts_section(tmp_path):
-    """Until per-expert training exists, a two-expert recipe must not silently train one DiT
-    over every timestep."""
-    config = tiny_config("shapes_dit", str(tmp_path / "latents"))
-    config.experts = ml_collections.ConfigDict(dict(boundary_ratio=0.875, train="high"))
-    with pytest.raises(NotImplementedError, match="'experts' section"):
-        loop._train(config, str(tmp_path / "run"), None, loop.step_setup, None)
 
 
 @pytest.mark.slow

@@ -14,7 +14,13 @@ from vdit.diffusion.samplers import make_sampler
 from vdit.models import patches
 from vdit.pipelines import conditioning
 from vdit.pipelines import video_to_video as v2v
-from vdit.pipelines.generate import DEFAULT_SCHEDULER, Generator
+from vdit.pipelines.generate import Generator
+
+# Wan2.1's diffusers default solver (what the recipes' sample.scheduler holds).
+DEFAULT_SCHEDULER = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000,
+                     "prediction_type": "flow_prediction", "use_flow_sigmas": True,
+                     "flow_shift": 3.0, "solver_order": 2, "predict_x0": True,
+                     "solver_type": "bh2", "lower_order_final": True}
 
 STEPS = 4
 

@@ -13,13 +13,13 @@ import pytest
 from dit_testing import pack_row, tiny_model_config
 from generate_testing import t2v_pipeline, text_embeddings
 
+from vdit.config import recipe_module
 from vdit.data import pipeline
 from vdit.data.synthetic import SyntheticShapes
 from vdit.models import patches
 from vdit.models.dit import build_dit
 from vdit.pipelines.generate import Generator
 from vdit.sample_cli import SampleJob
-from vdit.train import defaults
 
 PATCH = (1, 2, 2)
 NAMES = ("fps", "motion")
@@ -125,7 +125,7 @@ def test_pipeline_packs_fps_and_motion_per_segment():
         latents = np.full((1 + (i % 2), 2, 2, 4), float(i), np.float32)  # value = record index
         records.append({"latents": latents, "text": np.arange(2, dtype=np.int32), "caption": "x",
                         "meta": {"fps": clip["fps"] + i, "motion": clip["motion"]}})
-    cfg = defaults.packing()
+    cfg = recipe_module("common").packing()
     cfg.update(dict(tokens_per_row=6, text_per_row=8, rows_per_batch=2, max_segments=3,
                     prefetch=0, caption_dropout=0.0))
     it = iter(pipeline.packed_dataset(records, cfg, PATCH, np.zeros(1, np.int32), 0, 1,

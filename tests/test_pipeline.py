@@ -92,9 +92,14 @@ def test_corrupt_record_is_skipped_and_counted(tmp_path):
     assert src.skipped >= 1 and 2 not in seen and seen == {0, 1, 3, 4, 5}
 
 
-def test_oversized_example_is_a_config_error():
-    with pytest.raises(ValueError, match="tokens_per_row"):
-        pipeline.check_budget(100, 4, _cfg(), "shape (5, 64, 64)")
+def test_oversized_example_is_a_config_error(shard_dir):
+    """A clip longer than a row (latents (3, 8, 4): 24 tokens) stops the pipeline with its shape
+    and the key to raise, instead of the packer dropping it."""
+    with pytest.raises(ValueError, match=r"latent shape \(3, 8, 4, 4\) has 24 tokens but config "
+                                         r"key 'data.tokens_per_row' is 20"):
+        it = iter(_dataset(shard_dir, _cfg(tokens_per_row=20)))
+        for _ in range(4):
+            next(it)
 
 
 def test_each_process_reads_its_own_slice(shard_dir):

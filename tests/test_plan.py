@@ -18,7 +18,7 @@ from vdit.parallel.mesh import logical_rules, make_mesh
 from vdit.plan import weights as plan_weights
 from vdit.train import loop, optim
 from vdit.train.objective import make_dit_loss
-from vdit.train.state import create_sharded, create_state, shardings_of, state_shardings
+from vdit.train.state import abstract_sharded, abstract_state
 from vdit.train.step import make_train_step
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -45,11 +45,8 @@ def _compiled_step_memory(config):
     trainable = lambda r: loop.split_trainable(config, boxed(r))[0]
     frozen = lambda r: loop.split_trainable(config, boxed(r))[1]
     # Abstract state and frozen weights, with the trainer's own shardings.
-    sh = state_shardings(trainable, tx, mesh, rules)
-    fsh = shardings_of(frozen, mesh, rules)
-    state = jax.eval_shape(lambda r: create_state(trainable, tx, r, mesh, rules)[0],
-                           jax.random.key(0))
-    fixed = jax.eval_shape(lambda r: create_sharded(frozen, r, mesh, rules)[0], jax.random.key(0))
+    state, sh = abstract_state(trainable, tx, jax.random.key(0), mesh, rules)
+    fixed, fsh = abstract_sharded(frozen, jax.random.key(0), mesh, rules)
     step = make_train_step(make_dit_loss(dit, text_model, config), tx, config.train.ema_decay)
     jitted = jax.jit(step, in_shardings=(sh, fsh, pipeline.batch_sharding(mesh)),
                      out_shardings=(sh, None), donate_argnums=(0,))

@@ -94,18 +94,18 @@ def _config(source, vae_workdir, *extra):
 
 
 def test_folder_and_manifest_entries(videos):
-    folder = video_files.list_videos(videos["folder"])
+    folder = video_files.list_source(videos["folder"])[0]
     assert [e.key for e in folder] == sorted(videos["names"])
     captions = {e.key: e.caption for e in folder}
     assert captions["clip0.mp4"] == CAPTIONS[0] and captions["clip2.mp4"] == ""
-    manifest = video_files.list_videos(videos["manifest"])
+    manifest = video_files.list_source(videos["manifest"])[0]
     assert [e.key for e in manifest] == [f"../{n}" for n in videos["names"]]
     assert manifest[1].caption == "caption of clip1.mp4" and manifest[1].meta == {"motion": 0.1}
     assert os.path.isfile(manifest[0].file)
 
 
 def test_clips_take_the_drawn_shape_and_fail_clearly(videos):
-    entries = video_files.list_videos(videos["manifest"])
+    entries = video_files.list_source(videos["manifest"])[0]
     src = video_files.VideoClipSource(entries, [(9, 32, 32), (5, 16, 24), (1, 32, 32)], None, 3)
     for i in range(4):
         clip = src[i]
@@ -124,11 +124,11 @@ def test_bad_sources_are_errors_naming_them(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"file": "a.mp4"}\n{"caption": "no file"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl line 2.*\"file\""):
-        video_files.list_videos(str(bad))
+        video_files.list_source(str(bad))[0]
     with pytest.raises(FileNotFoundError, match="encode.source"):
-        video_files.list_videos(str(tmp_path / "missing"))
+        video_files.list_source(str(tmp_path / "missing"))[0]
     with pytest.raises(FileNotFoundError, match="lists no videos"):
-        video_files.list_videos(str(tmp_path))
+        video_files.list_source(str(tmp_path))[0]
     config = _config(str(tmp_path), "", "--config.encode.shapes=[(8, 32, 32)]")
     with pytest.raises(ConfigError, match=r"encode.shapes\[0\].frames"):
         encode_videos(config, str(tmp_path / "out"))
@@ -136,7 +136,7 @@ def test_bad_sources_are_errors_naming_them(tmp_path):
 
 def _expected(config, videos, manifest: bool):
     """(kept clips {key: (shape, caption)}, skipped count) predicted from the drawn shapes."""
-    entries = video_files.list_videos(videos["manifest" if manifest else "folder"])
+    entries = video_files.list_source(videos["manifest" if manifest else "folder"])[0]
     src = video_files.VideoClipSource.from_config(config.encode)
     kept, skipped = {}, 0
     for i, entry in enumerate(entries):

@@ -111,7 +111,7 @@ def test_frame_sampling():
     late = video_io.sample_indices(90, 30, 5, 10, start_time=1.0)
     np.testing.assert_array_equal(late, [30, 33, 36, 39, 42])
     video = np.arange(90)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
-    frames = video_io.sample_frames(video, 30, 5, 10, start_time=1.0)
+    frames = video[video_io.sample_indices(len(video), 30, 5, 10, start_time=1.0)]
     np.testing.assert_array_equal(frames[:, 0, 0, 0], late)
     assert video_io.max_start_time(90, 30, 17, 8) == pytest.approx(89 / 30 - 2)
     with pytest.raises(ValueError, match="too short for 17 frames at 8 fps"):

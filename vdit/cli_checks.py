@@ -3,9 +3,9 @@ the right kind, outputs writable. Each failure is a ValueError naming the flag, 
 
 `check_args(args)` dispatches on `args.command`; `vdit/cli.py` calls it first thing.
 `check_config(config, command)` runs when the recipe is loaded: `vdit.config.validate` (mesh,
-attention backend, remat policy, dtypes, shapes, counts) has run by then; this adds the rules that
-live with the code they configure (LoRA, I2V conditioning, init_from, the distill section), so a
-bad key fails before any model, data or device work, whatever the command.
+attention backend, remat policy, dtypes, shapes) has run by then; this adds the rules that live
+with the code they configure (`vdit/train/config_checks.py`: init_from, LoRA, I2V conditioning,
+experts; the distill section), so a bad key fails before any model, data or device work.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from vdit import runs
 from vdit.data import video_io
 from vdit.distill import setup as distill_setup
-from vdit.models import lora
 from vdit.models.dit import build_dit
-from vdit.train import conditioning, init_from
+from vdit.train.config_checks import check_train_config
 from vdit.train.preflight import check_workdir
 
 SEED_MAX = 2 ** 32 - 1  # jax.random.key takes any uint32 seed; prompt i uses --seed + i
@@ -32,10 +31,7 @@ def check_config(config, command: str) -> None:
     if command == "distill":  # the student's init_from and LoRA base come from the teacher
         distill_setup.check_config(config)
     elif command == "train":
-        if init_from.source_path(config):
-            init_from.which_weights(config)
-        lora.check_config(config)
-        conditioning.check_config(config, build_dit(config.model))
+        check_train_config(config, build_dit(config.model))
 
 
 def check_args(args) -> None:

@@ -9,8 +9,11 @@ and names the offending key, its value and what is allowed.
 from __future__ import annotations
 
 import ast
+import hashlib
+import importlib.machinery
 import importlib.util
 import os
+import sys
 from collections.abc import Iterable, Sequence
 
 import ml_collections
@@ -58,15 +61,38 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def recipe(name: str) -> ml_collections.ConfigDict:
-    """`get_config()` of `configs/<name>.py`: lets one recipe derive from another."""
+    """`get_config()` of the built-in recipe `configs/<name>.py` (for code and user configs outside
+    configs/; recipes there derive from each other by relative import, `from . import NAME`)."""
     return _call_get_config(os.path.join(CONFIG_DIR, f"{name}.py"))
+
+
+def recipe_module(name: str):
+    """The module `configs/<name>.py`, e.g. "common", the default sections every recipe starts
+    from (`vdit plan` and `vdit convert` fill a missing section from it)."""
+    return importlib.import_module(f"{_folder_package(CONFIG_DIR)}.{name}")
+
+
+def _folder_package(folder: str) -> str:
+    """The name of a package whose modules are the Python files of `folder`, so a config file there
+    imports its siblings relatively (`from . import common`) whatever folder it lives in. Registered
+    in sys.modules once per folder, as importing a package would."""
+    folder = os.path.abspath(folder)
+    name = "vdit_configs_" + hashlib.sha1(folder.encode()).hexdigest()[:12]
+    if name not in sys.modules:
+        package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(
+            name, None, is_package=True))
+        package.__path__ = [folder]
+        sys.modules[name] = package
+    return name
 
 
 def _call_get_config(path: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
-    name = "vdit_config_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    # Executed afresh on every load (an edited file is read again); its siblings import as modules.
+    spec = importlib.util.spec_from_file_location(
+        f"{_folder_package(os.path.dirname(path))}.{stem}", path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"config file {path!r} is not a Python file (expected configs/*.py)")
     module = importlib.util.module_from_spec(spec)

@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 
 from vdit import runs
+from vdit.config import recipe_module
 from vdit.convert import diffusers_folder as folder_lib
 from vdit.convert import wan
 from vdit.convert.safetensors_io import read_config
@@ -50,7 +51,6 @@ from vdit.models.image import CONFIG_FIELDS as CLIP_FIELDS
 from vdit.models.text import CONFIG_FIELDS, text_encoder_from_config
 from vdit.models.vae_config import vae_from_config
 from vdit.runs import checkpoint, latents_dir
-from vdit.train import defaults
 from vdit.train.init_from import run_weights
 
 DIRECTIONS = (("diffusers", "vdit"), ("vdit", "diffusers"))
@@ -112,8 +112,8 @@ def from_diffusers(src: str, out: str) -> dict:
         runs.copy_tree(sub("image_processor"), config.image_encoder.image_processor_path)
         written |= {name: config.image_encoder[f"{name}_path"] for name in IMAGE_PARTS}
     checkpoint.write_weights(vae_run, 0, vae_params, vae_params,
-                             ml_collections.ConfigDict({"vae": vae_cfg,
-                                                        "checkpoint": defaults.checkpoint()}))
+                             ml_collections.ConfigDict({
+                                 "vae": vae_cfg, "checkpoint": recipe_module("common").checkpoint()}))
     stats = runs.stats_path(runs.user_path(out) / "latents")
     stats.parent.mkdir(parents=True, exist_ok=True)
     stats.write_text(json.dumps({"mean": mean.tolist(), "std": std.tolist()}))
@@ -161,6 +161,7 @@ def _vae_section(cfg: dict, mean: np.ndarray, std: np.ndarray) -> ml_collections
 
 def _run_config(dit_cfg: dict, text_model, tokenizer_path: str, vae_cfg, scheduler: dict,
                 vae_run: str) -> ml_collections.ConfigDict:
+    common = recipe_module("common")
     config = ml_collections.ConfigDict()
     config.model = model_config_from_diffusers(dit_cfg, dtype="float32", attention="auto",
                                                remat="none")
@@ -170,7 +171,7 @@ def _run_config(dit_cfg: dict, text_model, tokenizer_path: str, vae_cfg, schedul
             dtype="float32", trainable=False))
     config.vae = vae_cfg
     wan_defaults = folder_lib.WAN_DEFAULTS
-    config.data = defaults.packing()
+    config.data = common.packing()
     config.data.update(dict(frames=wan_defaults["frames"], height=wan_defaults["height"],
                             width=wan_defaults["width"], fps=wan_defaults["fps"]))
     config.encode = ml_collections.ConfigDict(dict(vae_workdir=vae_run))
@@ -179,10 +180,10 @@ def _run_config(dit_cfg: dict, text_model, tokenizer_path: str, vae_cfg, schedul
         steps=wan_defaults["steps"], guidance=wan_defaults["guidance"],
         frames=wan_defaults["frames"], height=wan_defaults["height"],
         width=wan_defaults["width"], mask_text=False, scheduler=scheduler))
-    config.train = defaults.train()
-    config.checkpoint = defaults.checkpoint()
-    config.lora = defaults.lora()
-    config.mesh = defaults.mesh()
+    config.train = common.train()
+    config.checkpoint = common.checkpoint()
+    config.lora = common.lora()
+    config.mesh = common.mesh()
     return config
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdit.models import patches
+from vdit.models.vae import normalize_latents
 from vdit.models.vae_config import vae_from_config
 
 COND_KEY = "cond_latents"      # record key written by `vdit encode`: first frame known
@@ -95,8 +96,7 @@ def encode_condition_fn(config, encode_fn: Callable, mean, std) -> Callable | No
         return None
 
     tf = vae_from_config(config.vae).temporal_factor
-    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-    normalised = lambda v: (jnp.asarray(encode_fn(v)) - mean) / std
+    normalised = lambda v: normalize_latents(jnp.asarray(encode_fn(v), jnp.float32), mean, std)
     variants = {COND_KEY: first_frame_known}
     if config.encode.get("last_frame_condition", False):
         variants[COND_KEY_LAST] = first_last_known

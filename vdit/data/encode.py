@@ -32,6 +32,7 @@ from vdit import runs
 from vdit.data import conditions, encode_images, sources
 from vdit.data.synthetic import SyntheticShapes
 from vdit.models.text import text_encoder_from_config
+from vdit.models.vae import normalize_latents
 from vdit.models.vae_config import vae_from_config
 from vdit.runs.checkpoint import load_params
 from vdit.runs.run_kind import check_kind
@@ -149,8 +150,8 @@ def latent_record(z: np.ndarray, ids: np.ndarray, mask: np.ndarray, caption: str
                   mean: np.ndarray, std: np.ndarray) -> dict:
     """One shard record: latents [T', H', W', C] normalised, caption ids trimmed to the mask."""
     n = max(1, int(np.sum(mask)))
-    return {"latents": (z - mean) / std, "text": np.asarray(ids[:n], np.int32), "caption": caption,
-            "meta": meta}
+    return {"latents": np.asarray(normalize_latents(z, mean, std)),
+            "text": np.asarray(ids[:n], np.int32), "caption": caption, "meta": meta}
 
 
 def record_extras_fn(config, encode_fn, mean, std, image_fn=None) -> Callable | None:

@@ -52,14 +52,11 @@ def clip_tokens(record: dict, patch_size, text_per_row: int, condition: bool = F
     return out
 
 
-def check_budget(num_tokens: int, text_len: int, cfg, where: str) -> None:
-    """An example that cannot fit a row is a start-up error, never a silent drop."""
-    if num_tokens > cfg.tokens_per_row:
+def check_budget(num_tokens: int, tokens_per_row: int, where: str) -> None:
+    """An example that cannot fit a row is an error naming its shape, never a silent drop."""
+    if num_tokens > tokens_per_row:
         raise ValueError(f"{where} has {num_tokens} tokens but config key 'data.tokens_per_row' is "
-                         f"{cfg.tokens_per_row}; raise the budget or drop that shape")
-    if text_len > cfg.text_per_row:
-        raise ValueError(f"{where} has {text_len} text tokens but config key 'data.text_per_row' "
-                         f"is {cfg.text_per_row}")
+                         f"{tokens_per_row}; raise the budget or drop that shape")
 
 
 def _rename(row: dict, extra=()) -> dict:
@@ -75,14 +72,17 @@ def _rename(row: dict, extra=()) -> dict:
     }
 
 
-def _clip_tokens(patch_size, text_per_row: int, condition: bool, micro, last_frame_rate: float,
+def _clip_tokens(patch_size, cfg, condition: bool, micro, last_frame_rate: float,
                  image: tuple[int, int] | None):
     """clip_tokens with the condition variant drawn per clip: first and last frame known at
-    `last_frame_rate`, else first frame only."""
+    `last_frame_rate`, else first frame only; a clip longer than a row is an error."""
     def fn(record: dict, rng: np.random.Generator) -> dict:
         last = condition and last_frame_rate > 0 and rng.random() < last_frame_rate
         key = conditions.COND_KEY_LAST if last else conditions.COND_KEY
-        return clip_tokens(record, patch_size, text_per_row, condition, micro, key, image)
+        out = clip_tokens(record, patch_size, cfg.text_per_row, condition, micro, key, image)
+        check_budget(len(out["tokens"]), cfg.tokens_per_row,
+                     f"a clip of latent shape {tuple(np.shape(record['latents']))}")
+        return out
     return fn
 
 
@@ -116,8 +116,8 @@ def packed_dataset(source, cfg, patch_size, null_text: np.ndarray,
     ds = ds[process_index::process_count]
     ds = ds.filter(lambda r: r is not None)
     micro = tuple(micro)
-    ds = ds.random_map(_clip_tokens(patch_size, cfg.text_per_row, condition, micro,
-                                    last_frame_rate, image), seed=cfg.shuffle_seed + 2)
+    ds = ds.random_map(_clip_tokens(patch_size, cfg, condition, micro, last_frame_rate, image),
+                       seed=cfg.shuffle_seed + 2)
     ds = ds.random_map(_drop_caption(null_text, cfg.caption_dropout), seed=cfg.shuffle_seed + 1)
     it = ds.to_iter_dataset()
     extra = {conditions.COND_TOKENS: cfg.tokens_per_row} if condition else {}

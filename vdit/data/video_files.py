@@ -148,11 +148,6 @@ def list_source(source: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS
     return entries, filtered
 
 
-def list_videos(source: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[VideoEntry]:
-    """The entries of `list_source`."""
-    return list_source(source, extensions)[0]
-
-
 def clip_indices(num_source: int, source_fps: float, frames: int, target_fps: float,
                  where: str = "video") -> np.ndarray:
     """Indices [frames] of a window in the middle of a num_source-frame video: every source frame

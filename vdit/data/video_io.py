@@ -188,13 +188,6 @@ def max_start_time(num_source: int, source_fps: float, frames: int, target_fps: 
     return (num_source - 1) / source_fps - (frames - 1) / target_fps
 
 
-def sample_frames(video: np.ndarray, source_fps: float, frames: int, target_fps: float,
-                  start_time: float = 0.0) -> np.ndarray:
-    """`frames` frames of video [N, H, W, 3] at target_fps starting at start_time (seconds)."""
-    video = _check_video(video)
-    return video[sample_indices(len(video), source_fps, frames, target_fps, start_time)]
-
-
 def grid_image(videos: Sequence[np.ndarray] | np.ndarray, max_frames: int = 8,
                pad: int = 2) -> np.ndarray:
     """uint8 image [rows, cols, 3]: one row per video, up to max_frames evenly spaced frames

@@ -8,6 +8,11 @@ mean more redundancy, so noise must go higher to destroy the signal (SD3's time-
 Config section `flow`: time_sampling ("uniform" | "logit_normal"), logit_mean, logit_std,
 shift_mode ("fixed" | "resolution"), shift (the fixed shift, or the shift at base_tokens),
 base_tokens (token count at which the resolution shift equals `shift`), max_shift (cap).
+
+A time range `(lo, hi)` restricts the shifted t to [lo, hi) (a Wan2.2 expert's share of the
+timesteps): the unshifted draw comes from the configured distribution truncated to the preimage of
+the range under the segment's shift (inverse-CDF sampling), so within the range t has the
+density the unrestricted sampler gives it, renormalised.
 """
 
 from __future__ import annotations
@@ -31,9 +36,32 @@ def sample_times(rng: jax.Array, shape: tuple[int, ...], cfg) -> jax.Array:
                      f"allowed: {list(TIME_SAMPLINGS)}")
 
 
+def truncated_times(rng: jax.Array, shape: tuple[int, ...], cfg, lo: jax.Array,
+                    hi: jax.Array) -> jax.Array:
+    """Unshifted t of `shape` by the configured distribution, conditioned on lo <= t < hi
+    (lo, hi broadcast to `shape`; 0 <= lo < hi <= 1)."""
+    u = jax.random.uniform(rng, shape)
+    if cfg.time_sampling == "uniform":
+        eps = 1e-5
+        lo, hi = jnp.maximum(lo, eps), jnp.minimum(hi, 1.0 - eps)
+        return lo + (hi - lo) * u
+    if cfg.time_sampling == "logit_normal":  # through the normal's CDF in logit space
+        cdf = lambda t: jax.scipy.special.ndtr((jax.scipy.special.logit(t) - cfg.logit_mean)
+                                               / cfg.logit_std)
+        p = cdf(lo) + (cdf(hi) - cdf(lo)) * u
+        return jax.nn.sigmoid(cfg.logit_mean + cfg.logit_std * jax.scipy.special.ndtri(p))
+    raise ValueError(f"config key 'flow.time_sampling' = {cfg.time_sampling!r}; "
+                     f"allowed: {list(TIME_SAMPLINGS)}")
+
+
 def shift_times(t: jax.Array, shift: jax.Array | float) -> jax.Array:
     """The flow time shift: t' = s t / (1 + (s - 1) t); s > 1 pushes t towards noise."""
     return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def unshift_times(t: jax.Array, shift: jax.Array | float) -> jax.Array:
+    """The inverse of `shift_times`: u with shift_times(u, shift) = t."""
+    return t / (shift - (shift - 1.0) * t)
 
 
 def resolution_shift(num_tokens: jax.Array, cfg) -> jax.Array:
@@ -59,11 +87,21 @@ def per_token(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return jnp.take_along_axis(values, index, axis=-1)
 
 
-def sample_segment_times(rng: jax.Array, segment_ids: jax.Array, num_segments: int, cfg):
-    """Shifted t per segment [B, K], drawn independently for every segment of every row."""
-    t = sample_times(rng, segment_ids.shape[:1] + (num_segments,), cfg)
-    counts = segment_token_counts(segment_ids, num_segments)
-    return shift_times(t, resolution_shift(counts, cfg))
+def sample_segment_times(rng: jax.Array, segment_ids: jax.Array, num_segments: int, cfg,
+                         t_range: tuple[float, float] | None = None):
+    """Shifted t per segment [B, K], drawn independently for every segment of every row; with
+    `t_range` = (lo, hi), every shifted t lies in [lo, hi)."""
+    shape = segment_ids.shape[:1] + (num_segments,)
+    shift = resolution_shift(segment_token_counts(segment_ids, num_segments), cfg)
+    if t_range is None:
+        return shift_times(sample_times(rng, shape, cfg), shift)
+    lo, hi = (float(x) for x in t_range)
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"time range {t_range!r}: expected 0 <= lo < hi <= 1")
+    u = truncated_times(rng, shape, cfg, unshift_times(lo, shift), unshift_times(hi, shift))
+    # Rounding at the ends must not hand a boundary time to the wrong side.
+    top = jnp.nextafter(jnp.float32(hi), jnp.float32(0.0))
+    return jnp.clip(shift_times(u, shift), lo, top)
 
 
 def noisy_tokens(x0: jax.Array, noise: jax.Array, t_tokens: jax.Array) -> jax.Array:

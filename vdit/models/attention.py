@@ -5,7 +5,8 @@
   query s may attend key l only when their segment ids are equal. Returns `[B, S, H, Dh]`.
 
 Backends:
-  "xla"    plain einsum + masked softmax (logits in float32); runs anywhere, default on CPU.
+  "xla"    `jax.nn.dot_product_attention(implementation="xla")` with the segment mask: float32
+           logits and softmax, a finite mask value; runs anywhere, default on CPU.
   "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")` with the segment mask; GPU only,
            bfloat16/float16 inputs only (cuDNN's limit).
   "splash" Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) with its
@@ -55,8 +56,6 @@ _PLATFORM_OF = {"cudnn": ("gpu",), "splash": ("tpu",), "block_sparse": ("gpu", "
 # packed text of cross-attention: tens of tokens per clip) take the finer key block below.
 BLOCK_SPARSE_BLOCKS = {"tpu": (512, 512), "gpu": (64, 64)}
 BLOCK_SPARSE_SHORT_KV = {"tpu": 128, "gpu": 32}
-# A finite "minus infinity": a fully masked row then softmaxes to finite values, not NaN.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def resolve_backend(backend: str, platform: str | None = None) -> str:
@@ -120,12 +119,10 @@ def segment_mask(q_segment_ids, kv_segment_ids):
 
 
 def xla_attention(q, k, v, q_segment_ids, kv_segment_ids):
-    """Reference-quality attention: float32 logits and softmax, masked with a finite value."""
-    scale = 1.0 / np.sqrt(q.shape[-1])
-    logits = jnp.einsum("bshd,blhd->bhsl", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(segment_mask(q_segment_ids, kv_segment_ids), logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhsl,blhd->bshd", probs, v)
+    """Reference-quality attention: float32 logits and softmax, masked with a finite value (JAX's
+    own XLA implementation, the numerics of diffusers' scaled_dot_product_attention)."""
+    return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(q_segment_ids, kv_segment_ids),
+                                        implementation="xla")
 
 
 def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids):

@@ -16,7 +16,7 @@ B at zero, so a fresh adapter leaves the model exactly as it was.
 
 Config section `lora`: enabled, rank, alpha, targets (regexes, `re.search`ed against
 "/"-joined parameter paths such as "blocks/attn1/to_q/kernel"; only parameters named "kernel"
-with at least 2 axes besides "layers" are candidates). Defaults: `vdit.train.defaults.lora()`.
+with at least 2 axes besides "layers" are candidates). Defaults: `lora()` in configs/common.py.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 # Leading kernel axes that a Dense contracts together (everything else contracts one axis).
 MULTI_AXIS_INPUTS = (("heads", "kv"),)
 LETTERS = "abcdefghijklmnopqstuvwxyz"  # einsum letters, "r" kept for the rank
+# adapter tree -> the DiT it adapts: a Wan2.2 two-expert run has one per expert (vdit/train/experts.py)
+ADAPTED = {"lora": "dit", "lora_2": "dit_2"}
 
 
 def enabled(config) -> bool:
@@ -180,17 +182,27 @@ def merge_lora(base_params, adapters, lora_config) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+def merge_all(weights: dict, lora_config) -> dict:
+    """`weights` with every adapter tree ("lora", "lora_2") merged into its DiT and removed."""
+    weights = dict(weights)
+    for name, dit in ADAPTED.items():
+        if name in weights:
+            weights[dit] = merge_lora(weights[dit], weights.pop(name), lora_config)
+    return weights
+
+
 def wrap_loss(loss_fn: Callable, config) -> Callable:
-    """loss_fn(params, frozen, batch, rng) that, under LoRA, merges params["lora"] into the
-    frozen base DiT before calling `loss_fn`; unchanged when LoRA is off."""
+    """loss_fn(params, frozen, batch, rng) that, under LoRA, merges params["lora"] (and
+    "lora_2") into the frozen base DiT ("dit_2") before calling `loss_fn`; unchanged when LoRA
+    is off."""
     if not enabled(config):
         return loss_fn
     cfg = config.lora
 
     def with_adapters(params, frozen, batch, rng):
-        params = dict(params)
-        adapters = params.pop("lora")
-        frozen = {**frozen, "dit": merge_lora(frozen["dit"], adapters, cfg)}
+        adapters = {k: v for k, v in params.items() if k in ADAPTED}
+        params = {k: v for k, v in params.items() if k not in ADAPTED}
+        frozen = merge_all({**frozen, **adapters}, cfg)
         return loss_fn(params, frozen, batch, rng)
 
     return with_adapters

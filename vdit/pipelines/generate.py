@@ -37,26 +37,16 @@ import numpy as np
 from vdit.config import check_frames
 from vdit.convert import diffusers_folder as folder_lib
 from vdit.data.conditions import condition_latents
-from vdit.data.encode import load_stats
-from vdit.diffusion.samplers import Sampler, make_sampler
+from vdit.diffusion.samplers import Sampler
 from vdit.models import micro as micro_lib
-from vdit.models.dit import build_dit
 from vdit.models.image import penultimate_features
 from vdit.models.image_preprocess import preprocess, to_uint8
-from vdit.models.text import encode_prompts, text_encoder_from_config
-from vdit.models.vae_config import vae_from_config
+from vdit.models.text import encode_prompts
+from vdit.models.vae import denormalize_latents, normalize_latents
 from vdit.pipelines import conditioning as cond_lib
+from vdit.pipelines import run_parts
 from vdit.pipelines.guided_dit import GuidedDiT, TwoExperts
-from vdit.runs import latents_dir
-from vdit.runs.checkpoint import load_params
-from vdit.runs.run_kind import check_kind
 from vdit.train.init_from import run_weights
-
-# vdit runs sample with Wan2.1's diffusers default solver unless the config says otherwise.
-DEFAULT_SCHEDULER = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000,
-                     "prediction_type": "flow_prediction", "use_flow_sigmas": True,
-                     "flow_shift": 3.0, "solver_order": 2, "predict_x0": True,
-                     "solver_type": "bh2", "lower_order_final": True}
 
 
 @dataclasses.dataclass
@@ -100,34 +90,7 @@ class Generator:
         (host or device arrays, e.g. the EMA during training), with the VAE of
         `config.encode.vae_workdir` and the latent statistics of the run's latents folder
         (`workdir` locates the default one)."""
-        dit = build_dit(config.model)
-        text_model, tokenizer = text_encoder_from_config(config.text)
-        text_params = params["text"]
-        vae_params, vae_saved = load_params(config.encode.vae_workdir)
-        check_kind(vae_params, vae_saved, "vae", config.encode.vae_workdir, "its encode.vae_workdir")
-        stats = load_stats(latents_dir(config, workdir))
-        sampler = make_sampler(dict(config.sample.scheduler))
-        defaults = {k: config.sample[k] for k in ("steps", "guidance", "frames", "height",
-                                                  "width", "motion") if k in config.sample}
-        if "data" in config and "fps" in config.data:
-            defaults["fps"] = float(config.data.fps)
-        image, clip = {}, config.get("image_encoder", {})
-        if clip.get("image_encoder_path"):  # a converted Wan2.1 I2V run (vdit/convert/runs.py)
-            image = folder_lib.image_parts(clip.image_encoder_path, clip.image_processor_path)
-        experts = {}
-        if "dit_2" in params:  # a two-expert (Wan2.2 A14B) run: both experts share config.model
-            if "experts" not in config:
-                raise ValueError(f"run {workdir!r} holds a second expert (dit_2) but its config "
-                                 "has no experts.boundary_ratio")
-            experts = dict(dit_2=dit, dit_2_params=params["dit_2"],
-                           boundary=float(config.experts.boundary_ratio)
-                           * sampler.spec.num_train_timesteps)
-        return cls(dit, params["dit"], vae_from_config(config.vae), vae_params, sampler,
-                   np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32),
-                   text_model, text_params, tokenizer,
-                   mask_text=bool(config.sample.get("mask_text", True)), defaults=defaults,
-                   expand_timesteps=bool(config.sample.get("expand_timesteps", False)),
-                   **image, **experts)
+        return cls(**run_parts.load_parts(config, params, workdir))
 
     @classmethod
     def from_diffusers(cls, path: str, dtype: str = "float32",
@@ -166,11 +129,11 @@ class Generator:
         latents of a clip's first frames encode them inside a canvas of the output's length: the
         same compiled encoder serves every workflow of one video shape."""
         mean = _encode(self.vae, self.vae_params, jnp.asarray(video, jnp.float32))
-        return (mean - jnp.asarray(self.latents_mean)) / jnp.asarray(self.latents_std)
+        return normalize_latents(mean, self.latents_mean, self.latents_std)
 
     def decode(self, latents: jax.Array) -> jax.Array:
         """Normalised latents [B, T', H', W', C] -> video [B, T, H, W, 3] in [-1, 1]."""
-        z = latents * jnp.asarray(self.latents_std) + jnp.asarray(self.latents_mean)
+        z = denormalize_latents(latents, self.latents_mean, self.latents_std)
         return _decode(self.vae, self.vae_params, z)
 
     def image_tokens(self, images) -> jax.Array:

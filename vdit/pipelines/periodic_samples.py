@@ -41,11 +41,9 @@ MAX_CAPTION_SCAN = 1000  # records read at most when collecting distinct caption
 
 
 def complete_weights(config, ema: dict, frozen: dict) -> dict:
-    """{"dit", "text"} the model samples with: trainable EMA over the frozen weights, LoRA merged."""
-    weights = {**frozen, **ema}
-    if "lora" in weights:
-        weights["dit"] = lora.merge_lora(weights["dit"], weights.pop("lora"), config.lora)
-    return weights
+    """{"dit", "text"[, "dit_2"]} the model samples with: trainable EMA over the frozen weights,
+    LoRA merged."""
+    return lora.merge_all({**frozen, **ema}, config.get("lora", {}))
 
 
 def sample_prompts(config, latents: str) -> list[str]:

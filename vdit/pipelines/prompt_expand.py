@@ -1,22 +1,18 @@
-"""Prompt expansion: turn a terse prompt into a caption worded like the training captions.
+"""Prompt expansion (`vdit sample --expand-prompt`): turn a terse prompt into a caption worded
+like the training captions.
 
-`PromptExpander` is any callable `str -> str`. Two implementations:
-  `SlotExpander`  rule-based: finds slot words (e.g. color, shape, direction) in each clause of the
-                  prompt and renders a full caption from them; `shapes_expander()` wires it to the
-                  synthetic shapes world, so "red circle right" becomes "a red circle moving right"
-                  (or a varied wording with an rng). A prompt whose clauses lack a slot is returned
-                  cleaned but otherwise unchanged: the rules never guess content.
-  `CallableExpander` hands the prompt (optionally inside an instruction) to a user callable, such
-                  as a language model, and checks what comes back.
+`SlotExpander` is rule-based: it finds slot words (e.g. color, shape, direction) in each clause of
+the prompt and renders a full caption from them; `shapes_expander()` wires it to the synthetic
+shapes world, so "red circle right" becomes "a red circle moving right" (or a varied wording with
+an rng). A prompt whose clauses lack a slot is returned cleaned but otherwise unchanged: the rules
+never guess content.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 from collections.abc import Callable, Mapping
-from typing import Protocol
 
 import numpy as np
 
@@ -25,10 +21,6 @@ from vdit.data.synthetic import COLORS
 from vdit.models.tokenizers import prompt_clean
 
 _CLAUSE_SPLIT = re.compile(r"\s*(?:;|\band\b|\bplus\b)\s*")  # commas stay: "a ball, rolling left"
-
-
-class PromptExpander(Protocol):
-    def __call__(self, prompt: str) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +63,6 @@ def _find(clause: str, words: Mapping[str, str]) -> str | None:
     return None if best is None else best[1]
 
 
-def template_render(template: str, joiner: str = " and "):
-    """A `render` for SlotExpander from a format string per object, e.g. "a {color} {shape}"."""
-
-    def render(objects, rng=None):
-        return joiner.join(template.format(**obj) for obj in objects)
-
-    return render
-
-
 def shapes_vocab() -> dict[str, dict[str, str]]:
     """Surface words of the synthetic world (from its caption module) -> canonical values; shape
     aliases the captions never use ("ball", "box") map to the captions' shape words."""
@@ -109,44 +92,3 @@ def shapes_expander(template: int | None = 0, split: str = "train") -> SlotExpan
         return sc.build_caption(objects, index, rng)
 
     return SlotExpander(shapes_vocab(), render)
-
-
-@dataclasses.dataclass(frozen=True)
-class CallableExpander:
-    """Calls `fn(instruction.format(prompt=...))`, e.g. a language model; checks the answer."""
-
-    fn: Callable[[str], str]
-    instruction: str = "{prompt}"
-
-    def __call__(self, prompt: str) -> str:
-        answer = self.fn(self.instruction.format(prompt=prompt_clean(prompt)))
-        if not isinstance(answer, str) or not answer.strip():
-            raise ValueError(f"prompt expander {self.fn!r} returned {answer!r} for {prompt!r}; "
-                             "expected a non-empty string")
-        return prompt_clean(answer)
-
-
-def expander_from_config(cfg: Mapping | None) -> Callable[[str], str]:
-    """kind "none" (identity after cleaning), "shapes" (template, split) or "callable"
-    (fn = "package.module:function", instruction)."""
-    cfg = dict(cfg or {})
-    kind = cfg.get("kind", "none")
-    if kind == "none":
-        return prompt_clean
-    if kind == "shapes":
-        return shapes_expander(cfg.get("template", 0), cfg.get("split", "train"))
-    if kind == "callable":
-        return CallableExpander(_import(cfg.get("fn", "")), cfg.get("instruction", "{prompt}"))
-    raise ValueError(f"prompt expansion kind={kind!r}: expected 'none', 'shapes' or 'callable'")
-
-
-def _import(target: str) -> Callable[[str], str]:
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"prompt expansion fn={target!r}: expected 'package.module:function'")
-    fn = getattr(importlib.import_module(module_name), attr, None)
-    if not callable(fn):
-        raise ValueError(f"prompt expansion fn={target!r}: {attr!r} is not a callable in "
-                         f"{module_name!r}")
-    return fn
-

@@ -12,19 +12,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vdit.config import recipe_module
 from vdit.models import lora, text
 from vdit.parallel.mesh import logical_to_mesh_spec
-from vdit.train import defaults, optim
+from vdit.train import experts, optim
 
 
 def training_config(config) -> ml_collections.ConfigDict:
-    """The config with the sections the loss needs filled from `vdit.train.defaults`."""
+    """The config with the sections the loss needs filled from configs/common.py."""
+    common = recipe_module("common")
     cfg = ml_collections.ConfigDict(config.to_dict())
     for name in ("optim", "flow", "train"):
         if name not in cfg:
-            cfg[name] = getattr(defaults, name)()
+            cfg[name] = getattr(common, name)()
     if "data" not in cfg:
-        cfg.data = defaults.packing()
+        cfg.data = common.packing()
         cfg.data.text_format = "embeddings"  # text encoded ahead of time, as large runs do
     return cfg
 
@@ -35,8 +37,8 @@ def text_in_step(cfg) -> bool:
 
 
 def abstract_weights(cfg, dit) -> tuple[dict, dict]:
-    """(trainable, frozen) boxed abstract parameters: {"dit"[, "text"][, "lora"]} split like the
-    trainer."""
+    """(trainable, frozen) boxed abstract parameters: {"dit"[, "dit_2"][, "text"][, "lora"[, "lora_2"]]}
+    split like the trainer."""
     s, length = 8, 4
     ones = lambda n: jnp.ones((1, n), jnp.int32)
 
@@ -56,11 +58,13 @@ def abstract_weights(cfg, dit) -> tuple[dict, dict]:
         return out
 
     boxed = jax.eval_shape(init, jax.random.key(0))
-    if "lora" in boxed:  # only the adapters train (vdit.train.loop.split_trainable)
-        return {"lora": boxed.pop("lora")}, boxed
-    if "text" in boxed and not cfg.text.get("trainable", False):
-        return {"dit": boxed["dit"]}, {"text": boxed["text"]}
-    return boxed, {}
+    if experts.enabled(cfg):  # Wan2.2 two experts of one shape (vdit/train/experts.py)
+        boxed["dit_2"] = boxed["dit"]
+        if "lora" in boxed:
+            boxed["lora_2"] = boxed["lora"]
+    names = set(experts.trainable_names(cfg))  # what the trainer trains; the rest is frozen
+    return ({k: v for k, v in boxed.items() if k in names},
+            {k: v for k, v in boxed.items() if k in set(experts.part_names(cfg)) - names})
 
 
 def step_text_model(cfg):

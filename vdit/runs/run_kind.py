@@ -8,7 +8,8 @@ from collections.abc import Mapping
 
 KINDS = {"vae": "a VAE run (made by `vdit train-vae`)",
          "dit": "a DiT run (made by `vdit train`, `vdit export` or `vdit convert`)"}
-DIT_PARTS = ("dit", "lora")  # a DiT run's trainable weights hold one of these
+# a DiT run's trainable weights hold one of these ("dit_2", "lora_2": a Wan2.2 low-noise expert)
+DIT_PARTS = ("dit", "lora", "dit_2", "lora_2")
 
 
 def kind_of(params: Mapping, saved: Mapping) -> str:

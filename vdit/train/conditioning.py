@@ -12,6 +12,13 @@ applies to the videos). Of the conditioned segments, a fraction
 `config.train.last_frame_rate` is given the first and the last frame (keyframe interpolation; the
 pipeline draws which condition a clip carries). The loss stays on the z output channels.
 
+Wan2.2 TI2V (`config.sample.expand_timesteps` on a DiT without condition channels) conditions
+differently, as diffusers' TI2V pipeline samples: a fraction `train.i2v_rate` of the videos get
+their first latent frame as it is (clean: with Wan's causal VAE it is the image's own latent), its
+tokens at timestep 0 and out of the loss (`clean_first_frame_inputs`); the other segments of the
+same rows train as text-to-video. The DiT's packed call takes a timestep per token through
+`time_ids`: columns 1..K the segments' times, K+1..2K zero for their clean first frames.
+
 Tokens list their features (pt, ph, pw, C) with channels fastest, so the model input is built per
 patch position: [..., P*z] and [..., P*(tf+z)] are viewed as [..., P, C] and joined along C, which
 equals patchifying the channel-concatenated latents (tests check it).
@@ -52,6 +59,16 @@ def uses_condition(config, dit) -> bool:
     return i2v_rate(config) > 0 and condition_channels(dit) > 0
 
 
+def expand_timesteps(config) -> bool:
+    """The run's model takes a clean image latent as frame 0 at timestep 0 (Wan2.2 TI2V)."""
+    return "sample" in config and bool(config.sample.get("expand_timesteps", False))
+
+
+def clean_first_frame(config, dit) -> bool:
+    """True when training gives some videos a clean first frame (TI2V image-to-video)."""
+    return expand_timesteps(config) and condition_channels(dit) == 0 and i2v_rate(config) > 0
+
+
 def check_config(config, dit) -> None:
     """Start-up checks for I2V training; errors name the config keys."""
     check_image_config(config, dit)
@@ -70,11 +87,16 @@ def check_config(config, dit) -> None:
                           f"'model.out_channels' = {z}: the DiT takes {extra} extra input channels; "
                           f"expected 0 (text-to-video) or {tf} mask + {z} condition channels "
                           f"(Wan I2V: in_channels = 2 * out_channels + {tf})")
-    if rate > 0 and extra == 0:
+    if rate > 0 and extra == 0 and not expand_timesteps(config):
         raise ConfigError(f"config key 'train.i2v_rate' = {rate} trains image-to-video, which "
                           f"needs 'model.in_channels' = 2 * z + {tf} = {2 * z + tf} (noisy latents, "
                           f"mask, condition latents; z = 'model.out_channels' = {z}), got "
-                          f"{dit.in_channels}")
+                          f"{dit.in_channels}, or 'sample.expand_timesteps' = True (Wan2.2 TI2V: "
+                          "a clean first latent frame)")
+    if clean_first_frame(config, dit) and dit.patch_size[0] != 1:
+        raise ConfigError(f"config key 'model.patch_size' = {tuple(dit.patch_size)}: TI2V "
+                          "training (sample.expand_timesteps) needs a temporal patch of 1, so "
+                          "that the first latent frame's tokens are its own")
 
 
 def _temporal_factor(config) -> int:
@@ -105,11 +127,9 @@ def i2v_flags(dit, batch: dict, rng: jax.Array, rate: float, num_segments: int) 
     seg = batch["segment_ids"]
     if COND_TOKENS not in batch or rate <= 0:
         return jnp.zeros((seg.shape[0], num_segments), jnp.float32)
-    flags = draw_i2v(rng, (seg.shape[0], num_segments), rate)
     if dit.patch_size[0] == 1:  # a token's t position is then its latent frame
-        later = jnp.where(batch["positions"][..., 0] > 0, seg, 0)  # videos' tokens past frame 0
-        flags = flags * (flow.segment_token_counts(later, num_segments) > 0)
-    return flags
+        return first_frame_flags(batch, rng, rate, num_segments)
+    return draw_i2v(rng, (seg.shape[0], num_segments), rate)
 
 
 def model_input(dit, x_t: jax.Array, batch: dict, rng: jax.Array, rate: float,
@@ -129,6 +149,33 @@ def model_input(dit, x_t: jax.Array, batch: dict, rng: jax.Array, rate: float,
     else:
         cond = jnp.zeros(x_t.shape[:-1] + (p * extra,), x_t.dtype)
     return interleave(x_t, cond, p)
+
+
+def first_frame_flags(batch: dict, rng: jax.Array, rate: float, num_segments: int) -> jax.Array:
+    """[B, K] 1.0 for the segments drawn (at `rate`) to train as image-to-video, among those with
+    tokens past latent frame 0 (videos, not images); positions' t is the latent frame (pt = 1)."""
+    seg = batch["segment_ids"]
+    flags = draw_i2v(rng, (seg.shape[0], num_segments), rate)
+    later = jnp.where(batch["positions"][..., 0] > 0, seg, 0)  # videos' tokens past frame 0
+    return flags * (flow.segment_token_counts(later, num_segments) > 0)
+
+
+def clean_first_frame_inputs(x0: jax.Array, x_t: jax.Array, timesteps: jax.Array, batch: dict,
+                             flags: jax.Array, micro: dict):
+    """TI2V inputs of the packed call: x0, x_t [B, S, D]; timesteps [B, K] (0..1000) per segment;
+    flags [B, K] (`first_frame_flags`); micro = `micro_kwargs(...)`.
+
+    Returns (tokens [B, S, D]: x0 on the flagged segments' frame-0 tokens, else x_t;
+    timesteps [B, 2K]: the segments' then zeros; call keywords {"time_ids" [B, S], micro with
+    its columns doubled like the timesteps}; loss mask [B, S]: 0 on those clean tokens)."""
+    seg, k = batch["segment_ids"], timesteps.shape[1]
+    clean = (batch["positions"][..., 0] == 0) & (seg > 0) & (flow.per_token(flags, seg) > 0)
+    tokens = jnp.where(clean[..., None], x0, x_t)
+    columns = jnp.concatenate([timesteps, jnp.zeros_like(timesteps)], axis=-1)
+    kwargs = {"time_ids": seg + k * clean.astype(seg.dtype)}
+    if "micro" in micro:
+        kwargs["micro"] = {n: jnp.concatenate([v, v], -1) for n, v in micro["micro"].items()}
+    return tokens, columns, kwargs, 1.0 - clean.astype(jnp.float32)
 
 
 IMAGE_CONTEXT, IMAGE_SEGMENT_IDS = image_tokens.IMAGE_CONTEXT, image_tokens.IMAGE_SEGMENT_IDS

@@ -25,9 +25,8 @@ import time
 
 import jax
 
-from vdit.models import lora
 from vdit.models.dit import build_dit
-from vdit.train import conditioning, init_from
+from vdit.train.config_checks import check_train_config
 from vdit.train.loop import build_text_model, compile_step, step_setup
 from vdit.train.state import abstract_sharded, abstract_state
 
@@ -44,10 +43,8 @@ def dry_run(config, overrides=(), hbm_gb: float | None = None, setup_fn=step_set
     `setup_fn` builds the step as `vdit.train.loop.step_setup` does (`vdit distill --dry-run`
     passes the distillation's)."""
     t0 = time.perf_counter()
-    config = init_from.checked(config)
-    lora.check_config(config)
     dit = build_dit(config.model)
-    conditioning.check_config(config, dit)
+    config = check_train_config(config, dit)
     setup = setup_fn(config, dit, build_text_model(config))
     rng = jax.random.key(config.train.seed)
     state, shardings = abstract_state(setup.trainable, setup.tx, rng, setup.mesh, setup.rules)

@@ -1,8 +1,9 @@
 """`train.init_from`: start a run from another run's weights; the complete weights of any run.
 
-A run's complete weights are {"dit", "text"}: the trainable part comes from its checkpoint, the
-frozen part (never checkpointed) from its own `train.init_from` run (recursively) or, without one,
-recreated from its seed; LoRA adapters, when the checkpoint holds them, are merged into the DiT.
+A run's complete weights are {"dit", "text"} (and "dit_2", a Wan2.2 run's low-noise expert): the
+trainable part comes from its checkpoint, the frozen part (never checkpointed) from its own
+`train.init_from` run (recursively) or, without one, recreated from its seed; LoRA adapters, when
+the checkpoint holds them, are merged into their DiT.
 `run_weights` returns exactly what the run trained against, so sampling, exporting and chaining
 stages all see the same model.
 
@@ -31,6 +32,7 @@ from vdit import runs
 from vdit.models import lora
 from vdit.runs.checkpoint import load_params
 from vdit.runs.run_kind import check_kind
+from vdit.train import experts
 from vdit.train.state import create_sharded, shardings_of, unbox
 
 log = logging.getLogger(__name__)
@@ -82,10 +84,9 @@ def run_weights(path: str, which: str = "ema", _depth: int = 0) -> tuple[dict, d
     check_kind(params, saved, "dit", path, "run")
     config = ml_collections.ConfigDict(saved)
     weights = dict(params)
-    if not set(PARTS) <= set(weights):
+    if not set(PARTS + (("dit_2",) if "experts" in config else ())) <= set(weights):
         weights = {**frozen_weights(config, _depth + 1), **weights}
-    if "lora" in weights:
-        weights["dit"] = lora.merge_lora(weights["dit"], weights.pop("lora"), config.lora)
+    weights = lora.merge_all(weights, config.get("lora", {}))
     return jax.tree.map(np.asarray, weights), saved
 
 
@@ -117,7 +118,7 @@ def source_weights(config, _depth: int = 0) -> dict:
 def frozen_keys(config) -> list[str]:
     from vdit.train import loop
 
-    return sorted(loop.split_trainable(config, {"dit": 0, "text": 0, "lora": 0})[1])
+    return sorted(loop.split_trainable(config, dict.fromkeys(experts.part_names(config), 0))[1])
 
 
 def check_shapes(source: dict, target, where: str) -> None:

@@ -4,7 +4,9 @@ One call, `train(config, workdir)`: build mesh, models and data; create or resto
 compile the step once ahead of time (logging its memory analysis); then step, log, checkpoint.
 A run on a workdir with a checkpoint resumes exactly (model, optimizer, EMA, rng, data position).
 A new run may start from another run's weights (`train.init_from`, vdit/train/init_from.py) and
-may train only LoRA adapters on a frozen base (`config.lora`, vdit/models/lora.py).
+may train only LoRA adapters on a frozen base (`config.lora`, vdit/models/lora.py). A Wan2.2
+two-expert config (`experts`) trains one expert or both, each on its own time range
+(vdit/train/experts.py).
 """
 
 from __future__ import annotations
@@ -30,18 +32,18 @@ from vdit.models.dit import build_dit
 from vdit.models.text import encoder_from_dict, text_encoder_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.runs import checkpoint
-from vdit.train import conditioning, init_from, optim, preflight
+from vdit.train import conditioning, experts, init_from, optim, preflight
+from vdit.train.config_checks import check_train_config
 from vdit.train.flops import jaxpr_flops
 from vdit.train.lock import workdir_lock
 from vdit.train.metrics import MetricsWriter, drop_rows_after
-from vdit.train.objective import make_dit_loss
 from vdit.train.state import create_state, unbox
 from vdit.train.step import make_train_step
 from vdit.train.step_loop import StepLoop
 
 log = logging.getLogger(__name__)
 # Sections whose values fix parameter shapes: changing them on resume cannot load the checkpoint.
-SHAPE_SECTIONS = ("model", "text")
+SHAPE_SECTIONS = ("model", "text", "experts")
 
 
 def null_caption(tokenizer) -> np.ndarray:
@@ -84,7 +86,7 @@ def step_setup(config, dit, text_model) -> StepSetup:
     rules = logical_rules("dit", config.mesh.get("rules", None))
     boxed = lambda rng: init_params(dit, text_model, config, rng)
     tx = optim.make_optimizer(config.optim, config.train.steps)
-    loss_fn = lora.wrap_loss(make_dit_loss(dit, text_model, config), config)
+    loss_fn = lora.wrap_loss(experts.make_loss(dit, text_model, config), config)
     text_dim = None if config.data.text_format == "ids" else dit.text_dim
     return StepSetup(mesh, rules, tx, lambda r: split_trainable(config, boxed(r))[0],
                      lambda r: split_trainable(config, boxed(r))[1],
@@ -93,7 +95,9 @@ def step_setup(config, dit, text_model) -> StepSetup:
 
 
 def init_params(dit, text_model, config, rng):
-    """Boxed (logically named) parameters {"dit": ..., "text": ...} from dummy packed inputs."""
+    """Boxed (logically named) parameters {"dit": ..., "text": ...} from dummy packed inputs;
+    two-expert configs add the low-noise expert "dit_2" (same shapes, its own init), LoRA the
+    adapters of the trained expert(s) ("lora", "lora_2"; vdit/train/experts.py)."""
     s, length = 8, 4
     tokens = jnp.zeros((1, s, dit.token_in_dim))
     ones = lambda n: jnp.ones((1, n), jnp.int32)
@@ -105,30 +109,27 @@ def init_params(dit, text_model, config, rng):
     context = jnp.zeros((1, length, dit.text_dim))
     image = ({"image_context": jnp.zeros((1, dit.pos_embed_seq_len or 1, dit.image_dim))}
              if dit.has_image_branch else {})
-    dit_params = dit.init(r_dit, tokens, jnp.zeros((1, s, 3), jnp.int32), ones(s),
-                          jnp.zeros((1, 1)), context, ones(length), method="packed",
-                          **image)["params"]
-    text_params = text_model.init(r_text, ids, ones(length))["params"]
+    init_dit = lambda r: dit.init(r, tokens, jnp.zeros((1, s, 3), jnp.int32), ones(s),
+                                  jnp.zeros((1, 1)), context, ones(length), method="packed",
+                                  **image)["params"]
+    params = {"dit": init_dit(r_dit), "text": text_model.init(r_text, ids, ones(length))["params"]}
+    if experts.enabled(config):
+        params["dit_2"] = init_dit(jax.random.fold_in(r_dit, 3))
     if lora.enabled(config):  # adapters for the targeted DiT kernels (vdit/models/lora.py)
-        return {"dit": dit_params, "text": text_params,
-                "lora": lora.init_adapters(jax.random.fold_in(rng, 2), dit_params, config.lora)}
-    return {"dit": dit_params, "text": text_params}
+        for i, expert in enumerate(experts.trained(config)):
+            name = experts.LORA_KEY[expert]
+            params[name] = lora.init_adapters(jax.random.fold_in(rng, 2 + 2 * i),
+                                              params[lora.ADAPTED[name]], config.lora)
+    return params
 
 
 def split_trainable(config, params: dict) -> tuple[dict, dict]:
     """(trainable, frozen): the text encoder trains only when config.text.trainable; under LoRA
-    only the adapters train (base DiT and text encoder frozen, whatever text.trainable says)."""
-    if lora.enabled(config):
-        return {"lora": params["lora"]}, {"dit": params["dit"], "text": params["text"]}
-    if config.text.get("trainable", False):
-        return params, {}
-    return {"dit": params["dit"]}, {"text": params["text"]}
-
-
-def restore_frozen(config) -> dict:
-    """The frozen (not trained, not checkpointed) weights of a run: from its train.init_from
-    run when it has one, else recreated from its seed."""
-    return init_from.frozen_weights(config)
+    only the adapters train (base DiT and text encoder frozen, whatever text.trainable says);
+    of two experts, the one `experts.train` leaves out is frozen."""
+    names = experts.trainable_names(config)
+    return ({k: v for k, v in params.items() if k in names},
+            {k: v for k, v in params.items() if k not in names})
 
 
 def seed_frozen(config) -> dict:
@@ -239,15 +240,8 @@ def use_compilation_cache(config) -> None:
 def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
            samples_fn: Callable | None) -> list[dict]:
     use_compilation_cache(config)
-    config = init_from.checked(config)
-    lora.check_config(config)
     dit, text_model, tokenizer = build_models(config)
-    conditioning.check_config(config, dit)
-    if "experts" in config:
-        raise NotImplementedError(
-            "config has an 'experts' section (a Wan2.2 two-expert A14B recipe): training an "
-            "expert on its own timestep range is not implemented yet; `vdit train --dry-run` "
-            "compiles one expert's step, `vdit sample` / `vdit convert` handle both experts")
+    config = check_train_config(config, dit)
     setup = setup_fn(config, dit, text_model)
     mesh, rules = setup.mesh, setup.rules
     preflight.check_batch_divides(int(config.data.rows_per_batch), mesh)

@@ -3,8 +3,10 @@ time per segment, noise the tokens, predict the velocity, average the error per 
 
 Trainable and frozen weights arrive as two dicts with the keys "dit" and "text"; a key is in
 exactly one of them (the text encoder trains when `config.text.trainable`, else it is frozen).
-Image-to-video segments (`config.train.i2v_rate`) and micro-conditioning values reach the model
-through `vdit/train/conditioning.py`; the loss is always on the z output channels' velocity.
+Image-to-video segments (`config.train.i2v_rate`: Wan2.1 I2V condition channels, or Wan2.2 TI2V's
+clean first frame) and micro-conditioning values reach the model through
+`vdit/train/conditioning.py`; the loss is always on the z output channels' velocity. A Wan2.2 expert
+trains its own DiT over its own time range (`dit_key`, `t_range`; vdit/train/experts.py).
 """
 
 from __future__ import annotations
@@ -26,29 +28,54 @@ def encode_packed_text(text_model, text_params, batch: dict) -> jax.Array:
                              segment_ids=batch["text_segment_ids"])
 
 
-def make_dit_loss(dit, text_model, cfg):
-    """loss_fn(params, frozen, batch, rng) -> (loss, aux) for `vdit.train.step.make_train_step`."""
+def make_dit_loss(dit, text_model, cfg, dit_key: str = "dit",
+                  t_range: tuple[float, float] | None = None):
+    """loss_fn(params, frozen, batch, rng) -> (loss, aux) for `vdit.train.step.make_train_step`:
+    the DiT `weights[dit_key]` ("dit_2": a Wan2.2 low-noise expert) with every segment's shifted
+    flow time drawn in `t_range` [lo, hi) (None: all of [0, 1); vdit/train/experts.py)."""
     num_segments = int(cfg.data.max_segments)
-    i2v_rate = conditioning.i2v_rate(cfg)
+    terms = make_loss_terms(dit, text_model, cfg, dit_key)
 
     def loss_fn(params, frozen, batch, rng):
+        t_rng, n_rng = jax.random.split(rng)
+        t_seg = flow.sample_segment_times(t_rng, batch["segment_ids"], num_segments, cfg.flow,
+                                          t_range)
+        x0 = batch["tokens"]
+        noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
+        return terms(params, frozen, batch, t_seg, noise, jax.random.fold_in(rng, 2))
+
+    return loss_fn
+
+
+def make_loss_terms(dit, text_model, cfg, dit_key: str = "dit"):
+    """terms(params, frozen, batch, t_seg [B, K], noise [B, S, D], rng) -> (loss, aux): the loss
+    given each segment's flow time and the noise (`rng` draws which segments are image-to-video).
+
+    TI2V (`conditioning.clean_first_frame`): an image-to-video segment's first latent frame is its
+    clean latent at timestep 0 and takes no part in the loss, so its noise is never seen."""
+    num_segments = int(cfg.data.max_segments)
+    i2v_rate = conditioning.i2v_rate(cfg)
+    clean_first = conditioning.clean_first_frame(cfg, dit)
+
+    def terms(params, frozen, batch, t_seg, noise, rng):
         weights = {**frozen, **params}
         context = encode_packed_text(text_model, weights.get("text"), batch)
         seg = batch["segment_ids"]
         x0 = batch["tokens"]
-        t_rng, n_rng = jax.random.split(rng)
-        t_seg = flow.sample_segment_times(t_rng, seg, num_segments, cfg.flow)
-        noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
         x_t = flow.noisy_tokens(x0, noise, flow.per_token(t_seg, seg))
-        x_in = conditioning.model_input(dit, x_t, batch, jax.random.fold_in(rng, 2), i2v_rate,
-                                        num_segments)
-        pred = dit.apply({"params": weights["dit"]}, x_in, batch["positions"], seg,
-                         t_seg * flow.NUM_TRAIN_TIMESTEPS, context, batch["text_segment_ids"],
-                         method="packed", **conditioning.micro_kwargs(dit, batch),
-                         **conditioning.image_kwargs(dit, batch, jax.random.fold_in(rng, 2),
-                                                     i2v_rate, num_segments))
-        loss, _ = flow.packed_loss(pred, flow.velocity_target(x0, noise), seg, num_segments)
-        tokens = jnp.sum(seg > 0)
-        return loss, {"tokens": tokens}
+        timesteps, loss_mask = t_seg * flow.NUM_TRAIN_TIMESTEPS, None
+        micro = conditioning.micro_kwargs(dit, batch)
+        if clean_first:
+            flags = conditioning.first_frame_flags(batch, rng, i2v_rate, num_segments)
+            x_in, timesteps, micro, loss_mask = conditioning.clean_first_frame_inputs(
+                x0, x_t, timesteps, batch, flags, micro)
+        else:
+            x_in = conditioning.model_input(dit, x_t, batch, rng, i2v_rate, num_segments)
+        pred = dit.apply({"params": weights[dit_key]}, x_in, batch["positions"], seg, timesteps,
+                         context, batch["text_segment_ids"], method="packed", **micro,
+                         **conditioning.image_kwargs(dit, batch, rng, i2v_rate, num_segments))
+        loss, _ = flow.packed_loss(pred, flow.velocity_target(x0, noise), seg, num_segments,
+                                   loss_mask)
+        return loss, {"tokens": jnp.sum(seg > 0)}
 
-    return loss_fn
+    return terms

@@ -38,12 +38,6 @@ def shardings_of(boxed_fn: Callable[[jax.Array], Any], mesh: Mesh, rules):
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def state_shardings(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                    mesh: Mesh, rules) -> TrainState:
-    """The NamedShardings of the state whose params `init_fn(rng)` produces."""
-    return shardings_of(lambda rng: _new_state(init_fn(rng), tx, rng), mesh, rules)
-
-
 def create_sharded(boxed_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules):
     """(tree, shardings): `boxed_fn(rng)` unboxed and created directly with its shardings."""
     shardings = shardings_of(boxed_fn, mesh, rules)

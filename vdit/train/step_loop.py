@@ -133,6 +133,7 @@ class StepLoop:
                    "data/skipped": source.skipped, "nonfinite_total": int(out["bad_total"])}
         if self.peak_flops > 0:
             metrics["mfu"] = self.flops / seconds / self.peak_flops
+        metrics.update({k: out[k] for k in ("loss_high", "loss_low") if k in out})  # two experts
         self.history.append({"step": s, **metrics})
         if np.isfinite(loss):
             self.last_finite = (s, loss)

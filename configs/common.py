@@ -1,7 +1,9 @@
-"""Default config sections shared by the recipes in `configs/` (each recipe changes a few fields).
+"""Default config sections shared by the recipes in this folder (each recipe changes a few fields).
 
-Keeping them here, not in a base config file, lets every `configs/*.py` stay a small standalone
-`get_config()` that imports what it derives from.
+Recipes import it, and each other, relatively (`from . import common`, `from . import
+wan2_1_t2v_1_3b as base`): `vdit.config` loads a config file as a module of its folder, so a
+recipe is plain data and never imports vdit. Package code that fills a missing section (`vdit
+plan`, `vdit convert`) reads the same defaults through `vdit.config.recipe_module("common")`.
 """
 
 from __future__ import annotations
