@@ -6,7 +6,9 @@ recall (a boundary within 1 frame of a cut, within half its length of a gradual 
 middle), precision (false boundaries are any others in the same videos) and spanning_clips
 (clips holding a transition's frames, which must be 0); one per hard-negative kind (fast_pan,
 shake, flash, crossing, slow_zoom, lighting): the share of videos with any boundary; and a last
-line with detection speed (videos/s and frames/s, generation excluded) on this machine.
+line with detection speed (videos/s and frames/s, generation excluded) on this machine. The full
+suite has 32 videos per transition kind and 20 per hard negative; `--seed` draws another one
+(report more than one: the defaults must not be fitted to one draw).
 
     .venv/bin/python bench/curate.py [--quick] [--seed 0]
 """
@@ -54,7 +56,7 @@ def main(argv=None) -> list[dict]:
            for kind, figures in suite_score.summarize(rows).items()]
     out.append({"speed": True, "videos": len(videos), "frames": frames,
                 "videos_per_s": len(videos) / seconds, "frames_per_s": frames / seconds,
-                "quick": args.quick})
+                "quick": args.quick, "seed": args.seed})
     for line in out:
         print(json.dumps(line))
     return out

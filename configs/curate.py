@@ -42,6 +42,15 @@ def get_config() -> ml_collections.ConfigDict:
                 return_seconds=1.0,  # a scene back within this long was occluded, not cut
                 return_change=0.35,  # "back": within this fraction of the boundary's change
                 return_ratio=1.5,  # ... or within this many times the shots' own change
+                # The view before a change coming back within return_seconds (within
+                # return_change of the change), compared on grey views of view_size short side
+                # after undoing a shift and one of these zooms, undoes it (A-X-A).
+                view_size=64,
+                same_distance=0.1,  # ... or the views on its two sides this near: one scene
+                # A gradual transition's frames, as found, widened by this fraction of their
+                # number on each side (its faintest frames are lost in the shots' own change).
+                span_pad=0.25,
+                zooms=(1.0, 1.15, 1 / 1.15, 1.3, 1 / 1.3),
             ),
             min_scene_seconds=0.25,  # detectors emit no two cuts closer than this
             merge_seconds=0.25,  # boundaries from different detectors closer than this are one

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vdit.config import load_config
-from vdit.curate import cuts, pipeline, suite
+from vdit.curate import cuts, pipeline, same_scene, suite
 from vdit.curate.decode import Segment
 from vdit.curate.settings import default_config_path
 
@@ -95,3 +95,30 @@ def test_still_shot_into_a_dissolve_is_its_own_static_clip(cfg):
     assert after and after[0].line["motion"] >= cfg.motion.min_motion
     found = cuts.detect_boundaries(video, fps, cfg.cuts)
     assert [round(b.frame / n) for b in found] == [1, 2, 3]  # three shot changes, no more
+
+
+def test_same_scene_up_to_camera_motion_and_a_b_a():
+    """Views of one texture panned or zoomed are near, views of two textures far; a view that
+    comes back after an occluder undoes the change, a new shot does not."""
+    rng = np.random.default_rng(5)
+    big = suite._paint(suite.texture(rng, 160, 220), suite.palette(rng))
+    other = suite._paint(suite.texture(rng, 160, 220), suite.palette(rng))
+
+    def grey(img, cy, cx, zoom):  # a 64 x 96 view of img, as the detector sees it
+        rgb = np.clip(suite._crop(img, cy, cx, zoom, 64, 96), 0, 255).astype(np.uint8)
+        return same_scene.grey_views(rgb[None, ..., ::-1], 64)[0]
+
+    a = grey(big, 80, 100, 1.2)
+    zooms = (1.0, 1.15, 1 / 1.15, 1.3, 1 / 1.3)
+    assert same_scene.distance(a, grey(big, 86, 118, 1.2), zooms) < 0.15  # panned
+    assert same_scene.distance(a, grey(big, 80, 100, 1.38), zooms) < 0.15  # zoomed in
+    assert same_scene.distance(a, grey(other, 80, 100, 1.2), zooms) > 0.5
+    assert same_scene.distance(a, np.zeros_like(a), zooms) == 2.0  # black: nothing to compare
+    # A-X-A: 12 frames of a, 6 of another picture, 12 of a again; A-B: no return.
+    frames_a = np.repeat(a[None], 12, axis=0)
+    x = np.repeat(grey(other, 80, 100, 1.2)[None], 6, axis=0)
+    occluded = same_scene.Views(np.concatenate([frames_a, x, frames_a]), 3)
+    assert same_scene.undone(occluded, 12, 12, 24, 0.35, 0.1, zooms)
+    cut = same_scene.Views(np.concatenate([frames_a, x, x, x]), 3)
+    assert not same_scene.undone(cut, 12, 12, 24, 0.35, 0.1, zooms)
+    assert same_scene.undone(same_scene.Views(frames_a, 3), 6, 6, 6, 0.35, 0.1, zooms)

@@ -4,7 +4,8 @@ decoded frames (one decode, no second pass over the file), and clip splitting.
   - ContentDetector (full frame rate) proposes hard cuts (one large frame-to-frame HSV change);
     one stands only when the structure detector confirms it, more leniently than it finds cuts
     itself (a flash, a strobe or a light switched on changes colour and brightness, not
-    structure).
+    structure), and the views on its two sides are not one scene nor the view before it back
+    soon after (see `gradual._undone`).
   - ThresholdDetector (full frame rate) finds fades through black; a fade's transition is its run
     of dark frames and the brightness ramps around it, widened by the structure detector's span
     when one overlaps it.

@@ -15,14 +15,18 @@ with both out scale k does not judge), and the scene does not come back: at ever
 whose windows reach less than `return_seconds` from it, D_K at the change stays above
 `return_change` times its peak and `return_ratio` times the shots' own change at that scale
 where that is under half the peak (an object passing close to the camera is an A-X-A pattern,
-a shot change is not).
+a shot change is not). Then, on grey views with camera motion undone (`same_scene.py`), a change
+is dropped when the views on its two sides are one scene, or the view before it is back within
+`return_seconds` (an object passing close to the camera hides the view for a moment, and the
+larger scales may not reach past it).
 
 A found change is refined on the frames around it: each frame's place between the two shots'
 window medians, alpha in [0, 1] (its projection on the line from one to the other), gives the
 middle (the step from 0 to 1 that fits alpha best) and the transition frames: the run with
 0.25 < alpha < 0.75 around the middle, widened by as much again on each side and further while
-alpha stays beyond the spread of the windows' own frames (a blend's or wipe's faint ends). The
-smallest scale whose windows hold the whole transition gives it.
+alpha stays beyond the spread of the windows' own frames (a blend's or wipe's faint ends), then
+padded by `span_pad` of its length on each side. The smallest scale whose windows hold the whole
+transition gives it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import dataclasses
 
 import cv2
 import numpy as np
+
+from vdit.curate import same_scene
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +137,8 @@ def _returns(change: Change, curves: dict[int, np.ndarray], widths: dict[int, in
     return False
 
 
-def _refine(x: np.ndarray, med: np.ndarray, t: int, k: int, w: int, score: float) -> Change:
+def _refine(x: np.ndarray, med: np.ndarray, t: int, k: int, w: int, score: float,
+            pad_fraction: float) -> Change:
     """Transition frames and middle from each frame's alpha between the two shots' windows."""
     num = len(x)
     a, b = med[t - k - w + 1], med[t + k]
@@ -165,7 +172,10 @@ def _refine(x: np.ndarray, med: np.ndarray, t: int, k: int, w: int, score: float
     start, end = min(start - margin, int(span[0] + lo) - 1), max(end + margin, int(span[0] + hi) + 2)
     # Whole: the widened span lies between the scale's windows (else a larger scale's are purer).
     whole = start > t - k and end < t + k
-    return Change(middle, max(0, start), min(num, end), k, score, whole)
+    # A transition's faintest frames (a wipe's first corner, a blend's last few percent) sit
+    # in the shots' own noise: pad, so none of them lands in a clip.
+    pad = int(np.ceil(pad_fraction * (end - start)))
+    return Change(middle, max(0, start - pad), min(num, end + pad), k, score, whole)
 
 
 def detect_changes(frames_bgr: np.ndarray, fps: float, cfg,
@@ -183,18 +193,29 @@ def detect_changes(frames_bgr: np.ndarray, fps: float, cfg,
     found: list[Change] = []
     for k in scales:
         for t in _peaks(curves[k], k, widths[k], found, cfg):
-            change = _refine(x, medians[widths[k]], t, k, widths[k], float(curves[k][t]))
+            change = _refine(x, medians[widths[k]], t, k, widths[k], float(curves[k][t]),
+                             cfg.span_pad)
             # The same change seen at a smaller scale stays when it fitted between that
             # scale's windows (they lie nearer, so motion in the shots blurs its span less).
             near = [c for c in found if _overlaps(c, change, k)]
             if near and all(c.whole for c in near):
                 continue
             found = [c for c in found if c not in near] + [change]
-    found = [c for c in found if not _returns(c, curves, widths, found, reach, cfg)]
+    views = same_scene.Views(same_scene.grey_views(frames_bgr, cfg.view_size), cfg.min_window)
+    found = [c for c in found if not _returns(c, curves, widths, found, reach, cfg)
+             and not _undone(c, views, reach, cfg)]
     # Each proposal is judged within the shots the others and the found changes bound.
     marks = found + [Change(f, f, f, min(scales), 0.0) for f in proposed]
-    confirmed = [f for f in proposed if _confirm(f, curves, widths, marks, reach, cfg)]
+    confirmed = [f for f in proposed if _confirm(f, curves, widths, marks, reach, cfg)
+                 and not _undone(Change(f, f, f, min(scales), 0.0), views, reach, cfg)]
     return sorted(found, key=lambda c: c.frame), confirmed
+
+
+def _undone(change: Change, views: same_scene.Views, reach: int, cfg) -> bool:
+    """The view before the change is back within `reach` frames, camera motion undone (an
+    object passing close to the camera), or the views on its two sides are the same scene."""
+    return same_scene.undone(views, change.start, change.end, reach, cfg.return_change,
+                             cfg.same_distance, tuple(cfg.zooms))
 
 
 def _confirm(frame: int, curves: dict[int, np.ndarray], widths: dict[int, int],

@@ -13,13 +13,15 @@ SECTIONS = ("input", "decode", "cuts", "motion", "scores", "captions", "output")
 POSITIVE = ("decode.max_segment_seconds", "decode.default_fps", "cuts.content_threshold",
             "cuts.gradual.thumb_size", "cuts.gradual.min_window", "cuts.gradual.contrast_floor",
             "cuts.gradual.min_change", "cuts.gradual.ratio", "cuts.gradual.cut_ratio",
-            "cuts.gradual.return_change", "cuts.gradual.return_ratio", "motion.fps", "motion.pair_fps",
+            "cuts.gradual.return_change", "cuts.gradual.return_ratio",
+            "cuts.gradual.view_size", "motion.fps", "motion.pair_fps",
             "motion.short_side", "motion.levels", "motion.winsize", "motion.iterations",
             "motion.poly_n", "motion.poly_sigma", "scores.frames", "scores.text_edge",
             "scores.text_min_aspect", "output.clips_per_file", "output.max_file_mb")
 NON_NEGATIVE = ("decode.short_side", "cuts.short_side", "cuts.fade_threshold", "cuts.fade_rise",
                 "cuts.min_scene_seconds", "cuts.merge_seconds", "cuts.min_clip_seconds",
-                "cuts.gradual.return_seconds",
+                "cuts.gradual.return_seconds", "cuts.gradual.span_pad",
+                "cuts.gradual.same_distance",
                 "cuts.max_clip_seconds", "motion.min_motion", "scores.short_side",
                 "scores.min_sharpness", "scores.border_luma", "output.short_side")
 FRACTIONS = ("motion.pyr_scale", "scores.min_brightness", "scores.max_brightness",
@@ -69,6 +71,11 @@ def check_curate_config(cfg) -> None:
             isinstance(v, (int, float)) and v > 0 for v in scales):
         raise ConfigError(f"config key 'curate.cuts.gradual.scales_seconds' = {scales!r}; "
                           "expected a non-empty tuple of durations > 0, e.g. (0.04, 0.2, 0.75)")
+    zooms = cfg.cuts.gradual.zooms
+    if not isinstance(zooms, (list, tuple)) or not zooms or not all(
+            isinstance(v, (int, float)) and v > 0 for v in zooms):
+        raise ConfigError(f"config key 'curate.cuts.gradual.zooms' = {zooms!r}; expected a "
+                          "non-empty tuple of zoom factors > 0, e.g. (1.0, 1.15, 1 / 1.15)")
     pairs = [("motion.min_motion", "motion.max_motion"),
              ("scores.min_brightness", "scores.max_brightness"),
              ("scores.text_min_char_height", "scores.text_max_char_height")]
