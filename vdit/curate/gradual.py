@@ -85,10 +85,6 @@ def change_curve(med: np.ndarray, num: int, k: int, w: int) -> np.ndarray:
     return out
 
 
-def _distance(a: np.ndarray, b: np.ndarray) -> float:
-    return float(((a - b) ** 2).mean() / 2)
-
-
 def _base(curve: np.ndarray, t: int, k: int, w: int, known: list[Change]) -> float | None:
     """The shots' own change at scale k around t: the larger median of D_k on either side
     beyond the reach of a transition at t, where both windows lie in the same shot as t's
