@@ -25,7 +25,8 @@ from vdit.distill import objective
 from vdit.distill.setup import distill, prepare
 from vdit.pipelines.generate import Generator
 from vdit.runs import checkpoint
-from vdit.train import conditioning, loop, run_params
+from vdit.train import conditioning, run_params
+from vdit.train.state import unbox
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -99,7 +100,7 @@ def test_consistency_target_is_the_derivative_along_the_teacher_flow(teacher):
     timestep scale) equals a central finite difference of the DiT along the same direction."""
     config = prepare(_student_config("shapes_distill", teacher["run"]))
     dit, text_model, _ = run_params.build_models(config)
-    params = loop.unbox(run_params.init_params(dit, text_model, config, jax.random.key(0)))["dit"]
+    params = unbox(run_params.init_params(dit, text_model, config, jax.random.key(0)))["dit"]
     s, rng = 8, np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(1, s, dit.token_out_dim)), jnp.float32)
     v = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
@@ -169,7 +170,7 @@ def test_lora_student_through_the_wan_recipe(tmp_path):
     teacher = str(tmp_path / "teacher")  # random weights, written as a run (no training)
     config = tiny_config("wan2_1_t2v_1_3b", latents, *wan, "--config.train.init_from=")
     dit, text_model, _ = run_params.build_models(config)
-    weights = loop.unbox(run_params.init_params(dit, text_model, config, jax.random.key(0)))
+    weights = unbox(run_params.init_params(dit, text_model, config, jax.random.key(0)))
     checkpoint.write_weights(teacher, 1, weights, weights, config)
     config = _student_config("wan2_1_t2v_1_3b_distill", teacher, *wan,
                              f"--config.data.latents_dir={latents}", "--config.lora.rank=2",
