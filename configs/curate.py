@@ -51,6 +51,16 @@ def get_config() -> ml_collections.ConfigDict:
                 # number on each side (its faintest frames are lost in the shots' own change).
                 span_pad=0.25,
                 zooms=(1.0, 1.15, 1 / 1.15, 1.3, 1 / 1.3),
+                # A peak that the shots' own change hides is judged again with camera motion
+                # undone (region by region, on the grey views): it stands at this change
+                # (0..~1) and `ratio` times the same measure at aligned_samples places within
+                # the shots on each side.
+                aligned_change=0.5,
+                aligned_samples=6,
+                # A found change's frames are placed by their correlation with the views on its
+                # two sides, camera motion undone, measured at this many frames per scale k
+                # on each side (interpolated between).
+                alpha_points=8,
             ),
             min_scene_seconds=0.25,  # detectors emit no two cuts closer than this
             merge_seconds=0.25,  # boundaries from different detectors closer than this are one

@@ -99,16 +99,18 @@ def _base(curve: np.ndarray, t: int, k: int, w: int, known: list[Change]) -> flo
     return max(float(np.median(s)) for s in sides) if sides else None
 
 
-def _peaks(curve: np.ndarray, k: int, w: int, known: list[Change], cfg) -> list[int]:
-    """Local maxima of D_k over +-(k + w) above min_change and `ratio` times the shots' own change."""
-    found = []
+def _peaks(curve: np.ndarray, k: int, w: int, known: list[Change],
+           cfg) -> tuple[list[int], list[int]]:
+    """Local maxima of D_k over +-(k + w) above min_change: those above `ratio` times the shots'
+    own change, and the others where that is known (to be judged with camera motion undone)."""
+    strong, weak = [], []
     for t in np.flatnonzero(curve >= cfg.min_change):
         if curve[t] < curve[max(0, t - k - w):t + k + w + 1].max():
             continue
         base = _base(curve, int(t), k, w, known)
-        if base is not None and curve[t] >= cfg.ratio * base:
-            found.append(int(t))
-    return found
+        if base is not None:
+            (strong if curve[t] >= cfg.ratio * base else weak).append(int(t))
+    return strong, weak
 
 
 def _returns(change: Change, curves: dict[int, np.ndarray], widths: dict[int, int],
@@ -134,13 +136,65 @@ def _returns(change: Change, curves: dict[int, np.ndarray], widths: dict[int, in
 
 
 def _refine(x: np.ndarray, med: np.ndarray, t: int, k: int, w: int, score: float,
-            pad_fraction: float) -> Change:
-    """Transition frames and middle from each frame's alpha between the two shots' windows."""
-    num = len(x)
+            pad_fraction: float) -> tuple[Change, float]:
+    """Transition frames and middle from each frame's alpha between the two shots' windows;
+    also the spread of the windows' own frames' alpha (high: the shots move)."""
     a, b = med[t - k - w + 1], med[t + k]
-    span = np.arange(max(0, t - k), min(num, t + k + 1))
+    span = np.arange(max(0, t - k), min(len(x), t + k + 1))
     d = b - a
     alpha = np.clip((x[span] - a) @ d / max(float(d @ d), 1e-9), 0, 1)
+    own = np.concatenate([(x[t - k - w + 1:t - k + 1] - a) @ d, (x[t + k:t + k + w] - b) @ d])
+    spread = 3 * float(own.std()) / max(float(d @ d), 1e-9)
+    return _from_alpha(alpha, span, t, k, score, spread, pad_fraction, len(x)), spread
+
+
+def _refine_aligned(views: same_scene.Views, t: int, k: int, score: float, zooms,
+                    pad_fraction: float, step: int) -> Change:
+    """As `_refine`, with each frame's alpha from its correlation with the grey views before
+    and after the change once camera motion is undone: c_b / (c_a + c_b) (a blend or wipe of
+    two unrelated pictures correlates with each in proportion to its share), measured every
+    `step` frames and interpolated between."""
+    num, w = len(views), views.window
+    before, after = views.at(t - k - w + 1), views.at(t + k)
+
+    def alpha_of(frames):
+        frames = np.asarray(frames)
+        picks = np.unique(np.append(frames[::step], frames[-1]))
+        ca = np.array([same_scene.correlation(before, views.grey[f], zooms) for f in picks])
+        cb = np.array([same_scene.correlation(after, views.grey[f], zooms) for f in picks])
+        alpha = np.where(ca + cb > 0, cb / np.maximum(ca + cb, 1e-9), 0.5)
+        return np.interp(frames, picks, alpha)
+
+    span = np.arange(max(0, t - k), min(num, t + k + 1))
+    own = np.concatenate([alpha_of(np.arange(t - k - w + 1, t - k + 1)),
+                          1 - alpha_of(np.arange(t + k, min(num, t + k + w)))])
+    return _from_alpha(alpha_of(span), span, t, k, score, 3 * float(own.std()), pad_fraction,
+                       num)
+
+
+def _placed(x, medians, views, t: int, k: int, w: int, score: float, cfg) -> Change:
+    """The change found at t at scale k, its frames placed on the grey views with camera
+    motion undone (`_refine_aligned`; once more around the middle found when that lies over
+    a quarter of k from t), widened to the thumbnails' span (`_refine`) where that lies near
+    (the thumbnails see a wipe's first corner where the shots hold still; where they move,
+    their span runs off). The thumbnails' alone where a view would leave the video."""
+    vw, zooms, step = views.window, tuple(cfg.zooms), max(1, k // cfg.alpha_points)
+    thumb = _refine(x, medians[w], t, k, w, score, cfg.span_pad)[0]
+    if not (views.has(t - k - vw + 1) and views.has(t + k)):
+        return thumb
+    change = _refine_aligned(views, t, k, score, zooms, cfg.span_pad, step)
+    m = change.frame
+    if abs(m - t) > max(1, k // 4) and views.has(m - k - vw + 1) and views.has(m + k):
+        change = _refine_aligned(views, m, k, score, zooms, cfg.span_pad, step)
+    if t - 2 * k - w <= thumb.start and thumb.end <= t + 2 * k + w:
+        change = dataclasses.replace(change, start=min(change.start, thumb.start),
+                                     end=max(change.end, thumb.end))
+    return change
+
+
+def _from_alpha(alpha: np.ndarray, span: np.ndarray, t: int, k: int, score: float,
+                spread: float, pad_fraction: float, num: int) -> Change:
+    """The change from alpha [len(span)] of frames `span` (0: the shot before, 1: after)."""
     # The middle: the step from shot a to shot b that best fits alpha (robust to motion).
     gain = np.concatenate([[0.0], np.cumsum(alpha - 0.5)])
     i = int(np.argmin(gain[:-1] - gain[-1] + gain[:-1]))  # sum before i of (a-.5) minus after
@@ -159,8 +213,7 @@ def _refine(x: np.ndarray, med: np.ndarray, t: int, k: int, w: int, score: float
     # and further while alpha stays beyond the shots' own spread (3 sigma of the windows'
     # frames' alpha): a wipe's first and last frames change a corner only.
     margin = end - start + 1
-    own = np.concatenate([(x[t - k - w + 1:t - k + 1] - a) @ d, (x[t + k:t + k + w] - b) @ d])
-    spread = max(0.05, 3 * float(own.std()) / max(float(d @ d), 1e-9))
+    spread = max(0.05, spread)
     while lo > 0 and alpha[lo - 1] > spread:
         lo -= 1
     while hi < len(span) - 1 and alpha[hi + 1] < 1 - spread:
@@ -172,6 +225,42 @@ def _refine(x: np.ndarray, med: np.ndarray, t: int, k: int, w: int, score: float
     # in the shots' own noise: pad, so none of them lands in a clip.
     pad = int(np.ceil(pad_fraction * (end - start)))
     return Change(middle, max(0, start - pad), min(num, end + pad), k, score, whole)
+
+
+def _aligned_peak(views: same_scene.Views, t: int, k: int, known: list[Change],
+                  cfg) -> tuple[float | None, float | None]:
+    """(the change at t at scale k with camera motion undone, the same within the shots) as
+    `same_scene.region_change` of the views k frames before and after t, and its median at
+    `aligned_samples` places on each side of t beyond its reach, in the same shots (the larger
+    side; None where no side has two places, or a view is flat or would leave the video).
+    A pan or zoom in a shot decorrelates its thumbnails as much as a dissolve does; undone, it
+    leaves the dissolve standing out."""
+    w, zooms = views.window, tuple(cfg.zooms)
+    if not (views.has(t - 1 - k - w + 1) and views.has(t + 1 + k)):
+        return None, None
+    # The median over t - 1 .. t + 1: a change at one pair of views only (a phase correlation
+    # gone astray, a flash in one view) is no peak.
+    value = float(np.median([same_scene.region_change(views.at(u - k - w + 1), views.at(u + k),
+                                                      zooms) for u in (t - 1, t, t + 1)]))
+    if value >= 2.0:  # flat (black): nothing to compare
+        return None, None
+    reach = 2 * k + w
+    lo = max([c.end for c in known if c.end <= t - k - w + 1], default=0)
+    hi = min([c.start for c in known if c.start >= t + k + w], default=len(views))
+    sides = [np.arange(lo + k + w - 1, t - reach + 1), np.arange(t + reach, hi - k - w + 1)]
+    bases = []
+    for side in sides:
+        side = side[[views.has(u - k - w + 1) and views.has(u + k) for u in side]]
+        if side.size < 2:
+            continue
+        picks = side[np.linspace(0, side.size - 1, min(side.size, cfg.aligned_samples))
+                     .round().astype(int)]
+        changes = [same_scene.region_change(views.at(u - k - w + 1), views.at(u + k), zooms,
+                                            below=value / cfg.ratio) for u in picks]
+        changes = [c for c in changes if c < 2.0]
+        if changes:
+            bases.append(float(np.median(changes)))
+    return value, (max(bases) if bases else None)
 
 
 def detect_changes(frames_bgr: np.ndarray, fps: float, cfg,
@@ -186,18 +275,29 @@ def detect_changes(frames_bgr: np.ndarray, fps: float, cfg,
     widths = {k: width(k, cfg) for k in scales}
     medians = {w: window_medians(x, w) for w in set(widths.values())}
     curves = {k: change_curve(medians[widths[k]], num, k, widths[k]) for k in scales}
+    views = same_scene.Views(same_scene.grey_views(frames_bgr, cfg.view_size), cfg.min_window)
     found: list[Change] = []
     for k in scales:
-        for t in _peaks(curves[k], k, widths[k], found, cfg):
-            change = _refine(x, medians[widths[k]], t, k, widths[k], float(curves[k][t]),
-                             cfg.span_pad)
+        strong, weak = _peaks(curves[k], k, widths[k], found, cfg)
+        new = []
+        for t, is_strong in [(t, True) for t in strong] + [(t, False) for t in weak]:
+            # Judged again with camera motion undone: a weak peak stands when it stands out
+            # there; a strong one falls when that shows no change standing out.
+            value, base = _aligned_peak(views, t, k, found, cfg)
+            stands = value is not None and value >= cfg.aligned_change and (
+                base is not None and value >= cfg.ratio * base)
+            falls = value is not None and (value < cfg.min_change or (
+                base is not None and value < cfg.ratio * base))
+            if stands or (is_strong and not falls):
+                score = float(curves[k][t]) if is_strong else value
+                new.append(_placed(x, medians, views, t, k, widths[k], score, cfg))
+        for change in new:
             # The same change seen at a smaller scale stays when it fitted between that
             # scale's windows (they lie nearer, so motion in the shots blurs its span less).
             near = [c for c in found if _overlaps(c, change, k)]
             if near and all(c.whole for c in near):
                 continue
             found = [c for c in found if c not in near] + [change]
-    views = same_scene.Views(same_scene.grey_views(frames_bgr, cfg.view_size), cfg.min_window)
     found = [c for c in found if not _returns(c, curves, widths, found, reach, cfg)
              and not _undone(c, views, reach, cfg)]
     # Each proposal is judged within the shots the others and the found changes bound.

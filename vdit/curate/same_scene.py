@@ -62,20 +62,52 @@ def _magnified(image: np.ndarray, zoom: float) -> np.ndarray:
                           borderMode=cv2.BORDER_REFLECT)
 
 
-def _overlap_correlation(a: np.ndarray, b: np.ndarray, dx: int, dy: int,
-                         min_overlap: float) -> float:
-    """Normalised correlation of a[y, x] and b[y + dy, x + dx] where both exist (-1 when they
-    overlap on less than min_overlap of the frame or either part is flat)."""
+def _shifted_parts(a: np.ndarray, b: np.ndarray, sx: float, sy: float,
+                   min_overlap: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """a[y, x] and b[y + sy, x + sx] (b resampled: sub-pixel shifts) where both exist; None when
+    they overlap on less than min_overlap of the frame."""
     h, w = a.shape
-    if abs(dx) >= w or abs(dy) >= h or (w - abs(dx)) * (h - abs(dy)) < min_overlap * h * w:
-        return -1.0
-    pa = a[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
-    pb = b[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+    x0, x1 = int(np.ceil(max(0.0, -sx))), int(np.floor(min(w - 1.0, w - 1.0 - sx))) + 1
+    y0, y1 = int(np.ceil(max(0.0, -sy))), int(np.floor(min(h - 1.0, h - 1.0 - sy))) + 1
+    if x1 - x0 < 2 or y1 - y0 < 2 or (x1 - x0) * (y1 - y0) < min_overlap * h * w:
+        return None
+    m = np.array([[1, 0, sx], [0, 1, sy]], np.float32)  # moved[y, x] = b[y + sy, x + sx]
+    moved = cv2.warpAffine(b, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                           borderMode=cv2.BORDER_REFLECT)
+    return a[y0:y1, x0:x1], moved[y0:y1, x0:x1]
+
+
+def _correlation(pa: np.ndarray, pb: np.ndarray) -> float:
+    """Normalised correlation of two equal-shape parts (-1 when either is flat)."""
     pa, pb = pa - pa.mean(), pb - pb.mean()
     sa, sb = float(pa.std()), float(pb.std())
     if sa < MIN_STD or sb < MIN_STD:
         return -1.0
     return float((pa * pb).mean() / (sa * sb))
+
+
+def _aligned(a: np.ndarray, b: np.ndarray, zooms, min_overlap: float,
+             enough: float = 1.0) -> tuple[float, np.ndarray | None, np.ndarray | None]:
+    """(best normalised correlation, a's part, b's part) over `zooms` (b magnified by z > 1,
+    or a by 1 / z for z < 1), each after undoing the sub-pixel shift that phase correlation
+    finds; the parts are the overlapping regions (None where none overlaps enough). Stops at a
+    zoom whose correlation reaches `enough`."""
+    h, w = a.shape
+    window = cv2.createHanningWindow((w, h), cv2.CV_32F)
+    best, parts = -1.0, (None, None)
+    for zoom in zooms:
+        za, zb = (a, _magnified(b, zoom)) if zoom >= 1 else (_magnified(a, 1 / zoom), b)
+        (sx, sy), _ = cv2.phaseCorrelate(za, zb, window)
+        for sign in (1, -1):  # which image the shift applies to: try both, keep the better
+            found = _shifted_parts(za, zb, sign * sx, sign * sy, min_overlap)
+            if found is None:
+                continue
+            corr = _correlation(*found)
+            if corr > best:
+                best, parts = corr, found
+        if best >= enough:
+            break
+    return best, *parts
 
 
 def distance(a: np.ndarray, b: np.ndarray, zooms=(1.0,), min_overlap: float = 0.3) -> float:
@@ -84,16 +116,44 @@ def distance(a: np.ndarray, b: np.ndarray, zooms=(1.0,), min_overlap: float = 0.
     0 = the same picture, ~1 = unrelated, 2 when either is flat."""
     if float(a.std()) < MIN_STD or float(b.std()) < MIN_STD:
         return 2.0
-    h, w = a.shape
-    window = cv2.createHanningWindow((w, h), cv2.CV_32F)
-    best = -1.0
-    for zoom in zooms:
-        za, zb = (a, _magnified(b, zoom)) if zoom >= 1 else (_magnified(a, 1 / zoom), b)
-        (sx, sy), _ = cv2.phaseCorrelate(za, zb, window)
-        for sign in (1, -1):  # which image the shift applies to: try both, keep the better
-            dx, dy = int(round(sign * sx)), int(round(sign * sy))
-            best = max(best, _overlap_correlation(za, zb, dx, dy, min_overlap))
-    return 1.0 - best
+    return 1.0 - _aligned(a, b, zooms, min_overlap)[0]
+
+
+def correlation(a: np.ndarray, b: np.ndarray, zooms=(1.0,), min_overlap: float = 0.3,
+                enough: float = 0.95) -> float:
+    """The best normalised correlation of grey views a and b after undoing camera motion (as
+    `distance`; zooms stop once one reaches `enough`), at least 0; 0 when either is flat."""
+    if float(a.std()) < MIN_STD or float(b.std()) < MIN_STD:
+        return 0.0
+    return max(0.0, _aligned(a, b, zooms, min_overlap, enough)[0])
+
+
+def region_change(a: np.ndarray, b: np.ndarray, zooms=(1.0,), cells: int = 4,
+                  below: float = 0.0, min_overlap: float = 0.3) -> float:
+    """How much grey view b [h, w] differs from a once camera motion is undone, region by
+    region: the overlap (after the shift and zoom that correlate best) cut into cells x cells
+    parts, the median over parts with structure of 1 - their normalised correlation (0 = the
+    same picture, ~1 = unrelated; an object moving over a few parts does not move it), 2 when
+    either view is flat. Stops trying zooms once the whole overlap's distance is below `below`
+    (then that is returned: the caller only needs to know the change is that small)."""
+    if float(a.std()) < MIN_STD or float(b.std()) < MIN_STD:
+        return 2.0
+    best, pa, pb = _aligned(a, b, zooms, min_overlap, enough=1.0 - below)
+    if pa is None:
+        return 1.0
+    if 1.0 - best < below:
+        return 1.0 - best
+    h, w = pa.shape
+    ys, xs = np.linspace(0, h, cells + 1).astype(int), np.linspace(0, w, cells + 1).astype(int)
+    out = []
+    for y0, y1 in zip(ys[:-1], ys[1:]):
+        for x0, x1 in zip(xs[:-1], xs[1:]):
+            ca, cb = pa[y0:y1, x0:x1], pb[y0:y1, x0:x1]
+            ca, cb = ca - ca.mean(), cb - cb.mean()
+            sa, sb = float(ca.std()), float(cb.std())
+            if sa >= MIN_STD and sb >= MIN_STD:
+                out.append(1.0 - float((ca * cb).mean() / (sa * sb)))
+    return float(np.median(out)) if out else 1.0 - best
 
 
 def undone(views: Views, start: int, end: int, reach: int, ratio: float, same: float,
