@@ -281,14 +281,16 @@ def detect_changes(frames_bgr: np.ndarray, fps: float, cfg,
         strong, weak = _peaks(curves[k], k, widths[k], found, cfg)
         new = []
         for t, is_strong in [(t, True) for t in strong] + [(t, False) for t in weak]:
-            # Judged again with camera motion undone: a weak peak stands when it stands out
-            # there; a strong one falls when that shows no change standing out.
+            # Judged again with camera motion undone, where the views allow (not black, not
+            # past the ends): it stands when the change stands out there too (a strong peak
+            # also where the shots around it are too short to tell).
             value, base = _aligned_peak(views, t, k, found, cfg)
-            stands = value is not None and value >= cfg.aligned_change and (
-                base is not None and value >= cfg.ratio * base)
-            falls = value is not None and (value < cfg.min_change or (
-                base is not None and value < cfg.ratio * base))
-            if stands or (is_strong and not falls):
+            if value is None:
+                stands = is_strong
+            else:
+                stands = value >= cfg.aligned_change and (
+                    value >= cfg.ratio * base if base is not None else is_strong)
+            if stands:
                 score = float(curves[k][t]) if is_strong else value
                 new.append(_placed(x, medians, views, t, k, widths[k], score, cfg))
         for change in new:

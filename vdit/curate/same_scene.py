@@ -131,19 +131,18 @@ def correlation(a: np.ndarray, b: np.ndarray, zooms=(1.0,), min_overlap: float =
 def region_change(a: np.ndarray, b: np.ndarray, zooms=(1.0,), cells: int = 4,
                   below: float = 0.0, min_overlap: float = 0.3) -> float:
     """How much grey view b [h, w] differs from a once camera motion is undone, region by
-    region: the overlap (after the shift and zoom that correlate best) cut into cells x cells
-    parts, the median over parts with structure of 1 - their normalised correlation (0 = the
-    same picture, ~1 = unrelated; an object moving over a few parts does not move it), 2 when
-    either view is flat. Stops trying zooms once the whole overlap's distance is below `below`
-    (then that is returned: the caller only needs to know the change is that small)."""
+    region: the overlap (after the shift and zoom that correlate best; zooms stop once the
+    whole overlap's distance is below `below`) cut into cells x cells parts, the median over
+    the parts with structure (std at least half the overlap's, in both views) of 1 - their
+    normalised correlation: 0 = the same picture, ~1 = unrelated; an object moving over a few
+    parts does not move it. 2 when either view is flat."""
     if float(a.std()) < MIN_STD or float(b.std()) < MIN_STD:
         return 2.0
     best, pa, pb = _aligned(a, b, zooms, min_overlap, enough=1.0 - below)
     if pa is None:
         return 1.0
-    if 1.0 - best < below:
-        return 1.0 - best
     h, w = pa.shape
+    floor_a, floor_b = max(MIN_STD, 0.5 * float(pa.std())), max(MIN_STD, 0.5 * float(pb.std()))
     ys, xs = np.linspace(0, h, cells + 1).astype(int), np.linspace(0, w, cells + 1).astype(int)
     out = []
     for y0, y1 in zip(ys[:-1], ys[1:]):
@@ -151,7 +150,7 @@ def region_change(a: np.ndarray, b: np.ndarray, zooms=(1.0,), cells: int = 4,
             ca, cb = pa[y0:y1, x0:x1], pb[y0:y1, x0:x1]
             ca, cb = ca - ca.mean(), cb - cb.mean()
             sa, sb = float(ca.std()), float(cb.std())
-            if sa >= MIN_STD and sb >= MIN_STD:
+            if sa >= floor_a and sb >= floor_b:
                 out.append(1.0 - float((ca * cb).mean() / (sa * sb)))
     return float(np.median(out)) if out else 1.0 - best
 
