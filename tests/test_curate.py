@@ -230,6 +230,8 @@ def test_config_checks(cfg):
            "--config.curate.cuts.gradual.min_window=0": "'curate.cuts.gradual.min_window'",
            "--config.curate.cuts.gradual.zooms=(1.0, 0.0)": "'curate.cuts.gradual.zooms'",
            "--config.curate.cuts.gradual.span_pad=-0.5": "'curate.cuts.gradual.span_pad'",
+           "--config.curate.cuts.gradual.aligned_samples=0":
+               "'curate.cuts.gradual.aligned_samples'",
            "--config.curate.motion.poly_n=6": "Farneback supports 5 or 7"}
     for override, message in bad.items():
         with pytest.raises(ConfigError, match=message):

@@ -255,8 +255,8 @@ def _aligned_peak(views: same_scene.Views, t: int, k: int, known: list[Change],
             continue
         picks = side[np.linspace(0, side.size - 1, min(side.size, cfg.aligned_samples))
                      .round().astype(int)]
-        changes = [same_scene.region_change(views.at(u - k - w + 1), views.at(u + k), zooms,
-                                            below=value / cfg.ratio) for u in picks]
+        changes = [same_scene.region_change(views.at(u - k - w + 1), views.at(u + k), zooms)
+                   for u in picks]
         changes = [c for c in changes if c < 2.0]
         if changes:
             bases.append(float(np.median(changes)))

@@ -90,23 +90,39 @@ def _aligned(a: np.ndarray, b: np.ndarray, zooms, min_overlap: float,
              enough: float = 1.0) -> tuple[float, np.ndarray | None, np.ndarray | None]:
     """(best normalised correlation, a's part, b's part) over `zooms` (b magnified by z > 1,
     or a by 1 / z for z < 1), each after undoing the sub-pixel shift that phase correlation
-    finds; the parts are the overlapping regions (None where none overlaps enough). Stops at a
-    zoom whose correlation reaches `enough`."""
+    finds, then over zooms between the best one and its neighbours (two halvings of the finest
+    step between the given zooms: a zoom between them misaligns the frame's edges); the parts
+    are the overlapping regions (None where none overlaps enough). Stops once a correlation
+    reaches `enough`."""
     h, w = a.shape
     window = cv2.createHanningWindow((w, h), cv2.CV_32F)
-    best, parts = -1.0, (None, None)
-    for zoom in zooms:
+    best, parts, best_zoom = -1.0, (None, None), 1.0
+
+    def attempt(zoom: float) -> None:
+        nonlocal best, parts, best_zoom
         za, zb = (a, _magnified(b, zoom)) if zoom >= 1 else (_magnified(a, 1 / zoom), b)
         (sx, sy), _ = cv2.phaseCorrelate(za, zb, window)
         for sign in (1, -1):  # which image the shift applies to: try both, keep the better
             found = _shifted_parts(za, zb, sign * sx, sign * sy, min_overlap)
-            if found is None:
-                continue
-            corr = _correlation(*found)
-            if corr > best:
-                best, parts = corr, found
+            if found is not None:
+                corr = _correlation(*found)
+                if corr > best:
+                    best, parts, best_zoom = corr, found, zoom
+
+    for zoom in zooms:
+        attempt(zoom)
         if best >= enough:
-            break
+            return best, *parts
+    logs = np.log(sorted(set(zooms)))
+    if len(logs) > 1:
+        step = float(np.min(np.diff(logs)))
+        for _ in range(2):
+            step /= 2
+            centre = best_zoom
+            for zoom in (centre * np.exp(step), centre * np.exp(-step)):
+                attempt(float(zoom))
+            if best >= enough:
+                break
     return best, *parts
 
 

@@ -14,7 +14,8 @@ POSITIVE = ("decode.max_segment_seconds", "decode.default_fps", "cuts.content_th
             "cuts.gradual.thumb_size", "cuts.gradual.min_window", "cuts.gradual.contrast_floor",
             "cuts.gradual.min_change", "cuts.gradual.ratio", "cuts.gradual.cut_ratio",
             "cuts.gradual.return_change", "cuts.gradual.return_ratio",
-            "cuts.gradual.view_size", "motion.fps", "motion.pair_fps",
+            "cuts.gradual.view_size", "cuts.gradual.aligned_change",
+            "cuts.gradual.aligned_samples", "cuts.gradual.alpha_points", "motion.fps", "motion.pair_fps",
             "motion.short_side", "motion.levels", "motion.winsize", "motion.iterations",
             "motion.poly_n", "motion.poly_sigma", "scores.frames", "scores.text_edge",
             "scores.text_min_aspect", "output.clips_per_file", "output.max_file_mb")
