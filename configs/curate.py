@@ -56,11 +56,14 @@ def get_config() -> ml_collections.ConfigDict:
                 # (0..~1) and `ratio` times the same measure at aligned_samples places within
                 # the shots on each side.
                 aligned_change=0.5,
-                aligned_samples=6,
-                # A found change's frames are placed by their correlation with the views on its
-                # two sides, camera motion undone, measured at this many frames per scale k
-                # on each side (interpolated between).
-                alpha_points=8,
+                aligned_samples=4,
+                # Where the shots move (their frames' alpha from the thumbnails spreads beyond
+                # motion_spread, 0..1, or the peak was hidden in their change), a change's
+                # frames are placed by their correlation with the views on its two sides,
+                # camera motion undone, measured at alpha_points frames per scale k on each
+                # side (interpolated between).
+                motion_spread=0.3,
+                alpha_points=4,
             ),
             min_scene_seconds=0.25,  # detectors emit no two cuts closer than this
             merge_seconds=0.25,  # boundaries from different detectors closer than this are one

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vdit.config import load_config
-from vdit.curate import cuts, pipeline, same_scene, suite
+from vdit.curate import cuts, pipeline, same_scene, suite, suite_score
 from vdit.curate.decode import Segment
 from vdit.curate.settings import default_config_path
 
@@ -113,6 +113,14 @@ def test_same_scene_up_to_camera_motion_and_a_b_a():
     assert same_scene.distance(a, grey(big, 86, 118, 1.2), zooms) < 0.15  # panned
     assert same_scene.distance(a, grey(big, 80, 100, 1.38), zooms) < 0.15  # zoomed in
     assert same_scene.distance(a, grey(other, 80, 100, 1.2), zooms) > 0.5
+    # Region by region: a sub-pixel pan and a zoom between the given ones are undone; an
+    # object over one corner leaves the median of the regions near 0; another picture does not.
+    assert same_scene.region_change(a, grey(big, 83.5, 109.3, 1.2), zooms) < 0.1
+    assert same_scene.region_change(a, grey(big, 80, 100, 1.29), zooms) < 0.15
+    covered = a.copy()
+    covered[:20, :30] = grey(other, 80, 100, 1.2)[:20, :30]
+    assert same_scene.region_change(a, covered, zooms) < 0.1
+    assert same_scene.region_change(a, grey(other, 80, 100, 1.2), zooms) > 0.5
     assert same_scene.distance(a, np.zeros_like(a), zooms) == 2.0  # black: nothing to compare
     # A-X-A: 12 frames of a, 6 of another picture, 12 of a again; A-B: no return.
     frames_a = np.repeat(a[None], 12, axis=0)
@@ -122,3 +130,19 @@ def test_same_scene_up_to_camera_motion_and_a_b_a():
     cut = same_scene.Views(np.concatenate([frames_a, x, x, x]), 3)
     assert not same_scene.undone(cut, 12, 12, 24, 0.35, 0.1, zooms)
     assert same_scene.undone(same_scene.Views(frames_a, 3), 6, 6, 6, 0.35, 0.1, zooms)
+
+
+@pytest.mark.parametrize("kind,shots,length", [("dissolve", ("still", "panning"), 20),
+                                               ("dissolve", ("panning", "zooming"), 30),
+                                               ("wipe", ("zooming", "moving"), 16)])
+def test_gradual_transition_between_camera_moves_is_found(cfg, kind, shots, length):
+    """A pan or zoom decorrelates a shot's thumbnails as much as a dissolve does; with the
+    camera's motion undone the transition stands out: found within half its length of its
+    middle, no other boundary, and no clip holds its frames."""
+    rng = np.random.default_rng(11)
+    video = suite.transition_video(rng, kind, shots, 24.0, (72, 128), False, length, 2.5)
+    found = cuts.detect_boundaries(video.frames, video.fps, cfg.cuts)
+    clips = cuts.split_clips(len(video.frames), found, video.fps)
+    print(video.transitions, found)
+    assert suite_score.match(video, found) == (1, 0)
+    assert suite_score.spanning(video, clips) == 0

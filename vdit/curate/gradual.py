@@ -172,21 +172,26 @@ def _refine_aligned(views: same_scene.Views, t: int, k: int, score: float, zooms
                        num)
 
 
-def _placed(x, medians, views, t: int, k: int, w: int, score: float, cfg) -> Change:
-    """The change found at t at scale k, its frames placed on the grey views with camera
-    motion undone (`_refine_aligned`; once more around the middle found when that lies over
-    a quarter of k from t), widened to the thumbnails' span (`_refine`) where that lies near
-    (the thumbnails see a wipe's first corner where the shots hold still; where they move,
-    their span runs off). The thumbnails' alone where a view would leave the video."""
+def _placed(x, medians, views, t: int, k: int, w: int, score: float, cfg,
+            hidden: bool) -> Change:
+    """The change found at t at scale k, its frames placed by the thumbnails (`_refine`) where
+    the shots hold still: the peak stood out of them (not `hidden`), their frames' alpha
+    spreads by at most `motion_spread` and the span lies within reach of t. Else on the grey
+    views with camera motion undone (`_refine_aligned`; once more around the middle found
+    when that lies over a quarter of k from t), widened to the thumbnails' span where that
+    lies within reach (they see a wipe's first corner that the whole view's correlation
+    misses)."""
     vw, zooms, step = views.window, tuple(cfg.zooms), max(1, k // cfg.alpha_points)
-    thumb = _refine(x, medians[w], t, k, w, score, cfg.span_pad)[0]
-    if not (views.has(t - k - vw + 1) and views.has(t + k)):
+    thumb, spread = _refine(x, medians[w], t, k, w, score, cfg.span_pad)
+    near = t - 2 * k - w <= thumb.start and thumb.end <= t + 2 * k + w
+    if (near and not hidden and spread <= cfg.motion_spread) or not (
+            views.has(t - k - vw + 1) and views.has(t + k)):
         return thumb
     change = _refine_aligned(views, t, k, score, zooms, cfg.span_pad, step)
     m = change.frame
     if abs(m - t) > max(1, k // 4) and views.has(m - k - vw + 1) and views.has(m + k):
         change = _refine_aligned(views, m, k, score, zooms, cfg.span_pad, step)
-    if t - 2 * k - w <= thumb.start and thumb.end <= t + 2 * k + w:
+    if near:
         change = dataclasses.replace(change, start=min(change.start, thumb.start),
                                      end=max(change.end, thumb.end))
     return change
@@ -244,6 +249,8 @@ def _aligned_peak(views: same_scene.Views, t: int, k: int, known: list[Change],
                                                       zooms) for u in (t - 1, t, t + 1)]))
     if value >= 2.0:  # flat (black): nothing to compare
         return None, None
+    if value < cfg.aligned_change:  # falls whatever the shots do
+        return value, None
     reach = 2 * k + w
     lo = max([c.end for c in known if c.end <= t - k - w + 1], default=0)
     hi = min([c.start for c in known if c.start >= t + k + w], default=len(views))
@@ -292,7 +299,8 @@ def detect_changes(frames_bgr: np.ndarray, fps: float, cfg,
                     value >= cfg.ratio * base if base is not None else is_strong)
             if stands:
                 score = float(curves[k][t]) if is_strong else value
-                new.append(_placed(x, medians, views, t, k, widths[k], score, cfg))
+                new.append(_placed(x, medians, views, t, k, widths[k], score, cfg,
+                                   hidden=not is_strong))
         for change in new:
             # The same change seen at a smaller scale stays when it fitted between that
             # scale's windows (they lie nearer, so motion in the shots blurs its span less).

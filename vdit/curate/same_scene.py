@@ -78,20 +78,19 @@ def _shifted_parts(a: np.ndarray, b: np.ndarray, sx: float, sy: float,
 
 
 def _correlation(pa: np.ndarray, pb: np.ndarray) -> float:
-    """Normalised correlation of two equal-shape parts (-1 when either is flat)."""
-    pa, pb = pa - pa.mean(), pb - pb.mean()
-    sa, sb = float(pa.std()), float(pb.std())
-    if sa < MIN_STD or sb < MIN_STD:
+    """Normalised correlation of two equal-shape float32 parts (-1 when either is flat)."""
+    if min(float(cv2.meanStdDev(p)[1][0, 0]) for p in (pa, pb)) < MIN_STD:
         return -1.0
-    return float((pa * pb).mean() / (sa * sb))
+    return float(cv2.matchTemplate(pa, pb, cv2.TM_CCOEFF_NORMED)[0, 0])
 
 
 def _aligned(a: np.ndarray, b: np.ndarray, zooms, min_overlap: float,
              enough: float = 1.0) -> tuple[float, np.ndarray | None, np.ndarray | None]:
     """(best normalised correlation, a's part, b's part) over `zooms` (b magnified by z > 1,
     or a by 1 / z for z < 1), each after undoing the sub-pixel shift that phase correlation
-    finds, then over zooms between the best one and its neighbours (two halvings of the finest
-    step between the given zooms: a zoom between them misaligns the frame's edges); the parts
+    finds, then, where a zoom other than 1 did best, over zooms between it and its neighbours
+    (two halvings of the finest step between the given zooms: a zoom between them misaligns
+    the frame's edges); the parts
     are the overlapping regions (None where none overlaps enough). Stops once a correlation
     reaches `enough`."""
     h, w = a.shape
@@ -101,20 +100,19 @@ def _aligned(a: np.ndarray, b: np.ndarray, zooms, min_overlap: float,
     def attempt(zoom: float) -> None:
         nonlocal best, parts, best_zoom
         za, zb = (a, _magnified(b, zoom)) if zoom >= 1 else (_magnified(a, 1 / zoom), b)
-        (sx, sy), _ = cv2.phaseCorrelate(za, zb, window)
-        for sign in (1, -1):  # which image the shift applies to: try both, keep the better
-            found = _shifted_parts(za, zb, sign * sx, sign * sy, min_overlap)
-            if found is not None:
-                corr = _correlation(*found)
-                if corr > best:
-                    best, parts, best_zoom = corr, found, zoom
+        (sx, sy), _ = cv2.phaseCorrelate(za, zb, window)  # zb[y + sy, x + sx] ~ za[y, x]
+        found = _shifted_parts(za, zb, sx, sy, min_overlap)
+        if found is not None:
+            corr = _correlation(*found)
+            if corr > best:
+                best, parts, best_zoom = corr, found, zoom
 
     for zoom in zooms:
         attempt(zoom)
         if best >= enough:
             return best, *parts
     logs = np.log(sorted(set(zooms)))
-    if len(logs) > 1:
+    if len(logs) > 1 and best_zoom != 1.0:  # a zoom beat none: look between the given ones
         step = float(np.min(np.diff(logs)))
         for _ in range(2):
             step /= 2

@@ -22,7 +22,7 @@ POSITIVE = ("decode.max_segment_seconds", "decode.default_fps", "cuts.content_th
 NON_NEGATIVE = ("decode.short_side", "cuts.short_side", "cuts.fade_threshold", "cuts.fade_rise",
                 "cuts.min_scene_seconds", "cuts.merge_seconds", "cuts.min_clip_seconds",
                 "cuts.gradual.return_seconds", "cuts.gradual.span_pad",
-                "cuts.gradual.same_distance",
+                "cuts.gradual.same_distance", "cuts.gradual.motion_spread",
                 "cuts.max_clip_seconds", "motion.min_motion", "scores.short_side",
                 "scores.min_sharpness", "scores.border_luma", "output.short_side")
 FRACTIONS = ("motion.pyr_scale", "scores.min_brightness", "scores.max_brightness",
