@@ -27,8 +27,8 @@ from vdit.data.pipeline import batch_sharding
 from vdit.models import lora
 from vdit.models.dit import build_dit
 from vdit.parallel.mesh import logical_to_mesh_spec, make_mesh
-from vdit.plan.weights import abstract_weights, per_device_bytes, step_text_model, text_in_step
-from vdit.train import optim
+from vdit.plan.weights import abstract_weights, per_device_bytes, text_in_step
+from vdit.train import optim, run_params
 from vdit.train.objective import make_dit_loss
 from vdit.train.state import TrainState
 from vdit.train.step import make_train_step
@@ -107,7 +107,8 @@ def compile_proxy(cfg, layers: int, sizes: dict, rows: int, problem, rules,
     mesh = make_mesh(sizes, devices=jax.devices()[:math.prod(sizes.values())])
     text_ids = text_in_step(cfg)
     batch = abstract_batch(dit, rows, problem.tokens, problem.text_len, text_ids)
-    loss_fn = lora.wrap_loss(make_dit_loss(dit, step_text_model(cfg) if text_ids else None, cfg), cfg)
+    text_model = run_params.build_text_model(cfg) if text_ids else None
+    loss_fn = lora.wrap_loss(make_dit_loss(dit, text_model, cfg), cfg)
     fixed, fixed_sh = _plain(frozen), _shardings(frozen, mesh, rules)
     if full_step:
         tx = optim.make_optimizer(cfg.optim, int(cfg.train.steps))
