@@ -34,18 +34,25 @@ def text_in_step(cfg) -> bool:
     return "text" in cfg and cfg.data.get("text_format", "ids") == "ids"
 
 
-def abstract_weights(cfg, dit) -> tuple[dict, dict]:
-    """(trainable, frozen) boxed abstract parameters, built and split by the trainer's own
-    `run_params.init_params` / `split_trainable` under `jax.eval_shape`: {"dit"[, "dit_2"],
-    "text"[, "lora"[, "lora_2"]]}. A step that reads text embeddings never touches the frozen
-    text encoder, and jit drops an unused argument, so the plan leaves it out there."""
+def weights_fn(cfg, dit):
+    """rng -> (trainable, frozen) boxed parameters, built and split by the trainer's own
+    `run_params.init_params` / `split_trainable`: {"dit"[, "dit_2"], "text"[, "lora"[, "lora_2"]]}.
+    A step that reads text embeddings never touches the frozen text encoder, and jit drops an
+    unused argument, so the plan leaves it out there."""
     text_model = run_params.build_text_model(cfg)
-    boxed = jax.eval_shape(lambda r: run_params.init_params(dit, text_model, cfg, r),
-                           jax.random.key(0))
-    trainable, frozen = run_params.split_trainable(cfg, boxed)
-    if not text_in_step(cfg):
-        frozen.pop("text", None)
-    return trainable, frozen
+    unused = () if text_in_step(cfg) else ("text",)
+
+    def split(rng):
+        trainable, frozen = run_params.split_trainable(
+            cfg, run_params.init_params(dit, text_model, cfg, rng))
+        return trainable, {k: v for k, v in frozen.items() if k not in unused}
+
+    return split
+
+
+def abstract_weights(cfg, dit) -> tuple[dict, dict]:
+    """`weights_fn`'s (trainable, frozen) as abstract shapes (`jax.eval_shape`: nothing allocated)."""
+    return jax.eval_shape(weights_fn(cfg, dit), jax.random.key(0))
 
 
 def _leaves(tree):
