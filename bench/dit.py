@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
 
+from vdit.config import REMAT_POLICIES  # noqa: E402
 from vdit.convert.wan_dit import params_from_diffusers  # noqa: E402
 from vdit.models.dit import build_dit  # noqa: E402
 
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=1, help="CPU threads for each side")
+    p.add_argument("--remat", default="save_dots", choices=REMAT_POLICIES,
+                   help="vdit's remat policy (save_dots: the fastest on CPU, see configs/shapes_dit.py)")
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke run (tiny sizes; the figures mean nothing)")
     a = p.parse_args(argv)
@@ -120,7 +123,7 @@ def torch_model(a):
 
 
 def vdit_model(a):
-    return build_dit(dict(model_config(a), dtype="float32", attention="xla", remat="none"))
+    return build_dit(dict(model_config(a), dtype="float32", attention="xla", remat=a.remat))
 
 
 def shared_params(a, reference) -> dict:

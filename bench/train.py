@@ -27,6 +27,7 @@ loading is not timed). One CPU device; on a shared machine all rates scale with 
              clip tokens only; the last line holds the ratios to dense_padded.
 
     .venv/bin/python bench/train.py [--steps 4] [--warmup 1] [--layers-b 12] [--skip-b]
+                                    [--set model.remat=none ...]
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-demo", action="store_true", help="skip the demo model and packing")
     p.add_argument("--peak-flops", type=float, default=0.0, help="FLOP/s per device; 0: measure")
     p.add_argument("--matmul", type=int, default=2048)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override of the demo recipe (e.g. model.remat=none), repeatable")
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke run (tiny sizes; the figures mean nothing)")
     a = p.parse_args(argv)
@@ -249,7 +252,8 @@ def bench_model(name, config, peak, args, batches_fn) -> tuple[list[dict], list[
     tokens = int(batches[0]["segment_ids"].size)
     xla = xla_cost_flops(compiled)
     report(name, flops, times, tokens, useful, peak, layers=dit.num_layers,
-           dim=dit.num_attention_heads * dit.attention_head_dim, build_compile_s=compile_s,
+           dim=dit.num_attention_heads * dit.attention_head_dim, remat=dit.remat,
+           build_compile_s=compile_s,
            xla_cost_flops_per_step=xla, mfu_xla_cost=xla / statistics.median(times) / peak)
     return batches, times, flops
 
@@ -347,7 +351,8 @@ def main(argv=None):
                       "devices": jax.device_count(), "cpus": os.cpu_count(),
                       "load_1min": os.getloadavg()[0]}), flush=True)
     if not args.skip_demo:
-        demo = demo_config(QUICK_DEMO if args.quick else ())
+        demo = demo_config([*(QUICK_DEMO if args.quick else ()),
+                            *(f"--config.{kv}" for kv in args.set)])
         records = lambda cfg, dit, tok, n: packed_batches(cfg, dit, tok,
                                                           demo_records(cfg, dit, tok, 400), n)
         batches, times, flops = bench_model("demo", demo, peak, args, records)

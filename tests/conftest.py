@@ -1,10 +1,14 @@
-"""Test setup: 8 fake CPU devices (so every sharding path runs on a real mesh), float32 matmuls."""
+"""Test setup: 8 fake CPU devices (so every sharding path runs on a real mesh), float32 matmuls,
+cheap compiles."""
 
 import os
 
-# Must happen before jax is imported anywhere in the test session.
+# Must happen before jax is imported anywhere in the test session (subprocesses inherit it).
+# The suite spends more of its CPU compiling than running (tiny models, a few steps each): LLVM at
+# -O0 halves a typical test's compile and leaves the numerics alone (no fast-math at any level).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

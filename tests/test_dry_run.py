@@ -36,7 +36,7 @@ def _plan_weights(config):
 def test_wan_recipe_dry_run(name):
     config = load_config(os.path.join(CONFIGS, f"{name}.py"))
     report = dry_run(config)
-    # The counts agree with `vdit plan`'s independent abstract init.
+    # The counts agree with the weights `vdit plan` counts.
     trainable, frozen = _plan_weights(config)
     assert report["params"] == plan_weights.param_count(trainable)
     assert report["frozen_params"] == plan_weights.param_count(frozen) > 5e9  # UMT5-XXL, frozen

@@ -130,3 +130,12 @@ def test_verdict_line():
     assert "does NOT fit in 2 GiB per device (200% used)" in plan.format_plan(fake, "x", 2)
     assert "fits in 8 GiB per device (50% used)" in plan.format_plan(fake, "x", 8)
     assert np.isclose(fake.total, 4 * 2 ** 30)
+
+
+def test_a_recipe_without_a_text_section_is_refused(tmp_path):
+    """The plan builds the weights the trainer builds, the text encoder among them."""
+    path = tmp_path / "no_text.py"
+    path.write_text("from vdit.config import recipe\n\n\ndef get_config():\n"
+                    "    config = recipe('shapes_dit')\n    del config['text']\n    return config\n")
+    with pytest.raises(ValueError, match="no 'text' section, which `vdit plan` needs"):
+        plan.main(["--config", str(path), "--tokens", "64"])

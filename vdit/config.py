@@ -32,6 +32,7 @@ COMMAND_SECTIONS = {
     "distill": ("distill", "data", "flow", "optim", "train", "checkpoint", "mesh", "sample"),
     "encode": ("encode", "vae", "text", "data", "train"),
     "train-vae": ("vae", "vae_train", "data", "optim", "train", "checkpoint", "mesh"),
+    "plan": ("model", "text"),  # the rest a plan fills from configs/common.py
 }
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -188,9 +189,6 @@ class SampleJob:
     def run(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         """A batch of prompts -> videos [B, T, H, W, 3] in [-1, 1]; prompt i uses noise drawn
         from seeds[i] alone, so a prompt's video does not depend on the batch it ran in."""
-        import jax.numpy as jnp
-
-
         gen, args, b = self.gen, self.args, len(prompts)
         context, mask = gen.encode_text(prompts)
         neg, neg_mask = gen.encode_text([_opt(args, "negative_prompt", "")] * b)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from safetensors.numpy import load_file
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class LearnedScorer(Protocol):
 
 
 def _torch_and_transformers():
-    try:
+    try:  # optional heavy dependencies (the `test` extra), only for learned scores
         import torch
         import transformers
     except ImportError as e:
@@ -94,8 +95,6 @@ def load_linear_chain(path: str) -> list[tuple[np.ndarray, np.ndarray]]:
     if Path(path).suffix != ".safetensors":
         raise ValueError(f"config key 'curate.scores.aesthetic_head' = {path!r}: expected a "
                          ".safetensors file (convert a .pth state dict with safetensors first)")
-    from safetensors.numpy import load_file
-
     tensors = load_file(path)
     names = [k[:-len(".weight")] for k, v in tensors.items()
              if k.endswith(".weight") and np.ndim(v) == 2]

@@ -221,6 +221,7 @@ def block_sparse_blocks(platform: str, s: int, l_len: int,
 
 
 def _splash_per_device(q, k, v, q_seg, kv_seg, *, sizes, interpret):
+    # The TPU splash kernel (Pallas): imported only where the splash backend runs.
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     s_pad, l_pad, _, bq, bkv = sizes

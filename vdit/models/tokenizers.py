@@ -141,7 +141,7 @@ class SentencePieceTokenizer:
     """A `spiece.model` (T5/UMT5's format) read with the `sentencepiece` package."""
 
     def __init__(self, path: str, max_length: int, add_eos: bool = True):
-        import sentencepiece as spm
+        import sentencepiece as spm  # only for a sentencepiece model file (UMT5's)
 
         if not epath.Path(path).is_file():
             raise FileNotFoundError(f"sentencepiece model {path!r} does not exist")
@@ -174,7 +174,7 @@ class JsonTokenizer:
     """
 
     def __init__(self, path: str, max_length: int, pad_token: str = "<pad>"):
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # optional (transformers' dependency), for tokenizer.json
 
         if not epath.Path(path).is_file():
             raise FileNotFoundError(f"tokenizer file {path!r} does not exist")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from vdit.config import MESH_AXES
@@ -170,8 +171,6 @@ def make_hybrid_mesh(ici_sizes: dict[str, int], dcn_sizes: dict[str, int],
     Slices are the devices' `slice_index` (TPU multi-slice) where it takes several values, else
     the processes (CPU, most GPU clusters). Unnamed dcn axes are 1; one may be -1 (= the rest).
     """
-    from jax.experimental import mesh_utils
-
     devices = list(devices) if devices is not None else jax.devices()
     by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
     granules = {getattr(d, "slice_index" if by_slice else "process_index") for d in devices}

@@ -41,7 +41,7 @@ import sys
 import jax
 import ml_collections
 
-from vdit.config import check_frames, check_size, load_config, spatial_stride
+from vdit.config import check_frames, check_size, load_config, require_sections, spatial_stride
 from vdit.models.dit import build_dit
 from vdit.parallel.mesh import (
     MESH_AXES,
@@ -234,6 +234,7 @@ def run_cli(args) -> int:
     proxy = _proxy_layers(args.proxy_layers)
     _ask_cpu_devices(int(getattr(args, "proxy_devices", 8) or 8))
     config = load_config(args.config, getattr(args, "overrides", []) or [])
+    require_sections(config, "plan", args.config)
     devices = int(jax.device_count() if args.devices is None else args.devices)
     if devices < 1:
         raise ValueError(f"--devices={devices}: expected >= 1")

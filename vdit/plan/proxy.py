@@ -21,16 +21,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import NamedSharding, PartitionSpec
 
 from vdit.data.pipeline import batch_sharding
 from vdit.models import lora
 from vdit.models.dit import build_dit
-from vdit.parallel.mesh import logical_to_mesh_spec, make_mesh
-from vdit.plan.weights import abstract_weights, per_device_bytes, step_text_model, text_in_step
-from vdit.train import optim
+from vdit.parallel.mesh import make_mesh
+from vdit.plan.weights import per_device_bytes, text_in_step, weights_fn
+from vdit.train import optim, run_params
 from vdit.train.objective import make_dit_loss
-from vdit.train.state import TrainState
+from vdit.train.state import abstract_sharded, abstract_state
 from vdit.train.step import make_train_step
 
 # The proxy is compiled, never run: skip the CPU code generator's expensive optimisations (about
@@ -62,18 +61,6 @@ def proxy_mesh_sizes(mesh: dict, local_devices: int) -> dict:
     return {"data": data, "fsdp": fsdp, "tensor": t, "sequence": s}
 
 
-def _shardings(boxed, mesh, rules):
-    specs = nn.get_partition_spec(boxed)
-    return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_mesh_spec(s, rules)), specs,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def _plain(boxed):
-    """Abstract leaves without their logical-name boxes."""
-    return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
-                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
 def abstract_batch(dit, rows: int, tokens: int, text_len: int, text_ids: bool) -> dict:
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     text = (i32(rows, text_len) if text_ids
@@ -88,40 +75,34 @@ def abstract_batch(dit, rows: int, tokens: int, text_len: int, text_ids: bool) -
     return batch
 
 
-def abstract_state(trainable, tx):
-    """A boxed abstract TrainState for `trainable` (params and EMA keep their logical names)."""
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-    return TrainState(step=scalar, params=trainable, ema=trainable,
-                      opt_state=jax.eval_shape(tx.init, trainable), rng=rng,
-                      bad_streak=scalar, bad_total=scalar)
-
-
 def compile_proxy(cfg, layers: int, sizes: dict, rows: int, problem, rules,
                   full_step: bool) -> tuple[int, int]:
     """(temporary bytes per device, proxy parameter bytes per device) of one proxy compile."""
     model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
     model_cfg.num_layers, model_cfg.attention = layers, "memory_proxy"
     dit = build_dit(model_cfg)
-    trainable, frozen = abstract_weights(cfg, dit)
+    weights = weights_fn(cfg, dit)
+    trainable = lambda r: weights(r)[0]
+    key = jax.random.key(0)
     mesh = make_mesh(sizes, devices=jax.devices()[:math.prod(sizes.values())])
     text_ids = text_in_step(cfg)
     batch = abstract_batch(dit, rows, problem.tokens, problem.text_len, text_ids)
-    loss_fn = lora.wrap_loss(make_dit_loss(dit, step_text_model(cfg) if text_ids else None, cfg), cfg)
-    fixed, fixed_sh = _plain(frozen), _shardings(frozen, mesh, rules)
+    text_model = run_params.build_text_model(cfg) if text_ids else None
+    loss_fn = lora.wrap_loss(make_dit_loss(dit, text_model, cfg), cfg)
+    # The trainer's abstract state and frozen weights, with its shardings (vdit/train/state.py).
+    fixed, fixed_sh = abstract_sharded(lambda r: weights(r)[1], key, mesh, rules)
     if full_step:
         tx = optim.make_optimizer(cfg.optim, int(cfg.train.steps))
-        state = abstract_state(trainable, tx)
-        state_sh = _shardings(state, mesh, rules)
+        state, state_sh = abstract_state(trainable, tx, key, mesh, rules)
         jitted = jax.jit(make_train_step(loss_fn, tx, float(cfg.train.ema_decay)),
                          in_shardings=(state_sh, fixed_sh, batch_sharding(mesh)),
                          out_shardings=(state_sh, None), donate_argnums=(0,))
-        args = (_plain(state), fixed, batch)
+        args = (state, fixed, batch)
     else:
+        params, params_sh = abstract_sharded(trainable, key, mesh, rules)
         jitted = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
-                         in_shardings=(_shardings(trainable, mesh, rules), fixed_sh,
-                                       batch_sharding(mesh), None))
-        args = (_plain(trainable), fixed, batch, jax.random.key(0))
+                         in_shardings=(params_sh, fixed_sh, batch_sharding(mesh), None))
+        args = (params, fixed, batch, key)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         lowered = jitted.lower(*args)
     stats = lowered.compile(compiler_options=_FAST_CODEGEN.get(jax.default_backend())
@@ -129,7 +110,8 @@ def compile_proxy(cfg, layers: int, sizes: dict, rows: int, problem, rules,
     if stats is None:
         raise RuntimeError(f"the {jax.default_backend()} backend gives no memory_analysis(); "
                            "vdit plan needs one (CPU, TPU and GPU do)")
-    return int(stats.temp_size_in_bytes), per_device_bytes(trainable, sizes, rules)
+    return (int(stats.temp_size_in_bytes),
+            per_device_bytes(jax.eval_shape(trainable, key), sizes, rules))
 
 
 def measure(cfg, mesh: dict, problem, rules, proxy_layers: tuple[int, int],

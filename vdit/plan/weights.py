@@ -8,14 +8,12 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from vdit.config import recipe_module
-from vdit.models import lora, text
 from vdit.parallel.mesh import logical_to_mesh_spec
-from vdit.train import experts, optim
+from vdit.train import optim, run_params
 
 
 def training_config(config) -> ml_collections.ConfigDict:
@@ -36,41 +34,25 @@ def text_in_step(cfg) -> bool:
     return "text" in cfg and cfg.data.get("text_format", "ids") == "ids"
 
 
+def weights_fn(cfg, dit):
+    """rng -> (trainable, frozen) boxed parameters, built and split by the trainer's own
+    `run_params.init_params` / `split_trainable`: {"dit"[, "dit_2"], "text"[, "lora"[, "lora_2"]]}.
+    A step that reads text embeddings never touches the frozen text encoder, and jit drops an
+    unused argument, so the plan leaves it out there."""
+    text_model = run_params.build_text_model(cfg)
+    unused = () if text_in_step(cfg) else ("text",)
+
+    def split(rng):
+        trainable, frozen = run_params.split_trainable(
+            cfg, run_params.init_params(dit, text_model, cfg, rng))
+        return trainable, {k: v for k, v in frozen.items() if k not in unused}
+
+    return split
+
+
 def abstract_weights(cfg, dit) -> tuple[dict, dict]:
-    """(trainable, frozen) boxed abstract parameters: {"dit"[, "dit_2"][, "text"][, "lora"[, "lora_2"]]}
-    split like the trainer."""
-    s, length = 8, 4
-    ones = lambda n: jnp.ones((1, n), jnp.int32)
-
-    image = ({"image_context": jnp.zeros((1, dit.pos_embed_seq_len or 1, dit.image_dim))}
-             if dit.has_image_branch else {})  # Wan2.1 I2V: the image branch's parameters
-
-    def init(rng):
-        out = {"dit": dit.init(rng, jnp.zeros((1, s, dit.token_in_dim)),
-                               jnp.zeros((1, s, 3), jnp.int32), ones(s), jnp.zeros((1, 1)),
-                               jnp.zeros((1, length, dit.text_dim)), ones(length),
-                               method="packed", **image)["params"]}
-        if text_in_step(cfg):
-            text_model = step_text_model(cfg)
-            out["text"] = text_model.init(rng, ones(length), ones(length))["params"]
-        if lora.enabled(cfg):
-            out["lora"] = lora.init_adapters(rng, out["dit"], cfg.lora)
-        return out
-
-    boxed = jax.eval_shape(init, jax.random.key(0))
-    if experts.enabled(cfg):  # Wan2.2 two experts of one shape (vdit/train/experts.py)
-        boxed["dit_2"] = boxed["dit"]
-        if "lora" in boxed:
-            boxed["lora_2"] = boxed["lora"]
-    names = set(experts.trainable_names(cfg))  # what the trainer trains; the rest is frozen
-    return ({k: v for k, v in boxed.items() if k in names},
-            {k: v for k, v in boxed.items() if k in set(experts.part_names(cfg)) - names})
-
-
-def step_text_model(cfg):
-    if cfg.text.get("kind") in ("byte", "word"):
-        return text.text_encoder_from_config(cfg.text)[0]
-    return text.encoder_from_dict(cfg.text, cfg.text.get("dtype", "float32"), "config.text")
+    """`weights_fn`'s (trainable, frozen) as abstract shapes (`jax.eval_shape`: nothing allocated)."""
+    return jax.eval_shape(weights_fn(cfg, dit), jax.random.key(0))
 
 
 def _leaves(tree):
