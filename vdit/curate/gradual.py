@@ -157,12 +157,24 @@ def _refine_aligned(views: same_scene.Views, t: int, k: int, score: float, zooms
     num, w = len(views), views.window
     before, after = views.at(t - k - w + 1), views.at(t + k)
 
+    def measured(picks):
+        ca = np.array([same_scene.correlation(before, views.grey[f], zooms) for f in picks])
+        cb = np.array([same_scene.correlation(after, views.grey[f], zooms) for f in picks])
+        return np.where(ca + cb > 0, cb / np.maximum(ca + cb, 1e-9), 0.5)
+
     def alpha_of(frames):
         frames = np.asarray(frames)
         picks = np.unique(np.append(frames[::step], frames[-1]))
-        ca = np.array([same_scene.correlation(before, views.grey[f], zooms) for f in picks])
-        cb = np.array([same_scene.correlation(after, views.grey[f], zooms) for f in picks])
-        alpha = np.where(ca + cb > 0, cb / np.maximum(ca + cb, 1e-9), 0.5)
+        alpha = measured(picks)
+        # Between picks whose alpha differs by over a quarter, every frame is measured (a
+        # hard cut stays one step; interpolated, it would look like a short blend).
+        jumps = np.flatnonzero(np.abs(np.diff(alpha)) > 0.25)
+        inner = np.setdiff1d(np.concatenate([np.arange(picks[j] + 1, picks[j + 1])
+                                             for j in jumps] + [np.zeros(0, int)]), picks)
+        if inner.size:
+            picks = np.concatenate([picks, inner])
+            alpha = np.concatenate([alpha, measured(inner)])
+            alpha, picks = alpha[np.argsort(picks)], np.sort(picks)
         return np.interp(frames, picks, alpha)
 
     span = np.arange(max(0, t - k), min(num, t + k + 1))
