@@ -244,12 +244,13 @@ def _from_alpha(alpha: np.ndarray, span: np.ndarray, t: int, k: int, score: floa
     return Change(middle, max(0, start - pad), min(num, end + pad), k, score, whole)
 
 
-def _aligned_peak(views: same_scene.Views, t: int, k: int, known: list[Change],
-                  cfg) -> tuple[float | None, float | None]:
+def _aligned_peak(views: same_scene.Views, t: int, k: int, known: list[Change], cfg,
+                  full: bool = True) -> tuple[float | None, float | None]:
     """(the change at t at scale k with camera motion undone, the same within the shots) as
     `same_scene.region_change` of the views k frames before and after t, and its median at
     `aligned_samples` places on each side of t beyond its reach, in the same shots (the larger
-    side; None where no side has two places, or a view is flat or would leave the video).
+    side; None where no side has two places, or a view is flat or would leave the video, or
+    not `full`).
     A pan or zoom in a shot decorrelates its thumbnails as much as a dissolve does; undone, it
     leaves the dissolve standing out."""
     w, zooms = views.window, tuple(cfg.zooms)
@@ -261,7 +262,7 @@ def _aligned_peak(views: same_scene.Views, t: int, k: int, known: list[Change],
                                                       zooms) for u in (t - 1, t, t + 1)]))
     if value >= 2.0:  # flat (black): nothing to compare
         return None, None
-    if value < cfg.aligned_change:  # falls whatever the shots do
+    if value < cfg.aligned_change or not full:  # the shots' own change is not asked for
         return value, None
     reach = 2 * k + w
     lo = max([c.end for c in known if c.end <= t - k - w + 1], default=0)
@@ -301,14 +302,17 @@ def detect_changes(frames_bgr: np.ndarray, fps: float, cfg,
         new = []
         for t, is_strong in [(t, True) for t in strong] + [(t, False) for t in weak]:
             # Judged again with camera motion undone, where the views allow (not black, not
-            # past the ends): it stands when the change stands out there too (a strong peak
-            # also where the shots around it are too short to tell).
-            value, base = _aligned_peak(views, t, k, found, cfg)
+            # past the ends): a weak peak stands when the change stands out there; a strong
+            # one falls when the views on its two sides differ by less than aligned_change
+            # (a flash, an object crossing: the scene behind is the same).
+            value, base = _aligned_peak(views, t, k, found, cfg, full=not is_strong)
             if value is None:
                 stands = is_strong
+            elif is_strong:
+                stands = value >= cfg.aligned_change
             else:
-                stands = value >= cfg.aligned_change and (
-                    value >= cfg.ratio * base if base is not None else is_strong)
+                stands = value >= cfg.aligned_change and base is not None and (
+                    value >= cfg.ratio * base)
             if stands:
                 score = float(curves[k][t]) if is_strong else value
                 new.append(_placed(x, medians, views, t, k, widths[k], score, cfg,
