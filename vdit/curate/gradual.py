@@ -149,11 +149,13 @@ def _refine(x: np.ndarray, med: np.ndarray, t: int, k: int, w: int, score: float
 
 
 def _refine_aligned(views: same_scene.Views, t: int, k: int, score: float, zooms,
-                    pad_fraction: float, step: int) -> Change:
+                    pad_fraction: float, step: int) -> Change | None:
     """As `_refine`, with each frame's alpha from its correlation with the grey views before
     and after the change once camera motion is undone: c_b / (c_a + c_b) (a blend or wipe of
     two unrelated pictures correlates with each in proportion to its share), measured every
-    `step` frames and interpolated between."""
+    `step` frames and interpolated between. None where alpha does not pass from below a
+    quarter to above three quarters over t - k .. t + k (the views do not tell the shots
+    apart: objects moving over a flat background)."""
     num, w = len(views), views.window
     before, after = views.at(t - k - w + 1), views.at(t + k)
 
@@ -178,17 +180,20 @@ def _refine_aligned(views: same_scene.Views, t: int, k: int, score: float, zooms
         return np.interp(frames, picks, alpha)
 
     span = np.arange(max(0, t - k), min(num, t + k + 1))
+    alpha = alpha_of(span)
+    if not (alpha[0] < 0.25 and alpha[-1] > 0.75):  # no passage from one view to the other
+        return None
     own = np.concatenate([alpha_of(np.arange(t - k - w + 1, t - k + 1)),
                           1 - alpha_of(np.arange(t + k, min(num, t + k + w)))])
-    return _from_alpha(alpha_of(span), span, t, k, score, 3 * float(own.std()), pad_fraction,
-                       num)
+    return _from_alpha(alpha, span, t, k, score, 3 * float(own.std()), pad_fraction, num)
 
 
 def _placed(x, medians, views, t: int, k: int, w: int, score: float, cfg,
             hidden: bool) -> Change:
     """The change found at t at scale k, its frames placed by the thumbnails (`_refine`) where
-    the shots hold still: the peak stood out of them (not `hidden`), their frames' alpha
-    spreads by at most `motion_spread` and the span lies within reach of t. Else on the grey
+    the span lies within reach of t and either steps from one shot to the other at one frame
+    (a hard cut) or the shots hold still: the peak stood out of them (not `hidden`) and their
+    frames' alpha spreads by at most `motion_spread`. Else on the grey
     views with camera motion undone (`_refine_aligned`; once more around the middle found
     when that lies over a quarter of k from t), widened to the thumbnails' span where that
     lies within reach (they see a wipe's first corner that the whole view's correlation
@@ -196,13 +201,15 @@ def _placed(x, medians, views, t: int, k: int, w: int, score: float, cfg,
     vw, zooms, step = views.window, tuple(cfg.zooms), max(1, k // cfg.alpha_points)
     thumb, spread = _refine(x, medians[w], t, k, w, score, cfg.span_pad)
     near = t - 2 * k - w <= thumb.start and thumb.end <= t + 2 * k + w
-    if (near and not hidden and spread <= cfg.motion_spread) or not (
-            views.has(t - k - vw + 1) and views.has(t + k)):
+    still = (not hidden and spread <= cfg.motion_spread) or thumb.start == thumb.end
+    if (near and still) or not (views.has(t - k - vw + 1) and views.has(t + k)):
         return thumb
     change = _refine_aligned(views, t, k, score, zooms, cfg.span_pad, step)
-    m = change.frame
+    m = change.frame if change is not None else t
     if abs(m - t) > max(1, k // 4) and views.has(m - k - vw + 1) and views.has(m + k):
-        change = _refine_aligned(views, m, k, score, zooms, cfg.span_pad, step)
+        change = _refine_aligned(views, m, k, score, zooms, cfg.span_pad, step) or change
+    if change is None:
+        return thumb
     if near:
         change = dataclasses.replace(change, start=min(change.start, thumb.start),
                                      end=max(change.end, thumb.end))
@@ -300,6 +307,8 @@ def detect_changes(frames_bgr: np.ndarray, fps: float, cfg,
     for k in scales:
         strong, weak = _peaks(curves[k], k, widths[k], found, cfg)
         new = []
+        # A hidden peak at a proposed hard cut is that cut, judged as one (`_confirm`).
+        weak = [t for t in weak if all(abs(t - f) > k + widths[k] for f in proposed)]
         for t, is_strong in [(t, True) for t in strong] + [(t, False) for t in weak]:
             # Judged again with camera motion undone, where the views allow (not black, not
             # past the ends): a weak peak stands when the change stands out there; a strong
