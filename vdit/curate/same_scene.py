@@ -5,9 +5,11 @@ flash, a door opening and closing in front of the lens), which makes it no shot 
 Views are small grey images (OpenCV area downscale), each the per-pixel median of a few frames
 (a flash or strobe frame shorter than half of them does not move it). Two views are compared
 after undoing camera motion: for each of a few zoom factors (one of the two magnified about its
-centre), OpenCV's phase correlation finds the shift, and the distance is 1 - the normalised
-correlation of the overlapping parts (0 = the same picture, ~1 = unrelated), the smallest over
-the zooms. A pan, a zoom or shake thus leaves the distance small where a thumbnail compared
+centre, then finer zooms around the best one), OpenCV's phase correlation finds the sub-pixel
+shift, and the distance is 1 - the normalised correlation of the overlapping parts (0 = the same
+picture, ~1 = unrelated), the smallest over the zooms. `region_change` takes the median of that
+over a grid of regions instead (an object moving over a few of them does not count). A pan, a
+zoom or shake thus leaves the distance small where a thumbnail compared
 pixel to pixel would call the view changed.
 """
 
