@@ -31,7 +31,10 @@ def test_matmul_grad_conv_and_scan_counts():
 
 
 def _step_flops(layers: int):
-    config = tiny_config("shapes_dit", "unused", f"--config.model.num_layers={layers}")
+    # remat "none": the formula below is the model's matmuls; a remat policy adds the forward
+    # matmuls its backward recomputes (counted as hardware FLOPs, see vdit/train/flops.py).
+    config = tiny_config("shapes_dit", "unused", f"--config.model.num_layers={layers}",
+                         "--config.model.remat=none")
     dit, text_model, _ = run_params.build_models(config)
     tx = optim.make_optimizer(config.optim, config.train.steps)
     params = jax.eval_shape(lambda r: unbox(run_params.init_params(dit, text_model, config, r)),
