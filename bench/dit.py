@@ -65,8 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=1, help="CPU threads for each side")
-    p.add_argument("--remat", default="save_dots", choices=REMAT_POLICIES,
-                   help="vdit's remat policy (save_dots: the fastest on CPU, see configs/shapes_dit.py)")
+    p.add_argument("--remat", default="none", choices=REMAT_POLICIES,
+                   help="vdit's remat policy (as config.model.remat)")
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke run (tiny sizes; the figures mean nothing)")
     a = p.parse_args(argv)

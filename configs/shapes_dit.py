@@ -15,11 +15,6 @@ training videos (never single frames) are given their first frame, and 30% of th
 last (keyframe interpolation); text-to-video feeds a zero mask and condition. `make demo` trains
 it on 2 CPU cores.
 
-remat "save_dots" keeps only the matmul outputs for the backward pass and recomputes the
-elementwise ops (norms, modulation, GELU): on CPU, storing those per layer into the scanned stack
-and reading them back costs more than recomputing them (the train step ~15-20% faster than with
-"none", bench/train.py).
-
 The word-level text encoder stays frozen at its random init, the stand-in for a frozen pretrained
 encoder (Wan's UMT5): trained jointly from scratch it maps the circle and square words to nearly
 one vector (cosine 0.9-0.97 between "circle", "ball", "square", "box", ...), because early on the
@@ -50,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.update(dict(
         num_attention_heads=6, attention_head_dim=32, in_channels=2 * z_dim + 4, out_channels=z_dim,
         text_dim=128, freq_dim=64, ffn_dim=768, num_layers=6, dtype="float32",
-        attention="xla", remat="save_dots", micro_conditioning=[]))
+        attention="xla", remat="none", micro_conditioning=[]))
     config.vae = vae.vae
 
     # Whole words of the world's lexicon: a caption is ~8 tokens (bytes: ~40), which cuts the text
