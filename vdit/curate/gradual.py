@@ -204,11 +204,10 @@ def _placed(x, medians, views, t: int, k: int, w: int, score: float, cfg,
     """The change found at t at scale k, its frames placed by the thumbnails (`_refine`) where
     the span lies within reach of t and either steps from one shot to the other at one frame
     (a hard cut) or the shots hold still: the peak stood out of them (not `hidden`) and their
-    frames' alpha spreads by at most `motion_spread`. Else on the grey
-    views with camera motion undone (`_refine_aligned`; once more around the middle found
-    when that lies over a quarter of k from t), widened to the thumbnails' span where that
-    lies within reach (they see a wipe's first corner that the whole view's correlation
-    misses)."""
+    frames' alpha spreads by at most `motion_spread`. Else on the grey views with camera motion
+    undone (`_refine_aligned`; once more around the middle found when that lies over a quarter
+    of k from t), widened to the thumbnails' span where that lies within reach (they see a
+    wipe's first corner that the whole view's correlation misses)."""
     vw, zooms, step = views.window, tuple(cfg.zooms), max(1, k // cfg.alpha_points)
     thumb, spread = _refine(x, medians[w], t, k, w, score, cfg.span_pad)
     near = t - 2 * k - w <= thumb.start and thumb.end <= t + 2 * k + w

@@ -92,9 +92,8 @@ def _aligned(a: np.ndarray, b: np.ndarray, zooms, min_overlap: float,
     or a by 1 / z for z < 1), each after undoing the sub-pixel shift that phase correlation
     finds, then, where a zoom other than 1 did best, over zooms between it and its neighbours
     (two halvings of the finest step between the given zooms: a zoom between them misaligns
-    the frame's edges); the parts
-    are the overlapping regions (None where none overlaps enough). Stops once a correlation
-    reaches `enough`."""
+    the frame's edges); the parts are the overlapping regions (None where none overlaps
+    enough). Stops once a correlation reaches `enough`."""
     h, w = a.shape
     window = cv2.createHanningWindow((w, h), cv2.CV_32F)
     best, parts, best_zoom = -1.0, (None, None), 1.0
@@ -145,16 +144,15 @@ def correlation(a: np.ndarray, b: np.ndarray, zooms=(1.0,), min_overlap: float =
 
 
 def region_change(a: np.ndarray, b: np.ndarray, zooms=(1.0,), cells: int = 4,
-                  below: float = 0.0, min_overlap: float = 0.3) -> float:
+                  min_overlap: float = 0.3) -> float:
     """How much grey view b [h, w] differs from a once camera motion is undone, region by
-    region: the overlap (after the shift and zoom that correlate best; zooms stop once the
-    whole overlap's distance is below `below`) cut into cells x cells parts, the median over
-    the parts with structure (std at least half the overlap's, in both views) of 1 - their
-    normalised correlation: 0 = the same picture, ~1 = unrelated; an object moving over a few
-    parts does not move it. 2 when either view is flat."""
+    region: the overlap (after the shift and zoom that correlate best) cut into cells x cells
+    parts, the median over the parts with structure (std at least half the overlap's, in both
+    views) of 1 - their normalised correlation: 0 = the same picture, ~1 = unrelated; an object
+    moving over a few parts does not move it. 2 when either view is flat."""
     if float(a.std()) < MIN_STD or float(b.std()) < MIN_STD:
         return 2.0
-    best, pa, pb = _aligned(a, b, zooms, min_overlap, enough=1.0 - below)
+    best, pa, pb = _aligned(a, b, zooms, min_overlap)
     if pa is None:
         return 1.0
     h, w = pa.shape
