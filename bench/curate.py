@@ -8,9 +8,11 @@ middle), precision (false boundaries are any others in the same videos) and span
 shake, flash, crossing, slow_zoom, lighting): the share of videos with any boundary; and a last
 line with detection speed (videos/s and frames/s, generation excluded) on this machine. The full
 suite has 32 videos per transition kind and 20 per hard negative; `--seed` draws another one
-(report more than one: the defaults must not be fitted to one draw).
+(report more than one: the defaults must not be fitted to one draw). `--kinds wipe,crossing`
+measures only those kinds (the same videos as in the full suite; the others are still drawn,
+not measured). Videos are made and measured one at a time.
 
-    .venv/bin/python bench/curate.py [--quick] [--seed 0]
+    .venv/bin/python bench/curate.py [--quick] [--seed 0] [--kinds wipe,crossing] [--verbose]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from vdit.config import load_config
 from vdit.curate import cuts, suite_score
 from vdit.curate.settings import default_config_path
-from vdit.curate.suite import transition_suite
+from vdit.curate.suite import NEGATIVE_KINDS, TRANSITION_KINDS, iter_suite
 
 
 def parse_args(argv=None):
@@ -30,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="one or two small videos per kind (seconds), as the tests run it")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kinds", default="",
+                   help="comma-separated transition / hard-negative kinds (default: all)")
     p.add_argument("--verbose", action="store_true", help="also a line per missed/false video")
     return p.parse_args(argv)
 
@@ -37,9 +41,14 @@ def parse_args(argv=None):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     cfg = load_config(default_config_path()).curate.cuts
-    videos = transition_suite(seed=args.seed, quick=args.quick)
-    rows, seconds, frames = [], 0.0, 0
-    for video in videos:
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    unknown = set(kinds) - set(TRANSITION_KINDS) - set(NEGATIVE_KINDS)
+    if unknown:
+        raise SystemExit(f"--kinds: unknown {sorted(unknown)}; expected some of "
+                         f"{TRANSITION_KINDS + NEGATIVE_KINDS}")
+    rows, seconds, frames, count = [], 0.0, 0, 0
+    for video in iter_suite(seed=args.seed, quick=args.quick, kinds=kinds):
+        count += 1
         start = time.perf_counter()
         found = cuts.detect_boundaries(video.frames, video.fps, cfg)
         seconds += time.perf_counter() - start
@@ -54,8 +63,8 @@ def main(argv=None) -> list[dict]:
                               "found": [vars(b) for b in found], "clips": clips}))
     out = [{"kind": kind, **figures}
            for kind, figures in suite_score.summarize(rows).items()]
-    out.append({"speed": True, "videos": len(videos), "frames": frames,
-                "videos_per_s": len(videos) / seconds, "frames_per_s": frames / seconds,
+    out.append({"speed": True, "videos": count, "frames": frames,
+                "videos_per_s": count / seconds, "frames_per_s": frames / seconds,
                 "quick": args.quick, "seed": args.seed})
     for line in out:
         print(json.dumps(line))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -306,6 +307,12 @@ def _negative_event(rng, kind: str, video: np.ndarray, fps: float) -> np.ndarray
 
 
 def transition_suite(seed: int = 0, quick: bool = False) -> list[SuiteVideo]:
+    """The whole suite as a list (see `iter_suite`)."""
+    return list(iter_suite(seed, quick))
+
+
+def iter_suite(seed: int = 0, quick: bool = False,
+               kinds: tuple[str, ...] = ()) -> Iterator[SuiteVideo]:
     """Every transition kind between every ordered pair of shot types, each pair once with
     shots that differ strongly and once with shots of similar colour and brightness; fps and
     frame size cycle through FPS_CHOICES and SIZES, and gradual transitions' lengths are spread
@@ -314,8 +321,10 @@ def transition_suite(seed: int = 0, quick: bool = False) -> list[SuiteVideo]:
     negative (small frames, cycling through the pairs)."""
     rng = np.random.default_rng(seed)
     pairs = list(itertools.product(SHOT_TYPES, SHOT_TYPES))
-    videos = []
+    order = TRANSITION_KINDS + NEGATIVE_KINDS
     for k, kind in enumerate(TRANSITION_KINDS):
+        if kinds and not set(kinds) & set(order[k:]):
+            return
         if quick:
             chosen = [(pair, i % 2 == 1)
                       for i, pair in enumerate(pairs[k::len(TRANSITION_KINDS)][:2])]
@@ -330,13 +339,17 @@ def transition_suite(seed: int = 0, quick: bool = False) -> list[SuiteVideo]:
                 length = 0
             elif length is None:
                 length = rng.integers(6, 37)
-            videos.append(transition_video(rng, kind, pair, fps, size, similar=similar,
-                                           length=int(length),
-                                           seconds=2.5 if quick else 3.0))
+            video = transition_video(rng, kind, pair, fps, size, similar=similar,
+                                     length=int(length), seconds=2.5 if quick else 3.0)
+            if not kinds or kind in kinds:
+                yield video
     per_kind = 1 if quick else NEGATIVES_PER_KIND
-    for kind in NEGATIVE_KINDS:
+    for k, kind in enumerate(NEGATIVE_KINDS):
+        if kinds and not set(kinds) & set(NEGATIVE_KINDS[k:]):
+            return
         for i in range(per_kind):
             fps = FPS_CHOICES[i % len(FPS_CHOICES)]
             size = SIZES[0] if quick else SIZES[(i * 3 + 1) % len(SIZES)]
-            videos.append(negative_video(rng, kind, fps, size, seconds=2.0 if quick else 3.0))
-    return videos
+            video = negative_video(rng, kind, fps, size, seconds=2.0 if quick else 3.0)
+            if not kinds or kind in kinds:
+                yield video
