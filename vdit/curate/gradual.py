@@ -208,6 +208,27 @@ def _placed(x, medians, views, t: int, k: int, w: int, score: float, cfg,
     undone (`_refine_aligned`; once more around the middle found when that lies over a quarter
     of k from t), widened to the thumbnails' span where that lies within reach (they see a
     wipe's first corner that the whole view's correlation misses)."""
+    change = _placed_once(x, medians, views, t, k, w, score, cfg, hidden)
+    if change.start == change.end and not _one_step(x, change.frame, w, cfg.ratio):
+        # Windows this near may lie inside a short wipe or blend, which then looks like one
+        # step: a larger scale, whose windows clear it, places it.
+        change = dataclasses.replace(change, whole=False)
+    return change
+
+
+def _one_step(x: np.ndarray, m: int, w: int, ratio: float) -> bool:
+    """Whether the thumbnails x [T, F] change at frame m in one step, as at a hard cut: the
+    step from frame m - 1 to m is `ratio` times each other step within w frames of it (a wipe
+    or a blend changes a little every frame)."""
+    lo, hi = max(1, m - w), min(len(x), m + w + 1)
+    steps = ((x[lo:hi] - x[lo - 1:hi - 1]) ** 2).mean(axis=1)
+    others = np.delete(steps, m - lo)
+    return others.size == 0 or steps[m - lo] >= ratio * float(others.max())
+
+
+def _placed_once(x, medians, views, t: int, k: int, w: int, score: float, cfg,
+                 hidden: bool) -> Change:
+    """`_placed` before the one-step check of a hard cut."""
     vw, zooms, step = views.window, tuple(cfg.zooms), max(1, k // cfg.alpha_points)
     thumb, spread = _refine(x, medians[w], t, k, w, score, cfg.span_pad)
     near = t - 2 * k - w <= thumb.start and thumb.end <= t + 2 * k + w
