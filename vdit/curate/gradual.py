@@ -296,8 +296,7 @@ def _aligned_peak(views: same_scene.Views, t: int, k: int, known: list[Change], 
         return None, None
     # The median over t - 1 .. t + 1: a change at one pair of views only (a phase correlation
     # gone astray, a flash in one view) is no peak.
-    value = float(np.median([same_scene.region_change(views.at(u - k - w + 1), views.at(u + k),
-                                                      zooms) for u in (t - 1, t, t + 1)]))
+    value = float(np.median([_region_change(views, u, k, zooms) for u in (t - 1, t, t + 1)]))
     if value >= 2.0:  # flat (black): nothing to compare
         return None, None
     if value < cfg.aligned_change or not full:  # the shots' own change is not asked for
@@ -313,12 +312,19 @@ def _aligned_peak(views: same_scene.Views, t: int, k: int, known: list[Change], 
             continue
         picks = side[np.linspace(0, side.size - 1, min(side.size, cfg.aligned_samples))
                      .round().astype(int)]
-        changes = [same_scene.region_change(views.at(u - k - w + 1), views.at(u + k), zooms)
-                   for u in picks]
+        changes = [_region_change(views, u, k, zooms) for u in picks]
         changes = [c for c in changes if c < 2.0]
         if changes:
             bases.append(float(np.median(changes)))
     return value, (max(bases) if bases else None)
+
+
+def _region_change(views: same_scene.Views, t: int, k: int, zooms) -> float:
+    """`same_scene.region_change` of the views k frames before and after t, with the camera's
+    shift between them followed frame by frame as a hint (2.0: nothing to compare)."""
+    first = t - k - views.window + 1
+    return same_scene.region_change(views.at(first), views.at(t + k), zooms,
+                                    hint=views.track(first, t + k))
 
 
 def detect_changes(frames_bgr: np.ndarray, fps: float, cfg,

@@ -41,6 +41,7 @@ class Views:
     def __init__(self, grey: np.ndarray, window: int):
         self.grey, self.window = grey, max(1, window)
         self._cache: dict[int, np.ndarray] = {}
+        self._steps: np.ndarray | None = None  # cumulative frame-to-frame shifts [T, 2]
 
     def __len__(self) -> int:
         return len(self.grey)
@@ -52,6 +53,21 @@ class Views:
         if start not in self._cache:
             self._cache[start] = np.median(self.grey[start:start + self.window], axis=0)
         return self._cache[start]
+
+    def track(self, i: int, j: int) -> tuple[float, float]:
+        """The camera's shift (sx, sy) in view pixels from frame i to frame j (i <= j), summed
+        over consecutive frames' phase correlations: followed frame by frame, a pan too fast
+        for one phase correlation between far frames (which then finds a wrong peak) is
+        measured whole. grey[j][y + sy, x + sx] ~ grey[i][y, x]."""
+        if self._steps is None:
+            h, w = self.grey.shape[1:]
+            window = cv2.createHanningWindow((w, h), cv2.CV_32F)
+            steps = [cv2.phaseCorrelate(a, b, window)[0]
+                     for a, b in zip(self.grey[:-1], self.grey[1:])]
+            self._steps = np.concatenate([np.zeros((1, 2)), np.cumsum(
+                np.reshape(steps, (-1, 2)), axis=0)])
+        sx, sy = self._steps[j] - self._steps[i]
+        return float(sx), float(sy)
 
 
 def _magnified(image: np.ndarray, zoom: float) -> np.ndarray:
@@ -86,32 +102,39 @@ def _correlation(pa: np.ndarray, pb: np.ndarray) -> float:
     return float(cv2.matchTemplate(pa, pb, cv2.TM_CCOEFF_NORMED)[0, 0])
 
 
-def _aligned(a: np.ndarray, b: np.ndarray, zooms, min_overlap: float,
-             enough: float = 1.0) -> tuple[float, np.ndarray | None, np.ndarray | None]:
+def _aligned(a: np.ndarray, b: np.ndarray, zooms, min_overlap: float, enough: float = 1.0,
+             hint: tuple[float, float] | None = None
+             ) -> tuple[float, np.ndarray | None, np.ndarray | None]:
     """(best normalised correlation, a's part, b's part) over `zooms` (b magnified by z > 1,
     or a by 1 / z for z < 1), each after undoing the sub-pixel shift that phase correlation
     finds, then, where a zoom other than 1 did best, over zooms between it and its neighbours
     (two halvings of the finest step between the given zooms: a zoom between them misaligns
     the frame's edges); the parts are the overlapping regions (None where none overlaps
-    enough). Stops once a correlation reaches `enough`."""
+    enough). Stops once a correlation reaches `enough`. A `hint` shift (the camera's, followed
+    frame by frame) is tried too, without zoom."""
     h, w = a.shape
     window = cv2.createHanningWindow((w, h), cv2.CV_32F)
     best, parts, best_zoom = -1.0, (None, None), 1.0
 
-    def attempt(zoom: float) -> None:
+    def attempt(zoom: float, shift: tuple[float, float] | None = None) -> None:
         nonlocal best, parts, best_zoom
         za, zb = (a, _magnified(b, zoom)) if zoom >= 1 else (_magnified(a, 1 / zoom), b)
-        (sx, sy), _ = cv2.phaseCorrelate(za, zb, window)  # zb[y + sy, x + sx] ~ za[y, x]
-        found = _shifted_parts(za, zb, sx, sy, min_overlap)
+        if shift is None:  # zb[y + sy, x + sx] ~ za[y, x]
+            shift, _ = cv2.phaseCorrelate(za, zb, window)
+        found = _shifted_parts(za, zb, *shift, min_overlap)
         if found is not None:
             corr = _correlation(*found)
             if corr > best:
                 best, parts, best_zoom = corr, found, zoom
 
+    if hint is not None:
+        attempt(1.0, hint)
     for zoom in zooms:
-        attempt(zoom)
         if best >= enough:
             return best, *parts
+        attempt(zoom)
+    if best >= enough:
+        return best, *parts
     logs = np.log(sorted(set(zooms)))
     if len(logs) > 1 and best_zoom != 1.0:  # a zoom beat none: look between the given ones
         step = float(np.min(np.diff(logs)))
@@ -144,15 +167,19 @@ def correlation(a: np.ndarray, b: np.ndarray, zooms=(1.0,), min_overlap: float =
 
 
 def region_change(a: np.ndarray, b: np.ndarray, zooms=(1.0,), cells: int = 4,
-                  min_overlap: float = 0.3) -> float:
+                  min_overlap: float = 0.3, hint: tuple[float, float] | None = None) -> float:
     """How much grey view b [h, w] differs from a once camera motion is undone, region by
     region: the overlap (after the shift and zoom that correlate best) cut into cells x cells
     parts, the median over the parts with structure (std at least half the overlap's, in both
     views) of 1 - their normalised correlation: 0 = the same picture, ~1 = unrelated; an object
-    moving over a few parts does not move it. 2 when either view is flat."""
+    moving over a few parts does not move it. 2 when either view is flat, or when the camera's
+    `hint` shift (followed frame by frame) leaves less than min_overlap of them in common:
+    nothing to compare (a fast pan)."""
     if float(a.std()) < MIN_STD or float(b.std()) < MIN_STD:
         return 2.0
-    best, pa, pb = _aligned(a, b, zooms, min_overlap)
+    if hint is not None and _shifted_parts(a, b, *hint, min_overlap) is None:
+        return 2.0
+    best, pa, pb = _aligned(a, b, zooms, min_overlap, hint=hint)
     if pa is None:
         return 1.0
     h, w = pa.shape
