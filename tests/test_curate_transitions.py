@@ -8,11 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from vdit.config import load_config
-from vdit.curate import cuts, pipeline, same_scene, suite, suite_score
+from vdit.curate import cuts, gradual, pipeline, same_scene, suite, suite_score
 from vdit.curate.decode import Segment
 from vdit.curate.settings import default_config_path
 
@@ -146,3 +147,58 @@ def test_gradual_transition_between_camera_moves_is_found(cfg, kind, shots, leng
     print(video.transitions, found)
     assert suite_score.match(video, found) == (1, 0)
     assert suite_score.spanning(video, clips) == 0
+
+
+def test_short_wipe_is_no_hard_cut(cfg):
+    """A 7-frame wipe seen between the smallest scale's windows looks like one step; the frames
+    deny it (every frame changes a little), so it is placed as a transition: no clip holds its
+    frames. A hard cut is one step."""
+    rng = np.random.default_rng(0)
+    video = suite.transition_video(rng, "wipe", ("still", "moving"), 24.0, (128, 72), True, 7,
+                                   2.0)
+    found = cuts.detect_boundaries(video.frames, video.fps, cfg.cuts)
+    clips = cuts.split_clips(len(video.frames), found, video.fps)
+    print(video.transitions, found)
+    assert suite_score.match(video, found) == (1, 0)
+    assert suite_score.spanning(video, clips) == 0 and found[0].end > found[0].start
+    x = gradual.structure(video.frames[..., ::-1], 16, 4.0)
+    t = video.transitions[0]
+    assert not any(gradual._one_step(x, m, 5, 2.5) for m in range(t.start, t.end + 1))
+    cut = suite.transition_video(rng, "cut", ("moving", "still"), 24.0, (72, 128), True, 0, 1.0)
+    x = gradual.structure(cut.frames[..., ::-1], 16, 4.0)
+    assert gradual._one_step(x, cut.transitions[0].start, 5, 2.5)
+
+
+def test_fast_pan_followed_frame_by_frame():
+    """A pan of ~1 view width in 12 frames: one phase correlation between the first and last
+    frame finds no true shift (they barely overlap), the track over consecutive frames does,
+    so the detector knows the two views have too little in common to compare."""
+    rng = np.random.default_rng(2)
+    big = suite._paint(suite.texture(rng, 100, 400), suite.palette(rng))
+    path = np.stack([np.full(13, 50.0), 60 + 5.0 * np.arange(13), np.ones(13)], 1)
+    rgb = np.clip(suite._views(big, path, 64, 64), 0, 255).astype(np.uint8)
+    views = same_scene.Views(same_scene.grey_views(rgb[..., ::-1], 64), 1)
+    sx, sy = views.track(0, 12)  # the view moves right: its content 60 pixels left
+    assert abs(sx + 60) < 3 and abs(sy) < 2, (sx, sy)
+    (dx, _), _ = cv2.phaseCorrelate(views.at(0), views.at(12))
+    assert abs(dx + 60) > 10  # one phase correlation across the pan misses it
+    assert not same_scene.overlaps(views.at(0), views.at(12), (sx, sy))
+    assert same_scene.overlaps(views.at(0), views.at(3), views.track(0, 3))
+
+
+def test_occluder_found_as_its_exit_is_undone():
+    """A textured occluder (two pictures, as a near object's texture changes while it passes)
+    hides a slowly panning view for 8 frames, and the change found lies inside it (X1-X2):
+    neither view next to it is the shot, but views further out on its two sides are one."""
+    rng = np.random.default_rng(4)
+    big = suite._paint(suite.texture(rng, 100, 300), suite.palette(rng))
+    path = np.stack([np.full(40, 50.0), 60 + 0.8 * np.arange(40), np.ones(40)], 1)
+    frames = suite._views(big, path, 64, 96)
+    frames[16:20] = suite._paint(suite.texture(rng, 64, 96), suite.palette(rng))
+    frames[20:24] = suite._paint(suite.texture(rng, 64, 96), suite.palette(rng))
+    grey = same_scene.grey_views(np.clip(frames, 0, 255).astype(np.uint8)[..., ::-1], 64)
+    views = same_scene.Views(grey, 3)
+    zooms = (1.0, 1.15, 1 / 1.15)
+    assert same_scene.undone(views, 19, 21, 24, 0.35, 0.1, zooms)
+    cut = same_scene.Views(np.concatenate([grey[:20], grey[20:][:, ::-1, ::-1]]), 3)
+    assert not same_scene.undone(cut, 20, 20, 24, 0.35, 0.1, zooms)

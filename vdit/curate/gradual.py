@@ -291,12 +291,12 @@ def _aligned_peak(views: same_scene.Views, t: int, k: int, known: list[Change], 
     not `full`).
     A pan or zoom in a shot decorrelates its thumbnails as much as a dissolve does; undone, it
     leaves the dissolve standing out."""
-    w, zooms = views.window, tuple(cfg.zooms)
+    w = views.window
     if not (views.has(t - 1 - k - w + 1) and views.has(t + 1 + k)):
         return None, None
     # The median over t - 1 .. t + 1: a change at one pair of views only (a phase correlation
     # gone astray, a flash in one view) is no peak.
-    value = float(np.median([_region_change(views, u, k, zooms) for u in (t - 1, t, t + 1)]))
+    value = float(np.median([_region_change(views, u, k, cfg) for u in (t - 1, t, t + 1)]))
     if value >= 2.0:  # flat (black): nothing to compare
         return None, None
     if value < cfg.aligned_change or not full:  # the shots' own change is not asked for
@@ -312,19 +312,24 @@ def _aligned_peak(views: same_scene.Views, t: int, k: int, known: list[Change], 
             continue
         picks = side[np.linspace(0, side.size - 1, min(side.size, cfg.aligned_samples))
                      .round().astype(int)]
-        changes = [_region_change(views, u, k, zooms) for u in picks]
+        changes = [_region_change(views, u, k, cfg) for u in picks]
         changes = [c for c in changes if c < 2.0]
         if changes:
             bases.append(float(np.median(changes)))
     return value, (max(bases) if bases else None)
 
 
-def _region_change(views: same_scene.Views, t: int, k: int, zooms) -> float:
+def _region_change(views: same_scene.Views, t: int, k: int, cfg) -> float:
     """`same_scene.region_change` of the views k frames before and after t, with the camera's
-    shift between them followed frame by frame as a hint (2.0: nothing to compare)."""
-    first = t - k - views.window + 1
-    return same_scene.region_change(views.at(first), views.at(t + k), zooms,
-                                    hint=views.track(first, t + k))
+    shift between them followed frame by frame as a hint. 2.0 (nothing to compare) where that
+    shift leaves them too little in common (a fast pan) and they differ by aligned_change or
+    more as they stand (where they do not, the track followed something passing in front)."""
+    first, zooms = t - k - views.window + 1, tuple(cfg.zooms)
+    a, b, hint = views.at(first), views.at(t + k), views.track(first, t + k)
+    if same_scene.overlaps(a, b, hint):
+        return same_scene.region_change(a, b, zooms, hint=hint)
+    value = same_scene.region_change(a, b, zooms)
+    return value if value < cfg.aligned_change else 2.0
 
 
 def detect_changes(frames_bgr: np.ndarray, fps: float, cfg,

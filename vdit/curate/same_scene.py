@@ -166,18 +166,21 @@ def correlation(a: np.ndarray, b: np.ndarray, zooms=(1.0,), min_overlap: float =
     return max(0.0, _aligned(a, b, zooms, min_overlap, enough)[0])
 
 
+def overlaps(a: np.ndarray, b: np.ndarray, shift: tuple[float, float],
+             min_overlap: float = 0.3) -> bool:
+    """Whether views a and b [h, w], b shifted by `shift`, share min_overlap of the frame."""
+    return _shifted_parts(a, b, *shift, min_overlap) is not None
+
+
 def region_change(a: np.ndarray, b: np.ndarray, zooms=(1.0,), cells: int = 4,
                   min_overlap: float = 0.3, hint: tuple[float, float] | None = None) -> float:
     """How much grey view b [h, w] differs from a once camera motion is undone, region by
     region: the overlap (after the shift and zoom that correlate best) cut into cells x cells
     parts, the median over the parts with structure (std at least half the overlap's, in both
     views) of 1 - their normalised correlation: 0 = the same picture, ~1 = unrelated; an object
-    moving over a few parts does not move it. 2 when either view is flat, or when the camera's
-    `hint` shift (followed frame by frame) leaves less than min_overlap of them in common:
-    nothing to compare (a fast pan)."""
+    moving over a few parts does not move it. 2 when either view is flat. A `hint` shift (the
+    camera's, followed frame by frame) is tried besides the phase correlation's."""
     if float(a.std()) < MIN_STD or float(b.std()) < MIN_STD:
-        return 2.0
-    if hint is not None and _shifted_parts(a, b, *hint, min_overlap) is None:
         return 2.0
     best, pa, pb = _aligned(a, b, zooms, min_overlap, hint=hint)
     if pa is None:
@@ -202,8 +205,9 @@ def undone(views: Views, start: int, end: int, reach: int, ratio: float, same: f
     just before and just after it are the same scene (distance < `same`), or the change is
     undone within `reach` frames: a view after it that begins within reach frames of `start`
     is nearer to the view just before it than `ratio` times the change, or a view before it that
-    ends within reach frames of `end` is that near to the view just after it (A-X-A). Unknown
-    (False) where either view would leave the video or is flat (black)."""
+    ends within reach frames of `end` is that near to the view just after it (A-X-A), or (a
+    change of at most reach frames) views on its two sides within reach of it are (see
+    below). Unknown (False) where either view would leave the video or is flat (black)."""
     w = views.window
     if not (views.has(start - w) and views.has(end)):
         return False
@@ -220,4 +224,25 @@ def undone(views: Views, start: int, end: int, reach: int, ratio: float, same: f
     for j in range(start - w - 1, max(0, end - reach - w) - 1, -1):
         if distance(views.at(j), after, zooms) < limit:
             return True
+    # An occluder entering and leaving (within reach frames) is often found as two changes
+    # (A-X, X-A) merged into one whose frames hold only part of it: a view B up to `reach`
+    # frames before it and a view A up to `reach` frames after it (every window's length) undo
+    # it too, when they are that near, or `ratio` times nearer than B is to the farthest view
+    # over the change (the excursion: a blend or wipe passes from B to A, never farther from B
+    # than A is; an occluder is farther), or their regions are one scene (`region_change` <
+    # same: the background on both sides of the occluder is the same shot, whatever else
+    # moves in it).
+    if end - start > reach:
+        return False
+    befores = [views.at(j) for j in range(start - 2 * w, max(-1, start - w - reach), -w)]
+    afters = [views.at(j) for j in range(end + w, min(end + reach, len(views) - w) + 1, w)]
+    inner = [views.at(j) for j in range(max(0, start - w + 1), min(end, len(views) - w) + 1,
+                                        max(1, w // 2))]
+    for b in befores:
+        away = [d for d in (distance(b, x, zooms) for x in inner) if d < 2.0]  # 2: black
+        excursion = max(away, default=0.0)
+        for a in afters:
+            near = distance(b, a, zooms)
+            if near < max(limit, ratio * excursion) or region_change(b, a, zooms) < same:
+                return True
     return False
