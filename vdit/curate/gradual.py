@@ -23,7 +23,9 @@ larger scales may not reach past it).
 Each local maximum of D_k above `min_change` is judged again on grey views with the camera's
 motion undone (`same_scene.region_change`: a sub-pixel phase-correlation shift and a zoom,
 then the median over regions of 1 - correlation, so an object moving over a few regions does
-not count): one that D_k's ratio test passed falls when its two sides differ by less than
+not count; the camera's shift followed frame by frame, `same_scene.Views.track`, is tried
+too, and views it leaves too little in common, a fast pan, that differ as they stand are not
+compared): one that D_k's ratio test passed falls when its two sides differ by less than
 `aligned_change` there (a flash, an object passing); one that the shots' own change hid (a pan
 or a zoom decorrelates thumbnails as much as a dissolve does) stands when it reaches
 `aligned_change` and `ratio` times the same measure at `aligned_samples` places within the
@@ -34,7 +36,10 @@ window medians, alpha in [0, 1] (its projection on the line from one to the othe
 middle (the step from 0 to 1 that fits alpha best) and the transition frames: the run with
 0.25 < alpha < 0.75 around the middle, widened by as much again on each side and further while
 alpha stays beyond the spread of the windows' own frames (a blend's or wipe's faint ends), then
-padded by `span_pad` of its length on each side. Where the shots move (a hidden peak, or the
+padded by `span_pad` of its length on each side. A hard cut (one step of alpha) stands as
+placed only where the thumbnails change in one step, `ratio` times each other step within a
+window of it: between near windows a short wipe or blend looks like one step, and a larger
+scale, whose windows clear it, places it. Where the shots move (a hidden peak, or the
 thumbnails' alpha spreading beyond `motion_spread`, or their span running off), alpha comes
 from each frame's correlation with the two views instead, camera motion undone. The smallest
 scale whose windows hold the whole transition gives it.
