@@ -8,9 +8,11 @@ after undoing camera motion: for each of a few zoom factors (one of the two magn
 centre, then finer zooms around the best one), OpenCV's phase correlation finds the sub-pixel
 shift, and the distance is 1 - the normalised correlation of the overlapping parts (0 = the same
 picture, ~1 = unrelated), the smallest over the zooms. `region_change` takes the median of that
-over a grid of regions instead (an object moving over a few of them does not count). A pan, a
-zoom or shake thus leaves the distance small where a thumbnail compared
-pixel to pixel would call the view changed.
+over a grid of regions instead (an object moving over a few of them does not count).
+A pan, a zoom or shake thus leaves the distance small where a thumbnail compared pixel to
+pixel would call the view changed. `Views.track` follows the camera's shift frame by frame
+(summed phase correlations of consecutive frames): a pan too fast for one phase correlation
+between far views is measured whole.
 """
 
 from __future__ import annotations
