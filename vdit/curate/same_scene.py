@@ -228,7 +228,7 @@ def undone(views: Views, start: int, end: int, reach: int, ratio: float, same: f
             return True
     # An occluder entering and leaving (within reach frames) is often found as two changes
     # (A-X, X-A) merged into one whose frames hold only part of it: a view B up to `reach`
-    # frames before it and a view A up to `reach` frames after it (every window's length) undo
+    # frames before it and a view A up to `reach` frames after it (a few on each side) undo
     # it too, when they are that near, or `ratio` times nearer than B is to the farthest view
     # over the change (the excursion: a blend or wipe passes from B to A, never farther from B
     # than A is; an occluder is farther), or their regions are one scene (`region_change` <
@@ -236,8 +236,9 @@ def undone(views: Views, start: int, end: int, reach: int, ratio: float, same: f
     # moves in it).
     if end - start > reach:
         return False
-    befores = [views.at(j) for j in range(start - 2 * w, max(-1, start - w - reach), -w)]
-    afters = [views.at(j) for j in range(end + w, min(end + reach, len(views) - w) + 1, w)]
+    stride = max(w, reach // 6)  # a few views on each side: pairs cost two alignments each
+    befores = [views.at(j) for j in range(start - 2 * w, max(-1, start - w - reach), -stride)]
+    afters = [views.at(j) for j in range(end + w, min(end + reach, len(views) - w) + 1, stride)]
     inner = [views.at(j) for j in range(max(0, start - w + 1), min(end, len(views) - w) + 1,
                                         max(1, w // 2))]
     for b in befores:
