@@ -302,7 +302,7 @@ def _aligned_peak(views: same_scene.Views, t: int, k: int, known: list[Change], 
     # The median over t - 1 .. t + 1: a change at one pair of views only (a phase correlation
     # gone astray, a flash in one view) is no peak.
     value = float(np.median([_region_change(views, u, k, cfg) for u in (t - 1, t, t + 1)]))
-    if value >= 2.0:  # flat (black): nothing to compare
+    if value >= 2.0:  # flat (black), or a fast pan left too little in common: unknown
         return None, None
     if value < cfg.aligned_change or not full:  # the shots' own change is not asked for
         return value, None

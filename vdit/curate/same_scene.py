@@ -184,7 +184,22 @@ def region_change(a: np.ndarray, b: np.ndarray, zooms=(1.0,), cells: int = 4,
     camera's, followed frame by frame) is tried besides the phase correlation's."""
     if float(a.std()) < MIN_STD or float(b.std()) < MIN_STD:
         return 2.0
-    best, pa, pb = _aligned(a, b, zooms, min_overlap, hint=hint)
+    return _regions(*_aligned(a, b, zooms, min_overlap, hint=hint), cells)
+
+
+def compare(a: np.ndarray, b: np.ndarray, zooms=(1.0,)) -> tuple[float, float]:
+    """(`distance`, `region_change`) of grey views a and b from one alignment (both 2.0 when
+    either view is flat)."""
+    if float(a.std()) < MIN_STD or float(b.std()) < MIN_STD:
+        return 2.0, 2.0
+    best, pa, pb = _aligned(a, b, zooms, 0.3)
+    return 1.0 - best, _regions(best, pa, pb)
+
+
+def _regions(best: float, pa: np.ndarray | None, pb: np.ndarray | None,
+             cells: int = 4) -> float:
+    """`region_change` of two aligned parts [h, w] (None: no overlap) whose whole correlate
+    `best`."""
     if pa is None:
         return 1.0
     h, w = pa.shape
@@ -236,7 +251,7 @@ def undone(views: Views, start: int, end: int, reach: int, ratio: float, same: f
     # moves in it).
     if end - start > reach:
         return False
-    stride = max(w, reach // 6)  # a few views on each side: pairs cost two alignments each
+    stride = max(w, reach // 6)  # a few views on each side: each pair costs an alignment
     befores = [views.at(j) for j in range(start - 2 * w, max(-1, start - w - reach), -stride)]
     afters = [views.at(j) for j in range(end + w, min(end + reach, len(views) - w) + 1, stride)]
     inner = [views.at(j) for j in range(max(0, start - w + 1), min(end, len(views) - w) + 1,
@@ -245,7 +260,7 @@ def undone(views: Views, start: int, end: int, reach: int, ratio: float, same: f
         away = [d for d in (distance(b, x, zooms) for x in inner) if d < 2.0]  # 2: black
         excursion = max(away, default=0.0)
         for a in afters:
-            near = distance(b, a, zooms)
-            if near < max(limit, ratio * excursion) or region_change(b, a, zooms) < same:
+            near, regions = compare(b, a, zooms)
+            if near < max(limit, ratio * excursion) or regions < same:
                 return True
     return False
