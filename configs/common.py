@@ -18,7 +18,10 @@ def optim() -> ml_collections.ConfigDict:
 
 
 def checkpoint() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(every=500, keep=3, keep_every=0, async_save=True))
+    # replica_slice_min_bytes: an array replicated over R devices is written as R parallel slices
+    # only when each slice is at least this big (vdit/runs/checkpoint.py; 0 = always slice).
+    return ml_collections.ConfigDict(dict(every=500, keep=3, keep_every=0, async_save=True,
+                                          replica_slice_min_bytes=4 * 2 ** 20))
 
 
 def train() -> ml_collections.ConfigDict:

@@ -45,7 +45,8 @@ def _compiled_step_memory(config):
     trainable = lambda r: run_params.split_trainable(config, boxed(r))[0]
     frozen = lambda r: run_params.split_trainable(config, boxed(r))[1]
     # Abstract state and frozen weights, with the trainer's own shardings.
-    state, sh = abstract_state(trainable, tx, jax.random.key(0), mesh, rules)
+    state, sh = abstract_state(jax.eval_shape(trainable, jax.random.key(0)), tx,
+                               jax.random.key(0), mesh, rules)
     fixed, fsh = abstract_sharded(frozen, jax.random.key(0), mesh, rules)
     step = make_train_step(make_dit_loss(dit, text_model, config), tx, config.train.ema_decay)
     jitted = jax.jit(step, in_shardings=(sh, fsh, pipeline.batch_sharding(mesh)),
@@ -72,9 +73,9 @@ def test_plan_matches_the_compiled_step():
 
 
 def test_wan14b_720p_on_256_devices(capsys):
+    # README's plan line (tests/test_docs.py runs it too; the proxies compile once per session)
     rc = plan.main(["--config", WAN14B, "--devices", "256", "--rows", "64", "--frames", "81",
-                    "--size", "720x1280", "--hbm-gb", "95", "--json",
-                    "--config.mesh.sequence=4"])
+                    "--size", "720x1280", "--hbm-gb", "95", "--config.mesh.sequence=4", "--json"])
     assert rc == 0
     text, line = capsys.readouterr().out.rsplit("\n", 2)[-3:-1]
     result = json.loads(line)

@@ -187,16 +187,19 @@ POSITIVE_KEYS = ("train.steps", "train.log_every", "train.max_bad_steps", "check
                  "checkpoint.keep", "vae_train.steps", "vae_train.batch_size",
                  "data.rows_per_batch", "data.tokens_per_row", "data.text_per_row",
                  "data.max_segments")
+# Counts where 0 means off (or "always").
+NON_NEGATIVE_KEYS = ("checkpoint.keep_every", "checkpoint.replica_slice_min_bytes")
 
 
 def _validate_counts(config: ml_collections.ConfigDict) -> None:
-    for key in POSITIVE_KEYS:
-        section, leaf = key.split(".")
-        if section not in config or leaf not in config[section]:
-            continue
-        value = config[section][leaf]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"config key {key!r} = {value!r}: expected a whole number >= 1")
+    for keys, low in ((POSITIVE_KEYS, 1), (NON_NEGATIVE_KEYS, 0)):
+        for key in keys:
+            section, leaf = key.split(".")
+            if section not in config or leaf not in config[section]:
+                continue
+            value = config[section][leaf]
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"config key {key!r} = {value!r}: expected a whole number >= {low}")
 
 
 def _check_choice(section, prefix: str, key: str, allowed: Sequence[str]) -> None:

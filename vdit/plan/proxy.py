@@ -29,7 +29,7 @@ from vdit.parallel.mesh import make_mesh
 from vdit.plan.weights import per_device_bytes, text_in_step, weights_fn
 from vdit.train import optim, run_params
 from vdit.train.objective import make_dit_loss
-from vdit.train.state import abstract_sharded, abstract_state
+from vdit.train.state import abstract_like, abstract_state
 from vdit.train.step import make_train_step
 
 # The proxy is compiled, never run: skip the CPU code generator's expensive optimisations (about
@@ -81,16 +81,16 @@ def compile_proxy(cfg, layers: int, sizes: dict, rows: int, problem, rules,
     model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
     model_cfg.num_layers, model_cfg.attention = layers, "memory_proxy"
     dit = build_dit(model_cfg)
-    weights = weights_fn(cfg, dit)
-    trainable = lambda r: weights(r)[0]
     key = jax.random.key(0)
+    # One abstract init serves the shapes, the logical names and the bytes of every tree below.
+    trainable, frozen = jax.eval_shape(weights_fn(cfg, dit), key)
     mesh = make_mesh(sizes, devices=jax.devices()[:math.prod(sizes.values())])
     text_ids = text_in_step(cfg)
     batch = abstract_batch(dit, rows, problem.tokens, problem.text_len, text_ids)
     text_model = run_params.build_text_model(cfg) if text_ids else None
     loss_fn = lora.wrap_loss(make_dit_loss(dit, text_model, cfg), cfg)
     # The trainer's abstract state and frozen weights, with its shardings (vdit/train/state.py).
-    fixed, fixed_sh = abstract_sharded(lambda r: weights(r)[1], key, mesh, rules)
+    fixed, fixed_sh = abstract_like(frozen, mesh, rules)
     if full_step:
         tx = optim.make_optimizer(cfg.optim, int(cfg.train.steps))
         state, state_sh = abstract_state(trainable, tx, key, mesh, rules)
@@ -99,7 +99,7 @@ def compile_proxy(cfg, layers: int, sizes: dict, rows: int, problem, rules,
                          out_shardings=(state_sh, None), donate_argnums=(0,))
         args = (state, fixed, batch)
     else:
-        params, params_sh = abstract_sharded(trainable, key, mesh, rules)
+        params, params_sh = abstract_like(trainable, mesh, rules)
         jitted = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
                          in_shardings=(params_sh, fixed_sh, batch_sharding(mesh), None))
         args = (params, fixed, batch, key)
@@ -110,8 +110,7 @@ def compile_proxy(cfg, layers: int, sizes: dict, rows: int, problem, rules,
     if stats is None:
         raise RuntimeError(f"the {jax.default_backend()} backend gives no memory_analysis(); "
                            "vdit plan needs one (CPU, TPU and GPU do)")
-    return (int(stats.temp_size_in_bytes),
-            per_device_bytes(jax.eval_shape(trainable, key), sizes, rules))
+    return int(stats.temp_size_in_bytes), per_device_bytes(trainable, sizes, rules)
 
 
 def measure(cfg, mesh: dict, problem, rules, proxy_layers: tuple[int, int],

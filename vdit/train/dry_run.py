@@ -48,7 +48,8 @@ def dry_run(config, overrides=(), hbm_gb: float | None = None, setup_fn=step_set
     config = check_train_config(config, dit)
     setup = setup_fn(config, dit, build_text_model(config))
     rng = jax.random.key(config.train.seed)
-    state, shardings = abstract_state(setup.trainable, setup.tx, rng, setup.mesh, setup.rules)
+    state, shardings = abstract_state(jax.eval_shape(setup.trainable, rng), setup.tx, rng,
+                                      setup.mesh, setup.rules)
     frozen, frozen_shardings = abstract_sharded(setup.frozen, rng, setup.mesh, setup.rules)
     compiled, flops = compile_step(setup.step_fn, state, frozen, setup.spec, shardings,
                                    frozen_shardings, setup.mesh, setup.rules)

@@ -33,7 +33,11 @@ class TrainState:
 
 def shardings_of(boxed_fn: Callable[[jax.Array], Any], mesh: Mesh, rules):
     """NamedShardings of the (boxed) tree `boxed_fn(rng)` returns, via its logical axis names."""
-    specs = nn.get_partition_spec(jax.eval_shape(boxed_fn, jax.random.key(0)))
+    return _named(nn.get_partition_spec(jax.eval_shape(boxed_fn, jax.random.key(0))), mesh, rules)
+
+
+def _named(specs, mesh: Mesh, rules):
+    """Logical PartitionSpecs -> NamedShardings on `mesh` under `rules`."""
     return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_mesh_spec(s, rules)), specs,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
@@ -65,17 +69,27 @@ def create_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransfor
 def abstract_sharded(boxed_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules):
     """(tree, shardings) like `create_sharded`, but the tree is `jax.ShapeDtypeStruct`s carrying
     their shardings: nothing is allocated (what a dry run compiles against)."""
-    shardings = shardings_of(boxed_fn, mesh, rules)
-    shapes = jax.eval_shape(lambda r: unbox(boxed_fn(r)), rng)
+    return abstract_like(jax.eval_shape(boxed_fn, rng), mesh, rules)
+
+
+def abstract_like(boxed: Any, mesh: Mesh, rules):
+    """`abstract_sharded` of an already abstract boxed tree (`jax.eval_shape` of a boxed init):
+    one trace of the init serves both the shapes and the logical names."""
+    shardings = _named(nn.get_partition_spec(boxed), mesh, rules)
+    boxes = lambda x: isinstance(x, nn.Partitioned)
+    shapes = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if boxes(x) else x, boxed,
+                          is_leaf=boxes)
     tree = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         shapes, shardings)
     return tree, shardings
 
 
-def abstract_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                   rng: jax.Array, mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
-    """`create_state`'s (state, shardings) with an abstract state (see `abstract_sharded`)."""
-    return abstract_sharded(lambda r: _new_state(init_fn(r), tx, r), rng, mesh, rules)
+def abstract_state(boxed_params: Any, tx: optax.GradientTransformation, rng: jax.Array,
+                   mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
+    """`create_state`'s (state, shardings) with an abstract state (see `abstract_sharded`), from
+    abstract boxed parameters (`jax.eval_shape` of the init, so the caller traces it once)."""
+    boxed = jax.eval_shape(lambda p, r: _new_state(p, tx, r), boxed_params, rng)
+    return abstract_like(boxed, mesh, rules)
 
 
 def unbox(tree):
