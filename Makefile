@@ -33,11 +33,12 @@ lint: install-test
 	$(VENV)/bin/ruff check vdit tests bench configs
 
 # Test files run in TEST_WORKERS processes (pytest-xdist; a file's tests stay in one process, so
-# its module fixtures are built once); the JAX compilation cache is shared between them.
+# its module fixtures are built once), heaviest files first (tests/conftest.py); the JAX
+# compilation cache is shared between them.
 TEST_WORKERS ?= 2
 
 test: install-test lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 demo: install
 	$(PY) -m vdit.demo --out demo_out $(if $(QUICK),--quick,)
