@@ -47,9 +47,7 @@ def _threads_flag(argv) -> int:
 if _threads_flag(sys.argv) == 1:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-# Those flags size XLA's thread pools, but XLA:CPU still runs independent ops on other cores (a
-# "1-thread" JAX matmul measured 151 GFLOP/s unpinned, 74 pinned): the process, and the torch
-# subprocesses it starts, is pinned to that many cores so both sides get the same CPUs.
+# Pinned to `--threads` cores, torch subprocesses included, as bench/dit.py is (why: there).
 os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:_threads_flag(sys.argv)])
 
 import jax  # noqa: E402

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vdit.config import load_config
-from vdit.curate import cuts, gradual, pipeline, same_scene, suite, suite_score
+from vdit.curate import cuts, gradual, pipeline, placement, same_scene, suite, suite_score
 from vdit.curate.decode import Segment
 from vdit.curate.settings import default_config_path
 
@@ -163,10 +163,10 @@ def test_short_wipe_is_no_hard_cut(cfg):
     assert suite_score.spanning(video, clips) == 0 and found[0].end > found[0].start
     x = gradual.structure(video.frames[..., ::-1], 16, 4.0)
     t = video.transitions[0]
-    assert not any(gradual._one_step(x, m, 5, 2.5) for m in range(t.start, t.end + 1))
+    assert not any(placement.one_step(x, m, 5, 2.5) for m in range(t.start, t.end + 1))
     cut = suite.transition_video(rng, "cut", ("moving", "still"), 24.0, (72, 128), True, 0, 1.0)
     x = gradual.structure(cut.frames[..., ::-1], 16, 4.0)
-    assert gradual._one_step(x, cut.transitions[0].start, 5, 2.5)
+    assert placement.one_step(x, cut.transitions[0].start, 5, 2.5)
 
 
 def test_fast_pan_followed_frame_by_frame():
