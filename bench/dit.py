@@ -19,29 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
+from _pinning import pin_to_threads  # bench/ is the script's folder (sys.path[0])
 
-def _threads_flag(argv) -> int:
-    """--threads N from argv (default 1): XLA reads its flags when jax is first imported."""
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--threads="):
-            return int(arg.split("=", 1)[1])
-    return 1
-
-
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
-                           f"{'true' if _threads_flag(sys.argv) > 1 else 'false'} "
-                           f"intra_op_parallelism_threads={_threads_flag(sys.argv)}")
-# Those flags size XLA's thread pools, but XLA:CPU still runs independent ops on other cores (a
-# "1-thread" JAX matmul measured 151 GFLOP/s unpinned, 74 pinned): the process, and the torch
-# subprocesses it starts, is pinned to that many cores so both sides get the same CPUs.
-os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:_threads_flag(sys.argv)])
+pin_to_threads()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -15,7 +15,9 @@ input, for each `--frames` value. Per (impl, op, frames) the line holds:
                  memory freed by earlier calls hides the growth (and that setting slows calls). Not
                  reported for vdit: there it swung between 0 and 28 MB over identical calls, as
                  XLA's CPU runtime reuses memory it already holds.
-A final line gives, per impl and op, the largest frame count's memory over the smallest's.
+`diffusers_compiled` lines time the same diffusers calls under `torch.compile` (compile time apart).
+Two final lines give, per impl and op, the largest frame count's memory over the smallest's, and
+vdit's seconds over diffusers' eager and compiled seconds per op and frame count.
 
     python bench/vae.py          # 17 and 81 frames, 32x32, base_dim 32, z_dim 4, one thread each
     python bench/vae.py --height 64 --width 96 --base-dim 16 --frames 17 33
@@ -24,6 +26,7 @@ A final line gives, per impl and op, the largest frame count's memory over the s
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import json
 import os
@@ -33,22 +36,9 @@ import subprocess
 import sys
 import time
 
+from _pinning import pin_to_threads  # bench/ is the script's folder (sys.path[0])
 
-def _threads_flag(argv) -> int:
-    """--threads N from argv (1 if absent): XLA reads its flags when jax is first imported."""
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--threads="):
-            return int(arg.split("=", 1)[1])
-    return 1
-
-
-if _threads_flag(sys.argv) == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-# Pinned to `--threads` cores, torch subprocesses included, as bench/dit.py is (why: there).
-os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:_threads_flag(sys.argv)])
+pin_to_threads()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -81,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--rss-child", nargs=2, metavar=("OP", "FRAMES"),
                    help=argparse.SUPPRESS)  # internal: one diffusers memory measurement
     p.add_argument("--quick", action="store_true",
-                   help="a seconds-long smoke run (tiny sizes; the figures mean nothing)")
+                   help="a seconds-long smoke run (tiny sizes, no torch.compile; the figures mean "
+                        "nothing)")
     a = p.parse_args(argv)
     if a.quick:
         a.frames, a.height, a.width, a.base_dim, a.repeats = [5], 16, 16, 8, 1
@@ -140,7 +131,15 @@ def vdit_runner(vae, params, op: str, x) -> tuple:
     return lambda: np.asarray(first(jax.block_until_ready(compiled(params, x)))), facts
 
 
-def diffusers_runner(ref, op: str, x: torch.Tensor):
+def diffusers_runner(ref, op: str, x: torch.Tensor, compiled: bool = False):
+    """run() -> diffusers' output as numpy [B, T, H, W, C]; `compiled`: its encoder and decoder
+    under torch.compile (diffusers calls them once per chunk of frames with a feature cache, so
+    compiling them, not the Python chunk loop, gives graphs that do not grow with the clip)."""
+    if compiled:
+        ref = copy.copy(ref)  # same weights; its own module table, so `ref` itself stays eager
+        ref._modules = dict(ref._modules)
+        ref.encoder, ref.decoder = torch.compile(ref.encoder), torch.compile(ref.decoder)
+
     def run():
         with torch.no_grad():
             out = ref.encode(x).latent_dist.mean if op == "encode" else ref.decode(x).sample
@@ -182,7 +181,25 @@ def time_all(args) -> list[dict]:
                              rel_err_vs_diffusers=err))
             rows.append(dict(common, impl="diffusers",
                              seconds=median_seconds(run_ref, args.repeats)))
+            if not args.quick:  # torch.compile alone takes ~45 s even at --quick's sizes
+                rows.append(dict(common, **compiled_timing(ref, op, x_t, want, args.repeats)))
     return rows
+
+
+def compiled_timing(ref, op: str, x_t: torch.Tensor, want: np.ndarray, repeats: int) -> dict:
+    """diffusers under torch.compile: seconds after a warm-up, compile time and output error
+    (a compile failure, e.g. no C++ toolchain, is reported in the line, not fatal)."""
+    row = dict(impl="diffusers_compiled")
+    try:
+        run = diffusers_runner(ref, op, x_t, compiled=True)
+        start = time.perf_counter()
+        got = run()  # the first call compiles
+        row["compile_seconds"] = time.perf_counter() - start
+        row["rel_err_vs_diffusers"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        row["seconds"] = median_seconds(run, repeats)
+    except Exception as e:  # noqa: BLE001 - reported, the eager figures still stand
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
 
 
 def diffusers_rss(args, op: str, frames: int) -> float:
@@ -221,6 +238,7 @@ def main(argv=None) -> None:
             row["rss_peak_delta_bytes"] = rss_in_child(args, row["op"], row["frames"])
         print(json.dumps(row), flush=True)
     print(json.dumps(summary(rows, min(args.frames), max(args.frames))), flush=True)
+    print(json.dumps(speed_ratios(rows)), flush=True)
 
 
 def summary(rows, lo: int, hi: int) -> dict:
@@ -232,6 +250,19 @@ def summary(rows, lo: int, hi: int) -> dict:
             if key in by_key[(impl, op, lo)]:
                 small, big = by_key[(impl, op, lo)][key], by_key[(impl, op, hi)][key]
                 out[f"{impl}_{op}_{key}"] = round(big / small, 3) if small else None
+    return out
+
+
+def speed_ratios(rows) -> dict:
+    """vdit seconds over diffusers' eager and torch.compile seconds, per op and frame count."""
+    seconds = {(r["impl"], r["op"], r["frames"]): r.get("seconds") for r in rows}
+    out = dict(bench="vae", summary="vdit seconds / diffusers seconds (same weights, input, threads)")
+    for (impl, op, frames), vdit_s in seconds.items():
+        if impl != "vdit":
+            continue
+        for ref, name in (("diffusers", "eager"), ("diffusers_compiled", "compiled")):
+            ref_s = seconds.get((ref, op, frames))
+            out[f"{op}_{frames}f_vdit_over_{name}"] = round(vdit_s / ref_s, 3) if ref_s else None
     return out
 
 

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tests/test_curate_transitions.py).
 OWN_TEST = {"attention.py", "curate.py"}
 BENCHES = sorted(n for n in os.listdir(os.path.join(ROOT, "bench"))
-                 if n.endswith(".py") and n not in OWN_TEST)
+                 if n.endswith(".py") and not n.startswith("_") and n not in OWN_TEST)
 
 
 def test_every_bench_is_covered():
