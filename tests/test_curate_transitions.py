@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from vdit.config import load_config
-from vdit.curate import (blend, cuts, gradual, pipeline, placement, same_scene, suite,
-                         suite_score)
+from vdit.curate import blend, cuts, gradual, pipeline, placement, same_scene, suite, suite_score
 from vdit.curate.decode import Segment
 from vdit.curate.settings import default_config_path
 
