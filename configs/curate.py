@@ -63,8 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
                 # zoom or pan the alignment missed by a little already reaches it).
                 blend_change=0.3,
                 # A blend: every frame is a*before + b*after + c to this explained variance
-                # (0..1; the suite's dissolves fit at >= 0.95, an object crossing, a wipe or a
-                # fast pan fits far worse) ...
+                # (0..1; the suite's dissolves that need it fit at ~0.97, an object crossing at
+                # <= 0.45: a shape sweeping over the view is no sum of the two sides) ...
                 blend_fit=0.7,
                 # ... and somewhere that fit explains this much more of a frame's variance than
                 # the better side alone (0..0.5 for two unrelated pictures; a lighting change or
