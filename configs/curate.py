@@ -57,6 +57,19 @@ def get_config() -> ml_collections.ConfigDict:
                 # the shots on each side.
                 aligned_change=0.5,
                 aligned_samples=4,
+                # ... or at blend_change where the frames across it are a blend of its two
+                # sides (vdit/curate/blend.py): a dissolve between unrelated pictures of similar
+                # colour keeps part of each side's structure in every region (0.3: below, a
+                # zoom or pan the alignment missed by a little already reaches it).
+                blend_change=0.3,
+                # A blend: every frame is a*before + b*after + c to this explained variance
+                # (0..1; the suite's dissolves that need it fit at ~0.97, an object crossing at
+                # <= 0.45: a shape sweeping over the view is no sum of the two sides) ...
+                blend_fit=0.7,
+                # ... and somewhere that fit explains this much more of a frame's variance than
+                # the better side alone (0..0.5 for two unrelated pictures; a lighting change or
+                # a flash is one side re-lit: ~0).
+                blend_gain=0.25,
                 # Where the shots move (their frames' alpha from the thumbnails spreads beyond
                 # motion_spread, 0..1, or the peak was hidden in their change), a change's
                 # frames are placed by their correlation with the views on its two sides,

@@ -232,6 +232,10 @@ def test_config_checks(cfg):
            "--config.curate.cuts.gradual.span_pad=-0.5": "'curate.cuts.gradual.span_pad'",
            "--config.curate.cuts.gradual.aligned_samples=0":
                "'curate.cuts.gradual.aligned_samples'",
+           "--config.curate.cuts.gradual.blend_fit=1.5": "'curate.cuts.gradual.blend_fit'",
+           "--config.curate.cuts.gradual.blend_gain=-0.1": "'curate.cuts.gradual.blend_gain'",
+           "--config.curate.cuts.gradual.blend_change=2.0":
+               "'curate.cuts.gradual.blend_change' = 2.0; must be in",
            "--config.curate.motion.poly_n=6": "Farneback supports 5 or 7"}
     for override, message in bad.items():
         with pytest.raises(ConfigError, match=message):

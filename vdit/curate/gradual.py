@@ -29,7 +29,10 @@ compared): one that D_k's ratio test passed falls when its two sides differ by l
 `aligned_change` there (a flash, an object passing); one that the shots' own change hid (a pan
 or a zoom decorrelates thumbnails as much as a dissolve does) stands when it reaches
 `aligned_change` and `ratio` times the same measure at `aligned_samples` places within the
-shots on each side. A hidden peak at a hard cut that ContentDetector proposes is that cut.
+shots on each side. Either reaches `aligned_change` at `blend_change` already where the frames
+across it are a blend of its two sides (`blend.py`: a dissolve between two unrelated pictures
+of similar colour keeps part of each side's structure in every region). A hidden peak at a
+hard cut that ContentDetector proposes is that cut.
 Where a found change starts and ends: `placement.py`.
 """
 
@@ -38,7 +41,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from vdit.curate import same_scene
+from vdit.curate import blend, same_scene
 from vdit.curate.placement import Change, placed
 
 
@@ -128,25 +131,26 @@ def _returns(change: Change, curves: dict[int, np.ndarray], widths: dict[int, in
     return False
 
 
-def _aligned_peak(views: same_scene.Views, t: int, k: int, known: list[Change], cfg,
-                  full: bool = True) -> tuple[float | None, float | None]:
-    """(the change at t at scale k with camera motion undone, the same within the shots) as
-    `same_scene.region_change` of the views k frames before and after t, and its median at
-    `aligned_samples` places on each side of t beyond its reach, in the same shots (the larger
-    side; None where no side has two places, or a view is flat or would leave the video, or
-    not `full`).
+def _aligned_value(views: same_scene.Views, t: int, k: int, cfg) -> float | None:
+    """The change at t at scale k with camera motion undone: `same_scene.region_change` of the
+    views k frames before and after t (the median over t - 1 .. t + 1: a change at one pair of
+    views only, a phase correlation gone astray or a flash in one view, is no peak); None where
+    a view would leave the video or is flat (black), or a fast pan left too little in common.
     A pan or zoom in a shot decorrelates its thumbnails as much as a dissolve does; undone, it
     leaves the dissolve standing out."""
     w = views.window
     if not (views.has(t - 1 - k - w + 1) and views.has(t + 1 + k)):
-        return None, None
-    # The median over t - 1 .. t + 1: a change at one pair of views only (a phase correlation
-    # gone astray, a flash in one view) is no peak.
+        return None
     value = float(np.median([_region_change(views, u, k, cfg) for u in (t - 1, t, t + 1)]))
-    if value >= 2.0:  # flat (black), or a fast pan left too little in common: unknown
-        return None, None
-    if value < cfg.aligned_change or not full:  # the shots' own change is not asked for
-        return value, None
+    return None if value >= 2.0 else value
+
+
+def _aligned_base(views: same_scene.Views, t: int, k: int, known: list[Change],
+                  cfg) -> float | None:
+    """The shots' own change as `_aligned_value` measures it: its median at `aligned_samples`
+    places on each side of t beyond its reach, in the same shots (the larger side; None where
+    no side has two places)."""
+    w = views.window
     reach = 2 * k + w
     lo = max([c.end for c in known if c.end <= t - k - w + 1], default=0)
     hi = min([c.start for c in known if c.start >= t + k + w], default=len(views))
@@ -162,7 +166,18 @@ def _aligned_peak(views: same_scene.Views, t: int, k: int, known: list[Change], 
         changes = [c for c in changes if c < 2.0]
         if changes:
             bases.append(float(np.median(changes)))
-    return value, (max(bases) if bases else None)
+    return max(bases) if bases else None
+
+
+def _clears(views: same_scene.Views, value: float, t: int, k: int, cfg) -> bool:
+    """Whether an aligned change `value` at t (scale k) is large enough to be a shot change:
+    at least aligned_change, or at least blend_change where the frames across it are a blend
+    of its two sides (`blend.is_blend`: a dissolve between two unrelated pictures of similar
+    colour keeps part of each side's structure in every region, so its regions change less
+    than a cut's)."""
+    if value >= cfg.aligned_change:
+        return True
+    return value >= cfg.blend_change and blend.is_blend(views, t, k, cfg)
 
 
 def _region_change(views: same_scene.Views, t: int, k: int, cfg) -> float:
@@ -202,14 +217,16 @@ def detect_changes(frames_bgr: np.ndarray, fps: float, cfg,
             # past the ends): a weak peak stands when the change stands out there; a strong
             # one falls when the views on its two sides differ by less than aligned_change
             # (a flash, an object crossing: the scene behind is the same).
-            value, base = _aligned_peak(views, t, k, found, cfg, full=not is_strong)
+            value = _aligned_value(views, t, k, cfg)
             if value is None:
                 stands = is_strong
             elif is_strong:
-                stands = value >= cfg.aligned_change
+                stands = _clears(views, value, t, k, cfg)
+            elif _clears(views, value, t, k, cfg):
+                base = _aligned_base(views, t, k, found, cfg)
+                stands = base is not None and value >= cfg.ratio * base
             else:
-                stands = value >= cfg.aligned_change and base is not None and (
-                    value >= cfg.ratio * base)
+                stands = False
             if stands:
                 score = float(curves[k][t]) if is_strong else value
                 new.append(placed(x, medians, views, t, k, widths[k], score, cfg,

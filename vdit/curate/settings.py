@@ -28,7 +28,8 @@ NON_NEGATIVE = ("decode.short_side", "cuts.short_side", "cuts.fade_threshold", "
 FRACTIONS = ("motion.pyr_scale", "scores.min_brightness", "scores.max_brightness",
              "scores.min_contrast", "scores.text_band", "scores.text_min_char_height",
              "scores.text_max_char_height", "scores.text_min_fill", "scores.max_text",
-             "scores.max_border")
+             "scores.max_border", "cuts.gradual.blend_change", "cuts.gradual.blend_fit",
+             "cuts.gradual.blend_gain")
 
 
 def default_config_path() -> str:
