@@ -153,8 +153,8 @@ def bench_frames(a, pipe, gen, frames: int) -> dict:
 
 def compiled_figures(a, pipe, theirs) -> dict:
     """diffusers with its transformer and VAE decoder under torch.compile (the pipeline's own
-    objects swapped back afterwards): compile time, seconds, vdit over them (a compile failure
-    is reported, not fatal)."""
+    objects swapped back afterwards): compile time and seconds per video, whole and sampling
+    only (a compile failure is reported, not fatal)."""
     eager = pipe.transformer, pipe.vae.decoder
     pipe.transformer, pipe.vae.decoder = torch.compile(eager[0]), torch.compile(eager[1])
     out = {}
@@ -162,8 +162,7 @@ def compiled_figures(a, pipe, theirs) -> dict:
         start = time.perf_counter()
         theirs("video")()  # the first call compiles
         out["diffusers_compiled_compile_s"] = round(time.perf_counter() - start, 1)
-        for key in ("s_per_video", "s_sampling_only"):
-            output = "video" if key == "s_per_video" else "latent"
+        for output, key in (("video", "s_per_video"), ("latent", "s_sampling_only")):
             torch_s = median_seconds(theirs(output), a.repeats) / a.batch
             out[f"diffusers_compiled_{key}"] = round(torch_s, 4)
     except Exception as e:  # noqa: BLE001 - reported; the eager figures still stand

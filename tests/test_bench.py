@@ -3,6 +3,7 @@ subprocess and must exit 0 printing JSON lines only."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -35,3 +36,15 @@ def test_bench_quick(name):
     assert lines, f"bench/{name} --quick printed nothing"
     for line in lines:
         assert isinstance(json.loads(line), dict), f"bench/{name}: not a JSON object: {line}"
+
+
+def test_pinning_reads_the_threads_flag():
+    """bench/_pinning.py (the comparing benches' core pinning, not a bench itself) reads
+    --threads as argparse would see it, 1 when absent."""
+    spec = importlib.util.spec_from_file_location("_pinning", os.path.join(ROOT, "bench",
+                                                                        "_pinning.py"))
+    _pinning = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(_pinning)  # defines functions only: nothing is pinned
+    assert _pinning.threads_flag(["bench/dit.py", "--threads", "3"]) == 3
+    assert _pinning.threads_flag(["bench/vae.py", "--quick", "--threads=2"]) == 2
+    assert _pinning.threads_flag(["bench/sample.py", "--quick"]) == 1
