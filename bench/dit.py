@@ -10,9 +10,12 @@ vdit step time / torch step time (target <= 1.0).
 Fairness: both sides start from the same weights (the torch model's, converted with
 vdit.convert.wan_dit) and their forward outputs are compared before timing (the difference is
 printed); both run on `--threads` CPU threads (XLA's and torch's); torch's AdamW is fused; torch
-is timed eager and under torch.compile (a compile failure is reported, not fatal).
+is timed eager and under torch.compile (a compile failure is reported, not fatal). vdit runs with
+`--remat save_dots` by default, as configs/shapes_dit.py trains: each side at its best CPU setting
+(torch keeps every activation; XLA:CPU pays more to stack them per layer than to recompute them).
 
-    .venv/bin/python bench/dit.py [--steps 5] [--warmup 2] [--layers 12] [--threads 2] [--quick]
+    .venv/bin/python bench/dit.py [--steps 5] [--warmup 2] [--layers 12] [--threads 2]
+                                  [--remat save_dots] [--quick]
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=1, help="CPU threads for each side")
-    p.add_argument("--remat", default="none", choices=REMAT_POLICIES,
-                   help="vdit's remat policy (as config.model.remat)")
+    p.add_argument("--remat", default="save_dots", choices=REMAT_POLICIES,
+                   help="vdit's remat policy (as config.model.remat; the demo's, fastest on CPU)")
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke run (tiny sizes; the figures mean nothing)")
     a = p.parse_args(argv)
