@@ -4,7 +4,8 @@ Derived from the Wan2.1 1.3B layout with CPU-sized widths: 6 blocks of width 192
 the hardest part of the budget: with 4 / 3 caption words for circle / square the model drew
 circles as the rounded square it draws for squares (0-2 of 13 held-out circles read as circles,
 whatever the width, depth, batch or image share), so captions name each shape with one word
-(vdit/data/shapes_captions.py; 5 of 13 circles with it). Latents come from the shapes VAE
+(vdit/data/shapes_captions.py; 5 of 13 circles with it; 12 of 13 once the VAE decoded circles
+as circles). Latents come from the shapes VAE
 (configs/shapes_vae.py: z_dim 8, 4x space, 4x time), so a 9x32x32 clip is 3x8x8x8 latents and
 48 tokens with (1, 2, 2) patches; 32x48 and 48x32 clips (72 tokens) and single frames (16 tokens)
 are packed alongside, two clips at most in a row of 96 tokens: short rows waste little of the
