@@ -18,8 +18,8 @@ it on 2 CPU cores.
 
 The blocks keep only their matmul outputs for the backward pass (`remat="save_dots"`) and recompute
 the elementwise work (norms, modulation, GELU, softmax): on CPU, writing every intermediate of every
-layer into the scan's stacked residual buffers costs more than recomputing it (a demo step measured
-1.06 s -> 0.83 s in the train loop, same losses; `full` remat 0.85 s).
+layer into the scan's stacked residual buffers costs more than recomputing it (a demo step in the
+train loop: 1.06 s -> 0.83 s, same losses; `full` remat, bench/train.py: 6% slower than this).
 
 The word-level text encoder stays frozen at its random init, the stand-in for a frozen pretrained
 encoder (Wan's UMT5): trained jointly from scratch it maps the circle and square words to nearly
