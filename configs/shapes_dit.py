@@ -1,20 +1,19 @@
 """The embedded default: a small DiT + word-level text encoder on the synthetic shapes world.
 
-Derived from the Wan2.1 1.3B layout with CPU-sized widths: 6 blocks of width 192. Circles are
-the hardest part of the budget: with 4 / 3 caption words for circle / square the model drew
-circles as the rounded square it draws for squares (0-2 of 13 held-out circles read as circles,
-whatever the width, depth, batch or image share), so captions name each shape with one word
-(vdit/data/shapes_captions.py; 5 of 13 circles with it; 12 of 13 once the VAE decoded circles
-as circles). Latents come from the shapes VAE
-(configs/shapes_vae.py: z_dim 8, 4x space, 4x time), so a 9x32x32 clip is 3x8x8x8 latents and
-48 tokens with (1, 2, 2) patches; 32x48 and 48x32 clips (72 tokens) and single frames (16 tokens)
-are packed alongside, two clips at most in a row of 96 tokens: short rows waste little of the
-attention on masked-out pairs (a step of 32 rows x 96 costs 0.65x one of 8 rows x 384 for the same
-clips), which buys more steps, and steps are what this budget lacks. The DiT is image-to-video
-capable (Wan2.1 I2V input layout: in_channels = z + 4 mask + z condition channels): 30% of the
-training videos (never single frames) are given their first frame, and 30% of those also their
-last (keyframe interpolation); text-to-video feeds a zero mask and condition. `make demo` trains
-it on 2 CPU cores.
+Derived from the Wan2.1 1.3B layout with CPU-sized widths: 6 blocks of width 192. Circles are the
+hardest part of the budget: with 4 / 3 caption words for circle / square the model drew circles as
+the rounded square it draws for squares (0-2 of 13 held-out circles read as circles, whatever the
+width, depth, batch or image share), so captions name each shape with one word
+(vdit/data/shapes_captions.py; 5 of 13 circles with it; 12 of 13 once the VAE decoded circles as
+circles). Latents come from the shapes VAE (configs/shapes_vae.py: z_dim 8, 4x space, 4x time), so
+a 9x32x32 clip is 3x8x8x8 latents and 48 tokens with (1, 2, 2) patches; 32x48 and 48x32 clips (72
+tokens) and single frames (16 tokens) are packed alongside, two clips at most in a row of 96
+tokens: short rows waste little of the attention on masked-out pairs (a step of 32 rows x 96 costs
+0.65x one of 8 rows x 384 for the same clips), which buys more steps, and steps are what this
+budget lacks. The DiT is image-to-video capable (Wan2.1 I2V input layout: in_channels = z + 4 mask
++ z condition channels): 30% of the training videos (never single frames) are given their first
+frame, and 30% of those also their last (keyframe interpolation); text-to-video feeds a zero mask
+and condition. `make demo` trains it on 2 CPU cores.
 
 The blocks keep only their matmul outputs for the backward pass (`remat="save_dots"`) and recompute
 the elementwise work (norms, modulation, GELU, softmax): on CPU, writing every intermediate of every
