@@ -15,10 +15,13 @@ budget lacks. The DiT is image-to-video capable (Wan2.1 I2V input layout: in_cha
 frame, and 30% of those also their last (keyframe interpolation); text-to-video feeds a zero mask
 and condition. `make demo` trains it on 2 CPU cores.
 
-The blocks keep only their matmul outputs for the backward pass (`remat="save_dots"`) and recompute
-the elementwise work (norms, modulation, GELU, softmax): on CPU, writing every intermediate of every
-layer into the scan's stacked residual buffers costs more than recomputing it (a demo step in the
-train loop: 1.06 s -> 0.83 s, same losses; `full` remat, bench/train.py: 6% slower than this).
+Matmuls take bfloat16 operands and sum in float32 (`matmul_dtype="bfloat16"`, as a TPU computes a
+float32 matmul at default precision): XLA:CPU runs those on the CPU's AMX units, several times
+faster than float32 (vdit/models/mixed_dot.py). With matmuls that cheap, recomputing the whole
+block in the backward pass (`remat="full"`) beats keeping anything: writing each layer's
+intermediates into the scan's stacked residual buffers costs more than recomputing them
+(bench/train.py, demo step: 0.72 s float32 with save_dots, 0.59 s bfloat16 with save_dots,
+0.47 s bfloat16 with full). Both are config knobs; the model code is the TPU/GPU one.
 
 The word-level text encoder stays frozen at its random init, the stand-in for a frozen pretrained
 encoder (Wan's UMT5): trained jointly from scratch it maps the circle and square words to nearly
@@ -50,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.update(dict(
         num_attention_heads=6, attention_head_dim=32, in_channels=2 * z_dim + 4, out_channels=z_dim,
         text_dim=128, freq_dim=64, ffn_dim=768, num_layers=6, dtype="float32",
-        attention="xla", remat="save_dots", micro_conditioning=[]))
+        matmul_dtype="bfloat16", attention="xla", remat="full", micro_conditioning=[]))
     config.vae = vae.vae
 
     # Whole words of the world's lexicon: a caption is ~8 tokens (bytes: ~40), which cuts the text

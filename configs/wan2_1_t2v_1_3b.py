@@ -69,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
         eps=1e-6,
         rope_max_seq_len=1024,
         dtype="bfloat16",
+        matmul_dtype="",  # "": matmuls in dtype; "bfloat16" with float32 dtype: see mixed_dot.py
         attention="auto",  # block_sparse on GPU and TPU, xla on CPU
         remat="save_dots",
     ))

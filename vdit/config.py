@@ -175,6 +175,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check_choice(config.model, "model", "attention", ATTENTION_BACKENDS)
         _check_choice(config.model, "model", "remat", REMAT_POLICIES)
         _check_choice(config.model, "model", "dtype", DTYPES)
+        _check_choice(config.model, "model", "matmul_dtype", ("",) + DTYPES)
     if "text" in config:
         _check_choice(config.text, "text", "kind", TEXT_KINDS)
     if "data" in config:

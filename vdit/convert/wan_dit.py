@@ -158,7 +158,7 @@ def diffusers_config(model: WanDiT) -> dict:
 
 
 def model_config_from_diffusers(cfg: dict, **vdit_knobs) -> ml_collections.ConfigDict:
-    """`config.model` section from a diffusers config.json dict (+ dtype/attention/remat)."""
+    """`config.model` section from a diffusers config.json dict (+ the vdit knobs of VDIT_KEYS)."""
     unknown = sorted(k for k in cfg if not k.startswith("_") and k not in DIFFUSERS_KEYS)
     if unknown:
         raise ValueError(f"transformer config.json has keys vdit does not know: {unknown}")

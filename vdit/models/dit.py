@@ -64,11 +64,11 @@ from vdit.models.layers import (
 )
 
 # Config keys of `config.model` beyond the diffusers names (vdit knobs).
-VDIT_KEYS = ("dtype", "attention", "remat")
+VDIT_KEYS = ("dtype", "matmul_dtype", "attention", "remat")
 
 
 class WanDiT(nn.Module):
-    """Wan2.1 DiT. Field names are diffusers' config names, plus dtype/attention/remat."""
+    """Wan2.1 DiT. Field names are diffusers' config names, plus the vdit knobs of VDIT_KEYS."""
 
     patch_size: tuple[int, int, int] = (1, 2, 2)
     num_attention_heads: int = 40
@@ -87,6 +87,8 @@ class WanDiT(nn.Module):
     rope_max_seq_len: int = 1024
     pos_embed_seq_len: int | None = None
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    # None: matmuls in `dtype`; bfloat16: operands rounded to it, float32 sums (mixed_dot.py)
+    matmul_dtype: Any = None
     attention: str = "xla"  # see vdit/models/attention.py
     remat: str = "none"  # none | full | save_dots | save_attn
     micro_conditioning: tuple[str, ...] = ()  # vdit/models/micro.py; () = Wan2.1's parameters
@@ -111,24 +113,27 @@ class WanDiT(nn.Module):
     def setup(self):
         _check_supported(self)
         d = self.inner_dim
-        self.patch_embedding = Dense((d,), ("patch_in", "embed"), ("embed",), dtype=self.dtype)
+        mm = self.matmul_dtype
+        self.patch_embedding = Dense((d,), ("patch_in", "embed"), ("embed",), dtype=self.dtype,
+                                     matmul_dtype=mm)
         # The time path stays float32: it feeds every modulation.
         self.time_embedder = MLP(d, d, "time_embed", "mlp", "embed", "silu", dtype=jnp.float32)
         self.time_proj = Dense((6, d), ("time_embed", "modulation", "embed"), ("modulation", "embed"),
                                dtype=jnp.float32)
-        self.text_embedder = MLP(d, d, "text_embed", "mlp", "embed", "gelu_tanh", dtype=self.dtype)
+        self.text_embedder = MLP(d, d, "text_embed", "mlp", "embed", "gelu_tanh", dtype=self.dtype,
+                                 matmul_dtype=mm)
         if self.has_image_branch:
             self.image_embedder = ImageEmbedder(d, self.pos_embed_seq_len, dtype=self.dtype)
         if self.micro_conditioning:
             self.micro_embedder = micro_lib.MicroEmbedder(self.micro_conditioning, d, self.freq_dim)
         self.blocks = scanned_blocks(self.num_layers, self.remat)(
             self.num_attention_heads, self.attention_head_dim, self.ffn_dim, self.eps,
-            self.cross_attn_norm, self.attention, dtype=self.dtype)
+            self.cross_attn_norm, self.attention, dtype=self.dtype, matmul_dtype=mm)
         self.scale_shift_table = self.param(
             "scale_shift_table", nn.with_logical_partitioning(
                 nn.initializers.normal(d ** -0.5), ("modulation", "embed")), (2, d), jnp.float32)
         self.proj_out = Dense((self.token_out_dim,), ("embed", "patch_in"), ("patch_in",),
-                              dtype=self.dtype)
+                              dtype=self.dtype, matmul_dtype=mm)
 
     def __call__(self, latents, timesteps, context, image_context=None, micro=None):
         """Dense call: latents `[B, T', H', W', C]` -> model output of the same layout."""
@@ -310,7 +315,7 @@ def _check_segments(seg: np.ndarray, ctx_seg: np.ndarray, num_segments: int) -> 
 
 
 def build_dit(model_config) -> WanDiT:
-    """A WanDiT from `config.model` (diffusers names + dtype/attention/remat); unknown keys fail."""
+    """A WanDiT from `config.model` (diffusers names + VDIT_KEYS); unknown keys fail."""
     cfg = dict(model_config)
     fields = set(WanDiT.__dataclass_fields__) - {"parent", "name"}
     unknown = sorted(set(cfg) - fields)
@@ -318,6 +323,8 @@ def build_dit(model_config) -> WanDiT:
         raise ValueError(f"config.model has unknown keys {unknown}; known: {sorted(fields)}")
     if "dtype" in cfg:
         cfg["dtype"] = jnp.dtype(cfg["dtype"])
+    if "matmul_dtype" in cfg:  # "" = the compute dtype
+        cfg["matmul_dtype"] = jnp.dtype(cfg["matmul_dtype"]) if cfg["matmul_dtype"] else None
     if "patch_size" in cfg:
         cfg["patch_size"] = tuple(int(p) for p in cfg["patch_size"])
     if "micro_conditioning" in cfg:

@@ -41,10 +41,11 @@ class Attention(nn.Module):
     backend: str
     kv_axes: tuple = HEADS
     dtype: Any = jnp.float32
+    matmul_dtype: Any = None  # vdit/models/layers.py Dense
 
     def _proj(self, name, x):
         return Dense((self.heads, self.head_dim), ("embed", "heads", "kv"), ("heads", "kv"),
-                     dtype=self.dtype, name=name)(x)
+                     dtype=self.dtype, matmul_dtype=self.matmul_dtype, name=name)(x)
 
     @nn.compact
     def __call__(self, x, kv_input, q_segment_ids, kv_segment_ids, rope=None, image=None):
@@ -72,7 +73,7 @@ class Attention(nn.Module):
             out = out + attention(q, k_img, v_img, q_segment_ids, image_ids, backend=self.backend)
         out = nn.with_logical_constraint(out, HEADS)
         return Dense((dim,), ("heads", "kv", "embed"), ("embed",), in_dims=2, dtype=self.dtype,
-                     name="to_out")(out)
+                     matmul_dtype=self.matmul_dtype, name="to_out")(out)
 
 
 def _take(mod_k, seg_index, j):
@@ -90,6 +91,7 @@ class WanBlock(nn.Module):
     cross_attn_norm: bool
     backend: str
     dtype: Any = jnp.float32
+    matmul_dtype: Any = None
 
     @nn.compact
     def __call__(self, x, context, time_mod, seg_index, rope, segment_ids, cross_q_ids,
@@ -100,7 +102,8 @@ class WanBlock(nn.Module):
         mod_k = time_mod + table  # [B, K, 6, D]
         mod = lambda j: _take(mod_k, seg_index, j)
         attn = lambda name, **kw: Attention(self.heads, self.head_dim, self.eps, self.backend,
-                                            dtype=self.dtype, name=name, **kw)
+                                            dtype=self.dtype, matmul_dtype=self.matmul_dtype,
+                                            name=name, **kw)
 
         h = modulate(layer_norm(x, self.eps), mod(0), mod(1)).astype(self.dtype)
         h = attn("attn1")(h, h, segment_ids, segment_ids, rope)
@@ -114,7 +117,7 @@ class WanBlock(nn.Module):
 
         h = modulate(layer_norm(x, self.eps), mod(3), mod(4)).astype(self.dtype)
         h = MLP(self.ffn_dim, dim, "embed", "mlp", "embed", "gelu_tanh", dtype=self.dtype,
-                act_constraint=MLP_HIDDEN, name="ffn")(h)
+                act_constraint=MLP_HIDDEN, matmul_dtype=self.matmul_dtype, name="ffn")(h)
         x = x + h.astype(jnp.float32) * mod(5)
         return nn.with_logical_constraint(x, TOKENS), None
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdit.models.mixed_dot import mixed_dot
+
 Dtype = Any
 AxisNames = tuple[str | None, ...]
 
@@ -35,7 +37,9 @@ def xavier_uniform(n_in: int):
 class Dense(nn.Module):
     """Contracts the last `in_dims` axes of x with a kernel `[*in, *features]` (+ bias).
 
-    `kernel_axes` / `bias_axes` are the logical names of the kernel and bias axes.
+    `kernel_axes` / `bias_axes` are the logical names of the kernel and bias axes. `matmul_dtype`
+    (None: the compute `dtype`) rounds both operands to it and accumulates in float32
+    (vdit/models/mixed_dot.py).
     """
 
     features: tuple[int, ...]
@@ -45,6 +49,7 @@ class Dense(nn.Module):
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -53,7 +58,11 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(
             xavier_uniform(self.in_dims), self.kernel_axes), kshape, self.param_dtype)
         contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.matmul_dtype is None:
+            y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                    (contract, ((), ())))
+        else:
+            y = mixed_dot(x, kernel, self.in_dims, self.matmul_dtype).astype(self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
                 nn.initializers.zeros_init(), self.bias_axes), tuple(self.features), self.param_dtype)
@@ -178,17 +187,18 @@ class MLP(nn.Module):
     activation: str = "gelu_tanh"
     dtype: Dtype = jnp.float32
     act_constraint: Sequence[str | None] | None = None
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x):
         h = Dense((self.hidden,), (self.in_axis, self.hidden_axis), (self.hidden_axis,),
-                  dtype=self.dtype, name="linear_1")(x)
+                  dtype=self.dtype, matmul_dtype=self.matmul_dtype, name="linear_1")(x)
         if self.act_constraint is not None:
             h = nn.with_logical_constraint(h, tuple(self.act_constraint))
         h = activation(self.activation, h)
         h = jax.ad_checkpoint.checkpoint_name(h, "mlp_hidden")
         return Dense((self.out,), (self.hidden_axis, self.out_axis), (self.out_axis,),
-                     dtype=self.dtype, name="linear_2")(h)
+                     dtype=self.dtype, matmul_dtype=self.matmul_dtype, name="linear_2")(h)
 
 
 def activation(name: str, x):
