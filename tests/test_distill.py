@@ -101,6 +101,8 @@ def test_consistency_target_is_the_derivative_along_the_teacher_flow(teacher):
     config = prepare(_student_config("shapes_distill", teacher["run"]))
     dit, text_model, _ = run_params.build_models(config)
     params = unbox(run_params.init_params(dit, text_model, config, jax.random.key(0)))["dit"]
+    dit = objective.forward_mode_model(dit)  # the objective's jvp model: float32 matmuls
+    assert dit.matmul_dtype is None
     s, rng = 8, np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(1, s, dit.token_out_dim)), jnp.float32)
     v = jnp.asarray(rng.normal(size=x.shape), jnp.float32)

@@ -34,8 +34,10 @@ def _cfg(**kw) -> ml_collections.ConfigDict:
 
 
 def _model(num_layers: int):
-    """(dit, boxed abstract params, random base params): shapes only, nothing compiled."""
-    config = tiny_config("shapes_dit", "unused", f"--config.model.num_layers={num_layers}")
+    """(dit, boxed abstract params, random base params): shapes only, nothing compiled. Matmuls
+    in float32: the merged and unmerged paths must agree to 1e-5, below bfloat16's rounding."""
+    config = tiny_config("shapes_dit", "unused", f"--config.model.num_layers={num_layers}",
+                         "--config.model.matmul_dtype=")
     dit, text_model, _ = run_params.build_models(config)
     boxed = jax.eval_shape(lambda r: run_params.init_params(dit, text_model, config, r)["dit"],
                            jax.random.key(0))

@@ -62,6 +62,13 @@ def student_and_teacher(params: dict, frozen: dict, config) -> tuple[dict, dict]
     return params["dit"], frozen["teacher"]
 
 
+def forward_mode_model(dit):
+    """The DiT that `jax.jvp` can pass: bfloat16 matmuls (`model.matmul_dtype`) carry a custom
+    backward pass (vdit/models/mixed_dot.py), which forward-mode autodiff cannot go through, so
+    the continuous target's jvp runs the same weights with float32 matmuls."""
+    return dit.clone(matmul_dtype=None) if dit.matmul_dtype is not None else dit
+
+
 def make_distill_loss(dit, text_model, config, null_ids: np.ndarray):
     """loss_fn(params, frozen, batch, rng, step) -> (loss, aux) for
     `vdit.train.step.make_train_step(..., pass_step=True)`."""
@@ -70,9 +77,11 @@ def make_distill_loss(dit, text_model, config, null_ids: np.ndarray):
     guidance, warmup, eps = float(cfg.guidance), int(cfg.tangent_warmup), float(cfg.weight_eps)
     method, delta = cfg.get("method", "continuous"), float(cfg.get("delta", 0.05))
 
-    def velocity(dit_params, x_t, t_seg, batch, context, context_ids):
+    jvp_dit = forward_mode_model(dit)
+
+    def velocity(dit_params, x_t, t_seg, batch, context, context_ids, model=dit):
         x_in = conditioning.model_input(dit, x_t, batch, jax.random.key(0), 0.0, num_segments)
-        return dit.apply({"params": dit_params}, x_in, batch["positions"], batch["segment_ids"],
+        return model.apply({"params": dit_params}, x_in, batch["positions"], batch["segment_ids"],
                          t_seg * flow.NUM_TRAIN_TIMESTEPS, context, context_ids, method="packed",
                          **conditioning.micro_kwargs(dit, batch)).astype(jnp.float32)
 
@@ -93,12 +102,13 @@ def make_distill_loss(dit, text_model, config, null_ids: np.ndarray):
         v_u = velocity(teacher, x_t, t_seg, batch, null_context, null["text_segment_ids"])
         v_teacher = jax.lax.stop_gradient(v_u + guidance * (v_c - v_u))
 
-        def student_fn(x, t, params=student):
-            return velocity(params, x, t, batch, context, batch["text_segment_ids"])
+        def student_fn(x, t, params=student, model=dit):
+            return velocity(params, x, t, batch, context, batch["text_segment_ids"], model)
 
         ramp = tangent_ramp(step, warmup)
         if method == "continuous":
-            pred, dpred_dt = jax.jvp(student_fn, (x_t, t_seg), (v_teacher, jnp.ones_like(t_seg)))
+            pred, dpred_dt = jax.jvp(lambda x, t: student_fn(x, t, model=jvp_dit), (x_t, t_seg),
+                                     (v_teacher, jnp.ones_like(t_seg)))
             target = v_teacher - ramp * t_tok * dpred_dt
         else:  # one teacher Euler step back, the student (no gradient) there
             pred = student_fn(x_t, t_seg)
