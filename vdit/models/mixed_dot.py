@@ -13,6 +13,8 @@ and runs the float32 kernel). The backward pass is therefore written by hand:
 - dkernel = x^T . g contracts over the tokens, lhs's first axis, so x^T is materialised row-major
   first. A plain transpose would only become a layout (XLA assigns transposes the permuted
   layout), so it goes through a reshape behind an optimization barrier, which XLA must copy.
+Being a custom_vjp, it has no forward-mode rule: `jax.jvp` through a model that uses it fails, so
+jvp paths run the model with `matmul_dtype` None (vdit/distill/objective.py forward_mode_model).
 """
 
 from __future__ import annotations
