@@ -141,8 +141,7 @@ def output_difference(a, data, reference, params) -> dict:
     x, _, ts, ctx = torch_inputs(data)
     with torch.no_grad():
         ref = reference(x, ts, ctx, return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()
-    inputs = (jnp.asarray(data[k]) for k in ("latents", "timesteps", "context"))
-    inputs = tuple(inputs)
+    inputs = tuple(jnp.asarray(data[k]) for k in ("latents", "timesteps", "context"))
     rel = lambda y: float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-12))
     ours = np.asarray(vdit_model(a, "").apply({"params": params}, *inputs))
     mixed = np.asarray(vdit_model(a).apply({"params": params}, *inputs))
