@@ -59,4 +59,6 @@ def packing() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         tokens_per_row=1024, text_per_row=256, rows_per_batch=8, max_segments=8, pack_bins=8,
         shuffle_seed=0, caption_dropout=0.1, num_workers=0, prefetch=2, text_format="ids",
-        latents_dir=""))
+        latents_dir="",
+        # Grain's record readers (its own defaults): threads that hide storage latency (gs://)
+        read_threads=16, read_buffer=500))

@@ -133,6 +133,24 @@ def test_resume_gives_the_same_batches(shard_dir):
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+def test_reader_threads_change_no_batch(shard_dir):
+    """data.read_threads / read_buffer only move where records are read: in-thread reads give
+    the batches Grain's default readers give, and a position saved under one resumes under the
+    other."""
+    cfg = _cfg(caption_dropout=0.5)
+    threaded = [b for _, b in zip(range(6), iter(_dataset(shard_dir, cfg)), strict=False)]
+    inline_cfg = _cfg(caption_dropout=0.5, read_threads=0, read_buffer=0)
+    assert pipeline.read_options(inline_cfg).num_threads == 0
+    assert pipeline.read_options(cfg) == grain.ReadOptions()
+    it = iter(_dataset(shard_dir, inline_cfg))
+    inline = [next(it) for _ in range(3)]
+    resumed = iter(_dataset(shard_dir, cfg))
+    resumed.set_state(it.get_state())
+    for want, got in zip(threaded, inline + [next(resumed) for _ in range(3)], strict=True):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 def test_packing_beats_padding(shard_dir):
     batch = next(iter(_dataset(shard_dir, _cfg(tokens_per_row=96, pack_bins=8))))
     assert (batch["segment_ids"] > 0).mean() > 0.8

@@ -203,7 +203,7 @@ def _encode_indices(indices, data, cfg, encode_fn, tokenizer, mean, std,
         for start in range(0, len(members), cfg.batch_size):
             chunk = members[start:start + cfg.batch_size]
             clips = [data.render(i, frames, height, width) for i in chunk]
-            video = jnp.asarray(np.stack([c["video"] for c in clips]))
+            video = jnp.asarray(_pad_batch(np.stack([c["video"] for c in clips]), cfg.batch_size))
             z = np.asarray(encode_fn(video))
             cond = None if condition_fn is None else condition_fn(video)
             ids, mask = tokenizer([c["caption"] for c in clips])
@@ -214,3 +214,10 @@ def _encode_indices(indices, data, cfg, encode_fn, tokenizer, mean, std,
                 for key, value in (cond or {}).items():
                     examples[i][key] = value[j]
     return [examples[i] for i in indices]
+
+
+def _pad_batch(video: np.ndarray, size: int) -> np.ndarray:
+    """video [n, T, H, W, 3] -> [size, T, H, W, 3] with zero clips after the n real ones: a
+    bucket's last, short batch reuses the full batches' compiled encoder (each extra batch size
+    costs the VAE a compile of ~2 s). Outputs past n are never read."""
+    return np.concatenate([video, np.zeros((size - len(video),) + video.shape[1:], video.dtype)])

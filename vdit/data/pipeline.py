@@ -13,7 +13,9 @@ first-frame CLIP tokens under its segment id, 0 = padding; see `vdit/data/image_
 
 Config section `data` (the keys read here): tokens_per_row, text_per_row, rows_per_batch (global,
 over all processes), max_segments (clips per row), pack_bins, shuffle_seed, caption_dropout,
-num_workers (0 = in-process), prefetch.
+num_workers (0 = in-process), prefetch, and optionally read_threads / read_buffer (Grain's
+`ReadOptions`: threads reading records ahead of the packer, and how many they keep; Grain's
+defaults when absent).
 """
 
 from __future__ import annotations
@@ -94,6 +96,14 @@ def _drop_caption(null_text: np.ndarray, rate: float):
     return fn
 
 
+def read_options(cfg) -> grain.ReadOptions:
+    """Grain's record readers from `data.read_threads` / `data.read_buffer` (Grain's defaults for
+    an absent key). Threads pay off where a read waits on storage (gs://); on local shards and few
+    cores they only contend with the packer and the train step for the GIL and the cores."""
+    keys = {"read_threads": "num_threads", "read_buffer": "prefetch_buffer_size"}
+    return grain.ReadOptions(**{name: int(cfg[key]) for key, name in keys.items() if key in cfg})
+
+
 def packed_dataset(source, cfg, patch_size, null_text: np.ndarray,
                    process_index: int | None = None, process_count: int | None = None,
                    condition: bool = False, micro=(), last_frame_rate: float = 0.0,
@@ -119,7 +129,7 @@ def packed_dataset(source, cfg, patch_size, null_text: np.ndarray,
     ds = ds.random_map(_clip_tokens(patch_size, cfg, condition, micro, last_frame_rate, image),
                        seed=cfg.shuffle_seed + 2)
     ds = ds.random_map(_drop_caption(null_text, cfg.caption_dropout), seed=cfg.shuffle_seed + 1)
-    it = ds.to_iter_dataset()
+    it = ds.to_iter_dataset(read_options(cfg))
     extra = {conditions.COND_TOKENS: cfg.tokens_per_row} if condition else {}
     extra |= {conditions.MICRO_PREFIX + name: cfg.max_segments for name in micro}
     if image is not None:  # room for every clip's tokens: a row holds at most max_segments clips
