@@ -1,5 +1,6 @@
-"""`vdit distill`: a few steps on a tiny teacher run are finite and start as guidance distillation
-(the student's loss falls); a stopped and resumed distillation equals an uninterrupted one; the
+"""`vdit distill`: a few steps on a tiny teacher run are finite and the student's loss falls (the
+recipe's "window" target, and the "discrete" one runs); a stopped and resumed distillation equals
+an uninterrupted one; the window target follows the teacher's solver on the student's grid; the
 jvp's consistency target equals a finite difference; the student's sampler makes exactly `steps`
 DiT calls without a CFG pass, and the student run's Generator uses it; a LoRA student through
 the Wan recipe (real Wan modules, tiny sizes, the jvp target) distils, checkpoints only its adapter
@@ -19,6 +20,7 @@ from train_testing import TINY, VIDEOS, tiny_config, train_tiny, write_shards, w
 
 from vdit import cli
 from vdit.config import load_config
+from vdit.diffusion import flow
 from vdit.diffusion.samplers import make_sampler
 from vdit.diffusion.samplers_consistency import ConsistencySampler, consistency_times
 from vdit.distill import objective
@@ -71,6 +73,15 @@ def test_distill_is_finite_falls_and_resumes_exactly(teacher):
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert set(a) == {"dit"}  # the teacher copy is frozen: never trained nor checkpointed
     assert saved["train"]["init_from"] == teacher["run"] and saved["sample"]["guidance"] == 1.0
+
+
+def test_discrete_consistency_method_trains(teacher):
+    """The bootstrapped LCM-style target ("discrete", one teacher Euler step back) still runs."""
+    history = distill(_student_config("shapes_distill", teacher["run"], *GUIDED,
+                                      "--config.distill.method=discrete"),
+                      str(teacher["root"] / "discrete"), stop_after=2)
+    assert [h["step"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in history)
 
 
 def test_student_starts_as_the_teacher_and_samples_in_steps_without_cfg(teacher, monkeypatch):
@@ -152,6 +163,41 @@ def test_consistency_sampler_calls_once_per_step_and_is_exact_for_an_exact_model
         make_sampler({"_class_name": "ConsistencySampler", "gamma": 2})
 
 
+def test_window_target_follows_the_teacher_solver_on_the_student_grid():
+    """The "window" method's grid: every substeps-th point is the student sampler's grid; the
+    teacher's solve runs its Euler steps on the fine grid, and the student's rollout its own on
+    the coarse grid, per segment, each segment in its own window."""
+    config = ml_collections.ConfigDict({
+        "sample": {"steps": 4, "scheduler": {"_class_name": "ConsistencySampler",
+                                             "flow_shift": 2.0, "gamma": 0.0}},
+        "distill": {"teacher_substeps": 3}})
+    fine = objective.window_grid(config)
+    np.testing.assert_allclose(fine[::3], np.append(consistency_times(4, 2.0), 0.0), rtol=1e-6)
+    assert fine.shape == (13,) and np.all(np.diff(np.asarray(fine)) < 0)
+    rng = np.random.default_rng(0)
+    x0 = jnp.asarray(rng.normal(size=(2, 6, 4)), jnp.float32)
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]], jnp.int32)
+    velocity = lambda x, t: jnp.sin(x) * (1.0 + flow.per_token(t, seg)[..., None])
+    first = jnp.asarray([[0, 6], [9, 0]], jnp.int32)  # windows 0 and 2; 3 (and unused 0)
+    x_end = objective.teacher_solve(velocity, x0, first, fine, 3, seg)
+    want = np.asarray(x0)
+    for k in range(3):  # the same Euler steps, written per token
+        t = np.asarray(flow.per_token(fine[first + k], seg))[..., None]
+        t_next = np.asarray(flow.per_token(fine[first + k + 1], seg))[..., None]
+        want = want - (t - t_next) * np.sin(want) * (1.0 + t)
+    np.testing.assert_allclose(x_end, want, rtol=1e-5, atol=1e-6)
+    # window_start "student": the student's own Euler steps on the coarse grid, from noise to
+    # each segment's window start (window 0: the noise itself)
+    start = objective.student_rollout(velocity, x0, first, fine, 3, seg)
+    coarse = np.asarray(fine[::3])
+    for row, segment, window in ((0, 1, 0), (0, 2, 2), (1, 1, 3)):
+        tokens = np.asarray(seg[row]) == segment
+        want = np.asarray(x0[row][tokens])
+        for j in range(window):
+            want = want - (coarse[j] - coarse[j + 1]) * np.sin(want) * (1.0 + coarse[j])
+        np.testing.assert_allclose(start[row][tokens], want, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_distill_settings_fail_naming_the_key(teacher, tmp_path):
     with pytest.raises(ValueError, match="distill.teacher"):
         distill(_student_config("shapes_distill", ""), str(tmp_path / "x"))
@@ -159,6 +205,12 @@ def test_bad_distill_settings_fail_naming_the_key(teacher, tmp_path):
         distill(_student_config("shapes_distill", str(tmp_path / "nowhere")), str(tmp_path / "y"))
     with pytest.raises(ValueError, match="distill.guidance"):
         prepare(_student_config("shapes_distill", teacher["run"], "--config.distill.guidance=0.0"))
+    with pytest.raises(ValueError, match="distill.teacher_substeps"):
+        prepare(_student_config("shapes_distill", teacher["run"],
+                                "--config.distill.teacher_substeps=0"))
+    with pytest.raises(ValueError, match="sample.scheduler.*gamma=0"):
+        prepare(_student_config("shapes_distill", teacher["run"],
+                                "--config.sample.scheduler.gamma=1.0"))
     # the teacher's latents (and model, text, VAE) unless the recipe names other latents
     assert prepare(_student_config("shapes_distill", teacher["run"])).data.latents_dir == \
         os.path.abspath(teacher["latents"])

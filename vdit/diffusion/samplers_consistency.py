@@ -1,18 +1,20 @@
-"""The few-step sampler of a consistency-distilled student (`vdit distill`): one model call per
-step, no guidance pass (the teacher's guidance is baked into the student).
+"""The few-step sampler of a distilled student (`vdit distill`): one model call per step, no
+guidance pass (the teacher's guidance is baked into the student).
 
-Convention (flow.py): x_t = (1 - t) x0 + t eps, t = 1 is noise. The student's output F at
-(x_t, t) is the average velocity from t down to 0, so its clean estimate is x0 = x_t - t F
-(vdit/distill/objective.py trains exactly this). N steps visit t_0 = 1 > t_1 > ... > t_{N-1}:
-the linear grid 1, (N-1)/N, ..., 1/N pushed towards noise by `flow_shift` (flow.shift_times).
-After each step but the last, the estimate is re-noised to the next time:
+Convention (flow.py): x_t = (1 - t) x0 + t eps, t = 1 is noise. A consistency student's output F
+at (x_t, t) is the average velocity from t down to 0, so its clean estimate is x0 = x_t - t F
+(vdit/distill/objective.py's "continuous" and "discrete" methods train this). N steps visit
+t_0 = 1 > t_1 > ... > t_{N-1}: the linear grid 1, (N-1)/N, ..., 1/N pushed towards noise by
+`flow_shift` (flow.shift_times). After each step but the last, the estimate is re-noised to the
+next time:
 
     x <- (1 - t') x0 + t' (sqrt(1 - gamma) eps_hat + sqrt(gamma) z)
 
 eps_hat = x_t + (1 - t) F is the noise that the estimate implies and z fresh Gaussian noise:
-gamma = 1 is the standard multistep consistency sampler, gamma = 0 a deterministic one (an Euler
-step with the student's output). z is drawn per sample from a key made of that sample's starting
-noise (its first value's bits) and the step, so a sample never depends on the batch it runs in.
+gamma = 1 is the standard multistep consistency sampler, gamma = 0 a deterministic one, an Euler
+step x <- x_t - (t - t') F (what the "window" method trains F for: the average velocity across
+[t, t']). z is drawn per sample from a key made of that sample's starting noise (its first
+value's bits) and the step, so a sample never depends on the batch it runs in.
 
 Config: a scheduler dict {"_class_name": "ConsistencySampler", "flow_shift": s, "gamma": g}
 (`config.sample.scheduler` of a distilled run), read by `vdit.diffusion.samplers.make_sampler`.

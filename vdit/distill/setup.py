@@ -12,7 +12,7 @@ and exact resume are the trainer's. The config is made from the teacher's (`prep
     so the student starts as the teacher and the frozen text encoder is the teacher's;
   - the teacher's model, text, vae and encode sections replace the recipe's (the student is the
     teacher's architecture, decodes with its VAE); data.latents_dir defaults to its latents;
-  - training is text-to-video (train.i2v_rate = 0): the consistency target is the guided
+  - training is text-to-video (train.i2v_rate = 0): the distillation target is the guided
     text-to-video ODE.
 The full-weight student keeps the teacher's DiT as a frozen copy (frozen["teacher"]); a LoRA
 student (`lora.enabled`) trains adapters on the frozen teacher, and its checkpoints hold only the
@@ -30,6 +30,7 @@ import numpy as np
 
 from vdit import runs
 from vdit.config import ConfigError
+from vdit.diffusion.samplers_consistency import CLASS_NAME as CONSISTENCY
 from vdit.distill.objective import make_distill_loss
 from vdit.models import lora
 from vdit.models.text import text_encoder_from_config
@@ -41,8 +42,9 @@ from vdit.train.step import make_train_step
 
 TEACHER_SECTIONS = ("model", "text", "vae", "encode")
 KEYS = ("teacher", "teacher_weights", "method", "guidance", "tangent_warmup", "delta",
-        "weight_eps")
-METHODS = ("continuous", "discrete")
+        "weight_eps", "teacher_substeps", "window_start")
+WINDOW_STARTS = ("data", "student")
+METHODS = ("continuous", "discrete", "window")
 
 
 def check_config(config) -> None:
@@ -70,6 +72,15 @@ def check_config(config) -> None:
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"config key 'distill.tangent_warmup' = {warmup!r}: expected a whole "
                           "number of steps >= 0")
+    substeps = cfg.get("teacher_substeps", 1)
+    if isinstance(substeps, bool) or not isinstance(substeps, int) or substeps < 1:
+        raise ConfigError(f"config key 'distill.teacher_substeps' = {substeps!r}: expected a whole "
+                          "number >= 1")
+    if cfg.get("window_start", "data") not in WINDOW_STARTS:
+        raise ConfigError(f"config key 'distill.window_start' = {cfg.window_start!r}; allowed: "
+                          f"{list(WINDOW_STARTS)}")
+    if cfg.get("method", "continuous") == "window":
+        check_window_sampler(config.sample)
     if float(config.train.get("i2v_rate", 0.0)) > 0:
         raise ConfigError(f"config key 'train.i2v_rate' = {config.train.i2v_rate}: `vdit distill` "
                           "distills text-to-video; set it to 0")
@@ -77,6 +88,17 @@ def check_config(config) -> None:
         raise ConfigError(f"config key 'data.text_format' = {config.data.text_format!r}: `vdit "
                           "distill` encodes the empty caption for the teacher's unconditional "
                           "branch and needs token-id shards ('ids')")
+
+
+def check_window_sampler(sample) -> None:
+    """The "window" method trains F for the deterministic ConsistencySampler's grid: a student
+    that re-noised between steps (gamma > 0) would read its window velocity as a jump to t = 0."""
+    scheduler = dict(sample.get("scheduler", None) or {})
+    if scheduler.get("_class_name") != CONSISTENCY or scheduler.get("gamma", 1.0) != 0:
+        raise ConfigError(
+            f"config key 'distill.method' = 'window' trains the student for the deterministic "
+            f"few-step sampler, but config key 'sample.scheduler' = {scheduler!r}; set "
+            f"_class_name={CONSISTENCY!r} and gamma=0")
 
 
 def prepare(config) -> ml_collections.ConfigDict:
