@@ -128,7 +128,7 @@ def make_distill_loss(dit, text_model, config, null_ids: np.ndarray):
 
     jvp_dit = forward_mode_model(dit)
     fine = window_grid(config) if method == "window" else None
-    substeps = int(cfg.get("teacher_substeps", 1))
+    windows, substeps = int(config.sample.steps), int(cfg.get("teacher_substeps", 1))
     window_start = cfg.get("window_start", "data")
 
     def velocity(dit_params, x_t, t_seg, batch, context, context_ids, model=dit):
@@ -147,7 +147,7 @@ def make_distill_loss(dit, text_model, config, null_ids: np.ndarray):
         t_rng, n_rng = jax.random.split(rng)
         if method == "window":  # a window of the student's grid per segment, from its start
             first = substeps * jax.random.randint(t_rng, seg.shape[:1] + (num_segments,), 0,
-                                                  (len(fine) - 1) // substeps)
+                                                  windows)
             t_seg = fine[first]
         else:
             t_seg = flow.sample_segment_times(t_rng, seg, num_segments, config.flow)
