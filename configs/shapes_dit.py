@@ -17,11 +17,13 @@ and condition. `make demo` trains it on 2 CPU cores.
 
 Matmuls take bfloat16 operands and sum in float32 (`matmul_dtype="bfloat16"`, as a TPU computes a
 float32 matmul at default precision): XLA:CPU runs those on the CPU's AMX units, several times
-faster than float32 (vdit/models/mixed_dot.py). With matmuls that cheap, recomputing the whole
-block in the backward pass (`remat="full"`) beats keeping anything: writing each layer's
-intermediates into the scan's stacked residual buffers costs more than recomputing them
-(bench/train.py, demo step: 0.72 s float32 with save_dots, 0.59 s bfloat16 with save_dots,
-0.47 s bfloat16 with full). Both are config knobs; the model code is the TPU/GPU one.
+faster than float32 (vdit/models/mixed_dot.py); the xla attention backend takes QK^T and PV the
+same way, with a hand-written backward (vdit/models/attention_mixed.py). With matmuls that cheap,
+recomputing the whole block in the backward pass (`remat="full"`) beats keeping anything: writing
+each layer's intermediates into the scan's stacked residual buffers costs more than recomputing
+them (bench/train.py, demo step: 0.72 s float32 with save_dots, 0.59 s bfloat16 with save_dots,
+0.45 s bfloat16 with full, 0.39 s with the attention's too). Both are config knobs; the model
+code is the TPU/GPU one.
 
 The word-level text encoder stays frozen at its random init, the stand-in for a frozen pretrained
 encoder (Wan's UMT5): trained jointly from scratch it maps the circle and square words to nearly

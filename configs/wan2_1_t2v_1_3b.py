@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
         rope_max_seq_len=1024,
         dtype="bfloat16",
         matmul_dtype="",  # "": matmuls in dtype; "bfloat16" with float32 dtype: see mixed_dot.py
-        attention="auto",  # block_sparse on GPU and TPU, xla on CPU
+        attention="auto",  # cudnn on GPU, splash on TPU, xla on CPU (vdit/models/attention.py)
         remat="save_dots",
     ))
     config.vae = wan_vae()

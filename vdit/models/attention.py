@@ -6,7 +6,10 @@
 
 Backends:
   "xla"    `jax.nn.dot_product_attention(implementation="xla")` with the segment mask: float32
-           logits and softmax, a finite mask value; runs anywhere, default on CPU.
+           logits and softmax, a finite mask value; runs anywhere, default on CPU. With
+           `matmul_dtype` set (config.model.matmul_dtype) the same math takes QK^T and PV with
+           operands in that dtype and float32 sums, and a hand-written backward
+           (`attention_mixed.py`: the CPU's AMX path); the other backends ignore it.
   "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")` with the segment mask; GPU only,
            bfloat16/float16 inputs only (cuDNN's limit).
   "splash" Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) with its
@@ -45,6 +48,7 @@ from vdit.config import ATTENTION_BACKENDS
 from vdit.models import attention_blocks
 from vdit.models import attention_pallas_gpu as pallas_gpu
 from vdit.models import attention_pallas_tpu as pallas_tpu
+from vdit.models.attention_mixed import mixed_attention
 from vdit.models.attention_proxy import proxy_attention
 from vdit.parallel import context
 
@@ -77,18 +81,23 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
 
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, backend: str = "xla",
-              sequence_parallel: bool = False):
+              sequence_parallel: bool = False, matmul_dtype=None):
     """Segment-masked multi-head attention, softmax scale 1/sqrt(Dh). Shapes in the module doc."""
     _check_shapes(q, k, v, q_segment_ids, kv_segment_ids)
     backend = resolve_backend(backend)
     if sequence_parallel and context.sequence_parallel_size() > 1:
-        attend = functools.partial(local_attention, backend=backend, shard=False)
+        attend = functools.partial(local_attention, backend=backend, shard=False,
+                                   matmul_dtype=matmul_dtype)
         return context.sequence_parallel_attention(q, k, v, q_segment_ids, kv_segment_ids, attend)
-    return local_attention(q, k, v, q_segment_ids, kv_segment_ids, backend)
+    return local_attention(q, k, v, q_segment_ids, kv_segment_ids, backend,
+                           matmul_dtype=matmul_dtype)
 
 
-def local_attention(q, k, v, q_segment_ids, kv_segment_ids, backend: str, shard: bool = True):
+def local_attention(q, k, v, q_segment_ids, kv_segment_ids, backend: str, shard: bool = True,
+                    matmul_dtype=None):
     """Dispatch to a resolved backend; `shard=False` when already per device (in shard_map)."""
+    if backend == "xla" and matmul_dtype is not None:
+        return mixed_attention(q, k, v, q_segment_ids, kv_segment_ids, matmul_dtype)
     if backend == "xla":
         return xla_attention(q, k, v, q_segment_ids, kv_segment_ids)
     if backend == "cudnn":

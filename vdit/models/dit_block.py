@@ -63,14 +63,15 @@ class Attention(nn.Module):
         v = checkpoint_name(nn.with_logical_constraint(v, self.kv_axes), "value")
         # Self-attention (kv_axes == HEADS) goes sequence-parallel when tokens are sharded.
         out = attention(q, k, v, q_segment_ids, kv_segment_ids, backend=self.backend,
-                        sequence_parallel=self.kv_axes == HEADS)
+                        sequence_parallel=self.kv_axes == HEADS, matmul_dtype=self.matmul_dtype)
         if image is not None:
             tokens, image_ids = image
             k_img = norm("norm_added_k")(self._proj("add_k_proj", tokens))
             v_img = self._proj("add_v_proj", tokens)
             k_img = nn.with_logical_constraint(k_img, self.kv_axes)
             v_img = nn.with_logical_constraint(v_img, self.kv_axes)
-            out = out + attention(q, k_img, v_img, q_segment_ids, image_ids, backend=self.backend)
+            out = out + attention(q, k_img, v_img, q_segment_ids, image_ids, backend=self.backend,
+                                  matmul_dtype=self.matmul_dtype)
         out = nn.with_logical_constraint(out, HEADS)
         return Dense((dim,), ("heads", "kv", "embed"), ("embed",), in_dims=2, dtype=self.dtype,
                      matmul_dtype=self.matmul_dtype, name="to_out")(out)
