@@ -4,9 +4,9 @@ against it on the same held-out prompts.
 1. distills OUT/runs/dit into OUT/runs/distill (configs/shapes_distill.py; resumes if stopped),
 2. samples the same held-out prompts, seeds and batches as `make demo` into OUT/distill_samples/
    and OUT/distill_samples.jsonl (the format of OUT/samples.jsonl),
-3. prints the judge's table, teacher (OUT/samples.jsonl, sampled again if missing) vs student, and
-   each one's sampling seconds per clip (median of `--repeats` warm batches); writes
-   OUT/distill_judge.json.
+3. prints the judge's table, teacher (OUT/samples.jsonl; sampled into OUT/distill_teacher_samples/
+   when that is missing or holds another count) vs student, and each one's sampling seconds per
+   clip (median of `--repeats` warm batches); writes OUT/distill_judge.json.
 Extra `--config.KEY=VALUE` arguments override the student's config. `--quick` is a smoke run.
 """
 
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--quick", action="store_true", help="a few-minute smoke run")
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=None,
+                        help="held-out prompts (default: as many as OUT/samples.jsonl, else 128)")
     parser.add_argument("--repeats", type=int, default=2, help="timed batches per model")
     args, overrides = parser.parse_known_args(argv)
     bad = [a for a in overrides if not a.startswith("--config.")]
@@ -85,14 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     if history:
         print(f"      final loss {history[-1]['loss']:.4f} ({time.time() - t0:.0f}s)")
 
-    print(f"[2/3] sampling {args.samples} held-out prompts with the student -> "
-          f"{out}/distill_samples")
-    gen, run_config = load(student)
-    student_file = write_samples(gen, run_config, out, args.samples, BATCH, "distill_samples")
-    teacher_gen, teacher_config = load(teacher)
     teacher_file = os.path.join(out, "samples.jsonl")
-    if not os.path.isfile(teacher_file):
-        teacher_file = write_samples(teacher_gen, teacher_config, out, args.samples, BATCH)
+    count = args.samples or _lines(teacher_file) or 128
+    print(f"[2/3] sampling {count} held-out prompts with the student -> {out}/distill_samples")
+    gen, run_config = load(student)
+    student_file = write_samples(gen, run_config, out, count, BATCH, "distill_samples")
+    teacher_gen, teacher_config = load(teacher)
+    if _lines(teacher_file) != count:  # judged on the student's prompts and noise; demo's kept
+        teacher_file = write_samples(teacher_gen, teacher_config, out, count, BATCH,
+                                     "distill_teacher_samples")
     print(f"      done ({time.time() - t0:.0f}s)")
 
     print("[3/3] judging teacher vs student (color / shape / direction of the main object):")
@@ -126,6 +128,14 @@ def load(workdir: str):
     params, saved = run_weights(workdir, "ema")
     config = ml_collections.ConfigDict(saved)
     return Generator.from_params(config, params, workdir), config
+
+
+def _lines(path: str) -> int:
+    """Non-blank lines of a jsonl file; 0 when it is missing."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
 
 
 def _plain(value):
