@@ -5,7 +5,7 @@ same batch (default: 4 videos of 5x16x16 latents, 32 text tokens): forward + bac
 loss + one AdamW update, float32, median step time over `--steps` after `--warmup`.
 FLOP/s use one analytic matmul count for both (train step = 3x forward), compared with a measured
 float32 matmul peak on this machine. Prints JSON lines; the last one holds the ratio
-vdit step time / torch step time (target <= 1.0).
+vdit step time / torch step time (target <= 0.8).
 
 Fairness: both sides start from the same weights (the torch model's, converted with
 vdit.convert.wan_dit) and their forward outputs are compared before timing (the difference is
@@ -13,7 +13,8 @@ printed, vdit in float32 and with `--matmul-dtype`); both run on `--threads` CPU
 torch's); torch's AdamW is fused; torch is timed eager and under torch.compile (a compile failure
 is reported, not fatal). vdit runs as configs/shapes_dit.py trains, by default
 `--matmul-dtype bfloat16 --remat full`: bfloat16 matmul operands with float32 sums (XLA:CPU's AMX
-path), the blocks recomputed in the backward pass. Each side at its best CPU setting: with
+path) in the dense layers and in attention's QK^T and PV, the blocks recomputed in the backward
+pass. Each side at its best CPU setting: with
 bfloat16 operands on vdit's side, torch runs both in float32 and under
 `torch.autocast("cpu", torch.bfloat16)` (its oneDNN AMX path), and the ratio line holds vdit's
 time over each.
@@ -232,7 +233,7 @@ def main(argv=None):
                       "remat": a.remat, "step_s": vdit_s,
                       "achieved_flops_per_s": flops / vdit_s,
                       "fraction_of_peak": flops / vdit_s / max(peak.values())}), flush=True)
-    ratio = {"bench": "dit_train_step_ratio", "target": "<= 1.0",
+    ratio = {"bench": "dit_train_step_ratio", "target": "<= 0.8",
              "compares": "vdit jitted step / torch step (same weights, threads, fused AdamW)"}
     variants = [("eager", False, False), ("compiled", True, False)]
     if a.matmul_dtype:
