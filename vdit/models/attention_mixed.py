@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdit.models.mixed_dot import row_major
+
 # jax.nn.dot_product_attention's masked logit (its "xla" implementation): finite, so a row that
 # sees no key averages all values instead of producing NaN.
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
@@ -38,14 +40,8 @@ def mixed_attention(q, k, v, q_segment_ids, kv_segment_ids, low) -> jax.Array:
 
 
 def _heads_major(x, low):
-    """`[B, S, H, D]` -> `[B, H, S, D]` in `low`, stored row-major."""
-    return _materialize(jnp.transpose(x, (0, 2, 1, 3)).astype(low))
-
-
-def _materialize(x):
-    """A transpose alone only becomes a layout (XLA gives it the permuted one), and the AMX
-    product needs row-major operands: a reshape behind an optimization barrier forces the copy."""
-    return jax.lax.optimization_barrier(x.reshape(*x.shape, 1)).reshape(x.shape)
+    """`[B, S, H, D]` -> `[B, H, S, D]` in `low`, stored row-major (the AMX product needs it)."""
+    return row_major(jnp.transpose(x, (0, 2, 1, 3)).astype(low))
 
 
 def _bmm(a, b, contract_b: int):
@@ -82,13 +78,13 @@ def _attend_fwd(q, k, v, mask, low):
 def _attend_bwd(low, residuals, g):
     (qh, kh, vh, p, out), row_scale, (q_dt, k_dt, v_dt) = residuals
     g32 = jnp.transpose(g, (0, 2, 1, 3)).astype(jnp.float32)  # [B, H, S, D]
-    gh = _materialize(g32.astype(low))
+    gh = row_major(g32.astype(low))
     dp = _bmm(gh, vh, 3)  # dO V^T: [B, H, S, L]
     rowsum = jnp.sum(g32 * out, axis=-1, keepdims=True)  # [B, H, S, 1] = rowsum(P * dP)
     ds = (p.astype(jnp.float32) * (dp - rowsum) * row_scale).astype(low)  # [B, H, S, L]
     dq = _bmm(ds, kh, 2)  # [B, H, S, D]
-    qt = _materialize(jnp.swapaxes(qh, 2, 3))  # [B, H, D, S]
-    gt = _materialize(jnp.swapaxes(gh, 2, 3))
+    qt = row_major(jnp.swapaxes(qh, 2, 3))  # [B, H, D, S]
+    gt = row_major(jnp.swapaxes(gh, 2, 3))
     dk_t = _bmm(qt, ds, 2)  # Q^T dS: [B, H, D, L]
     dv_t = _bmm(gt, p, 2)  # dO^T P: [B, H, D, L]
     to_tokens = lambda x, dt: jnp.transpose(x, (0, 3, 1, 2)).astype(dt.dtype)  # -> [B, L, H, D]

@@ -42,10 +42,15 @@ def _matmul(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
+def row_major(x):
+    """x stored row-major: a transpose alone only becomes a layout (XLA gives it the permuted
+    one); a reshape behind an optimization barrier forces the copy."""
+    return jax.lax.optimization_barrier(x.reshape(*x.shape, 1)).reshape(x.shape)
+
+
 def _row_major_transpose(a):
     """a `[M, K]` -> a^T `[K, M]` stored row-major (see the module docstring)."""
-    m, k = a.shape
-    return jax.lax.optimization_barrier(a.T.reshape(k, m, 1)).reshape(k, m)
+    return row_major(a.T)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
