@@ -11,11 +11,12 @@ Fairness: both sides start from the same weights (the torch model's, converted w
 vdit.convert.wan_dit) and their forward outputs are compared before timing (the difference is
 printed, vdit in float32 and with `--matmul-dtype`); both run on `--threads` CPU threads (XLA's and
 torch's); torch's AdamW is fused; torch is timed eager and under torch.compile (a compile failure
-is reported, not fatal). vdit runs as configs/shapes_dit.py trains, by default
-`--matmul-dtype bfloat16 --remat full`: bfloat16 matmul operands with float32 sums (XLA:CPU's AMX
-path) in the dense layers and in attention's QK^T and PV, the blocks recomputed in the backward
-pass. Each side at its best CPU setting: with
-bfloat16 operands on vdit's side, torch runs both in float32 and under
+is reported, not fatal). Each side is timed in a process of its own (the script run again with a
+hidden `--side`; torch's seeded init gives every process the same weights). vdit runs as
+configs/shapes_dit.py trains, by default `--matmul-dtype bfloat16 --remat full`: bfloat16 matmul
+operands with float32 sums (XLA:CPU's AMX path) in the dense layers and in attention's QK^T and
+PV, the blocks recomputed in the backward pass. Each side at its best CPU setting: with bfloat16
+operands on vdit's side, torch runs both in float32 and under
 `torch.autocast("cpu", torch.bfloat16)` (its oneDNN AMX path), and the ratio line holds vdit's
 time over each.
 
@@ -27,7 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 from _pinning import pin_to_threads  # bench/ is the script's folder (sys.path[0])
@@ -43,6 +47,13 @@ import torch  # noqa: E402
 from vdit.config import REMAT_POLICIES  # noqa: E402
 from vdit.convert.wan_dit import params_from_diffusers  # noqa: E402
 from vdit.models.dit import build_dit  # noqa: E402
+
+# Each side is timed in a process of its own (this script again with --side), so neither inherits
+# the other's allocator, thread pools or compiled code: (name, torch.compile, bfloat16 autocast).
+TORCH_SIDES = {"torch_eager": (False, False), "torch_compiled": (True, False),
+               "torch_eager_bf16_autocast": (False, True),
+               "torch_compiled_bf16_autocast": (True, True)}
+SIDES = ("vdit", *TORCH_SIDES)
 
 
 def parse_args(argv=None):
@@ -66,6 +77,7 @@ def parse_args(argv=None):
                    help="vdit's config.model.matmul_dtype (the demo's; '' = float32)")
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke run (tiny sizes; the figures mean nothing)")
+    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child: time one side
     a = p.parse_args(argv)
     if a.quick:
         a.layers, a.dim, a.heads, a.ffn, a.text_dim, a.videos, a.latent = 1, 32, 2, 64, 32, 2, "1x4x4"
@@ -212,9 +224,34 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
+def time_side(a, data) -> float:
+    """Step seconds of one side (in a child process)."""
+    if a.side == "vdit":
+        return bench_vdit(a, data, shared_params(a, torch_model(a)))
+    return bench_torch(a, data, *TORCH_SIDES[a.side])
+
+
+def run_side(argv, side: str) -> dict:
+    """Runs this script with --side in a fresh process; its last JSON line."""
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--side", side],
+                          capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
+    return json.loads(lines[-1])
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(argv)
     data = batch(a)
+    if a.side:
+        torch.set_num_threads(a.threads)
+        try:
+            print(json.dumps({"side": a.side, "step_s": time_side(a, data)}), flush=True)
+        except Exception as e:  # torch.compile needs a C++ toolchain; report, don't crash
+            print(json.dumps({"side": a.side, "error": f"{type(e).__name__}: {str(e)[:300]}"}))
+        return
     t, h, w = data["latents"].shape[1:4]
     tokens = t * (h // 2) * (w // 2)
     flops = train_flops(a, tokens)
@@ -228,25 +265,27 @@ def main(argv=None):
     params = shared_params(a, reference)
     print(json.dumps(output_difference(a, data, reference, params)), flush=True)
     del reference
-    vdit_s = bench_vdit(a, data, params)
+    vdit = run_side(argv, "vdit")
+    if "error" in vdit:
+        raise RuntimeError(f"bench/dit.py: the vdit side failed: {vdit['error']}")
+    vdit_s = vdit["step_s"]
     print(json.dumps({**common, "framework": "vdit", "matmul_dtype": a.matmul_dtype or "float32",
                       "remat": a.remat, "step_s": vdit_s,
                       "achieved_flops_per_s": flops / vdit_s,
                       "fraction_of_peak": flops / vdit_s / max(peak.values())}), flush=True)
     ratio = {"bench": "dit_train_step_ratio", "target": "<= 0.8",
-             "compares": "vdit jitted step / torch step (same weights, threads, fused AdamW)"}
-    variants = [("eager", False, False), ("compiled", True, False)]
-    if a.matmul_dtype:
-        variants += [("eager_bf16_autocast", False, True), ("compiled_bf16_autocast", True, True)]
-    for name, compiled, bf16 in variants:
-        try:
-            torch_s = bench_torch(a, data, compiled, bf16)
-        except Exception as e:  # torch.compile needs a C++ toolchain; report, don't crash
-            print(json.dumps({**common, "framework": f"torch_{name}",
-                              "error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
+             "compares": "vdit jitted step / torch step (same weights, threads, fused AdamW; "
+                         "each side in its own process)"}
+    sides = [s for s, (_, bf16) in TORCH_SIDES.items() if a.matmul_dtype or not bf16]
+    for side in sides:
+        name = side.removeprefix("torch_")
+        result = run_side(argv, side)
+        if "error" in result:
+            print(json.dumps({**common, "framework": side, "error": result["error"]}), flush=True)
             ratio[f"vdit_over_torch_{name}"] = None
             continue
-        print(json.dumps({**common, "framework": f"torch_{name}", "step_s": torch_s,
+        torch_s = result["step_s"]
+        print(json.dumps({**common, "framework": side, "step_s": torch_s,
                           "achieved_flops_per_s": flops / torch_s,
                           "fraction_of_peak": flops / torch_s / max(peak.values())}), flush=True)
         ratio[f"vdit_over_torch_{name}"] = vdit_s / torch_s
