@@ -245,8 +245,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(argv)
     data = batch(a)
+    torch.set_num_threads(a.threads)
     if a.side:
-        torch.set_num_threads(a.threads)
         try:
             print(json.dumps({"side": a.side, "step_s": time_side(a, data)}), flush=True)
         except Exception as e:  # torch.compile needs a C++ toolchain; report, don't crash
@@ -255,7 +255,6 @@ def main(argv=None):
     t, h, w = data["latents"].shape[1:4]
     tokens = t * (h // 2) * (w // 2)
     flops = train_flops(a, tokens)
-    torch.set_num_threads(a.threads)
     peak = matmul_peak(256 if a.quick else 2048)
     common = {"bench": "dit_train_step", "tokens_per_video": tokens, "videos": a.videos,
               "layers": a.layers, "dim": a.dim, "threads": a.threads,

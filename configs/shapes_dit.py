@@ -22,7 +22,7 @@ same way, with a hand-written backward (vdit/models/attention_mixed.py). With ma
 recomputing the whole block in the backward pass (`remat="full"`) beats keeping anything: writing
 each layer's intermediates into the scan's stacked residual buffers costs more than recomputing
 them (bench/train.py, demo step: 0.72 s float32 with save_dots, 0.59 s bfloat16 with save_dots,
-0.45 s bfloat16 with full, 0.39 s with the attention's too). Both are config knobs; the model
+0.43 s bfloat16 with full, 0.37 s with the attention's too). Both are config knobs; the model
 code is the TPU/GPU one.
 
 The word-level text encoder stays frozen at its random init, the stand-in for a frozen pretrained

@@ -106,6 +106,7 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--prompts", help="jsonl: file, prompt, color, shape, direction per line")
         p.add_argument("--workdir", help="a DiT run to sample held-out prompts from and judge, "
                        "or a folder holding a samples.jsonl")
+        # vdit.eval.shapes_samples.HELD_OUT_SAMPLES, not imported: the CLI starts light
         p.add_argument("--samples", type=int, default=128,
                        help="videos to sample from --workdir (128: the judge's score moves by "
                        "about 0.02 from sampling noise; at 32, 0.05)")

@@ -24,7 +24,7 @@ from vdit.data.encode import encode_synthetic
 from vdit.data.video_io import write_video
 from vdit.eval.keyframes import image_to_video_check, interpolation_check
 from vdit.eval.shapes import eval_shapes_dir, format_table
-from vdit.eval.shapes_samples import heldout_world, write_samples
+from vdit.eval.shapes_samples import HELD_OUT_SAMPLES, heldout_world, write_samples
 from vdit.pipelines.generate import Generator
 from vdit.train.loop import train
 from vdit.train.vae_loop import train_vae
@@ -53,11 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--quick", action="store_true", help="a few-minute smoke run")
-    # 128 clips: one clip moves a score by 0.008, and sampling noise moves the table by ~0.02
-    # (at 32 clips, by a clip or two: 0.03-0.06, as much as the gaps the judge should show)
-    parser.add_argument("--samples", type=int, default=None, help="default 128 (--quick: 32)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help=f"default {HELD_OUT_SAMPLES} (--quick: 32)")
     args = parser.parse_args(argv)
-    args.samples = args.samples or (32 if args.quick else 128)
+    args.samples = args.samples or (32 if args.quick else HELD_OUT_SAMPLES)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices
 

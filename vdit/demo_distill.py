@@ -27,7 +27,7 @@ import numpy as np
 from vdit.config import load_config
 from vdit.distill.setup import distill
 from vdit.eval.shapes import eval_shapes_dir, format_table
-from vdit.eval.shapes_samples import sample_prompts, write_samples
+from vdit.eval.shapes_samples import HELD_OUT_SAMPLES, sample_prompts, write_samples
 from vdit.pipelines.generate import Generator
 from vdit.train.init_from import run_weights
 
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--quick", action="store_true", help="a few-minute smoke run")
     parser.add_argument("--samples", type=int, default=None,
-                        help="held-out prompts (default: as many as OUT/samples.jsonl, else 128)")
+                        help="held-out prompts (default: as many as OUT/samples.jsonl, else "
+                        f"{HELD_OUT_SAMPLES})")
     parser.add_argument("--repeats", type=int, default=2, help="timed batches per model")
     args, overrides = parser.parse_known_args(argv)
     bad = [a for a in overrides if not a.startswith("--config.")]
@@ -87,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"      final loss {history[-1]['loss']:.4f} ({time.time() - t0:.0f}s)")
 
     teacher_file = os.path.join(out, "samples.jsonl")
-    count = args.samples or _lines(teacher_file) or 128
+    teacher_count = _lines(teacher_file)
+    count = args.samples or teacher_count or HELD_OUT_SAMPLES
     print(f"[2/3] sampling {count} held-out prompts with the student -> {out}/distill_samples")
     gen, run_config = load(student)
     student_file = write_samples(gen, run_config, out, count, BATCH, "distill_samples")
     teacher_gen, teacher_config = load(teacher)
-    if _lines(teacher_file) != count:  # judged on the student's prompts and noise; demo's kept
+    if teacher_count != count:  # judged on the student's prompts and noise; demo's kept
         teacher_file = write_samples(teacher_gen, teacher_config, out, count, BATCH,
                                      "distill_teacher_samples")
     print(f"      done ({time.time() - t0:.0f}s)")
