@@ -73,6 +73,26 @@ def test_dit_knob_keeps_outputs_and_gradients_close():
     assert 1e-4 < rel <= 1.5e-2  # measured 5.8e-3; above 0: the knob reaches the matmuls
 
 
+def test_scan_without_remat_gives_full_remat_gradients():
+    """remat "none" stacks the blocks' residuals across the layer scan (stashed as integers, see
+    mixed_dot.stash); "full" recomputes them. Same gradients either way."""
+    config = load_config("configs/shapes_dit.py")
+    config.model.update(dict(num_layers=3, matmul_dtype="bfloat16"))
+    keys = jax.random.split(jax.random.key(2), 3)
+    latents = jax.random.normal(keys[0], (2, 3, 4, 4, config.model.in_channels))
+    t = jnp.array([100.0, 700.0])
+    ctx = jax.random.normal(keys[1], (2, 6, config.model.text_dim))
+    grads = {}
+    for remat in ("full", "none"):
+        config.model.remat = remat
+        model = build_dit(config.model)
+        params = model.init(keys[2], latents, t, ctx)
+        grads[remat] = jax.jit(jax.grad(
+            lambda p, m=model: jnp.mean(m.apply(p, latents, t, ctx) ** 2)))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 grads["full"], grads["none"])
+
+
 def test_config_rejects_unknown_matmul_dtype():
     config = load_config("configs/shapes_dit.py")
     config.model.matmul_dtype = "int8"

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.models.mixed_dot import row_major
+from vdit.models.mixed_dot import row_major, stash, unstash
 
 # jax.nn.dot_product_attention's masked logit (its "xla" implementation): finite, so a row that
 # sees no key averages all values instead of producing NaN.
@@ -67,16 +67,18 @@ def _attend(q, k, v, mask, low):
 
 
 def _attend_fwd(q, k, v, mask, low):
-    out, res = _forward(q, k, v, mask, low)
+    out, (qh, kh, vh, p, _) = _forward(q, k, v, mask, low)
     # Masked logits are constants, so they pass no gradient. Within a row p is exactly 0 there;
     # a row that sees no key has uniform p, and its logit gradients are zeroed by this factor.
     row_scale = jnp.where(jnp.any(mask, axis=-1, keepdims=True), 1.0 / np.sqrt(q.shape[-1]), 0.0)
     dtypes = tuple(jnp.zeros((0,), x.dtype) for x in (q, k, v))  # carry the input dtypes
+    res = (*(stash(x) for x in (qh, kh, vh, p)), out)  # low-precision ones as integers (stash)
     return jnp.transpose(out, (0, 2, 1, 3)).astype(q.dtype), (res, row_scale, dtypes)
 
 
 def _attend_bwd(low, residuals, g):
     (qh, kh, vh, p, out), row_scale, (q_dt, k_dt, v_dt) = residuals
+    qh, kh, vh, p = (unstash(x, low) for x in (qh, kh, vh, p))
     g32 = jnp.transpose(g, (0, 2, 1, 3)).astype(jnp.float32)  # [B, H, S, D]
     gh = row_major(g32.astype(low))
     dp = _bmm(gh, vh, 3)  # dO V^T: [B, H, S, L]
