@@ -3,6 +3,8 @@ interpreter against the xla backend, forward and gradients, on packed rows (many
 images, one long segment, padding) and on cross-attention to packed text. Small blocks keep the
 interpreter affordable."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,3 +142,50 @@ def test_tpu_kernel_with_full_lane_blocks():
     ids = _rows([[100, 150, 30], [300]], 300)
     fwd, grad = compare("tpu", ids, ids, 256)
     assert fwd < TOL and grad < TOL, (fwd, grad)
+
+
+# What the device compilers are handed, from this CPU machine: each kernel lowered for its real
+# target (jax's lowering_platforms), forward and backward, in bfloat16. Pallas checks the block
+# shapes against the hardware here (TPU: (8, 128) tiles; Triton: power-of-two arrays), so a block
+# a device would refuse fails in make test, not on the pod.
+KERNEL_CALLS = {"tpu": ("tpu", "tpu_custom_call"), "gpu": ("cuda", "__gpu$xla.gpu.triton")}
+
+
+def _lowered(fn, platform, s, l_len, heads, dim):
+    rng = np.random.default_rng(0)
+    q_ids = np.sort(rng.integers(1, 6, (2, s)), axis=1).astype(np.int32)
+    kv_ids = np.sort(rng.integers(1, 6, (2, l_len)), axis=1).astype(np.int32)
+    q, k, v = (jnp.zeros((2, n, heads, dim), jnp.bfloat16) for n in (s, l_len, l_len))
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v, q_ids, kv_ids).astype(jnp.float32))  # noqa: E731
+    traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v)
+    return traced.lower(lowering_platforms=(KERNEL_CALLS[platform][0],)).as_text()
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("s,l_len,heads,dim", [
+    (1024, 1024, 12, 128),  # Wan2.1-1.3B's heads on a packed row
+    (700, 700, 2, 64),      # a row that is no block multiple
+    (700, 96, 2, 128),      # cross-attention to packed text
+    (300, 300, 1, 40),      # a head width that is no power of two (Triton pads it)
+])
+def test_kernels_lower_for_their_device(platform, s, l_len, heads, dim):
+    fn = lambda *a: attn.block_sparse_attention(*a, platform=platform, shard=False)  # noqa: E731
+    text = _lowered(fn, platform, s, l_len, heads, dim)
+    assert set(re.findall(r"stablehlo.custom_call @([\w$.]+)", text)) == {KERNEL_CALLS[platform][1]}
+    for kernel in ("fwd", "dq", "dkv"):  # the forward and the two backward kernels, once each
+        assert len(re.findall(rf'"vdit_block_sparse_{kernel}"', text)) == 1, kernel
+
+
+def test_splash_lowers_for_tpu():
+    """auto's TPU kernel, on a row that is no block multiple."""
+    fn = lambda *a: attn.splash_attention(*a, shard=False)  # noqa: E731
+    assert "tpu_custom_call" in _lowered(fn, "tpu", 700, 700, 2, 128)
+
+
+@pytest.mark.parametrize("platform,blocks,message", [
+    ("tpu", (64, 64), "divisible by 8 and 128"), ("gpu", (48, 48), "power of 2")])
+def test_blocks_a_device_refuses_fail_at_lowering(platform, blocks, message):
+    fn = lambda *a: attn.block_sparse_attention(*a, platform=platform, shard=False,  # noqa: E731
+                                                blocks=blocks)
+    with pytest.raises(ValueError, match=message):
+        _lowered(fn, platform, 256, 256, 2, 64)

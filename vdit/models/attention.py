@@ -21,7 +21,9 @@ Backends:
            no dense mask. A packed row then costs about what its videos cost alone. Under a mesh
            it runs per device like splash.
   "auto"   cudnn on GPU, splash on TPU, xla elsewhere. block_sparse is proven exact in Pallas
-           interpret mode only; `auto` moves to it once it has compiled and been timed on a device.
+           interpret mode, and its kernels lower for TPU (Mosaic) and CUDA (Triton) with Pallas's
+           block-shape checks (tests, on CPU); `auto` moves to it once it has compiled and been
+           timed on a device.
   "memory_proxy"  no real math: a stand-in with a fused kernel's memory footprint (O(S) residuals,
            no S x L logits), for `vdit plan` to cost memory by compiling on CPU.
 
