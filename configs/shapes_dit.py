@@ -20,10 +20,9 @@ float32 matmul at default precision): XLA:CPU runs those on the CPU's AMX units,
 faster than float32 (vdit/models/mixed_dot.py); the xla attention backend takes QK^T and PV the
 same way, with a hand-written backward (vdit/models/attention_mixed.py). With matmuls that cheap,
 recomputing the whole block in the backward pass (`remat="full"`) beats keeping anything: writing
-each layer's intermediates into the scan's stacked residual buffers costs more than recomputing
-them (bench/train.py, demo step: 0.72 s float32 with save_dots, 0.59 s bfloat16 with save_dots,
-0.43 s bfloat16 with full, 0.37 s with the attention's too). Both are config knobs; the model
-code is the TPU/GPU one.
+each layer's intermediates into the scan's stacked residual buffers and reading them back costs
+more than recomputing them (bench/train.py, demo step, bfloat16: 0.57 s with none, 0.40 s with
+save_dots, 0.35 s with full). Both are config knobs; the model code is the TPU/GPU one.
 
 The word-level text encoder stays frozen at its random init, the stand-in for a frozen pretrained
 encoder (Wan's UMT5): trained jointly from scratch it maps the circle and square words to nearly
