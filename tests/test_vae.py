@@ -29,7 +29,7 @@ from vdit.models.vae import (
     normalize_latents,
     sample_posterior,
 )
-from vdit.models.vae_config import vae_from_config
+from vdit.models.vae_config import diffusers_config, vae_from_config
 from vdit.parallel.mesh import logical_rules, make_mesh
 
 TOL = 1e-4
@@ -185,6 +185,11 @@ def test_bad_inputs_are_named(method, shape, message):
     (dict(temperal_downsample=[True, True, True]), "at most 2"),
     (dict(dropout=1.5), "dropout"),
     (dict(tile_sample_stride_width=300), "gaps"),
+    (dict(tile_sample_stride_height=100), "tile_sample_stride_height=100: expected a multiple of "
+                                          "the VAE's spatial factor 8"),
+    (dict(tile_sample_min_width=260), "tile_sample_min_width=260"),
+    (dict(scale_factor_spatial=4), "scale_factor_spatial=4 contradicts .* compresses 8x"),
+    (dict(scale_factor_temporal=2), "scale_factor_temporal=2 contradicts .* compresses 4x"),
     (dict(dtype="int8"), "dtype"),
     (dict(conv_impl="fft"), "conv_impl"),
     (dict(frames=4), "unknown VAE config keys \\['frames'\\]"),
@@ -192,6 +197,23 @@ def test_bad_inputs_are_named(method, shape, message):
 def test_bad_config_is_named(change, message):
     with pytest.raises(ValueError, match=message):
         vae_from_config({**CONFIGS["wan"], **change})
+
+
+def test_unreached_attn_scales_build_what_diffusers_builds():
+    """A 4-stage encoder has attention scales 1 .. 1/8; diffusers builds no attention for 1/16."""
+    shapes = [jax.tree_util.tree_map(lambda x: x.shape, jax.eval_shape(
+        lambda v, c=c: vae_from_config(c).init(jax.random.key(0), v),
+        jax.ShapeDtypeStruct((1, 1, 8, 8, 3), jnp.float32)))
+        for c in (CONFIGS["wan"], {**CONFIGS["wan"], "attn_scales": [0.0625]})]
+    assert shapes[0] == shapes[1]
+
+
+def test_diffusers_config_writes_the_architectures_scale_factors():
+    """diffusers' pipelines size latents by these two: they come from the stages, not defaults."""
+    vae = vae_from_config({k: v for k, v in CONFIGS["custom"].items()
+                           if not k.startswith("scale_factor")})
+    config = diffusers_config(vae)
+    assert (config["scale_factor_spatial"], config["scale_factor_temporal"]) == (4, 2)
 
 
 def test_params_carry_logical_axes():

@@ -42,8 +42,9 @@ class WanVAE(nn.Module):
 
     With `patch_size` p, `in_channels`/`out_channels` count the channels of the patched frames (as
     in diffusers: Wan2.2 has 12 = 3 * 2 * 2), so videos have `video_channels` = in_channels / p^2.
-    `latents_mean/std` and `scale_factor_*` are kept for the round trip to diffusers; the module
-    itself never normalises latents (see `normalize_latents`).
+    `latents_mean/std` are kept for the round trip to diffusers; the module itself never
+    normalises latents (see `normalize_latents`). `scale_factor_*` (diffusers' pipelines size
+    latents by them) must match the architecture when given, and are written from it.
     """
 
     base_dim: int = 96
@@ -60,8 +61,8 @@ class WanVAE(nn.Module):
     in_channels: int = 3
     out_channels: int = 3
     patch_size: int | None = None
-    scale_factor_temporal: int = 4
-    scale_factor_spatial: int = 8
+    scale_factor_temporal: int | None = None  # None: the architecture's (temporal_factor)
+    scale_factor_spatial: int | None = None  # None: the architecture's (spatial_factor)
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
     use_tiling: bool = False

@@ -36,9 +36,6 @@ def vae_from_config(cfg: Mapping, **overrides):
         if isinstance(name, str) and name not in DTYPES:
             raise ValueError(f"VAE config dtype={name!r}; allowed: {list(DTYPES)}")
         values["dtype"] = jnp.dtype(name)
-    for name in ("scale_factor_temporal", "scale_factor_spatial"):
-        if values.get(name, 0) is None:  # diffusers allows null here; keep our default
-            values.pop(name)
     return WanVAE(**values)
 
 
@@ -52,5 +49,9 @@ def diffusers_config(vae) -> dict:
         value = getattr(vae, name)
         if name in ("latents_mean", "latents_std") and value is None:
             continue  # diffusers then uses Wan2.1's 16-channel defaults
+        if name == "scale_factor_spatial":
+            value = vae.spatial_factor  # what the pipelines must size latents by
+        if name == "scale_factor_temporal":
+            value = vae.temporal_factor
         config[name] = [ELEMENT_TYPE[name](v) for v in value] if name in TUPLE_FIELDS else value
     return config

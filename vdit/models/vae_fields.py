@@ -35,10 +35,7 @@ def check_fields(vae) -> None:
         value = getattr(vae, name)
         if isinstance(value, list):
             object.__setattr__(vae, name, tuple(value))
-    if vae.attn_scales:
-        raise ValueError(f"VAE config attn_scales={list(vae.attn_scales)!r}: attention inside the "
-                         "down blocks is not supported (diffusers' Wan2.1 encoder cannot run it "
-                         "either); expected []")
+    _check_attn_scales(vae)
     _positive(vae, ("base_dim", "z_dim", "in_channels", "out_channels"))
     _positive(vae, ("num_res_blocks",), minimum=0)
     if vae.decoder_base_dim is not None:
@@ -60,7 +57,34 @@ def check_fields(vae) -> None:
     _check_patch(vae)
     if vae.is_residual:
         _check_residual(vae)
+    _check_scale_factors(vae)
     _check_tiles(vae)
+
+
+def _check_attn_scales(vae) -> None:
+    """diffusers' encoder puts attention in the down stage at scale 2^-i (i < len(dim_mult)) when
+    that scale is listed, and its decoder never does; a listed scale no stage has builds
+    nothing there, so it is accepted."""
+    reached = [s for s in vae.attn_scales if any(float(s) == 2.0 ** -i
+                                                 for i in range(len(vae.dim_mult)))]
+    if reached:
+        raise ValueError(f"VAE config attn_scales={list(vae.attn_scales)!r}: attention inside the "
+                         f"down blocks at scales {reached} is not supported (diffusers' Wan "
+                         "encoder cannot run it either); expected none of the scales "
+                         f"{[2.0 ** -i for i in range(len(vae.dim_mult))]}")
+
+
+def _check_scale_factors(vae) -> None:
+    """diffusers' Wan pipelines size latents by `scale_factor_*`; vdit by the architecture."""
+    for name, derived, source in (
+            ("scale_factor_spatial", vae.spatial_factor,
+             f"dim_mult={list(vae.dim_mult)} with patch_size={vae.patch_size}"),
+            ("scale_factor_temporal", vae.temporal_factor,
+             f"temperal_downsample={list(vae.temperal_downsample)}")):
+        value = getattr(vae, name)
+        if value is not None and value != derived:
+            raise ValueError(f"VAE config {name}={value!r} contradicts the architecture: "
+                             f"{source} compresses {derived}x, so expected {derived} (or omit it)")
 
 
 def _check_patch(vae) -> None:
@@ -105,3 +129,9 @@ def _check_tiles(vae) -> None:
         if stride > size:
             raise ValueError(f"VAE config tile_sample_stride_{side}={stride} exceeds "
                              f"tile_sample_min_{side}={size}: tiles would leave gaps")
+        # tiles are cut in latents (pixels // factor): a remainder would be dropped
+        for name, value in ((f"tile_sample_min_{side}", size),
+                            (f"tile_sample_stride_{side}", stride)):
+            if value % vae.spatial_factor:
+                raise ValueError(f"VAE config {name}={value}: expected a multiple of the VAE's "
+                                 f"spatial factor {vae.spatial_factor}")
