@@ -79,7 +79,8 @@ def test_bfloat16_compute_stays_close(pair):
     assert _rel(bf16, np.asarray(f32)) < 5e-2
 
 
-@pytest.mark.parametrize("buckets,distance", [(32, 128), (8, 16), (16, 24)])
+# (38, 25) and (72, 50): ratios that land on an integer, where a 1-ulp log error moves a bucket
+@pytest.mark.parametrize("buckets,distance", [(32, 128), (8, 16), (16, 24), (38, 25), (72, 50)])
 def test_relative_buckets_match_transformers(buckets, distance):
     from transformers import UMT5Config
     from transformers.models.umt5.modeling_umt5 import UMT5Attention
@@ -183,7 +184,13 @@ def test_bad_inputs_name_the_problem():
 def test_encode_prompts_rejects_mismatched_tokenizer():
     module, tokenizer = text.text_encoder_from_config(BYTE_CFG)
     # Checked before the encoder runs, so no parameters are needed.
-    with pytest.raises(ValueError, match="token id .* outside the encoder's vocab_size 64"):
+    with pytest.raises(ValueError, match=r"token id .* outside the encoder's vocab \[0, 64\)"):
         text.encode_prompts(module.clone(vocab_size=64), {}, tokenizer, ["a red circle"])
+
+    def negative(prompts):
+        ids, mask = tokenizer(prompts)
+        return ids - 1000, mask
+    with pytest.raises(ValueError, match="token id -"):
+        text.encode_prompts(module, {}, negative, ["a red circle"])
     with pytest.raises(ValueError, match="non-empty list of strings"):
         text.encode_prompts(module, {}, tokenizer, [])

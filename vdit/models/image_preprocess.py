@@ -2,16 +2,12 @@
 
 The common path of transformers' CLIPImageProcessor (its PIL backend, which is what runs without
 torchvision): resize so the shortest side is `shortest_edge` (the long side becomes
-`int(shortest_edge * long / short)`), Pillow's antialiased bicubic filter (a = -0.5, support
-scaled by the reduction factor, horizontal pass then vertical, each pass rounded to uint8 with
-22-bit fixed-point weights) -> center crop (top = (h - crop_h) // 2) -> `* rescale_factor` in
-float64 -> float32 -> `(x - mean) / std` in float32. The resampler re-implements Pillow's fixed-point
-arithmetic, horizontal pass first (Pillow <= 12's fixed order). Differences from the reference:
-  * Pillow 13 runs the vertical pass first for some downscales (seen only with the height
-    shrinking; its rule is not documented). The intermediate uint8 rounding then differs, by at
-    most 1 level per value in our tests. Landscape images, upscales and Wan's real sizes
-    (480x832 and 832x480 -> shortest edge 224) come out bit-identical (the tests check both).
-  * crops larger than the resized image (the reference zero-pads) are refused with an error.
+`int(shortest_edge * long / short)`) with Pillow's bicubic filter -> center crop
+(top = (h - crop_h) // 2) -> `* rescale_factor` in float64 -> float32 -> `(x - mean) / std` in
+float32. The resize calls Pillow itself, as the reference does: its two passes each round to uint8,
+and which pass runs first depends on the Pillow version and the sizes (Pillow 13 runs the vertical
+one first for some downscales), so no re-implementation matches every version. Crops larger than the
+resized image (the reference zero-pads) are refused with an error.
 
 Images are channels last: `[H, W, 3]` or `[B, H, W, 3]` uint8, or a list of `[H, W, 3]` of
 different sizes. `to_uint8` turns vdit pixels in [-1, 1] into such images the way diffusers'
@@ -21,15 +17,14 @@ image processor does (`round((x / 2 + 0.5) * 255)`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the `resample` value in preprocessor_config.json
-_PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images: 32 - 8 - 2
+_BICUBIC = int(Image.Resampling.BICUBIC)  # the `resample` value in preprocessor_config.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,49 +134,6 @@ def center_crop(img: np.ndarray, height: int, width: int, index: int = 0) -> np.
 
 
 def resize_bicubic(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 `[H, W, C]` -> uint8 `[h, w, C]`, Pillow's `Image.resize(..., BICUBIC)` exactly."""
+    """uint8 `[H, W, C]` -> uint8 `[h, w, C]` by Pillow's `Image.resize(..., BICUBIC)`."""
     h, w = size
-    if w != img.shape[1]:
-        img = _resample_axis(img, w, axis=1)
-    if h != img.shape[0]:
-        img = _resample_axis(img, h, axis=0)
-    return img
-
-
-def _resample_axis(img: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    index, weights = _fixed_point_taps(img.shape[axis], out_size)
-    x = np.moveaxis(img, axis, 0).astype(np.int64)  # [in, other, C]
-    acc = np.einsum("ok,ok...->o...", weights, x[index])
-    acc = (acc + (1 << (_PRECISION_BITS - 1))) >> _PRECISION_BITS
-    return np.moveaxis(np.clip(acc, 0, 255).astype(np.uint8), 0, axis)
-
-
-def _bicubic(x: np.ndarray) -> np.ndarray:
-    """Keys' cubic kernel with a = -0.5 (Pillow's BICUBIC), in float64."""
-    a = -0.5
-    x = np.abs(x)
-    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
-    far = (((x - 5) * x + 8) * x - 4) * a
-    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
-
-
-def _fixed_point_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per output pixel: input indices `[out, K]` and int64 weights (Pillow's rounding)."""
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = 2.0 * filterscale
-    ksize = int(math.ceil(support)) * 2 + 1
-    center = (np.arange(out_size) + 0.5) * scale
-    # C casts truncate toward zero; start clamps at 0 and the window at the image end.
-    start = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
-    stop = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size)
-    taps = np.arange(ksize)
-    valid = taps[None, :] < (stop - start)[:, None]
-    pos = start[:, None] + taps[None, :]
-    w = np.where(valid, _bicubic((pos - center[:, None] + 0.5) * (1.0 / filterscale)), 0.0)
-    # Pillow sums the taps left to right; cumsum keeps that order (np.sum would not).
-    total = np.cumsum(w, axis=1)[:, -1:]
-    w = np.where(total != 0.0, w / np.where(total != 0.0, total, 1.0), w)
-    scaled = w * (1 << _PRECISION_BITS)
-    fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64)
-    return np.minimum(pos, in_size - 1), np.where(valid, fixed, 0)
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BICUBIC))

@@ -57,8 +57,11 @@ def parse_feed_forward_proj(value: str) -> tuple[bool, str]:
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
     """[L, L] int32 bucket of (key - query) for a bidirectional encoder, T5's log-spaced scheme.
 
-    Computed in numpy float32 with the reference's operation order so boundaries land on the
-    same bucket; a static table, as the length is static under jit.
+    Computed in float32 with the reference's operation order so boundaries land on the same
+    bucket; the log itself is taken in float64 and rounded, as numpy's float32 log can be 1 ulp
+    off where torch's is not, and at a ratio that lands on an integer (e.g. 38 buckets, max
+    distance 25) that ulp moves a distance to the next bucket. A static table, as the length is
+    static under jit.
     """
     pos = np.arange(length, dtype=np.int64)
     rel = pos[None, :] - pos[:, None]
@@ -66,8 +69,9 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
     buckets = (rel > 0).astype(np.int64) * half
     rel = np.abs(rel)
     max_exact = half // 2
+    ratio = rel.astype(np.float32) / np.float32(max_exact)
     with np.errstate(divide="ignore"):
-        log_ratio = np.log(rel.astype(np.float32) / np.float32(max_exact))
+        log_ratio = np.log(ratio.astype(np.float64)).astype(np.float32)
     log_ratio = log_ratio / np.float32(math.log(max_distance / max_exact))
     log_ratio = log_ratio * np.float32(half - max_exact)
     large = max_exact + np.where(np.isfinite(log_ratio), log_ratio, 0).astype(np.int64)
@@ -340,7 +344,8 @@ def encode_prompts(module, params, tokenizer, prompts: str | Sequence[str],
     if clean:
         prompts = [prompt_clean(p) for p in prompts]
     ids, mask = tokenizer(prompts)
-    if ids.size and int(ids.max()) >= module.vocab_size:
-        raise ValueError(f"token id {int(ids.max())} from the tokenizer is outside the encoder's "
-                         f"vocab_size {module.vocab_size}: tokenizer and weights do not match")
+    bad = ids[(ids < 0) | (ids >= module.vocab_size)] if ids.size else ids
+    if bad.size:  # an embedding lookup would give NaN (too large) or wrap (negative), not fail
+        raise ValueError(f"token id {int(bad[0])} from the tokenizer is outside the encoder's "
+                         f"vocab [0, {module.vocab_size}): tokenizer and weights do not match")
     return _encode_padded(module, params, jnp.asarray(ids), jnp.asarray(mask))
