@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -137,3 +138,27 @@ def test_image_to_video_configs_fail_clearly():
         build_dit(tiny_model_config(image_dim=32))
     with pytest.raises(NotImplementedError, match="qk_norm='layer_norm'"):
         build_dit(tiny_model_config(qk_norm="layer_norm"))
+
+
+def test_out_channels_missing_or_null_read_as_diffusers_does():
+    """from_pretrained fills a missing out_channels with its default 16; a null means in_channels."""
+    cfg = dict(CONFIGS["b"], patch_size=list(CONFIGS["b"]["patch_size"]))
+    cfg.pop("out_channels")
+    assert wan_dit.model_config_from_diffusers(cfg).out_channels == 16
+    assert wan_dit.model_config_from_diffusers(cfg | {"out_channels": None}).out_channels == 3
+
+
+def test_export_refuses_weights_diffusers_has_no_place_for(tmp_path):
+    """Micro-conditioning and stray (e.g. unmerged LoRA) weights would be dropped: an error."""
+    latents, timesteps, context = (np.zeros((1, 1, 4, 4, 4)), np.zeros((1,)), np.zeros((1, 3, 16)))
+    micro = build_dit(tiny_model_config(micro_conditioning=("fps",)))
+    params = micro.init(jax.random.key(0), latents, timesteps, context,
+                        micro={"fps": np.zeros((1,))})["params"]
+    with pytest.raises(ValueError, match=r"micro_conditioning=\['fps'\].*micro_embedder"):
+        wan_dit.save_transformer(micro, params, str(tmp_path / "micro"))
+    plain = build_dit(tiny_model_config())
+    params = dict(plain.init(jax.random.key(0), latents, timesteps, context)["params"])
+    params["proj_out"] = dict(params["proj_out"], lora_a=np.zeros((24, 2)))
+    with pytest.raises(ValueError, match=r"\['proj_out/lora_a'\] have no diffusers tensor"):
+        wan_dit.save_transformer(plain, params, str(tmp_path / "stray"))
+    assert not os.path.exists(tmp_path / "stray")

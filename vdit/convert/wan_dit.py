@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -166,7 +167,9 @@ def model_config_from_diffusers(cfg: dict, **vdit_knobs) -> ml_collections.Confi
     if bad:
         raise ValueError(f"unknown vdit model options {bad}; allowed: {VDIT_KEYS}")
     model = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    if model.get("out_channels") is None:
+    if "out_channels" not in model:  # diffusers' default, as from_pretrained reads it
+        model["out_channels"] = WanDiT.out_channels
+    if model["out_channels"] is None:  # null: diffusers uses in_channels
         model["out_channels"] = model.get("in_channels", WanDiT.in_channels)
     return ml_collections.ConfigDict({**model, **vdit_knobs})
 
@@ -194,16 +197,34 @@ def params_from_diffusers(model: WanDiT, tensors: dict[str, np.ndarray], where: 
 
 
 def params_to_diffusers(model: WanDiT, params) -> dict[str, np.ndarray]:
-    """Nested vdit params -> diffusers state dict (float32 numpy)."""
+    """Nested vdit params -> diffusers state dict (float32 numpy). Weights diffusers has no place
+    for (micro-conditioning, unmerged LoRA factors) are an error, never silently dropped."""
+    if model.micro_conditioning:
+        raise ValueError(f"model.micro_conditioning={list(model.micro_conditioning)}: diffusers' "
+                         "WanTransformer3DModel has no micro-conditioning, so an export would drop "
+                         "micro_embedder and change the model's output")
     params = nn.unbox(params)
+    plan = list(_plan(model))
+    used = {ours for ours, *_ in plan}
+    leftover = sorted(p for p in _flat_paths(params) if p not in used)
+    if leftover:
+        raise ValueError(f"params {leftover[:8]} have no diffusers tensor; merge LoRA factors "
+                         "(vdit.models.lora) before exporting")
     out = {}
-    for ours, torch, kind, _, tshape, layer in _plan(model):
+    for ours, torch, kind, _, tshape, layer in plan:
         node = params
         for p in ours.split("/"):
             node = node[p]
         value = np.asarray(jax.device_get(node), np.float32)
         out[torch] = _to_torch(kind, value if layer is None else value[layer], tshape)
     return out
+
+
+def _flat_paths(tree, prefix: str = "") -> list[str]:
+    """"a/b/c" paths of a nested params dict's leaves."""
+    if not isinstance(tree, Mapping):
+        return [prefix]
+    return [p for k, v in tree.items() for p in _flat_paths(v, f"{prefix}/{k}" if prefix else k)]
 
 
 def load_transformer(path: str, **vdit_knobs) -> tuple[WanDiT, dict]:
