@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 from train_testing import VIDEOS, tiny_config, train_tiny, write_shards, write_vae_run
 
-from vdit.config import ConfigError
+from vdit.config import ConfigError, recipe_module
 from vdit.data import pipeline, sources
 from vdit.diffusion import flow
 from vdit.models import lora
@@ -196,3 +196,28 @@ def test_experts_config_errors_name_the_key(tmp_path):
     config = _tiny_moe(str(tmp_path), "--config.experts.boundary_ratio=1.5")
     with pytest.raises(ConfigError, match=r"'experts.boundary_ratio' = 1.5"):
         experts.check_config(config)
+
+
+@pytest.mark.parametrize("trained", ["both", "low"])
+def test_adapter_export_keeps_the_low_noise_experts_adapter(tmp_path, trained):
+    """`vdit export --adapter` on a two-expert LoRA run writes lora_2 (for dit_2) too, prefixed."""
+    from safetensors.numpy import load_file
+
+    from vdit.train.export import export_adapter
+
+    factor = lambda v: {"blocks": {"k": {"a": np.full((2, 3, 4), v, np.float32),
+                                         "b": np.full((2, 4, 5), v, np.float32)}}}
+    weights = {"lora_2": factor(2.0)} | ({"lora": factor(1.0)} if trained == "both" else {})
+    config = ml_collections.ConfigDict({
+        "checkpoint": recipe_module("common").checkpoint(),
+        "lora": dict(enabled=True, rank=4, alpha=4.0, targets=["k"]),
+        "experts": dict(boundary_ratio=0.9, train=trained), "train": dict(init_from="base"),
+        "sample": dict(steps=4)})
+    checkpoint.write_weights(str(tmp_path / "run"), 0, weights, weights, config)
+    written = load_file(export_adapter(str(tmp_path / "run"), str(tmp_path / "out")))
+    want = {"dit_2/blocks/k/a", "dit_2/blocks/k/b"}
+    want |= {"blocks/k/a", "blocks/k/b"} if trained == "both" else set()
+    assert set(written) == want
+    np.testing.assert_array_equal(written["dit_2/blocks/k/a"], 2.0)
+    meta = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert meta["adapters"] == {k: lora.ADAPTED[k] for k in weights}

@@ -15,7 +15,9 @@ weights to `vdit.convert.wan.save_transformer(build_dit(config.model), weights["
 student: a few-step adapter for its teacher): OUT/adapter.safetensors, one tensor per factor named
 by its DiT kernel's path ("blocks/attn1/to_q/kernel/a" [*layers, *in, rank], ".../b"
 [*layers, rank, *out]; merged kernel = kernel + a @ b * alpha / rank, vdit/models/lora.py), and
-OUT/adapter_config.json: rank, alpha, targets, the base run and the run's sampler settings.
+OUT/adapter_config.json: rank, alpha, targets, the base run, the run's sampler settings and
+`adapters` (which DiT each adapter adapts). A two-expert run's low-noise adapter (`lora_2`, for
+`dit_2`) is written beside it with its names prefixed "dit_2/".
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from flax import traverse_util
 from safetensors.numpy import save
 
 from vdit import runs
+from vdit.models import lora
 from vdit.runs import checkpoint
 from vdit.train.init_from import resolve, run_weights
 
@@ -73,18 +76,24 @@ def export_adapter(src: str, out: str) -> str:
     module doc); returns the safetensors path. A run without adapters is an error."""
     workdir, step = resolve(src)
     params, saved = checkpoint.load_params(workdir, "ema", step)
-    if "lora" not in params:
+    adapters = {k: dit for k, dit in lora.ADAPTED.items() if k in params}
+    if not adapters:
         raise ValueError(f"--workdir {src!r} holds no LoRA adapter (its weights are "
                          f"{sorted(params)}): --adapter exports LoRA runs (lora.enabled=True)")
     folder = runs.user_path(out)
     if (folder / ADAPTER_FILE).exists():
         raise ValueError(f"--out {out!r} already holds an {ADAPTER_FILE}; choose a new folder")
     folder.mkdir(parents=True, exist_ok=True)
-    flat = traverse_util.flatten_dict(params["lora"], sep="/")
+    flat = {}
+    for key, dit in adapters.items():
+        prefix = "" if key == "lora" else f"{dit}/"
+        flat |= {prefix + k: v for k, v in
+                 traverse_util.flatten_dict(params[key], sep="/").items()}
     data = save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()})
     (folder / ADAPTER_FILE).write_bytes(data)
-    lora = saved.get("lora", {})
-    meta = {"rank": lora.get("rank"), "alpha": lora.get("alpha"), "targets": lora.get("targets"),
+    settings = saved.get("lora", {})
+    meta = {"rank": settings.get("rank"), "alpha": settings.get("alpha"),
+            "targets": settings.get("targets"), "adapters": adapters,
             "base": saved.get("train", {}).get("init_from", ""), "sample": {
                 k: saved.get("sample", {}).get(k) for k in ("steps", "guidance", "scheduler")}}
     (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
