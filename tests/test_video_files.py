@@ -120,6 +120,21 @@ def test_clips_take_the_drawn_shape_and_fail_clearly(videos):
     np.testing.assert_array_equal(video_files.clip_indices(12, 8.0, 5, 0.0), [3, 4, 5, 6, 7])
 
 
+def test_an_unreadable_caption_skips_its_video_only(tmp_path):
+    """A sidecar that is not UTF-8 fails that video when it is loaded (encode skips and counts
+    it as "error"), never the listing of the folder."""
+    for name in ("good", "bad"):
+        video_io.write_mp4(tmp_path / f"{name}.mp4", _video(5, 3), fps=8.0)
+    (tmp_path / "good.txt").write_text("a caption\n")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
+    bad, good = video_files.list_folder(tmp_path)
+    assert (good.caption, good.error) == ("a caption", "")
+    src = video_files.VideoClipSource([bad, good], [(1, 32, 32)])
+    assert src[1]["caption"] == "a caption"
+    with pytest.raises(ValueError, match=r"caption file .*bad\.txt: UnicodeDecodeError"):
+        src[0]
+
+
 def test_bad_sources_are_errors_naming_them(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"file": "a.mp4"}\n{"caption": "no file"}\n')

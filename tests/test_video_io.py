@@ -118,3 +118,16 @@ def test_frame_sampling():
         video_io.sample_indices(30, 30, 17, 8)
     with pytest.raises(ValueError, match="fps must be > 0"):
         video_io.sample_indices(30, 0, 5, 8)
+
+
+def test_images_come_upright_by_their_exif_orientation(tmp_path):
+    """A phone photo stored landscape with Orientation 6 (rotate 90 degrees clockwise to view)."""
+    stored = np.zeros((16, 32, 3), np.uint8)
+    stored[:, :8] = 255  # the left edge of the stored frame becomes the top when viewed
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    with Image.open(tmp_path / "photo.png") as img:
+        pixels = video_io.image_rgb(img)
+    assert pixels.shape == (32, 16, 3)
+    assert pixels[:8].min() == 255 and pixels[8:].max() == 0

@@ -129,7 +129,7 @@ def load_image(path: str, height: int, width: int) -> np.ndarray:
     if not runs.check_reachable(path, "image").is_file():
         raise FileNotFoundError(f"image {path!r} does not exist")
     with runs.user_path(path).open("rb") as f, Image.open(f) as img:
-        pixels = np.asarray(img.convert("RGB"))
+        pixels = video_io.image_rgb(img)
     return video_io.to_float(fit(pixels[None], height, width, f"image {path}")[0])
 
 

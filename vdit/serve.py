@@ -31,7 +31,6 @@ import time
 from argparse import Namespace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 from PIL import Image
 
 from vdit import runs
@@ -197,7 +196,7 @@ def _save_image(data_url: str, out_dir: str) -> str | None:
         raise ValueError("first image: expected an image file (PNG, JPEG, ...)")
     try:
         with Image.open(io.BytesIO(base64.b64decode(payload, validate=True))) as img:
-            pixels = np.asarray(img.convert("RGB"))
+            pixels = video_io.image_rgb(img)
     except Exception as e:  # noqa: BLE001 - PIL raises several types for a bad file
         raise ValueError(f"first image: cannot read it as an image ({type(e).__name__}: {e})") from e
     folder = os.path.join(out_dir, "inputs")

@@ -58,6 +58,7 @@ class VideoEntry:
     key: str  # the name it goes by in records: path relative to the folder, or as in the manifest
     meta: dict = dataclasses.field(default_factory=dict)  # manifest keys other than file/caption
     frames: tuple[int, int] | None = None  # source frames [start, end) of the clip; None = all
+    error: str = ""  # why the entry cannot be used (e.g. an unreadable caption); loading raises it
 
 
 def list_folder(folder: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[VideoEntry]:
@@ -68,8 +69,13 @@ def list_folder(folder: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS
     entries = []
     for path in files:
         sidecar = path.with_suffix(".txt")
-        caption = sidecar.read_text().strip() if sidecar.is_file() else ""
-        entries.append(VideoEntry(str(path.resolve()), caption, path.relative_to(folder).as_posix()))
+        caption, error = "", ""
+        try:
+            caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+        except (OSError, UnicodeDecodeError) as e:  # that video is skipped and counted, not fatal
+            error = f"caption file {sidecar}: {type(e).__name__}: {e}"
+        entries.append(VideoEntry(str(path.resolve()), caption, path.relative_to(folder).as_posix(),
+                                  error=error))
     return entries
 
 
@@ -198,6 +204,8 @@ class VideoClipSource(grain.sources.RandomAccessDataSource):
         counts the frames the clip is drawn from (the entry's range, or the whole video);
         `first_frame` is the clip's first frame in the whole video."""
         entry = self.entries[index]
+        if entry.error:
+            raise ValueError(entry.error)
         frames, height, width = shape
         with VideoReader(entry.file) as reader:
             start, end = entry.frames or (0, reader.num_frames)

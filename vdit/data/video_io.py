@@ -15,7 +15,7 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 class VideoReadError(OSError):
@@ -45,6 +45,12 @@ def to_float(video: np.ndarray) -> np.ndarray:
     if video.dtype == np.uint8:
         return video.astype(np.float32) / 127.5 - 1.0
     return video.astype(np.float32)
+
+
+def image_rgb(img: Image.Image) -> np.ndarray:
+    """An opened image -> uint8 [H, W, 3], upright: a photo's EXIF orientation (phones store
+    portraits as rotated landscapes) is applied, as diffusers' load_image does."""
+    return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
 
 
 def write_mp4(path: str | Path, video: np.ndarray, fps: float, crf: int = 18) -> None:
