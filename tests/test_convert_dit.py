@@ -162,3 +162,40 @@ def test_export_refuses_weights_diffusers_has_no_place_for(tmp_path):
     with pytest.raises(ValueError, match=r"\['proj_out/lora_a'\] have no diffusers tensor"):
         wan_dit.save_transformer(plain, params, str(tmp_path / "stray"))
     assert not os.path.exists(tmp_path / "stray")
+
+
+def test_weight_files_are_read_as_diffusers_reads_them(tmp_path):
+    """fp16 variant copies beside the weights are skipped; integer tensors, a broken shard index,
+    a missing shard and a folder of another class are errors naming the file or tensor."""
+    from safetensors.numpy import load_file, save_file
+
+    ref, folder = _reference("a", tmp_path)
+    ref.half().save_pretrained(folder, variant="fp16")
+    _, params = wan_dit.load_transformer(folder)  # the float32 file, as from_pretrained reads
+    weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    tensors = load_file(weights)
+    np.testing.assert_array_equal(params["proj_out"]["bias"], tensors["proj_out.bias"])
+    os.remove(os.path.join(folder, "diffusion_pytorch_model.fp16.safetensors"))
+
+    save_file(tensors | {"proj_out.bias": tensors["proj_out.bias"].astype(np.int32)}, weights)
+    with pytest.raises(ValueError, match=r"not floating point \['proj_out.bias: int32'\]"):
+        wan_dit.load_transformer(folder)
+    os.remove(weights)
+    names = sorted(tensors)
+    save_file({k: tensors[k] for k in names[:5]}, os.path.join(folder, "part-1.safetensors"))
+    index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+    with open(index, "w") as f:
+        json.dump({"weight_map": {k: "part-1.safetensors" if i < 5 else "part-2.safetensors"
+                                  for i, k in enumerate(names)}}, f)
+    with pytest.raises(FileNotFoundError, match=r"shards \['part-2.safetensors'\] listed in"):
+        wan_dit.load_transformer(folder)
+    with open(index, "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match=r"index.json' is not valid JSON"):
+        wan_dit.load_transformer(folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config | {"_class_name": "AutoencoderKLWan"}, f)
+    with pytest.raises(ValueError, match="_class_name='AutoencoderKLWan'; expected 'WanTrans"):
+        wan_dit.load_transformer(folder)

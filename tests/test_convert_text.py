@@ -92,8 +92,11 @@ def test_errors_name_tensor_key_and_path(folder, tmp_path):
         load_text_encoder(_copy_with(folder, str(tmp_path / "b"), reshape))
     with pytest.raises(ValueError, match="config.json lacks 'd_kv'"):
         load_text_encoder(_copy_with(folder, str(tmp_path / "c"), no_key))
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="'.*nowhere' does not exist"):
         load_text_encoder(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_text_encoder(str(tmp_path / "empty"))
 
 
 def test_bfloat16_weights_are_upcast(folder, tmp_path):

@@ -122,3 +122,11 @@ def test_fingerprints_differ_by_vocab_and_length(files):
 def test_prompt_clean_as_wan():
     assert prompt_clean("  a  red&amp;amp;blue \n\t circle ") == "a red&blue circle"
     assert prompt_clean("") == ""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean as wan_prompt_clean
+
+    rng = np.random.default_rng(0)
+    alphabet = list("ab &;#<>/\t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0") + [
+        "\u2003", "\u3000", "\u200b", "&amp;", "&lt;", "&#32;", "\U0001f642"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet, size=rng.integers(0, 24)))
+        assert prompt_clean(text) == wan_prompt_clean(text), repr(text)

@@ -12,13 +12,12 @@ timestep is boundary_ratio * the scheduler's num_train_timesteps, as diffusers c
 
 from __future__ import annotations
 
-import json
-
 import jax
 import numpy as np
 
 from vdit import runs
 from vdit.convert import wan
+from vdit.convert.safetensors_io import read_json_dict
 from vdit.diffusion.samplers import make_sampler
 from vdit.models.tokenizers import load_tokenizer
 
@@ -35,10 +34,6 @@ WAN_DEFAULTS = {"steps": 50, "guidance": 5.0, "frames": 81, "height": 480, "widt
 MAX_TEXT_TOKENS = 512  # Wan's max_sequence_length: prompts are padded to 512 tokens
 
 
-def read_json(path: str) -> dict:
-    if not runs.user_path(path).is_file():
-        raise FileNotFoundError(f"missing {path}")
-    return json.loads(runs.user_path(path).read_text())
 
 
 def is_pipeline_folder(path: str) -> bool:
@@ -58,7 +53,7 @@ def read_index(path: str) -> dict:
     if not runs.user_path(path).is_dir():
         raise FileNotFoundError(f"diffusers pipeline folder {path!r} does not exist")
     where = str(runs.user_path(path) / "model_index.json")
-    index = read_json(where)
+    index = read_json_dict(where)
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise ValueError(f"{where}: _class_name={name!r}; vdit loads {list(PIPELINES)}")
@@ -104,7 +99,7 @@ def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dic
         raise ValueError(f"{path}: transformer out_channels={dit.out_channels} differs from the "
                          f"VAE's z_dim={vae.z_dim}")
     mean, std = latent_stats(vae)
-    sampler = make_sampler(read_json(sub("scheduler/scheduler_config.json")))
+    sampler = make_sampler(read_json_dict(sub("scheduler/scheduler_config.json")))
     parts = dict(dit=dit, dit_params=jax.device_put(dit_params), vae=vae,
                  vae_params=jax.device_put(vae_params), sampler=sampler,
                  latents_mean=mean, latents_std=std, mask_text=False, defaults=dict(WAN_DEFAULTS),

@@ -43,7 +43,7 @@ from vdit import runs
 from vdit.config import recipe_module
 from vdit.convert import diffusers_folder as folder_lib
 from vdit.convert import wan
-from vdit.convert.safetensors_io import read_config
+from vdit.convert.safetensors_io import read_config, read_json_dict
 from vdit.convert.wan_dit import model_config_from_diffusers
 from vdit.data.encode import load_stats
 from vdit.models.dit import build_dit
@@ -88,7 +88,7 @@ def from_diffusers(src: str, out: str) -> dict:
     vae, vae_params = wan.load_vae(sub("vae"))
     mean, std = folder_lib.latent_stats(vae)
     vae_cfg = _vae_section(read_config(sub("vae")), mean, std)
-    scheduler = folder_lib.read_json(sub("scheduler/scheduler_config.json"))
+    scheduler = read_json_dict(sub("scheduler/scheduler_config.json"))
     image = _read_image_encoder(src, index) if dit.has_image_branch else None
     weights = {"dit": dit_params, "text": text_params}
     if index.get("boundary_ratio") is not None:

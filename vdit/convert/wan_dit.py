@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from vdit.convert.safetensors_io import (
+    check_class,
     check_names_and_shapes,
     read_config,
     read_tensors,
@@ -229,7 +230,9 @@ def _flat_paths(tree, prefix: str = "") -> list[str]:
 
 def load_transformer(path: str, **vdit_knobs) -> tuple[WanDiT, dict]:
     """A diffusers WanTransformer3DModel folder -> (WanDiT, params as numpy float32)."""
-    model = build_dit(model_config_from_diffusers(read_config(path), **vdit_knobs))
+    config = read_config(path)
+    check_class(config, DIFFUSERS_CLASS, path)
+    model = build_dit(model_config_from_diffusers(config, **vdit_knobs))
     return model, params_from_diffusers(model, read_tensors(path), path)
 
 

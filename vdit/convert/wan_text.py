@@ -9,6 +9,7 @@ out (q/k/v [D, H, d_kv], o [H, d_kv, D]); the per-block tensors are stacked alon
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import numpy as np
 
 from vdit.convert.safetensors_io import (
@@ -74,11 +75,9 @@ def params_from_torch(module: UMT5Encoder, tensors: dict[str, np.ndarray], where
         "ffn_norm": {"scale": stack(lambda p: tensors[p + "1.layer_norm.weight"])},
         "ffn": ffn,
     }
-    return {
-        "embedding": np.asarray(tensors["shared.weight"], np.float32),
-        "layers": layers,
-        "final_norm": {"scale": tensors["encoder.final_layer_norm.weight"]},
-    }
+    params = {"embedding": tensors["shared.weight"], "layers": layers,
+              "final_norm": {"scale": tensors["encoder.final_layer_norm.weight"]}}
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), params)  # as the DiT's and VAE's
 
 
 def params_to_torch(module: UMT5Encoder, params) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdit.convert.safetensors_io import (
+    check_class,
     check_names_and_shapes,
     read_config,
     read_tensors,
@@ -103,7 +104,9 @@ def params_to_torch(vae: WanVAE, params) -> dict[str, np.ndarray]:
 def load_vae(path: str, **overrides) -> tuple[WanVAE, dict]:
     """A diffusers AutoencoderKLWan folder -> (WanVAE, float32 params). `overrides` set vdit knobs
     (e.g. dtype="bfloat16", use_tiling=True) or replace config values."""
-    vae = vae_from_config(read_config(path), **overrides)
+    config = read_config(path)
+    check_class(config, "AutoencoderKLWan", path)
+    vae = vae_from_config(config, **overrides)
     return vae, params_from_torch(vae, read_tensors(path), path)
 
 

@@ -26,7 +26,9 @@ def prompt_clean(text: str) -> str:
     except ImportError:
         pass
     text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip()
+    # Wan's \s is the `regex` package's (Unicode White_Space), which leaves the separators
+    # \x1c-\x1f alone where the standard library's \s matches them.
+    return re.sub(r"[^\S\x1c-\x1f]+", " ", text).strip()
 
 
 def _check_max_length(max_length) -> int:
