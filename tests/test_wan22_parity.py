@@ -65,6 +65,12 @@ def test_two_expert_sampling_matches_diffusers(i2v, tmp_path):
     if not i2v:  # the low-noise expert's own guidance matters: another value moves the result
         other = gen.text_to_video(ctx, neg, noise, steps=STEPS, guidance=5.0, output="latent")
         assert rel_err(other, ref) > 1e-3
+        # guidance <= 1 turns guidance off for both experts, guidance_2 too (diffusers' rule)
+        with pytest.warns(UserWarning, match="guidance_2=3.0 is ignored"):
+            ours = gen.text_to_video(ctx, neg, noise, steps=STEPS, guidance=1.0, guidance_2=3.0,
+                                     output="latent")
+        ref = _reference(pipe, ctx, neg, noise, 32, guidance_scale=1.0, guidance_scale_2=3.0)
+        assert rel_err(ours, ref) < 1e-3
 
 
 def test_ti2v_image_to_video_matches_diffusers(tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -178,6 +179,8 @@ class Generator:
         image_context [B, N, D_img]: CLIP tokens for models with an image branch.
         pin = (known [B, T', H', W', C], mask [B, T', 1, 1, 1]): latent frames kept fixed.
         guidance_2: the low-noise expert's guidance (two-expert models; default `guidance`).
+        As in diffusers' Wan pipelines, guidance <= 1 turns classifier-free guidance off for
+        every expert (guidance_2 included; a warning says so when that changes a value).
         first_frame [B, 1, H', W', C]: a clean normalised latent the model sees in frame 0 at
         timestep 0 (Wan2.2 TI2V image-to-video); the result's frame 0 is set to it.
         """
@@ -185,6 +188,12 @@ class Generator:
             raise ValueError(f"output={output!r}; expected 'latent' or 'video'")
         steps = int(self.defaults["steps"] if steps is None else steps)
         guidance = float(self.defaults["guidance"] if guidance is None else guidance)
+        if guidance <= 1.0:
+            if guidance < 1.0 or guidance_2 not in (None, 1.0):
+                warnings.warn(f"guidance={guidance:g} <= 1 turns classifier-free guidance off "
+                              f"(as diffusers' Wan pipelines do); guidance_2={guidance_2} is "
+                              "ignored", stacklevel=2)
+            guidance, guidance_2 = 1.0, None
         x = self._check_noise(noise)
         b = x.shape[0]
         for name, ctx in (("context", context), ("negative_context", negative_context)):
