@@ -199,3 +199,15 @@ def test_weight_files_are_read_as_diffusers_reads_them(tmp_path):
         json.dump(config | {"_class_name": "AutoencoderKLWan"}, f)
     with pytest.raises(ValueError, match="_class_name='AutoencoderKLWan'; expected 'WanTrans"):
         wan_dit.load_transformer(folder)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_layers", "2", r"num_layers='2': expected an int >= 1"),
+    ("ffn_dim", None, r"ffn_dim=None: expected an int >= 1"),
+    ("eps", -1.0, r"eps=-1.0: expected a number > 0"),
+    ("patch_size", [1, 2], r"patch_size=\(1, 2\)"),
+])
+def test_config_values_of_the_wrong_type_are_named(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        build_dit(wan_dit.model_config_from_diffusers(
+            {**CONFIGS["a"], "patch_size": list(CONFIGS["a"]["patch_size"]), key: value}))

@@ -104,6 +104,9 @@ def test_load_tokenizer_finds_files_and_names_missing_ones(files, tmp_path):
         load_tokenizer(missing, 16)
     with pytest.raises(FileNotFoundError, match="tokenizer file .*nope.json"):
         JsonTokenizer(str(tmp_path / "nope.json"), 16)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer file .*broken.json' cannot be read"):
+        JsonTokenizer(str(tmp_path / "broken.json"), 16)
     with pytest.raises(ValueError, match="max_length=0"):
         ByteTokenizer(0)
     with pytest.raises(ValueError, match="no pad token '<blank>'"):

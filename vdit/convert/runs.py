@@ -49,6 +49,7 @@ from vdit.data.encode import load_stats
 from vdit.models.dit import build_dit
 from vdit.models.image import CONFIG_FIELDS as CLIP_FIELDS
 from vdit.models.text import CONFIG_FIELDS, text_encoder_from_config
+from vdit.models.tokenizers import load_tokenizer
 from vdit.models.vae_config import vae_from_config
 from vdit.runs import checkpoint, latents_dir
 from vdit.train.init_from import run_weights
@@ -83,6 +84,7 @@ def from_diffusers(src: str, out: str) -> dict:
             raise FileNotFoundError(f"{src}: no {name}/ folder; a vdit run needs the pipeline's "
                                     "UMT5 text encoder and its tokenizer")
     sub = lambda name: str(runs.user_path(src) / name)
+    load_tokenizer(sub("tokenizer"), folder_lib.MAX_TEXT_TOKENS)  # fails here, not at sampling
     dit, dit_params = wan.load_transformer(sub("transformer"))
     text_model, text_params = wan.load_text_encoder(sub("text_encoder"))
     vae, vae_params = wan.load_vae(sub("vae"))

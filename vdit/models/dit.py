@@ -247,7 +247,33 @@ class ImageEmbedder(nn.Module):
         return LayerNorm(self.eps, name="norm2")(h.astype(jnp.float32))
 
 
+_COUNTS = ("num_attention_heads", "attention_head_dim", "in_channels", "text_dim", "freq_dim",
+           "ffn_dim", "num_layers", "rope_max_seq_len")
+_OPTIONAL_COUNTS = ("out_channels", "image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
+def _check_types(m: WanDiT) -> None:
+    """Config values of the wrong type (e.g. "2" in a hand-edited config.json) named by key."""
+    for name in _COUNTS + _OPTIONAL_COUNTS:
+        value = getattr(m, name)
+        if not (_is_count(value) or (value is None and name in _OPTIONAL_COUNTS)):
+            raise ValueError(f"model config {name}={value!r}: expected an int >= 1"
+                             + (" or null" if name in _OPTIONAL_COUNTS else ""))
+    if not isinstance(m.eps, (float, int)) or isinstance(m.eps, bool) or not m.eps > 0:
+        raise ValueError(f"model config eps={m.eps!r}: expected a number > 0")
+    if not isinstance(m.cross_attn_norm, (bool, np.bool_)):
+        raise ValueError(f"model config cross_attn_norm={m.cross_attn_norm!r}: expected true/false")
+    if len(m.patch_size) != 3 or not all(_is_count(p) for p in m.patch_size):
+        raise ValueError(f"model config patch_size={m.patch_size!r}: expected (pt, ph, pw), "
+                         "ints >= 1")
+
+
 def _check_supported(m: WanDiT) -> None:
+    _check_types(m)
     if (m.image_dim is None) != (m.added_kv_proj_dim is None):
         raise NotImplementedError(
             f"image-conditioned Wan transformers need both image_dim and added_kv_proj_dim (as "
@@ -263,8 +289,6 @@ def _check_supported(m: WanDiT) -> None:
     if m.qk_norm != "rms_norm_across_heads":
         raise NotImplementedError(f"qk_norm={m.qk_norm!r}: only 'rms_norm_across_heads' (Wan2.1) "
                                   "is implemented")
-    if len(m.patch_size) != 3:
-        raise ValueError(f"patch_size must be (pt, ph, pw), got {m.patch_size}")
 
 
 def _concrete(x) -> np.ndarray | None:

@@ -140,7 +140,13 @@ class WordTokenizer:
 
 
 class SentencePieceTokenizer:
-    """A `spiece.model` (T5/UMT5's format) read with the `sentencepiece` package."""
+    """A `spiece.model` (T5/UMT5's format) read with the `sentencepiece` package.
+
+    Plain text tokenizes as transformers' T5 tokenizer does; two differences remain, which is why
+    a folder's tokenizer.json is preferred: the literal text of a special token ("</s>", "<pad>")
+    is split into pieces rather than read as that token, and a byte-fallback model's unknown
+    characters become byte pieces where transformers gives <unk>.
+    """
 
     def __init__(self, path: str, max_length: int, add_eos: bool = True):
         import sentencepiece as spm  # only for a sentencepiece model file (UMT5's)
@@ -181,7 +187,11 @@ class JsonTokenizer:
         if not epath.Path(path).is_file():
             raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
         self.path, self.max_length = path, _check_max_length(max_length)
-        tok = Tokenizer.from_str(epath.Path(path).read_text())
+        try:
+            tok = Tokenizer.from_str(epath.Path(path).read_text())
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise ValueError(f"tokenizer file {path!r} cannot be read ({type(e).__name__}: {e}); "
+                             "is it a Hugging Face tokenizer.json?") from e
         self.pad_id = tok.token_to_id(pad_token)
         if self.pad_id is None:
             raise ValueError(f"tokenizer {path!r} has no pad token {pad_token!r}")
