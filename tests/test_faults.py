@@ -205,3 +205,12 @@ def test_truncated_safetensors_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"cannot read weights file .*model\.safetensors.*truncated"):
         read_tensors(str(tmp_path))
+
+
+def test_unreadable_checkpoint_messages_are_one_readable_line():
+    from vdit.runs.checkpoint_fallback import one_line
+
+    error = Exception("Encountered error while reading array index: (slice(0, 6, 1),). See full "
+                      "TensorStore details: <bound method pybind11_detail_function_record_v1_\nx")
+    assert one_line(error) == ("Exception: Encountered error while reading array index: "
+                               "(slice(0, 6, 1),).")

@@ -34,6 +34,8 @@ def one_line(error: BaseException, limit: int = 200) -> str:
     """`Type: first line of the message`, at most `limit` characters."""
     text = str(error).strip().splitlines()
     first = text[0] if text else ""
+    # TensorStore appends "See full TensorStore details: <bound method ...>": no use to a reader
+    first = first.split(" See full TensorStore details")[0]
     return f"{type(error).__name__}: {first[:limit]}"
 
 
