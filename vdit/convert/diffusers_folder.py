@@ -34,8 +34,6 @@ WAN_DEFAULTS = {"steps": 50, "guidance": 5.0, "frames": 81, "height": 480, "widt
 MAX_TEXT_TOKENS = 512  # Wan's max_sequence_length: prompts are padded to 512 tokens
 
 
-
-
 def is_pipeline_folder(path: str) -> bool:
     return (runs.user_path(path) / "model_index.json").is_file()
 

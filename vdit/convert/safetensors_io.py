@@ -115,11 +115,13 @@ def _load(path) -> dict[str, np.ndarray]:
                          ) from e
 
 
+def _is_float(dtype) -> bool:
+    # bfloat16 is an ml_dtypes type, whose numpy kind is "V" rather than "f"
+    return np.dtype(dtype).kind == "f" or str(dtype) == "bfloat16"
+
+
 def _to_float32(x: np.ndarray) -> np.ndarray:
-    # bf16 arrives as a numpy dtype only with ml_dtypes ("V" kind otherwise is not possible here)
-    if x.dtype.kind == "f" or str(x.dtype) == "bfloat16":
-        return x.astype(np.float32, copy=False)
-    return x
+    return x.astype(np.float32, copy=False) if _is_float(x.dtype) else x
 
 
 def write_folder(folder: str, config: Mapping, tensors: Mapping[str, np.ndarray],
@@ -138,8 +140,7 @@ def check_names_and_shapes(got: Mapping[str, np.ndarray], want: Mapping[str, tup
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))
     not_float = sorted(f"{k}: {got[k].dtype}" for k in set(got) & set(want)
-                       if np.asarray(got[k]).dtype.kind != "f"
-                       and str(np.asarray(got[k]).dtype) != "bfloat16")
+                       if not _is_float(got[k].dtype))
     bad = sorted(
         f"{k}: got {tuple(got[k].shape)}, expected {tuple(want[k])}"
         for k in set(got) & set(want)

@@ -263,7 +263,7 @@ def _check_types(m: WanDiT) -> None:
         if not (_is_count(value) or (value is None and name in _OPTIONAL_COUNTS)):
             raise ValueError(f"model config {name}={value!r}: expected an int >= 1"
                              + (" or null" if name in _OPTIONAL_COUNTS else ""))
-    if not isinstance(m.eps, (float, int)) or isinstance(m.eps, bool) or not m.eps > 0:
+    if not isinstance(m.eps, (float, int, np.floating)) or isinstance(m.eps, bool) or not m.eps > 0:
         raise ValueError(f"model config eps={m.eps!r}: expected a number > 0")
     if not isinstance(m.cross_attn_norm, (bool, np.bool_)):
         raise ValueError(f"model config cross_attn_norm={m.cross_attn_norm!r}: expected true/false")
