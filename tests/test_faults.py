@@ -20,7 +20,7 @@ from train_testing import VIDEOS, train_tiny, write_shards
 from vdit import cli
 from vdit.models.tokenizers import WordTokenizer
 from vdit.runs import checkpoint
-from vdit.runs.checkpoint_fallback import ASIDE, CheckpointSaveError
+from vdit.runs.checkpoint_fallback import ASIDE, CheckpointSaveError, DataPositionError
 from vdit.sample_cli import warn_unknown_words
 from vdit.train.lock import FolderLock, LockedError
 from vdit.train.metrics import read_metrics
@@ -109,6 +109,25 @@ def test_corrupt_newest_checkpoint_falls_back(run, tmp_path, capfd, how):
         reference = [r for r in read_metrics(run["workdir"]) if r["step"] == 3][0]
         np.testing.assert_allclose(history[0]["loss"], reference["loss"], rtol=1e-6)
     assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3][: 3 if full else 2]
+
+
+def test_a_data_position_the_pipeline_cannot_take_moves_nothing(run, tmp_path):
+    """A sound checkpoint whose saved data position does not fit the run's pipeline (what another
+    data.num_workers gives) is an error naming the setting; no step is moved aside."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run["workdir"], workdir)
+    data = os.path.join(workdir, "checkpoints", "4", checkpoint.DATA)
+    for name in os.listdir(data):
+        if name.startswith("process_"):
+            with open(os.path.join(data, name), "w") as f:
+                json.dump({"not": "a position of this pipeline"}, f)
+    with pytest.raises(DataPositionError, match=r"step 4 .* data.num_workers"):
+        train_tiny("shapes_dit", workdir, run["latents"], 0)
+    assert not os.path.exists(os.path.join(workdir, ASIDE))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    with pytest.raises(ValueError, match=r"'data.num_workers' = 2, but the checkpoint saved the "
+                                         r"data position of 0 workers"):
+        train_tiny("shapes_dit", workdir, run["latents"], 0, "--config.data.num_workers=2")
 
 
 def test_failed_save_stops_the_run_at_once(run, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ saves), keep, keep_every (0 = off), async_save, replica_slice_min_bytes (below).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grain
@@ -18,7 +19,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from vdit import runs
-from vdit.runs.checkpoint_fallback import newest_readable
+from vdit.runs.checkpoint_fallback import DataPositionError, newest_readable, one_line
 
 STATE, DATA, CONFIG = "state", "data", "config"
 
@@ -82,21 +83,47 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator=N
             step: int | None = None) -> tuple[int, Any, dict]:
     """Restores the newest readable (or given) step into the shapes/shardings of `abstract_state`.
 
-    The iterator, when given, is restored in place. Unreadable newer steps are reported and moved
-    aside (checkpoint_fallback.py). Returns (step, state, saved config dict).
+    The iterator, when given, is restored in place, after the state. Steps whose state, config or
+    data position do not read are reported and moved aside (checkpoint_fallback.py). A position
+    that reads but does not fit this run's pipeline (e.g. another data.num_workers) is a
+    `DataPositionError` that moves nothing: the checkpoint is sound. Returns (step, state,
+    saved config dict).
     """
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     items = {STATE: ocp.args.PyTreeRestore(target, restore_args=restore_args),
              CONFIG: ocp.args.JsonRestore()}
-    if data_iterator is not None:
-        items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-    read = lambda s: manager.restore(s, args=ocp.args.Composite(**items))
+
+    def read(s):
+        restored = manager.restore(s, args=ocp.args.Composite(**items))
+        if data_iterator is not None:
+            try:
+                manager.restore(s, args=ocp.args.Composite(
+                    **{DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+            except Exception as e:  # noqa: BLE001 - grain raises KeyError/IndexError/ValueError
+                if not _positions_parse(runs.user_path(str(manager.directory)) / str(s) / DATA):
+                    raise  # missing or damaged: the step is unreadable
+                raise DataPositionError(
+                    f"checkpoint step {s} in {manager.directory} holds a data position this run's "
+                    f"pipeline cannot take ({one_line(e)}); was data.num_workers or another "
+                    "data.* setting changed? Resume with the run's data settings, or start a "
+                    f"new --workdir with train.init_from={manager.directory}/{s}") from e
+        return restored
+
     if step is None:
         step, restored = newest_readable(manager, read, move_aside=True)
     else:
         restored = read(step)
     return step, restored[STATE], restored[CONFIG]
+
+
+def _positions_parse(folder) -> bool:
+    """Whether a step's saved data positions (one JSON file per process) exist and parse."""
+    files = list(folder.glob("process_*-of-*.json")) if folder.is_dir() else []
+    try:
+        return bool(files) and all(isinstance(json.loads(f.read_text()), dict) for f in files)
+    except ValueError:
+        return False
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int | None = None) -> dict:

@@ -26,6 +26,10 @@ class CheckpointSaveError(RuntimeError):
     """An (asynchronous) checkpoint save failed; the run stops."""
 
 
+class DataPositionError(ValueError):
+    """A checkpoint reads, but its saved data position does not fit the run's data pipeline."""
+
+
 class NoReadableCheckpointError(FileNotFoundError):
     """Every checkpoint step of a run failed to read."""
 
@@ -63,6 +67,8 @@ def newest_readable(manager: ocp.CheckpointManager, read: Callable[[int], Any],
             if step not in listed:
                 raise FileNotFoundError(f"step folder {step} is not a complete checkpoint")
             result = read(step)
+        except DataPositionError:
+            raise  # the step reads; the run's settings do not fit it (nothing to fall back from)
         except Exception as e:  # noqa: BLE001 - any unreadable step falls back to an older one
             failures.append(f"step {step} ({one_line(e)})")
             nxt = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step"

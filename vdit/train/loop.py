@@ -81,7 +81,14 @@ def step_setup(config, dit, text_model) -> StepSetup:
 
 
 def check_resume_compatible(saved: dict, config, sections=SHAPE_SECTIONS) -> None:
-    """Refuses to resume when a key that fixes parameter shapes differs from the checkpoint's."""
+    """Refuses to resume when a key that fixes parameter shapes, or the saved data position's
+    layout (`data.num_workers`: one position per worker), differs from the checkpoint's."""
+    workers = (saved.get("data", {}).get("num_workers"), config.get("data", {}).get("num_workers"))
+    if "data" in saved and "data" in config and _normal(workers[0]) != _normal(workers[1]):
+        raise ValueError(f"cannot resume: config key 'data.num_workers' = {workers[1]!r}, but the "
+                         f"checkpoint saved the data position of {workers[0]!r} workers, which "
+                         "another count cannot continue; resume with data.num_workers="
+                         f"{workers[0]!r} or start a new --workdir with train.init_from")
     changed = []
     for section in sections:
         now = config[section].to_dict() if section in config else {}
