@@ -89,7 +89,37 @@ def test_corrupt_record_is_skipped_and_counted(tmp_path):
         row = next(it)
         seg = row["segment_ids"][0]
         seen |= {int(row["tokens"][0][seg == k][0, 0]) for k in np.unique(seg[seg > 0])}
-    assert src.skipped >= 1 and 2 not in seen and seen == {0, 1, 3, 4, 5}
+    assert src.skipped == 1 and 2 not in seen and seen == {0, 1, 3, 4, 5}  # read again, once
+
+
+def test_records_the_model_cannot_take_are_skipped_and_counted(tmp_path):
+    """Wrong channels, a grid the patch does not divide, no frames, no text, or text of the wrong
+    rank: each record is skipped and counted by its source, the rest pack as usual."""
+    bad = {
+        1: lambda ex: dict(ex, latents=np.zeros((1, 4, 4, 6), np.float32)),
+        2: lambda ex: dict(ex, latents=np.zeros((1, 5, 4, 4), np.float32)),
+        3: lambda ex: dict(ex, latents=np.zeros((0, 4, 4, 4), np.float32)),
+        4: lambda ex: dict(ex, text=np.zeros((0,), np.int32)),
+        5: lambda ex: dict(ex, text=np.ones((3, 5), np.int32)),
+    }
+    records = [bad.get(i, lambda ex: ex)(_example(i)) for i in range(8)]
+    sources.write_shard(str(tmp_path / "latents-00000-of-00001.array_record"), records)
+    check = pipeline.record_check(PATCH, 4, None)
+    src = sources.SkippingSource(sources.LatentShardSource(str(tmp_path)), check)
+    assert [src[i] is None for i in range(8)] == [i in bad for i in range(8)]
+    assert src.skipped == len(bad)
+    it = iter(pipeline.packed_dataset(src, _cfg(rows_per_batch=1, pack_bins=1), PATCH,
+                                      np.array([1], np.int32), 0, 1))
+    seen = set()
+    for _ in range(6):
+        row = next(it)
+        seg = row["segment_ids"][0]
+        seen |= {int(row["tokens"][0][seg == k][0, 0]) for k in np.unique(seg[seg > 0])}
+    assert seen == {0, 6, 7}
+    embeddings = pipeline.record_check(PATCH, 4, 8)
+    embeddings(dict(_example(0), text=np.ones((3, 8), np.float32)))
+    with pytest.raises(ValueError, match=r"text of shape \(3, 5\) .*embeddings \[L, 8\]"):
+        embeddings(dict(_example(0), text=np.ones((3, 5), np.float32)))
 
 
 def test_oversized_example_is_a_config_error(shard_dir):

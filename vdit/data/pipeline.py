@@ -54,6 +54,29 @@ def clip_tokens(record: dict, patch_size, text_per_row: int, condition: bool = F
     return out
 
 
+def record_check(patch_size, channels: int, text_dim: int | None):
+    """A check of one decoded record against the model, for `sources.SkippingSource`: latents
+    `[T', H', W', channels]` with T', H', W' positive multiples of the patch, and at least one
+    text token, ids `[L]` (text_dim None) or embeddings `[L, text_dim]`. A record that fails is
+    skipped and counted rather than stopping the pipeline or being packed wrong (an empty text
+    would leave its segment's cross-attention no key of its own)."""
+    def check(record: dict) -> None:
+        shape = np.shape(record["latents"])
+        if shape[-1] != channels:
+            raise ValueError(f"latents of shape {shape}: the model takes {channels} channels")
+        if any(n < 1 or n % p for n, p in zip(shape[:3], patch_size)):
+            raise ValueError(f"latents of shape {shape}: T', H', W' must be positive multiples "
+                             f"of the patch {tuple(patch_size)}")
+        text = np.asarray(record["text"])
+        ids = text_dim is None
+        want = "token ids [L]" if ids else f"embeddings [L, {text_dim}]"
+        if (text.ndim != (1 if ids else 2) or len(text) < 1 or (not ids and text.shape[1] != text_dim)
+                or text.dtype.kind not in ("iu" if ids else "f")):
+            raise ValueError(f"text of shape {text.shape} ({text.dtype}): expected {want}, at "
+                             "least one token")
+    return check
+
+
 def check_budget(num_tokens: int, tokens_per_row: int, where: str) -> None:
     """An example that cannot fit a row is an error naming its shape, never a silent drop."""
     if num_tokens > tokens_per_row:

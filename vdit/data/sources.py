@@ -148,22 +148,34 @@ class LatentShardSource(ArrayRecordSource):
 
 
 class SkippingSource(grain.sources.RandomAccessDataSource):
-    """Returns None (and counts it) where the wrapped source fails to produce a record."""
+    """Returns None (and counts it) where the wrapped source fails to produce a record, or where
+    `check(record)` raises (a record the model cannot take, e.g. `pipeline.record_check`).
 
-    def __init__(self, source):
-        self._source = source
-        self.skipped = 0
+    `skipped` counts distinct bad records (each epoch and read-ahead reads them again), as read
+    in this process: with `data.num_workers` > 0 the workers read, and each logs its skips."""
+
+    def __init__(self, source, check=None):
+        self._source, self._check = source, check
+        self._bad: set[int] = set()
+
+    @property
+    def skipped(self) -> int:
+        return len(self._bad)
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, index: int):
         try:
-            return self._source[index]
+            record = self._source[index]
+            if self._check is not None:
+                self._check(record)
+            return record
         except Exception as e:  # noqa: BLE001 - any unreadable record is skipped, never fatal
-            self.skipped += 1
-            log.warning("data: skipping record %d of %r (%s: %s); skipped so far: %d",
-                        index, self._source, type(e).__name__, e, self.skipped)
+            if index not in self._bad:
+                self._bad.add(index)
+                log.warning("data: skipping record %d of %r (%s: %s); skipped so far: %d",
+                            index, self._source, type(e).__name__, e, self.skipped)
             return None
 
     @property

@@ -196,7 +196,9 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
     shards = runs.latents_dir(config, workdir)
     if config.data.text_format == "ids" and runs.stats_path(shards).is_file():
         encode.check_tokenizer(encode.load_stats(shards), tokenizer, shards, "train on")
-    source = sources.SkippingSource(sources.LatentShardSource(shards))
+    text_dim = None if config.data.text_format == "ids" else dit.text_dim
+    source = sources.SkippingSource(sources.LatentShardSource(shards), pipeline.record_check(
+        dit.patch_size, dit.out_channels or dit.in_channels, text_dim))
     preflight.check_has_clips(source, shards)
     preflight.check_record_keys(source.wrapped, conditioning.record_keys(config, dit))
     data_it = iter(pipeline.packed_dataset(
