@@ -6,6 +6,7 @@ a step that does not fit `--hbm-gb` are errors that say what and by how much."""
 
 import json
 import os
+import re
 import textwrap
 
 import pytest
@@ -92,6 +93,22 @@ def test_cli_dry_run_prints_one_json_line_and_checks_hbm(tmp_path, capsys):
     assert f"{over:.2f} GiB more than --hbm-gb" in captured.err
     assert cli.main(args + ["--hbm-gb", str(4 * hbm)]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is True
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config.mesh.data=2", "--config.mesh.tensor=4"],  # the DiT's 6 heads over 4
+     r"\['dit'\]\['blocks'\].* has 6 along 'heads' \(model.num_attention_heads\), split 4 ways "
+     r"by config.mesh.tensor=4"),
+    (["--config.mesh.data=1", "--config.mesh.tensor=8", "--config.model.num_attention_heads=8",
+      "--config.text.num_heads=2"],  # a DiT that fits, a text encoder that does not
+     r"\['text'\].* has 2 along 'heads' \(text.num_heads\), split 8 ways by config.mesh.tensor=8"),
+    (["--config.data.rows_per_batch=3"], r"'data.rows_per_batch' = 3 does not divide"),
+])
+def test_meshes_that_do_not_divide_the_model_are_named(tmp_path, capsys, flags, message):
+    args = ["train", "--config", os.path.join(CONFIGS, "shapes_dit.py"), "--workdir",
+            str(tmp_path / "run"), "--dry-run", *flags]
+    assert cli.main(args) == 1
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_missing_section_names_it_and_the_command(tmp_path, capsys):

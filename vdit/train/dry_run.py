@@ -26,6 +26,7 @@ import time
 import jax
 
 from vdit.models.dit import build_dit
+from vdit.train import preflight
 from vdit.train.config_checks import check_train_config
 from vdit.train.loop import compile_step, step_setup
 from vdit.train.run_params import build_text_model
@@ -47,6 +48,7 @@ def dry_run(config, overrides=(), hbm_gb: float | None = None, setup_fn=step_set
     dit = build_dit(config.model)
     config = check_train_config(config, dit)
     setup = setup_fn(config, dit, build_text_model(config))
+    preflight.check_batch_divides(int(config.data.rows_per_batch), setup.mesh)
     rng = jax.random.key(config.train.seed)
     state, shardings = abstract_state(jax.eval_shape(setup.trainable, rng), setup.tx, rng,
                                       setup.mesh, setup.rules)

@@ -7,6 +7,7 @@ created directly sharded (jit with out_shardings) and never materialises on one 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,9 +32,45 @@ class TrainState:
     bad_total: jax.Array       # int32: all non-finite steps so far
 
 
+# The config keys behind a logical axis's size, in the DiT and in the text encoder.
+_AXIS_KEYS = {
+    "model": {"heads": "model.num_attention_heads", "mlp": "model.ffn_dim",
+              "embed": "the width, model.num_attention_heads * model.attention_head_dim",
+              "text_embed": "model.text_dim", "kv": "model.attention_head_dim"},
+    "text": {"heads": "text.num_heads", "mlp": "text.d_ff", "embed": "text.d_model",
+             "vocab": "text.vocab_size", "kv": "text.d_kv"}}
+
+
+def check_divisible(boxed: Any, mesh: Mesh, rules) -> None:
+    """Every dimension of the boxed (abstract) tree that the rules shard divides over its mesh
+    axes; else a ValueError naming the parameter, the config key behind its size and the mesh
+    axis (jit's own error names neither)."""
+    boxes = lambda x: isinstance(x, nn.Partitioned)
+    problems = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=boxes):
+        if not boxes(leaf):
+            continue
+        spec = logical_to_mesh_spec(leaf.names, rules)
+        for size, name, axes in zip(leaf.value.shape, leaf.names, spec):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = math.prod(int(mesh.shape[a]) for a in axes)
+            where = jax.tree_util.keystr(path)
+            part = "text" if "['text']" in where else "model"
+            if size % ways and (part, name, size, axes) not in problems:
+                mesh_keys = " x ".join(f"config.mesh.{a}={mesh.shape[a]}" for a in axes)
+                key = _AXIS_KEYS[part].get(name, f"the {part} config")
+                problems[(part, name, size, axes)] = (
+                    f"{where} has {size} along {name!r} ({key}), split {ways} ways by {mesh_keys}")
+    if problems:
+        raise ValueError("the mesh does not divide the model: " + "; ".join(problems.values())
+                         + ". Choose sizes that divide, or mesh axes that divide them")
+
+
 def shardings_of(boxed_fn: Callable[[jax.Array], Any], mesh: Mesh, rules):
     """NamedShardings of the (boxed) tree `boxed_fn(rng)` returns, via its logical axis names."""
-    return _named(nn.get_partition_spec(jax.eval_shape(boxed_fn, jax.random.key(0))), mesh, rules)
+    boxed = jax.eval_shape(boxed_fn, jax.random.key(0))
+    check_divisible(boxed, mesh, rules)
+    return _named(nn.get_partition_spec(boxed), mesh, rules)
 
 
 def _named(specs, mesh: Mesh, rules):
@@ -75,6 +112,7 @@ def abstract_sharded(boxed_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh:
 def abstract_like(boxed: Any, mesh: Mesh, rules):
     """`abstract_sharded` of an already abstract boxed tree (`jax.eval_shape` of a boxed init):
     one trace of the init serves both the shapes and the logical names."""
+    check_divisible(boxed, mesh, rules)
     shardings = _named(nn.get_partition_spec(boxed), mesh, rules)
     boxes = lambda x: isinstance(x, nn.Partitioned)
     shapes = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if boxes(x) else x, boxed,
