@@ -154,8 +154,11 @@ def test_bad_config_json_is_named(saved, tmp_path, edit, message):
 
 
 def test_missing_folder_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="model folder '.*nowhere' does not exist"):
         load_vae(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_vae(str(tmp_path / "empty"))
 
 
 def test_params_with_wrong_shape_cannot_be_saved(saved, tmp_path):
