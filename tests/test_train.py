@@ -164,3 +164,13 @@ def test_refuses_shards_of_another_tokenizer(workdir):
     with pytest.raises(ValueError, match=r"cannot train on .*byte:v258.*config\.text gives .*word:"):
         loop.train(_config(workdir, "--config.text.kind=word"), workdir)
     encode.check_tokenizer(stats, ByteTokenizer(64), workdir, "train on")  # length only: fine
+
+
+def test_refuses_shards_encoded_for_another_model(workdir):
+    """Latents of other channels are a start-up error naming the shard, not a pipeline that skips
+    every record (the records are bad for this model, not corrupt)."""
+    with pytest.raises(ValueError, match=r"latent shard .* does not fit the model: its first "
+                                         r"record has latents of shape \(1, 4, 4, 8\): the model "
+                                         r"takes 4 channels"):
+        loop.train(_config(workdir, "--config.model.out_channels=4",
+                           "--config.model.in_channels=12"), workdir)

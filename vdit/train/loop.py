@@ -197,10 +197,11 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
     if config.data.text_format == "ids" and runs.stats_path(shards).is_file():
         encode.check_tokenizer(encode.load_stats(shards), tokenizer, shards, "train on")
     text_dim = None if config.data.text_format == "ids" else dit.text_dim
-    source = sources.SkippingSource(sources.LatentShardSource(shards), pipeline.record_check(
-        dit.patch_size, dit.out_channels or dit.in_channels, text_dim))
+    check = pipeline.record_check(dit.patch_size, dit.out_channels or dit.in_channels, text_dim)
+    source = sources.SkippingSource(sources.LatentShardSource(shards), check)
     preflight.check_has_clips(source, shards)
     preflight.check_record_keys(source.wrapped, conditioning.record_keys(config, dit))
+    preflight.check_first_records(source.wrapped, check)
     data_it = iter(pipeline.packed_dataset(
         source, config.data, dit.patch_size, null_caption(tokenizer),
         condition=conditioning.uses_condition(config, dit), micro=dit.micro_conditioning,

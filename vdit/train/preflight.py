@@ -36,6 +36,21 @@ def check_record_keys(source, keys: dict[str, str]) -> None:
                              f"{keys[missing[0]]} needs; its records have {sorted(record)}")
 
 
+def check_first_records(source, check) -> None:
+    """Each latent shard's first record passes `check` (`pipeline.record_check`): a shard
+    encoded for another model (latent channels, text format) fails here, named, instead of every
+    record being skipped one by one while the pipeline waits for one it can use."""
+    for path, record in source.first_records():
+        if record is None:
+            continue
+        try:
+            check(record)
+        except ValueError as e:
+            raise ValueError(f"latent shard {path!r} does not fit the model: its first record "
+                             f"has {e}; were the shards encoded for this config (model.in_channels"
+                             ", data.text_format, the VAE)?") from e
+
+
 def check_batch_divides(rows: int, mesh: Mesh) -> None:
     """data.rows_per_batch splits evenly over the mesh axes that shard rows (data x fsdp)."""
     shards = 1
