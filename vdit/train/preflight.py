@@ -37,18 +37,25 @@ def check_record_keys(source, keys: dict[str, str]) -> None:
 
 
 def check_first_records(source, check) -> None:
-    """Each latent shard's first record passes `check` (`pipeline.record_check`): a shard
-    encoded for another model (latent channels, text format) fails here, named, instead of every
-    record being skipped one by one while the pipeline waits for one it can use."""
+    """Some latent shard's first record passes `check` (`pipeline.record_check`). When none does,
+    the shards were encoded for another model (latent channels, text format): an error naming one,
+    instead of a pipeline that skips every record while it waits for one it can use. (A single
+    bad record is skipped and counted later, like a corrupt one.)"""
+    failures = []
     for path, record in source.first_records():
         if record is None:
             continue
         try:
             check(record)
+            return
         except ValueError as e:
-            raise ValueError(f"latent shard {path!r} does not fit the model: its first record "
-                             f"has {e}; were the shards encoded for this config (model.in_channels"
-                             ", data.text_format, the VAE)?") from e
+            failures.append((path, e))
+    if failures:
+        path, e = failures[0]
+        raise ValueError(f"latent shard {path!r} does not fit the model: its first record has {e} "
+                         f"(as do the first records of all {len(failures)} shards); were the "
+                         "shards encoded for this config (model.in_channels, data.text_format, "
+                         "the VAE)?") from e
 
 
 def check_batch_divides(rows: int, mesh: Mesh) -> None:
