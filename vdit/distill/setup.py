@@ -153,7 +153,7 @@ def distill_setup(config, dit, text_model, null_ids=None) -> loop.StepSetup:
     if null_ids is None:
         null_ids = loop.null_caption(text_encoder_from_config(config.text)[1])
     loss_fn = make_distill_loss(dit, text_model, config, null_ids)
-    text_dim = None if config.data.text_format == "ids" else dit.text_dim
+    text_dim = loop.shard_text_dim(config, dit)
     teacher_copy = not lora.enabled(config)  # under LoRA the frozen base DiT is the teacher
 
     def frozen(rng):

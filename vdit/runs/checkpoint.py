@@ -22,6 +22,7 @@ from vdit import runs
 from vdit.runs.checkpoint_fallback import DataPositionError, newest_readable, one_line
 
 STATE, DATA, CONFIG = "state", "data", "config"
+DATA_POSITIONS = "process_*-of-*.json"  # Grain's iterator position files, one per process
 
 
 def make_manager(workdir: str, cfg, with_data: bool = True) -> ocp.CheckpointManager:
@@ -119,7 +120,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator=N
 
 def _positions_parse(folder) -> bool:
     """Whether a step's saved data positions (one JSON file per process) exist and parse."""
-    files = list(folder.glob("process_*-of-*.json")) if folder.is_dir() else []
+    files = list(folder.glob(DATA_POSITIONS)) if folder.is_dir() else []
     try:
         return bool(files) and all(isinstance(json.loads(f.read_text()), dict) for f in files)
     except ValueError:

@@ -67,13 +67,18 @@ class StepSetup:
     frozen_from: dict = dataclasses.field(default_factory=dict)
 
 
+def shard_text_dim(config, dit) -> int | None:
+    """The width of the shards' text: None for token ids, the DiT's text_dim for embeddings."""
+    return None if config.data.text_format == "ids" else dit.text_dim
+
+
 def step_setup(config, dit, text_model) -> StepSetup:
     mesh = mesh_from_config(config.mesh)
     rules = logical_rules("dit", config.mesh.get("rules", None))
     boxed = lambda rng: init_params(dit, text_model, config, rng)
     tx = optim.make_optimizer(config.optim, config.train.steps)
     loss_fn = lora.wrap_loss(experts.make_loss(dit, text_model, config), config)
-    text_dim = None if config.data.text_format == "ids" else dit.text_dim
+    text_dim = shard_text_dim(config, dit)
     return StepSetup(mesh, rules, tx, lambda r: split_trainable(config, boxed(r))[0],
                      lambda r: split_trainable(config, boxed(r))[1],
                      make_train_step(loss_fn, tx, config.train.ema_decay),
@@ -108,7 +113,7 @@ def check_process_count(workdir: str, step: int, count: int) -> None:
     guessing would repeat or skip data silently."""
     folder = epath.Path(workdir) / "checkpoints" / str(step) / checkpoint.DATA
     saved = sorted({int(p.name.split("-of-")[1].split(".")[0])
-                    for p in folder.glob("process_*-of-*.json")})
+                    for p in folder.glob(checkpoint.DATA_POSITIONS)})
     if saved and saved != [count]:
         raise ValueError(
             f"cannot resume {workdir!r} on {count} process(es): its step {step} checkpoint holds "
@@ -196,8 +201,8 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
     shards = runs.latents_dir(config, workdir)
     if config.data.text_format == "ids" and runs.stats_path(shards).is_file():
         encode.check_tokenizer(encode.load_stats(shards), tokenizer, shards, "train on")
-    text_dim = None if config.data.text_format == "ids" else dit.text_dim
-    check = pipeline.record_check(dit.patch_size, dit.out_channels or dit.in_channels, text_dim)
+    check = pipeline.record_check(dit.patch_size, dit.out_channels or dit.in_channels,
+                                  shard_text_dim(config, dit))
     source = sources.SkippingSource(sources.LatentShardSource(shards), check)
     preflight.check_has_clips(source, shards)
     preflight.check_record_keys(source.wrapped, conditioning.record_keys(config, dit))
