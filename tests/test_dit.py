@@ -139,6 +139,9 @@ def test_bad_input_errors(model_and_params):
     with pytest.raises(ValueError, match=r"latents must be \[B, T', H', W', C=4\]"):
         model.apply({"params": params}, jnp.zeros((1, 1, 2, 2, 3)), jnp.zeros(1),
                     jnp.zeros((1, 3, 16)))
+    with pytest.raises(ValueError, match=r"context has shape \(3, 16\), expected \(1, 'L', 16\)"):
+        model.apply({"params": params}, jnp.zeros((1, 1, 2, 2, 4)), jnp.zeros(1),
+                    jnp.zeros((3, 16)))
     with pytest.raises(ValueError, match="W'=3 is not a positive multiple of the patch size 2"):
         model.apply({"params": params}, jnp.zeros((1, 1, 2, 3, 4)), jnp.zeros(1),
                     jnp.zeros((1, 3, 16)))

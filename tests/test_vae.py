@@ -156,24 +156,25 @@ def test_wan22_tiling_matches_diffusers(models):
     assert rel_err(decode(tiled, params, from_torch(dist.mean)), want) < TOL
 
 
-def _shape_of(vae, method, shape):
+def _shape_of(vae, method, shape, dtype=jnp.float32):
     params = jax.eval_shape(lambda v: vae.init(jax.random.key(0), v),
                             jax.ShapeDtypeStruct((1, 1, 8, 8, 3), jnp.float32))["params"]
     return jax.eval_shape(lambda p, x: vae.apply({"params": p}, x, method=method),
-                          flax.core.meta.unbox(params), jax.ShapeDtypeStruct(shape, jnp.float32))
+                          flax.core.meta.unbox(params), jax.ShapeDtypeStruct(shape, dtype))
 
 
-@pytest.mark.parametrize("method, shape, message", [
-    ("encode", (1, 6, 16, 16, 3), "1 \\+ 4k frames .* nearest valid: 5 or 9"),
-    ("encode", (1, 5, 12, 16, 3), "multiple of the VAE's spatial factor 8"),
-    ("encode", (1, 5, 16, 16, 4), "in_channels=3"),
-    ("encode", (5, 16, 16, 3), r"\[B, T, H, W, C\]"),
-    ("decode", (1, 2, 2, 2, 5), "z_dim=4"),
+@pytest.mark.parametrize("method, shape, message, dtype", [
+    ("encode", (1, 6, 16, 16, 3), "1 \\+ 4k frames .* nearest valid: 5 or 9", jnp.float32),
+    ("encode", (1, 5, 12, 16, 3), "multiple of the VAE's spatial factor 8", jnp.float32),
+    ("encode", (1, 5, 16, 16, 4), "in_channels=3", jnp.float32),
+    ("encode", (5, 16, 16, 3), r"\[B, T, H, W, C\]", jnp.float32),
+    ("encode", (1, 5, 16, 16, 3), r"float pixels in \[-1, 1\], got dtype uint8", jnp.uint8),
+    ("decode", (1, 2, 2, 2, 5), "z_dim=4", jnp.float32),
 ])
-def test_bad_inputs_are_named(method, shape, message):
+def test_bad_inputs_are_named(method, shape, message, dtype):
     vae = vae_from_config(CONFIGS["wan"])
     with pytest.raises(ValueError, match=message):
-        _shape_of(vae, method, shape)
+        _shape_of(vae, method, shape, dtype)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -302,14 +302,16 @@ def check_packed(m: WanDiT, tokens, positions, segment_ids, timesteps, context,
                  context_segment_ids, time_ids=None) -> None:
     """Shape checks always; value checks (RoPE range, text per segment) when inputs are concrete."""
     b, s = tokens.shape[:2]
+    length = context.shape[1] if context.ndim == 3 else "L"  # a wrong rank is named, not guessed
     want = {"tokens": (tokens, (b, s, m.token_in_dim)), "positions": (positions, (b, s, 3)),
             "segment_ids": (segment_ids, (b, s)),
-            "context": (context, (b, context.shape[1], m.text_dim)),
-            "context_segment_ids": (context_segment_ids, (b, context.shape[1]))}
+            "context": (context, (b, length, m.text_dim)),
+            "context_segment_ids": (context_segment_ids, (b, length))}
     for name, (arr, shape) in want.items():
         if tuple(arr.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {shape} (tokens of "
-                             f"pt*ph*pw*in_channels={m.token_in_dim}, text_dim={m.text_dim})")
+            raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {shape} (tokens "
+                             f"[B, S, pt*ph*pw*in_channels={m.token_in_dim}], context "
+                             f"[B, L, text_dim={m.text_dim}])")
     if timesteps.ndim != 2 or timesteps.shape[0] != b:
         raise ValueError(f"timesteps must be [B={b}, K] (one per segment), got {timesteps.shape}")
     pos, seg, ctx_seg = (_concrete(a) for a in (positions, segment_ids, context_segment_ids))

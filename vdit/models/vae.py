@@ -213,6 +213,9 @@ def _check_video(video, channels: int, factor: int, rule: str) -> None:
     if video.ndim != 5:
         raise ValueError(f"VAE encode expects video [B, T, H, W, C], got shape {video.shape}")
     _, t, h, w, c = video.shape
+    if not jnp.issubdtype(video.dtype, jnp.floating):
+        raise ValueError(f"VAE encode expects float pixels in [-1, 1], got dtype {video.dtype} "
+                         "(uint8 frames: x / 127.5 - 1)")
     if c != channels:
         raise ValueError(f"VAE encode: video has {c} channels (last axis of shape {video.shape}), "
                          f"the VAE expects {channels} ({rule})")
