@@ -194,3 +194,14 @@ def test_encode_prompts_rejects_mismatched_tokenizer():
         text.encode_prompts(module, {}, negative, ["a red circle"])
     with pytest.raises(ValueError, match="non-empty list of strings"):
         text.encode_prompts(module, {}, tokenizer, [])
+
+
+def test_apply_rejects_ids_outside_the_vocab():
+    """A direct apply (the public contract) checks concrete ids too; jax.numpy's lookup would give
+    NaN rows for ids past the table, not an error."""
+    module, _ = text.text_encoder_from_config(BYTE_CFG)
+    ids = jnp.array([[1, 2, module.vocab_size, 0]], jnp.int32)
+    params = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros_like(ids))
+    with pytest.raises(ValueError, match=rf"token id {module.vocab_size} is outside the encoder's "
+                                         rf"vocab \[0, {module.vocab_size}\)"):
+        module.apply(params, ids, jnp.ones_like(ids))

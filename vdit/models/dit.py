@@ -57,6 +57,7 @@ from vdit.models.layers import (
     MLP,
     Dense,
     LayerNorm,
+    concrete_value,
     layer_norm,
     modulate,
     rope_cos_sin,
@@ -291,13 +292,6 @@ def _check_supported(m: WanDiT) -> None:
                                   "is implemented")
 
 
-def _concrete(x) -> np.ndarray | None:
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
 def check_packed(m: WanDiT, tokens, positions, segment_ids, timesteps, context,
                  context_segment_ids, time_ids=None) -> None:
     """Shape checks always; value checks (RoPE range, text per segment) when inputs are concrete."""
@@ -314,14 +308,14 @@ def check_packed(m: WanDiT, tokens, positions, segment_ids, timesteps, context,
                              f"[B, L, text_dim={m.text_dim}])")
     if timesteps.ndim != 2 or timesteps.shape[0] != b:
         raise ValueError(f"timesteps must be [B={b}, K] (one per segment), got {timesteps.shape}")
-    pos, seg, ctx_seg = (_concrete(a) for a in (positions, segment_ids, context_segment_ids))
+    pos, seg, ctx_seg = (concrete_value(a) for a in (positions, segment_ids, context_segment_ids))
     if pos is not None and pos.size and (pos.min() < 0 or pos.max() >= m.rope_max_seq_len):
         raise ValueError(f"positions span [{pos.min()}, {pos.max()}], outside the RoPE range "
                          f"[0, rope_max_seq_len={m.rope_max_seq_len})")
     if time_ids is not None:
         if tuple(time_ids.shape) != (b, s):
             raise ValueError(f"time_ids has shape {tuple(time_ids.shape)}, expected {(b, s)}")
-        ids = _concrete(time_ids)
+        ids = concrete_value(time_ids)
         if ids is not None and ids.size and (ids.min() < 0 or ids.max() > timesteps.shape[1]):
             raise ValueError(f"time_ids span [{ids.min()}, {ids.max()}] but timesteps has "
                              f"K={timesteps.shape[1]} columns: ids must lie in 0..K")

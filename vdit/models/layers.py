@@ -22,6 +22,14 @@ Dtype = Any
 AxisNames = tuple[str | None, ...]
 
 
+def concrete_value(x) -> np.ndarray | None:
+    """x as a numpy array, or None under tracing (value checks run only on concrete inputs)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
 def xavier_uniform(n_in: int):
     """Glorot-uniform over a kernel whose first `n_in` axes are inputs and the rest outputs."""
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdit.models.layers import concrete_value
 from vdit.models.tokenizers import ByteTokenizer, WordTokenizer, load_tokenizer, prompt_clean
 
 # transformers' UMT5Config names; a config dict with these keys builds the module.
@@ -223,6 +224,7 @@ class UMT5Encoder(nn.Module):
         """`segment_ids` [B, L] (optional) packs several texts in a row: a token attends only to
         its own segment's tokens, so each text encodes as it would alone."""
         allowed = _allowed_keys(token_ids, attention_mask, segment_ids)
+        check_token_ids(token_ids, self.vocab_size)
         parse_feed_forward_proj(self.feed_forward_proj)
         buckets = jnp.asarray(relative_position_buckets(
             token_ids.shape[1], self.relative_attention_num_buckets,
@@ -239,6 +241,16 @@ class UMT5Encoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = layers(cfg, name="layers")(x, buckets, allowed)
         return RMSNorm(self.layer_norm_epsilon, jnp.float32, name="final_norm")(x)
+
+
+def check_token_ids(token_ids, vocab_size: int, source: str = "", why: str = "") -> None:
+    """Concrete ids outside [0, vocab_size) are an error: the embedding lookup would give NaN
+    (too large) or wrap (negative), not fail. Traced ids are not checked."""
+    ids = concrete_value(token_ids)
+    bad = ids[(ids < 0) | (ids >= vocab_size)] if ids is not None and ids.size else ()
+    if len(bad):
+        raise ValueError(f"token id {int(bad[0])} {source}is outside the encoder's vocab "
+                         f"[0, {vocab_size}){why}")
 
 
 def _allowed_keys(token_ids, attention_mask, segment_ids):
@@ -344,8 +356,6 @@ def encode_prompts(module, params, tokenizer, prompts: str | Sequence[str],
     if clean:
         prompts = [prompt_clean(p) for p in prompts]
     ids, mask = tokenizer(prompts)
-    bad = ids[(ids < 0) | (ids >= module.vocab_size)] if ids.size else ids
-    if bad.size:  # an embedding lookup would give NaN (too large) or wrap (negative), not fail
-        raise ValueError(f"token id {int(bad[0])} from the tokenizer is outside the encoder's "
-                         f"vocab [0, {module.vocab_size}): tokenizer and weights do not match")
+    check_token_ids(ids, module.vocab_size, "from the tokenizer ",
+                    ": tokenizer and weights do not match")
     return _encode_padded(module, params, jnp.asarray(ids), jnp.asarray(mask))
