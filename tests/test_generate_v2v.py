@@ -157,6 +157,15 @@ def test_bad_inputs_are_named(gen, text):
         gen.noise(0, 1, 10, 32, 32)
     with pytest.raises(ValueError, match="height=40 must be a positive multiple of 16"):
         gen.noise(0, 1, 9, 40, 32)
+    with pytest.raises(ValueError, match="num_steps=2.5; expected an integer"):
+        gen.text_to_video(ctx, neg, _noise(gen), 2.5)
+    # pixels outside [-1, 1] (uint8 frames, a [0, 255] float image) were cast and used silently
+    video = smooth_video(2)
+    with pytest.raises(ValueError, match="video: expected float pixels in \\[-1, 1\\], got dtype "
+                                         "uint8"):
+        v2v.restyle(gen, ((video + 1) * 127.5).astype(np.uint8), ctx, neg, _noise(gen), 0.5, STEPS)
+    with pytest.raises(ValueError, match="image: pixel values span \\[25.*\\]; expected \\[-1, 1\\]"):
+        gen.image_to_video((video[:, 0] + 1) * 127.5, ctx, neg, _noise(gen), STEPS)
 
 
 # ----------------------------------------------------------------- an I2V model

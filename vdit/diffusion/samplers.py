@@ -134,9 +134,11 @@ class CFGVelocity:
 
     model_fn(x [B, ...], timesteps [B], cond) -> v. cond/uncond: pytrees of [B, ...] arrays
     (text embeddings, and anything else the model takes per sample). Conditional and
-    unconditional rows go through the model as one batch [2B, ...] (cond first); then
-    v = v_u + guidance (v_c - v_u). guidance == 1 calls the model on cond only (uncond may be
-    None). Hashable, so the sampling loop stays compiled across calls with the same model_fn.
+    unconditional rows go through the model as one batch [2B, ...] (cond first), or in two calls
+    where their shapes differ past the batch axis (e.g. a negative prompt of another length, which
+    diffusers' pipelines take as two calls too); then v = v_u + guidance (v_c - v_u).
+    guidance == 1 calls the model on cond only (uncond may be None). Hashable, so the sampling
+    loop stays compiled across calls with the same model_fn.
     """
 
     model_fn: Callable
@@ -147,11 +149,23 @@ class CFGVelocity:
             return self.model_fn(x, timesteps, cond)
         if uncond is None:
             raise ValueError(f"guidance={self.guidance} needs an unconditional input; got None")
+        if not _batchable(cond, uncond):
+            v_cond = self.model_fn(x, timesteps, cond).astype(jnp.float32)
+            v_uncond = self.model_fn(x, timesteps, uncond).astype(jnp.float32)
+            return v_uncond + self.guidance * (v_cond - v_uncond)
         both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
         v = self.model_fn(jnp.concatenate([x, x], axis=0),
                           jnp.concatenate([timesteps, timesteps], axis=0), both)
         v_cond, v_uncond = jnp.split(v.astype(jnp.float32), 2, axis=0)
         return v_uncond + self.guidance * (v_cond - v_uncond)
+
+
+def _batchable(cond, uncond) -> bool:
+    """Whether cond and uncond stack into one batch: the same tree, the same shapes past axis 0."""
+    c_leaves, c_tree = jax.tree.flatten(cond)
+    u_leaves, u_tree = jax.tree.flatten(uncond)
+    return c_tree == u_tree and all(jnp.shape(c)[1:] == jnp.shape(u)[1:]
+                                    for c, u in zip(c_leaves, u_leaves))
 
 
 def cfg_velocity(model_fn: Callable, guidance: float) -> CFGVelocity:

@@ -30,10 +30,31 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vdit.models import patches
+
+# Decoded frames may overshoot [-1, 1] by rounding; [0, 255] or [0, 65535] input is far past this.
+PIXEL_SLACK = 0.01
+
+
+def pixels(name: str, array) -> jnp.ndarray:
+    """Conditioning images or videos as float32 in [-1, 1]: integer arrays (uint8 frames) and
+    concrete values past the range are an error naming the input, not a silent cast."""
+    dtype = getattr(array, "dtype", np.asarray(array).dtype)
+    if not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"{name}: expected float pixels in [-1, 1], got dtype {dtype} "
+                         "(uint8 frames: x / 127.5 - 1)")
+    array = jnp.asarray(array, jnp.float32)
+    if isinstance(array, jax.core.Tracer) or not array.size:  # checked where it is concrete
+        return array
+    low, high = (float(v) for v in jnp.stack([array.min(), array.max()]))  # no host copy
+    if low < -1 - PIXEL_SLACK or high > 1 + PIXEL_SLACK:
+        raise ValueError(f"{name}: pixel values span [{low:g}, {high:g}]; expected [-1, 1] "
+                         "(from [0, 255]: x / 127.5 - 1; from [0, 1]: 2x - 1)")
+    return array
 
 
 def known_pixel_frames(frames: int, first: int = 1, last: int = 0) -> np.ndarray:

@@ -39,6 +39,7 @@ from vdit.config import check_frames
 from vdit.convert import diffusers_folder as folder_lib
 from vdit.data.conditions import condition_latents
 from vdit.diffusion.samplers import Sampler
+from vdit.diffusion.samplers_schedule import check_num_steps
 from vdit.models import micro as micro_lib
 from vdit.models.image import penultimate_features
 from vdit.models.image_preprocess import preprocess, to_uint8
@@ -129,7 +130,7 @@ class Generator:
         The VAE is causal (latent frame j sees pixel frames <= 4j), so callers that need the
         latents of a clip's first frames encode them inside a canvas of the output's length: the
         same compiled encoder serves every workflow of one video shape."""
-        mean = _encode(self.vae, self.vae_params, jnp.asarray(video, jnp.float32))
+        mean = _encode(self.vae, self.vae_params, cond_lib.pixels("video", video))
         return normalize_latents(mean, self.latents_mean, self.latents_std)
 
     def decode(self, latents: jax.Array) -> jax.Array:
@@ -186,7 +187,7 @@ class Generator:
         """
         if output not in ("latent", "video"):
             raise ValueError(f"output={output!r}; expected 'latent' or 'video'")
-        steps = int(self.defaults["steps"] if steps is None else steps)
+        steps = check_num_steps(self.defaults["steps"] if steps is None else steps)
         guidance = float(self.defaults["guidance"] if guidance is None else guidance)
         if guidance <= 1.0:
             if guidance < 1.0 or guidance_2 not in (None, 1.0):
@@ -325,7 +326,7 @@ class Generator:
     def _check_images(self, name, images, latent_shape) -> jax.Array:
         f = self.vae.spatial_factor
         want = (latent_shape[0], latent_shape[2] * f, latent_shape[3] * f, 3)
-        images = jnp.asarray(images, jnp.float32)
+        images = cond_lib.pixels(name, images)
         if tuple(images.shape) != want:
             raise ValueError(f"{name} must be [B, H, W, 3] = {want} (the noise's batch and "
                              f"size), got {tuple(images.shape)}; resize/crop it first")

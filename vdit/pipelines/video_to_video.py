@@ -28,7 +28,7 @@ from vdit.pipelines import conditioning as cond_lib
 
 
 def _video(name: str, video, batch: int | None = None) -> jnp.ndarray:
-    video = jnp.asarray(video, jnp.float32)
+    video = cond_lib.pixels(name, video)
     if video.ndim != 5 or video.shape[-1] != 3 or (batch is not None and video.shape[0] != batch):
         b = "B" if batch is None else f"B={batch}"
         raise ValueError(f"{name} must be a video batch [{b}, T, H, W, 3] in [-1, 1], got shape "
