@@ -152,6 +152,25 @@ def test_interrupted_run_resumes(videos, tmp_path):
     assert len(records.worker_parts(str(out), 0, 1)) == len({ln["source"] for ln in kept})
 
 
+def test_torn_ledger_append_is_redone(videos, tmp_path):
+    """A crash mid-append (the last line torn) loses no clip: the whole interrupted batch is
+    curated again, and the next append does not glue onto the fragment."""
+    out = tmp_path / "out"
+    config = load_config(default_config_path(), QUIET)
+    first = curate(config, str(videos), str(out))
+    path = out / "clips-00000-of-00001.jsonl"
+    text = path.read_text()
+    path.write_text(text[:len(text) - len(text.splitlines()[-1]) // 2])  # tear the last line
+    again = curate(config, str(videos), str(out))
+    assert again["this_run"]["videos"] >= 1
+    assert (again["clips"], again["kept"]) == (first["clips"], first["kept"])
+    lines = _lines(path)  # every line whole JSON
+    keys = [(ln["source"], ln.get("start_frame")) for ln in lines]
+    assert len(keys) == len(set(keys))
+    assert len(records.ClipShardSource(str(out))) == first["kept"]
+    assert curate(config, str(videos), str(out))["this_run"]["videos"] == 0
+
+
 def test_manifest_input_captions_and_scorers(videos, tmp_path):
     manifest = tmp_path / "list.jsonl"
     rel = os.path.relpath(videos, tmp_path)

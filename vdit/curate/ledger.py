@@ -3,9 +3,11 @@
 One line per detected clip (see `pipeline.py` for the fields), plus one line per video that could
 not be curated (`reason` "unreadable" or "failed", with `error`). Lines are appended only after
 the part file holding their kept clips is finished, so the ledger never points at frames that
-are not on disk. A rerun skips every video whose last segment is in the ledger and every
-finished segment of the others; part files no ledger line points at (a crash between writing a
-part and its lines) are deleted.
+are not on disk. Each append is one batch whose last line carries `"batch_end": true`; lines
+after the last batch end (a crash mid-append, possibly tearing a line) are not part of the
+ledger, and a rerun rewrites the file without them before appending. A rerun skips every video
+whose last segment is in the ledger and every finished segment of the others; part files no
+ledger line points at (a crash between writing a part and its lines) are deleted.
 When every worker has finished (a clips-i-of-n.done marker each), the ledgers are merged into
 clips.jsonl.
 """
@@ -49,23 +51,58 @@ def check_num_shards(output: str, num_shards: int) -> None:
 
 
 def read_ledger(path: str) -> list[dict]:
-    """Lines of a ledger ([] if it does not exist). A torn last line (a crash mid-write) is
-    dropped with a warning; a bad line elsewhere is an error naming the line."""
+    """The committed lines of a ledger ([] if it does not exist): those up to the last
+    `batch_end`. The rest (a crash mid-append) is left out with a warning; a line that is not
+    JSON before that is an error naming the line."""
+    return _read(path)[0]
+
+
+def repair(path: str) -> list[dict]:
+    """read_ledger, and the file rewritten without an interrupted append's lines (so the next
+    append starts on a line of its own)."""
+    lines, interrupted = _read(path)
+    if interrupted:
+        _rewrite(path, lines)
+    return lines
+
+
+def _read(path: str) -> tuple[list[dict], bool]:
+    """(committed lines, whether anything after them was left out)."""
     if not runs.user_path(path).exists():
-        return []
+        return [], False
     raw = runs.user_path(path).read_text().split("\n")
-    lines = []
+    lines, committed = [], 0
     for number, text in enumerate(raw, 1):
         if not text.strip():
             continue
         try:
             lines.append(json.loads(text))
         except json.JSONDecodeError as e:
-            if number >= len(raw) - 1:
-                log.warning("curate: dropping a torn last line of %s (%s)", path, e)
-                continue
+            if number >= len(raw) - 1:  # torn by a crash: its batch never ended
+                break
             raise ValueError(f"ledger {path} line {number} is not JSON: {e}") from e
-    return lines
+        if lines[-1].get("batch_end"):
+            committed = len(lines)
+    interrupted = committed < len(lines) or raw[-1] != ""
+    if interrupted:
+        left_out = sum(1 for text in raw if text.strip()) - committed
+        log.warning("curate: leaving out the last %d line(s) of %s: an append a crash "
+                    "interrupted (their videos are curated again)", left_out, path)
+    return lines[:committed], interrupted
+
+
+def _rewrite(path: str, lines: list[dict]) -> None:
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    target = runs.user_path(path)
+    if runs.is_remote(path):
+        target.write_text(text)  # one object write: atomic on an object store
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def append_lines(path: str, lines: list[dict]) -> None:
@@ -73,6 +110,7 @@ def append_lines(path: str, lines: list[dict]) -> None:
     store (gs://) has no append: the ledger object is rewritten whole, which is atomic there."""
     if not lines:
         return
+    lines = [*lines[:-1], {**lines[-1], "batch_end": True}]
     text = "".join(json.dumps(line) + "\n" for line in lines)
     if runs.is_remote(path):
         target = runs.user_path(path)

@@ -100,7 +100,7 @@ class PartWriter:
 
 def _resume(output: str, shard: int, num_shards: int) -> tuple[list[dict], int]:
     """(ledger lines so far, next part index); deletes orphan part files."""
-    lines = ledger.read_ledger(ledger.ledger_path(output, shard, num_shards))
+    lines = ledger.repair(ledger.ledger_path(output, shard, num_shards))
     used = ledger.referenced_files(lines)
     next_part = 0
     for path in records.worker_parts(output, shard, num_shards):
