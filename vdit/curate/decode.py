@@ -16,14 +16,14 @@ from pathlib import Path
 import av
 import numpy as np
 
-from vdit.data.video_io import VideoReadError
+from vdit.data.video_io import VideoReadError, quarter_turns, upright
 
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
     index: int  # 0, 1, ... within the video
     start_frame: int  # first frame's number in the whole video
-    frames: np.ndarray  # uint8 [T, H, W, 3]
+    frames: np.ndarray  # uint8 [T, H, W, 3], upright (the file's display rotation applied)
     fps: float
     last: bool  # no segment follows
 
@@ -65,8 +65,9 @@ def _segments(path: Path, decoded, fps: float, cfg) -> Iterator[Segment]:
         for frame in decoded:
             if size is None:
                 size = target_size(frame.height, frame.width, cfg.short_side)
-            buffer.append(frame.to_ndarray(height=size[0], width=size[1], format="rgb24",
-                                           interpolation="AREA"))
+            image = frame.to_ndarray(height=size[0], width=size[1], format="rgb24",
+                                     interpolation="AREA")
+            buffer.append(upright(image, quarter_turns(frame)))
             # One frame of look-ahead, so the final segment is always marked `last`.
             if len(buffer) > length:
                 yield Segment(index, start, np.stack(buffer[:length]), fps, last=False)

@@ -9,7 +9,8 @@ and center-cropped. Frames are numbered from the start of the video in presentat
 `vdit curate` numbers them: from the frame's timestamp after a seek, by counting when the file
 has no timestamps or its seek lands past the first wanted frame (then decoding restarts from the
 first frame; still one frame held at a time). Memory is O(T x height x width) plus the decoder's
-reference frames, independent of the video's length and native resolution. Unreadable files,
+reference frames, independent of the video's length and native resolution. Frames come upright
+(a phone's display rotation applied, as players do). Unreadable files,
 and files that fail part way, raise `VideoReadError` naming the file.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from vdit.data.video_io import VideoReadError
+from vdit.data.video_io import VideoReadError, quarter_turns, upright
 
 AV_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
 
@@ -33,8 +34,7 @@ def cover_size(height: int, width: int, target_h: int, target_w: int) -> tuple[i
 
 
 class VideoReader:
-    """An open video file: `num_frames`, `fps` (0.0 when the file gives none), `height`,
-    `width`, `read`;
+    """An open video file: `num_frames`, `fps` (0.0 when the file gives none), `read`;
     `decoded` counts the frames decoded so far (what a seek saves)."""
 
     def __init__(self, path: str | Path):
@@ -47,7 +47,6 @@ class VideoReader:
             stream = self._stream(self._container)
             rate = stream.average_rate or stream.guessed_rate
             self.fps = float(rate) if rate else 0.0
-            self.height, self.width = stream.height, stream.width
             self._time_base = stream.time_base
             self._start_pts = stream.start_time or 0
             self.num_frames = stream.frames if stream.frames > 0 else self._count_packets()
@@ -142,11 +141,16 @@ class VideoReader:
             if seek and count == 0 and number > first:
                 return None
             if number in wanted and number not in got:
-                if size is None:
-                    size = cover_size(frame.height, frame.width, height, width)
+                turns = quarter_turns(frame)
+                shown = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
+                if size is None:  # the upright frame's size, scaled to cover height x width
+                    size = cover_size(*shown, height, width)
                 shrink = size[0] * size[1] < frame.height * frame.width
-                image = frame.to_ndarray(height=size[0], width=size[1], format="rgb24",
-                                         interpolation="AREA" if shrink else "BICUBIC")
+                stored = size[::-1] if turns % 2 else size
+                image = upright(frame.to_ndarray(height=stored[0], width=stored[1],
+                                                 format="rgb24",
+                                                 interpolation="AREA" if shrink else "BICUBIC"),
+                                turns)
                 top, left = (size[0] - height) // 2, (size[1] - width) // 2
                 got[number] = image[top:top + height, left:left + width]
             if number >= last:

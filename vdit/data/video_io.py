@@ -53,6 +53,17 @@ def image_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
 
 
+def quarter_turns(frame: av.VideoFrame) -> int:
+    """Counterclockwise quarter turns that make a decoded frame upright (0-3): phones store
+    portrait video as landscape frames with a display rotation, which players apply."""
+    return round(float(frame.rotation or 0) / 90.0) % 4
+
+
+def upright(image: np.ndarray, turns: int) -> np.ndarray:
+    """image [H, W, C] rotated by `turns` counterclockwise quarter turns (see quarter_turns)."""
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+
 def write_mp4(path: str | Path, video: np.ndarray, fps: float, crf: int = 18) -> None:
     """H.264 (libx264, yuv420p) mp4 of a video [T, H, W, 3]; H and W must be even (yuv420p)."""
     frames = to_uint8(_check_video(video))
@@ -93,7 +104,8 @@ def write_video(path: str | Path, video: np.ndarray, fps: float) -> None:
 
 
 def load_video(path: str | Path, as_float: bool = False) -> tuple[np.ndarray, float]:
-    """(frames [T, H, W, 3] uint8, or float in [-1, 1] if as_float; frames per second)."""
+    """(frames [T, H, W, 3] uint8, or float in [-1, 1] if as_float; frames per second), upright
+    (the display rotation applied)."""
     path = Path(path)
     if not path.is_file():
         raise VideoReadError(f"cannot read video {path}: file not found")
@@ -103,7 +115,8 @@ def load_video(path: str | Path, as_float: bool = False) -> tuple[np.ndarray, fl
                 raise VideoReadError(f"cannot read video {path}: no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            frames = [upright(f.to_ndarray(format="rgb24"), quarter_turns(f))
+                      for f in container.decode(stream)]
     except VideoReadError:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
