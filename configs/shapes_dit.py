@@ -81,7 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
         shapes=[(9, 32, 32), (1, 32, 32), (9, 32, 48), (9, 48, 32)],
         shape_weights=[0.8, 0.1, 0.05, 0.05], num_examples=3000, num_shards=4,
         batch_size=32, normalize="measure", seed=0, i2v_condition=True,
-        last_frame_condition=True))
+        last_frame_condition=True,
+        # video files (a folder or manifest as source) are sampled at the world's 8 fps
+        fps=config.data.fps, extensions=[], decode_threads=4))  # [] = every video suffix vdit knows
 
     config.flow = common.flow()
     # shift 2 at a 32x32 clip's 48 tokens, as the sampler's flow_shift: more training where the

@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.text.tokenizer_path = "weights/Wan2.2-TI2V-5B-Diffusers/tokenizer"
     # 121 frames at 704x1280 -> 31 x 44 x 80 = 27280 tokens: one clip per row.
     config.data.update(dict(frames=121, height=704, width=1280, fps=24.0))
-    config.encode.update(dict(vae_workdir="runs/wan2_2_ti2v_5b/vae",
+    config.encode.update(dict(vae_workdir="runs/wan2_2_ti2v_5b/vae", fps=config.data.fps,
                               shapes=[(121, 704, 1280), (61, 704, 1280), (1, 704, 1280)]))
     config.train.init_from = "runs/wan2_2_ti2v_5b"
     # TI2V trains both tasks in one model: half the videos keep their clean first latent frame at

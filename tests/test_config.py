@@ -98,6 +98,21 @@ def test_every_shipped_config_validates():
         assert isinstance(c, ml_collections.ConfigDict), name
 
 
+def test_recipes_encode_video_files_at_their_training_rate():
+    """Every recipe that encodes samples video files at the fps its model trains at (a 30 fps
+    source's consecutive frames would teach slowed-down motion), and the keys `vdit encode` reads
+    are in the recipe, so a command line can set them."""
+    names = [n for n in os.listdir(CONFIG_DIR) if n.endswith(".py") and n != "common.py"]
+    for name in sorted(names):
+        c = cfglib.load_config(os.path.join(CONFIG_DIR, name))
+        if "encode" in c:
+            assert c.encode.fps == c.data.fps, name
+            c = cfglib.load_config(os.path.join(CONFIG_DIR, name), [
+                "--config.encode.fps=24.0", "--config.encode.extensions=['.mp4']",
+                "--config.encode.decode_threads=2"])
+            assert (c.encode.fps, list(c.encode.extensions)) == (24.0, [".mp4"]), name
+
+
 def test_named_choices_are_defined_once_and_implemented():
     """The config check's names are the ones the code implements (one definition each)."""
     assert set(dit_block._REMAT) == set(cfglib.REMAT_POLICIES)

@@ -27,7 +27,8 @@ SHAPES = "[(9, 32, 32), (5, 32, 48), (1, 32, 32)]"
 TINY = ["--config.vae.base_dim=8", "--config.vae.num_res_blocks=0", f"--config.encode.shapes={SHAPES}",
         "--config.encode.shape_weights=[0.4, 0.3, 0.3]", "--config.encode.batch_size=2",
         "--config.encode.num_shards=2", "--config.encode.normalize='measure'",
-        "--config.train.progress=False", "--config.text.max_length=32"]
+        "--config.train.progress=False", "--config.text.max_length=32",
+        "--config.encode.fps=0.0"]  # consecutive source frames: the checks count frames
 CAPTIONS = ["a red circle moving right", "a blue square", "", "green triangle moving up"]
 # A config file with the `encode.source` key (the recipe may not carry it yet).
 CONFIG_FILE = """from vdit.config import recipe
