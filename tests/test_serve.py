@@ -15,7 +15,7 @@ import pytest
 from test_periodic_samples import VAE, latents, vae_workdir  # noqa: F401 - fixtures
 from train_testing import train_tiny
 
-from vdit import cli
+from vdit import cli, serve
 from vdit.data import video_io
 from vdit.serve import Studio, make_server
 
@@ -80,9 +80,56 @@ def test_bad_requests_get_clear_messages(studio):
                           ({"prompt": "a red circle", "steps": "many"}, "steps: 'many' is not an integer"),
                           ({"prompt": "a red circle", "steps": 0}, "steps: 0 is out of range"),
                           ({"prompt": "a red circle", "image": "data:image/png;base64,AAAA"},
-                           "first image: cannot read it")):
+                           "first image: cannot read it"),
+                          ({"prompt": "a red circle", "frames": 9.7}, "frames: 9.7 is not an integer"),
+                          ({"prompt": "a red circle", "frames": True}, "frames: True is not an integer"),
+                          ({"prompt": ["a", "b"]}, "prompt: expected text, got list"),
+                          # 16x the default clip (5x16x16) at most: 5x1024x1024 is refused
+                          ({"prompt": "a red circle", "size": "1024x1024"},
+                           "5x1024x1024 = 5,242,880 pixels is over this server's limit of 20,480")):
         status, out = _post(url, body)
         assert status == 400 and message in out["error"], (body, out)
+    inputs = os.path.join(studio[0].out_dir, "inputs")
+    before = len(os.listdir(inputs)) if os.path.isdir(inputs) else 0
+    status, _ = _post(url, {"prompt": "a red circle", "frames": 6, "image": _png_data_url()})
+    assert status == 400 and (len(os.listdir(inputs)) if os.path.isdir(inputs) else 0) == before
+    # a cross-site form or text/plain post, a foreign Host (DNS rebinding), a bad Content-Length
+    for headers, code, message in (({"Content-Type": "text/plain"}, 415, "send application/json"),
+                                   ({"Content-Type": "application/json", "Host": "evil.example"},
+                                    403, "Host 'evil.example' is not this server"),
+                                   ({"Content-Type": "application/json", "Content-Length": "abc"},
+                                    400, "Content-Length")):
+        request = urllib.request.Request(url + "/api/generate", b'{"prompt": "a red circle"}',
+                                         headers)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request)
+        assert e.value.code == code and message in json.load(e.value)["error"], headers
+
+
+def _png_data_url():
+    import base64
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_job_numbers_continue_after_the_folders_videos(tmp_path):
+    """A restarted server must not overwrite the videos an earlier one wrote."""
+    assert serve._next_id(str(tmp_path)) == 1
+    for name in ("0001.mp4", "0007.mp4", "check.mp4", "0009.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert serve._next_id(str(tmp_path)) == 8
+
+
+@pytest.mark.parametrize("header, want", [
+    ("bytes=0-9", (0, 9)), ("bytes=95-", (95, 99)), ("bytes=-5", (95, 99)),
+    ("bytes=90-500", (90, 99)), ("bytes=100-", "unsatisfiable"), ("bytes=-0", "unsatisfiable"),
+    ("bytes=10-5", None), ("bytes=abc-", None), ("bytes=0-1,5-9", None), ("", None)])
+def test_byte_ranges(header, want):
+    assert serve._byte_range(header, 100) == want
 
 
 def test_requests_are_queued_and_served(studio):
@@ -158,3 +205,16 @@ def test_page_in_a_real_browser(studio, tmp_path):
     video, fps = video_io.load_video(tmp_path / "served.mp4")
     assert video.shape == (9, 16, 32, 3)
     assert np.isclose(info["duration"], 9 / fps, atol=1.5 / fps)  # the browser's duration
+
+
+def test_a_busy_port_fails_before_the_model_loads(tmp_path):
+    import argparse
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = argparse.Namespace(workdir=str(tmp_path / "no-model"), host="127.0.0.1", port=port,
+                                  out=str(tmp_path / "out"), max_pixels=0)
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}"):
+            serve.run_cli(args)

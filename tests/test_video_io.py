@@ -162,3 +162,17 @@ def test_videos_come_upright_by_their_display_rotation(tmp_path, degrees):
     segments = iter_segments(path, ml_collections.ConfigDict(
         dict(max_segment_seconds=10, short_side=0, default_fps=8)))
     assert np.abs(next(segments).frames.astype(int) - shown).max() < 40
+
+
+@pytest.mark.parametrize("pixels, want", [
+    (np.full((4, 6), 32768, np.uint16), 128),  # 16-bit grey: scaled, not clipped to white
+    (np.full((4, 6), 200, np.uint16), 1),
+    (np.full((4, 6), 0.5, np.float32), 128),  # float grey in [0, 1]
+])
+def test_deep_grey_images_are_scaled_to_8_bits(tmp_path, pixels, want):
+    path = tmp_path / "grey.tiff"
+    Image.fromarray(pixels).save(path)
+    with Image.open(path) as img:
+        rgb = video_io.image_rgb(img)
+    assert rgb.shape == (4, 6, 3) and rgb.dtype == np.uint8
+    assert np.all(rgb == want), rgb[0, 0]

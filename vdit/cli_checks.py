@@ -61,7 +61,8 @@ def check_sample(args) -> None:
     _at_least("--steps", args.steps, 1, "a whole number >= 1")
     _at_least("--frames", args.frames, 1, "1 + 4k frames (1, 5, 9, 17, ...)")
     _at_least("--guidance", args.guidance, 0, "a finite number >= 0")
-    _at_least("--fps", getattr(args, "fps", None), 1e-6, "a positive frame rate")
+    if getattr(args, "fps", None) is not None:
+        video_io.check_fps(args.fps, "--fps")
     _at_least("--context-frames", getattr(args, "context_frames", None), 1, "a count >= 1")
     if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
         raise ValueError(f"--strength {args.strength!r}: expected a number in (0, 1]")
@@ -70,6 +71,9 @@ def check_sample(args) -> None:
     if getattr(args, "last_image", None) and not args.image:
         raise ValueError("--last-image needs --image (the first frame): keyframe interpolation "
                          "goes from --image to --last-image")
+    if getattr(args, "last_image", None) and args.frames == 1:
+        raise ValueError("--last-image with --frames 1: keyframe interpolation needs a first and "
+                         "a last frame (--frames 5, 9, 13, ...)")
     for flag in ("image", "last_image"):
         path = getattr(args, flag, None)
         if path:

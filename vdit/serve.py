@@ -24,8 +24,10 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import queue
+import re
 import threading
 import time
 from argparse import Namespace
@@ -41,6 +43,10 @@ from vdit.serve_page import PAGE
 log = logging.getLogger(__name__)
 MAX_STEPS = 500
 MAX_RECENT = 20
+# Largest request by default, as a multiple of the model's default clip (frames x height x width):
+# one request past what the machine can hold would fail after minutes and hold up the queue.
+PIXELS_OVER_DEFAULT = 16
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclasses.dataclass
@@ -66,14 +72,19 @@ class Job:
 class Studio:
     """The loaded model, the queue and the jobs; `submit` validates, the worker thread samples."""
 
-    def __init__(self, workdir: str, out_dir: str):
+    def __init__(self, workdir: str, out_dir: str, max_pixels: int = 0):
         self.workdir, self.out_dir = workdir, out_dir
         os.makedirs(out_dir, exist_ok=True)
+        self._first_id = _next_id(out_dir)  # a restarted server never overwrites a video
         self.gen, self.kind = load_generator(workdir)
         if self.gen.text_model is None:
             raise ValueError(f"{workdir} has no text encoder (text_encoder/ + tokenizer/): "
                              "vdit serve needs one to encode prompts")
         self.defaults = self.gen.defaults
+        d = self.defaults
+        self.default_clip = (int(d.get("frames", 17)), int(d.get("height", 64)),
+                             int(d.get("width", 64)))
+        self.max_pixels = max_pixels or PIXELS_OVER_DEFAULT * math.prod(self.default_clip)
         self.jobs: dict[str, Job] = {}
         self._order: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
@@ -92,9 +103,14 @@ class Studio:
                          guidance=params["guidance"], negative_prompt=params["negative_prompt"],
                          mode="restyle", motion=None, strength=0.7, last_image=None,
                          context_frames=None)
-        job = SampleJob(self.gen, self.kind, args)  # frames 1+4k, size multiples, I2V needs
+        try:
+            job = SampleJob(self.gen, self.kind, args)  # frames 1+4k, size multiples, I2V needs
+        except BaseException:
+            if image:  # a refused request leaves nothing behind
+                os.remove(image)
+            raise
         with self._lock:
-            job_id = f"{len(self._order) + 1:04d}"
+            job_id = f"{self._first_id + len(self._order):04d}"
             self.jobs[job_id] = Job(job_id, params, job, image)
             self._order.append(job_id)
         self._queue.put(job_id)
@@ -103,15 +119,23 @@ class Studio:
     def _params(self, body: dict) -> dict:
         if not isinstance(body, dict):
             raise ValueError("the request body must be a JSON object")
-        prompt = str(body.get("prompt", "")).strip()
+        prompt = _text(body, "prompt")
         if not prompt:
             raise ValueError("prompt: type what the video should show")
         d = self.defaults
-        size = str(body.get("size") or f"{d.get('height', 64)}x{d.get('width', 64)}").strip()
-        parse_size(size)  # "--size ...: expected HEIGHTxWIDTH"
-        return {"prompt": prompt, "negative_prompt": str(body.get("negative_prompt", "")).strip(),
-                "frames": _number(body, "frames", int, d.get("frames", 17), 1, 1000),
-                "size": size, "steps": _number(body, "steps", int, d.get("steps", 20), 1, MAX_STEPS),
+        frames, height, width = self.default_clip
+        size = _text(body, "size") or f"{height}x{width}"
+        height, width = parse_size(size)  # "--size ...: expected HEIGHTxWIDTH"
+        frames = _number(body, "frames", int, frames, 1, 1000)
+        if frames * height * width > self.max_pixels:
+            raise ValueError(
+                f"frames x size = {frames}x{height}x{width} = {frames * height * width:,} pixels "
+                f"is over this server's limit of {self.max_pixels:,} (vdit serve --max-pixels; "
+                f"default {PIXELS_OVER_DEFAULT}x the model's default clip "
+                f"{'x'.join(map(str, self.default_clip))})")
+        return {"prompt": prompt, "negative_prompt": _text(body, "negative_prompt"),
+                "frames": frames, "size": size,
+                "steps": _number(body, "steps", int, d.get("steps", 20), 1, MAX_STEPS),
                 "guidance": _number(body, "guidance", float, d.get("guidance", 5.0), 0.0, 100.0),
                 "seed": _number(body, "seed", int, 0, 0, 2**31 - 1),
                 "first_image": bool(body.get("image"))}
@@ -173,18 +197,41 @@ def _tick(job: Job, expected: float | None, done: threading.Event) -> None:
             job.progress = 0.05 + 0.85 * (1 - 1 / (1 + (time.perf_counter() - t0) / 20))
 
 
+def _text(body: dict, key: str) -> str:
+    value = body.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{key}: expected text, got {type(value).__name__} {value!r:.80}")
+    return value.strip()
+
+
 def _number(body: dict, key: str, kind, default, low, high):
+    """A number field (JSON number, or the page's form text); an integer field refuses 9.7."""
     value = body.get(key)
     if value is None or value == "":
         return kind(default)
+    kind_name = "an integer" if kind is int else "a number"
     try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        kind_name = "an integer" if kind is int else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
+        number = float(value)
+        if kind is int:
+            if not number.is_integer():
+                raise ValueError
+            number = int(number)
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{key}: {value!r} is not {kind_name}") from None
-    if not low <= number <= high:
+    if not low <= number <= high:  # NaN fails too
         raise ValueError(f"{key}: {number} is out of range [{low}, {high}]")
     return number
+
+
+def _next_id(out_dir: str) -> int:
+    """1 + the highest job number among out_dir's NNNN.mp4 videos (1 for a new folder)."""
+    numbers = [int(name[:-4]) for name in os.listdir(out_dir)
+               if name.endswith(".mp4") and name[:-4].isdigit()]
+    return max(numbers, default=0) + 1
 
 
 def _save_image(data_url: str, out_dir: str) -> str | None:
@@ -226,7 +273,24 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, value) -> None:
         self._send(status, json.dumps(value).encode(), "application/json")
 
+    def _foreign_host(self) -> bool:
+        """A loopback server answers only requests addressed to a loopback name: a page that
+        rebinds its own domain to 127.0.0.1 (DNS rebinding) sends its domain as Host. Answers
+        403 when so."""
+        if self.server.server_address[0] not in LOOPBACK:
+            return False  # --host 0.0.0.0 etc.: the user chose to serve other machines
+        host = self.headers.get("Host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name.strip("[]").lower() in LOOPBACK:
+            return False
+        port = self.server.server_address[1]
+        self._json(403, {"error": f"Host {host!r} is not this server: open "
+                                  f"http://127.0.0.1:{port}/"})
+        return True
+
     def do_GET(self):  # noqa: N802 - http.server's name
+        if self._foreign_host():
+            return
         path = self.path.split("?")[0]
         if path == "/":
             self._send(200, PAGE.encode(), "text/html; charset=utf-8")
@@ -244,10 +308,19 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self):  # noqa: N802 - http.server's name
+        if self._foreign_host():
+            return
         if self.path != "/api/generate":
             return self._json(404, {"error": f"no endpoint {self.path}"})
+        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind != "application/json":  # a cross-site form or text/plain post cannot send this
+            return self._json(415, {"error": f"Content-Type {kind!r}: send application/json"})
         try:
             length = int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            return self._json(400, {"error": "Content-Length: expected the body's size in bytes, "
+                                             f"got {self.headers.get('Content-Length')!r}"})
+        try:
             body = json.loads(self.rfile.read(length) or b"{}")
             job_id = self.studio.submit(body)
         except json.JSONDecodeError as e:
@@ -262,23 +335,42 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(404, {"error": f"no video {name}"})
         with open(path, "rb") as f:
             data = f.read()
-        start, end = 0, len(data) - 1
-        ranged = self.headers.get("Range", "")
-        if ranged.startswith("bytes="):
-            first, _, last = ranged[6:].partition("-")
-            start = int(first) if first else max(0, len(data) - int(last))
-            end = int(last) if first and last else end
-            return self._send(206, data[start:end + 1], "video/mp4", {
-                "Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"})
-        self._send(200, data, "video/mp4", {"Accept-Ranges": "bytes"})
+        span = _byte_range(self.headers.get("Range", ""), len(data))
+        if span == "unsatisfiable":
+            return self._send(416, b"", "video/mp4", {"Content-Range": f"bytes */{len(data)}"})
+        if span is None:  # no Range, or one this server does not parse (multiple): everything
+            return self._send(200, data, "video/mp4", {"Accept-Ranges": "bytes"})
+        start, end = span
+        self._send(206, data[start:end + 1], "video/mp4", {
+            "Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"})
+
+
+def _byte_range(header: str, size: int):
+    """A single `bytes=a-b` / `a-` / `-n` range -> (start, end) inclusive, clamped to the file;
+    "unsatisfiable" (416) when it starts past the end; None to send the whole file."""
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if not match or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if first:
+        start, end = int(first), min(int(last), size - 1) if last else size - 1
+        if last and int(last) < start:
+            return None  # syntactically invalid: ignored, as RFC 9110 says
+    else:
+        start, end = max(0, size - int(last)), size - 1
+        if int(last) == 0:
+            return "unsatisfiable"
+    return "unsatisfiable" if start >= size else (start, end)
 
 
 def _jsonable(values: dict) -> dict:
     return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in values.items()}
 
 
-def make_server(studio: Studio, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """The HTTP server for `studio` (port 0 picks a free one: see `server.server_address`)."""
+def make_server(studio: Studio | None, host: str = "127.0.0.1",
+                port: int = 8000) -> ThreadingHTTPServer:
+    """The HTTP server for `studio` (port 0 picks a free one: see `server.server_address`); a
+    None studio is set on `server.RequestHandlerClass` before serving."""
     handler = type("StudioHandler", (Handler,), {"studio": studio})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
@@ -289,8 +381,17 @@ def run_cli(args) -> int:
     """The body of `vdit serve`: load once, serve until interrupted."""
     # The server writes and serves its videos from a local folder; a remote run serves from ./serve.
     out = args.out or ("serve" if runs.is_remote(args.workdir) else os.path.join(args.workdir, "serve"))
-    studio = Studio(args.workdir, out)
-    server = make_server(studio, args.host, args.port)
+    try:  # listen first: a busy port fails now, not after the model has loaded
+        server = make_server(None, args.host, args.port)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}): pick "
+                         "another --port, or stop the server that holds it") from e
+    try:
+        server.RequestHandlerClass.studio = Studio(args.workdir, out, args.max_pixels)
+    except BaseException:
+        server.server_close()
+        raise
+    studio = server.RequestHandlerClass.studio
     host, port = server.server_address[:2]
     print(f"vdit serve: {studio.kind} model from {args.workdir}; open http://{host}:{port}/ "
           f"(videos in {os.path.abspath(out)}; Ctrl-C stops)", flush=True)

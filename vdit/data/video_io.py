@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from fractions import Fraction
+from numbers import Real
 from pathlib import Path
 
 import av
@@ -47,10 +48,23 @@ def to_float(video: np.ndarray) -> np.ndarray:
     return video.astype(np.float32)
 
 
+# Single-channel modes deeper than 8 bits, with the value that is white: Pillow's convert("RGB")
+# clips them at 255 (a mid-grey 16-bit PNG turned white) instead of scaling.
+_DEEP_GRAY = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0,
+              "I": 65535.0, "F": 1.0}
+
+
 def image_rgb(img: Image.Image) -> np.ndarray:
     """An opened image -> uint8 [H, W, 3], upright: a photo's EXIF orientation (phones store
-    portraits as rotated landscapes) is applied, as diffusers' load_image does."""
-    return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    portraits as rotated landscapes) is applied, as diffusers' load_image does. 16-bit grey
+    (0..65535) and float grey (0..1) images are scaled to 8 bits, not clipped."""
+    img = ImageOps.exif_transpose(img)
+    white = _DEEP_GRAY.get(img.mode)
+    if white is None:
+        return np.asarray(img.convert("RGB"))
+    gray = np.asarray(img, np.float64) * (255.0 / white)
+    gray = np.clip(np.round(np.nan_to_num(gray)), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
 
 
 def quarter_turns(frame: av.VideoFrame) -> int:
@@ -64,6 +78,18 @@ def upright(image: np.ndarray, turns: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
+# Frame rates a written file can carry: mp4 stores 1/fps in a 1/1001-limited fraction, gif whole
+# centiseconds per frame in 16 bits (at most 655 s).
+FPS_RANGE = (0.01, 1000.0)
+
+
+def check_fps(fps: float, what: str = "fps") -> float:
+    low, high = FPS_RANGE
+    if isinstance(fps, bool) or not isinstance(fps, Real) or not low <= fps <= high:  # NaN too
+        raise ValueError(f"{what} {fps!r}: expected a frame rate in [{low:g}, {high:g}]")
+    return float(fps)
+
+
 def write_mp4(path: str | Path, video: np.ndarray, fps: float, crf: int = 18) -> None:
     """H.264 (libx264, yuv420p) mp4 of a video [T, H, W, 3]; H and W must be even (yuv420p)."""
     frames = to_uint8(_check_video(video))
@@ -71,10 +97,9 @@ def write_mp4(path: str | Path, video: np.ndarray, fps: float, crf: int = 18) ->
     if height % 2 or width % 2:
         raise ValueError(f"mp4 (yuv420p) needs even height and width, got {height}x{width}; "
                          "crop or resize first")
-    if fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+    fps = check_fps(fps)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(float(fps)).limit_denominator(1001))
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": str(crf)}
         for frame in frames:
@@ -85,8 +110,7 @@ def write_mp4(path: str | Path, video: np.ndarray, fps: float, crf: int = 18) ->
 def write_gif(path: str | Path, video: np.ndarray, fps: float) -> None:
     """Looping gif of a video [T, H, W, 3] (Pillow; palette per frame)."""
     frames = to_uint8(_check_video(video))
-    if fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+    fps = check_fps(fps)
     images = [Image.fromarray(f) for f in frames]
     images[0].save(str(path), save_all=True, append_images=images[1:],
                    duration=max(int(round(1000.0 / fps)), 10), loop=0)
