@@ -27,6 +27,12 @@ def test_read_seeks_to_the_frames_asked_for(counter, indices):
         assert reader.decoded <= indices[-1] - 50 * (indices[0] // 50) + 1 + 8
 
 
+def test_one_reader_reads_again_from_any_frame(counter):
+    with VideoReader(counter) as reader:
+        for indices in ([0, 1, 2], [0, 1], [199], [0], [120, 121], [5]):
+            assert [frame_number(f) for f in reader.read(indices, 64, 96)] == indices
+
+
 def test_read_resizes_while_decoding_like_a_full_decode(counter):
     full, _ = video_io.load_video(counter)
     with VideoReader(counter) as reader:

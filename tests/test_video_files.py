@@ -94,6 +94,15 @@ def _config(source, vae_workdir, *extra):
     return config
 
 
+def test_a_broken_link_is_an_entry_with_its_error(tmp_path):
+    """Skipped and counted like any unreadable video, not left out of the listing unseen."""
+    (tmp_path / "a.mp4").write_bytes(b"")
+    (tmp_path / "b.mp4").symlink_to(tmp_path / "gone.mp4")
+    entries = video_files.list_folder(tmp_path)
+    assert [(e.key, bool(e.error)) for e in entries] == [("a.mp4", False), ("b.mp4", True)]
+    assert "b.mp4 is a link to a missing file" in entries[1].error
+
+
 def test_folder_and_manifest_entries(videos):
     folder = video_files.list_source(videos["folder"])[0]
     assert [e.key for e in folder] == sorted(videos["names"])

@@ -108,6 +108,8 @@ class VideoReader:
                                  f"{indices[-1]} was asked for")
         wanted = set(indices)
         try:
+            if indices[0] == 0 and self.decoded:  # an earlier read moved past the start
+                self._container.seek(0, stream=self._container.streams.video[0])
             got = self._decode(wanted, indices[0], height, width, seek=indices[0] > 0)
             if got is None:  # no timestamps or the seek overshot: count from the first frame
                 self._container.seek(0, stream=self._container.streams.video[0])

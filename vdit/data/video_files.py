@@ -62,12 +62,19 @@ class VideoEntry:
 
 
 def list_folder(folder: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[VideoEntry]:
-    """Videos under `folder` (sorted), captioned from `<name>.txt` sidecars or empty."""
+    """Videos under `folder` (sorted), captioned from `<name>.txt` sidecars or empty. A link to
+    a missing file is an entry with an error (skipped and counted, not silently left out)."""
     folder = Path(folder)
     exts = {e.lower() for e in extensions}
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    broken = lambda p: p.is_symlink() and not p.exists()
+    files = sorted(p for p in folder.rglob("*")
+                   if (p.is_file() or broken(p)) and p.suffix.lower() in exts)
     entries = []
     for path in files:
+        if broken(path):
+            entries.append(VideoEntry(str(path.absolute()), "", path.relative_to(folder).as_posix(),
+                                      error=f"{path} is a link to a missing file"))
+            continue
         sidecar = path.with_suffix(".txt")
         caption, error = "", ""
         try:
