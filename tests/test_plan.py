@@ -16,8 +16,7 @@ from vdit.data import pipeline
 from vdit.models.dit import build_dit
 from vdit.parallel.mesh import logical_rules, make_mesh
 from vdit.plan import weights as plan_weights
-from vdit.train import loop, optim, run_params
-from vdit.train.objective import make_dit_loss
+from vdit.train import experts, loop, optim, run_params
 from vdit.train.state import abstract_sharded, abstract_state
 from vdit.train.step import make_train_step
 
@@ -48,7 +47,7 @@ def _compiled_step_memory(config):
     state, sh = abstract_state(jax.eval_shape(trainable, jax.random.key(0)), tx,
                                jax.random.key(0), mesh, rules)
     fixed, fsh = abstract_sharded(frozen, jax.random.key(0), mesh, rules)
-    step = make_train_step(make_dit_loss(dit, text_model, config), tx, config.train.ema_decay)
+    step = make_train_step(experts.make_loss(dit, text_model, config), tx, config.train.ema_decay)
     jitted = jax.jit(step, in_shardings=(sh, fsh, pipeline.batch_sharding(mesh)),
                      out_shardings=(sh, None), donate_argnums=(0,))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -56,8 +55,16 @@ def _compiled_step_memory(config):
     return lowered.compile(compiler_options=FAST).memory_analysis()
 
 
-def test_plan_matches_the_compiled_step():
-    config = load_config(os.path.join(CONFIGS, "shapes_dit.py"), TINY)
+@pytest.mark.parametrize("recipe, extra", [
+    ("shapes_dit.py", []),
+    # two experts trained on half the rows each (the proxy differentiated one over all rows),
+    # micro-conditioning values in the batch (the plan's own batch lacked them: a KeyError, as
+    # for Wan2.1 I2V's image tokens)
+    ("shapes_moe.py", ["--config.experts.train=both",
+                       "--config.model.micro_conditioning=['fps']"]),
+])
+def test_plan_matches_the_compiled_step(recipe, extra):
+    config = load_config(os.path.join(CONFIGS, recipe), TINY + extra)
     # Both sides use the fused-kernel stand-in, so the comparison checks the method itself
     # (sharding arithmetic, proxy mesh, layer extrapolation, update ratio), not the CPU kernel.
     config.model.attention = "memory_proxy"
@@ -112,6 +119,9 @@ def test_analytic_bytes_scale_with_the_mesh():
     (["--tokens", "1001", "--config.mesh.sequence=8"], "1001 tokens per row do not divide"),
     (["--tokens", "1024", "--config.mesh.sequence=16"], "only 8 devices are here"),
     (["--tokens", "1024", "--proxy-layers", "3,2"], "two increasing positive counts"),
+    (["--tokens", "0"], "--tokens 0: expected a count >= 1"),
+    (["--tokens", "1024", "--rows", "-8"], "--rows -8: expected a count >= 1"),
+    (["--tokens", "1024", "--frames", "81", "--size", "720x1280"], "not both"),
     (["--config.data.rows_per_batch=12"], "rows_per_batch = 12 does not divide over data x "
                                            "fsdp = 256"),
 ])

@@ -127,6 +127,12 @@ def tokens_per_row(config, frames: int, height: int, width: int) -> int:
 def problem_from_args(config, args, mesh: dict) -> Problem:
     data = config.get("data", ml_collections.ConfigDict())
     note = ""
+    for flag in ("tokens", "rows", "text_len", "clip_tokens", "frames"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:  # 0 used to mean "the config's", silently
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: expected a count >= 1")
+    if args.tokens is not None and (args.frames or args.size):
+        raise ValueError("give --tokens or --frames and --size, not both")
     if args.tokens:
         tokens = int(args.tokens)
     elif args.frames or args.size:
@@ -259,9 +265,7 @@ def run_cli(args) -> int:
 
 def clip_tokens_of(config, args, problem: Problem) -> int:
     """--clip-tokens, else the clip of config.data (frames, height, width), else the whole row."""
-    if getattr(args, "clip_tokens", None):
-        if args.clip_tokens < 1:
-            raise ValueError(f"--clip-tokens={args.clip_tokens}: expected >= 1")
+    if getattr(args, "clip_tokens", None):  # >= 1: checked with the other counts
         return int(args.clip_tokens)
     data = config.get("data", {})
     if not (args.tokens or args.frames) and all(k in data for k in ("frames", "height", "width")):

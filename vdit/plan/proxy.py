@@ -19,7 +19,6 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from vdit.data.pipeline import batch_sharding
@@ -27,8 +26,8 @@ from vdit.models import lora
 from vdit.models.dit import build_dit
 from vdit.parallel.mesh import make_mesh
 from vdit.plan.weights import per_device_bytes, text_in_step, weights_fn
-from vdit.train import optim, run_params
-from vdit.train.objective import make_dit_loss
+from vdit.train import experts, optim, run_params
+from vdit.train.loop import batch_spec
 from vdit.train.state import abstract_like, abstract_state
 from vdit.train.step import make_train_step
 
@@ -61,18 +60,12 @@ def proxy_mesh_sizes(mesh: dict, local_devices: int) -> dict:
     return {"data": data, "fsdp": fsdp, "tensor": t, "sequence": s}
 
 
-def abstract_batch(dit, rows: int, tokens: int, text_len: int, text_ids: bool) -> dict:
-    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    text = (i32(rows, text_len) if text_ids
-            else jax.ShapeDtypeStruct((rows, text_len, dit.text_dim), jnp.float32))
-    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    # clean latents (z channels) plus, for an I2V-capable model, the condition tokens
-    batch = {"tokens": f32(rows, tokens, dit.token_out_dim),
-             "positions": i32(rows, tokens, 3), "segment_ids": i32(rows, tokens), "text": text,
-             "text_segment_ids": i32(rows, text_len), "text_positions": i32(rows, text_len)}
-    if dit.token_in_dim > dit.token_out_dim:
-        batch["cond_tokens"] = f32(rows, tokens, dit.token_in_dim - dit.token_out_dim)
-    return batch
+def abstract_batch(cfg, dit, rows: int, tokens: int, text_len: int, text_ids: bool) -> dict:
+    """The trainer's batch (`loop.batch_spec`: I2V condition tokens, CLIP image tokens, micro
+    values as the config has them) at the plan's rows x tokens and text length."""
+    sized = ml_collections.ConfigDict(cfg.to_dict())
+    sized.data.update(dict(rows_per_batch=rows, tokens_per_row=tokens, text_per_row=text_len))
+    return batch_spec(sized, dit, None if text_ids else dit.text_dim)
 
 
 def compile_proxy(cfg, layers: int, sizes: dict, rows: int, problem, rules,
@@ -86,9 +79,9 @@ def compile_proxy(cfg, layers: int, sizes: dict, rows: int, problem, rules,
     trainable, frozen = jax.eval_shape(weights_fn(cfg, dit), key)
     mesh = make_mesh(sizes, devices=jax.devices()[:math.prod(sizes.values())])
     text_ids = text_in_step(cfg)
-    batch = abstract_batch(dit, rows, problem.tokens, problem.text_len, text_ids)
+    batch = abstract_batch(cfg, dit, rows, problem.tokens, problem.text_len, text_ids)
     text_model = run_params.build_text_model(cfg) if text_ids else None
-    loss_fn = lora.wrap_loss(make_dit_loss(dit, text_model, cfg), cfg)
+    loss_fn = lora.wrap_loss(experts.make_loss(dit, text_model, cfg), cfg)  # the trainer's loss
     # The trainer's abstract state and frozen weights, with its shardings (vdit/train/state.py).
     fixed, fixed_sh = abstract_like(frozen, mesh, rules)
     if full_step:
