@@ -176,6 +176,10 @@ def test_captions_precedence_and_sidecars(tmp_path):
     bad = {"captions": [{"start": 0}]}
     with pytest.raises(ValueError, match=r"captions\[0\]"):
         captions.original_caption(None, bad, 0, 1, where="v.json")
+    # checked when read, so curate loses the captions (a warning), not the video's clips
+    (tmp_path / "v.json").write_text(json.dumps({"captions": [{"start": 0, "caption": "x"}]}))
+    with pytest.raises(ValueError, match=r"v.json: captions\[0\] = .*expected"):
+        captions.read_sidecar(video)
 
 
 def test_captioner_loading(cfg, caplog):

@@ -198,6 +198,11 @@ def test_manifest_input_captions_and_scorers(videos, tmp_path):
     manifest.write_text('{"caption": "no path"}\n')
     with pytest.raises(ValueError, match="line 1: expected an object with a \"path\""):
         list_inputs(str(manifest), (".mp4",))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty' holds no videos"):
+        curate(config, str(tmp_path / "empty"), str(tmp_path / "out2"))
+    with pytest.raises(ValueError, match="--num-shards 0: expected a count >= 1"):
+        curate(config, str(videos), str(tmp_path / "out2"), 0, 0)
     with pytest.raises(FileNotFoundError, match="expected a folder of videos or a .jsonl"):
         list_inputs(str(tmp_path / "missing"), (".mp4",))
 

@@ -81,6 +81,7 @@ def test_shapes_chain_on_gcs(gcs, capsys):
 
 @pytest.mark.parametrize("path, message", [
     ("ftp://host/runs/dit", "unsupported scheme ftp://"),
+    ("gs:/bucket/runs/dit", "a remote path starts with gs:// (two slashes)"),
     ("gs://no-such-bucket/runs/dit", "gs://no-such-bucket"),
 ])
 def test_bad_paths_fail_before_work(gcs, capsys, path, message):

@@ -38,23 +38,33 @@ def read_sidecar(video_path: str | Path) -> dict | None:
         if not isinstance(data, dict) or not ({"caption", "captions"} & data.keys()):
             raise ValueError(f"caption sidecar {json_path} must be an object with \"caption\" "
                              "or \"captions\" ([{start, end, caption}] in seconds)")
+        if "captions" in data:  # checked whole here, so a bad entry costs the captions only
+            data["captions"] = _checked_entries(data["captions"], json_path)
         return data
     if txt_path.is_file():
         return {"caption": txt_path.read_text().strip()}
     return None
 
 
+def _checked_entries(entries, where) -> list[dict]:
+    """[{start, end, caption}] with float times and text captions; a bad entry is named."""
+    checked = []
+    for i, entry in enumerate(entries if isinstance(entries, list) else [entries]):
+        try:
+            checked.append({**entry, "start": float(entry["start"]), "end": float(entry["end"]),
+                            "caption": str(entry["caption"])})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"caption sidecar {where}: captions[{i}] = {entry!r:.200}; expected "
+                             "{\"start\": seconds, \"end\": seconds, \"caption\": text}") from e
+    return checked
+
+
 def _best_overlap(entries: list, start_s: float, end_s: float, where: str) -> str:
     best, best_overlap = "", 0.0
-    for i, entry in enumerate(entries):
-        try:
-            overlap = min(end_s, float(entry["end"])) - max(start_s, float(entry["start"]))
-            caption = str(entry["caption"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"caption sidecar {where}: captions[{i}] = {entry!r}; expected "
-                             "{\"start\": seconds, \"end\": seconds, \"caption\": text}") from e
+    for entry in _checked_entries(entries, where):
+        overlap = min(end_s, entry["end"]) - max(start_s, entry["start"])
         if overlap > best_overlap:
-            best, best_overlap = caption, overlap
+            best, best_overlap = entry["caption"], overlap
     return best
 
 

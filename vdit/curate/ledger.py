@@ -92,17 +92,11 @@ def _read(path: str) -> tuple[list[dict], bool]:
 
 
 def _rewrite(path: str, lines: list[dict]) -> None:
-    text = "".join(json.dumps(line) + "\n" for line in lines)
+    """The ledger replaced by `lines`, atomically (a crash leaves the old file or the new)."""
     target = runs.user_path(path)
-    if runs.is_remote(path):
-        target.write_text(text)  # one object write: atomic on an object store
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = target.parent / f"{target.name}.tmp{os.getpid()}"
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tmp.replace(target)
 
 
 def append_lines(path: str, lines: list[dict]) -> None:

@@ -160,10 +160,16 @@ def curate(config, input_path: str, output: str, shard: int = 0, num_shards: int
     config names (None = build from the config)."""
     cfg = config.curate
     check_curate_config(cfg)
+    if num_shards < 1:
+        raise ValueError(f"--num-shards {num_shards}: expected a count >= 1")
     if not 0 <= shard < num_shards:
         raise ValueError(f"--shard {shard} is outside [0, --num-shards {num_shards})")
-    items = [it for it in list_inputs(input_path, cfg.input.extensions)
-             if shard_of(it.source, num_shards) == shard]
+    items = list_inputs(input_path, cfg.input.extensions)
+    if not items:  # a mistyped folder would otherwise "succeed" with nothing done
+        raise FileNotFoundError(f"--input {input_path!r} holds no videos (looked for suffixes "
+                                f"{list(cfg.input.extensions)}, config key "
+                                "'curate.input.extensions')")
+    items = [it for it in items if shard_of(it.source, num_shards) == shard]
     if runs.user_path(output).exists() and not runs.user_path(output).is_dir():
         raise ValueError(f"--output {output!r} is a file, not a folder")
     runs.user_path(output).mkdir(parents=True, exist_ok=True)  # gs:// too

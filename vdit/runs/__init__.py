@@ -35,6 +35,10 @@ STATS_FILE = "stats.json"
 def user_path(path: str | os.PathLike, what: str = "path") -> epath.Path:
     """A user-given path -> epath.Path; an unsupported scheme is a ValueError naming it."""
     text = os.fspath(path)
+    for scheme in REMOTE_SCHEMES:  # "gs:/bucket" would be a local folder named "gs:"
+        if text.startswith(f"{scheme}:") and not text.startswith(f"{scheme}://"):
+            raise ValueError(f"{what} {text!r}: a remote path starts with {scheme}:// (two "
+                             "slashes)")
     if "://" in text:
         scheme = text.split("://", 1)[0]
         if scheme not in REMOTE_SCHEMES:
