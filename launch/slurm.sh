@@ -39,6 +39,9 @@ EXTRA=()
 
 parse() {
   while [[ $# -gt 0 ]]; do
+    if [[ "$1" =~ ^--(nodes|gpus-per-node|partition|time|account|config|workdir|port|venv|shards|gpus|input|output)$ && $# -lt 2 ]]; then
+      die "$1 needs a value"
+    fi
     case "$1" in
       --dry-run) DRY_RUN=1 ;;
       --nodes) NODES="$2"; shift ;;
@@ -69,6 +72,7 @@ parse() {
   done
   need "a command" "$COMMAND" "submit, curate, encode, logs or cancel"
   [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$NODES'"
+  [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node must be a positive integer, got '$GPUS'"
 }
 
 submit() {
@@ -105,6 +109,7 @@ submit_data() {
   [[ -z "$VENV" ]] || args+=(--venv "$VENV")
   [[ ${#EXTRA[@]} -eq 0 ]] || args+=(-- "${EXTRA[@]}")
   local gpus="${DATA_GPUS:-$([[ "$COMMAND" == encode ]] && echo 1 || echo 0)}"
+  [[ "$gpus" =~ ^[0-9]+$ ]] || die "--gpus must be a whole number, got '$gpus'"
   local script options=(--array="0-$((SHARDS - 1))")
   script="$(dirname "${BASH_SOURCE[0]}")/slurm_data.sbatch"
   [[ "$gpus" == 0 ]] || options+=(--gpus="$gpus")

@@ -50,6 +50,9 @@ META="http://metadata.google.internal/computeMetadata/v1/instance/attributes"
 
 parse() {
   while [[ $# -gt 0 ]]; do
+    if [[ "$1" =~ ^--(name|zone|project|accelerator|version|config|workdir|worker|input|output|log|remote-dir)$ && $# -lt 2 ]]; then
+      die "$1 needs a value"
+    fi
     case "$1" in
       --dry-run) DRY_RUN=1 ;;
       --name) NAME="$2"; shift ;;
@@ -94,47 +97,61 @@ create() {
 }
 
 install() {
-  local root tarball
+  local root tarball dir
   root="$(repo_root)"
+  printf -v dir '%q' "$REMOTE_DIR"
   tarball="${TMPDIR:-/tmp}/vdit-src.tar.gz"
   # Ship the checkout (no venv, runs or caches), unpack and install it on every worker.
   run tar -czf "$tarball" -C "$root" --exclude=.venv --exclude=runs --exclude=demo_out \
     --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' .
   tpu scp "$tarball" "$NAME:vdit-src.tar.gz" --worker=all
-  local setup="mkdir -p $REMOTE_DIR && tar -xzf vdit-src.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR"
+  local setup="mkdir -p $dir && tar -xzf vdit-src.tar.gz -C $dir && cd $dir"
   setup+=" && python3 -m venv .venv && .venv/bin/pip install -q -U pip"
   setup+=" && .venv/bin/pip install -q -e . 'jax[tpu]'"
   tpu ssh "$NAME" --worker=all --command="$setup"
 }
 
+# The flags a command needs, checked before anything runs (`up` would otherwise create a paid
+# slice and install on it before finding --config missing).
+check() {
+  case "$COMMAND" in
+    train|up)
+      need "--config" "$CONFIG" "--config configs/FILE.py"
+      need "--workdir" "$WORKDIR" "--workdir gs://BUCKET/RUN" ;;
+    curate)
+      need "--input" "$INPUT" "--input DIR (videos every worker can read)"
+      need "--output" "$OUTPUT" "--output gs://BUCKET/CLIPS" ;;
+    encode)
+      need "--config" "$CONFIG" "--config configs/FILE.py"
+      need "--workdir" "$WORKDIR" "--workdir gs://BUCKET/RUN" ;;
+  esac
+}
+
 train() {
-  need "--config" "$CONFIG" "--config configs/FILE.py"
-  need "--workdir" "$WORKDIR" "--workdir gs://BUCKET/RUN"
-  local flags
+  local flags dir log
   printf -v flags ' %q' --config "$CONFIG" --workdir "$WORKDIR" --distributed on "${EXTRA[@]}"
+  printf -v dir '%q' "$REMOTE_DIR"
+  printf -v log '%q' "$LOG"
   # Every worker runs the same command; JAX finds the other hosts from the TPU VM metadata.
-  local start="cd $REMOTE_DIR && nohup .venv/bin/python -m vdit train$flags > ~/$LOG 2>&1 &"
+  local start="cd $dir && nohup .venv/bin/python -m vdit train$flags > ~/$log 2>&1 &"
   tpu ssh "$NAME" --worker=all --command="$start"
 }
 
 # vdit curate / vdit encode on every worker, each its own shard (--distributed off: the workers
 # never talk to each other; outputs are merged by name in the shared folder).
 data_job() {
-  local command="$1" flags
+  local command="$1" flags dir
   if [[ "$command" == curate ]]; then
-    need "--input" "$INPUT" "--input DIR (videos every worker can read)"
-    need "--output" "$OUTPUT" "--output gs://BUCKET/CLIPS"
     local args=(--input "$INPUT" --output "$OUTPUT")
     [[ -z "$CONFIG" ]] || args=(--config "$CONFIG" "${args[@]}")
   else
-    need "--config" "$CONFIG" "--config configs/FILE.py"
-    need "--workdir" "$WORKDIR" "--workdir gs://BUCKET/RUN"
     local args=(--config "$CONFIG" --workdir "$WORKDIR")
   fi
+  printf -v dir '%q' "$REMOTE_DIR"
   printf -v flags ' %q' "${args[@]}" --distributed off
   local tail="" get="curl -sf -H Metadata-Flavor:Google $META"
   [[ ${#EXTRA[@]} -eq 0 ]] || printf -v tail ' %q' "${EXTRA[@]}"
-  local start="cd $REMOTE_DIR || exit 1"
+  local start="cd $dir || exit 1"
   start+="; W=\$($get/agent-worker-number) && N=\$($get/worker-network-endpoints | tr , '\\n' | grep -c .)"
   start+=" || { echo 'no TPU worker number from the metadata server' >&2; exit 1; }"
   start+="; nohup .venv/bin/python -m vdit $command$flags --shard \$W --num-shards \$N$tail"
@@ -143,7 +160,9 @@ data_job() {
 }
 
 logs() {
-  tpu ssh "$NAME" --worker="$WORKER" --command="tail -n 200 -F ~/$LOG"
+  local log
+  printf -v log '%q' "$LOG"
+  tpu ssh "$NAME" --worker="$WORKER" --command="tail -n 200 -F ~/$log"
 }
 
 delete() {
@@ -152,6 +171,7 @@ delete() {
 
 main() {
   parse "$@"
+  check
   case "$COMMAND" in
     create) create ;;
     install) install ;;

@@ -85,6 +85,9 @@ def test_tpu_vm_logs_delete_and_project(env):
     ([*TPU], "a command is required"),
     (["create", "delete", *TPU], "two commands given"),
     (["create", *TPU, "--bogus"], "unknown argument '--bogus'"),
+    # checked before the slice is created (a paid slice, then the install, then this error)
+    (["up", *TPU, "--workdir", "gs://b/r"], "--config is required"),
+    (["create", *TPU, "--project"], "--project needs a value"),
 ])
 def test_tpu_vm_bad_input(env, args, message):
     proc = _run(env, "tpu_vm.sh", "--dry-run", *args, ok=False)
@@ -182,6 +185,11 @@ def test_slurm_data_task_inside_an_array(env):
      "--shards must be a positive integer"),
     (["encode", "--shards", "2", "--config", "c"], "--workdir is required"),
     (["curate", "--shards", "2", "--output", "o"], "--input is required"),
+    (["encode", "--shards", "2", "--gpus", "x", "--config", "c", "--workdir", "w"],
+     "--gpus must be a whole number"),
+    (["submit", "--config", "c", "--workdir", "w", "--gpus-per-node", "x"],
+     "--gpus-per-node must be a positive integer"),
+    (["submit", "--config"], "--config needs a value"),
 ])
 def test_slurm_data_bad_input(env, args, message):
     assert message in _run(env, "slurm.sh", "--dry-run", *args, ok=False).stderr
