@@ -8,6 +8,7 @@ import pytest
 from vdit.data import video_io
 from vdit.data.clip_decode import VideoReader, cover_size
 from vdit.data.counter_video import frame_number, write_counter_video
+from vdit.data.video_files import ClipTooShortError, clip_indices
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,25 @@ def test_read_resizes_while_decoding_like_a_full_decode(counter):
     reference = video_io.resize_and_crop(full[[100, 101]], 24, 24)
     assert np.abs(clip.astype(int) - reference.astype(int)).mean() < 6
     assert cover_size(1080, 1920, 256, 256) == (256, 455)
+
+
+def test_variable_frame_rate_frames_by_timestamp(tmp_path):
+    """A phone-style variable frame rate (10 fps, then 30, then 10): frames are numbered by the
+    rank of their timestamps (timestamp x average fps repeats and skips numbers: wrong frames, or
+    'ended before frame N'), and resampling picks the frame nearest each time."""
+    times = np.concatenate([np.arange(10) / 10, 1 + np.arange(60) / 30, 3 + np.arange(10) / 10])
+    path = tmp_path / "vfr.mp4"
+    write_counter_video(path, len(times), 20.0, 64, 96, gop=25, times=times)
+    with VideoReader(path) as reader:
+        assert reader.num_frames == 80
+        np.testing.assert_allclose(reader.times, times, atol=1e-3)
+        assert [frame_number(f) for f in reader.read([31, 32, 33], 64, 96)] == [31, 32, 33]
+        idx = clip_indices(80, reader.fps, 8, 4.0, times=reader.times)  # 1.75 s of the middle
+        got = [frame_number(f) for f in reader.read(idx, 64, 96)]
+    wanted = (times[-1] - 1.75) / 2 + np.arange(8) / 4.0
+    assert got == [int(np.abs(times - t).argmin()) for t in wanted]
+    with pytest.raises(ClipTooShortError, match="lasts 3.900 s"):
+        clip_indices(80, 20.0, 17, 4.0, times=times)
 
 
 def test_frame_count_without_a_stored_count(tmp_path):

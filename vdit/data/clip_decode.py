@@ -1,14 +1,16 @@
 """Bounded-memory clip decode: a few frames of a video file, resized while decoding, after a seek
 to the keyframe before the first one; a long high-resolution video never sits in memory whole.
 
-`VideoReader(path)` opens a file and knows its frame count (the container's, else counted from
-the demuxed packets, which decodes nothing) and fps; `reader.read(indices, height, width)`
-returns frames [T, height, width, 3] uint8 at those source frame numbers, each scaled while it is
-decoded (PyAV/swscale: area filter when shrinking, bicubic when growing) to cover height x width
-and center-cropped. Frames are numbered from the start of the video in presentation order, as
-`vdit curate` numbers them: from the frame's timestamp after a seek, by counting when the file
-has no timestamps or its seek lands past the first wanted frame (then decoding restarts from the
-first frame; still one frame held at a time). Memory is O(T x height x width) plus the decoder's
+`VideoReader(path)` opens a file and knows its frame count and each frame's time (`times`,
+seconds from the first frame), from the demuxed packets (which decodes nothing), and its average
+fps; `reader.read(indices, height, width)` returns frames [T, height, width, 3] uint8 at those
+source frame numbers, each scaled while it is decoded (PyAV/swscale: area filter when shrinking,
+bicubic when growing) to cover height x width and center-cropped. Frames are numbered from the
+start of the video in presentation order, as `vdit curate` numbers them: by the rank of the
+frame's timestamp among the packets' after a seek (right for variable frame rates, where
+timestamp x average fps repeats and skips numbers), by counting when the file has no timestamps
+or its seek lands past the first wanted frame (then decoding restarts from the first frame; still
+one frame held at a time). Memory is O(T x height x width) plus the decoder's
 reference frames, independent of the video's length and native resolution. Frames come upright
 (a phone's display rotation applied, as players do). Unreadable files,
 and files that fail part way, raise `VideoReadError` naming the file.
@@ -34,7 +36,9 @@ def cover_size(height: int, width: int, target_h: int, target_w: int) -> tuple[i
 
 
 class VideoReader:
-    """An open video file: `num_frames`, `fps` (0.0 when the file gives none), `read`;
+    """An open video file: `num_frames`, `height`, `width` (as stored, before any display
+    rotation), `fps` (average; 0.0 when the file gives none), `times`
+    [num_frames] (seconds from the first frame; None when the file has no timestamps), `read`;
     `decoded` counts the frames decoded so far (what a seek saves)."""
 
     def __init__(self, path: str | Path):
@@ -47,9 +51,15 @@ class VideoReader:
             stream = self._stream(self._container)
             rate = stream.average_rate or stream.guessed_rate
             self.fps = float(rate) if rate else 0.0
+            self.height, self.width = stream.height, stream.width  # as stored (not rotated)
             self._time_base = stream.time_base
             self._start_pts = stream.start_time or 0
-            self.num_frames = stream.frames if stream.frames > 0 else self._count_packets()
+            self.num_frames, self._pts = self._scan_packets()
+            # frame number = rank of its timestamp: right for variable frame rates too, where
+            # timestamp x average fps repeats and skips numbers
+            self._rank = None if self._pts is None else {int(p): i for i, p in enumerate(self._pts)}
+            self.times = (None if self._pts is None
+                          else (self._pts - self._pts[0]).astype(np.float64) * float(self._time_base))
         except BaseException:
             self._container.close()
             raise
@@ -79,20 +89,27 @@ class VideoReader:
         stream.thread_type = "AUTO"
         return stream
 
-    def _count_packets(self) -> int:
-        """Frames of a container that does not store its count: one per video packet (demuxing
-        only; nothing is decoded). Reopens the file afterwards, positioned at its start."""
+    def _scan_packets(self) -> tuple[int, np.ndarray | None]:
+        """(frame count, sorted presentation timestamps or None when some packet has none): one
+        frame per video packet, from demuxing only (nothing is decoded; packets the decoder
+        drops, e.g. an edit list's priming, are left out). Reopens the file afterwards,
+        positioned at its start."""
         try:
-            count = sum(1 for p in self._container.demux(self._stream(self._container))
-                        if p.size)
+            stamps = [p.pts for p in self._container.demux(self._stream(self._container))
+                      if p.size and not p.is_discard]
         except AV_ERRORS as e:
             raise VideoReadError(f"cannot read video {self.path}: {e}") from e
         self._container.close()
         self._container = self._open()
-        return count
+        if any(t is None for t in stamps) or len(set(stamps)) != len(stamps):
+            return len(stamps), None
+        return len(stamps), np.sort(np.asarray(stamps, np.int64))
 
-    def _index(self, frame, fallback: int) -> int:
-        """Frame number of a decoded frame: from its timestamp, else the decode count."""
+    def _index(self, frame, fallback: int) -> int | None:
+        """Frame number of a decoded frame: the rank of its timestamp among the packets' (None
+        when it is not one of them); without timestamps, the decode count."""
+        if self._rank is not None:
+            return None if frame.pts is None else self._rank.get(int(frame.pts))
         if frame.pts is None or not self.fps:
             return fallback
         return round(float((frame.pts - self._start_pts) * self._time_base) * self.fps)
@@ -130,16 +147,21 @@ class VideoReader:
         number frames reliably (no timestamps after a seek, or the seek landed past `first`)."""
         stream = self._container.streams.video[0]
         if seek:
-            if not self.fps:
+            if self._pts is not None:
+                offset = int(self._pts[first])
+            elif self.fps:
+                offset = self._start_pts + int(first / self.fps / self._time_base)
+            else:
                 return None
-            offset = self._start_pts + int(first / self.fps / self._time_base)
             self._container.seek(offset, stream=stream, backward=True)
         got, last, size = {}, max(wanted), None
         for count, frame in enumerate(self._container.decode(stream)):
             self.decoded += 1
-            if seek and frame.pts is None:
-                return None
             number = self._index(frame, count)
+            if number is None:  # a timestamp no packet had: number by counting from the start
+                if seek:
+                    return None
+                number = count
             if seek and count == 0 and number > first:
                 return None
             if number in wanted and number not in got:

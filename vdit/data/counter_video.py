@@ -9,6 +9,7 @@ preset and a keyframe only every `gop` frames, as in camera and web video.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -26,8 +27,9 @@ def _block(height: int, width: int, bit: int) -> tuple[slice, slice]:
 
 
 def write_counter_video(path: str | Path, frames: int, fps: float, height: int, width: int,
-                        gop: int = 250) -> None:
-    """An mp4 of `frames` frames height x width (even sizes) at `fps`, keyframes every `gop`."""
+                        gop: int = 250, times: Sequence[float] | None = None) -> None:
+    """An mp4 of `frames` frames height x width (even sizes) at `fps`, keyframes every `gop`;
+    `times` (seconds, one per frame, increasing) makes it a variable-frame-rate video."""
     if height % 2 or width % 2 or width < 4 * (BITS + 2) or frames > 2**BITS:
         raise ValueError(f"counter video needs even sizes, width >= {4 * (BITS + 2)} and at "
                          f"most {2**BITS} frames; got {height}x{width}, {frames} frames")
@@ -38,6 +40,8 @@ def write_counter_video(path: str | Path, frames: int, fps: float, height: int, 
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"preset": "ultrafast", "crf": "28", "g": str(gop),
                           "keyint_min": str(gop), "sc_threshold": "0"}
+        if times is not None:  # timestamps in milliseconds
+            stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
         for number in range(frames):
             luma = base.copy()
             for bit in range(BITS):
@@ -45,7 +49,9 @@ def write_counter_video(path: str | Path, frames: int, fps: float, height: int, 
             frame = av.VideoFrame(width, height, "yuv420p")
             for plane, data in zip(frame.planes, (luma, chroma, chroma), strict=True):
                 _fill(plane, data)
-            frame.pts = number
+            frame.pts = number if times is None else round(1000 * times[number])
+            if times is not None:
+                frame.time_base = Fraction(1, 1000)
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
 

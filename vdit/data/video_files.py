@@ -162,9 +162,17 @@ def list_source(source: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS
 
 
 def clip_indices(num_source: int, source_fps: float, frames: int, target_fps: float,
-                 where: str = "video") -> np.ndarray:
+                 where: str = "video", times: np.ndarray | None = None) -> np.ndarray:
     """Indices [frames] of a window in the middle of a num_source-frame video: every source frame
-    (target_fps <= 0 or unknown source fps) or resampled to target_fps. Too short: ClipTooShortError."""
+    (target_fps <= 0 or unknown source fps) or resampled to target_fps: the frame nearest each
+    time, from source_fps, or from the frames' own `times` (seconds, [num_source]) when given and
+    off the constant-rate grid by more than a quarter frame (a variable frame rate; a container's
+    millisecond rounding stays on the grid). Too short: ClipTooShortError."""
+    if target_fps > 0 and times is not None and len(times) == num_source:
+        times = np.asarray(times, np.float64) - times[0]
+        grid = np.arange(num_source) / source_fps if source_fps > 0 else None
+        if grid is None or np.abs(times - grid).max() > 0.25 / source_fps:
+            return _nearest_frames(times, frames, target_fps, where)
     if target_fps <= 0 or source_fps <= 0:
         if num_source < frames:
             raise ClipTooShortError(f"{where} has {num_source} frames; the clip needs {frames}")
@@ -174,6 +182,20 @@ def clip_indices(num_source: int, source_fps: float, frames: int, target_fps: fl
         raise ClipTooShortError(f"{where} has {num_source} frames at {source_fps:g} fps; the clip "
                                 f"needs {frames} frames at {target_fps:g} fps")
     return video_io.sample_indices(num_source, source_fps, frames, target_fps, latest / 2)
+
+
+def _nearest_frames(times: np.ndarray, frames: int, target_fps: float, where: str) -> np.ndarray:
+    """The frame nearest each of `frames` times 1/target_fps apart, in the middle of `times`
+    (ties go to the later frame, as video_io.sample_indices rounds)."""
+    span = (frames - 1) / target_fps
+    latest = times[-1] - span
+    if latest < -1e-9:
+        raise ClipTooShortError(f"{where} lasts {times[-1]:.3f} s ({len(times)} frames); the "
+                                f"clip needs {frames} frames at {target_fps:g} fps ({span:.3f} s)")
+    wanted = max(0.0, latest) / 2 + np.arange(frames) / target_fps
+    after = np.clip(np.searchsorted(times, wanted), 1, len(times) - 1)
+    later = times[after] - wanted <= wanted - times[after - 1] + 1e-9
+    return np.where(later, after, after - 1) if len(times) > 1 else np.zeros(frames, np.int64)
 
 
 class VideoClipSource(grain.sources.RandomAccessDataSource):
@@ -220,7 +242,8 @@ class VideoClipSource(grain.sources.RandomAccessDataSource):
                 raise FrameRangeError(f"video {entry.file} has {reader.num_frames} frames; its "
                                       f"manifest line asks for frames [{start}, {end})")
             where = f"video {entry.file}" + (f" frames [{start}, {end})" if entry.frames else "")
-            idx = clip_indices(end - start, reader.fps, frames, self._fps, where)
+            times = None if reader.times is None else reader.times[start:end]
+            idx = clip_indices(end - start, reader.fps, frames, self._fps, where, times)
             clip = reader.read(start + idx, height, width)
         meta = {**entry.meta, "index": index, "file": entry.key, "source_frames": end - start,
                 "source_fps": reader.fps, "fps": self._fps if self._fps > 0 else reader.fps,
