@@ -72,7 +72,10 @@ def test_distill_is_finite_falls_and_resumes_exactly(teacher):
     b, saved = checkpoint.load_params(str(root / "b"), "params")
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert set(a) == {"dit"}  # the teacher copy is frozen: never trained nor checkpointed
-    assert saved["train"]["init_from"] == teacher["run"] and saved["sample"]["guidance"] == 1.0
+    # the teacher pinned at the step it had when the student started
+    teacher_step = os.path.join(teacher["run"], "checkpoints",
+                                str(checkpoint.latest_step(teacher["run"])))
+    assert saved["train"]["init_from"] == teacher_step and saved["sample"]["guidance"] == 1.0
 
 
 def test_discrete_consistency_method_trains(teacher):
@@ -214,9 +217,17 @@ def test_bad_distill_settings_fail_naming_the_key(teacher, tmp_path):
     # the teacher's latents (and model, text, VAE) unless the recipe names other latents
     assert prepare(_student_config("shapes_distill", teacher["run"])).data.latents_dir == \
         os.path.abspath(teacher["latents"])
+    # a two-expert teacher (its low-noise expert was dropped silently): a checkpoint whose config
+    # has an experts section is enough to be refused
+    moe = load_config(os.path.join(CONFIGS, "shapes_moe.py"), TINY)
+    manager = checkpoint.make_manager(str(tmp_path / "moe"), moe.checkpoint, with_data=False)
+    checkpoint.save(manager, 1, {"ema": {"dit": np.zeros(1, np.float32)}}, moe)
+    manager.wait_until_finished()
+    with pytest.raises(ValueError, match="is a two-expert .* run; distillation takes a one-DiT"):
+        prepare(_student_config("shapes_distill", str(tmp_path / "moe")))
 
 
-def test_lora_student_through_the_wan_recipe(tmp_path):
+def test_lora_student_through_the_wan_recipe(tmp_path, capsys):
     """configs/wan2_1_t2v_1_3b_distill.py at tiny sizes: the real Wan modules (qk norm, bf16,
     remat), a LoRA student on the frozen teacher, jvp through them; only the adapter trains."""
     latents = write_shards(str(tmp_path / "latents"), VIDEOS)
@@ -246,4 +257,10 @@ def test_lora_student_through_the_wan_recipe(tmp_path):
     for key, value in want.items():
         np.testing.assert_array_equal(written[key], value)
     meta = json.loads(open(os.path.join(out, "adapter_config.json")).read())
-    assert meta["rank"] == 2 and meta["base"] == teacher and meta["sample"]["steps"] == 4
+    assert meta["rank"] == 2 and meta["sample"]["steps"] == 4
+    assert meta["base"].startswith(os.path.join(teacher, "checkpoints", ""))  # the pinned step
+    assert meta["base_weights"] in ("params", "ema")
+    # diffusers has no scheduler for the student's step grid: refused, not a folder that fails
+    assert cli.main(["convert", "--from", "vdit", "--to", "diffusers", "--src",
+                     str(tmp_path / "student"), "--out", str(tmp_path / "diffusers")]) == 1
+    assert "few-step student" in capsys.readouterr().err

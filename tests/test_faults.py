@@ -189,6 +189,7 @@ def test_two_curate_workers_on_one_shard(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "v.mp4").write_bytes(b"")  # an input folder with a video to curate
     other = _live_pid()
     try:
         with open(out / ".lock-00000-of-00001", "w") as f:

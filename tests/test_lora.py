@@ -259,3 +259,25 @@ def test_lora_resume_refuses_other_adapters(runs):
     config = tiny_config("shapes_lora", runs["latents"], *runs["extra"], "--config.lora.rank=4")
     with pytest.raises(ValueError, match=r"lora\.rank: checkpoint 2 -> now 4"):
         loop.train(config, runs["run"])
+
+
+def test_the_base_is_pinned_when_the_lora_run_starts(runs):
+    """The base run trains on after the LoRA run started: the LoRA run keeps the base step it
+    trained against (its saved config names that step folder), and resumes on it. (Last in this
+    file: it moves the shared base run on.)"""
+    before, saved = init_from.run_weights(runs["run"], "params")
+    assert saved["train"]["init_from"] == os.path.join(runs["base"], "checkpoints", "2")
+    assert saved["encode"]["vae_workdir"].startswith("/")  # found from any directory
+    train_tiny("shapes_dit", runs["base"], runs["latents"], 2,
+               f"--config.encode.vae_workdir={runs['root'] / 'vae'}")  # the base: steps 3, 4
+    after, _ = init_from.run_weights(runs["run"], "params")
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    history = train_tiny("shapes_lora", runs["run"], runs["latents"], 2, *runs["extra"])
+    assert [h["step"] for h in history] == [3, 4]
+    _, saved = checkpoint.load_params(runs["run"], "params")
+    assert saved["train"]["init_from"] == os.path.join(runs["base"], "checkpoints", "2")
+    config = tiny_config("shapes_lora", runs["latents"], *runs["extra"],
+                         "--config.train.init_from_weights=ema")
+    with pytest.raises(ValueError, match=r"train\.init_from_weights: checkpoint 'params' -> now "
+                                         r"'ema'"):
+        loop.train(config, runs["run"])

@@ -113,7 +113,8 @@ def test_stage_chain_starts_from_previous_stage(stage1):
     assert [h["step"] for h in history] == [1, 2] and all(np.isfinite(h["loss"]) for h in history)
     start, _ = init_from.run_weights(stage1["workdir"], "params")
     after, saved = checkpoint.load_params(workdir, "params")
-    assert saved["train"]["init_from"] == os.path.abspath(stage1["workdir"])
+    assert saved["train"]["init_from"] == os.path.join(os.path.abspath(stage1["workdir"]),
+                                                       "checkpoints", "2")  # pinned at start
     # Two Adam steps move each trained weight by at most ~2 lr; a fresh (seed 1) init is far away.
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)), after,
                                          {k: start[k] for k in after}))

@@ -198,6 +198,18 @@ def test_experts_config_errors_name_the_key(tmp_path):
         experts.check_config(config)
 
 
+def test_a_two_expert_run_refuses_a_one_dit_source(runs):
+    """init_from a one-DiT run: the low-noise expert kept its seed init (train both / low) or hit
+    a bare KeyError (train high, where it is frozen); now an error names the missing expert."""
+    one = str(runs["root"] / "one_dit")
+    train_tiny("shapes_dit", one, runs["latents"], 2, *runs["extra"])
+    for train in ("both", "high"):
+        with pytest.raises(ValueError, match=r"has no \['dit_2'\] \(it holds \['dit', 'text'\]\)"):
+            train_tiny("shapes_moe", str(runs["root"] / f"from_one_{train}"), runs["latents"], 1,
+                       *runs["extra"], f"--config.train.init_from={one}",
+                       f"--config.experts.train={train}")
+
+
 @pytest.mark.parametrize("trained", ["both", "low"])
 def test_adapter_export_keeps_the_low_noise_experts_adapter(tmp_path, trained):
     """`vdit export --adapter` on a two-expert LoRA run writes lora_2 (for dit_2) too, prefixed."""

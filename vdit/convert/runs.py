@@ -194,6 +194,12 @@ def to_diffusers(src: str, out: str) -> dict:
     """Writes the pipeline folder described in the module docstring."""
     weights, saved = run_weights(src, "ema")
     config = ml_collections.ConfigDict(saved)
+    if config.sample.scheduler.get("_class_name") == "ConsistencySampler":
+        # diffusers' schedulers cannot express its step grid: the folder would not load, or
+        # would sample a few-step student on the wrong times
+        raise ValueError(f"run {src!r} is a few-step student (sample.scheduler "
+                         "ConsistencySampler), which no diffusers scheduler reproduces: sample it "
+                         "with `vdit sample`, or write its adapter with `vdit export --adapter`")
     vae_run = config.get("encode", {}).get("vae_workdir", "")
     if not vae_run:
         raise ValueError(f"run {src!r} has no encode.vae_workdir: its VAE is needed for vae/")

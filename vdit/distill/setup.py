@@ -114,6 +114,9 @@ def prepare(config) -> ml_collections.ConfigDict:
     if "model" not in saved:
         raise ConfigError(f"config key 'distill.teacher' = {teacher!r} is not a DiT run (its "
                           "config has no 'model' section)")
+    if saved.get("experts"):  # the student would learn the high-noise expert at every time
+        raise ConfigError(f"config key 'distill.teacher' = {teacher!r} is a two-expert (Wan2.2 "
+                          "A14B style) run; distillation takes a one-DiT teacher")
     config = copy.deepcopy(config)
     saved = ml_collections.ConfigDict(saved)
     with config.unlocked():

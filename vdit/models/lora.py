@@ -217,10 +217,11 @@ def check_resume(saved: dict, config) -> None:
     changed = [f"lora.{k}: checkpoint {before.get(k)!r} -> now {now.get(k)!r}"
                for k in sorted(set(before) | set(now))
                if _norm(before.get(k)) != _norm(now.get(k))]
-    old_base = saved.get("train", {}).get("init_from", "")
-    if old_base != config.train.get("init_from", ""):
-        changed.append(f"train.init_from: checkpoint {old_base!r} -> now "
-                       f"{config.train.get('init_from', '')!r}")
+    for key, default in (("init_from", ""), ("init_from_weights", "params")):
+        old_base = saved.get("train", {}).get(key, default)
+        if old_base != config.train.get(key, default):
+            changed.append(f"train.{key}: checkpoint {old_base!r} -> now "
+                           f"{config.train.get(key, default)!r}")
     if changed:
         raise ValueError("cannot resume this LoRA run with different adapter settings or base ("
                          + "; ".join(changed) + "); use a new --workdir or undo the change")

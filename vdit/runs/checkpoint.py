@@ -136,6 +136,15 @@ def saved_config(manager: ocp.CheckpointManager, step: int | None = None) -> dic
     return read(step)[CONFIG]
 
 
+def latest_step(workdir: str) -> int:
+    """The newest step folder of a run's checkpoints/ (FileNotFoundError when it has none)."""
+    folder = runs.checkpoints_dir(workdir)
+    steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit()] if folder.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {folder}: train first")
+    return max(steps)
+
+
 def load_params(workdir: str, which: str = "ema", step: int | None = None) -> tuple[Any, dict]:
     """(parameters, config dict) of a run for inference: the EMA (or raw) weights, host arrays.
 

@@ -37,14 +37,6 @@ from vdit.train.init_from import resolve, run_weights
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
-def latest_step(workdir: str) -> int:
-    folder = runs.checkpoints_dir(workdir)
-    steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit()] if folder.is_dir() else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {folder}: train first")
-    return max(steps)
-
-
 def standalone_config(saved: dict, workdir: str) -> ml_collections.ConfigDict:
     """The source run's config, made self-contained (no LoRA, no init_from)."""
     config = ml_collections.ConfigDict(saved)
@@ -60,7 +52,7 @@ def export_run(src: str, out: str) -> str:
     """Writes the complete weights of the run at `src` (workdir or step folder) to a new run
     folder `out`; returns the checkpoint step folder written."""
     workdir, step = resolve(src)
-    step = latest_step(workdir) if step is None else step
+    step = checkpoint.latest_step(workdir) if step is None else step
     if runs.checkpoints_dir(out).is_dir() and any(runs.checkpoints_dir(out).iterdir()):
         raise ValueError(f"--out {out!r} already holds checkpoints; choose a new folder")
     path = str(runs.checkpoints_dir(workdir) / str(step))
@@ -94,7 +86,9 @@ def export_adapter(src: str, out: str) -> str:
     settings = saved.get("lora", {})
     meta = {"rank": settings.get("rank"), "alpha": settings.get("alpha"),
             "targets": settings.get("targets"), "adapters": adapters,
-            "base": saved.get("train", {}).get("init_from", ""), "sample": {
+            # the base run's step folder (pinned when the run started) and which of its weights
+            "base": saved.get("train", {}).get("init_from", ""),
+            "base_weights": saved.get("train", {}).get("init_from_weights", "params"), "sample": {
                 k: saved.get("sample", {}).get(k) for k in ("steps", "guidance", "scheduler")}}
     (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return str(folder / ADAPTER_FILE)

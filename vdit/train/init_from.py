@@ -15,7 +15,11 @@ weights to take. A new run takes from it:
   - on a fresh start only (a workdir without a checkpoint; resuming wins): its trainable weights,
     as both params and EMA. The optimizer, step counter and data iterator start fresh.
 Shapes must match the new run's model exactly; a mismatch names every differing tensor.
-Relative paths are taken from the current directory and stored absolute in the run's config.
+Relative paths (also `encode.vae_workdir` and `data.latents_dir`) are taken from the current
+directory and stored absolute in the run's config. A workdir is pinned when the run starts
+(`pin`): the saved config names its step folder, so a base run that trains on does not change the
+weights a LoRA run (or a frozen text encoder) trained against; a resume with the same workdir
+keeps the pinned step.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from flax import traverse_util
 
 from vdit import runs
 from vdit.models import lora
+from vdit.runs import checkpoint
 from vdit.runs.checkpoint import load_params
 from vdit.runs.run_kind import check_kind
 from vdit.train import experts, run_params
@@ -53,15 +58,42 @@ def which_weights(config) -> str:
 
 
 def checked(config):
-    """Validates the init_from keys; returns a copy of `config` whose train.init_from is absolute
-    (the run's saved config must find that folder from any directory), or `config` itself."""
+    """Validates the init_from keys; returns a copy of `config` whose train.init_from,
+    encode.vae_workdir and data.latents_dir are absolute (the run's saved config must find those
+    folders from any directory), or `config` itself."""
     path = source_path(config)
     if path:
         which_weights(config)
-    if not path or str(runs.absolute(path)) == path:
+    keys = [("train", "init_from"), ("encode", "vae_workdir"), ("data", "latents_dir")]
+    paths = {k: str(config.get(k[0], {}).get(k[1], "") or "") for k in keys}
+    if all(not p or str(runs.absolute(p)) == p for p in paths.values()):
         return config
     config = copy.deepcopy(config)
-    config.train.init_from = str(runs.absolute(path))
+    for (section, key), value in paths.items():
+        if value:
+            config[section][key] = str(runs.absolute(value))
+    return config
+
+
+def pin(config, saved: dict | None):
+    """`config` with a workdir init_from replaced by its step folder: the one the checkpoint's
+    config (`saved`, when resuming) pinned for the same workdir, else the workdir's newest step."""
+    path = source_path(config)
+    if not path or resolve(path)[1] is not None:
+        return config
+    workdir = str(runs.absolute(path))
+    before = str((saved or {}).get("train", {}).get("init_from", "") or "")
+    if before and before.rstrip("/") == workdir.rstrip("/"):
+        return config  # a run saved before pinning: keep reading the workdir as it did
+    folder = runs.absolute(before) if before else None
+    if folder is not None and folder.parent.name == "checkpoints" and \
+            str(folder.parent.parent).rstrip("/") == workdir.rstrip("/"):
+        step = int(folder.name)
+    else:
+        step = checkpoint.latest_step(workdir)
+    config = copy.deepcopy(config)
+    config.train.init_from = str(runs.user_path(workdir) / "checkpoints" / str(step))
+    log.info("train.init_from: %s pinned at its step %d", workdir, step)
     return config
 
 
@@ -154,8 +186,15 @@ def apply(config, state, shardings, frozen: dict, frozen_shardings, resuming: bo
         return state, frozen
     weights = source_weights(config)
     where = f"init_from run {path!r}"
+    alias = frozen_from or {}
+    needed = {alias.get(k, k) for k in frozen} | (set() if resuming else set(state.params))
+    missing = sorted(k for k in needed - set(weights)
+                     if not k.startswith("lora"))  # adapters (lora, lora_2) start fresh
+    if missing:
+        raise ValueError(f"config key 'train.init_from': {where} has no {missing} (it holds "
+                         f"{sorted(weights)}); this run's model needs them (e.g. 'dit_2', the "
+                         "low-noise expert of a two-expert run: start from a two-expert run)")
     if frozen:
-        alias = frozen_from or {}
         frozen = jax.device_put(_fit({k: weights[alias.get(k, k)] for k in frozen}, frozen, where),
                                 frozen_shardings)
     take = {k: weights[k] for k in state.params if k in weights}

@@ -220,8 +220,9 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     start = 0
     resuming = manager.latest_step() is not None
+    saved = checkpoint.saved_config(manager) if resuming else None
+    config = init_from.pin(config, saved)  # the base's step, fixed for the run's life
     if resuming:
-        saved = checkpoint.saved_config(manager)
         check_resume_compatible(saved, config)
         lora.check_resume(saved, config)
     # Frozen weights always, trainable ones on a fresh start (vdit/train/init_from.py).
