@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
             fade_threshold=12.0,  # ThresholdDetector (full fps): fades through black, 0..255
             fade_rise=0.5,  # a fade's ramp: mean luma (0..255) climbing > this a frame away from a
             # fade's dark frames or a cut
+            fade_ramp_drop=0.3,  # ... dimming by at least this fraction of the shot's luma
+            fade_ramp_seconds=1.0,  # ... within at most this long (a slowly darkening shot or a
+            # pan is not a fade)
             gradual=dict(
                 thumb_size=16,  # structure thumbnails are thumb_size x thumb_size x 3
                 contrast_floor=4.0,  # 0..255: flatter channels are not normalised up (noise)

@@ -2,6 +2,9 @@
 video with few keyframes, resized while decoding; counts without stored frame numbers; bad files
 fail naming the file."""
 
+from fractions import Fraction
+
+import av
 import numpy as np
 import pytest
 
@@ -89,3 +92,22 @@ def test_bad_files_and_indices_fail_clearly(counter, tmp_path):
     with pytest.raises(video_io.VideoReadError, match="cut.mp4"):
         with VideoReader(cut) as reader:
             reader.read([199], 8, 8)
+
+
+def test_anamorphic_pixels_are_widened_as_players_show_them(tmp_path):
+    """A 64x64 stored frame with sample aspect ratio 2 is shown 64 tall x 128 wide: a square in
+    the picture (stored 16 rows x 8 columns) comes out square."""
+    stored = np.full((64, 64, 3), 40, np.uint8)
+    stored[24:40, 28:36] = 220
+    path = tmp_path / "anamorphic.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv444p"
+        stream.codec_context.sample_aspect_ratio = Fraction(2, 1)
+        for _ in range(3):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")))
+        container.mux(stream.encode())
+    with VideoReader(path) as reader:
+        frame = reader.read([1], 32, 64)[0, :, :, 0]
+    rows, cols = np.nonzero(frame > 130)
+    assert np.ptp(rows) + 1 == 8 and np.ptp(cols) + 1 == 8  # 16x16 shown, halved into 32x64

@@ -325,3 +325,15 @@ def test_learned_clip_and_aesthetic_scorers_match_torch(cfg, tmp_path):
     c.aesthetic_head = str(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="layer widths do not chain"):
         build_learned_scorers(c)
+
+
+def test_a_slowly_darkening_shot_is_not_a_fade_ramp():
+    """Frames darkening toward a hard cut by more than fade_rise a frame join its transition only
+    when they dim by fade_ramp_drop of the shot's luma: a fade out that never reaches black does,
+    a dimming light (1 luma a frame) keeps its frames (23 of 48 were dropped). 24 frames: 1 s."""
+    cut = cuts.Boundary(48, "cut", 48, 48)
+    dimming = np.concatenate([150 - np.arange(48.0), np.full(48, 90.0)])
+    assert cuts._with_ramps(cut, dimming, 0.5, 0.3, 24) == cut
+    fading = np.concatenate([np.full(38, 150.0), 150 - 10 * np.arange(1, 11), np.full(48, 90.0)])
+    widened = cuts._with_ramps(cut, fading, 0.5, 0.3, 24)
+    assert (widened.start, widened.end) == (38, 48)

@@ -82,17 +82,25 @@ def _fade_span(brightness: np.ndarray, frame: int, threshold: float,
     return lo, hi
 
 
-def _with_ramps(b: Boundary, brightness: np.ndarray, rise: float) -> Boundary:
+def _with_ramps(b: Boundary, brightness: np.ndarray, rise: float, drop: float,
+                max_frames: int) -> Boundary:
     """A cut's or fade's transition widened by brightness ramps next to it: the frames before
     it darkening toward it, and after it brightening away from it, by more than `rise` a frame
-    (a fade out that never reaches black, then a cut; a cut into a fade in)."""
+    (a fade out that never reaches black, then a cut; a cut into a fade in), at most
+    `max_frames` of them. A ramp counts only when it dims by at least `drop` of the shot's
+    brightness: a shot that slowly darkens (a dimming light, a pan) keeps its frames."""
     if b.kind == "dissolve":
         return b
     lo, hi = b.start, b.end
-    while lo >= 2 and brightness[lo - 2] > brightness[lo - 1] + rise:
+    while lo >= 2 and b.start - lo < max_frames and brightness[lo - 2] > brightness[lo - 1] + rise:
         lo -= 1
-    while hi + 1 < len(brightness) and brightness[hi + 1] > brightness[hi] + rise:
+    if lo < b.start and brightness[lo - 1] - brightness[b.start - 1] < drop * brightness[lo - 1]:
+        lo = b.start
+    while (hi + 1 < len(brightness) and hi - b.end < max_frames
+           and brightness[hi + 1] > brightness[hi] + rise):
         hi += 1
+    if hi > b.end and brightness[hi] - brightness[b.end] < drop * brightness[hi]:
+        hi = b.end
     return dataclasses.replace(b, start=lo, end=hi)
 
 
@@ -158,7 +166,10 @@ def detect_boundaries(frames: np.ndarray, fps: float, cfg) -> list[Boundary]:
                             ch.end) for ch in changes]
     merge_frames = max(0, round(cfg.merge_seconds * fps))
     merged = _merge(candidates, merge_frames, num)
-    return _merge([_with_ramps(b, brightness, cfg.fade_rise) for b in merged], merge_frames, num)
+    ramp_frames = max(1, round(cfg.fade_ramp_seconds * fps))
+    ramps = [_with_ramps(b, brightness, cfg.fade_rise, cfg.fade_ramp_drop, ramp_frames)
+             for b in merged]
+    return _merge(ramps, merge_frames, num)
 
 
 def split_clips(num_frames: int, boundaries: list[Boundary], fps: float,

@@ -20,12 +20,13 @@ POSITIVE = ("decode.max_segment_seconds", "decode.default_fps", "cuts.content_th
             "motion.poly_n", "motion.poly_sigma", "scores.frames", "scores.text_edge",
             "scores.text_min_aspect", "output.clips_per_file", "output.max_file_mb")
 NON_NEGATIVE = ("decode.short_side", "cuts.short_side", "cuts.fade_threshold", "cuts.fade_rise",
+                "cuts.fade_ramp_seconds",
                 "cuts.min_scene_seconds", "cuts.merge_seconds", "cuts.min_clip_seconds",
                 "cuts.gradual.return_seconds", "cuts.gradual.span_pad",
                 "cuts.gradual.same_distance", "cuts.gradual.motion_spread",
                 "cuts.max_clip_seconds", "motion.min_motion", "scores.short_side",
                 "scores.min_sharpness", "scores.border_luma", "output.short_side")
-FRACTIONS = ("motion.pyr_scale", "scores.min_brightness", "scores.max_brightness",
+FRACTIONS = ("cuts.fade_ramp_drop", "motion.pyr_scale", "scores.min_brightness", "scores.max_brightness",
              "scores.min_contrast", "scores.text_band", "scores.text_min_char_height",
              "scores.text_max_char_height", "scores.text_min_fill", "scores.max_text",
              "scores.max_border", "cuts.gradual.blend_change", "cuts.gradual.blend_fit",

@@ -11,8 +11,9 @@ frame's timestamp among the packets' after a seek (right for variable frame rate
 timestamp x average fps repeats and skips numbers), by counting when the file has no timestamps
 or its seek lands past the first wanted frame (then decoding restarts from the first frame; still
 one frame held at a time). Memory is O(T x height x width) plus the decoder's
-reference frames, independent of the video's length and native resolution. Frames come upright
-(a phone's display rotation applied, as players do). Unreadable files,
+reference frames, independent of the video's length and native resolution. Frames come as players
+show them: upright (a phone's display rotation applied) and at the display aspect (anamorphic
+pixels widened). Unreadable files,
 and files that fail part way, raise `VideoReadError` naming the file.
 """
 
@@ -52,6 +53,8 @@ class VideoReader:
             rate = stream.average_rate or stream.guessed_rate
             self.fps = float(rate) if rate else 0.0
             self.height, self.width = stream.height, stream.width  # as stored (not rotated)
+            # pixels wider than tall (anamorphic video) are shown sample_aspect_ratio times wider
+            self._pixel_aspect = float(stream.sample_aspect_ratio or 1) or 1.0
             self._time_base = stream.time_base
             self._start_pts = stream.start_time or 0
             self.num_frames, self._pts = self._scan_packets()
@@ -166,10 +169,11 @@ class VideoReader:
                 return None
             if number in wanted and number not in got:
                 turns = quarter_turns(frame)
-                shown = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
+                wide = max(1, round(frame.width * self._pixel_aspect))  # as shown
+                shown = (wide, frame.height) if turns % 2 else (frame.height, wide)
                 if size is None:  # the upright frame's size, scaled to cover height x width
                     size = cover_size(*shown, height, width)
-                shrink = size[0] * size[1] < frame.height * frame.width
+                shrink = size[0] * size[1] < frame.height * wide
                 stored = size[::-1] if turns % 2 else size
                 image = upright(frame.to_ndarray(height=stored[0], width=stored[1],
                                                  format="rgb24",
