@@ -150,3 +150,9 @@ def test_a_recipe_without_a_text_section_is_refused(tmp_path):
                     "    config = recipe('shapes_dit')\n    del config['text']\n    return config\n")
     with pytest.raises(ValueError, match="no 'text' section, which `vdit plan` needs"):
         plan.main(["--config", str(path), "--tokens", "64"])
+
+
+def test_a_distill_recipe_is_said_to_be_planned_as_plain_training(capsys):
+    assert plan.main(["--config", os.path.join(CONFIGS, "shapes_distill.py"), "--devices", "8",
+                      *TINY]) == 0
+    assert "note: a distill recipe is planned as training its student" in capsys.readouterr().out

@@ -251,6 +251,10 @@ def run_cli(args) -> int:
     if args.explain:
         print(__doc__)
     print(format_plan(plan, args.config, args.hbm_gb))
+    if "distill" in config:  # said, not silent: the figures are a plain training step's
+        print("  note: a distill recipe is planned as training its student; the frozen teacher "
+              "(a copy of the DiT unless the student is a LoRA adapter) and the teacher's passes "
+              "in the loss are not in these figures")
     cost = attention_cost(config.model, problem.rows, problem.tokens,
                           clip_tokens_of(config, args, problem), problem.text_len)
     print(format_cost(cost))
