@@ -98,7 +98,7 @@ def test_sharded_runs_cover_every_video_once(videos, tmp_path):
     assert run_cli(_args(videos, out, 1, 2)) == 0
     assert not (out / "clips.jsonl").exists()  # worker 0 has not finished yet
     assert run_cli(_args(videos, out, 0, 2)) == 0
-    per_worker = [{ln["source"] for ln in _lines(out / f"clips-{i:05d}-of-00002.jsonl")}
+    per_worker = [{ln["source"] for ln in ledger.read_ledger(str(out / f"clips-{i:05d}-of-00002.jsonl"))}
                   for i in range(2)]
     print("shard split:", [sorted(w) for w in per_worker])
     assert per_worker[0].isdisjoint(per_worker[1])
@@ -134,7 +134,7 @@ def test_interrupted_run_resumes(videos, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         curate(config, str(videos), str(out), captioner=captioner)
-    first = _lines(out / "clips-00000-of-00001.jsonl")
+    first = ledger.read_ledger(str(out / "clips-00000-of-00001.jsonl"))
     done = {ln["source"] for ln in first if ln["last_segment"]}
     assert len(done) == 2 and not (out / "clips.jsonl").exists()  # broken.mp4 and one video
     orphan = records.part_path(str(out), 0, 1, 99)
@@ -164,11 +164,17 @@ def test_torn_ledger_append_is_redone(videos, tmp_path):
     again = curate(config, str(videos), str(out))
     assert again["this_run"]["videos"] >= 1
     assert (again["clips"], again["kept"]) == (first["clips"], first["kept"])
-    lines = _lines(path)  # every line whole JSON
+    lines = _lines(path)[1:]  # every line whole JSON, after the header
     keys = [(ln["source"], ln.get("start_frame")) for ln in lines]
     assert len(keys) == len(set(keys))
     assert len(records.ClipShardSource(str(out))) == first["kept"]
     assert curate(config, str(videos), str(out))["this_run"]["videos"] == 0
+    assert not any("batch_end" in ln or "vdit_ledger" in ln for ln in _lines(out / "clips.jsonl"))
+    # a ledger from before batches (no header, no marks) keeps every whole line: nothing redone
+    path.write_text("".join(json.dumps(ln) + "\n" for ln in ledger.read_ledger(str(path))))
+    again = curate(config, str(videos), str(out))
+    assert again["this_run"]["videos"] == 0 and again["clips"] == first["clips"]
+    assert len(records.ClipShardSource(str(out))) == first["kept"]
 
 
 def test_manifest_input_captions_and_scorers(videos, tmp_path):

@@ -17,7 +17,8 @@ from vdit import cli
 from vdit.config import ConfigError, load_config
 from vdit.curate.run import curate
 from vdit.curate.settings import default_config_path
-from vdit.data import pipeline, sources, video_files, video_io
+from vdit.data import clip_decode, pipeline, sources, video_files, video_io
+from vdit.data.counter_video import write_counter_video
 from vdit.data.encode_videos import SUMMARY_FILE, encode_videos
 from vdit.models.vae_config import vae_from_config
 from vdit.runs import checkpoint
@@ -92,6 +93,22 @@ def _config(source, vae_workdir, *extra):
     config = load_config(CONFIG, TINY + [f"--config.encode.vae_workdir={vae_workdir}", *extra])
     config.encode.source = source
     return config
+
+
+def test_clips_of_one_video_share_its_packet_scan(tmp_path, monkeypatch):
+    """The scan reads the whole file: a curated manifest's many clips of one long video read it
+    once, not once a clip."""
+    path = tmp_path / "long.mp4"
+    write_counter_video(path, 60, 12.0, 32, 96)
+    scans = []
+    scan = clip_decode.VideoReader._scan_packets
+    monkeypatch.setattr(clip_decode.VideoReader, "_scan_packets",
+                        lambda self: scans.append(self.path) or scan(self))
+    entries = [video_files.VideoEntry(str(path), "", f"clip{i}", frames=(10 * i, 10 * i + 20))
+               for i in range(4)]
+    source = video_files.VideoClipSource(entries, [(5, 16, 16)])
+    firsts = [source[i]["meta"]["first_frame"] for i in range(4)]
+    assert len(scans) == 1 and firsts == [7, 17, 27, 37]
 
 
 def test_a_broken_link_is_an_entry_with_its_error(tmp_path):

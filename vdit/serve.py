@@ -73,6 +73,9 @@ class Studio:
     """The loaded model, the queue and the jobs; `submit` validates, the worker thread samples."""
 
     def __init__(self, workdir: str, out_dir: str, max_pixels: int = 0):
+        if max_pixels < 0:
+            raise ValueError(f"--max-pixels {max_pixels}: expected >= 0 (0: "
+                             f"{PIXELS_OVER_DEFAULT}x the model's default clip)")
         self.workdir, self.out_dir = workdir, out_dir
         os.makedirs(out_dir, exist_ok=True)
         self._first_id = _next_id(out_dir)  # a restarted server never overwrites a video

@@ -166,7 +166,7 @@ def detect_boundaries(frames: np.ndarray, fps: float, cfg) -> list[Boundary]:
                             ch.end) for ch in changes]
     merge_frames = max(0, round(cfg.merge_seconds * fps))
     merged = _merge(candidates, merge_frames, num)
-    ramp_frames = max(1, round(cfg.fade_ramp_seconds * fps))
+    ramp_frames = max(0, round(cfg.fade_ramp_seconds * fps))  # 0: no ramps
     ramps = [_with_ramps(b, brightness, cfg.fade_rise, cfg.fade_ramp_drop, ramp_frames)
              for b in merged]
     return _merge(ramps, merge_frames, num)

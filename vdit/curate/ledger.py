@@ -3,9 +3,11 @@
 One line per detected clip (see `pipeline.py` for the fields), plus one line per video that could
 not be curated (`reason` "unreadable" or "failed", with `error`). Lines are appended only after
 the part file holding their kept clips is finished, so the ledger never points at frames that
-are not on disk. Each append is one batch whose last line carries `"batch_end": true`; lines
-after the last batch end (a crash mid-append, possibly tearing a line) are not part of the
-ledger, and a rerun rewrites the file without them before appending. A rerun skips every video
+are not on disk. A ledger starts with a header line ({"vdit_ledger": 2}); each append is one
+batch whose last line carries `"batch_end": true`; lines after the last batch end (a crash
+mid-append, possibly tearing a line) are not part of the ledger, and a rerun rewrites the file
+without them before appending. (A ledger without the header, from before batches, counts every
+whole line.) Readers get the lines without the header and the batch marks. A rerun skips every video
 whose last segment is in the ledger and every finished segment of the others; part files no
 ledger line points at (a crash between writing a part and its lines) are deleted.
 When every worker has finished (a clips-i-of-n.done marker each), the ledgers are merged into
@@ -27,6 +29,7 @@ LEDGER_PATTERN = "clips-{shard:05d}-of-{num_shards:05d}.jsonl"
 DONE_PATTERN = "clips-{shard:05d}-of-{num_shards:05d}.done"
 MERGED = "clips.jsonl"
 NOT_CURATED = ("unreadable", "failed")  # reasons of videos that yielded no clips at all
+HEADER_KEY = "vdit_ledger"  # the first line of a ledger written in batches
 
 
 def ledger_path(output: str, shard: int, num_shards: int) -> str:
@@ -67,49 +70,62 @@ def repair(path: str) -> list[dict]:
 
 
 def _read(path: str) -> tuple[list[dict], bool]:
-    """(committed lines, whether anything after them was left out)."""
+    """(committed lines without header or batch marks, whether anything after them was left
+    out)."""
     if not runs.user_path(path).exists():
         return [], False
     raw = runs.user_path(path).read_text().split("\n")
-    lines, committed = [], 0
+    parsed, torn = [], False
     for number, text in enumerate(raw, 1):
         if not text.strip():
             continue
         try:
-            lines.append(json.loads(text))
+            parsed.append(json.loads(text))
         except json.JSONDecodeError as e:
             if number >= len(raw) - 1:  # torn by a crash: its batch never ended
+                torn = True
                 break
             raise ValueError(f"ledger {path} line {number} is not JSON: {e}") from e
-        if lines[-1].get("batch_end"):
-            committed = len(lines)
-    interrupted = committed < len(lines) or raw[-1] != ""
+    batched = bool(parsed) and isinstance(parsed[0], dict) and HEADER_KEY in parsed[0]
+    committed = len(parsed)
+    if batched:
+        committed = max([i + 1 for i, ln in enumerate(parsed) if ln.get("batch_end")], default=0)
+    interrupted = torn or committed < len(parsed) or raw[-1] != ""
     if interrupted:
-        left_out = sum(1 for text in raw if text.strip()) - committed
         log.warning("curate: leaving out the last %d line(s) of %s: an append a crash "
-                    "interrupted (their videos are curated again)", left_out, path)
-    return lines[:committed], interrupted
+                    "interrupted (their videos are curated again)",
+                    len(parsed) + torn - committed, path)
+    lines = parsed[1 if batched else 0:committed]
+    return [{k: v for k, v in ln.items() if k != "batch_end"} for ln in lines], interrupted
+
+
+def _batch(lines: list[dict], header: bool) -> str:
+    """Ledger text of one append: [the header,] the lines, the last marked `batch_end`."""
+    marked = [*lines[:-1], {**lines[-1], "batch_end": True}] if lines else []
+    head = [{HEADER_KEY: 2, "batch_end": True}] if header else []
+    return "".join(json.dumps(line) + "\n" for line in head + marked)
 
 
 def _rewrite(path: str, lines: list[dict]) -> None:
     """The ledger replaced by `lines`, atomically (a crash leaves the old file or the new)."""
     target = runs.user_path(path)
     tmp = target.parent / f"{target.name}.tmp{os.getpid()}"
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tmp.write_text(_batch(lines, header=True))
     tmp.replace(target)
 
 
 def append_lines(path: str, lines: list[dict]) -> None:
-    """Appends lines durably (flush + fsync), so a rerun sees them after a crash. An object
-    store (gs://) has no append: the ledger object is rewritten whole, which is atomic there."""
+    """Appends lines as one batch, durably (flush + fsync), so a rerun sees them after a crash.
+    An object store (gs://) has no append: the ledger object is rewritten whole, which is atomic
+    there."""
     if not lines:
         return
-    lines = [*lines[:-1], {**lines[-1], "batch_end": True}]
-    text = "".join(json.dumps(line) + "\n" for line in lines)
+    target = runs.user_path(path)
     if runs.is_remote(path):
-        target = runs.user_path(path)
-        target.write_text((target.read_text() if target.exists() else "") + text)
+        old = target.read_text() if target.exists() else ""
+        target.write_text(old + _batch(lines, header=not old))
         return
+    text = _batch(lines, header=not target.exists() or target.stat().length == 0)
     with open(path, "a") as f:  # a local path (is_remote is False): fsync needs a real file
         f.write(text)
         f.flush()
@@ -137,9 +153,8 @@ def merge_if_complete(output: str, num_shards: int) -> str | None:
     tmp = runs.user_path(output) / f"{MERGED}.tmp{os.getpid()}"
     with tmp.open("w") as out:
         for i in range(num_shards):
-            path = runs.user_path(ledger_path(output, i, num_shards))
-            if path.exists():
-                out.write(path.read_text())
+            out.writelines(json.dumps(line) + "\n"
+                           for line in read_ledger(ledger_path(output, i, num_shards)))
     tmp.replace(merged)
     return str(merged)
 

@@ -42,7 +42,9 @@ class VideoReader:
     [num_frames] (seconds from the first frame; None when the file has no timestamps), `read`;
     `decoded` counts the frames decoded so far (what a seek saves)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, scan: tuple[int, np.ndarray | None] | None = None):
+        """`scan`: this file's `reader.scan` from an earlier reader (the packet scan reads the
+        whole file; a source that cuts many clips from one video keeps it)."""
         self.path = Path(path)
         self.decoded = 0
         if not self.path.is_file():
@@ -57,7 +59,8 @@ class VideoReader:
             self._pixel_aspect = float(stream.sample_aspect_ratio or 1) or 1.0
             self._time_base = stream.time_base
             self._start_pts = stream.start_time or 0
-            self.num_frames, self._pts = self._scan_packets()
+            self.scan = scan or self._scan_packets()
+            self.num_frames, self._pts = self.scan
             # frame number = rank of its timestamp: right for variable frame rates too, where
             # timestamp x average fps repeats and skips numbers
             self._rank = None if self._pts is None else {int(p): i for i, p in enumerate(self._pts)}
@@ -104,7 +107,7 @@ class VideoReader:
             raise VideoReadError(f"cannot read video {self.path}: {e}") from e
         self._container.close()
         self._container = self._open()
-        if any(t is None for t in stamps) or len(set(stamps)) != len(stamps):
+        if not stamps or any(t is None for t in stamps) or len(set(stamps)) != len(stamps):
             return len(stamps), None
         return len(stamps), np.sort(np.asarray(stamps, np.int64))
 

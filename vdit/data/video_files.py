@@ -41,6 +41,7 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 
 
 NAME_KEYS = ("file", "path", "source")  # manifest keys naming the video, in order of precedence
+SCANS_KEPT = 256  # videos whose packet scans a VideoClipSource keeps
 
 
 class ClipTooShortError(ValueError):
@@ -208,6 +209,9 @@ class VideoClipSource(grain.sources.RandomAccessDataSource):
         self.entries = list(entries)
         self.filtered = filtered  # manifest lines skipped as `kept` false
         self._shapes, self._weights, self._seed, self._fps = shapes, shape_weights, seed, fps
+        # Each video's packet scan (frame count, timestamps): it reads the whole file, and a
+        # curated manifest cuts many clips from one long video. Bounded; (file, mtime, size) keys.
+        self._scans: dict[tuple, tuple] = {}
 
     @classmethod
     def from_config(cls, cfg) -> VideoClipSource:
@@ -217,6 +221,11 @@ class VideoClipSource(grain.sources.RandomAccessDataSource):
                                         cfg.get("video_root", None) or "")
         return cls(entries, cfg.shapes, cfg.shape_weights, cfg.seed, float(cfg.get("fps", 0.0)),
                    filtered)
+
+    def _remember(self, key: tuple, scan: tuple) -> None:
+        if key not in self._scans and len(self._scans) >= SCANS_KEPT:
+            self._scans.pop(next(iter(self._scans)), None)  # the oldest
+        self._scans[key] = scan
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -236,7 +245,11 @@ class VideoClipSource(grain.sources.RandomAccessDataSource):
         if entry.error:
             raise ValueError(entry.error)
         frames, height, width = shape
-        with VideoReader(entry.file) as reader:
+        file = Path(entry.file)
+        stat = file.stat() if file.is_file() else None
+        key = (entry.file,) + ((stat.st_mtime_ns, stat.st_size) if stat else ())
+        with VideoReader(entry.file, self._scans.get(key)) as reader:
+            self._remember(key, reader.scan)
             start, end = entry.frames or (0, reader.num_frames)
             if end > reader.num_frames:
                 raise FrameRangeError(f"video {entry.file} has {reader.num_frames} frames; its "

@@ -43,8 +43,8 @@ PIXEL_SLACK = 0.01
 def pixels(name: str, array) -> jnp.ndarray:
     """Conditioning images or videos as float32 in [-1, 1]: integer arrays (uint8 frames) and
     concrete values past the range are an error naming the input, not a silent cast."""
-    dtype = getattr(array, "dtype", np.asarray(array).dtype)
-    if not np.issubdtype(dtype, np.floating):
+    dtype = array.dtype if hasattr(array, "dtype") else np.asarray(array).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):  # bfloat16 too
         raise ValueError(f"{name}: expected float pixels in [-1, 1], got dtype {dtype} "
                          "(uint8 frames: x / 127.5 - 1)")
     array = jnp.asarray(array, jnp.float32)

@@ -103,7 +103,10 @@ def resolve(path: str) -> tuple[str, int | None]:
     path = runs.absolute(path)
     if path.name.isdigit() and path.parent.name == "checkpoints":
         if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint step folder {str(path)!r} does not exist")
+            raise FileNotFoundError(
+                f"checkpoint step folder {str(path)!r} does not exist (a run pins the step of "
+                "its train.init_from run when it starts; if that run's checkpoint.keep removed it "
+                "since, restore the step, or keep steps with checkpoint.keep_every)")
         return str(path.parent.parent), int(path.name)
     return str(path), None
 
