@@ -176,3 +176,12 @@ def test_deep_grey_images_are_scaled_to_8_bits(tmp_path, pixels, want):
         rgb = video_io.image_rgb(img)
     assert rgb.shape == (4, 6, 3) and rgb.dtype == np.uint8
     assert np.all(rgb == want), rgb[0, 0]
+
+
+def test_mp4_writes_are_deterministic(tmp_path, clip):
+    """The same frames give the same file (a threaded x264 encode did not: the judge reads the
+    files, so `make demo`'s table moved between identical runs)."""
+    for i in range(3):
+        video_io.write_mp4(tmp_path / f"{i}.mp4", clip, fps=8)
+    data = [(tmp_path / f"{i}.mp4").read_bytes() for i in range(3)]
+    assert data[0] == data[1] == data[2]
