@@ -15,7 +15,7 @@ import pytest
 from test_periodic_samples import VAE, latents, vae_workdir  # noqa: F401 - fixtures
 from train_testing import train_tiny
 
-from vdit import cli, serve
+from vdit import cli, serve, serve_request
 from vdit.data import video_io
 from vdit.serve import Studio, make_server
 
@@ -129,7 +129,7 @@ def test_job_numbers_continue_after_the_folders_videos(tmp_path):
     ("bytes=90-500", (90, 99)), ("bytes=100-", "unsatisfiable"), ("bytes=-0", "unsatisfiable"),
     ("bytes=10-5", None), ("bytes=abc-", None), ("bytes=0-1,5-9", None), ("", None)])
 def test_byte_ranges(header, want):
-    assert serve._byte_range(header, 100) == want
+    assert serve_request.byte_range(header, 100) == want
 
 
 def test_requests_are_queued_and_served(studio):

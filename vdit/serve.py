@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import queue
-import re
 import threading
 import time
 from argparse import Namespace
@@ -39,6 +38,7 @@ from vdit import runs
 from vdit.data import video_io
 from vdit.sample_cli import SampleJob, load_generator, parse_size
 from vdit.serve_page import PAGE
+from vdit.serve_request import byte_range, number_field, text_field
 
 log = logging.getLogger(__name__)
 MAX_STEPS = 500
@@ -122,25 +122,25 @@ class Studio:
     def _params(self, body: dict) -> dict:
         if not isinstance(body, dict):
             raise ValueError("the request body must be a JSON object")
-        prompt = _text(body, "prompt")
+        prompt = text_field(body, "prompt")
         if not prompt:
             raise ValueError("prompt: type what the video should show")
         d = self.defaults
         frames, height, width = self.default_clip
-        size = _text(body, "size") or f"{height}x{width}"
+        size = text_field(body, "size") or f"{height}x{width}"
         height, width = parse_size(size)  # "--size ...: expected HEIGHTxWIDTH"
-        frames = _number(body, "frames", int, frames, 1, 1000)
+        frames = number_field(body, "frames", int, frames, 1, 1000)
         if frames * height * width > self.max_pixels:
             raise ValueError(
                 f"frames x size = {frames}x{height}x{width} = {frames * height * width:,} pixels "
                 f"is over this server's limit of {self.max_pixels:,} (vdit serve --max-pixels; "
                 f"default {PIXELS_OVER_DEFAULT}x the model's default clip "
                 f"{'x'.join(map(str, self.default_clip))})")
-        return {"prompt": prompt, "negative_prompt": _text(body, "negative_prompt"),
+        return {"prompt": prompt, "negative_prompt": text_field(body, "negative_prompt"),
                 "frames": frames, "size": size,
-                "steps": _number(body, "steps", int, d.get("steps", 20), 1, MAX_STEPS),
-                "guidance": _number(body, "guidance", float, d.get("guidance", 5.0), 0.0, 100.0),
-                "seed": _number(body, "seed", int, 0, 0, 2**31 - 1),
+                "steps": number_field(body, "steps", int, d.get("steps", 20), 1, MAX_STEPS),
+                "guidance": number_field(body, "guidance", float, d.get("guidance", 5.0), 0.0, 100.0),
+                "seed": number_field(body, "seed", int, 0, 0, 2**31 - 1),
                 "first_image": bool(body.get("image"))}
 
     def status(self, job_id: str) -> dict | None:
@@ -198,36 +198,6 @@ def _tick(job: Job, expected: float | None, done: threading.Event) -> None:
             job.progress = 0.05 + 0.85 * min(0.99, (time.perf_counter() - t0) / expected)
         else:  # first run at this shape (includes compiling): creep towards 90%
             job.progress = 0.05 + 0.85 * (1 - 1 / (1 + (time.perf_counter() - t0) / 20))
-
-
-def _text(body: dict, key: str) -> str:
-    value = body.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ValueError(f"{key}: expected text, got {type(value).__name__} {value!r:.80}")
-    return value.strip()
-
-
-def _number(body: dict, key: str, kind, default, low, high):
-    """A number field (JSON number, or the page's form text); an integer field refuses 9.7."""
-    value = body.get(key)
-    if value is None or value == "":
-        return kind(default)
-    kind_name = "an integer" if kind is int else "a number"
-    try:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise TypeError
-        number = float(value)
-        if kind is int:
-            if not number.is_integer():
-                raise ValueError
-            number = int(number)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{key}: {value!r} is not {kind_name}") from None
-    if not low <= number <= high:  # NaN fails too
-        raise ValueError(f"{key}: {number} is out of range [{low}, {high}]")
-    return number
 
 
 def _next_id(out_dir: str) -> int:
@@ -338,7 +308,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(404, {"error": f"no video {name}"})
         with open(path, "rb") as f:
             data = f.read()
-        span = _byte_range(self.headers.get("Range", ""), len(data))
+        span = byte_range(self.headers.get("Range", ""), len(data))
         if span == "unsatisfiable":
             return self._send(416, b"", "video/mp4", {"Content-Range": f"bytes */{len(data)}"})
         if span is None:  # no Range, or one this server does not parse (multiple): everything
@@ -346,24 +316,6 @@ class Handler(BaseHTTPRequestHandler):
         start, end = span
         self._send(206, data[start:end + 1], "video/mp4", {
             "Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"})
-
-
-def _byte_range(header: str, size: int):
-    """A single `bytes=a-b` / `a-` / `-n` range -> (start, end) inclusive, clamped to the file;
-    "unsatisfiable" (416) when it starts past the end; None to send the whole file."""
-    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
-    if not match or match.groups() == ("", ""):
-        return None
-    first, last = match.groups()
-    if first:
-        start, end = int(first), min(int(last), size - 1) if last else size - 1
-        if last and int(last) < start:
-            return None  # syntactically invalid: ignored, as RFC 9110 says
-    else:
-        start, end = max(0, size - int(last)), size - 1
-        if int(last) == 0:
-            return "unsatisfiable"
-    return "unsatisfiable" if start >= size else (start, end)
 
 
 def _jsonable(values: dict) -> dict:
