@@ -79,7 +79,7 @@ def read_tensors(folder: str) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     where: dict[str, str] = {}
     for name in files:
-        for key, value in _load(root / name).items():
+        for key, value in load_safetensors(root / name).items():
             if key in tensors:
                 raise ValueError(f"tensor {key!r} appears in both {where[key]!r} and {name!r} of "
                                  f"{folder!r}: keep one copy of the weights (variant files?)")
@@ -99,7 +99,7 @@ def _index_files(index) -> list[str]:
     return files
 
 
-def _load(path) -> dict[str, np.ndarray]:
+def load_safetensors(path) -> dict[str, np.ndarray]:
     """The tensors of one safetensors file; a failure (truncated or corrupt file, a dtype numpy
     has no type for) names the file."""
     try:

@@ -107,7 +107,7 @@ def _torch_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
     return (math.prod(ours),)
 
 
-def _to_ours(kind: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def to_ours(kind: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if kind.startswith("linear"):
         return w.T.reshape(shape)
     if kind == "patch":  # [D, C, pt, ph, pw] -> [pt, ph, pw, C, D] -> tokens x D
@@ -115,7 +115,7 @@ def _to_ours(kind: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return w.reshape(shape)
 
 
-def _to_torch(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def to_torch(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if kind.startswith("linear"):
         return x.reshape(shape[::-1]).T
     if kind == "patch":
@@ -137,7 +137,7 @@ def _our_shapes(model: WanDiT) -> dict[str, tuple[int, ...]]:
     return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def _plan(model: WanDiT):
+def tensor_plan(model: WanDiT):
     """Yields (our path, diffusers name, kind, our shape, torch shape, layer or None)."""
     shapes = _our_shapes(model)
     pt, ph, pw = model.patch_size
@@ -177,12 +177,12 @@ def model_config_from_diffusers(cfg: dict, **vdit_knobs) -> ml_collections.Confi
 
 def params_from_diffusers(model: WanDiT, tensors: dict[str, np.ndarray], where: str) -> dict:
     """diffusers state dict (numpy) -> nested vdit params; mismatches are named by tensor."""
-    plan = list(_plan(model))
+    plan = list(tensor_plan(model))
     tensors = {k: v for k, v in tensors.items() if not _UNUSED.fullmatch(k)}
     check_names_and_shapes(tensors, {t: ts for _, t, _, _, ts, _ in plan}, where)
     flat: dict[str, np.ndarray] = {}
     for ours, torch, kind, shape, _, layer in plan:
-        value = _to_ours(kind, np.asarray(tensors[torch], np.float32), shape)
+        value = to_ours(kind, np.asarray(tensors[torch], np.float32), shape)
         if layer is None:
             flat[ours] = value
         else:
@@ -205,7 +205,7 @@ def params_to_diffusers(model: WanDiT, params) -> dict[str, np.ndarray]:
                          "WanTransformer3DModel has no micro-conditioning, so an export would drop "
                          "micro_embedder and change the model's output")
     params = nn.unbox(params)
-    plan = list(_plan(model))
+    plan = list(tensor_plan(model))
     used = {ours for ours, *_ in plan}
     leftover = sorted(p for p in _flat_paths(params) if p not in used)
     if leftover:
@@ -217,7 +217,7 @@ def params_to_diffusers(model: WanDiT, params) -> dict[str, np.ndarray]:
         for p in ours.split("/"):
             node = node[p]
         value = np.asarray(jax.device_get(node), np.float32)
-        out[torch] = _to_torch(kind, value if layer is None else value[layer], tshape)
+        out[torch] = to_torch(kind, value if layer is None else value[layer], tshape)
     return out
 
 

@@ -1,0 +1,260 @@
+"""LoRA files for Wan DiTs in the formats diffusers reads <-> vdit's DiT weights.
+
+Reading (`read_lora` + `merge_lora_file`): one .safetensors file for a WanTransformer3DModel, in
+  - diffusers / peft names (what `pipe.save_lora_weights` writes), with or without the
+    "transformer." prefix: "blocks.0.attn1.to_q.lora_A.weight" [r, in], "...lora_B.weight"
+    [out, r], optional "...lora_B.bias" [out] (peft's lora_bias). The scale is 1 (alpha = rank,
+    diffusers' rule for files without alphas) unless the file's `lora_adapter_metadata` (a peft
+    LoraConfig that diffusers saves) says otherwise: lora_alpha, alpha_pattern, use_rslora.
+  - the original Wan names that ComfyUI and most published Wan LoRAs use:
+    "diffusion_model.blocks.0.self_attn.q.lora_down.weight" (or lora_A), "...lora_up.weight"
+    (or lora_B), "....alpha" (scale alpha / r), "....diff_b" (a bias delta) and "....diff" (a
+    whole-tensor delta: weights, norms, modulation tables).
+A Conv3d (patch_embedding) adapter is A [r, C, pt, ph, pw] with B [D, r, 1, 1, 1], as peft keeps it.
+Merging adds, to each tensor in vdit's layout (the mapping of vdit/convert/wan_dit.py):
+    weight += (B @ A) * scale * strength,  bias += bias_delta * scale * strength,
+    tensor += diff * strength
+which is what diffusers' `load_lora_weights` + `fuse_lora(lora_scale=strength)` computes, except
+that diffusers drops the `.diff` tensors of layers other than the output head (a log line says so)
+while vdit applies every one, as the original Wan code and ComfyUI do. Any key this does not
+understand (DoRA magnitudes, another model's layers) is an error naming it: nothing is dropped.
+
+Writing (`adapter_to_diffusers`): a vdit adapter tree (vdit/models/lora.py) -> diffusers / peft
+names with the "transformer." prefix and alpha / rank folded into lora_B, so the file loads at
+scale 1 with `pipe.load_lora_weights(folder)` (`load_into_transformer_2=True` for a Wan2.2
+low-noise expert's file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+
+import numpy as np
+from flax import traverse_util
+
+from vdit import runs
+from vdit.convert.safetensors_io import load_safetensors
+from vdit.convert.wan_dit import tensor_plan, to_ours, to_torch
+from vdit.models.dit import WanDiT
+
+DIFFUSERS_PREFIX = "transformer."
+ORIGINAL_PREFIX = "diffusion_model."
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
+# original Wan module names -> diffusers' (per block, then top level)
+_BLOCK_NAMES = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k",
+                "self_attn.v": "attn1.to_v", "self_attn.o": "attn1.to_out.0",
+                "self_attn.norm_q": "attn1.norm_q", "self_attn.norm_k": "attn1.norm_k",
+                "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k",
+                "cross_attn.v": "attn2.to_v", "cross_attn.o": "attn2.to_out.0",
+                "cross_attn.norm_q": "attn2.norm_q", "cross_attn.norm_k": "attn2.norm_k",
+                "cross_attn.k_img": "attn2.add_k_proj", "cross_attn.v_img": "attn2.add_v_proj",
+                "cross_attn.norm_k_img": "attn2.norm_added_k",
+                "norm3": "norm2", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+                "modulation": "scale_shift_table"}
+_TOP_NAMES = {"patch_embedding": "patch_embedding", "head.head": "proj_out",
+              "head.modulation": "scale_shift_table",
+              "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+              "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+              "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+              "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+              "time_projection.1": "condition_embedder.time_proj",
+              "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
+              "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+              "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+              "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
+              "img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed"}
+# the suffix of each key kind, in both spellings
+_PARTS = {"lora_A.weight": "a", "lora_down.weight": "a", "lora_B.weight": "b",
+          "lora_up.weight": "b", "lora_B.bias": "bias", "diff_b": "bias", "alpha": "alpha",
+          "diff": "diff"}
+_BARE_TENSORS = ("scale_shift_table", "pos_embed")  # diffusers names without .weight
+
+
+def read_metadata(path) -> dict:
+    """The transformer's peft LoraConfig that diffusers stores in a LoRA file's header, or {}."""
+    with runs.user_path(path).open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        metadata = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"LoRA file {os.fspath(path)!r}: its {METADATA_KEY} is not JSON ({e})") from e
+    # a pipeline's save_lora_weights prefixes each key with the component ("transformer.r")
+    prefixed = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in metadata.items()
+                if k.startswith(DIFFUSERS_PREFIX)}
+    return prefixed or metadata
+
+
+def read_lora(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """(tensors as float32 numpy, diffusers metadata) of a LoRA .safetensors file."""
+    file = runs.check_reachable(path, "--lora")
+    if not file.is_file():
+        raise FileNotFoundError(f"LoRA file {path!r} does not exist")
+    if not str(path).endswith(".safetensors"):
+        raise ValueError(f"LoRA file {path!r}: expected a .safetensors file (pickled .pt / .bin "
+                         "files are not read)")
+    tensors = {k: np.asarray(v, np.float32) for k, v in load_safetensors(file).items()}
+    return tensors, read_metadata(file)
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    """(module name, part) of a LoRA key, e.g. ("blocks.0.attn1.to_q", "a"); None if unknown."""
+    for suffix, part in _PARTS.items():
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], part
+    return None
+
+
+def _diffusers_module(name: str, original: bool) -> str:
+    """A module's diffusers name (original Wan names translated)."""
+    if not original:
+        return name
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        return f"blocks.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}"
+    return _TOP_NAMES.get(name, name)
+
+
+def _alpha_for(module: str, metadata: dict) -> float | None:
+    """lora_alpha of `module` under a peft LoraConfig (alpha_pattern first, as peft matches it)."""
+    for pattern, alpha in (metadata.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(alpha)
+    alpha = metadata.get("lora_alpha")
+    return None if alpha is None else float(alpha)
+
+
+def lora_deltas(tensors: dict[str, np.ndarray], metadata: dict, strength: float,
+                where: str) -> dict[str, np.ndarray]:
+    """diffusers tensor name ("blocks.0.attn1.to_q.weight") -> the delta to add, torch layout."""
+    original = any(k.startswith(ORIGINAL_PREFIX) for k in tensors)
+    prefix = ORIGINAL_PREFIX if original else DIFFUSERS_PREFIX
+    if metadata.get("use_dora"):
+        raise ValueError(f"LoRA file {where!r} is a DoRA adapter (use_dora): not supported")
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    unknown = []
+    for key, value in tensors.items():
+        split = _split(key.removeprefix(prefix))
+        if split is None:
+            unknown.append(key)
+            continue
+        module, part = split
+        modules.setdefault(_diffusers_module(module, original), {})[part] = value
+    if unknown:
+        raise ValueError(f"LoRA file {where!r} has keys vdit does not know how to apply "
+                         f"({len(unknown)}, e.g. {sorted(unknown)[:5]}); it reads diffusers / peft "
+                         "names (lora_A, lora_B) and the original Wan names (lora_down, lora_up, "
+                         "alpha, diff, diff_b)")
+    deltas: dict[str, np.ndarray] = {}
+
+    def add(name, value):
+        deltas[name] = deltas.get(name, 0) + value
+
+    for module, parts in sorted(modules.items()):
+        weight = module if module.rsplit(".", 1)[-1] in _BARE_TENSORS else module + ".weight"
+        if ("a" in parts) != ("b" in parts):
+            raise ValueError(f"LoRA file {where!r}: {module} has only one of its two factors "
+                             f"({sorted(parts)})")
+        if "alpha" in parts and "a" not in parts:
+            raise ValueError(f"LoRA file {where!r}: {module} has an alpha but no factors")
+        scale = 1.0
+        if "a" in parts:
+            a, b = parts["a"], parts["b"]
+            rank = a.shape[0]
+            if b.ndim < 2 or b.shape[1] != rank:
+                raise ValueError(f"LoRA file {where!r}: {module} factors do not chain: A "
+                                 f"{a.shape}, B {b.shape} (expected A [r, ...], B [out, r, ...])")
+            if "alpha" in parts:  # the original format's alpha scales the factors, not diff_b
+                add(weight, _product(a, b) * (float(parts["alpha"].reshape(-1)[0]) / rank
+                                              * strength))
+            else:
+                alpha = _alpha_for(module, metadata)
+                if alpha is not None:
+                    scale = alpha / (math.sqrt(rank) if metadata.get("use_rslora") else rank)
+                add(weight, _product(a, b) * (scale * strength))
+        if "bias" in parts:  # peft scales lora_B's bias with the module's scale
+            add(module + ".bias", parts["bias"] * (scale * strength))
+        if "diff" in parts:
+            add(weight, parts["diff"] * strength)
+    return deltas
+
+
+def _product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """B @ A as one tensor [out, *A's input dims] (Linear: [out, in]; Conv3d: [out, C, t, h, w])."""
+    rank = a.shape[0]
+    return (b.reshape(b.shape[0], rank) @ a.reshape(rank, -1)).reshape((b.shape[0],) + a.shape[1:])
+
+
+def merge_lora_file(model: WanDiT, params: dict, path: str, strength: float = 1.0) -> dict:
+    """`params` (vdit DiT weights, nested) with the LoRA file at `path` merged in at `strength`;
+    leaves it does not touch are the same objects. Errors name the tensor that has no place in
+    `model` or the wrong shape."""
+    tensors, metadata = read_lora(path)
+    deltas = lora_deltas(tensors, metadata, strength, path)
+    plan = {torch: (ours, kind, shape, tshape, layer)
+            for ours, torch, kind, shape, tshape, layer in tensor_plan(model)}
+    missing = sorted(n for n in deltas if n not in plan)
+    if missing:
+        raise ValueError(f"LoRA file {path!r} adapts tensors this model does not have "
+                         f"({len(missing)}, e.g. {missing[:5]}): it was made for another model "
+                         f"(this one: {model.num_layers} layers, "
+                         f"image branch {model.has_image_branch})")
+    flat = traverse_util.flatten_dict(params, sep="/")
+    per_leaf: dict[str, np.ndarray] = {}
+    for name, delta in deltas.items():
+        ours, kind, shape, tshape, layer = plan[name]
+        delta = np.asarray(delta, np.float32)
+        if _squeezed(delta.shape) != _squeezed(tshape):
+            raise ValueError(f"LoRA file {path!r}: the delta for {name} has shape {delta.shape} "
+                             f"but the model's tensor is {tshape}")
+        value = to_ours(kind, delta.reshape(tshape), shape)
+        if layer is None:
+            per_leaf[ours] = per_leaf.get(ours, 0) + value
+        else:
+            leaf = per_leaf.setdefault(ours, np.zeros((model.num_layers,) + shape, np.float32))
+            leaf[layer] += value
+    for ours, delta in per_leaf.items():
+        leaf = flat[ours]
+        flat[ours] = (leaf.astype(np.float32) + delta).astype(leaf.dtype)
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _squeezed(shape) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
+
+
+def adapter_to_diffusers(model: WanDiT, adapter: dict, scale: float) -> dict[str, np.ndarray]:
+    """A vdit adapter tree {path: {"a": [*L, *in, r], "b": [*L, r, *out]}} -> diffusers / peft
+    tensors ("transformer.blocks.0.attn1.to_q.lora_A.weight" ...), `scale` (alpha / rank) folded
+    into lora_B. An adapter on a kernel diffusers has no place for is an error naming it."""
+    factors = traverse_util.flatten_dict(adapter, sep="/")
+    kernels = sorted({k.rsplit("/", 1)[0] for k in factors})
+    entries: dict[str, list] = {}
+    for ours, torch, kind, _, tshape, layer in tensor_plan(model):
+        entries.setdefault(ours, []).append((torch, kind, tshape, layer))
+    out = {}
+    for kernel in kernels:
+        if kernel not in entries:
+            raise ValueError(f"LoRA adapter on {kernel!r}: diffusers' WanTransformer3DModel has "
+                             "no such layer, so it cannot be written in diffusers' format")
+        a, b = (np.asarray(factors[f"{kernel}/{x}"], np.float32) for x in "ab")
+        for torch, kind, tshape, layer in entries[kernel]:
+            a_l, b_l = (a, b) if layer is None else (a[layer], b[layer])
+            rank = a_l.shape[-1]
+            module = DIFFUSERS_PREFIX + torch.removesuffix(".weight")
+            b_t = (b_l.reshape(rank, -1) * scale).T  # [out, r]
+            if kind == "patch":
+                out[f"{module}.lora_A.weight"] = to_torch(
+                    "patch", a_l.reshape(-1, rank), (rank,) + tuple(tshape[1:]))
+                out[f"{module}.lora_B.weight"] = b_t.reshape(b_t.shape + (1, 1, 1))
+            else:
+                out[f"{module}.lora_A.weight"] = a_l.reshape(-1, rank).T
+                out[f"{module}.lora_B.weight"] = b_t
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
