@@ -258,6 +258,9 @@ def test_lora_student_through_the_wan_recipe(tmp_path, capsys):
         np.testing.assert_array_equal(written[key], value)
     meta = json.loads(open(os.path.join(out, "adapter_config.json")).read())
     assert meta["rank"] == 2 and meta["sample"]["steps"] == 4
+    assert meta["diffusers"] == {"lora": "pytorch_lora_weights.safetensors"}
+    in_diffusers = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert any(k.endswith(".attn1.to_q.lora_A.weight") for k in in_diffusers)
     assert meta["base"].startswith(os.path.join(teacher, "checkpoints", ""))  # the pinned step
     assert meta["base_weights"] in ("params", "ema")
     # diffusers has no scheduler for the student's step grid: refused, not a folder that fails

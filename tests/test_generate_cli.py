@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from generate_testing import smooth_video, t2v_pipeline
 from PIL import Image
+from safetensors.numpy import save_file
 
 from vdit.cli import build_parser
 from vdit.config import ConfigError
 from vdit.data import video_io
-from vdit.sample_cli import output_paths, parse_size, run_cli
+from vdit.sample_cli import output_paths, parse_lora, parse_size, run_cli
 
 COMMON = ["--frames", "9", "--size", "32x32", "--steps", "4", "--guidance", "5"]
 
@@ -97,3 +98,32 @@ def test_extend_and_upscale_modes(folder, tmp_path, capsys):
     args.mode = "rewind"
     with pytest.raises(ValueError, match="--mode 'rewind'"):
         run_cli(args)
+
+
+def test_lora_flag_merges_and_errors_are_named(folder, tmp_path, capsys):
+    """`--lora PATH:STRENGTH` changes the video (strength 0 leaves it as it was); a missing file,
+    a bad strength and --lora-2 on a one-DiT model are named."""
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "style.safetensors")
+    save_file({f"transformer.blocks.{i}.ffn.net.2.lora_{x}.weight":
+               rng.normal(size=(24, 4) if x == "B" else (4, 32)).astype(np.float32)
+               for i in (0, 1) for x in "AB"}, path)
+    videos = {}
+    for name, extra in (("plain", []), ("zero", ["--lora", f"{path}:0"]),
+                        ("lora", ["--lora", f"{path}:1.5"])):
+        out = str(tmp_path / f"{name}.mp4")
+        assert run_cli(_args("--workdir", folder, "--prompt", "red", "--out", out, *extra,
+                             *COMMON)) == 0
+        videos[name] = video_io.read_video(out).astype(np.float32)
+    assert f"merged LoRA {path} at strength 1.5" in capsys.readouterr().out
+    np.testing.assert_array_equal(videos["zero"], videos["plain"])
+    assert np.abs(videos["lora"] - videos["plain"]).mean() > 1.0
+    assert parse_lora("gs://b/x.safetensors") == ("gs://b/x.safetensors", 1.0)
+    assert parse_lora("x.safetensors:-0.5") == ("x.safetensors", -0.5)
+    with pytest.raises(ValueError, match="PATH or PATH:STRENGTH"):
+        parse_lora(":0.5")
+    with pytest.raises(FileNotFoundError, match="--lora '.*none.safetensors' does not exist"):
+        run_cli(_args("--workdir", folder, "--prompt", "x", "--lora",
+                      str(tmp_path / "none.safetensors")))
+    with pytest.raises(ValueError, match="one DiT"):
+        run_cli(_args("--workdir", folder, "--prompt", "x", "--lora-2", path, *COMMON))

@@ -3,7 +3,6 @@ them (random weights, diffusers / peft names with and without peft metadata, the
 names with alphas and bias deltas, a Conv3d adapter, strength != 1), and vdit's own adapters
 written in diffusers' format load there with the same result."""
 
-import json
 
 import flax.linen as nn
 import jax
@@ -15,7 +14,6 @@ from diffusers import WanTransformer3DModel
 from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
 from peft import LoraConfig
 from safetensors.numpy import save_file
-from safetensors.torch import save_file as save_torch
 
 from vdit.convert import wan_dit, wan_lora
 from vdit.models import lora

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from dit_testing import tiny_model_config
 from flax import traverse_util
 from train_testing import VIDEOS, tiny_config, train_tiny, write_shards, write_vae_run
 
@@ -22,7 +23,7 @@ from vdit.diffusion import flow
 from vdit.models import lora
 from vdit.pipelines.generate import Generator
 from vdit.runs import checkpoint
-from vdit.train import experts, init_from, run_params
+from vdit.train import experts, export, init_from, run_params
 
 BOUNDARY = 0.8
 
@@ -215,21 +216,28 @@ def test_adapter_export_keeps_the_low_noise_experts_adapter(tmp_path, trained):
     """`vdit export --adapter` on a two-expert LoRA run writes lora_2 (for dit_2) too, prefixed."""
     from safetensors.numpy import load_file
 
-    from vdit.train.export import export_adapter
 
-    factor = lambda v: {"blocks": {"k": {"a": np.full((2, 3, 4), v, np.float32),
-                                         "b": np.full((2, 4, 5), v, np.float32)}}}
+    factor = lambda v: {"blocks": {"attn1": {"to_q": {"kernel": {
+        "a": np.full((2, 24, 4), v, np.float32), "b": np.full((2, 4, 2, 12), v, np.float32)}}}}}
     weights = {"lora_2": factor(2.0)} | ({"lora": factor(1.0)} if trained == "both" else {})
     config = ml_collections.ConfigDict({
-        "checkpoint": recipe_module("common").checkpoint(),
-        "lora": dict(enabled=True, rank=4, alpha=4.0, targets=["k"]),
+        "checkpoint": recipe_module("common").checkpoint(), "model": tiny_model_config(),
+        "lora": dict(enabled=True, rank=4, alpha=2.0, targets=["to_q"]),
         "experts": dict(boundary_ratio=0.9, train=trained), "train": dict(init_from="base"),
         "sample": dict(steps=4)})
     checkpoint.write_weights(str(tmp_path / "run"), 0, weights, weights, config)
-    written = load_file(export_adapter(str(tmp_path / "run"), str(tmp_path / "out")))
-    want = {"dit_2/blocks/k/a", "dit_2/blocks/k/b"}
-    want |= {"blocks/k/a", "blocks/k/b"} if trained == "both" else set()
+    written = load_file(export.export_adapter(str(tmp_path / "run"), str(tmp_path / "out")))
+    want = {"dit_2/blocks/attn1/to_q/kernel/a", "dit_2/blocks/attn1/to_q/kernel/b"}
+    want |= {"blocks/attn1/to_q/kernel/a", "blocks/attn1/to_q/kernel/b"} if trained == "both" \
+        else set()
     assert set(written) == want
-    np.testing.assert_array_equal(written["dit_2/blocks/k/a"], 2.0)
+    np.testing.assert_array_equal(written["dit_2/blocks/attn1/to_q/kernel/a"], 2.0)
+    # diffusers' format: one file per expert (transformer_2's for lora_2), scale 2/4 in lora_B
+    low = load_file(str(tmp_path / "out" / "pytorch_lora_weights_2.safetensors"))
+    assert sorted(low) == [f"transformer.blocks.{i}.attn1.to_q.lora_{x}.weight"
+                           for i in (0, 1) for x in "AB"]
+    np.testing.assert_array_equal(low["transformer.blocks.1.attn1.to_q.lora_B.weight"], 1.0)
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists() == (trained == "both")
     meta = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert meta["adapters"] == {k: lora.ADAPTED[k] for k in weights}
+    assert meta["diffusers"] == {k: f for k, f in export.DIFFUSERS_FILES.items() if k in weights}

@@ -10,9 +10,11 @@ import pytest
 import torch
 from generate_testing import Z22, Z, a14b_pipeline, text_embeddings, ti2v_i2v_pipeline
 from PIL import Image
+from safetensors.numpy import save_file
 from vae_reference import from_torch, rel_err, to_torch
 
 from vdit.pipelines.generate import Generator
+from vdit.sample_cli import load_generator
 
 FRAMES, STEPS = 9, 4
 
@@ -108,3 +110,51 @@ def test_two_expert_folder_errors_are_named(tmp_path):
     index_path.write_text(json.dumps({k: v for k, v in index.items() if k != "boundary_ratio"}))
     with pytest.raises(ValueError, match="needs both transformer_2/ and boundary_ratio"):
         Generator.from_diffusers(str(tmp_path))
+
+
+def _lora_file(path, seed, original):
+    """Random LoRA factors on both blocks' self-attention and FFN, in the original Wan names
+    (lora_down/lora_up, alpha 2 for rank 4) or diffusers' (lora_A/lora_B)."""
+    rng = np.random.default_rng(seed)
+    names = {"self_attn.q": "attn1.to_q", "self_attn.o": "attn1.to_out.0",
+             "ffn.0": "ffn.net.0.proj"}
+    sd = {}
+    for i in range(2):
+        for theirs, ours in names.items():
+            out = 32 if theirs == "ffn.0" else 24
+            down, up = rng.normal(size=(4, 24)) * 0.3, rng.normal(size=(out, 4)) * 0.3
+            if original:
+                key = f"diffusion_model.blocks.{i}.{theirs}"
+                sd |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                       f"{key}.alpha": np.array(2.0)}
+            else:
+                key = f"transformer.blocks.{i}.{ours}"
+                sd |= {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}
+    save_file({k: np.asarray(v, np.float32) for k, v in sd.items()}, path)
+
+
+def test_two_expert_loras_match_diffusers(tmp_path):
+    """A LoRA on each expert (`vdit sample --lora high:0.8 --lora-2 low`) samples what diffusers'
+    load_lora_weights (the second with load_into_transformer_2) at those strengths does."""
+    pipe = a14b_pipeline(str(tmp_path / "pipe"))
+    high, low = str(tmp_path / "high.safetensors"), str(tmp_path / "low.safetensors")
+    _lora_file(high, 1, original=True)
+    _lora_file(low, 2, original=False)
+    pipe.load_lora_weights(high, adapter_name="high")
+    pipe.load_lora_weights(low, adapter_name="low", load_into_transformer_2=True)
+    pipe.transformer.set_adapters(["high"], weights=[0.8])
+    pipe.transformer_2.set_adapters(["low"], weights=[1.0])
+    gen, _ = load_generator(str(tmp_path / "pipe"), [f"{high}:0.8"], [low])
+    ctx, neg = text_embeddings(1)
+    noise = _noise((1, 3, 4, 4, Z))
+    ours = gen.text_to_video(ctx, neg, noise, steps=STEPS, guidance=5.0, guidance_2=2.0,
+                             output="latent")
+    ref = _reference(pipe, ctx, neg, noise, 32, guidance_scale=5.0, guidance_scale_2=2.0)
+    plain = Generator.from_diffusers(str(tmp_path / "pipe")).text_to_video(
+        ctx, neg, noise, steps=STEPS, guidance=5.0, guidance_2=2.0, output="latent")
+    err = rel_err(ours, ref)
+    print(f"a14b with two LoRAs: relative error {err:.2e}, LoRAs moved it {rel_err(plain, ref):.2f}")
+    assert rel_err(plain, ref) > 1e-2
+    assert err < 1e-3, err
+    with pytest.raises(ValueError, match="expected 'high' or 'low'"):
+        gen.with_lora(low, expert="sideways")

@@ -133,6 +133,13 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="new run folder for the merged weights")
         p.add_argument("--adapter", action="store_true",
                        help="write only a LoRA run's adapter (safetensors + json) into --out")
+    if name in ("sample", "serve"):
+        p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                       help="LoRA .safetensors (diffusers or original Wan names) merged into the "
+                            "DiT, or a Wan2.2 A14B model's high-noise expert (repeatable)")
+        p.add_argument("--lora-2", dest="lora_2", action="append", default=[],
+                       metavar="PATH[:STRENGTH]",
+                       help="LoRA for a Wan2.2 A14B model's low-noise expert (repeatable)")
 
 
 def _load(args):

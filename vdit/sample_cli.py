@@ -13,11 +13,14 @@ a message); --frames must be 1 + 4k. `--mode`, `--last-image`, `--context-frames
 `--negative-prompt`, `--fps`, `--motion` and `--batch-size` are read when the parser defines them
 (defaults otherwise). `--fps` is the output frame rate and, for a model micro-conditioned on fps,
 also its conditioning value; `--motion` (frame short sides per second) is only for a model
-micro-conditioned on motion and an error for any other.
+micro-conditioned on motion and an error for any other. `--lora PATH[:STRENGTH]` and `--lora-2`
+(a Wan2.2 A14B model's low-noise expert) merge LoRA files into the loaded DiT
+(vdit/convert/wan_lora.py); `vdit serve` takes them too.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 
 import jax.numpy as jnp
@@ -43,13 +46,42 @@ def _opt(args, name: str, default=None):
     return default if value is None else value
 
 
-def load_generator(workdir: str):
-    """(Generator, "diffusers" | "vdit") for a pipeline folder or a vdit run folder."""
+def parse_lora(spec: str, flag: str = "--lora") -> tuple[str, float]:
+    """"PATH" or "PATH:STRENGTH" -> (path, strength); a suffix that is no number is part of the
+    path (gs://...)."""
+    path, sep, tail = spec.rpartition(":")
+    try:
+        strength = float(tail) if sep else None
+    except ValueError:
+        strength = None
+    if strength is None:
+        return spec, 1.0
+    if not path or not math.isfinite(strength):
+        raise ValueError(f"{flag} {spec!r}: expected PATH or PATH:STRENGTH (e.g. style.safetensors:0.8)")
+    return path, strength
+
+
+def load_generator(workdir: str, loras=(), loras_2=()):
+    """(Generator, "diffusers" | "vdit") for a pipeline folder or a vdit run folder, with the
+    LoRA files `loras` ("PATH[:STRENGTH]", on the DiT or a two-expert model's high-noise one) and
+    `loras_2` (its low-noise one) merged in."""
+    specs = [(parse_lora(s), "high") for s in loras] + [(parse_lora(s, "--lora-2"), "low")
+                                                         for s in loras_2]
+    for (path, _), expert in specs:  # before the (slow) model load
+        if not runs.check_reachable(path, "--lora").is_file():
+            raise FileNotFoundError(f"{'--lora-2' if expert == 'low' else '--lora'} {path!r} "
+                                    "does not exist")
     if not runs.check_reachable(workdir, "--workdir").is_dir():
         raise FileNotFoundError(f"--workdir {workdir!r} does not exist")
     if is_pipeline_folder(workdir):
-        return Generator.from_diffusers(workdir), "diffusers"
-    return Generator.from_workdir(workdir), "vdit"
+        gen, kind = Generator.from_diffusers(workdir), "diffusers"
+    else:
+        gen, kind = Generator.from_workdir(workdir), "vdit"
+    for (path, strength), expert in specs:
+        gen = gen.with_lora(path, strength, expert)
+        print(f"vdit: merged LoRA {path} at strength {strength:g}"
+              + (" into the low-noise expert" if expert == "low" else ""))
+    return gen, kind
 
 
 def read_prompts(args) -> list[str]:
@@ -230,7 +262,7 @@ def run_cli(args) -> int:
         parse_size(args.size)
     if args.image and args.video:
         raise ValueError("give --image (image-to-video) or --video (video-to-video), not both")
-    gen, kind = load_generator(args.workdir)
+    gen, kind = load_generator(args.workdir, _opt(args, "lora", []), _opt(args, "lora_2", []))
     if gen.text_model is None:
         raise ValueError(f"{args.workdir} has no text encoder (text_encoder/ + tokenizer/): "
                          "vdit sample needs one to encode prompts")

@@ -33,6 +33,7 @@ import os
 import re
 import struct
 
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -131,9 +132,16 @@ def _alpha_for(module: str, metadata: dict) -> float | None:
     return None if alpha is None else float(alpha)
 
 
-def lora_deltas(tensors: dict[str, np.ndarray], metadata: dict, strength: float,
-                where: str) -> dict[str, np.ndarray]:
-    """diffusers tensor name ("blocks.0.attn1.to_q.weight") -> the delta to add, torch layout."""
+# One term of a tensor's delta: ("product", A, B, factor) is (B @ A) * factor, ("add", X, factor)
+# is X * factor. Products are formed one tensor at a time when merged: a rank-64 LoRA on a 14B
+# DiT has a few GB of factors but tens of GB of products.
+Term = tuple
+
+
+def lora_terms(tensors: dict[str, np.ndarray], metadata: dict, strength: float,
+               where: str) -> dict[str, list[Term]]:
+    """diffusers tensor name ("blocks.0.attn1.to_q.weight") -> the terms of its delta (torch
+    layout); errors name the keys that cannot be applied."""
     original = any(k.startswith(ORIGINAL_PREFIX) for k in tensors)
     prefix = ORIGINAL_PREFIX if original else DIFFUSERS_PREFIX
     if metadata.get("use_dora"):
@@ -152,11 +160,7 @@ def lora_deltas(tensors: dict[str, np.ndarray], metadata: dict, strength: float,
                          f"({len(unknown)}, e.g. {sorted(unknown)[:5]}); it reads diffusers / peft "
                          "names (lora_A, lora_B) and the original Wan names (lora_down, lora_up, "
                          "alpha, diff, diff_b)")
-    deltas: dict[str, np.ndarray] = {}
-
-    def add(name, value):
-        deltas[name] = deltas.get(name, 0) + value
-
+    terms: dict[str, list[Term]] = {}
     for module, parts in sorted(modules.items()):
         weight = module if module.rsplit(".", 1)[-1] in _BARE_TENSORS else module + ".weight"
         if ("a" in parts) != ("b" in parts):
@@ -172,57 +176,76 @@ def lora_deltas(tensors: dict[str, np.ndarray], metadata: dict, strength: float,
                 raise ValueError(f"LoRA file {where!r}: {module} factors do not chain: A "
                                  f"{a.shape}, B {b.shape} (expected A [r, ...], B [out, r, ...])")
             if "alpha" in parts:  # the original format's alpha scales the factors, not diff_b
-                add(weight, _product(a, b) * (float(parts["alpha"].reshape(-1)[0]) / rank
-                                              * strength))
+                factor = float(parts["alpha"].reshape(-1)[0]) / rank
             else:
                 alpha = _alpha_for(module, metadata)
                 if alpha is not None:
                     scale = alpha / (math.sqrt(rank) if metadata.get("use_rslora") else rank)
-                add(weight, _product(a, b) * (scale * strength))
+                factor = scale
+            terms.setdefault(weight, []).append(("product", a, b, factor * strength))
         if "bias" in parts:  # peft scales lora_B's bias with the module's scale
-            add(module + ".bias", parts["bias"] * (scale * strength))
+            terms.setdefault(module + ".bias", []).append(("add", parts["bias"], scale * strength))
         if "diff" in parts:
-            add(weight, parts["diff"] * strength)
-    return deltas
+            terms.setdefault(weight, []).append(("add", parts["diff"], strength))
+    return terms
 
 
-def _product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """B @ A as one tensor [out, *A's input dims] (Linear: [out, in]; Conv3d: [out, C, t, h, w])."""
-    rank = a.shape[0]
-    return (b.reshape(b.shape[0], rank) @ a.reshape(rank, -1)).reshape((b.shape[0],) + a.shape[1:])
+def _delta(terms: list[Term]) -> np.ndarray:
+    """The sum of a tensor's terms, float32 (Linear: [out, in]; Conv3d: [out, C, t, h, w])."""
+    total = 0
+    for term in terms:
+        if term[0] == "product":
+            _, a, b, factor = term
+            rank = a.shape[0]
+            value = (b.reshape(b.shape[0], rank) @ a.reshape(rank, -1)).reshape(
+                (b.shape[0],) + a.shape[1:])
+        else:
+            _, value, factor = term
+        total = total + value.astype(np.float32) * np.float32(factor)
+    return np.asarray(total, np.float32)
+
+
+def _shape_of(term: Term) -> tuple[int, ...]:
+    return (term[2].shape[0],) + term[1].shape[1:] if term[0] == "product" else term[1].shape
 
 
 def merge_lora_file(model: WanDiT, params: dict, path: str, strength: float = 1.0) -> dict:
-    """`params` (vdit DiT weights, nested) with the LoRA file at `path` merged in at `strength`;
-    leaves it does not touch are the same objects. Errors name the tensor that has no place in
-    `model` or the wrong shape."""
+    """`params` (vdit DiT weights, nested; host or device arrays) with the LoRA file at `path`
+    merged in at `strength`; leaves it does not touch are the same objects, a touched one keeps
+    its dtype and sharding. One leaf is merged at a time (float32 on the host). Errors name the
+    tensor that has no place in `model` or the wrong shape."""
     tensors, metadata = read_lora(path)
-    deltas = lora_deltas(tensors, metadata, strength, path)
+    terms = lora_terms(tensors, metadata, strength, path)
     plan = {torch: (ours, kind, shape, tshape, layer)
             for ours, torch, kind, shape, tshape, layer in tensor_plan(model)}
-    missing = sorted(n for n in deltas if n not in plan)
+    missing = sorted(n for n in terms if n not in plan)
     if missing:
         raise ValueError(f"LoRA file {path!r} adapts tensors this model does not have "
                          f"({len(missing)}, e.g. {missing[:5]}): it was made for another model "
                          f"(this one: {model.num_layers} layers, "
                          f"image branch {model.has_image_branch})")
+    by_leaf: dict[str, list[str]] = {}
+    for name, name_terms in terms.items():
+        tshape = plan[name][3]
+        for term in name_terms:
+            if _squeezed(_shape_of(term)) != _squeezed(tshape):
+                raise ValueError(f"LoRA file {path!r}: the delta for {name} has shape "
+                                 f"{_shape_of(term)} but the model's tensor is {tshape}")
+        by_leaf.setdefault(plan[name][0], []).append(name)
     flat = traverse_util.flatten_dict(params, sep="/")
-    per_leaf: dict[str, np.ndarray] = {}
-    for name, delta in deltas.items():
-        ours, kind, shape, tshape, layer = plan[name]
-        delta = np.asarray(delta, np.float32)
-        if _squeezed(delta.shape) != _squeezed(tshape):
-            raise ValueError(f"LoRA file {path!r}: the delta for {name} has shape {delta.shape} "
-                             f"but the model's tensor is {tshape}")
-        value = to_ours(kind, delta.reshape(tshape), shape)
-        if layer is None:
-            per_leaf[ours] = per_leaf.get(ours, 0) + value
-        else:
-            leaf = per_leaf.setdefault(ours, np.zeros((model.num_layers,) + shape, np.float32))
-            leaf[layer] += value
-    for ours, delta in per_leaf.items():
+    for ours, names in by_leaf.items():
         leaf = flat[ours]
-        flat[ours] = (leaf.astype(np.float32) + delta).astype(leaf.dtype)
+        merged = np.array(leaf, np.float32)  # this leaf only
+        for name in names:
+            _, kind, shape, tshape, layer = plan[name]
+            value = to_ours(kind, _delta(terms[name]).reshape(tshape), shape)
+            if layer is None:
+                merged += value
+            else:
+                merged[layer] += value
+        merged = merged.astype(leaf.dtype)
+        flat[ours] = (jax.device_put(merged, leaf.sharding) if isinstance(leaf, jax.Array)
+                      else merged)
     return traverse_util.unflatten_dict(flat, sep="/")
 
 

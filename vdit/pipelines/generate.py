@@ -37,6 +37,7 @@ import numpy as np
 
 from vdit.config import check_frames
 from vdit.convert import diffusers_folder as folder_lib
+from vdit.convert import wan_lora
 from vdit.data.conditions import condition_latents
 from vdit.diffusion.samplers import Sampler
 from vdit.diffusion.samplers_schedule import check_num_steps
@@ -157,6 +158,22 @@ class Generator:
         frame short sides per second); a value the model does not take is an error."""
         given = micro_lib.check_given(self.dit.micro_conditioning, {"fps": fps, "motion": motion})
         return dataclasses.replace(self, micro=self.micro | given)
+
+    def with_lora(self, path: str, strength: float = 1.0, expert: str = "high") -> Generator:
+        """A copy whose DiT has the LoRA file at `path` merged in at `strength` (diffusers' or
+        the original Wan format, vdit/convert/wan_lora.py). `expert` "low" adapts a Wan2.2
+        two-expert model's low-noise DiT (`dit_2`); "high" adapts `dit`, the only one of a
+        one-expert model."""
+        if expert not in ("high", "low"):
+            raise ValueError(f"expert {expert!r}: expected 'high' or 'low'")
+        if expert == "low":
+            if self.dit_2 is None:
+                raise ValueError(f"--lora-2 {path}: this model has one DiT (no low-noise expert); "
+                                 "give its LoRA with --lora")
+            return dataclasses.replace(self, dit_2_params=wan_lora.merge_lora_file(
+                self.dit_2, self.dit_2_params, path, strength))
+        return dataclasses.replace(self, dit_params=wan_lora.merge_lora_file(
+            self.dit, self.dit_params, path, strength))
 
     def _micro_inputs(self, batch: int) -> dict | None:
         names = self.dit.micro_conditioning

@@ -17,7 +17,13 @@ by its DiT kernel's path ("blocks/attn1/to_q/kernel/a" [*layers, *in, rank], "..
 [*layers, rank, *out]; merged kernel = kernel + a @ b * alpha / rank, vdit/models/lora.py), and
 OUT/adapter_config.json: rank, alpha, targets, the base run, the run's sampler settings and
 `adapters` (which DiT each adapter adapts). A two-expert run's low-noise adapter (`lora_2`, for
-`dit_2`) is written beside it with its names prefixed "dit_2/".
+`dit_2`) is written beside it with its names prefixed "dit_2/". The same adapters are also written
+in diffusers' LoRA format (vdit/convert/wan_lora.py), OUT/pytorch_lora_weights.safetensors (and
+pytorch_lora_weights_2.safetensors for `dit_2`), which diffusers loads onto the base model
+exported to diffusers' layout with `pipe.load_lora_weights(OUT)` (the second with
+`weight_name="pytorch_lora_weights_2.safetensors", load_into_transformer_2=True`) and `vdit sample
+--lora` reads; they are left out, with the reason in adapter_config.json's "diffusers", when an
+adapter sits on a layer diffusers' Wan transformer does not have.
 """
 
 from __future__ import annotations
@@ -30,11 +36,15 @@ from flax import traverse_util
 from safetensors.numpy import save
 
 from vdit import runs
+from vdit.convert import wan_lora
 from vdit.models import lora
+from vdit.models.dit import build_dit
 from vdit.runs import checkpoint
 from vdit.train.init_from import resolve, run_weights
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+DIFFUSERS_FILES = {"lora": "pytorch_lora_weights.safetensors",  # diffusers' default weight name
+                   "lora_2": "pytorch_lora_weights_2.safetensors"}
 
 
 def standalone_config(saved: dict, workdir: str) -> ml_collections.ConfigDict:
@@ -84,7 +94,9 @@ def export_adapter(src: str, out: str) -> str:
     data = save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()})
     (folder / ADAPTER_FILE).write_bytes(data)
     settings = saved.get("lora", {})
-    meta = {"rank": settings.get("rank"), "alpha": settings.get("alpha"),
+    diffusers = _write_diffusers(folder, saved, {k: params[k] for k in adapters},
+                                 float(settings["alpha"]) / int(settings["rank"]))
+    meta = {"rank": settings.get("rank"), "alpha": settings.get("alpha"), "diffusers": diffusers,
             "targets": settings.get("targets"), "adapters": adapters,
             # the base run's step folder (pinned when the run started) and which of its weights
             "base": saved.get("train", {}).get("init_from", ""),
@@ -92,3 +104,19 @@ def export_adapter(src: str, out: str) -> str:
                 k: saved.get("sample", {}).get(k) for k in ("steps", "guidance", "scheduler")}}
     (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return str(folder / ADAPTER_FILE)
+
+
+def _write_diffusers(folder, saved: dict, trees: dict, scale: float) -> dict | str:
+    """Writes each adapter tree in diffusers' LoRA format; returns {tree: file name}, or why
+    nothing was written."""
+    if "model" not in saved:
+        return "not written: the run's config has no model section"
+    model = build_dit(ml_collections.ConfigDict(saved["model"]))
+    try:
+        tensors = {key: wan_lora.adapter_to_diffusers(model, tree, scale)
+                   for key, tree in trees.items()}
+    except ValueError as e:
+        return f"not written: {e}"
+    for key, flat in tensors.items():
+        (folder / DIFFUSERS_FILES[key]).write_bytes(save(flat))
+    return {key: DIFFUSERS_FILES[key] for key in tensors}
