@@ -18,12 +18,13 @@ from flax import traverse_util
 from train_testing import VIDEOS, tiny_config, train_tiny, write_shards, write_vae_run
 
 from vdit.config import ConfigError, recipe_module
+from vdit.convert import export
 from vdit.data import pipeline, sources
 from vdit.diffusion import flow
 from vdit.models import lora
 from vdit.pipelines.generate import Generator
 from vdit.runs import checkpoint
-from vdit.train import experts, export, init_from, run_params
+from vdit.train import experts, init_from, run_params
 
 BOUNDARY = 0.8
 

@@ -283,7 +283,7 @@ def _plan(args) -> int:
 
 
 def _export(args) -> int:
-    from vdit.train.export import export_adapter, export_run
+    from vdit.convert.export import export_adapter, export_run
 
     write = export_adapter if args.adapter else export_run
     print(f"vdit export: wrote {write(args.workdir, args.out)}")
