@@ -4,6 +4,8 @@ names with alphas and bias deltas, a Conv3d adapter, strength != 1), and vdit's 
 written in diffusers' format load there with the same result."""
 
 
+import re
+
 import flax.linen as nn
 import jax
 import ml_collections
@@ -114,6 +116,17 @@ def _original_file(rng, i2v):
     return {k: np.asarray(v, np.float32) for k, v in sd.items()}
 
 
+def _musubi_file(rng):
+    """musubi-tuner's names ("lora_unet_blocks_0_self_attn_q.lora_down.weight", alphas)."""
+    sd = {}
+    for key, value in _original_file(rng, False).items():
+        match = re.fullmatch(r"diffusion_model\.(blocks\..+?)\.(lora_down\.weight|lora_up\.weight|"
+                             r"alpha)", key)
+        if match:
+            sd[f"lora_unet_{match.group(1).replace('.', '_')}.{match.group(2)}"] = value
+    return sd
+
+
 def _diffusers_with_lora(ref_folder, path, strength):
     ref = WanTransformer3DModel.from_pretrained(ref_folder).eval()
     state = WanLoraLoaderMixin.lora_state_dict(path)  # converts the original names
@@ -124,7 +137,7 @@ def _diffusers_with_lora(ref_folder, path, strength):
 
 
 CASES = {"diffusers": (CFG, False), "diffusers_metadata": (CFG, True), "original": (CFG, False),
-         "original_i2v": (I2V, False)}
+         "original_i2v": (I2V, False), "musubi": (CFG, False)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -132,8 +145,8 @@ def test_lora_file_merges_as_diffusers_applies_it(case, tmp_path):
     cfg, with_metadata = CASES[case]
     _, folder = _reference(cfg, tmp_path)
     rng = np.random.default_rng(7)
-    sd = _original_file(rng, "image_dim" in cfg) if case.startswith("original") else \
-        _diffusers_file(rng)
+    sd = (_original_file(rng, "image_dim" in cfg) if case.startswith("original") else
+          _musubi_file(rng) if case == "musubi" else _diffusers_file(rng))
     path = str(tmp_path / "lora.safetensors")
     if with_metadata:  # peft's config as diffusers saves it: alpha 6 for rank 4, 1.5 for to_v
         ranks = {k.removeprefix("transformer.").split(".lora_A")[0]: v.shape[0]

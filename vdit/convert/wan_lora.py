@@ -9,7 +9,8 @@ Reading (`read_lora` + `merge_lora_file`): one .safetensors file for a WanTransf
   - the original Wan names that ComfyUI and most published Wan LoRAs use:
     "diffusion_model.blocks.0.self_attn.q.lora_down.weight" (or lora_A), "...lora_up.weight"
     (or lora_B), "....alpha" (scale alpha / r), "....diff_b" (a bias delta) and "....diff" (a
-    whole-tensor delta: weights, norms, modulation tables).
+    whole-tensor delta: weights, norms, modulation tables);
+  - musubi-tuner's: the same with "lora_unet_" and "_" for "." ("lora_unet_blocks_0_self_attn_q").
 A Conv3d (patch_embedding) adapter is A [r, C, pt, ph, pw] with B [D, r, 1, 1, 1], as peft keeps it.
 Merging adds, to each tensor in vdit's layout (the mapping of vdit/convert/wan_dit.py):
     weight += (B @ A) * scale * strength,  bias += bias_delta * scale * strength,
@@ -44,6 +45,7 @@ from vdit.models.dit import WanDiT
 
 DIFFUSERS_PREFIX = "transformer."
 ORIGINAL_PREFIX = "diffusion_model."
+MUSUBI_PREFIX = "lora_unet_"  # musubi-tuner's names: the original ones with "_" for "."
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
 # original Wan module names -> diffusers' (per block, then top level)
 _BLOCK_NAMES = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k",
@@ -113,14 +115,16 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _diffusers_module(name: str, original: bool) -> str:
-    """A module's diffusers name (original Wan names translated)."""
-    if not original:
+def _diffusers_module(name: str, prefix: str) -> str:
+    """A module's diffusers name (original Wan and musubi-tuner names translated)."""
+    if prefix == DIFFUSERS_PREFIX:
         return name
-    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-    if match and match.group(2) in _BLOCK_NAMES:
-        return f"blocks.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}"
-    return _TOP_NAMES.get(name, name)
+    sep = "_" if prefix == MUSUBI_PREFIX else "."
+    blocks = {k.replace(".", sep): v for k, v in _BLOCK_NAMES.items()}
+    match = re.fullmatch(rf"blocks{re.escape(sep)}(\d+){re.escape(sep)}(.+)", name)
+    if match and match.group(2) in blocks:
+        return f"blocks.{match.group(1)}.{blocks[match.group(2)]}"
+    return {k.replace(".", sep): v for k, v in _TOP_NAMES.items()}.get(name, name)
 
 
 def _alpha_for(module: str, metadata: dict) -> float | None:
@@ -142,8 +146,9 @@ def lora_terms(tensors: dict[str, np.ndarray], metadata: dict, strength: float,
                where: str) -> dict[str, list[Term]]:
     """diffusers tensor name ("blocks.0.attn1.to_q.weight") -> the terms of its delta (torch
     layout); errors name the keys that cannot be applied."""
-    original = any(k.startswith(ORIGINAL_PREFIX) for k in tensors)
-    prefix = ORIGINAL_PREFIX if original else DIFFUSERS_PREFIX
+    prefix = next((p for p in (ORIGINAL_PREFIX, MUSUBI_PREFIX) if any(k.startswith(p)
+                                                                      for k in tensors)),
+                  DIFFUSERS_PREFIX)
     if metadata.get("use_dora"):
         raise ValueError(f"LoRA file {where!r} is a DoRA adapter (use_dora): not supported")
     modules: dict[str, dict[str, np.ndarray]] = {}
@@ -154,12 +159,12 @@ def lora_terms(tensors: dict[str, np.ndarray], metadata: dict, strength: float,
             unknown.append(key)
             continue
         module, part = split
-        modules.setdefault(_diffusers_module(module, original), {})[part] = value
+        modules.setdefault(_diffusers_module(module, prefix), {})[part] = value
     if unknown:
         raise ValueError(f"LoRA file {where!r} has keys vdit does not know how to apply "
                          f"({len(unknown)}, e.g. {sorted(unknown)[:5]}); it reads diffusers / peft "
-                         "names (lora_A, lora_B) and the original Wan names (lora_down, lora_up, "
-                         "alpha, diff, diff_b)")
+                         "names (lora_A, lora_B), the original Wan names (lora_down, lora_up, "
+                         "alpha, diff, diff_b) and musubi-tuner's (lora_unet_...)")
     terms: dict[str, list[Term]] = {}
     for module, parts in sorted(modules.items()):
         weight = module if module.rsplit(".", 1)[-1] in _BARE_TENSORS else module + ".weight"
