@@ -74,7 +74,8 @@ def test_cli_has_serve():
 def test_bad_requests_get_clear_messages(studio):
     _, url = studio
     for body, message in (({"prompt": " "}, "prompt: type what the video should show"),
-                          ({"prompt": "a red circle", "frames": 6}, "--frames"),
+                          ({"prompt": "a red circle", "frames": 6},
+                           "'frames' = 6: frames must be 1+4k"),
                           ({"prompt": "a red circle", "size": "20x20"}, "height=20 must be"),
                           ({"prompt": "a red circle", "size": "big"}, "expected HEIGHTxWIDTH"),
                           ({"prompt": "a red circle", "steps": "many"}, "steps: 'many' is not an integer"),

@@ -224,11 +224,16 @@ def _validate_mesh(mesh) -> None:
 
 
 def check_frames(key: str, frames: int) -> None:
-    """Frames must be 1+4k (the VAE keeps the first frame alone, then compresses 4x in time)."""
+    """Frames must be 1+4k (the VAE keeps the first frame alone, then compresses 4x in time).
+    `key` names where the value came from: a config key ("data.frames"), a flag ("--frames") or
+    a request field ("frames")."""
     if not isinstance(frames, int) or frames < 1 or (frames - 1) % 4:
         lower = max(1, 1 + 4 * ((int(frames) - 1) // 4)) if isinstance(frames, int) else 1
-        raise ConfigError(f"config key {key!r} = {frames!r}: frames must be 1+4k "
-                          f"(1, 5, 9, 13, 17, ...); nearest valid: {lower} or {lower + 4}")
+        where = (f"{key} {frames!r}" if key.startswith("--") else
+                 f"config key {key!r} = {frames!r}" if "." in key or "[" in key else
+                 f"{key!r} = {frames!r}")
+        raise ConfigError(f"{where}: frames must be 1+4k (1, 5, 9, 13, 17, ...); nearest valid: "
+                          f"{lower} or {lower + 4}")
 
 
 def spatial_stride(config: ml_collections.ConfigDict) -> int:

@@ -35,6 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from PIL import Image
 
 from vdit import runs
+from vdit.config import check_frames
 from vdit.data import video_io
 from vdit.sample_cli import SampleJob, load_generator, parse_size
 from vdit.serve_page import PAGE
@@ -130,6 +131,7 @@ class Studio:
         size = text_field(body, "size") or f"{height}x{width}"
         height, width = parse_size(size)  # "--size ...: expected HEIGHTxWIDTH"
         frames = number_field(body, "frames", int, frames, 1, 1000)
+        check_frames("frames", frames)
         if frames * height * width > self.max_pixels:
             raise ValueError(
                 f"frames x size = {frames}x{height}x{width} = {frames * height * width:,} pixels "
