@@ -120,8 +120,12 @@ def test_lora_flag_merges_and_errors_are_named(folder, tmp_path, capsys):
     assert np.abs(videos["lora"] - videos["plain"]).mean() > 1.0
     assert parse_lora("gs://b/x.safetensors") == ("gs://b/x.safetensors", 1.0)
     assert parse_lora("x.safetensors:-0.5") == ("x.safetensors", -0.5)
-    with pytest.raises(ValueError, match="PATH or PATH:STRENGTH"):
-        parse_lora(":0.5")
+    assert parse_lora("x.safetensors:1_0") == ("x.safetensors:1_0", 1.0)  # not a number: a path
+    for bad in (":0.5", "x.safetensors:", "x.safetensors:inf"):
+        with pytest.raises(ValueError, match="PATH or PATH:STRENGTH"):
+            parse_lora(bad)
+    with pytest.raises(ValueError, match="--weights params: .* a diffusers folder"):
+        run_cli(_args("--workdir", folder, "--prompt", "x", "--weights", "params"))
     with pytest.raises(FileNotFoundError, match="--lora '.*none.safetensors' does not exist"):
         run_cli(_args("--workdir", folder, "--prompt", "x", "--lora",
                       str(tmp_path / "none.safetensors")))

@@ -136,8 +136,9 @@ def _diffusers_with_lora(ref_folder, path, strength):
     return ref
 
 
-CASES = {"diffusers": (CFG, False), "diffusers_metadata": (CFG, True), "original": (CFG, False),
-         "original_i2v": (I2V, False), "musubi": (CFG, False)}
+CASES = {"diffusers": (CFG, None), "diffusers_metadata": (CFG, "full"),
+         "diffusers_metadata_no_alpha": (CFG, "no_alpha"), "original": (CFG, None),
+         "original_unprefixed": (CFG, None), "original_i2v": (I2V, None), "musubi": (CFG, None)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -147,7 +148,11 @@ def test_lora_file_merges_as_diffusers_applies_it(case, tmp_path):
     rng = np.random.default_rng(7)
     sd = (_original_file(rng, "image_dim" in cfg) if case.startswith("original") else
           _musubi_file(rng) if case == "musubi" else _diffusers_file(rng))
-    path = str(tmp_path / "lora.safetensors")
+    ref_path = path = str(tmp_path / "lora.safetensors")
+    if case == "original_unprefixed":  # some trainers leave "diffusion_model." out
+        ref_path = str(tmp_path / "prefixed.safetensors")  # what diffusers reads
+        save_file(sd, ref_path)
+        sd = {k.removeprefix("diffusion_model."): v for k, v in sd.items()}
     if with_metadata:  # peft's config as diffusers saves it: alpha 6 for rank 4, 1.5 for to_v
         ranks = {k.removeprefix("transformer.").split(".lora_A")[0]: v.shape[0]
                  for k, v in sd.items() if ".lora_A." in k}
@@ -156,6 +161,8 @@ def test_lora_file_merges_as_diffusers_applies_it(case, tmp_path):
                           alpha_pattern={k: 1.5 for k in ranks if k.endswith("to_v")},
                           target_modules=sorted(ranks), lora_bias=True).to_dict()
         meta = {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
+        if with_metadata == "no_alpha":  # peft's default alpha (8) then applies
+            meta = {k: meta[k] for k in ("r", "rank_pattern", "target_modules", "lora_bias")}
         WanLoraLoaderMixin.save_lora_weights(  # as a diffusers pipeline writes it
             str(tmp_path), {k.removeprefix("transformer."): torch.from_numpy(v)
                             for k, v in sd.items()},
@@ -164,7 +171,7 @@ def test_lora_file_merges_as_diffusers_applies_it(case, tmp_path):
         save_file(sd, path)
     strength = 0.7
     latents, timesteps, context, image = _inputs(cfg)
-    want = _torch_forward(_diffusers_with_lora(folder, path, strength), latents, timesteps,
+    want = _torch_forward(_diffusers_with_lora(folder, ref_path, strength), latents, timesteps,
                           context, image)
     dit, params = wan_dit.load_transformer(folder)
     base = _ours(dit, params, latents, timesteps, context, image)
@@ -201,6 +208,10 @@ def test_original_diffs_are_applied_where_diffusers_drops_them(tmp_path):
 
 @pytest.mark.parametrize("sd, match", [
     ({"transformer.blocks.0.attn1.to_q.lora_magnitude_vector": np.ones(24)}, "does not know"),
+    ({}, "holds no tensors"),
+    ({"transformer.blocks.0.attn1.to_q.lora_A.weight": np.ones((4, 24)),
+      "transformer.blocks.0.attn1.to_q.lora_B.weight": np.ones((24, 4)),
+      "blocks.0.attn1.to_q.lora_B.weight": np.ones((24, 4))}, "are the same tensor"),
     ({"transformer.blocks.0.attn1.to_q.lora_A.weight": np.ones((4, 24))}, "only one of its two"),
     ({"transformer.blocks.5.attn1.to_q.lora_A.weight": np.ones((4, 24)),
       "transformer.blocks.5.attn1.to_q.lora_B.weight": np.ones((24, 4))}, r"blocks\.5\.attn1"),
@@ -218,6 +229,16 @@ def test_bad_lora_files_are_named(sd, match, tmp_path):
         wan_lora.merge_lora_file(dit, params, path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         wan_lora.merge_lora_file(dit, params, str(tmp_path / "none.safetensors"))
+    with pytest.raises(ValueError, match="expected a .safetensors file"):
+        wan_lora.merge_lora_file(dit, params, str(tmp_path / "lora.pt"))
+
+
+def test_lora_metadata_that_is_not_an_object_is_named(tmp_path):
+    path = str(tmp_path / "meta.safetensors")
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": np.ones((4, 24), np.float32)},
+              path, metadata={"lora_adapter_metadata": "[1, 2]"})
+    with pytest.raises(ValueError, match="holds a JSON list; expected an object"):
+        wan_lora.read_lora(path)
 
 
 def test_vdit_adapter_loads_in_diffusers(tmp_path):

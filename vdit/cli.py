@@ -140,6 +140,8 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--lora-2", dest="lora_2", action="append", default=[],
                        metavar="PATH[:STRENGTH]",
                        help="LoRA for a Wan2.2 A14B model's low-noise expert (repeatable)")
+        p.add_argument("--weights", choices=["ema", "params"],
+                       help="a vdit run's weights to sample: ema (the default) or params")
 
 
 def _load(args):

@@ -15,12 +15,14 @@ a message); --frames must be 1 + 4k. `--mode`, `--last-image`, `--context-frames
 also its conditioning value; `--motion` (frame short sides per second) is only for a model
 micro-conditioned on motion and an error for any other. `--lora PATH[:STRENGTH]` and `--lora-2`
 (a Wan2.2 A14B model's low-noise expert) merge LoRA files into the loaded DiT
-(vdit/convert/wan_lora.py); `vdit serve` takes them too.
+(vdit/convert/wan_lora.py); `--weights params` samples a vdit run's raw weights instead of its EMA
+(e.g. the base a LoRA was trained on, `train.init_from_weights`); `vdit serve` takes these too.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sys
 
 import jax.numpy as jnp
@@ -29,6 +31,7 @@ from PIL import Image
 
 from vdit import runs
 from vdit.config import check_frames
+from vdit.convert import wan_lora
 from vdit.convert.diffusers_folder import is_pipeline_folder
 from vdit.data import video_io
 from vdit.models.tokenizers import prompt_clean
@@ -38,6 +41,8 @@ from vdit.pipelines.prompt_expand import shapes_expander
 
 SUFFIXES = (".mp4", ".gif")
 MODES = ("restyle", "extend", "upscale")
+STRENGTH = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)",
+                      re.IGNORECASE | re.ASCII)
 DEFAULT_BATCH = 4  # prompts sampled together (--batch-size when the parser defines it)
 
 
@@ -50,33 +55,31 @@ def parse_lora(spec: str, flag: str = "--lora") -> tuple[str, float]:
     """"PATH" or "PATH:STRENGTH" -> (path, strength); a suffix that is no number is part of the
     path (gs://...)."""
     path, sep, tail = spec.rpartition(":")
-    try:
-        strength = float(tail) if sep else None
-    except ValueError:
-        strength = None
-    if strength is None:
+    if not sep or not (STRENGTH.fullmatch(tail) or tail == ""):
         return spec, 1.0
-    if not path or not math.isfinite(strength):
-        raise ValueError(f"{flag} {spec!r}: expected PATH or PATH:STRENGTH (e.g. style.safetensors:0.8)")
-    return path, strength
+    if not path or not tail or not math.isfinite(float(tail)):
+        raise ValueError(f"{flag} {spec!r}: expected PATH or PATH:STRENGTH (e.g. "
+                         "style.safetensors:0.8)")
+    return path, float(tail)
 
 
-def load_generator(workdir: str, loras=(), loras_2=()):
-    """(Generator, "diffusers" | "vdit") for a pipeline folder or a vdit run folder, with the
-    LoRA files `loras` ("PATH[:STRENGTH]", on the DiT or a two-expert model's high-noise one) and
-    `loras_2` (its low-noise one) merged in."""
+def load_generator(workdir: str, loras=(), loras_2=(), weights: str | None = None):
+    """(Generator, "diffusers" | "vdit") for a pipeline folder or a vdit run folder (its `weights`,
+    "ema" by default, or "params"), with the LoRA files `loras` ("PATH[:STRENGTH]", on the DiT or
+    a two-expert model's high-noise one) and `loras_2` (its low-noise one) merged in."""
     specs = [(parse_lora(s), "high") for s in loras] + [(parse_lora(s, "--lora-2"), "low")
                                                          for s in loras_2]
     for (path, _), expert in specs:  # before the (slow) model load
-        if not runs.check_reachable(path, "--lora").is_file():
-            raise FileNotFoundError(f"{'--lora-2' if expert == 'low' else '--lora'} {path!r} "
-                                    "does not exist")
+        wan_lora.check_file(path, "--lora-2" if expert == "low" else "--lora")
     if not runs.check_reachable(workdir, "--workdir").is_dir():
         raise FileNotFoundError(f"--workdir {workdir!r} does not exist")
     if is_pipeline_folder(workdir):
+        if weights not in (None, "ema"):
+            raise ValueError(f"--weights {weights}: {workdir} is a diffusers folder, which holds "
+                             "one set of weights")
         gen, kind = Generator.from_diffusers(workdir), "diffusers"
     else:
-        gen, kind = Generator.from_workdir(workdir), "vdit"
+        gen, kind = Generator.from_workdir(workdir, weights or "ema"), "vdit"
     for (path, strength), expert in specs:
         gen = gen.with_lora(path, strength, expert)
         print(f"vdit: merged LoRA {path} at strength {strength:g}"
@@ -262,7 +265,8 @@ def run_cli(args) -> int:
         parse_size(args.size)
     if args.image and args.video:
         raise ValueError("give --image (image-to-video) or --video (video-to-video), not both")
-    gen, kind = load_generator(args.workdir, _opt(args, "lora", []), _opt(args, "lora_2", []))
+    gen, kind = load_generator(args.workdir, _opt(args, "lora", []), _opt(args, "lora_2", []),
+                               _opt(args, "weights"))
     if gen.text_model is None:
         raise ValueError(f"{args.workdir} has no text encoder (text_encoder/ + tokenizer/): "
                          "vdit sample needs one to encode prompts")

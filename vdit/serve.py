@@ -73,14 +73,15 @@ class Job:
 class Studio:
     """The loaded model, the queue and the jobs; `submit` validates, the worker thread samples."""
 
-    def __init__(self, workdir: str, out_dir: str, max_pixels: int = 0, loras=(), loras_2=()):
+    def __init__(self, workdir: str, out_dir: str, max_pixels: int = 0, loras=(), loras_2=(),
+                 weights: str | None = None):
         if max_pixels < 0:
             raise ValueError(f"--max-pixels {max_pixels}: expected >= 0 (0: "
                              f"{PIXELS_OVER_DEFAULT}x the model's default clip)")
         self.workdir, self.out_dir = workdir, out_dir
         os.makedirs(out_dir, exist_ok=True)
         self._first_id = _next_id(out_dir)  # a restarted server never overwrites a video
-        self.gen, self.kind = load_generator(workdir, loras, loras_2)
+        self.gen, self.kind = load_generator(workdir, loras, loras_2, weights)
         if self.gen.text_model is None:
             raise ValueError(f"{workdir} has no text encoder (text_encoder/ + tokenizer/): "
                              "vdit serve needs one to encode prompts")
@@ -345,7 +346,7 @@ def run_cli(args) -> int:
                          "another --port, or stop the server that holds it") from e
     try:
         server.RequestHandlerClass.studio = Studio(args.workdir, out, args.max_pixels,
-                                                   args.lora, args.lora_2)
+                                                   args.lora, args.lora_2, args.weights)
     except BaseException:
         server.server_close()
         raise

@@ -16,8 +16,9 @@ Merging adds, to each tensor in vdit's layout (the mapping of vdit/convert/wan_d
     weight += (B @ A) * scale * strength,  bias += bias_delta * scale * strength,
     tensor += diff * strength
 which is what diffusers' `load_lora_weights` + `fuse_lora(lora_scale=strength)` computes, except
-that diffusers drops the `.diff` tensors of layers other than the output head (a log line says so)
-while vdit applies every one, as the original Wan code and ComfyUI do. Any key this does not
+where diffusers drops part of an original-format file (`.diff` on layers other than the output
+head, `.diff_b` on norms, time_projection bias deltas without its weight) and vdit applies it, as
+the original Wan code and ComfyUI do. Any key this does not
 understand (DoRA magnitudes, another model's layers) is an error naming it: nothing is dropped.
 
 Writing (`adapter_to_diffusers`): a vdit adapter tree (vdit/models/lora.py) -> diffusers / peft
@@ -47,6 +48,7 @@ DIFFUSERS_PREFIX = "transformer."
 ORIGINAL_PREFIX = "diffusion_model."
 MUSUBI_PREFIX = "lora_unet_"  # musubi-tuner's names: the original ones with "_" for "."
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
+PEFT_DEFAULT_ALPHA = 8  # peft's LoraConfig.lora_alpha when a saved config leaves it out
 # original Wan module names -> diffusers' (per block, then top level)
 _BLOCK_NAMES = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k",
                 "self_attn.v": "attn1.to_v", "self_attn.o": "attn1.to_out.0",
@@ -89,22 +91,44 @@ def read_metadata(path) -> dict:
         metadata = json.loads(raw)
     except ValueError as e:
         raise ValueError(f"LoRA file {os.fspath(path)!r}: its {METADATA_KEY} is not JSON ({e})") from e
+    if not isinstance(metadata, dict):
+        raise ValueError(f"LoRA file {os.fspath(path)!r}: its {METADATA_KEY} holds a JSON "
+                         f"{type(metadata).__name__}; expected an object (a peft LoraConfig)")
     # a pipeline's save_lora_weights prefixes each key with the component ("transformer.r")
     prefixed = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in metadata.items()
                 if k.startswith(DIFFUSERS_PREFIX)}
     return prefixed or metadata
 
 
+def check_file(path: str, what: str):
+    """The path of an existing .safetensors LoRA file; errors start with `what` (a flag)."""
+    file = runs.check_reachable(path, what)
+    if not str(path).endswith(".safetensors"):
+        raise ValueError(f"{what} {path!r}: expected a .safetensors file (pickled .pt / .bin "
+                         "files are not read)")
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    return file
+
+
 def read_lora(path: str) -> tuple[dict[str, np.ndarray], dict]:
     """(tensors as float32 numpy, diffusers metadata) of a LoRA .safetensors file."""
-    file = runs.check_reachable(path, "--lora")
-    if not file.is_file():
-        raise FileNotFoundError(f"LoRA file {path!r} does not exist")
-    if not str(path).endswith(".safetensors"):
-        raise ValueError(f"LoRA file {path!r}: expected a .safetensors file (pickled .pt / .bin "
-                         "files are not read)")
+    file = check_file(path, "LoRA file")
     tensors = {k: np.asarray(v, np.float32) for k, v in load_safetensors(file).items()}
+    if not tensors:
+        raise ValueError(f"LoRA file {path!r} holds no tensors")
     return tensors, read_metadata(file)
+
+
+def _format(tensors) -> tuple[str, str]:
+    """(naming, key prefix) of a LoRA file: "diffusers", "original" (Wan's own names, with or
+    without "diffusion_model.") or "musubi"."""
+    for naming, prefix in (("original", ORIGINAL_PREFIX), ("musubi", MUSUBI_PREFIX)):
+        if any(k.startswith(prefix) for k in tensors):
+            return naming, prefix
+    if any(re.match(r"blocks\.\d+\.(self_attn|cross_attn|ffn\.\d)\.", k) for k in tensors):
+        return "original", ""
+    return "diffusers", DIFFUSERS_PREFIX
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -115,11 +139,11 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _diffusers_module(name: str, prefix: str) -> str:
+def _diffusers_module(name: str, naming: str) -> str:
     """A module's diffusers name (original Wan and musubi-tuner names translated)."""
-    if prefix == DIFFUSERS_PREFIX:
+    if naming == "diffusers":
         return name
-    sep = "_" if prefix == MUSUBI_PREFIX else "."
+    sep = "_" if naming == "musubi" else "."
     blocks = {k.replace(".", sep): v for k, v in _BLOCK_NAMES.items()}
     match = re.fullmatch(rf"blocks{re.escape(sep)}(\d+){re.escape(sep)}(.+)", name)
     if match and match.group(2) in blocks:
@@ -132,8 +156,9 @@ def _alpha_for(module: str, metadata: dict) -> float | None:
     for pattern, alpha in (metadata.get("alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", module):
             return float(alpha)
-    alpha = metadata.get("lora_alpha")
-    return None if alpha is None else float(alpha)
+    if not metadata:
+        return None  # no LoraConfig: alpha = rank (scale 1), diffusers' rule
+    return float(metadata.get("lora_alpha", PEFT_DEFAULT_ALPHA))
 
 
 # One term of a tensor's delta: ("product", A, B, factor) is (B @ A) * factor, ("add", X, factor)
@@ -146,20 +171,23 @@ def lora_terms(tensors: dict[str, np.ndarray], metadata: dict, strength: float,
                where: str) -> dict[str, list[Term]]:
     """diffusers tensor name ("blocks.0.attn1.to_q.weight") -> the terms of its delta (torch
     layout); errors name the keys that cannot be applied."""
-    prefix = next((p for p in (ORIGINAL_PREFIX, MUSUBI_PREFIX) if any(k.startswith(p)
-                                                                      for k in tensors)),
-                  DIFFUSERS_PREFIX)
+    naming, prefix = _format(tensors)
     if metadata.get("use_dora"):
         raise ValueError(f"LoRA file {where!r} is a DoRA adapter (use_dora): not supported")
     modules: dict[str, dict[str, np.ndarray]] = {}
-    unknown = []
-    for key, value in tensors.items():
+    unknown, seen = [], {}
+    for key, value in sorted(tensors.items()):
         split = _split(key.removeprefix(prefix))
         if split is None:
             unknown.append(key)
             continue
         module, part = split
-        modules.setdefault(_diffusers_module(module, prefix), {})[part] = value
+        module = _diffusers_module(module, naming)
+        if (module, part) in seen:  # e.g. lora_A beside lora_down, or two prefixes
+            raise ValueError(f"LoRA file {where!r}: keys {seen[module, part]!r} and {key!r} "
+                             "are the same tensor of the same layer; which one applies is unclear")
+        seen[module, part] = key
+        modules.setdefault(module, {})[part] = value
     if unknown:
         raise ValueError(f"LoRA file {where!r} has keys vdit does not know how to apply "
                          f"({len(unknown)}, e.g. {sorted(unknown)[:5]}); it reads diffusers / peft "
