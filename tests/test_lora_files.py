@@ -268,3 +268,22 @@ def test_vdit_adapter_loads_in_diffusers(tmp_path):
     for (k, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(back)[0],
                               jax.tree_util.tree_flatten_with_path(merged)[0], strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=str(k))
+
+
+def test_donated_merge_frees_the_replaced_device_arrays(tmp_path):
+    """With donate, each replaced device leaf is deleted (the device never holds it twice); the
+    merged weights equal the plain merge, dtype and sharding kept."""
+    _, folder = _reference(CFG, tmp_path)
+    dit, params = wan_dit.load_transformer(folder)
+    path = str(tmp_path / "lora.safetensors")
+    save_file(_diffusers_file(np.random.default_rng(5)), path)
+    want = wan_lora.merge_lora_file(dit, params, path, 0.5)
+    on_device = jax.tree.map(lambda x: jax.device_put(x.astype(jax.numpy.bfloat16)), params)
+    got = wan_lora.merge_lora_file(dit, on_device, path, 0.5, donate=True)
+    assert on_device["blocks"]["attn1"]["to_q"]["kernel"].is_deleted()
+    assert not on_device["blocks"]["norm2"]["scale"].is_deleted()  # untouched: kept, same object
+    assert got["blocks"]["norm2"]["scale"] is on_device["blocks"]["norm2"]["scale"]
+    kernel = got["blocks"]["attn1"]["to_q"]["kernel"]
+    assert kernel.dtype == jax.numpy.bfloat16 and isinstance(kernel, jax.Array)
+    np.testing.assert_allclose(np.asarray(kernel, np.float32),
+                               want["blocks"]["attn1"]["to_q"]["kernel"], rtol=2e-2, atol=2e-2)

@@ -81,7 +81,7 @@ def load_generator(workdir: str, loras=(), loras_2=(), weights: str | None = Non
     else:
         gen, kind = Generator.from_workdir(workdir, weights or "ema"), "vdit"
     for (path, strength), expert in specs:
-        gen = gen.with_lora(path, strength, expert)
+        gen = gen.with_lora(path, strength, expert, donate=True)  # the unmerged DiT is not kept
         print(f"vdit: merged LoRA {path} at strength {strength:g}"
               + (" into the low-noise expert" if expert == "low" else ""))
     return gen, kind

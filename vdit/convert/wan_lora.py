@@ -242,11 +242,14 @@ def _shape_of(term: Term) -> tuple[int, ...]:
     return (term[2].shape[0],) + term[1].shape[1:] if term[0] == "product" else term[1].shape
 
 
-def merge_lora_file(model: WanDiT, params: dict, path: str, strength: float = 1.0) -> dict:
+def merge_lora_file(model: WanDiT, params: dict, path: str, strength: float = 1.0,
+                    donate: bool = False) -> dict:
     """`params` (vdit DiT weights, nested; host or device arrays) with the LoRA file at `path`
     merged in at `strength`; leaves it does not touch are the same objects, a touched one keeps
-    its dtype and sharding. One leaf is merged at a time (float32 on the host). Errors name the
-    tensor that has no place in `model` or the wrong shape."""
+    its dtype and sharding. One leaf is merged at a time (float32 on the host). With `donate`,
+    each touched device array of `params` is deleted once copied to the host, so the device never
+    holds a leaf twice (`params` is unusable afterwards). Errors name the tensor that has no
+    place in `model` or the wrong shape; they come before anything is deleted."""
     tensors, metadata = read_lora(path)
     terms = lora_terms(tensors, metadata, strength, path)
     plan = {torch: (ours, kind, shape, tshape, layer)
@@ -269,6 +272,8 @@ def merge_lora_file(model: WanDiT, params: dict, path: str, strength: float = 1.
     for ours, names in by_leaf.items():
         leaf = flat[ours]
         merged = np.array(leaf, np.float32)  # this leaf only
+        if donate and isinstance(leaf, jax.Array):
+            leaf.delete()
         for name in names:
             _, kind, shape, tshape, layer = plan[name]
             value = to_ours(kind, _delta(terms[name]).reshape(tshape), shape)

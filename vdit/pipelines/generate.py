@@ -159,11 +159,13 @@ class Generator:
         given = micro_lib.check_given(self.dit.micro_conditioning, {"fps": fps, "motion": motion})
         return dataclasses.replace(self, micro=self.micro | given)
 
-    def with_lora(self, path: str, strength: float = 1.0, expert: str = "high") -> Generator:
+    def with_lora(self, path: str, strength: float = 1.0, expert: str = "high",
+                  donate: bool = False) -> Generator:
         """A copy whose DiT has the LoRA file at `path` merged in at `strength` (diffusers' or
         the original Wan format, vdit/convert/wan_lora.py). `expert` "low" adapts a Wan2.2
         two-expert model's low-noise DiT (`dit_2`); "high" adapts `dit`, the only one of a
-        one-expert model."""
+        one-expert model. `donate` frees each replaced weight on the device as it goes (this
+        Generator's DiT is then unusable), so a model that fits loads with its LoRA too."""
         if expert not in ("high", "low"):
             raise ValueError(f"expert {expert!r}: expected 'high' or 'low'")
         if expert == "low":
@@ -171,9 +173,9 @@ class Generator:
                 raise ValueError(f"--lora-2 {path}: this model has one DiT (no low-noise expert); "
                                  "give its LoRA with --lora")
             return dataclasses.replace(self, dit_2_params=wan_lora.merge_lora_file(
-                self.dit_2, self.dit_2_params, path, strength))
+                self.dit_2, self.dit_2_params, path, strength, donate))
         return dataclasses.replace(self, dit_params=wan_lora.merge_lora_file(
-            self.dit, self.dit_params, path, strength))
+            self.dit, self.dit_params, path, strength, donate))
 
     def _micro_inputs(self, batch: int) -> dict | None:
         names = self.dit.micro_conditioning
