@@ -4,7 +4,8 @@ LoRA adapters with the base weights passed in frozen), so no mask is needed here
 
 Config section `optim`: lr, warmup_steps, schedule ("cosine" | "constant"), decay_steps (cosine
 length after warmup; 0 = train.steps - warmup), end_lr_ratio, b1, b2, eps, weight_decay, clip_norm
-(0 = off), grad_accum (micro-batches per update).
+(0 = off), grad_accum (micro-batches per update). Every step count (train.steps, warmup_steps,
+decay_steps) counts train steps, i.e. micro-batches, with or without accumulation.
 """
 
 from __future__ import annotations
@@ -34,10 +35,19 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     parts = []
     if cfg.clip_norm and cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
-                             eps=cfg.eps, weight_decay=cfg.weight_decay))
+    every = int(cfg.grad_accum)
+    schedule = learning_rate_schedule(cfg, total_steps)
+    if every > 1:  # MultiSteps' inner count is updates; the schedule is in train steps
+        schedule = _in_updates(schedule, every)
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay))
     tx = optax.chain(*parts)
-    if int(cfg.grad_accum) > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=int(cfg.grad_accum))
+    if every > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=every)
     return tx
+
+
+def _in_updates(schedule: optax.Schedule, every: int) -> optax.Schedule:
+    """`schedule` over train steps, read by an optimizer that counts updates of `every` steps."""
+    return lambda count: schedule(count * every)
 
