@@ -129,6 +129,26 @@ def test_stage_chain_starts_from_previous_stage(stage1):
     gap = jax.tree.map(lambda a, b: np.max(np.abs(np.asarray(a) - b)), fresh,
                        {k: start[k] for k in fresh})
     assert gap["dit"]["blocks"]["ffn"]["linear_1"]["kernel"] > 30 * lr
+    # Resuming keeps the frozen weights it trained against: another init_from, none, other
+    # weights, or the recipe's relative path read from another directory are refused by name.
+    for extra, message in (([], r"train\.init_from: checkpoint '.*checkpoints/2' -> now ''"),
+                           ([f"--config.train.init_from={stage1['workdir']}",
+                             "--config.train.init_from_weights=ema"],
+                            r"init_from_weights: checkpoint 'params' -> now 'ema'.*resume with "
+                            r"--config\.train\.init_from_weights=params"),
+                           (["--config.train.init_from=runs/elsewhere"],
+                            r"-> now '.*runs/elsewhere'.*resume with --config\.train\.init_from=/")):
+        with pytest.raises(ValueError, match=message):
+            train_tiny("shapes_stage2_video", workdir, stage1["videos"], 2,
+                       "--config.train.seed=1", "--config.train.init_from=", *extra)
+    # a pinned step that no longer reads is named with the steps there are
+    folder = os.path.join(stage1["workdir"], "checkpoints", "2")
+    with pytest.raises(ValueError, match=r"checkpoints/2 cannot be read .*Expecting value.*"
+                                         r"steps there: none"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(checkpoint.ocp.CheckpointManager, "restore",
+                          lambda *a, **k: (_ for _ in ()).throw(ValueError("Expecting value")))
+            init_from.run_weights(folder, "params")
 
 
 def test_init_from_refuses_other_shapes(stage1):

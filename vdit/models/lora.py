@@ -209,7 +209,7 @@ def wrap_loss(loss_fn: Callable, config) -> Callable:
 
 
 def check_resume(saved: dict, config) -> None:
-    """A LoRA workdir resumes only with the same adapters and the same base run."""
+    """A LoRA workdir resumes only with the same adapters."""
     before = saved.get("lora", {}) or {}
     now = config.lora.to_dict() if "lora" in config else {}
     if not (before.get("enabled") or now.get("enabled")):
@@ -217,13 +217,8 @@ def check_resume(saved: dict, config) -> None:
     changed = [f"lora.{k}: checkpoint {before.get(k)!r} -> now {now.get(k)!r}"
                for k in sorted(set(before) | set(now))
                if _norm(before.get(k)) != _norm(now.get(k))]
-    for key, default in (("init_from", ""), ("init_from_weights", "params")):
-        old_base = saved.get("train", {}).get(key, default)
-        if old_base != config.train.get(key, default):
-            changed.append(f"train.{key}: checkpoint {old_base!r} -> now "
-                           f"{config.train.get(key, default)!r}")
-    if changed:
-        raise ValueError("cannot resume this LoRA run with different adapter settings or base ("
+    if changed:  # the base (train.init_from) is checked for every run, vdit/train/init_from.py
+        raise ValueError("cannot resume this LoRA run with different adapter settings ("
                          + "; ".join(changed) + "); use a new --workdir or undo the change")
 
 

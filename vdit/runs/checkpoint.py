@@ -160,7 +160,15 @@ def load_params(workdir: str, which: str = "ema", step: int | None = None) -> tu
     if step is None:  # the newest readable step; unreadable newer ones are reported, left in place
         step, restored = newest_readable(manager, read)
     else:
-        restored = read(step)
+        try:
+            restored = read(step)
+        except (FileNotFoundError, KeyError):
+            raise
+        except Exception as e:  # noqa: BLE001 - orbax / JSON errors name no path
+            others = sorted((s for s in manager.all_steps() if s != step), reverse=True)
+            raise ValueError(f"checkpoint step folder {path / str(step)} cannot be read "
+                             f"({one_line(e)}); restore it, or name another step folder of the "
+                             f"run (steps there: {others or 'none'})") from e
     state = restored[STATE]
     if which not in state:
         raise KeyError(f"checkpoint {path} step {step} has no {which!r} (has {sorted(state)})")

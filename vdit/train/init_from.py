@@ -89,12 +89,35 @@ def pin(config, saved: dict | None):
     if folder is not None and folder.parent.name == "checkpoints" and \
             str(folder.parent.parent).rstrip("/") == workdir.rstrip("/"):
         step = int(folder.name)
+    elif saved is not None:
+        return config  # resuming against another source: check_resume says what changed
     else:
         step = checkpoint.latest_step(workdir)
     config = copy.deepcopy(config)
     config.train.init_from = str(runs.user_path(workdir) / "checkpoints" / str(step))
     log.info("train.init_from: %s pinned at its step %d", workdir, step)
     return config
+
+
+def check_resume(saved: dict, config) -> None:
+    """A resumed run keeps the frozen weights it trained against: when it has frozen parts, its
+    (pinned) train.init_from and init_from_weights must be the checkpoint's."""
+    keys = frozen_keys(config)
+    if not keys:
+        return
+    changed, hint = [], []
+    for key, default in (("init_from", ""), ("init_from_weights", "params")):
+        before = saved.get("train", {}).get(key, default) or default
+        now = config.train.get(key, default) or default
+        same = (before == now if key == "init_from_weights" or not (before and now) else
+                str(runs.absolute(before)).rstrip("/") == str(runs.absolute(now)).rstrip("/"))
+        if not same:
+            changed.append(f"train.{key}: checkpoint {before!r} -> now {now!r}")
+            hint.append(f"--config.train.{key}={before}")
+    if changed:
+        raise ValueError(f"cannot resume this run against other frozen weights {keys} ("
+                         + "; ".join(changed) + "): they would change under the trained ones; "
+                         f"resume with {' '.join(hint)}, or start a new --workdir")
 
 
 def resolve(path: str) -> tuple[str, int | None]:

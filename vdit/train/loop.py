@@ -225,6 +225,7 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
     if resuming:
         check_resume_compatible(saved, config)
         lora.check_resume(saved, config)
+        init_from.check_resume(saved, config)
     # Frozen weights always, trainable ones on a fresh start (vdit/train/init_from.py).
     state, frozen = init_from.apply(config, state, shardings, frozen, frozen_shardings, resuming,
                                     setup.frozen_from)
