@@ -5,6 +5,7 @@ import os
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
@@ -140,6 +141,19 @@ def test_resume_refuses_model_change(workdir):
     with pytest.raises(ValueError, match=r"cannot resume .* on 1 process.*of 2 process\(es\), "
                                          r"each over its own slice.*Resume on 2 hosts"):
         loop.train(_config(workdir), workdir)
+
+
+def test_resume_allows_compute_settings():
+    """remat, dtypes and the attention backend change no tensor: a resume may change them."""
+    saved = {"model": {"ffn_dim": 32, "remat": "full", "matmul_dtype": "bfloat16"},
+             "text": {"d_model": 8, "dtype": "float32"}}
+    config = ml_collections.ConfigDict({"model": {"ffn_dim": 32, "remat": "none",
+                                                  "matmul_dtype": ""},
+                                        "text": {"d_model": 8, "dtype": "bfloat16"}})
+    loop.check_resume_compatible(saved, config)
+    config.text.d_model = 16
+    with pytest.raises(ValueError, match=r"text\.d_model: checkpoint 8 -> now 16"):
+        loop.check_resume_compatible(saved, config)
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):

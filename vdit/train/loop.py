@@ -28,6 +28,7 @@ from vdit import runs
 from vdit.data import encode, pipeline, sources
 from vdit.data.conditions import COND_TOKENS, MICRO_PREFIX
 from vdit.models import lora
+from vdit.models.dit import VDIT_KEYS
 from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.runs import checkpoint
 from vdit.train import conditioning, experts, init_from, optim, preflight
@@ -43,6 +44,7 @@ from vdit.train.step_loop import StepLoop
 log = logging.getLogger(__name__)
 # Sections whose values fix parameter shapes: changing them on resume cannot load the checkpoint.
 SHAPE_SECTIONS = ("model", "text", "experts")
+COMPUTE_KEYS = {"model": VDIT_KEYS, "text": ("dtype",)}  # change no tensor of the state
 
 
 def null_caption(tokenizer) -> np.ndarray:
@@ -87,7 +89,9 @@ def step_setup(config, dit, text_model) -> StepSetup:
 
 def check_resume_compatible(saved: dict, config, sections=SHAPE_SECTIONS) -> None:
     """Refuses to resume when a key that fixes parameter shapes, or the saved data position's
-    layout (`data.num_workers`: one position per worker), differs from the checkpoint's."""
+    layout (`data.num_workers`: one position per worker), differs from the checkpoint's. How the
+    step computes (COMPUTE_KEYS: remat, dtypes, attention backend) may change, e.g. remat after
+    running out of memory."""
     workers = (saved.get("data", {}).get("num_workers"), config.get("data", {}).get("num_workers"))
     if "data" in saved and "data" in config and _normal(workers[0]) != _normal(workers[1]):
         raise ValueError(f"cannot resume: config key 'data.num_workers' = {workers[1]!r}, but the "
@@ -99,6 +103,8 @@ def check_resume_compatible(saved: dict, config, sections=SHAPE_SECTIONS) -> Non
         now = config[section].to_dict() if section in config else {}
         before = saved.get(section, {})
         for key in sorted(set(now) | set(before)):
+            if key in COMPUTE_KEYS.get(section, ()):
+                continue
             if _normal(now.get(key)) != _normal(before.get(key)):
                 changed.append(f"{section}.{key}: checkpoint {before.get(key)!r} -> now {now.get(key)!r}")
     if changed:
