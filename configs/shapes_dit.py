@@ -80,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
         tfds_data_dir="", tfds_video_key="", tfds_caption_key="caption",
         shapes=[(9, 32, 32), (1, 32, 32), (9, 32, 48), (9, 48, 32)],
         shape_weights=[0.8, 0.1, 0.05, 0.05], num_examples=3000, num_shards=4,
-        batch_size=32, normalize="measure", seed=0, i2v_condition=True,
+        batch_size=32, normalize="measure", stats_from="", seed=0, i2v_condition=True,
         last_frame_condition=True,
         # video files (a folder or manifest as source) are sampled at the world's 8 fps
         fps=config.data.fps, extensions=[], decode_threads=4))  # [] = every video suffix vdit knows

@@ -15,4 +15,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.frames = base.sample.frames
     config.optim.update(dict(lr=5e-4, warmup_steps=20))
     config.train.update(dict(steps=300, init_from="runs/shapes_stage1_image"))
+    # stage 1's latent normalisation: the weights it hands on were trained on those inputs
+    config.encode.stats_from = "runs/shapes_stage1_image/latents"
     return config

@@ -85,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
         source="data/clips/clips.jsonl", video_root="data/raw", vae_workdir="runs/wan2_1_t2v_1_3b/vae",
         tfds_data_dir="", tfds_video_key="", tfds_caption_key="caption",
         shapes=[(81, 480, 832), (49, 480, 832), (1, 480, 832)], shape_weights=[0.5, 0.3, 0.2],
-        num_shards=256, batch_size=2, normalize="config", seed=0,
+        num_shards=256, batch_size=2, normalize="config", stats_from="", seed=0,
         # clips sampled at Wan's 16 fps (the source frame nearest each time), whatever the
         # source's rate: a 30 fps video's consecutive frames would teach slowed-down motion
         fps=config.data.fps, extensions=[], decode_threads=4))  # [] = every video suffix vdit knows

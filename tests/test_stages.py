@@ -1,6 +1,7 @@
 """Stage recipes and `train.init_from`: every stage config loads and validates, later stages start
 from the previous stage's weights, and init_from refuses weights that do not fit."""
 
+import json
 import os
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ import pytest
 from train_testing import IMAGES, VIDEOS, tiny_config, train_tiny, write_shards
 
 from vdit.config import load_config, spatial_stride
+from vdit.data import encode
 from vdit.runs import checkpoint
 from vdit.train import init_from, loop, optim, run_params
 from vdit.train.state import create_sharded, create_state, unbox
@@ -160,3 +162,23 @@ def test_init_from_refuses_other_shapes(stage1):
     with pytest.raises(ValueError, match=r"train\.init_from.*blocks/ffn/linear_1/kernel: .*"
                                          r"\(1, 16, 32\), this run needs \(1, 16, 64\)"):
         init_from.apply(config, SimpleNamespace(params=params), None, {}, None, resuming=False)
+
+
+def test_later_stages_keep_stage_one_latent_normalisation(tmp_path):
+    """Stages 2 and 3 encode with stage 1's latent statistics (encode.stats_from): the weights
+    they start from were trained on latents normalised that way."""
+    for name in CHAINS["shapes"][1:]:
+        config = load_config(os.path.join(CONFIGS, f"{name}.py"))
+        assert config.encode.stats_from == "runs/shapes_stage1_image/latents"
+    source = tmp_path / "stage1_latents"
+    source.mkdir()
+    (source / "stats.json").write_text(json.dumps({"mean": [0.5, -1.0], "std": [2.0, 0.25]}))
+    config.encode.stats_from = str(source)
+    tokenizer = SimpleNamespace(fingerprint=lambda: "t")
+    mean, std = encode.resolve_stats(config, str(tmp_path / "stage2"), lambda: pytest.fail(
+        "measured although stats_from is set"), tokenizer)
+    np.testing.assert_array_equal(mean, [0.5, -1.0])
+    np.testing.assert_array_equal(std, [2.0, 0.25])
+    config.encode.stats_from = str(tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="config key 'encode.stats_from'"):
+        encode.resolve_stats(config, str(tmp_path / "stage3"), lambda: None, tokenizer)

@@ -8,8 +8,9 @@ statistics in `stats.json` beside the shards (from `vae.latents_mean/std`, or me
 clips when `encode.normalize` is "measure").
 
 Config section `encode`: vae_workdir, shapes, shape_weights, num_examples, num_shards, batch_size,
-normalize ("config" | "measure"), seed, i2v_condition (default False: also store each clip's
-first-frame image-to-video condition as `cond_latents`, see `vdit/data/conditions.py`).
+normalize ("config" | "measure"), stats_from (a latents folder whose statistics to reuse instead,
+e.g. a previous stage's), seed, i2v_condition (default False: also store each clip's first-frame
+image-to-video condition as `cond_latents`, see `vdit/data/conditions.py`).
 A config whose DiT has an image branch (`model.image_dim`, Wan2.1 I2V) also stores each clip's
 first-frame CLIP tokens (`first_frame_clip_tokens`, see `vdit/data/encode_images.py`).
 """
@@ -92,7 +93,9 @@ def vae_encoder(config, params=None):
 
 def resolve_stats(config, out_dir: str, measure, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) [C] for normalising latents, from `out_dir/stats.json`, which is written first
-    when absent: `measure()` when `encode.normalize` is "measure", else `vae.latents_mean/std`.
+    when absent: those of the latents folder `encode.stats_from` names when set (stages that
+    continue a run keep its normalisation), else `measure()` when `encode.normalize` is
+    "measure", else `vae.latents_mean/std`.
     A resumed encode keeps its normalisation; of sharded workers racing to write it (each measures
     the same clips), the first file written wins and every worker normalises with what is on disk.
     The file also records the fingerprint of the tokenizer whose ids the shards hold (`vdit train`
@@ -100,9 +103,17 @@ def resolve_stats(config, out_dir: str, measure, tokenizer) -> tuple[np.ndarray,
     spaces."""
     runs.user_path(out_dir).mkdir(parents=True, exist_ok=True)
     stats_path = runs.stats_path(out_dir)
+    stats_from = config.encode.get("stats_from", "")
     if not stats_path.is_file():
-        stats = (measure() if config.encode.normalize == "measure" else
-                 {"mean": list(config.vae.latents_mean), "std": list(config.vae.latents_std)})
+        if stats_from:  # another encoded set's normalisation, e.g. the previous stage's
+            if not runs.stats_path(stats_from).is_file():
+                raise FileNotFoundError(f"config key 'encode.stats_from' = {stats_from!r}: no "
+                                        f"{runs.stats_path(stats_from)} (encode that set first)")
+            stats = {k: load_stats(stats_from)[k] for k in ("mean", "std")}
+        elif config.encode.normalize == "measure":
+            stats = measure()
+        else:
+            stats = {"mean": list(config.vae.latents_mean), "std": list(config.vae.latents_std)}
         stats[TOKENIZER_KEY] = tokenizer.fingerprint()
         runs.create_if_absent(stats_path, json.dumps(stats))
     stats = load_stats(out_dir)
