@@ -18,8 +18,8 @@ Merging adds, to each tensor in vdit's layout (the mapping of vdit/convert/wan_d
 which is what diffusers' `load_lora_weights` + `fuse_lora(lora_scale=strength)` computes, except
 where diffusers drops part of an original-format file (`.diff` on layers other than the output
 head, `.diff_b` on norms, time_projection bias deltas without its weight) and vdit applies it, as
-the original Wan code and ComfyUI do. Any key this does not
-understand (DoRA magnitudes, another model's layers) is an error naming it: nothing is dropped.
+the original Wan code and ComfyUI do. Any key this does not understand (DoRA magnitudes, another
+model's layers) is an error naming it: nothing is dropped.
 
 Writing (`adapter_to_diffusers`): a vdit adapter tree (vdit/models/lora.py) -> diffusers / peft
 names with the "transformer." prefix and alpha / rank folded into lora_B, so the file loads at
