@@ -79,7 +79,10 @@ def test_bfloat16_compute_stays_close(pair):
     assert _rel(bf16, np.asarray(f32)) < 5e-2
 
 
-# (38, 25) and (72, 50): ratios that land on an integer, where a 1-ulp log error moves a bucket
+# (38, 25) and (72, 50): distances whose log-spaced bucket position is exactly an integer. There
+# the bucket is decided by the last bit of a float32 log, and torch's own float32 log differs
+# between CPUs (vectorised paths): these configs matched transformers on one machine and were one
+# bucket below it on another. Exact everywhere else; at an exact tie either neighbour is right.
 @pytest.mark.parametrize("buckets,distance", [(32, 128), (8, 16), (16, 24), (38, 25), (72, 50)])
 def test_relative_buckets_match_transformers(buckets, distance):
     from transformers import UMT5Config
@@ -90,7 +93,18 @@ def test_relative_buckets_match_transformers(buckets, distance):
                          has_relative_attention_bias=True)
     pos = torch.arange(512)
     want = attn._relative_position_bucket(pos[None, :] - pos[:, None]).numpy()
-    np.testing.assert_array_equal(text.relative_position_buckets(512, buckets, distance), want)
+    ours = text.relative_position_buckets(512, buckets, distance)
+    half = buckets // 2
+    max_exact = half // 2
+    rel = np.abs(pos[None, :] - pos[:, None]).numpy().astype(np.float64)
+    with np.errstate(divide="ignore"):
+        exact = (np.log(rel / max_exact) / np.log(distance / max_exact) * (half - max_exact))
+    tie = (rel >= max_exact) & (np.abs(exact - np.round(exact)) < 1e-4)
+    differ = ours != want
+    assert not np.any(differ & ~tie), np.argwhere(differ & ~tie)[:5]
+    assert np.all(np.abs(ours.astype(int) - want)[differ] == 1)
+    if buckets == 32 and distance == 128:  # UMT5's (Wan's) own config: exact, ties included
+        np.testing.assert_array_equal(ours, want)
 
 
 BYTE_CFG = dict(kind="byte", max_length=32, d_model=32, d_kv=8, d_ff=64, num_layers=2,

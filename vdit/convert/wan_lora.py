@@ -271,8 +271,10 @@ def merge_lora_file(model: WanDiT, params: dict, path: str, strength: float = 1.
     flat = traverse_util.flatten_dict(params, sep="/")
     for ours, names in by_leaf.items():
         leaf = flat[ours]
+        on_device = isinstance(leaf, jax.Array)
+        sharding, dtype = (leaf.sharding if on_device else None), leaf.dtype
         merged = np.array(leaf, np.float32)  # this leaf only
-        if donate and isinstance(leaf, jax.Array):
+        if donate and on_device:
             leaf.delete()
         for name in names:
             _, kind, shape, tshape, layer = plan[name]
@@ -281,9 +283,8 @@ def merge_lora_file(model: WanDiT, params: dict, path: str, strength: float = 1.
                 merged += value
             else:
                 merged[layer] += value
-        merged = merged.astype(leaf.dtype)
-        flat[ours] = (jax.device_put(merged, leaf.sharding) if isinstance(leaf, jax.Array)
-                      else merged)
+        merged = merged.astype(dtype)
+        flat[ours] = jax.device_put(merged, sharding) if on_device else merged
     return traverse_util.unflatten_dict(flat, sep="/")
 
 

@@ -60,9 +60,10 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
 
     Computed in float32 with the reference's operation order so boundaries land on the same
     bucket; the log itself is taken in float64 and rounded, as numpy's float32 log can be 1 ulp
-    off where torch's is not, and at a ratio that lands on an integer (e.g. 38 buckets, max
-    distance 25) that ulp moves a distance to the next bucket. A static table, as the length is
-    static under jit.
+    off. Where a distance's bucket position is exactly an integer (e.g. 38 buckets, max distance
+    25) that last bit picks the bucket, and torch's float32 log itself differs between CPUs there,
+    so such configs match transformers up to one bucket at those ties (UMT5's 32 / 128 exactly).
+    A static table, as the length is static under jit.
     """
     pos = np.arange(length, dtype=np.int64)
     rel = pos[None, :] - pos[:, None]

@@ -243,7 +243,9 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
         if jax.process_index() == 0:
             print(f"vdit train: the checkpoint in {workdir} is at step {start}, already at "
                   f"train.steps={config.train.steps}: nothing to train (raise "
-                  "--config.train.steps to train on)", flush=True)
+                  "--config.train.steps to train on; a cosine schedule is then laid over the new "
+                  "total, so the learning rate rises again unless optim.decay_steps fixes it)",
+                  flush=True)
         return []
     if jax.process_index() == 0:  # replayed steps replace their rows (one row per step)
         drop_rows_after(workdir, start)
