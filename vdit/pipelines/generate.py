@@ -168,14 +168,13 @@ class Generator:
         Generator's DiT is then unusable), so a model that fits loads with its LoRA too."""
         if expert not in ("high", "low"):
             raise ValueError(f"expert {expert!r}: expected 'high' or 'low'")
-        if expert == "low":
-            if self.dit_2 is None:
-                raise ValueError(f"--lora-2 {path}: this model has one DiT (no low-noise expert); "
-                                 "give its LoRA with --lora")
-            return dataclasses.replace(self, dit_2_params=wan_lora.merge_lora_file(
-                self.dit_2, self.dit_2_params, path, strength, donate))
-        return dataclasses.replace(self, dit_params=wan_lora.merge_lora_file(
-            self.dit, self.dit_params, path, strength, donate))
+        if expert == "low" and self.dit_2 is None:
+            raise ValueError(f"--lora-2 {path}: this model has one DiT (no low-noise expert); "
+                             "give its LoRA with --lora")
+        dit = "dit_2" if expert == "low" else "dit"
+        merged = wan_lora.merge_lora_file(getattr(self, dit), getattr(self, f"{dit}_params"),
+                                          path, strength, donate)
+        return dataclasses.replace(self, **{f"{dit}_params": merged})
 
     def _micro_inputs(self, batch: int) -> dict | None:
         names = self.dit.micro_conditioning
