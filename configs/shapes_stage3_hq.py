@@ -23,4 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.update(dict(lr=2e-4, warmup_steps=20))
     config.train.update(dict(steps=200, init_from="runs/shapes_stage2_video"))
     config.sample.update(dict(frames=17, height=64, width=64))
+    # Sample at the shift this stage trains such clips at: 2 * sqrt(320 / 48) capped at 3.
+    config.sample.scheduler.flow_shift = 3.0
     return config

@@ -12,6 +12,7 @@ from train_testing import IMAGES, VIDEOS, tiny_config, train_tiny, write_shards
 
 from vdit.config import load_config, spatial_stride
 from vdit.data import encode
+from vdit.diffusion import flow
 from vdit.runs import checkpoint
 from vdit.train import init_from, loop, optim, run_params
 from vdit.train.state import create_sharded, create_state, unbox
@@ -44,6 +45,20 @@ def test_stage_configs_load_validate_and_chain(chain):
         assert not config.lora.enabled
         for shape in config.encode.shapes:
             assert _tokens(shape, config) <= config.data.tokens_per_row, shape
+
+
+@pytest.mark.parametrize("name", sorted(
+    f[:-3] for f in os.listdir(CONFIGS) if f.startswith("shapes_") and f != "shapes_vae.py"))
+def test_shapes_recipes_sample_at_their_training_shift(name):
+    """The sampler's flow_shift is the resolution shift the recipe trains a clip of the sample's
+    size at (Wan's recipes keep Wan's published sampling shifts instead)."""
+    config = load_config(os.path.join(CONFIGS, f"{name}.py"))
+    scheduler = config.sample.scheduler
+    if "flow_shift" not in scheduler:
+        pytest.skip(f"{scheduler['_class_name']} has no flow_shift")
+    size = (config.sample.frames, config.sample.height, config.sample.width)
+    trained = float(flow.resolution_shift(_tokens(size, config), config.flow))
+    assert scheduler.flow_shift == pytest.approx(trained, abs=0.01)
 
 
 def test_init_from_paths(tmp_path):
