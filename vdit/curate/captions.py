@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vdit.data.video_io import read_text
+
 log = logging.getLogger(__name__)
 Captioner = Callable[[np.ndarray, str], str]
 
@@ -32,7 +34,7 @@ def read_sidecar(video_path: str | Path) -> dict | None:
     json_path, txt_path = video_path.with_suffix(".json"), video_path.with_suffix(".txt")
     if json_path.is_file():
         try:
-            data = json.loads(json_path.read_text())
+            data = json.loads(read_text(json_path))
         except json.JSONDecodeError as e:
             raise ValueError(f"caption sidecar {json_path} is not valid JSON: {e}") from e
         if not isinstance(data, dict) or not ({"caption", "captions"} & data.keys()):
@@ -42,7 +44,7 @@ def read_sidecar(video_path: str | Path) -> dict | None:
             data["captions"] = _checked_entries(data["captions"], json_path)
         return data
     if txt_path.is_file():
-        return {"caption": txt_path.read_text().strip()}
+        return {"caption": read_text(txt_path).strip()}
     return None
 
 

@@ -2,9 +2,13 @@
 yielded in segments of bounded length so a long video never sits in memory whole.
 
 A segment is the unit of work (and of resuming): cuts, scores and clips are computed per
-segment; its frames are numbered from the start of the video (`start_frame`). A video shorter
-than `max_segment_seconds` is one segment. Unreadable files, and files that fail part way, raise
-`VideoReadError` (from `vdit.data.video_io`) naming the file, so the caller can count and skip.
+segment; its frames are numbered from the start of the video (`start_frame`), in presentation
+order, as `vdit encode` numbers a clips.jsonl line's frames. A video shorter than
+`max_segment_seconds` is one segment. Frames are as players show them: upright (display rotation
+applied), anamorphic pixels widened; a variable-frame-rate segment keeps each frame's time.
+Unreadable files (also an audio file whose only picture is its cover art), and files that fail
+part way, raise `VideoReadError` (from `vdit.data.video_io`) naming the file, so the caller can
+count and skip.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from vdit.data.video_io import VideoReadError, quarter_turns, upright
+from vdit.data.video_io import VideoReadError, pixel_aspect, quarter_turns, shown_size, upright, video_stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,8 +28,19 @@ class Segment:
     index: int  # 0, 1, ... within the video
     start_frame: int  # first frame's number in the whole video
     frames: np.ndarray  # uint8 [T, H, W, 3], upright (the file's display rotation applied)
-    fps: float
+    fps: float  # the video's average frame rate
     last: bool  # no segment follows
+    # None when frame k is at (start_frame + k) / fps (constant rate, or no timestamps); else
+    # float64 [T + 1]: seconds from the video's first frame to each frame and to the last's end
+    times: np.ndarray | None = None
+
+    def span(self, start: int, end: int) -> tuple[float, float, float]:
+        """(start, end) in seconds of frames [start, end), and their frame rate."""
+        if self.times is None:
+            first = self.start_frame + start
+            return first / self.fps, (self.start_frame + end) / self.fps, self.fps
+        t0, t1 = float(self.times[start]), float(self.times[end])
+        return t0, t1, (end - start) / (t1 - t0)
 
 
 def target_size(height: int, width: int, short_side: int) -> tuple[int, int]:
@@ -47,34 +62,65 @@ def iter_segments(path: str | Path, cfg) -> Iterator[Segment]:
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
         raise VideoReadError(f"cannot read video {path}: {e}") from e
     with container:
-        if not container.streams.video:
-            raise VideoReadError(f"cannot read video {path}: no video stream")
-        stream = container.streams.video[0]
+        stream = video_stream(container, path)
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else float(cfg.default_fps)
-        yield from _segments(path, container.decode(stream), fps, cfg)
+        yield from _segments(path, container.decode(stream), fps, pixel_aspect(stream), cfg)
 
 
-def _segments(path: Path, decoded, fps: float, cfg) -> Iterator[Segment]:
+def _segments(path: Path, decoded, fps: float, aspect: float, cfg) -> Iterator[Segment]:
     length = max(1, round(cfg.max_segment_seconds * fps))
     buffer: list[np.ndarray] = []
+    stamps: list[float | None] = []  # seconds of the buffered frames (None: no timestamp)
     index = start = 0
-    size = None
+    size = origin = None
     try:
         for frame in decoded:
-            if size is None:
-                size = target_size(frame.height, frame.width, cfg.short_side)
+            turns = quarter_turns(frame)
+            if size is None:  # the frame as stored, scaled to the size it is shown at
+                origin = frame.time
+                size = target_size(*shown_size(frame.height, frame.width, aspect), cfg.short_side)
             image = frame.to_ndarray(height=size[0], width=size[1], format="rgb24",
                                      interpolation="AREA")
-            buffer.append(upright(image, quarter_turns(frame)))
-            # One frame of look-ahead, so the final segment is always marked `last`.
+            buffer.append(upright(image, turns))
+            stamps.append(frame.time)
+            # One frame of look-ahead, so the final segment is always marked `last` (and the
+            # next frame's time ends the segment's last frame).
             if len(buffer) > length:
-                yield Segment(index, start, np.stack(buffer[:length]), fps, last=False)
-                buffer, index, start = buffer[length:], index + 1, start + length
+                times = _frame_times(stamps, start, fps, origin)
+                yield Segment(index, start, np.stack(buffer[:length]), fps, last=False,
+                              times=None if times is None else times[:length + 1])
+                buffer, stamps = buffer[length:], stamps[length:]
+                index, start = index + 1, start + length
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
         raise VideoReadError(f"cannot read video {path} (failed after frame "
                              f"{start + len(buffer)}): {e}") from e
     if not buffer:
         raise VideoReadError(f"cannot read video {path}: no decodable frames")
-    yield Segment(index, start, np.stack(buffer), fps, last=True)
+    times = _frame_times(stamps + [None], start, fps, origin)
+    yield Segment(index, start, np.stack(buffer), fps, last=True, times=times)
+
+
+# Timestamps within this fraction of a frame of the constant-rate grid count as constant rate
+# (containers round them to their time base).
+CONSTANT_RATE_TOLERANCE = 0.25
+
+
+def _frame_times(stamps: list[float | None], start: int, fps: float,
+                 origin: float | None) -> np.ndarray | None:
+    """Segment.times of the frames numbered from `start` whose stream times are `stamps` (a
+    trailing None: the video ends after them), `origin` the video's first frame's time: None when
+    every frame sits on the constant-rate grid or some frame has no usable timestamp. The last
+    frame ends at the next frame's time when known, else as long after as the frame before it."""
+    known = stamps[:-1] if stamps[-1] is None else stamps
+    if origin is None or any(t is None for t in known):
+        return None
+    t = np.asarray(known, np.float64) - origin
+    grid = (start + np.arange(len(t))) / fps
+    if len(t) < 2 or np.any(np.diff(t) <= 0) or np.all(
+            np.abs(t - grid) < CONSTANT_RATE_TOLERANCE / fps):
+        return None
+    if len(known) < len(stamps):
+        t = np.append(t, 2 * t[-1] - t[-2])
+    return t

@@ -74,16 +74,17 @@ def output_frames(frames: np.ndarray, box, cfg) -> np.ndarray:
 def analyse_clip(segment: Segment, item: VideoItem, start: int, end: int, sidecar, cfg,
                  scorers=(), captioner=None) -> ClipResult:
     """The ClipResult of frames [start, end) of a segment; cfg is `config.curate`."""
-    frames, fps = segment.frames[start:end], segment.fps
-    first = segment.start_frame + start
+    frames = segment.frames[start:end]
+    start_s, end_s, fps = segment.span(start, end)  # the clip's own rate in a variable-rate video
     line = {"source": item.source, "segment": segment.index, "last_segment": segment.last,
-            "start_frame": first, "end_frame": segment.start_frame + end, "fps": fps,
-            "num_frames": end - start, "seconds": (end - start) / fps,
+            "start_frame": segment.start_frame + start, "end_frame": segment.start_frame + end,
+            "fps": fps, "num_frames": end - start,
+            "seconds": (end - start) / fps if segment.times is None else end_s - start_s,
             "height": int(frames.shape[1]), "width": int(frames.shape[2])}
     line.update(motion.clip_motion(frames, fps, cfg.motion))
     line.update(scores.clip_scores(frames, cfg.scores))
-    caption, origin = captions.original_caption(item.caption, sidecar, first / fps,
-                                                line["end_frame"] / fps, where=item.path)
+    caption, origin = captions.original_caption(item.caption, sidecar, start_s, end_s,
+                                                where=item.path)
     reasons = _cheap_reasons(line, cfg)
     learned, more = _learned(frames, line["box"], bool(reasons), caption, scorers, cfg.scores)
     line.update(learned)

@@ -26,7 +26,8 @@ from vdit.curate.decode import iter_segments
 from vdit.curate.learned import build_learned_scorers
 from vdit.curate.pipeline import ClipResult, VideoItem, process_segment
 from vdit.curate.settings import check_curate_config, default_config_path
-from vdit.data.video_io import VideoReadError, manifest_lines
+from vdit.data.video_files import caption_of
+from vdit.data.video_io import VideoReadError, find_videos, manifest_lines
 from vdit.train.lock import FolderLock
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,9 @@ log = logging.getLogger(__name__)
 def list_inputs(input_path: str, extensions) -> list[VideoItem]:
     """Videos of a folder (sorted) or a jsonl manifest (in file order)."""
     path = Path(input_path)
-    if path.is_dir():
-        exts = {e.lower() for e in extensions}
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in exts)
-        return [VideoItem(p.relative_to(path).as_posix(), str(p)) for p in files]
+    if path.is_dir():  # a link to a missing file is listed: curate counts it unreadable
+        return [VideoItem(p.relative_to(path).as_posix(), str(p))
+                for p in find_videos(path, extensions)]
     if path.is_file() and path.suffix == ".jsonl":
         return _read_manifest(path)
     raise FileNotFoundError(f"--input {input_path!r}: expected a folder of videos or a .jsonl "
@@ -56,8 +56,9 @@ def _read_manifest(path: Path) -> list[VideoItem]:
             raise ValueError(f"manifest {path} line {number}: {source!r} is listed twice")
         seen.add(source)
         file = Path(source) if Path(source).is_absolute() else path.parent / source
-        caption = entry.get("caption")
-        items.append(VideoItem(source, str(file), None if caption is None else str(caption)))
+        caption = None if entry.get("caption") is None else caption_of(
+            entry, f"manifest {path} line {number}")
+        items.append(VideoItem(source, str(file), caption))
     return items
 
 
@@ -119,7 +120,7 @@ def _sidecar(item: VideoItem, cfg):
         return None
     try:
         return captions.read_sidecar(item.path)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # unreadable or malformed: the video is still curated
         log.warning("curate: %s; %s gets no sidecar caption", e, item.source)
         return None
 

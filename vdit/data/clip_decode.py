@@ -25,7 +25,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from vdit.data.video_io import VideoReadError, quarter_turns, upright
+from vdit.data.video_io import VideoReadError, pixel_aspect, quarter_turns, shown_size, upright, video_stream
 
 AV_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
 
@@ -55,8 +55,7 @@ class VideoReader:
             rate = stream.average_rate or stream.guessed_rate
             self.fps = float(rate) if rate else 0.0
             self.height, self.width = stream.height, stream.width  # as stored (not rotated)
-            # pixels wider than tall (anamorphic video) are shown sample_aspect_ratio times wider
-            self._pixel_aspect = float(stream.sample_aspect_ratio or 1) or 1.0
+            self._pixel_aspect = pixel_aspect(stream)
             self._time_base = stream.time_base
             self._start_pts = stream.start_time or 0
             self.scan = scan or self._scan_packets()
@@ -89,9 +88,7 @@ class VideoReader:
             raise VideoReadError(f"cannot read video {self.path}: {e}") from e
 
     def _stream(self, container):
-        if not container.streams.video:
-            raise VideoReadError(f"cannot read video {self.path}: no video stream")
-        stream = container.streams.video[0]
+        stream = video_stream(container, self.path)
         stream.thread_type = "AUTO"
         return stream
 
@@ -132,10 +129,10 @@ class VideoReader:
         wanted = set(indices)
         try:
             if indices[0] == 0 and self.decoded:  # an earlier read moved past the start
-                self._container.seek(0, stream=self._container.streams.video[0])
+                self._container.seek(0, stream=video_stream(self._container, self.path))
             got = self._decode(wanted, indices[0], height, width, seek=indices[0] > 0)
             if got is None:  # no timestamps or the seek overshot: count from the first frame
-                self._container.seek(0, stream=self._container.streams.video[0])
+                self._container.seek(0, stream=video_stream(self._container, self.path))
                 got = self._decode(wanted, indices[0], height, width, seek=False)
         except VideoReadError:
             raise
@@ -151,7 +148,7 @@ class VideoReader:
                 seek: bool) -> dict[int, np.ndarray] | None:
         """{frame number: cropped frame} of the wanted frames, or None when this pass cannot
         number frames reliably (no timestamps after a seek, or the seek landed past `first`)."""
-        stream = self._container.streams.video[0]
+        stream = video_stream(self._container, self.path)
         if seek:
             if self._pts is not None:
                 offset = int(self._pts[first])
@@ -172,11 +169,11 @@ class VideoReader:
                 return None
             if number in wanted and number not in got:
                 turns = quarter_turns(frame)
-                wide = max(1, round(frame.width * self._pixel_aspect))  # as shown
-                shown = (wide, frame.height) if turns % 2 else (frame.height, wide)
+                tall, wide = shown_size(frame.height, frame.width, self._pixel_aspect)
+                shown = (wide, tall) if turns % 2 else (tall, wide)
                 if size is None:  # the upright frame's size, scaled to cover height x width
                     size = cover_size(*shown, height, width)
-                shrink = size[0] * size[1] < frame.height * wide
+                shrink = size[0] * size[1] < tall * wide
                 stored = size[::-1] if turns % 2 else size
                 image = upright(frame.to_ndarray(height=stored[0], width=stored[1],
                                                  format="rgb24",

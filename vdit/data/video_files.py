@@ -66,20 +66,16 @@ def list_folder(folder: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS
     """Videos under `folder` (sorted), captioned from `<name>.txt` sidecars or empty. A link to
     a missing file is an entry with an error (skipped and counted, not silently left out)."""
     folder = Path(folder)
-    exts = {e.lower() for e in extensions}
-    broken = lambda p: p.is_symlink() and not p.exists()
-    files = sorted(p for p in folder.rglob("*")
-                   if (p.is_file() or broken(p)) and p.suffix.lower() in exts)
     entries = []
-    for path in files:
-        if broken(path):
+    for path in video_io.find_videos(folder, extensions):
+        if not path.exists():
             entries.append(VideoEntry(str(path.absolute()), "", path.relative_to(folder).as_posix(),
                                       error=f"{path} is a link to a missing file"))
             continue
         sidecar = path.with_suffix(".txt")
         caption, error = "", ""
         try:
-            caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+            caption = video_io.read_text(sidecar).strip() if sidecar.is_file() else ""
         except (OSError, UnicodeDecodeError) as e:  # that video is skipped and counted, not fatal
             error = f"caption file {sidecar}: {type(e).__name__}: {e}"
         entries.append(VideoEntry(str(path.resolve()), caption, path.relative_to(folder).as_posix(),
@@ -117,8 +113,19 @@ def _manifest_entry(line, root: Path, where: str, text: str) -> VideoEntry | Non
         return None
     file = Path(name) if Path(name).is_absolute() else root / name
     meta = {k: v for k, v in line.items() if k not in ("file", "path", name_key, "caption")}
-    return VideoEntry(str(file.resolve()), str(line.get("caption") or ""), name, meta,
+    return VideoEntry(str(file.resolve()), caption_of(line, where), name, meta,
                       _frame_range(line, where))
+
+
+def caption_of(line: dict, where: str) -> str:
+    """A manifest line's "caption": text, or "" when absent or null; any other type (a list, an
+    object, a number) is an error naming the line rather than a caption made of its repr."""
+    caption = line.get("caption")
+    if caption is None:
+        return ""
+    if not isinstance(caption, str):
+        raise ValueError(f"{where}: \"caption\" = {caption!r:.80}; expected a string (or null)")
+    return caption
 
 
 def _frame_range(line: dict, where: str) -> tuple[int, int] | None:

@@ -8,6 +8,7 @@ Unreadable or corrupt files raise `VideoReadError` naming the file, so callers c
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from fractions import Fraction
 from numbers import Real
@@ -78,6 +79,31 @@ def upright(image: np.ndarray, turns: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
+def video_stream(container, path) -> av.video.stream.VideoStream:
+    """The container's first video stream that is not an attached picture: an audio file's cover
+    art is a one-frame "video" stream, not a video. Raises VideoReadError naming `path`."""
+    pictures = 0
+    for stream in container.streams.video:
+        if stream.disposition & av.stream.Disposition.attached_pic:
+            pictures += 1
+        else:
+            return stream
+    detail = f" (only {pictures} attached cover picture{'s' * (pictures > 1)})" if pictures else ""
+    raise VideoReadError(f"cannot read video {path}: no video stream{detail}")
+
+
+def pixel_aspect(stream) -> float:
+    """How many times wider than tall a stored pixel is shown (anamorphic video; 1.0 for square
+    pixels or when the file does not say)."""
+    return float(stream.sample_aspect_ratio or 1) or 1.0
+
+
+def shown_size(height: int, width: int, aspect: float) -> tuple[int, int]:
+    """(height, width) of a stored height x width frame as players show it before any display
+    rotation: anamorphic pixels widened by `aspect`."""
+    return height, max(1, round(width * aspect))
+
+
 # Frame rates a written file can carry: mp4 stores 1/fps in a 1/1001-limited fraction, gif whole
 # centiseconds per frame in 16 bits (at most 655 s).
 FPS_RANGE = (0.01, 1000.0)
@@ -130,19 +156,17 @@ def write_video(path: str | Path, video: np.ndarray, fps: float) -> None:
 
 
 def load_video(path: str | Path, as_float: bool = False) -> tuple[np.ndarray, float]:
-    """(frames [T, H, W, 3] uint8, or float in [-1, 1] if as_float; frames per second), upright
-    (the display rotation applied)."""
+    """(frames [T, H, W, 3] uint8, or float in [-1, 1] if as_float; frames per second), as players
+    show them: upright (the display rotation applied), anamorphic pixels widened."""
     path = Path(path)
     if not path.is_file():
         raise VideoReadError(f"cannot read video {path}: file not found")
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoReadError(f"cannot read video {path}: no video stream")
-            stream = container.streams.video[0]
+            stream = video_stream(container, path)
             rate = stream.average_rate or stream.guessed_rate
-            frames = [upright(f.to_ndarray(format="rgb24"), quarter_turns(f))
-                      for f in container.decode(stream)]
+            aspect = pixel_aspect(stream)
+            frames = [upright(_shown(f, aspect), quarter_turns(f)) for f in container.decode(stream)]
     except VideoReadError:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
@@ -154,6 +178,15 @@ def load_video(path: str | Path, as_float: bool = False) -> tuple[np.ndarray, fl
     return (to_float(video) if as_float else video), fps
 
 
+def _shown(frame: av.VideoFrame, aspect: float) -> np.ndarray:
+    """A decoded frame as uint8 RGB [H, W', 3] at its shown aspect (see shown_size)."""
+    if aspect == 1.0:
+        return frame.to_ndarray(format="rgb24")
+    height, width = shown_size(frame.height, frame.width, aspect)
+    return frame.to_ndarray(height=height, width=width, format="rgb24",
+                            interpolation="AREA" if aspect < 1 else "BICUBIC")
+
+
 def probe_video(path: str | Path) -> None:
     """Raises VideoReadError unless `path` opens with a video stream and a decodable first frame."""
     path = Path(path)
@@ -161,9 +194,7 @@ def probe_video(path: str | Path) -> None:
         raise VideoReadError(f"cannot read video {path}: file not found")
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoReadError(f"cannot read video {path}: no video stream")
-            if next(container.decode(container.streams.video[0]), None) is None:
+            if next(container.decode(video_stream(container, path)), None) is None:
                 raise VideoReadError(f"cannot read video {path}: no decodable frames")
     except VideoReadError:
         raise
@@ -262,10 +293,32 @@ def write_grid_png(path: str | Path, videos: Sequence[np.ndarray] | np.ndarray,
 def manifest_lines(path):
     """(line number, parsed object, raw text) per non-blank line of a jsonl video manifest; a line
     that is not JSON is an error naming the file and line."""
-    for number, text in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, text in enumerate(read_text(path).splitlines(), 1):
         if not text.strip():
             continue
         try:
             yield number, json.loads(text), text
         except json.JSONDecodeError as e:
             raise ValueError(f"manifest {path} line {number} is not JSON: {e}") from e
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file (caption sidecar, manifest) without the byte-order mark some editors
+    write first, which would otherwise begin a caption or break a JSON line."""
+    return Path(path).read_text(encoding="utf-8-sig")
+
+
+def find_videos(folder: str | Path, extensions: Sequence[str]) -> list[Path]:
+    """Files under `folder` whose suffix is in `extensions` (any case), sorted; linked folders are
+    followed (each real folder once, so a link cycle ends) and links to missing files are listed
+    too, so callers can count them rather than lose them."""
+    exts = {e.lower() for e in extensions}
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(root) / name for name in files if Path(name).suffix.lower() in exts]
+    return sorted(found)
