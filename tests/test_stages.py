@@ -197,3 +197,27 @@ def test_later_stages_keep_stage_one_latent_normalisation(tmp_path):
     config.encode.stats_from = str(tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="config key 'encode.stats_from'"):
         encode.resolve_stats(config, str(tmp_path / "stage3"), lambda: None, tokenizer)
+
+
+def test_init_from_warns_when_its_latents_differ(tmp_path, caplog):
+    """Shapes match whatever VAE or normalisation made the latents, so a stage encoded with other
+    statistics or another VAE than the run it starts from was silent."""
+    source, ours = tmp_path / "stage1", tmp_path / "stage2" / "latents"
+    for folder, mean in ((source / "latents", [0.5, -1.0]), (ours, [0.5, -1.0])):
+        folder.mkdir(parents=True)
+        (folder / "stats.json").write_text(json.dumps({"mean": mean, "std": [2.0, 0.25]}))
+    config = tiny_config("shapes_stage2_video", str(ours), f"--config.train.init_from={source}",
+                         f"--config.encode.vae_workdir={tmp_path / 'vae'}")
+    saved = {"encode": {"vae_workdir": str(tmp_path / "vae")}, "data": {}}
+    with caplog.at_level("WARNING"):
+        init_from.check_latent_space(config, saved, str(ours))
+    assert not caplog.records
+    (ours / "stats.json").write_text(json.dumps({"mean": [0.5, -0.9], "std": [2.0, 0.25]}))
+    saved["encode"]["vae_workdir"] = str(tmp_path / "other_vae")
+    with caplog.at_level("WARNING"):
+        init_from.check_latent_space(config, saved, str(ours))
+    (record,) = caplog.records
+    assert "other_vae" in record.message and "'encode.vae_workdir'" in record.message
+    assert "latent mean [0.5, -1.0]" in record.message and "[0.5, -0.9]" in record.message
+    assert f"--config.encode.stats_from={source / 'latents'}" in record.message
+

@@ -25,6 +25,7 @@ keeps the pinned step.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import jax
@@ -163,9 +164,14 @@ def frozen_weights(config, _depth: int = 0) -> dict:
 
 def source_weights(config, _depth: int = 0) -> dict:
     """The complete weights of the run that `config`'s train.init_from names."""
+    return source_run(config, _depth)[0]
+
+
+def source_run(config, _depth: int = 0) -> tuple[dict, dict]:
+    """(complete weights, saved config dict) of the run that `config`'s train.init_from names."""
     path = source_path(config)
     try:
-        return run_weights(path, which_weights(config), _depth)[0]
+        return run_weights(path, which_weights(config), _depth)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"config key 'train.init_from' = {path!r} (a vdit workdir or "
                                 f"<workdir>/checkpoints/<step>): {e}") from e
@@ -202,15 +208,18 @@ def create_frozen(config, boxed_fn, rng, mesh, rules):
 
 
 def apply(config, state, shardings, frozen: dict, frozen_shardings, resuming: bool,
-          frozen_from: dict | None = None):
+          frozen_from: dict | None = None, latents=None):
     """(state, frozen) with the frozen weights from `train.init_from` (`frozen` may be abstract,
     see `create_frozen`), and on a fresh start the trainable ones too (params and EMA; the
     optimizer state, step and rng stay as created). `frozen_from` maps a frozen key to the
-    source's key that fills it (default: the same key)."""
+    source's key that fills it (default: the same key). `latents`: this run's latents folder, for
+    `check_latent_space` on a fresh start."""
     path = source_path(config)
     if not path or (resuming and not frozen):  # nothing to take from the source
         return state, frozen
-    weights = source_weights(config)
+    weights, source_config = source_run(config)
+    if not resuming and latents is not None:
+        check_latent_space(config, source_config, latents)
     where = f"init_from run {path!r}"
     alias = frozen_from or {}
     needed = {alias.get(k, k) for k in frozen} | (set() if resuming else set(state.params))
@@ -232,6 +241,33 @@ def apply(config, state, shardings, frozen: dict, frozen_shardings, resuming: bo
     ema = {**state.ema, **jax.device_put(take, {k: shardings.ema[k] for k in take})}
     log.info("initialised %s from %s (%s weights)", sorted(take), path, which_weights(config))
     return state.replace(params=params, ema=ema), frozen
+
+
+def check_latent_space(config, source: dict, latents) -> None:
+    """Warns when a run starts from weights trained on other latents than its own: encoded by
+    another VAE (`encode.vae_workdir`), or normalised with other statistics (the stats.json of
+    each run's latents folder). Shapes match, so nothing else would tell; a deliberate switch
+    (e.g. to a finetuned VAE) stays possible."""
+    said = []
+    before = str(source.get("encode", {}).get("vae_workdir", "") or "")
+    now = str(config.get("encode", {}).get("vae_workdir", "") or "")
+    if before and now and str(runs.absolute(before)).rstrip("/") != str(runs.absolute(now)).rstrip("/"):
+        said.append(f"its latents came from the VAE {before!r}, this run's from {now!r} (config "
+                    "key 'encode.vae_workdir')")
+    theirs = runs.stats_path(runs.latents_dir(ml_collections.ConfigDict(source),
+                                              resolve(source_path(config))[0]))
+    ours = runs.stats_path(latents)
+    if theirs.is_file() and ours.is_file():
+        a, b = (json.loads(f.read_text()) for f in (theirs, ours))
+        for key in ("mean", "std"):
+            x, y = np.asarray(a.get(key, []), float), np.asarray(b.get(key, []), float)
+            if x.shape != y.shape or not np.allclose(x, y, rtol=1e-3, atol=1e-5):
+                said.append(f"latent {key} {np.round(x, 4).tolist()} in {theirs} against "
+                            f"{np.round(y, 4).tolist()} in {ours} (encode with "
+                            f"--config.encode.stats_from={theirs.parent} to keep them)")
+    if said:
+        log.warning("train.init_from %s was trained on other latents than this run's: %s; the "
+                    "weights it hands on expect its inputs", source_path(config), "; ".join(said))
 
 
 def _fit(source: dict, target, where: str) -> dict:

@@ -234,7 +234,7 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
         init_from.check_resume(saved, config)
     # Frozen weights always, trainable ones on a fresh start (vdit/train/init_from.py).
     state, frozen = init_from.apply(config, state, shardings, frozen, frozen_shardings, resuming,
-                                    setup.frozen_from)
+                                    setup.frozen_from, latents=shards)
     if resuming:
         check_process_count(workdir, manager.latest_step(), jax.process_count())
         start, state, _ = checkpoint.restore(manager, state, data_it)
