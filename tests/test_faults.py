@@ -15,12 +15,19 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from train_testing import VIDEOS, train_tiny, write_shards
+from orbax.checkpoint._src.path import atomicity
+from train_testing import VIDEOS, tiny_config, train_tiny, write_shards
 
 from vdit import cli
 from vdit.models.tokenizers import WordTokenizer
 from vdit.runs import checkpoint
-from vdit.runs.checkpoint_fallback import ASIDE, CheckpointSaveError, DataPositionError
+from vdit.runs.checkpoint_fallback import (
+    ASIDE,
+    CheckpointSaveError,
+    DataPositionError,
+    StateMismatchError,
+    newest_readable,
+)
 from vdit.sample_cli import warn_unknown_words
 from vdit.train.lock import FolderLock, LockedError
 from vdit.train.metrics import read_metrics
@@ -149,6 +156,45 @@ def test_failed_save_stops_the_run_at_once(run, tmp_path, monkeypatch):
     with pytest.raises(CheckpointSaveError, match=r"No space left.*stopped at step 2"):
         train_tiny("shapes_dit", workdir, run["latents"], 4)
     assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
+
+
+def test_a_failed_background_write_stops_the_run_by_the_next_save(run, tmp_path, monkeypatch):
+    """The write fails in orbax's background thread, as a full disk does: orbax's finalize
+    thread keeps the error (its check_for_errors finds nothing), and the run trained on to the
+    next save, which then died with orbax's raw message."""
+    workdir = str(tmp_path / "run")
+    real = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize(self, *args, **kwargs):
+        if os.path.basename(str(self.get_final()).rstrip("/")) == "2":
+            raise OSError(28, "No space left on device")
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+    with pytest.raises(CheckpointSaveError, match=r"No space left.*stopped at step [234]\. "
+                                                  r"Earlier checkpoints are intact"):
+        train_tiny("shapes_dit", workdir, run["latents"], 8)
+    assert not os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
+
+
+def test_resume_refuses_switching_clipping_or_accumulation(run, tmp_path, capsys):
+    """They change the optimizer state's tree: the restore failed on every step, each was moved
+    to checkpoints.unreadable/ as if damaged, and the next run started again from step 0."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run["workdir"], workdir)
+    for flag, message in (("--config.optim.grad_accum=2", r"optim\.grad_accum: checkpoint 1 -> now 2"),
+                          ("--config.optim.clip_norm=0.0", r"optim\.clip_norm: checkpoint 1\.0 -> now 0\.0")):
+        with pytest.raises(ValueError, match=message + " switches gradient clipping or accumulation"):
+            train_tiny("shapes_dit", workdir, run["latents"], 2, flag)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    assert not os.path.exists(os.path.join(workdir, ASIDE))
+    # Any other state of another structure reads as such, not as damage: nothing is moved.
+    manager = checkpoint.make_manager(workdir, tiny_config("shapes_dit", run["latents"]).checkpoint)
+    mismatch = ValueError("User-provided restore item and on-disk value metadata tree "
+                          "structures do not match: ...")
+    with pytest.raises(StateMismatchError, match=r"step 4 .*another structure.*Nothing was moved"):
+        newest_readable(manager, lambda step: (_ for _ in ()).throw(mismatch), move_aside=True)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
 
 
 def _live_pid():

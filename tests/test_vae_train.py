@@ -3,8 +3,11 @@
 import os
 
 import numpy as np
+import pytest
 
 from vdit.config import load_config
+from vdit.runs import checkpoint
+from vdit.train.loop import check_resume_compatible
 from vdit.train.metrics import read_metrics
 from vdit.train.vae_loop import train_vae
 
@@ -27,3 +30,12 @@ def test_train_vae_steps_checkpoints_and_resumes(tmp_path):
     assert [h["step"] for h in second["history"]] == [3]
     rows = read_metrics(workdir)
     assert any("eval/psnr" in r for r in rows) and any("psnr" in r for r in rows)
+    # A finished run rerun (a requeued job) trains nothing and adds no second row for its step.
+    third = train_vae(load_config(CONFIG, TINY + ["--config.vae_train.steps=3"]), workdir)
+    assert third["history"] == [] and third["eval_psnr"] == pytest.approx(second["eval_psnr"])
+    assert read_metrics(workdir) == rows
+    # A DiT config on this VAE run's workdir is refused as the wrong kind of run.
+    dit = load_config(os.path.join(os.path.dirname(CONFIG), "shapes_dit.py"))
+    with pytest.raises(ValueError, match=r"holds a VAE run .*but this command trains a DiT run"):
+        check_resume_compatible(checkpoint.load_params(workdir)[1], dit)
+

@@ -10,9 +10,10 @@ deleted; readers (sampling) only report. `check_saves` turns a failed asynchrono
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -28,6 +29,11 @@ class CheckpointSaveError(RuntimeError):
 
 class DataPositionError(ValueError):
     """A checkpoint reads, but its saved data position does not fit the run's data pipeline."""
+
+
+class StateMismatchError(ValueError):
+    """A checkpoint reads, but holds a state of another structure than the run's (settings that
+    shape the optimizer state or the model changed): not damage, so nothing is moved aside."""
 
 
 class NoReadableCheckpointError(FileNotFoundError):
@@ -69,18 +75,35 @@ def newest_readable(manager: ocp.CheckpointManager, read: Callable[[int], Any],
             result = read(step)
         except DataPositionError:
             raise  # the step reads; the run's settings do not fit it (nothing to fall back from)
+        except ValueError as e:
+            if "tree structures do not match" not in str(e):  # orbax's words for it
+                failures.append(_unreadable(directory, steps, i, e, move_aside))
+                continue
+            raise StateMismatchError(
+                f"checkpoint step {step} in {directory} holds a training state of another "
+                f"structure than this run's ({one_line(e, 120)}): a setting that shapes the "
+                "optimizer state or the model changed since it was saved. Nothing was moved; "
+                "resume with the settings the run was started with, or start a new --workdir "
+                "(train.init_from takes its weights)") from e
         except Exception as e:  # noqa: BLE001 - any unreadable step falls back to an older one
-            failures.append(f"step {step} ({one_line(e)})")
-            nxt = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step"
-            where = _move_aside(directory, step) if move_aside else "left in place"
-            print(f"vdit: checkpoint step {step} in {directory} is unreadable ({one_line(e)}); "
-                  f"{where}; {nxt}", file=sys.stderr, flush=True)
+            failures.append(_unreadable(directory, steps, i, e, move_aside))
             continue
         if move_aside and failures:
             manager.reload()
         return step, result
     raise NoReadableCheckpointError(f"no readable checkpoint in {directory}: "
                                     + "; ".join(failures))
+
+
+def _unreadable(directory: str, steps: list[int], i: int, error: Exception,
+                move_aside: bool) -> str:
+    """Reports step `steps[i]` as unreadable (moved aside when `move_aside`); its failure line."""
+    step = steps[i]
+    nxt = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step"
+    where = _move_aside(directory, step) if move_aside else "left in place"
+    print(f"vdit: checkpoint step {step} in {directory} is unreadable ({one_line(error)}); "
+          f"{where}; {nxt}", file=sys.stderr, flush=True)
+    return f"step {step} ({one_line(error)})"
 
 
 def _move_aside(directory: str, step: int) -> str:
@@ -96,10 +119,22 @@ def _move_aside(directory: str, step: int) -> str:
 def check_saves(manager: ocp.CheckpointManager, step: int, wait: bool = False) -> None:
     """Raises CheckpointSaveError if a save has failed so far (after waiting for the pending one
     when `wait`)."""
-    try:
-        if wait:
+    with save_errors(manager, step):
+        if wait or not manager.is_saving_in_progress():
+            # A failed background write is held by orbax's finalize thread, which its own
+            # check_for_errors has already cleared; waiting on the finished thread raises it.
             manager.wait_until_finished()
         manager.check_for_errors()
+
+
+@contextlib.contextmanager
+def save_errors(manager: ocp.CheckpointManager, step: int) -> Iterator[None]:
+    """Turns any failure of starting or checking a save into CheckpointSaveError (a save waits
+    for the previous one, so an earlier failure can surface there)."""
+    try:
+        yield
+    except CheckpointSaveError:
+        raise
     except Exception as e:  # noqa: BLE001 - every save failure stops the run with one message
         raise CheckpointSaveError(
             f"saving a checkpoint in {manager.directory} failed ({one_line(e)}); the run stopped "

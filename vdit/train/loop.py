@@ -31,6 +31,7 @@ from vdit.models import lora
 from vdit.models.dit import VDIT_KEYS
 from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.runs import checkpoint
+from vdit.runs.run_kind import KINDS
 from vdit.train import conditioning, experts, init_from, optim, preflight
 from vdit.train.config_checks import check_train_config
 from vdit.train.flops import jaxpr_flops
@@ -92,6 +93,12 @@ def check_resume_compatible(saved: dict, config, sections=SHAPE_SECTIONS) -> Non
     layout (`data.num_workers`: one position per worker), differs from the checkpoint's. How the
     step computes (COMPUTE_KEYS: remat, dtypes, attention backend) may change, e.g. remat after
     running out of memory."""
+    want, have = ("vae" if tuple(sections) == ("vae",) else "dit"), ("dit" if "model" in saved else "vae")
+    if have != want:
+        raise ValueError(f"cannot resume: this workdir holds {KINDS[have]}, but this command "
+                         f"trains {KINDS[want]}; use another --workdir")
+    if "optim" in saved and "optim" in config:
+        check_optimizer_layout(saved["optim"], config.optim.to_dict())
     workers = (saved.get("data", {}).get("num_workers"), config.get("data", {}).get("num_workers"))
     if "data" in saved and "data" in config and _normal(workers[0]) != _normal(workers[1]):
         raise ValueError(f"cannot resume: config key 'data.num_workers' = {workers[1]!r}, but the "
@@ -110,6 +117,20 @@ def check_resume_compatible(saved: dict, config, sections=SHAPE_SECTIONS) -> Non
     if changed:
         raise ValueError("cannot resume: the workdir's checkpoint was trained with different model "
                          "settings (" + "; ".join(changed) + "); use a new --workdir or undo the change")
+
+
+def check_optimizer_layout(before: dict, now: dict) -> None:
+    """Refuses a resume whose optimizer state would have another structure than the saved one:
+    clipping (optim.clip_norm > 0) or accumulation (optim.grad_accum > 1) switched on or off.
+    Their values may change (e.g. a lower clip norm)."""
+    layout = {"clip_norm": lambda v: float(v or 0) > 0, "grad_accum": lambda v: int(v or 1) > 1}
+    changed = [f"optim.{k}: checkpoint {before.get(k)!r} -> now {now.get(k)!r}"
+               for k, on in layout.items() if on(before.get(k)) != on(now.get(k))]
+    if changed:
+        raise ValueError("cannot resume: " + "; ".join(changed) + " switches "
+                         "gradient clipping or accumulation on or off, which changes the optimizer "
+                         "state the checkpoint holds; resume with the saved values, or start a "
+                         "new --workdir with train.init_from")
 
 
 def check_process_count(workdir: str, step: int, count: int) -> None:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from vdit import runs
 from vdit.data import pipeline
 from vdit.runs import checkpoint
-from vdit.runs.checkpoint_fallback import check_saves
+from vdit.runs.checkpoint_fallback import check_saves, save_errors
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,8 @@ class StepLoop:
 
     def _save(self, state, data_it, step: int) -> None:
         if self.bad_streak == 0:  # never a checkpoint from a step whose loss was not finite
-            checkpoint.save(self.manager, step, state, self.config, data_it)
+            with save_errors(self.manager, step):
+                checkpoint.save(self.manager, step, state, self.config, data_it)
         else:
             log.warning("step %d: not saving a checkpoint (%d non-finite steps in a row)", step,
                         self.bad_streak)

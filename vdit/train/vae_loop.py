@@ -27,7 +27,7 @@ from vdit.models.vae import init_params, kl_divergence, sample_posterior
 from vdit.models.vae_config import vae_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.runs import checkpoint
-from vdit.runs.checkpoint_fallback import check_saves
+from vdit.runs.checkpoint_fallback import check_saves, save_errors
 from vdit.train import optim
 from vdit.train.lock import workdir_lock
 from vdit.train.loop import check_resume_compatible
@@ -117,6 +117,13 @@ def _train_vae(config, workdir: str) -> dict:
         check_resume_compatible(checkpoint.saved_config(manager), config, sections=("vae",))
         start, state, _ = checkpoint.restore(manager, state)
         log.info("resumed VAE training from step %d", start)
+    if start >= cfg.steps:  # a requeued finished job: said, evaluated, nothing written
+        if jax.process_index() == 0:
+            print(f"vdit train-vae: the checkpoint in {workdir} is at step {start}, already at "
+                  f"vae_train.steps={cfg.steps}: nothing to train (raise "
+                  "--config.vae_train.steps to train on)", flush=True)
+        return {"history": [], "eval_psnr": make_evaluate(vae)(state.ema, data, cfg),
+                "state": state}
     if jax.process_index() == 0:  # replayed steps replace their rows (one row per step)
         drop_rows_after(workdir, start)
     step_fn = jax.jit(make_train_step(make_vae_loss(vae, cfg), tx, cfg.ema_decay),
@@ -135,7 +142,8 @@ def _train_vae(config, workdir: str) -> dict:
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             writer.write(step + 1, {"eval/psnr": evaluate(state.ema, data, cfg)})
         if (step + 1) % config.checkpoint.every == 0 or step + 1 == cfg.steps:
-            checkpoint.save(manager, step + 1, state, config)
+            with save_errors(manager, step + 1):
+                checkpoint.save(manager, step + 1, state, config)
         check_saves(manager, step + 1)
     check_saves(manager, cfg.steps, wait=True)
     score = evaluate(state.ema, data, cfg)
