@@ -107,7 +107,7 @@ install() {
   tpu scp "$tarball" "$NAME:vdit-src.tar.gz" --worker=all
   local setup="mkdir -p $dir && tar -xzf vdit-src.tar.gz -C $dir && cd $dir"
   setup+=" && python3 -m venv .venv && .venv/bin/pip install -q -U pip"
-  setup+=" && .venv/bin/pip install -q -e . 'jax[tpu]'"
+  setup+=" && .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]'"  # gs:// workdirs and data
   tpu ssh "$NAME" --worker=all --command="$setup"
 }
 

@@ -55,7 +55,7 @@ def test_tpu_vm_lifecycle_dry_run(env):
     assert tar[:2] == ["tar", "-czf"] and "--exclude=.venv" in tar
     assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
     assert install[4:7] == ["ssh", "vdit-test", "--worker=all"]
-    assert "pip install -q -e . 'jax[tpu]'" in install[7]
+    assert "pip install -q -e '.[gcs]' 'jax[tpu]'" in install[7]
     assert train[4:7] == ["ssh", "vdit-test", "--worker=all"]
     remote = shlex.split(train[7].removeprefix("--command="))
     start = remote.index("-m") + 1

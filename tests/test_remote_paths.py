@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 from remote_fs import install
 
 from vdit import cli, runs
+from vdit.data.video_io import write_mp4
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 VAE = ["--config.vae.base_dim=8", "--config.vae.num_res_blocks=0",
@@ -45,6 +47,22 @@ def gcs(tmp_path, monkeypatch):
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     return root / "bucket", cwd
+
+
+def test_curate_writes_its_clip_list_on_gcs(gcs, tmp_path, capsys):
+    """The worker's done marker went to a local folder 'gs:', so clips.jsonl was never merged
+    in the bucket (and the lock and the printed output path were local too)."""
+    bucket, cwd = gcs
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    frames = np.random.default_rng(0).integers(0, 255, (1, 64, 96, 3), dtype=np.uint8)
+    write_mp4(videos / "v.mp4", np.concatenate([np.roll(frames, 2 * i, axis=2) for i in range(30)]),
+              12.0)
+    assert cli.main(["curate", "--input", str(videos), "--output", "gs://bucket/clips",
+                     "--config.curate.output.progress=False"]) == 0
+    assert "output gs://bucket/clips" in capsys.readouterr().out
+    assert {"clips.jsonl", "clips-00000-of-00001.done"} <= set(os.listdir(bucket / "clips"))
+    assert os.listdir(cwd) == []
 
 
 def test_shapes_chain_on_gcs(gcs, capsys):

@@ -50,8 +50,8 @@ def write_log(workdir: str | None, command: str, error: BaseException) -> str | 
                  + "".join(traceback.format_exception(error)))
         # read + rewrite, not append: object stores (gs://) have no append
         path.write_text((path.read_text() if path.exists() else "") + entry)
-    except (OSError, ValueError):  # an unwritable workdir: the screen message still names the error
-        return None
+    except Exception:  # noqa: BLE001 - an unwritable workdir, or a gs:// one without gcsfs: the
+        return None     # screen message still names the error
     return path
 
 

@@ -28,7 +28,7 @@ from vdit.curate.pipeline import ClipResult, VideoItem, process_segment
 from vdit.curate.settings import check_curate_config, default_config_path
 from vdit.data.video_files import caption_of
 from vdit.data.video_io import VideoReadError, find_videos, manifest_lines
-from vdit.train.lock import FolderLock
+from vdit.train.lock import FolderLock, NoLock
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,9 @@ def curate(config, input_path: str, output: str, shard: int = 0, num_shards: int
         raise ValueError(f"--output {output!r} is a file, not a folder")
     runs.user_path(output).mkdir(parents=True, exist_ok=True)  # gs:// too
     # one writer per shard: two workers on one shard would record videos as both kept and failed
-    with FolderLock(str(runs.user_path(output) / f".lock-{shard:05d}-of-{num_shards:05d}"),
-                    f"curate shard {shard}/{num_shards} of {output}"):
+    lock = str(runs.user_path(output) / f".lock-{shard:05d}-of-{num_shards:05d}")
+    with (NoLock() if runs.is_remote(output) else  # an object store: see workdir_lock
+          FolderLock(lock, f"curate shard {shard}/{num_shards} of {output}")):
         return _curate_shard(cfg, items, output, shard, num_shards, scorers, captioner)
 
 
@@ -196,7 +197,7 @@ def _curate_shard(cfg, items, output: str, shard: int, num_shards: int, scorers,
         if failure:
             failures[failure] += 1
     writer.flush()
-    Path(ledger.done_path(output, shard, num_shards)).touch()
+    runs.user_path(ledger.done_path(output, shard, num_shards)).touch()
     ledger.merge_if_complete(output, num_shards)
     summary = ledger.summarize(ledger.read_ledger(ledger.ledger_path(output, shard, num_shards)))
     summary["this_run"] = {"videos": len(todo), "skipped_done": len(items) - len(todo),
@@ -213,6 +214,6 @@ def run_cli(args) -> int:
     header = (f"vdit curate: worker {args.shard}/{args.num_shards}: {run['videos']} videos "
               f"processed ({run['unreadable']} unreadable, {run['failed']} failed), "
               f"{run['skipped_done']} already done; "
-              f"output {os.path.abspath(args.output)}")
+              f"output {runs.absolute(args.output)}")
     print(ledger.format_summary(summary, header))
     return 0

@@ -60,8 +60,10 @@ def check_reachable(path: str | os.PathLike, what: str = "path") -> epath.Path:
         try:
             ok = bucket.exists()
         except Exception as e:  # a missing SDK, credentials or network: all "cannot be reached"
+            hint = "; install vdit's gcs extra: pip install -e '.[gcs]'" if isinstance(
+                e, ImportError) else ""
             raise OSError(f"{what} {os.fspath(p)!r}: bucket {os.fspath(bucket)} cannot be reached "
-                          f"({type(e).__name__}: {e})") from e
+                          f"({type(e).__name__}: {e}){hint}") from e
         if not ok:
             raise OSError(f"{what} {os.fspath(p)!r}: bucket {os.fspath(bucket)} does not exist")
     return p
