@@ -157,3 +157,16 @@ def test_shapes_recipe_vocabulary_is_the_worlds():
     code); they must be exactly the captions' vocabulary, in order (ids are list positions)."""
     vocab = cfglib.recipe("shapes_dit").text.vocab
     assert list(vocab) == shapes_captions.vocabulary(list(COLORS))
+
+
+def test_token_stride_counts_a_wan22_vae_pixel_patch():
+    """Wan2.2's VAE folds 2x2 pixels into channels before its 8x coder: TI2V-5B tokens are 32
+    pixels a side, not 16 (`vdit plan` counted 4x the tokens; 720 rows passed the size check)."""
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "wan2_2_ti2v_5b.py")
+    config = cfglib.load_config(recipe)
+    assert cfglib.spatial_stride(config) == 32
+    assert cfglib.spatial_stride(cfglib.load_config(recipe.replace("wan2_2_ti2v_5b",
+                                                                    "wan2_1_t2v_1_3b"))) == 16
+    with pytest.raises(cfglib.ConfigError, match=r"'data.height' = 720: must be a positive "
+                                                 r"multiple of 32"):
+        cfglib.load_config(recipe, ["--config.data.height=720"])

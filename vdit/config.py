@@ -237,10 +237,11 @@ def check_frames(key: str, frames: int) -> None:
 
 
 def spatial_stride(config: ml_collections.ConfigDict) -> int:
-    """Pixels per token side: the VAE's spatial downsampling times the DiT's spatial patch."""
+    """Pixels per token side: the VAE's spatial downsampling (its coder's, times the pixel patch
+    a Wan2.2 VAE folds into channels first) times the DiT's spatial patch."""
     stride = 8
     if "vae" in config and "dim_mult" in config.vae:
-        stride = 2 ** (len(config.vae.dim_mult) - 1)
+        stride = 2 ** (len(config.vae.dim_mult) - 1) * int(config.vae.get("patch_size", None) or 1)
     if "model" in config and "patch_size" in config.model:
         stride *= int(config.model.patch_size[1])
     return stride
