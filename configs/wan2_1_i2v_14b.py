@@ -42,4 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.text.tokenizer_path = "weights/Wan2.1-I2V-14B-480P-Diffusers/tokenizer"
     config.encode.update(dict(vae_workdir="runs/wan2_1_i2v_14b/vae", i2v_condition=True))
     config.train.update(dict(i2v_rate=1.0, init_from="runs/wan2_1_i2v_14b"))
+    # Wan2.1's own i2v sampling at 480x832: 40 steps, flow shift 3 (5 is its 720p setting)
+    config.sample.steps = 40
+    config.sample.scheduler["flow_shift"] = 3.0
     return config

@@ -19,6 +19,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.text.tokenizer_path = "weights/Wan2.2-I2V-A14B-Diffusers/tokenizer"
     config.encode.update(dict(vae_workdir="runs/wan2_2_i2v_a14b/vae", i2v_condition=True))
     config.train.update(dict(i2v_rate=1.0, init_from="runs/wan2_2_i2v_a14b"))
-    config.sample.update(dict(guidance=3.5, guidance_2=3.5))
+    config.sample.update(dict(steps=40, guidance=3.5, guidance_2=3.5))  # Wan2.2's: 40 steps
     config.sample.scheduler["flow_shift"] = 5.0
     return config

@@ -2,7 +2,8 @@
 
 Each expert has Wan2.1-T2V-14B's sizes and latent layout (Wan2.1's VAE). The high-noise expert
 denoises timesteps >= `experts.boundary_ratio` * 1000 (0.875), the low-noise one the rest; the
-published sampling: flow shift 12, guidance 4.0 (high) / 3.0 (low, `sample.guidance_2`).
+published sampling: 40 steps, flow shift 12, guidance 4.0 (high) / 3.0 (low, `sample.guidance_2`,
+`vdit sample --guidance-2`).
 `vdit convert --from diffusers --src weights/Wan2.2-T2V-A14B-Diffusers --out runs/wan2_2_t2v_a14b`
 writes both experts into one run ("dit" high, "dit_2" low), which `vdit sample` and `vdit convert
 --to diffusers` use as diffusers does. `vdit train` trains the expert(s) `experts.train` names on
@@ -24,6 +25,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.text.tokenizer_path = "weights/Wan2.2-T2V-A14B-Diffusers/tokenizer"
     config.encode.vae_workdir = "runs/wan2_2_t2v_a14b/vae"
     config.train.init_from = "runs/wan2_2_t2v_a14b"
-    config.sample.update(dict(guidance=4.0, guidance_2=3.0))
+    config.sample.update(dict(steps=40, guidance=4.0, guidance_2=3.0))  # Wan2.2's: 40 steps
     config.sample.scheduler["flow_shift"] = 12.0
     return config

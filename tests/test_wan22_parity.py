@@ -3,6 +3,7 @@ I2V; the expert and its guidance chosen per step by timestep) and TI2V image-to-
 latent in frame 0, per-token timesteps). Same noise, scheduler, steps and guidance give the same
 final latents (float32)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -67,6 +68,14 @@ def test_two_expert_sampling_matches_diffusers(i2v, tmp_path):
     if not i2v:  # the low-noise expert's own guidance matters: another value moves the result
         other = gen.text_to_video(ctx, neg, noise, steps=STEPS, guidance=5.0, output="latent")
         assert rel_err(other, ref) > 1e-3
+        # A run's sample.guidance / guidance_2 (Wan2.2 A14B's 4.0 / 3.0) are both the defaults;
+        # guidance_2 was never read, so the low-noise expert sampled at `guidance`.
+        run = dataclasses.replace(gen, defaults={**gen.defaults, "guidance": 5.0,
+                                                 "guidance_2": 2.0})
+        np.testing.assert_array_equal(
+            run.text_to_video(ctx, neg, noise, steps=STEPS, output="latent"), ours)
+        np.testing.assert_array_equal(  # an explicit guidance applies to both, as in diffusers
+            run.text_to_video(ctx, neg, noise, steps=STEPS, guidance=5.0, output="latent"), other)
         # guidance <= 1 turns guidance off for both experts, guidance_2 too (diffusers' rule)
         with pytest.warns(UserWarning, match="guidance_2=3.0 is ignored"):
             ours = gen.text_to_video(ctx, neg, noise, steps=STEPS, guidance=1.0, guidance_2=3.0,

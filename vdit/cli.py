@@ -85,6 +85,9 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--strength", type=float, default=0.7)
         p.add_argument("--steps", type=int)
         p.add_argument("--guidance", type=float)
+        p.add_argument("--guidance-2", type=float,
+                       help="the low-noise expert's guidance (Wan2.2 A14B; default: the run's "
+                            "sample.guidance_2 with the run's guidance, else --guidance)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--frames", type=int)
         p.add_argument("--size", help="HEIGHTxWIDTH, e.g. 64x64")

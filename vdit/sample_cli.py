@@ -228,6 +228,8 @@ class SampleJob:
         context, mask = gen.encode_text(prompts)
         neg, neg_mask = gen.encode_text([_opt(args, "negative_prompt", "")] * b)
         text = dict(context_mask=mask, negative_mask=neg_mask)
+        if _opt(args, "guidance_2") is not None:
+            text["guidance_2"] = args.guidance_2
         noise = jnp.concatenate([gen.noise(s, 1, self.frames, self.height, self.width)
                                  for s in seeds])
         steps, guidance = args.steps, args.guidance
@@ -251,7 +253,7 @@ class SampleJob:
             out = gen.image_to_video(first, context, neg, noise, steps, guidance,
                                      last_image=last, **text)
         else:
-            out = gen.text_to_video(context, neg, noise, steps, guidance, "video", mask, neg_mask)
+            out = gen.text_to_video(context, neg, noise, steps, guidance, "video", **text)
         return np.asarray(out)
 
 

@@ -197,7 +197,8 @@ class Generator:
         already-noised latents. condition [B, T', H', W', tf + z]: Wan I2V channels.
         image_context [B, N, D_img]: CLIP tokens for models with an image branch.
         pin = (known [B, T', H', W', C], mask [B, T', 1, 1, 1]): latent frames kept fixed.
-        guidance_2: the low-noise expert's guidance (two-expert models; default `guidance`).
+        guidance_2: the low-noise expert's guidance (two-expert models; default: the run's
+        `sample.guidance_2` when `guidance` is its default too, else `guidance`).
         As in diffusers' Wan pipelines, guidance <= 1 turns classifier-free guidance off for
         every expert (guidance_2 included; a warning says so when that changes a value).
         first_frame [B, 1, H', W', C]: a clean normalised latent the model sees in frame 0 at
@@ -206,7 +207,11 @@ class Generator:
         if output not in ("latent", "video"):
             raise ValueError(f"output={output!r}; expected 'latent' or 'video'")
         steps = check_num_steps(self.defaults["steps"] if steps is None else steps)
-        guidance = float(self.defaults["guidance"] if guidance is None else guidance)
+        if guidance is None:  # the run's settings: both experts' (Wan2.2 A14B: 4.0 high, 3.0 low)
+            guidance = float(self.defaults["guidance"])
+            if guidance_2 is None and self.dit_2 is not None:
+                guidance_2 = self.defaults.get("guidance_2")
+        guidance = float(guidance)
         if guidance <= 1.0:
             if guidance < 1.0 or guidance_2 not in (None, 1.0):
                 warnings.warn(f"guidance={guidance:g} <= 1 turns classifier-free guidance off "
@@ -297,7 +302,7 @@ class Generator:
                       guidance_2: float | None = None):
         """Samples from `noise` [B, T', H', W', C] (normalised latent space) given text
         embeddings; returns latents (output="latent") or decoded video [B, T, H, W, 3].
-        guidance_2: the low-noise expert's scale (two-expert models; default `guidance`)."""
+        guidance_2: the low-noise expert's scale (two-expert models; default as in `sample`)."""
         return self.sample(noise, context, negative_context, steps, guidance, output,
                            context_mask=context_mask, negative_mask=negative_mask,
                            start_step=start_step, guidance_2=guidance_2)

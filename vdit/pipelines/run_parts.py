@@ -18,7 +18,8 @@ from vdit.runs import latents_dir
 from vdit.runs.checkpoint import load_params
 from vdit.runs.run_kind import check_kind
 
-DEFAULT_KEYS = ("steps", "guidance", "frames", "height", "width", "motion")  # from config.sample
+# from config.sample; guidance_2: a two-expert model's low-noise expert
+DEFAULT_KEYS = ("steps", "guidance", "guidance_2", "frames", "height", "width", "motion")
 
 
 def load_parts(config: ml_collections.ConfigDict, params: dict, workdir: str) -> dict:
