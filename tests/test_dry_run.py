@@ -49,6 +49,12 @@ def test_wan_recipe_dry_run(name):
     # Forward + backward matmuls: at least 6 FLOPs per parameter per (padded) token.
     tokens = config.data.rows_per_batch * config.data.tokens_per_row
     assert report["flops_per_step"] >= 6 * report["params"] * tokens
+    # The frozen low-noise expert is not read by a high-noise step, but it is held on the devices.
+    unread = report["unread_input_bytes_per_device"]
+    if "experts" in config:
+        assert unread >= 4 * 14.2e9 / 8 and report["compiled_bytes_per_device"] >= unread
+    else:
+        assert unread < 0.01 * report["compiled_bytes_per_device"]
     if name == "wan2_1_i2v_14b":  # the image branch: per-block k/v projections of CLIP tokens
         assert report["params"] > 16e9 and config.model.in_channels == 36
 

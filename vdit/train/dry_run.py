@@ -8,7 +8,9 @@ ahead of time with the real shardings, and reports one JSON line:
   params                     trainable parameters (frozen_params: the frozen ones)
   devices, mesh, backend     where it compiled (the fake CPU mesh in tests; a pod's hosts there)
   tokens_per_row, rows_per_batch, text_per_row   the step's batch
-  compiled_bytes_per_device  XLA's memory_analysis: arguments + outputs - donated aliases + temps
+  compiled_bytes_per_device  XLA's memory_analysis: arguments + outputs - donated aliases + temps,
+                             plus the inputs the step does not read but the trainer holds
+                             (unread_input_bytes_per_device: a two-expert run's frozen expert)
   flops_per_step             matmul FLOPs of one step over all devices (`vdit.train.flops`)
   data_overrides             the --config.data.* overrides given (e.g. rows shortened so a CPU
                              compile stays quick); empty when the recipe's own batch compiled
@@ -25,6 +27,7 @@ import time
 
 import jax
 
+from vdit.data import pipeline
 from vdit.models.dit import build_dit
 from vdit.train import preflight
 from vdit.train.config_checks import check_train_config
@@ -56,7 +59,12 @@ def dry_run(config, overrides=(), hbm_gb: float | None = None, setup_fn=step_set
     compiled, flops = compile_step(setup.step_fn, state, frozen, setup.spec, shardings,
                                    frozen_shardings, setup.mesh, setup.rules)
     memory = compiled.memory_analysis()
-    used = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+    # Inputs the step never reads (a two-expert run's frozen expert, kept on the devices for
+    # samples and the next stage) are pruned from the executable, but the trainer holds them.
+    held = (_bytes_per_device(state, shardings) + _bytes_per_device(frozen, frozen_shardings)
+            + _bytes_per_device(setup.spec, pipeline.batch_sharding(setup.mesh)))
+    unread = max(0, held - memory.argument_size_in_bytes)
+    used = (memory.argument_size_in_bytes + unread + memory.output_size_in_bytes
             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
     report = {
@@ -67,6 +75,7 @@ def dry_run(config, overrides=(), hbm_gb: float | None = None, setup_fn=step_set
         "rows_per_batch": int(config.data.rows_per_batch),
         "text_per_row": int(config.data.text_per_row),
         "compiled_bytes_per_device": int(used),
+        "unread_input_bytes_per_device": int(unread),
         "compiled_gib_per_device": round(used / GIB, 3),
         "flops_per_step": float(flops),
         "data_overrides": [o for o in overrides if o.lstrip("-").startswith("config.data.")],
@@ -76,6 +85,16 @@ def dry_run(config, overrides=(), hbm_gb: float | None = None, setup_fn=step_set
         report["hbm_gb"] = float(hbm_gb)
         report["fits"] = used <= hbm_gb * GIB
     return report
+
+
+def _bytes_per_device(tree, shardings) -> int:
+    """Bytes one device holds of abstract arrays `tree` laid out by `shardings` (a tree of them
+    matching `tree`, or one for every leaf)."""
+    leaves = jax.tree.leaves(tree)
+    layouts = jax.tree.leaves(shardings) if len(jax.tree.leaves(shardings)) > 1 else (
+        [jax.tree.leaves(shardings)[0]] * len(leaves))
+    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+               for x, s in zip(leaves, layouts, strict=True))
 
 
 def run_cli(args, config, setup_fn=None) -> int:
