@@ -99,6 +99,9 @@ def test_cli_dry_run_prints_one_json_line_and_checks_hbm(tmp_path, capsys):
     assert f"{over:.2f} GiB more than --hbm-gb" in captured.err
     assert cli.main(args + ["--hbm-gb", str(4 * hbm)]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is True
+    # A run with nothing frozen (the text encoder trained too) has no frozen inputs to count.
+    assert cli.main(args + ["--config.text.trainable=True"]) == 0
+    assert json.loads(capsys.readouterr().out)["frozen_params"] == 0
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -139,6 +139,8 @@ def test_requests_are_queued_and_served(studio):
            for i, p in enumerate(["a red circle moving right", "a blue square moving up"])]
     jobs = [_wait(url, i) for i in ids]
     assert [j["state"] for j in jobs] == ["done", "done"], jobs
+    # No guidance asked: the run's own (so a two-expert run's sample.guidance_2 applies too).
+    assert s.jobs[ids[0]].job.args.guidance is None and s.jobs[ids[0]].params["guidance"] > 0
     assert [j["id"] for j in _get(url + "/api/jobs")["jobs"][:2]] == ids[::-1]  # newest first
     with urllib.request.urlopen(url + jobs[0]["video"]) as r:
         data = r.read()

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from vdit.config import load_config
-from vdit.curate import captions, run
+from vdit.curate import captions, cuts, run
 from vdit.curate.decode import iter_segments
 from vdit.curate.pipeline import VideoItem
 from vdit.curate.settings import default_config_path
@@ -69,6 +69,17 @@ def test_curate_times_variable_frame_rate_frames_by_their_timestamps(tmp_path):
     assert [x["fps"] for x in lines] == pytest.approx([5.0, 30.0], rel=0.01)
     assert [x["seconds"] for x in lines] == pytest.approx([4.8, 0.8], abs=0.01)
     assert all(x["kept"] for x in lines)
+
+
+def test_long_variable_rate_shots_split_into_equal_durations():
+    """curate.cuts.max_clip_seconds on the phone video's timestamps: its 4.8 s shot at 5 fps in
+    three 1.6 s clips; its 0.8 s shot at 30 fps whole (the average rate split it in two 0.4 s
+    halves, both dropped as too short, and cut the first shot into 2.4 s clips over the limit)."""
+    times = np.r_[np.arange(24) * 0.2, 4.8 + np.arange(25) / 30]
+    boundary = [cuts.Boundary(24, "cut", 24, 24)]
+    ranges = cuts.split_clips(48, boundary, 48 / 5.6, 2.0, times)
+    assert ranges == [(0, 8), (8, 16), (16, 24), (24, 48)]
+    assert cuts.split_clips(48, boundary, 48 / 5.6, 2.0) == [(0, 12), (12, 24), (24, 36), (36, 48)]
 
 
 def test_segments_keep_times_only_off_the_constant_rate_grid(tmp_path):
@@ -151,6 +162,11 @@ def test_folders_follow_links_and_list_missing_files(tmp_path):
     assert [e.key for e in entries] == [i.source for i in items] == [
         "a.mp4", "c.mp4", "more/b.MP4"]
     assert "link to a missing file" in entries[1].error
+    os.symlink(folder / "sub", folder / "0link")  # sorted first, but the real name wins
+    (folder / "sub").mkdir()
+    write_counter_video(folder / "sub" / "d.mp4", 4, 8.0, 64, 96)
+    assert [i.source for i in run.list_inputs(str(folder), [".mp4"])] == [
+        "a.mp4", "c.mp4", "more/b.MP4", "sub/d.mp4"]
     with pytest.raises(video_io.VideoReadError, match="c.mp4: file not found"):
         list(iter_segments(items[1].path, DECODE))
 

@@ -105,7 +105,9 @@ class Studio:
         image = _save_image(body.get("image") or "", self.out_dir)
         args = Namespace(workdir=self.workdir, size=params["size"], fps=None, video=None,
                          frames=params["frames"], image=image, steps=params["steps"],
-                         guidance=params["guidance"], negative_prompt=params["negative_prompt"],
+                         # none asked: the run's own (a two-expert run's guidance_2 too)
+                         guidance=params["guidance"] if "guidance" in body else None,
+                         negative_prompt=params["negative_prompt"],
                          mode="restyle", motion=None, strength=0.7, last_image=None,
                          context_frames=None)
         try:

@@ -173,9 +173,12 @@ def detect_boundaries(frames: np.ndarray, fps: float, cfg) -> list[Boundary]:
 
 
 def split_clips(num_frames: int, boundaries: list[Boundary], fps: float,
-                max_clip_seconds: float = 0.0) -> list[tuple[int, int]]:
+                max_clip_seconds: float = 0.0, times: np.ndarray | None = None
+                ) -> list[tuple[int, int]]:
     """Clip frame ranges [start, end) between the transitions; clips longer than
-    max_clip_seconds (> 0) are split into equal parts. Empty ranges are left out."""
+    max_clip_seconds (> 0) are split into parts of equal duration. `times` [num_frames + 1]:
+    each frame's time and the last's end (a variable-frame-rate segment's `Segment.times`);
+    None: frames `1 / fps` apart. Empty ranges are left out."""
     edges = [(0, 0)] + [(b.start, b.end) for b in boundaries] + [(num_frames, num_frames)]
     clips = []
     for (_, start), (end, _) in zip(edges[:-1], edges[1:]):
@@ -183,7 +186,12 @@ def split_clips(num_frames: int, boundaries: list[Boundary], fps: float,
             continue
         parts = 1
         if max_clip_seconds > 0:
-            parts = max(1, int(np.ceil((end - start) / (max_clip_seconds * fps) - 1e-9)))
-        cuts = np.linspace(start, end, parts + 1).round().astype(int)
+            seconds = (end - start) / fps if times is None else times[end] - times[start]
+            parts = max(1, int(np.ceil(seconds / max_clip_seconds - 1e-9)))
+        if times is None:
+            cuts = np.linspace(start, end, parts + 1).round().astype(int)
+        else:  # the frame nearest each of the equal-duration cut times
+            targets = np.linspace(times[start], times[end], parts + 1)
+            cuts = start + np.abs(times[start:end + 1, None] - targets).argmin(0)
         clips += [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
     return clips

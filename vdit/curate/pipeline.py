@@ -102,7 +102,7 @@ def process_segment(segment: Segment, item: VideoItem, sidecar, cfg, scorers=(),
     """All clips of a segment (at least one line, so the segment is recorded as done)."""
     boundaries = cuts.detect_boundaries(segment.frames, segment.fps, cfg.cuts)
     ranges = cuts.split_clips(len(segment.frames), boundaries, segment.fps,
-                              cfg.cuts.max_clip_seconds)
+                              cfg.cuts.max_clip_seconds, segment.times)
     if not ranges:  # all transition (e.g. a fade-out to the end): one unusable "clip"
         ranges = [(0, len(segment.frames))]
     return [analyse_clip(segment, item, start, end, sidecar, cfg, scorers, captioner)

@@ -310,15 +310,25 @@ def read_text(path: str | Path) -> str:
 
 def find_videos(folder: str | Path, extensions: Sequence[str]) -> list[Path]:
     """Files under `folder` whose suffix is in `extensions` (any case), sorted; linked folders are
-    followed (each real folder once, so a link cycle ends) and links to missing files are listed
-    too, so callers can count them rather than lose them."""
+    followed (each real folder once, under its own name when it is inside `folder` too, so a
+    link cycle ends and a link never renames videos) and links to missing files are listed too,
+    so callers can count them rather than lose them."""
     exts = {e.lower() for e in extensions}
-    found, seen = [], set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    found, seen, links = [], set(), []
+
+    def take(root, dirs, files, follow: bool) -> None:
         real = os.path.realpath(root)
         if real in seen:
             dirs[:] = []
-            continue
+            return
         seen.add(real)
-        found += [Path(root) / name for name in files if Path(name).suffix.lower() in exts]
+        if not follow:
+            links.extend(os.path.join(root, d) for d in dirs if os.path.islink(os.path.join(root, d)))
+        found.extend(Path(root) / name for name in files if Path(name).suffix.lower() in exts)
+
+    for root, dirs, files in os.walk(folder):  # the real folders first: their names win
+        take(root, dirs, files, follow=False)
+    for link in sorted(links):
+        for root, dirs, files in os.walk(link, followlinks=True):
+            take(root, dirs, files, follow=True)
     return sorted(found)

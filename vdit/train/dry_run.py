@@ -88,12 +88,12 @@ def dry_run(config, overrides=(), hbm_gb: float | None = None, setup_fn=step_set
 
 
 def _bytes_per_device(tree, shardings) -> int:
-    """Bytes one device holds of abstract arrays `tree` laid out by `shardings` (a tree of them
-    matching `tree`, or one for every leaf)."""
-    leaves = jax.tree.leaves(tree)
-    layouts = jax.tree.leaves(shardings) if len(jax.tree.leaves(shardings)) > 1 else (
-        [jax.tree.leaves(shardings)[0]] * len(leaves))
-    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+    """Bytes one device holds of abstract arrays `tree` laid out by `shardings`: one Sharding
+    for every leaf, or a tree of them matching `tree` (None: replicated, as jit reads it)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    layouts = ([shardings] * len(leaves) if isinstance(shardings, jax.sharding.Sharding)
+               else treedef.flatten_up_to(shardings))
+    return sum(math.prod(x.shape if s is None else s.shard_shape(x.shape)) * x.dtype.itemsize
                for x, s in zip(leaves, layouts, strict=True))
 
 

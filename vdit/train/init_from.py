@@ -25,7 +25,6 @@ keeps the pinned step.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 
 import jax
@@ -34,6 +33,7 @@ import numpy as np
 from flax import traverse_util
 
 from vdit import runs
+from vdit.data import encode
 from vdit.models import lora
 from vdit.runs import checkpoint
 from vdit.runs.checkpoint import load_params
@@ -254,17 +254,15 @@ def check_latent_space(config, source: dict, latents) -> None:
     if before and now and str(runs.absolute(before)).rstrip("/") != str(runs.absolute(now)).rstrip("/"):
         said.append(f"its latents came from the VAE {before!r}, this run's from {now!r} (config "
                     "key 'encode.vae_workdir')")
-    theirs = runs.stats_path(runs.latents_dir(ml_collections.ConfigDict(source),
-                                              resolve(source_path(config))[0]))
-    ours = runs.stats_path(latents)
-    if theirs.is_file() and ours.is_file():
-        a, b = (json.loads(f.read_text()) for f in (theirs, ours))
+    theirs = runs.latents_dir(ml_collections.ConfigDict(source), resolve(source_path(config))[0])
+    if runs.stats_path(theirs).is_file() and runs.stats_path(latents).is_file():
+        a, b = encode.load_stats(theirs), encode.load_stats(latents)
         for key in ("mean", "std"):
             x, y = np.asarray(a.get(key, []), float), np.asarray(b.get(key, []), float)
             if x.shape != y.shape or not np.allclose(x, y, rtol=1e-3, atol=1e-5):
                 said.append(f"latent {key} {np.round(x, 4).tolist()} in {theirs} against "
-                            f"{np.round(y, 4).tolist()} in {ours} (encode with "
-                            f"--config.encode.stats_from={theirs.parent} to keep them)")
+                            f"{np.round(y, 4).tolist()} in {latents} (encode with "
+                            f"--config.encode.stats_from={theirs} to keep them)")
     if said:
         log.warning("train.init_from %s was trained on other latents than this run's: %s; the "
                     "weights it hands on expect its inputs", source_path(config), "; ".join(said))
