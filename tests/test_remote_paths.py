@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 from remote_fs import install
+from train_testing import VIDEOS, write_shards
 
 from vdit import cli, runs
+from vdit.data import sources
 from vdit.data.video_io import write_mp4
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -63,6 +66,19 @@ def test_curate_writes_its_clip_list_on_gcs(gcs, tmp_path, capsys):
     assert "output gs://bucket/clips" in capsys.readouterr().out
     assert {"clips.jsonl", "clips-00000-of-00001.done"} <= set(os.listdir(bucket / "clips"))
     assert os.listdir(cwd) == []
+
+
+def test_gcs_latents_that_do_not_fit_the_local_disk_are_refused_up_front(gcs, monkeypatch):
+    """Every host copies every gs:// shard before step 1 (ArrayRecord reads local files): at
+    pod scale (100k 480p clips: ~0.8 TB) that filled the disk part way through the copy."""
+    bucket, cwd = gcs
+    write_shards(str(bucket / "latents"), VIDEOS)
+    assert len(sources.LatentShardSource("gs://bucket/latents")) == 16  # fits: copied, read
+    usage = shutil.disk_usage(str(cwd))
+    monkeypatch.setattr(sources.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(OSError, match=r"1 latent shards under gs://bucket/latents hold .* GiB.*"
+                                      r"0\.0 GiB free: mount the bucket \(e\.g\. gcsfuse\)"):
+        sources.LatentShardSource("gs://bucket/latents")
 
 
 def test_shapes_chain_on_gcs(gcs, capsys):

@@ -97,10 +97,13 @@ def shard_paths(folder: str) -> list[str]:
 def local_shards(paths: Sequence[str]) -> list[str]:
     """Local filenames for ArrayRecord files: local paths as they are; remote ones (gs://...)
     copied once into a temporary folder removed at exit, since ArrayRecord's reader opens local
-    files only. Each data-loading host copies the shards it reads."""
+    files only. Each data-loading host copies every shard (a process reads records of all of
+    them); when they do not fit its disk, nothing is copied and the error says what to do."""
     if not any(runs.is_remote(p) for p in paths):
         return [str(p) for p in paths]
+    remote = [p for p in paths if runs.is_remote(p)]
     cache = tempfile.mkdtemp(prefix="vdit-shards-")
+    _check_room(remote, cache)
     atexit.register(shutil.rmtree, cache, True)
     local = []
     for i, p in enumerate(paths):
@@ -109,6 +112,22 @@ def local_shards(paths: Sequence[str]) -> list[str]:
             continue
         local.append(runs.download(p, f"{cache}/{i:05d}-{runs.user_path(p).name}"))
     return local
+
+
+def _check_room(remote: Sequence[str], cache: str) -> None:
+    """Every host copies every remote shard (a process reads records of every shard): refuses,
+    before copying anything, when they do not fit the local disk, naming the way out."""
+    need = sum(runs.user_path(p).stat().length for p in remote)
+    free = shutil.disk_usage(cache).free
+    log.info("copying %d remote shards (%.2f GiB) to %s", len(remote), need / 2**30, cache)
+    if need > 0.95 * free:
+        shutil.rmtree(cache, ignore_errors=True)
+        raise OSError(
+            f"{len(remote)} latent shards under {os.path.dirname(str(remote[0]))} hold "
+            f"{need / 2**30:.1f} GiB, and every host copies all of them to local disk (ArrayRecord "
+            f"reads local files), but {os.path.dirname(cache)} has {free / 2**30:.1f} GiB free: "
+            "mount the bucket (e.g. gcsfuse) and give its local path as data.latents_dir, or "
+            "point TMPDIR at a larger disk")
 
 
 class ArrayRecordSource(grain.sources.RandomAccessDataSource):
