@@ -101,9 +101,8 @@ def local_shards(paths: Sequence[str]) -> list[str]:
     them); when they do not fit its disk, nothing is copied and the error says what to do."""
     if not any(runs.is_remote(p) for p in paths):
         return [str(p) for p in paths]
-    remote = [p for p in paths if runs.is_remote(p)]
+    _check_room([p for p in paths if runs.is_remote(p)], tempfile.gettempdir())
     cache = tempfile.mkdtemp(prefix="vdit-shards-")
-    _check_room(remote, cache)
     atexit.register(shutil.rmtree, cache, True)
     local = []
     for i, p in enumerate(paths):
@@ -114,20 +113,19 @@ def local_shards(paths: Sequence[str]) -> list[str]:
     return local
 
 
-def _check_room(remote: Sequence[str], cache: str) -> None:
-    """Every host copies every remote shard (a process reads records of every shard): refuses,
-    before copying anything, when they do not fit the local disk, naming the way out."""
+def _check_room(remote: Sequence[str], local: str) -> None:
+    """Every host copies every remote shard into the folder `local` (a process reads records of
+    every shard): refuses before copying anything when they do not fit, naming the way out."""
     need = sum(runs.user_path(p).stat().length for p in remote)
-    free = shutil.disk_usage(cache).free
-    log.info("copying %d remote shards (%.2f GiB) to %s", len(remote), need / 2**30, cache)
+    free = shutil.disk_usage(local).free
+    log.info("copying %d remote shards (%.2f GiB) under %s", len(remote), need / 2**30, local)
     if need > 0.95 * free:
-        shutil.rmtree(cache, ignore_errors=True)
         raise OSError(
-            f"{len(remote)} latent shards under {os.path.dirname(str(remote[0]))} hold "
+            f"{len(remote)} latent shards under {runs.user_path(remote[0]).parent} hold "
             f"{need / 2**30:.1f} GiB, and every host copies all of them to local disk (ArrayRecord "
-            f"reads local files), but {os.path.dirname(cache)} has {free / 2**30:.1f} GiB free: "
-            "mount the bucket (e.g. gcsfuse) and give its local path as data.latents_dir, or "
-            "point TMPDIR at a larger disk")
+            f"reads local files), but {local} has {free / 2**30:.1f} GiB free: mount the bucket "
+            "(e.g. gcsfuse) and give its local path as data.latents_dir, or point TMPDIR at a "
+            "larger disk")
 
 
 class ArrayRecordSource(grain.sources.RandomAccessDataSource):
