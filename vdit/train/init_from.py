@@ -111,7 +111,7 @@ def check_resume(saved: dict, config) -> None:
         before = saved.get("train", {}).get(key, default) or default
         now = config.train.get(key, default) or default
         same = (before == now if key == "init_from_weights" or not (before and now) else
-                str(runs.absolute(before)).rstrip("/") == str(runs.absolute(now)).rstrip("/"))
+                same_place(before, now))
         if not same:
             changed.append(f"train.{key}: checkpoint {before!r} -> now {now!r}")
             hint.append(f"--config.train.{key}={before}")
@@ -119,6 +119,11 @@ def check_resume(saved: dict, config) -> None:
         raise ValueError(f"cannot resume this run against other frozen weights {keys} ("
                          + "; ".join(changed) + "): they would change under the trained ones; "
                          f"resume with {' '.join(hint)}, or start a new --workdir")
+
+
+def same_place(a: str, b: str) -> bool:
+    """Whether two user paths (relative ones from the current directory) name one folder."""
+    return str(runs.absolute(a)).rstrip("/") == str(runs.absolute(b)).rstrip("/")
 
 
 def resolve(path: str) -> tuple[str, int | None]:
@@ -251,7 +256,7 @@ def check_latent_space(config, source: dict, latents) -> None:
     said = []
     before = str(source.get("encode", {}).get("vae_workdir", "") or "")
     now = str(config.get("encode", {}).get("vae_workdir", "") or "")
-    if before and now and str(runs.absolute(before)).rstrip("/") != str(runs.absolute(now)).rstrip("/"):
+    if before and now and not same_place(before, now):
         said.append(f"its latents came from the VAE {before!r}, this run's from {now!r} (config "
                     "key 'encode.vae_workdir')")
     theirs = runs.latents_dir(ml_collections.ConfigDict(source), resolve(source_path(config))[0])
