@@ -60,5 +60,8 @@ def packing() -> ml_collections.ConfigDict:
         tokens_per_row=1024, text_per_row=256, rows_per_batch=8, max_segments=8, pack_bins=8,
         shuffle_seed=0, caption_dropout=0.1, num_workers=0, prefetch=2, text_format="ids",
         latents_dir="",
+        # > 0: each clip's text laid out in its own block of this many positions, zero-padded
+        # (the DiT attends to the pads, as Wan2.x does); 0: packed text, pads never attended
+        text_pad_to=0,
         # Grain's record readers (its own defaults): threads that hide storage latency (gs://)
         read_threads=16, read_buffer=500))

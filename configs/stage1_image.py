@@ -20,6 +20,11 @@ stage: it only encodes clips to latent shards (`vdit encode`, from the vdit VAE 
 
     vdit encode --config configs/stage1_image.py --workdir runs/stage1_image
     vdit train  --config configs/stage1_image.py --workdir runs/stage1_image
+
+Each of a row's 16 images crosses its own 512 zero-padded text positions, as Wan's model does
+(`data.text_pad_to`, from the base recipe): `vdit plan` counts 10.7 PFLOP of dense attention a
+step on 64 devices against 5.3 with packed captions (--config.data.text_pad_to=0, which leaves
+Wan's text layout: the first steps relearn it).
 """
 
 import ml_collections

@@ -76,10 +76,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.vae = wan_vae()
     config.text = umt5_xxl()
 
-    # 81 frames at 480x832 -> 21 x 30 x 52 = 32760 tokens: one clip per row.
+    # 81 frames at 480x832 -> 21 x 30 x 52 = 32760 tokens: one clip per row. Each clip's text
+    # reaches the DiT zero-padded to 512 positions, all attended, as Wan trained and samples
+    # (text_pad_to = text.max_length); the packed UMT5 input stays text_per_row tokens.
     config.data = common.packing()
     config.data.update(dict(
         frames=81, height=480, width=832, fps=16.0, tokens_per_row=32768, text_per_row=512,
+        text_pad_to=512,
         rows_per_batch=32, max_segments=4, pack_bins=4, caption_dropout=0.1, num_workers=8))
     config.encode = ml_collections.ConfigDict(dict(
         source="data/clips/clips.jsonl", video_root="data/raw", vae_workdir="runs/wan2_1_t2v_1_3b/vae",

@@ -231,7 +231,9 @@ def test_lora_student_through_the_wan_recipe(tmp_path, capsys):
     """configs/wan2_1_t2v_1_3b_distill.py at tiny sizes: the real Wan modules (qk norm, bf16,
     remat), a LoRA student on the frozen teacher, jvp through them; only the adapter trains."""
     latents = write_shards(str(tmp_path / "latents"), VIDEOS)
-    wan = ("--config.model.in_channels=8", "--config.model.out_channels=8")
+    # the recipe's Wan text layout at the tiny text length: 32 positions per clip's caption
+    wan = ("--config.model.in_channels=8", "--config.model.out_channels=8",
+           "--config.data.text_pad_to=32")
     teacher = str(tmp_path / "teacher")  # random weights, written as a run (no training)
     config = tiny_config("wan2_1_t2v_1_3b", latents, *wan, "--config.train.init_from=")
     dit, text_model, _ = run_params.build_models(config)

@@ -181,6 +181,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "data" in config:
         _validate_data_shapes(config)
     _validate_counts(config)
+    _validate_text_pad(config)
 
 
 # Counts that must be at least 1: a run with steps <= 0 would do nothing and say nothing.
@@ -189,7 +190,8 @@ POSITIVE_KEYS = ("train.steps", "train.log_every", "train.max_bad_steps", "check
                  "data.rows_per_batch", "data.tokens_per_row", "data.text_per_row",
                  "data.max_segments")
 # Counts where 0 means off (or "always").
-NON_NEGATIVE_KEYS = ("checkpoint.keep_every", "checkpoint.replica_slice_min_bytes")
+NON_NEGATIVE_KEYS = ("checkpoint.keep_every", "checkpoint.replica_slice_min_bytes",
+                     "data.text_pad_to")
 
 
 def _validate_counts(config: ml_collections.ConfigDict) -> None:
@@ -201,6 +203,29 @@ def _validate_counts(config: ml_collections.ConfigDict) -> None:
             value = config[section][leaf]
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"config key {key!r} = {value!r}: expected a whole number >= {low}")
+
+
+def text_masked(config) -> bool:
+    """Whether the DiT sees each prompt's real tokens only (`sample.mask_text`), by default as it
+    trained: packed text, masked; `data.text_pad_to` blocks (Wan's layout), every position."""
+    trained_padded = int(config.get("data", {}).get("text_pad_to", 0) or 0) > 0
+    return bool(config.get("sample", {}).get("mask_text", not trained_padded))
+
+
+def _validate_text_pad(config: ml_collections.ConfigDict) -> None:
+    """A DiT trained on zero-padded text blocks samples on prompts padded the same way
+    (`text.max_length` positions, every one attended: `sample.mask_text` False)."""
+    pad_to = int(config.get("data", {}).get("text_pad_to", 0) or 0)
+    if pad_to <= 0:
+        return
+    max_length = config.get("text", {}).get("max_length", None)
+    if max_length is not None and int(max_length) != pad_to:
+        raise ConfigError(f"config key 'data.text_pad_to' = {pad_to} must equal 'text.max_length' "
+                          f"= {max_length}: sampling pads each prompt to text.max_length")
+    if config.get("sample", {}).get("mask_text", False):
+        raise ConfigError("config key 'sample.mask_text' = True with 'data.text_pad_to' = "
+                          f"{pad_to}: a DiT trained on padded text attends to the pads when "
+                          "sampling too; set sample.mask_text=False or data.text_pad_to=0")
 
 
 def _check_choice(section, prefix: str, key: str, allowed: Sequence[str]) -> None:

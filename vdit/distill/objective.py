@@ -130,6 +130,7 @@ def make_distill_loss(dit, text_model, config, null_ids: np.ndarray):
     fine = window_grid(config) if method == "window" else None
     windows, substeps = int(config.sample.steps), int(cfg.get("teacher_substeps", 1))
     window_start = cfg.get("window_start", "data")
+    pad_to = int(config.data.get("text_pad_to", 0))
 
     def velocity(dit_params, x_t, t_seg, batch, context, context_ids, model=dit):
         x_in = conditioning.model_input(dit, x_t, batch, jax.random.key(0), 0.0, num_segments)
@@ -140,9 +141,11 @@ def make_distill_loss(dit, text_model, config, null_ids: np.ndarray):
     def loss_fn(params, frozen, batch, rng, step):
         weights = {**frozen, **params}
         student, teacher = student_and_teacher(params, frozen, config)
-        context = encode_packed_text(text_model, weights.get("text"), batch)
+        context, context_ids = encode_packed_text(text_model, weights.get("text"), batch,
+                                                  num_segments, pad_to)
         null = null_text(null_ids, batch["segment_ids"].shape[0], num_segments)
-        null_context = encode_packed_text(text_model, weights.get("text"), null)
+        null_context, null_context_ids = encode_packed_text(text_model, weights.get("text"), null,
+                                                     num_segments, pad_to)
         seg, x0 = batch["segment_ids"], batch["tokens"]
         t_rng, n_rng = jax.random.split(rng)
         if method == "window":  # a window of the student's grid per segment, from its start
@@ -156,12 +159,12 @@ def make_distill_loss(dit, text_model, config, null_ids: np.ndarray):
         x_t = flow.noisy_tokens(x0, noise, t_tok[..., 0])
 
         def guided(x, t):
-            v_c = velocity(teacher, x, t, batch, context, batch["text_segment_ids"])
-            v_u = velocity(teacher, x, t, batch, null_context, null["text_segment_ids"])
+            v_c = velocity(teacher, x, t, batch, context, context_ids)
+            v_u = velocity(teacher, x, t, batch, null_context, null_context_ids)
             return jax.lax.stop_gradient(v_u + guidance * (v_c - v_u))
 
         def student_fn(x, t, params=student, model=dit):
-            return velocity(params, x, t, batch, context, batch["text_segment_ids"], model)
+            return velocity(params, x, t, batch, context, context_ids, model)
 
         ramp = tangent_ramp(step, warmup)
         if method == "window":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
+from vdit import config as config_lib
 from vdit.convert import diffusers_folder
 from vdit.data.encode import load_stats
 from vdit.diffusion.samplers import make_sampler
@@ -40,7 +41,7 @@ def load_parts(config: ml_collections.ConfigDict, params: dict, workdir: str) ->
                  latents_mean=np.asarray(stats["mean"], np.float32),
                  latents_std=np.asarray(stats["std"], np.float32),
                  text_model=text_model, text_params=params["text"], tokenizer=tokenizer,
-                 mask_text=bool(config.sample.get("mask_text", True)), defaults=defaults,
+                 mask_text=config_lib.text_masked(config), defaults=defaults,
                  expand_timesteps=bool(config.sample.get("expand_timesteps", False)))
     clip = config.get("image_encoder", {})
     if clip.get("image_encoder_path"):  # a converted Wan2.1 I2V run (vdit/convert/runs.py)

@@ -256,7 +256,9 @@ def run_cli(args) -> int:
               "(a copy of the DiT unless the student is a LoRA adapter) and the teacher's passes "
               "in the loss are not in these figures")
     cost = attention_cost(config.model, problem.rows, problem.tokens,
-                          clip_tokens_of(config, args, problem), problem.text_len)
+                          clip_tokens_of(config, args, problem), problem.text_len,
+                          int(config.data.get("text_pad_to", 0) or 0),
+                          int(config.data.get("max_segments", 1)))
     print(format_cost(cost))
     if args.json:
         fits = None if args.hbm_gb is None else plan.total <= args.hbm_gb * GIB

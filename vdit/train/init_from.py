@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from vdit import config as config_lib
 from vdit import runs
 from vdit.data import encode
 from vdit.models import lora
@@ -225,6 +226,7 @@ def apply(config, state, shardings, frozen: dict, frozen_shardings, resuming: bo
     weights, source_config = source_run(config)
     if not resuming and latents is not None:
         check_latent_space(config, source_config, latents)
+        check_text_layout(config, source_config)
     where = f"init_from run {path!r}"
     alias = frozen_from or {}
     needed = {alias.get(k, k) for k in frozen} | (set() if resuming else set(state.params))
@@ -271,6 +273,20 @@ def check_latent_space(config, source: dict, latents) -> None:
     if said:
         log.warning("train.init_from %s was trained on other latents than this run's: %s; the "
                     "weights it hands on expect its inputs", source_path(config), "; ".join(said))
+
+
+def check_text_layout(config, source: dict) -> None:
+    """Warns when a run trains its DiT on another text layout than its source sampled with:
+    Wan's weights attend to every zero-padded text position (`data.text_pad_to`), vdit's own
+    models to packed captions only; the first steps would relearn the difference."""
+    theirs = config_lib.text_masked(ml_collections.ConfigDict(source))
+    ours = config_lib.text_masked(config)
+    if theirs != ours:
+        said = {True: "packed captions only", False: "every zero-padded text position"}
+        log.warning("train.init_from %s attends to %s, this run's DiT trains on %s (config key "
+                    "'data.text_pad_to' = %s; Wan's weights want text.max_length)",
+                    source_path(config), said[theirs], said[ours],
+                    config.get("data", {}).get("text_pad_to", 0))
 
 
 def _fit(source: dict, target, where: str) -> dict:

@@ -18,14 +18,41 @@ from vdit.diffusion import flow
 from vdit.train import conditioning
 
 
-def encode_packed_text(text_model, text_params, batch: dict) -> jax.Array:
-    """Packed text -> context [B, L, D]. Token ids run through the encoder with each caption
-    masked to itself; precomputed embeddings pass through unchanged."""
-    text = batch["text"]
-    if not jnp.issubdtype(text.dtype, jnp.integer):
-        return text
-    return text_model.apply({"params": text_params}, text, batch["text_segment_ids"],
-                             segment_ids=batch["text_segment_ids"])
+def encode_packed_text(text_model, text_params, batch: dict, num_segments: int,
+                       pad_to: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Packed text -> (context [B, L', D], context_segment_ids [B, L']) for the DiT. Token ids run
+    through the encoder with each caption masked to itself; precomputed embeddings pass through.
+
+    `pad_to` > 0 (`data.text_pad_to`) lays the context out as Wan trained it: segment k's text in
+    block k of `pad_to` positions, zeros after its last token (L' = num_segments * pad_to), so its
+    video's cross-attention sees the zero pads as Wan's pipeline gives them (a Wan DiT attends to
+    every one of its 512 text positions). Blocks of absent segments are padding (id 0)."""
+    text, ids = batch["text"], batch["text_segment_ids"]
+    context = text if not jnp.issubdtype(text.dtype, jnp.integer) else text_model.apply(
+        {"params": text_params}, text, ids, segment_ids=ids)
+    if pad_to <= 0:
+        return context, ids
+    return pad_text_blocks(context, ids, num_segments, pad_to)
+
+
+def pad_text_blocks(context, segment_ids, num_segments: int, pad_to: int):
+    """context [B, L, D] packed (each segment's tokens contiguous, id 0 = padding) ->
+    ([B, K * pad_to, D], [B, K * pad_to]): segment k's first `pad_to` tokens at the start of
+    block k - 1, zeros after them; block k - 1 has id k when segment k is in the row, else 0."""
+    b, length = segment_ids.shape
+    index = jnp.arange(length)
+    starts = jnp.concatenate([jnp.ones((b, 1), bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    position = index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    slots = num_segments * pad_to
+    keep = (segment_ids > 0) & (segment_ids <= num_segments) & (position < pad_to)
+    target = jnp.where(keep, (segment_ids - 1) * pad_to + position, slots)  # slots: dropped
+    rows = jnp.arange(b)[:, None]
+    out = jnp.zeros((b, slots + 1) + context.shape[2:], context.dtype)
+    out = out.at[rows, target].set(context)[:, :slots]
+    present = jnp.any(segment_ids[:, :, None] == jnp.arange(1, num_segments + 1), axis=1)
+    block_ids = jnp.where(present, jnp.arange(1, num_segments + 1), 0)
+    return out, jnp.repeat(block_ids, pad_to, axis=1).astype(segment_ids.dtype)
 
 
 def make_dit_loss(dit, text_model, cfg, dit_key: str = "dit",
@@ -56,10 +83,12 @@ def make_loss_terms(dit, text_model, cfg, dit_key: str = "dit"):
     num_segments = int(cfg.data.max_segments)
     i2v_rate = conditioning.i2v_rate(cfg)
     clean_first = conditioning.clean_first_frame(cfg, dit)
+    pad_to = int(cfg.data.get("text_pad_to", 0))
 
     def terms(params, frozen, batch, t_seg, noise, rng):
         weights = {**frozen, **params}
-        context = encode_packed_text(text_model, weights.get("text"), batch)
+        context, context_ids = encode_packed_text(text_model, weights.get("text"), batch,
+                                                  num_segments, pad_to)
         seg = batch["segment_ids"]
         x0 = batch["tokens"]
         x_t = flow.noisy_tokens(x0, noise, flow.per_token(t_seg, seg))
@@ -72,7 +101,7 @@ def make_loss_terms(dit, text_model, cfg, dit_key: str = "dit"):
         else:
             x_in = conditioning.model_input(dit, x_t, batch, rng, i2v_rate, num_segments)
         pred = dit.apply({"params": weights[dit_key]}, x_in, batch["positions"], seg, timesteps,
-                         context, batch["text_segment_ids"], method="packed", **micro,
+                         context, context_ids, method="packed", **micro,
                          **conditioning.image_kwargs(dit, batch, rng, i2v_rate, num_segments))
         loss, _ = flow.packed_loss(pred, flow.velocity_target(x0, noise), seg, num_segments,
                                    loss_mask)
