@@ -11,10 +11,10 @@ import shutil
 import numpy as np
 import pytest
 from remote_fs import install
-from train_testing import VIDEOS, write_shards
+from train_testing import VIDEOS, tiny_config, write_shards
 
 from vdit import cli, runs
-from vdit.data import sources
+from vdit.data import pipeline, sources
 from vdit.data.video_io import write_mp4
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -79,6 +79,46 @@ def test_gcs_latents_that_do_not_fit_the_local_disk_are_refused_up_front(gcs, mo
     with pytest.raises(OSError, match=r"1 latent shards under gs://bucket/latents hold .* GiB.*"
                                       r"0\.0 GiB free: mount the bucket \(e\.g\. gcsfuse\)"):
         sources.LatentShardSource("gs://bucket/latents")
+
+
+def test_each_host_copies_its_own_share_of_gcs_shards(gcs, caplog):
+    """Shards split between the processes when there are enough of them: each host copies and
+    packs only its share, and together the hosts read every clip once an epoch. Too few shards
+    for the processes: all copied, records strided (said)."""
+    bucket, _ = gcs
+    for k in range(3):
+        write_shards(str(bucket / "latents"), VIDEOS, count=4, seed=k)
+        os.rename(bucket / "latents" / "latents-00000-of-00001.array_record",
+                  bucket / "latents" / f"part-{k}.array_record")
+    paths = sources.shard_paths("gs://bucket/latents")
+    config = tiny_config("shapes_dit", "unused", "--config.data.rows_per_batch=2",
+                         "--config.data.tokens_per_row=64", "--config.data.prefetch=0").data
+    shares = []
+    for index in range(2):
+        mine, own = sources.process_shards(paths, index, 2)
+        assert own and mine == paths[index::2]
+        source = sources.LatentShardSource(mine)
+        assert [os.path.basename(p) for p in source._local] == [
+            f"{i:05d}-part-{k}.array_record" for i, k in enumerate(range(index, 3, 2))]
+        share = {round(float(source[i]["latents"].sum()), 1) for i in range(len(source))}
+        assert len(share) == len(source) == 4 * len(mine)
+        packed = set()  # a segment's token sum is its clip's latent sum
+        for batch, _ in zip(pipeline.packed_dataset(source, config, (1, 2, 2),
+                                                    np.zeros(1, np.int32), index, 2,
+                                                    own_share=True), range(12)):
+            assert batch["tokens"].shape[0] == 1  # this host's half of the global rows
+            seg = batch["segment_ids"][0]
+            packed |= {round(float(batch["tokens"][0][seg == k].sum()), 1)
+                       for k in range(1, seg.max() + 1)}
+        assert packed == share
+        shares.append(share)
+    everything = sources.LatentShardSource(paths)
+    assert shares[0] | shares[1] == {round(float(everything[i]["latents"].sum()), 1)
+                                     for i in range(12)}
+    assert sources.process_shards(paths, 1, 4) == (paths, False)
+    assert "3 remote latent shards for 4 processes: every host copies all of them" in caplog.text
+    assert sources.process_shards(["/local/a", "/local/b"], 1, 2) == (["/local/a", "/local/b"],
+                                                                      False)
 
 
 def test_shapes_chain_on_gcs(gcs, capsys):

@@ -130,7 +130,8 @@ def read_options(cfg) -> grain.ReadOptions:
 def packed_dataset(source, cfg, patch_size, null_text: np.ndarray,
                    process_index: int | None = None, process_count: int | None = None,
                    condition: bool = False, micro=(), last_frame_rate: float = 0.0,
-                   image: tuple[int, int] | None = None) -> grain.IterDataset:
+                   image: tuple[int, int] | None = None,
+                   own_share: bool = False) -> grain.IterDataset:
     """Infinite iterator of this process's packed batches: dict of [rows, S, ...] arrays.
 
     `source` yields records with latents/text (None for a skipped record); `null_text` is the
@@ -139,6 +140,8 @@ def packed_dataset(source, cfg, patch_size, null_text: np.ndarray,
     `last_frame_rate` > 0); `micro` names per-segment values read from the records' meta
     (`micro_<name>`); `image` = (N, image_dim) adds `image_context` / `image_segment_ids` from the
     records' first-frame CLIP tokens (an image-branch DiT; see `vdit/data/image_tokens.py`).
+    `own_share`: `source` holds only this process's shards (`sources.process_shards`), read
+    whole; otherwise the process takes every `process_count`-th record of the shuffled source.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -146,7 +149,8 @@ def packed_dataset(source, cfg, patch_size, null_text: np.ndarray,
         raise ValueError(f"config key 'data.rows_per_batch' = {cfg.rows_per_batch} is not divisible "
                          f"by the {process_count} processes")
     ds = grain.MapDataset.source(source).shuffle(seed=cfg.shuffle_seed).repeat(None)
-    ds = ds[process_index::process_count]
+    if not own_share:
+        ds = ds[process_index::process_count]
     ds = ds.filter(lambda r: r is not None)
     micro = tuple(micro)
     ds = ds.random_map(_clip_tokens(patch_size, cfg, condition, micro, last_frame_rate, image),

@@ -98,7 +98,8 @@ def local_shards(paths: Sequence[str]) -> list[str]:
     """Local filenames for ArrayRecord files: local paths as they are; remote ones (gs://...)
     copied once into a temporary folder removed at exit, since ArrayRecord's reader opens local
     files only. Each data-loading host copies every shard (a process reads records of all of
-    them); when they do not fit its disk, nothing is copied and the error says what to do."""
+    them), unless `process_shards` gave it its own share; when they do not fit its disk,
+    nothing is copied and the error says what to do."""
     if not any(runs.is_remote(p) for p in paths):
         return [str(p) for p in paths]
     _check_room([p for p in paths if runs.is_remote(p)], tempfile.gettempdir())
@@ -113,16 +114,33 @@ def local_shards(paths: Sequence[str]) -> list[str]:
     return local
 
 
+def process_shards(paths: Sequence[str], process_index: int,
+                   process_count: int) -> tuple[list[str], bool]:
+    """(the shards this process reads, whether they are its own share). Remote shards are split
+    between the processes when there are at least as many shards as processes, so each host
+    copies its 1/N of them instead of all (`local_shards`); its pipeline then reads all of its
+    share. Local shards (and too few remote ones) stay whole, each process taking every N-th
+    record of the globally shuffled set."""
+    paths = [str(p) for p in paths]
+    if process_count > 1 and any(runs.is_remote(p) for p in paths):
+        if len(paths) >= process_count:
+            return paths[process_index::process_count], True
+        log.warning("%d remote latent shards for %d processes: every host copies all of them; "
+                    "encode at least %d shards (config key 'encode.num_shards') to give each "
+                    "host its own share", len(paths), process_count, process_count)
+    return paths, False
+
+
 def _check_room(remote: Sequence[str], local: str) -> None:
-    """Every host copies every remote shard into the folder `local` (a process reads records of
-    every shard): refuses before copying anything when they do not fit, naming the way out."""
+    """A host copies the remote shards it reads into the folder `local`: refuses before copying
+    anything when they do not fit, naming the way out."""
     need = sum(runs.user_path(p).stat().length for p in remote)
     free = shutil.disk_usage(local).free
     log.info("copying %d remote shards (%.2f GiB) under %s", len(remote), need / 2**30, local)
     if need > 0.95 * free:
         raise OSError(
             f"{len(remote)} latent shards under {runs.user_path(remote[0]).parent} hold "
-            f"{need / 2**30:.1f} GiB, and every host copies all of them to local disk (ArrayRecord "
+            f"{need / 2**30:.1f} GiB, and this host copies them to local disk (ArrayRecord "
             f"reads local files), but {local} has {free / 2**30:.1f} GiB free: mount the bucket "
             "(e.g. gcsfuse) and give its local path as data.latents_dir, or point TMPDIR at a "
             "larger disk")

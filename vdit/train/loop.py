@@ -230,7 +230,9 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
         encode.check_tokenizer(encode.load_stats(shards), tokenizer, shards, "train on")
     check = pipeline.record_check(dit.patch_size, dit.out_channels or dit.in_channels,
                                   shard_text_dim(config, dit))
-    source = sources.SkippingSource(sources.LatentShardSource(shards), check)
+    mine, own_share = sources.process_shards(sources.shard_paths(shards), jax.process_index(),
+                                             jax.process_count())
+    source = sources.SkippingSource(sources.LatentShardSource(mine), check)
     preflight.check_has_clips(source, shards)
     preflight.check_record_keys(source.wrapped, conditioning.record_keys(config, dit))
     preflight.check_first_records(source.wrapped, check)
@@ -238,7 +240,7 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
         source, config.data, dit.patch_size, null_caption(tokenizer),
         condition=conditioning.uses_condition(config, dit), micro=dit.micro_conditioning,
         last_frame_rate=float(config.train.get("last_frame_rate", 0.0)),
-        image=conditioning.image_record_shape(config, dit)))
+        image=conditioning.image_record_shape(config, dit), own_share=own_share))
 
     rng = jax.random.key(config.train.seed)
     state, shardings = create_state(setup.trainable, setup.tx, rng, mesh, rules)
