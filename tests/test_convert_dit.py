@@ -133,11 +133,9 @@ def test_mismatches_are_named_by_tensor(tmp_path):
         wan_dit.load_transformer(folder)
 
 
-def test_image_to_video_configs_fail_clearly():
-    with pytest.raises(NotImplementedError, match="image-conditioned"):
-        build_dit(tiny_model_config(image_dim=32))
-    with pytest.raises(NotImplementedError, match="qk_norm='layer_norm'"):
-        build_dit(tiny_model_config(qk_norm="layer_norm"))
+def test_image_projections_without_image_tokens_fail_clearly():
+    with pytest.raises(ValueError, match="added_kv_proj_dim=24 needs image_dim"):
+        build_dit(tiny_model_config(added_kv_proj_dim=24))
 
 
 def test_out_channels_missing_or_null_read_as_diffusers_does():
@@ -211,3 +209,56 @@ def test_config_values_of_the_wrong_type_are_named(key, value, message):
     with pytest.raises(ValueError, match=message):
         build_dit(wan_dit.model_config_from_diffusers(
             {**CONFIGS["a"], "patch_size": list(CONFIGS["a"]["patch_size"]), key: value}))
+
+
+# diffusers' own Wan I2V / FLF fast-test transformer: image tokens without their own k/v
+# projections (no added_kv_proj_dim) join the text in cross-attention; FLF adds a position table
+# and takes first and last frame's tokens as rows 2b and 2b + 1.
+IMAGE_ONLY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                  in_channels=12, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                  num_layers=2, cross_attn_norm=True, rope_max_seq_len=32, image_dim=4)
+
+
+@pytest.mark.parametrize("flf", [False, True])
+def test_image_tokens_without_their_own_projections_match_diffusers(flf, tmp_path):
+    cfg = dict(IMAGE_ONLY, pos_embed_seq_len=10) if flf else IMAGE_ONLY
+    torch.manual_seed(1)
+    ref = WanTransformer3DModel(**cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ref.save_pretrained(str(tmp_path), safe_serialization=True)
+    dit, params = wan_dit.load_transformer(str(tmp_path))
+    rng = np.random.default_rng(2)
+    latents = rng.normal(size=(2, 2, 4, 6, 12)).astype(np.float32)
+    context = rng.normal(size=(2, 7, 16)).astype(np.float32)
+    image = rng.normal(size=(4, 5, 4) if flf else (2, 6, 4)).astype(np.float32)
+    timesteps = np.array([10.0, 700.0], np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(latents).permute(0, 4, 1, 2, 3), torch.from_numpy(timesteps),
+                   torch.from_numpy(context), encoder_hidden_states_image=torch.from_numpy(image),
+                   return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()
+    ours = np.asarray(dit.apply({"params": params}, latents, timesteps, context,
+                                image_context=image))
+    assert np.linalg.norm(ours - want) / np.linalg.norm(want) < 1e-5
+    if flf:  # vdit's own layout: each row's first and last frame tokens side by side
+        same = dit.apply({"params": params}, latents, timesteps, context,
+                         image_context=image.reshape(2, 10, 4))
+        np.testing.assert_array_equal(same, ours)
+
+
+def test_settings_diffusers_reads_its_own_way(tmp_path):
+    """diffusers normalises q and k across heads whatever `qk_norm` says, and broadcasts one
+    timestep over the batch."""
+    ref, folder = _reference("a", tmp_path)
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump(dict(config, qk_norm=None), f)
+    dit, params = wan_dit.load_transformer(folder)
+    latents, _, context = _inputs("a", CONFIGS["a"])
+    one = np.array([417.0], np.float32)
+    ours = np.asarray(dit.apply({"params": params}, latents, one, context))
+    want = _torch_forward(ref, latents, one, context)
+    assert np.linalg.norm(ours - want) / np.linalg.norm(want) < 1e-5

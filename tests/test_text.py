@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 from text_testing import SENTENCES, SMALL_CONFIGS, torch_encoder, write_word_tokenizer
+from transformers.activations import ACT2FN
 
 from vdit.convert.wan_text import load_text_encoder
 from vdit.models import text
+from vdit.models.layers import HF_ACTIVATIONS
 from vdit.models.tokenizers import JsonTokenizer
 
 
@@ -177,8 +179,8 @@ def test_bad_inputs_name_the_problem():
         text.encoder_from_dict({k: v for k, v in SMALL_CONFIGS["gated"].items() if k != "d_ff"})
     with pytest.raises(ValueError, match="num_heads=0, expected > 0"):
         text.encoder_from_dict(SMALL_CONFIGS["gated"] | {"num_heads": 0})
-    with pytest.raises(ValueError, match="feed_forward_proj='gated-swish'"):
-        text.encoder_from_dict(SMALL_CONFIGS["gated"] | {"feed_forward_proj": "gated-swish"})
+    with pytest.raises(ValueError, match="feed_forward_proj='gated-swiglu'"):
+        text.encoder_from_dict(SMALL_CONFIGS["gated"] | {"feed_forward_proj": "gated-swiglu"})
     with pytest.raises(ValueError, match="config.text.kind='clip'"):
         text.text_encoder_from_config(BYTE_CFG | {"kind": "clip"})
     with pytest.raises(ValueError, match="config.text.vocab_size=100"):
@@ -219,3 +221,27 @@ def test_apply_rejects_ids_outside_the_vocab():
     with pytest.raises(ValueError, match=rf"token id {module.vocab_size} is outside the encoder's "
                                          rf"vocab \[0, {module.vocab_size}\)"):
         module.apply(params, ids, jnp.ones_like(ids))
+
+
+def test_activation_names_compute_what_transformers_computes():
+    """Every `hidden_act` / `feed_forward_proj` activation name vdit accepts (UMT5, CLIP)."""
+    x = np.linspace(-6, 6, 1001).astype(np.float32)
+    for name, fn in HF_ACTIVATIONS.items():
+        want = ACT2FN[name](torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(np.asarray(fn(jnp.asarray(x))), want, atol=2e-6, err_msg=name)
+
+
+def test_t5_encoder_folder_matches_transformers(tmp_path):
+    """A T5EncoderModel folder (one relative-position table, block 0's, shared by all layers;
+    what diffusers' own Wan pipeline tests hold in text_encoder/) loads and computes as T5."""
+    import transformers
+
+    cfg = dict(SMALL_CONFIGS["relu"], feed_forward_proj="gated-swish")
+    torch.manual_seed(4)
+    ref = transformers.T5EncoderModel(transformers.T5Config(**cfg)).eval()
+    ref.save_pretrained(str(tmp_path))
+    module, params = load_text_encoder(str(tmp_path))
+    ids, mask = _padded_batch(module.vocab_size, 30)
+    with torch.no_grad():
+        want = ref(torch.tensor(ids), torch.tensor(mask)).last_hidden_state.numpy()
+    assert _rel(module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)), want) < 1e-4

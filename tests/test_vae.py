@@ -189,8 +189,6 @@ def test_bad_inputs_are_named(method, shape, message, dtype):
     (dict(tile_sample_stride_height=100), "tile_sample_stride_height=100: expected a multiple of "
                                           "the VAE's spatial factor 8"),
     (dict(tile_sample_min_width=260), "tile_sample_min_width=260"),
-    (dict(scale_factor_spatial=4), "scale_factor_spatial=4 contradicts .* compresses 8x"),
-    (dict(scale_factor_temporal=2), "scale_factor_temporal=2 contradicts .* compresses 4x"),
     (dict(dtype="int8"), "dtype"),
     (dict(conv_impl="fft"), "conv_impl"),
     (dict(frames=4), "unknown VAE config keys \\['frames'\\]"),
@@ -198,6 +196,21 @@ def test_bad_inputs_are_named(method, shape, message, dtype):
 def test_bad_config_is_named(change, message):
     with pytest.raises(ValueError, match=message):
         vae_from_config({**CONFIGS["wan"], **change})
+
+
+def test_what_diffusers_saves_but_never_reads_is_accepted():
+    """AutoencoderKLWan saves scale factors 8 and 4 whatever its stages (a 3-stage VAE compresses
+    4x) and the residual encoder ignores attn_scales: both build what diffusers builds, the
+    contradicting factors with a warning (vdit sizes latents by the stages)."""
+    def shapes(config):
+        return jax.tree_util.tree_map(lambda x: x.shape, jax.eval_shape(
+            lambda v: vae_from_config(config).init(jax.random.key(0), v),
+            jax.ShapeDtypeStruct((1, 1, 16, 16, 3), jnp.float32)))
+    with pytest.warns(UserWarning, match=r"scale_factor_spatial=8 contradicts .* compresses 4x"):
+        defaults = shapes({**CONFIGS["custom"], "scale_factor_spatial": 8,
+                           "scale_factor_temporal": 4})
+    assert defaults == shapes(CONFIGS["custom"])
+    assert shapes({**CONFIGS["wan22"], "attn_scales": [0.5]}) == shapes(CONFIGS["wan22"])
 
 
 def test_unreached_attn_scales_build_what_diffusers_builds():

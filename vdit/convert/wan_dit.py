@@ -79,7 +79,8 @@ def _top_rules(model: WanDiT) -> list[tuple[str, str, str]]:
 
 
 def _block_rules(cross_attn_norm: bool, image: bool = False) -> list[tuple[str, str, str]]:
-    """Rules for one block; our paths are under `blocks/`, diffusers' under `blocks.{i}.`."""
+    """Rules for one block; our paths are under `blocks/`, diffusers' under `blocks.{i}.`;
+    `image`: the image tokens' own k/v projections (added_kv_proj_dim set)."""
     rules = []
     if image:
         for proj in ("add_k_proj", "add_v_proj"):
@@ -146,7 +147,8 @@ def tensor_plan(model: WanDiT):
         tshape = ((shape[1], model.in_channels, pt, ph, pw) if kind == "patch"
                   else _torch_shape(kind, shape))
         yield ours, torch, kind, shape, tshape, None
-    for ours, torch, kind in _block_rules(model.cross_attn_norm, model.has_image_branch):
+    for ours, torch, kind in _block_rules(model.cross_attn_norm,
+                                          model.added_kv_proj_dim is not None):
         shape = shapes[f"blocks/{ours}"][1:]
         for i in range(model.num_layers):
             yield f"blocks/{ours}", f"blocks.{i}.{torch}", kind, shape, _torch_shape(kind, shape), i

@@ -3,7 +3,9 @@
 Torch layout -> ours: Linear weights [out, in] become kernels [in, out], with attention heads split
 out (q/k/v [D, H, d_kv], o [H, d_kv, D]); the per-block tensors are stacked along a leading
 `layers` axis to match `nn.scan`. The token table is `shared.weight` (transformers ties
-`encoder.embed_tokens.weight` to it; either name is read).
+`encoder.embed_tokens.weight` to it; either name is read). A T5EncoderModel folder (T5 shares
+block 0's relative-position table across layers, as diffusers' Wan pipeline tests use) loads too:
+its table is copied into every layer, which computes the same, and it saves back as UMT5.
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ def _ffn_names(module: UMT5Encoder) -> tuple[str, ...]:
     return ("wi_0", "wi_1", "wo") if gated else ("wi", "wo")
 
 
-def torch_shapes(module: UMT5Encoder) -> dict[str, tuple]:
-    """Every tensor name of the transformers checkpoint -> its shape."""
+def is_t5(config: dict) -> bool:
+    """A transformers T5 (not UMT5) encoder config: one relative-position table, in block 0."""
+    return config.get("model_type") == "t5" or "T5EncoderModel" in config.get("architectures", [])
+
+
+def torch_shapes(module: UMT5Encoder, shared_bias: bool = False) -> dict[str, tuple]:
+    """Every tensor name of the transformers checkpoint -> its shape (`shared_bias`: T5's)."""
     d, inner, f = module.d_model, module.num_heads * module.d_kv, module.d_ff
     shapes = {"shared.weight": (module.vocab_size, d), "encoder.final_layer_norm.weight": (d,)}
     for i in range(module.num_layers):
@@ -38,8 +45,9 @@ def torch_shapes(module: UMT5Encoder) -> dict[str, tuple]:
         for name in ("q", "k", "v"):
             shapes[f"{p}0.SelfAttention.{name}.weight"] = (inner, d)
         shapes[f"{p}0.SelfAttention.o.weight"] = (d, inner)
-        shapes[f"{p}0.SelfAttention.relative_attention_bias.weight"] = (
-            module.relative_attention_num_buckets, module.num_heads)
+        if i == 0 or not shared_bias:
+            shapes[f"{p}0.SelfAttention.relative_attention_bias.weight"] = (
+                module.relative_attention_num_buckets, module.num_heads)
         shapes[f"{p}0.layer_norm.weight"] = (d,)
         shapes[f"{p}1.layer_norm.weight"] = (d,)
         for name in _ffn_names(module):
@@ -47,13 +55,19 @@ def torch_shapes(module: UMT5Encoder) -> dict[str, tuple]:
     return shapes
 
 
-def params_from_torch(module: UMT5Encoder, tensors: dict[str, np.ndarray], where: str) -> dict:
-    """transformers tensors -> our params pytree; errors name each missing/extra/mis-shaped one."""
+def params_from_torch(module: UMT5Encoder, tensors: dict[str, np.ndarray], where: str,
+                      shared_bias: bool = False) -> dict:
+    """transformers tensors -> our params pytree; errors name each missing/extra/mis-shaped one.
+    `shared_bias`: a T5 checkpoint, block 0's relative-position table used by every layer."""
     tensors = dict(tensors)
     tied = tensors.pop("encoder.embed_tokens.weight", None)
     if tied is not None and "shared.weight" not in tensors:
         tensors["shared.weight"] = tied
-    check_names_and_shapes(tensors, torch_shapes(module), where)
+    check_names_and_shapes(tensors, torch_shapes(module, shared_bias), where)
+    bias = "0.SelfAttention.relative_attention_bias.weight"
+    if shared_bias:
+        tensors |= {_BLOCK.format(i=i) + bias: tensors[_BLOCK.format(i=0) + bias]
+                    for i in range(1, module.num_layers)}
     h, k = module.num_heads, module.d_kv
 
     def stack(fn):
@@ -65,8 +79,7 @@ def params_from_torch(module: UMT5Encoder, tensors: dict[str, np.ndarray], where
     attn = {n: {"kernel": heads_in(f"0.SelfAttention.{n}.weight")} for n in ("q", "k", "v")}
     attn["o"] = {"kernel": stack(lambda p: tensors[p + "0.SelfAttention.o.weight"].T
                                  .reshape(h, k, -1))}
-    attn["relative_bias"] = stack(
-        lambda p: tensors[p + "0.SelfAttention.relative_attention_bias.weight"])
+    attn["relative_bias"] = stack(lambda p: tensors[p + bias])
     ffn = {n: {"kernel": stack(lambda p, n=n: tensors[f"{p}1.DenseReluDense.{n}.weight"].T)}
            for n in _ffn_names(module)}
     layers = {
@@ -103,10 +116,11 @@ def params_to_torch(module: UMT5Encoder, params) -> dict[str, np.ndarray]:
 
 
 def load_text_encoder(path: str, dtype="float32") -> tuple[UMT5Encoder, dict]:
-    """A transformers UMT5EncoderModel folder (config.json + safetensors) -> (module, params)."""
+    """A transformers UMT5EncoderModel (or T5EncoderModel) folder (config.json + safetensors)
+    -> (module, params)."""
     config = read_config(path)
     module = encoder_from_dict(config, dtype, where=f"{path}/config.json")
-    return module, params_from_torch(module, read_tensors(path), path)
+    return module, params_from_torch(module, read_tensors(path), path, is_t5(config))
 
 
 def save_text_encoder(module: UMT5Encoder, params, out_dir: str) -> None:

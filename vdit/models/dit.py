@@ -24,12 +24,15 @@ Two ways to call one module `WanDiT` (same parameters):
       Optional `time_ids [B, S]` (1..K) pick each token's timestep column instead of its segment
       id, so tokens of one segment can sit at different noise levels (TI2V's clean first frame).
 
-Image-conditioned models (Wan2.1 I2V / FLF2V: `image_dim` and `added_kv_proj_dim` set) take
-`image_context [B, N, image_dim]` (CLIP penultimate features; N = pos_embed_seq_len when that is
-set, i.e. first and last frame's tokens concatenated) as a keyword of either call; `packed` also
-takes `image_segment_ids [B, N]` (default: all 1, every token of the row sees every image token).
-The image tokens go through `image_embedder` (LayerNorm, GELU MLP, LayerNorm, plus `pos_embed` when
-pos_embed_seq_len is set) and a separate k/v branch of each block's cross-attention.
+Image-conditioned models (Wan2.1 I2V / FLF2V: `image_dim` set) take `image_context [B, N,
+image_dim]` (CLIP penultimate features; N = pos_embed_seq_len when that is set, i.e. first and last
+frame's tokens concatenated; the dense call also takes diffusers' FLF layout [2B, N/2, image_dim])
+as a keyword of either call; `packed` also takes `image_segment_ids [B, N]` (default: all 1, every
+token of the row sees every image token). The image tokens go through `image_embedder` (LayerNorm,
+GELU MLP, LayerNorm, plus `pos_embed` when pos_embed_seq_len is set), then, with
+`added_kv_proj_dim` (Wan2.1's published models), a separate k/v branch of each block's
+cross-attention; without it they join the text as cross-attention keys, as diffusers puts them in
+front of the text.
 
 Micro-conditioned models (`micro_conditioning`, e.g. ("fps", "motion"); see `vdit/models/micro.py`)
 take `micro` as a keyword of either call: `{name: [B]}` dense, `{name: [B, K]}` packed (one value per
@@ -81,6 +84,8 @@ class WanDiT(nn.Module):
     ffn_dim: int = 13824
     num_layers: int = 40
     cross_attn_norm: bool = True
+    # diffusers' WanAttention RMS-normalises q and k across heads whatever this names; kept so a
+    # converted config round-trips
     qk_norm: str | None = "rms_norm_across_heads"
     eps: float = 1e-6
     image_dim: int | None = None
@@ -101,7 +106,7 @@ class WanDiT(nn.Module):
     @property
     def has_image_branch(self) -> bool:
         """True for image-conditioned (Wan2.1 I2V) models: they need `image_context`."""
-        return self.added_kv_proj_dim is not None
+        return self.image_dim is not None
 
     @property
     def token_in_dim(self) -> int:
@@ -145,6 +150,8 @@ class WanDiT(nn.Module):
         grid = patches.grid_shape(latents.shape[1:], self.patch_size)
         tokens = patches.patchify_batch(latents, self.patch_size)
         n = tokens.shape[1]
+        if jnp.shape(timesteps) == (1,):  # one timestep for the batch, as diffusers broadcasts
+            timesteps = jnp.broadcast_to(timesteps, (b,))
         if jnp.shape(timesteps) not in ((b,), (b, n)):
             raise ValueError(f"timesteps must be [B={b}] or per token [B={b}, N={n}], got shape "
                              f"{jnp.shape(timesteps)}")
@@ -183,6 +190,10 @@ class WanDiT(nn.Module):
         ctx = nn.with_logical_constraint(
             ctx, ("activation_batch", "activation_text_length", "activation_embed"))
         rope = rope_cos_sin(positions, self.attention_head_dim, self.rope_max_seq_len)
+        if image is not None and self.added_kv_proj_dim is None:  # image tokens join the text
+            ctx = jnp.concatenate([image[0].astype(ctx.dtype), ctx], axis=1)
+            context_segment_ids = jnp.concatenate([image[1], context_segment_ids], axis=1)
+            image = None
         # Padding tokens ask for the first text token's segment, so no query row sees no key.
         cross_q_ids = jnp.where(segment_ids == 0, context_segment_ids[:, :1], segment_ids)
 
@@ -210,6 +221,10 @@ class WanDiT(nn.Module):
             return None
         shape = None if image_context is None else tuple(image_context.shape)
         n = self.pos_embed_seq_len or (shape[1] if shape and len(shape) == 3 else -1)
+        if shape == (2 * batch, n // 2, self.image_dim) and self.pos_embed_seq_len and n % 2 == 0:
+            # diffusers' FLF layout: first and last frame's tokens as rows 2b and 2b + 1
+            image_context = jnp.reshape(image_context, (batch, n, self.image_dim))
+            shape = (batch, n, self.image_dim)
         if shape != (batch, n, self.image_dim):
             raise ValueError(f"this image-conditioned model needs image_context [B={batch}, N, "
                              f"image_dim={self.image_dim}] (N = pos_embed_seq_len="
@@ -275,11 +290,9 @@ def _check_types(m: WanDiT) -> None:
 
 def _check_supported(m: WanDiT) -> None:
     _check_types(m)
-    if (m.image_dim is None) != (m.added_kv_proj_dim is None):
-        raise NotImplementedError(
-            f"image-conditioned Wan transformers need both image_dim and added_kv_proj_dim (as "
-            f"Wan2.1 I2V sets them); got {m.image_dim} / {m.added_kv_proj_dim}. Text-to-video "
-            "models set neither")
+    if m.added_kv_proj_dim is not None and m.image_dim is None:
+        raise ValueError(f"added_kv_proj_dim={m.added_kv_proj_dim} needs image_dim (the image "
+                         "tokens its k/v projections read); text-to-video models set neither")
     if m.added_kv_proj_dim is not None and m.added_kv_proj_dim != m.inner_dim:
         raise ValueError(f"added_kv_proj_dim={m.added_kv_proj_dim} must equal the model width "
                          f"num_attention_heads * attention_head_dim = {m.inner_dim} (the image "
@@ -287,9 +300,6 @@ def _check_supported(m: WanDiT) -> None:
     if m.pos_embed_seq_len and m.image_dim is None:
         raise ValueError(f"pos_embed_seq_len={m.pos_embed_seq_len} needs image_dim (it is the "
                          "image tokens' position table)")
-    if m.qk_norm != "rms_norm_across_heads":
-        raise NotImplementedError(f"qk_norm={m.qk_norm!r}: only 'rms_norm_across_heads' (Wan2.1) "
-                                  "is implemented")
 
 
 def check_packed(m: WanDiT, tokens, positions, segment_ids, timesteps, context,

@@ -29,20 +29,13 @@ import jax
 import jax.numpy as jnp
 
 from vdit.models.attention import attention as attend
-from vdit.models.layers import Dense, LayerNorm
+from vdit.models.layers import HF_ACTIVATIONS, Dense, LayerNorm
 
 # transformers' CLIPVisionConfig names; a mapping with these keys builds the module.
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "image_size", "patch_size", "num_channels", "hidden_act", "layer_norm_eps")
 _OPTIONAL = {"num_channels": 3, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
+ACTIVATIONS = HF_ACTIVATIONS
 # The token axis stays whole: CLIP sequences are short and odd-sized (1 + patches).
 TOKENS = ("activation_batch", None, "activation_embed")
 HEADS = ("activation_batch", None, "activation_heads", None)
@@ -147,7 +140,9 @@ class CLIPVisionEncoder(nn.Module):
         """`[B, H, W, C]` -> `[B, 1 + N, D]`: patch embedding, class token, positions."""
         b, p, d = pixels.shape[0], self.patch_size, self.hidden_size
         g = self.image_size // p
-        patches = einops.rearrange(pixels, "b (gh ph) (gw pw) c -> b gh gw ph pw c", ph=p, pw=p)
+        # a size the patch does not divide loses its last pixels, as the strided conv drops them
+        patches = einops.rearrange(pixels[:, :g * p, :g * p], "b (gh ph) (gw pw) c -> b gh gw ph pw c",
+                                   ph=p, pw=p)
         tokens = Dense((d,), (None, None, "patch_in", "embed"), ("embed",), in_dims=3,
                        use_bias=False, dtype=self.dtype, name="patch_embedding")(patches)
         tokens = tokens.reshape(b, g * g, d).astype(jnp.float32)
@@ -179,9 +174,6 @@ def check_config(values: Mapping, where: str) -> None:
     if values["hidden_size"] % values["num_attention_heads"]:
         raise ValueError(f"{where}: hidden_size={values['hidden_size']} is not divisible by "
                          f"num_attention_heads={values['num_attention_heads']}")
-    if values["image_size"] % values["patch_size"]:
-        raise ValueError(f"{where}: image_size={values['image_size']} is not a multiple of "
-                         f"patch_size={values['patch_size']}")
     if values["hidden_act"] not in ACTIVATIONS:
         raise ValueError(f"{where}: hidden_act={values['hidden_act']!r} is not one of "
                          f"{sorted(ACTIVATIONS)}")

@@ -2,7 +2,8 @@
 
 The common path of transformers' CLIPImageProcessor (its PIL backend, which is what runs without
 torchvision): resize so the shortest side is `shortest_edge` (the long side becomes
-`int(shortest_edge * long / short)`) with Pillow's bicubic filter -> center crop
+`int(shortest_edge * long / short)`), or to `size` {"height", "width"} exactly, with Pillow's
+filter `resample` (bicubic by default) -> center crop
 (top = (h - crop_h) // 2) -> `* rescale_factor` in float64 -> float32 -> `(x - mean) / std` in
 float32. The resize calls Pillow itself, as the reference does: its two passes each round to uint8,
 and which pass runs first depends on the Pillow version and the sizes (Pillow 13 runs the vertical
@@ -41,26 +42,33 @@ class PreprocessSettings:
     do_center_crop: bool = True
     do_rescale: bool = True
     do_normalize: bool = True
+    resize_to: tuple[int, int] | None = None  # (height, width): `size` given as both, exact
+    resample: int = _BICUBIC  # a Pillow filter number, as preprocessor_config.json stores it
 
 
 def settings_from_dict(cfg: Mapping, where: str = "preprocessor_config.json"
                        ) -> PreprocessSettings:
     """A CLIPImageProcessor config dict -> settings; unsupported choices raise naming the key."""
     resample = cfg.get("resample", _BICUBIC)
-    if cfg.get("do_resize", True) and resample != _BICUBIC:
-        raise ValueError(f"{where}: resample={resample!r} is not supported; only bicubic "
-                         f"({_BICUBIC}) is implemented")
+    if resample not in {int(f) for f in Image.Resampling}:
+        raise ValueError(f"{where}: resample={resample!r} is not a Pillow filter; expected one "
+                         f"of {sorted(int(f) for f in Image.Resampling)}")
     size = cfg.get("size", {"shortest_edge": 224})
-    if not isinstance(size, Mapping) or set(size) != {"shortest_edge"}:
+    if isinstance(size, int):
+        size = {"shortest_edge": size}
+    if not isinstance(size, Mapping) or set(size) not in ({"shortest_edge"}, {"height", "width"}):
         raise ValueError(f"{where}: size={size!r} is not supported; expected "
-                         "{'shortest_edge': N}")
+                         "{'shortest_edge': N} or {'height': H, 'width': W}")
     crop = cfg.get("crop_size", {"height": 224, "width": 224})
     if isinstance(crop, int):
         crop = {"height": crop, "width": crop}
     if not isinstance(crop, Mapping) or set(crop) != {"height", "width"}:
         raise ValueError(f"{where}: crop_size={crop!r}, expected {{'height': H, 'width': W}}")
+    exact = "height" in size
     out = PreprocessSettings(
-        shortest_edge=int(size["shortest_edge"]), crop_height=int(crop["height"]),
+        shortest_edge=0 if exact else int(size["shortest_edge"]),
+        resize_to=(int(size["height"]), int(size["width"])) if exact else None,
+        resample=int(resample), crop_height=int(crop["height"]),
         crop_width=int(crop["width"]),
         image_mean=tuple(float(v) for v in cfg.get("image_mean", OPENAI_CLIP_MEAN)),
         image_std=tuple(float(v) for v in cfg.get("image_std", OPENAI_CLIP_STD)),
@@ -106,7 +114,8 @@ def _as_image_list(images) -> list[np.ndarray]:
 
 def _preprocess_one(img: np.ndarray, s: PreprocessSettings, index: int) -> np.ndarray:
     if s.do_resize:
-        img = resize_bicubic(img, shortest_edge_size(img.shape[:2], s.shortest_edge))
+        img = resize_bicubic(img, s.resize_to or shortest_edge_size(img.shape[:2], s.shortest_edge),
+                             s.resample)
     if s.do_center_crop:
         img = center_crop(img, s.crop_height, s.crop_width, index)
     x = img.astype(np.float64) * s.rescale_factor if s.do_rescale else img
@@ -133,7 +142,7 @@ def center_crop(img: np.ndarray, height: int, width: int, index: int = 0) -> np.
     return img[top:top + height, left:left + width]
 
 
-def resize_bicubic(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 `[H, W, C]` -> uint8 `[h, w, C]` by Pillow's `Image.resize(..., BICUBIC)`."""
+def resize_bicubic(img: np.ndarray, size: tuple[int, int], resample: int = _BICUBIC) -> np.ndarray:
+    """uint8 `[H, W, C]` -> uint8 `[h, w, C]` by Pillow's `Image.resize` (bicubic by default)."""
     h, w = size
-    return np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BICUBIC))
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling(resample)))

@@ -209,6 +209,21 @@ class MLP(nn.Module):
                      dtype=self.dtype, matmul_dtype=self.matmul_dtype, name="linear_2")(h)
 
 
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+# transformers' `hidden_act` / `feed_forward_proj` names (its ACT2FN), for the encoders it defines.
+HF_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": _gelu_tanh, "gelu_fast": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu, "relu6": jax.nn.relu6, "silu": jax.nn.silu, "swish": jax.nn.silu,
+    "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+}
+
+
 def activation(name: str, x):
     acts = {"gelu_tanh": lambda v: jax.nn.gelu(v, approximate=True),
             "gelu": lambda v: jax.nn.gelu(v, approximate=False), "silu": jax.nn.silu}

@@ -24,19 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.models.layers import concrete_value
+from vdit.models.layers import HF_ACTIVATIONS, concrete_value
 from vdit.models.tokenizers import ByteTokenizer, WordTokenizer, load_tokenizer, prompt_clean
 
 # transformers' UMT5Config names; a config dict with these keys builds the module.
 CONFIG_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
                  "relative_attention_num_buckets", "relative_attention_max_distance",
                  "feed_forward_proj", "layer_norm_epsilon")
-_ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),  # tanh form
-    "silu": jax.nn.silu,
-}
+_ACTIVATIONS = HF_ACTIVATIONS
 _ACT = ("activation_batch", "activation_text_length", "activation_embed")
 # Rows of a byte/word embedding table are padded to a multiple of this (see padded_vocab_size).
 VOCAB_MULTIPLE = 128

@@ -5,6 +5,8 @@ the fields `config.vae` may hold: diffusers' `AutoencoderKLWan` names plus vdit'
 
 from __future__ import annotations
 
+import warnings
+
 from vdit.models.vae_blocks import CONV3D_IMPLS
 
 # diffusers AutoencoderKLWan config names and the vdit-only knobs, in one list of allowed keys.
@@ -64,7 +66,9 @@ def check_fields(vae) -> None:
 def _check_attn_scales(vae) -> None:
     """diffusers' encoder puts attention in the down stage at scale 2^-i (i < len(dim_mult)) when
     that scale is listed, and its decoder never does; a listed scale no stage has builds
-    nothing there, so it is accepted."""
+    nothing there, and the residual (Wan2.2) encoder never reads the list, so both are accepted."""
+    if vae.is_residual:
+        return
     reached = [s for s in vae.attn_scales if any(float(s) == 2.0 ** -i
                                                  for i in range(len(vae.dim_mult)))]
     if reached:
@@ -75,7 +79,9 @@ def _check_attn_scales(vae) -> None:
 
 
 def _check_scale_factors(vae) -> None:
-    """diffusers' Wan pipelines size latents by `scale_factor_*`; vdit by the architecture."""
+    """diffusers' Wan pipelines size latents by `scale_factor_*`, vdit by the architecture; its
+    encode and decode never read them, and `AutoencoderKLWan` saves its defaults (8, 4) whatever
+    the architecture, so a contradiction is said, not refused."""
     for name, derived, source in (
             ("scale_factor_spatial", vae.spatial_factor,
              f"dim_mult={list(vae.dim_mult)} with patch_size={vae.patch_size}"),
@@ -83,8 +89,8 @@ def _check_scale_factors(vae) -> None:
              f"temperal_downsample={list(vae.temperal_downsample)}")):
         value = getattr(vae, name)
         if value is not None and value != derived:
-            raise ValueError(f"VAE config {name}={value!r} contradicts the architecture: "
-                             f"{source} compresses {derived}x, so expected {derived} (or omit it)")
+            warnings.warn(f"VAE config {name}={value!r} contradicts the architecture: {source} "
+                          f"compresses {derived}x; vdit sizes latents by {derived}", stacklevel=2)
 
 
 def _check_patch(vae) -> None:
