@@ -90,6 +90,8 @@ CASES = [
      ["a_file", "is a file, not a folder"], 1),
     ("image is text", lambda e: _sample(e, "--image", e["root"] + "/notes.txt"),
      ["--image", "notes.txt", "not a readable image"], 1),
+    ("image is a folder", lambda e: _sample(e, "--image", e["root"]),
+     ["--image", "clierr", "is a folder: give an image file"], 1),
     ("image truncated", lambda e: _sample(e, "--image", e["cut_png"]),
      ["--image", "cut.png", "not a readable image"], 1),
     ("out under a file", lambda e: _sample(e)[:-1] + [e["root"] + "/a_file/o.mp4"],

@@ -3,6 +3,7 @@ numbered outputs, resized inputs, prompt expansion note, and clear errors."""
 
 import os
 
+import jax
 import numpy as np
 import pytest
 from generate_testing import smooth_video, t2v_pipeline
@@ -131,3 +132,75 @@ def test_lora_flag_merges_and_errors_are_named(folder, tmp_path, capsys):
                       str(tmp_path / "none.safetensors")))
     with pytest.raises(ValueError, match="one DiT"):
         run_cli(_args("--workdir", folder, "--prompt", "x", "--lora-2", path, *COMMON))
+
+
+def test_out_of_memory_names_the_clip_and_what_to_shrink(folder, tmp_path, monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED while sampling -> one line naming frames x height x width (the
+    model's defaults when no flag gave them) and the flags that shrink it."""
+    from vdit import cli, cli_errors
+    from vdit.pipelines.generate import Generator
+    from vdit.sample_cli import OutOfMemory
+
+    def oom(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes")
+
+    monkeypatch.setattr(Generator, "text_to_video", oom)
+    out = str(tmp_path / "o.mp4")
+    with pytest.raises(OutOfMemory) as e:
+        run_cli(_args("--workdir", folder, "--prompt", "red", "--out", out))
+    assert cli_errors.message(e.value) == (
+        "out of device memory sampling 81x480x832 (frames x height x width): try a smaller "
+        "--size or fewer --frames")
+    with pytest.raises(OutOfMemory, match="2 videos of 9x32x32 .* or --batch-size 1"):
+        run_cli(_args("--workdir", folder, "--prompt", "a", "--prompt", "b", "--out", out,
+                      *COMMON))
+    assert cli.main(["sample", "--workdir", folder, "--prompt", "red", "--out", out]) == 1
+
+
+def test_upscale_and_extend_inputs_are_checked_before_sampling(folder, tmp_path, capsys):
+    """--mode upscale fits another aspect (resize + center-crop, said), as the other modes do;
+    extend's default context that --frames cannot hold names --context-frames and a valid value."""
+    from vdit.sample_cli import SampleJob, load_generator
+
+    gen, kind = load_generator(folder)
+    clip = (tmp_path / "in.mp4").as_posix()
+    video_io.write_mp4(clip, smooth_video(1, frames=9, height=16, width=24)[0], fps=8)
+    args = _args("--workdir", folder, "--video", clip, "--prompt", "red", *COMMON)
+    args.mode = "upscale"
+    SampleJob(gen, kind, args)
+    assert f"video {clip} is 16x24; resizing and center-cropping it to 32x32" in (
+        capsys.readouterr().out)
+    args = _args("--workdir", folder, "--video", clip, "--prompt", "red", "--frames", "5",
+                 "--size", "32x32")
+    args.mode = "extend"
+    with pytest.raises(ValueError, match=r"--context-frames=5 \(the default\): .* use "
+                                         r"--context-frames=1$"):
+        SampleJob(gen, kind, args)
+
+
+def test_vdit_adapter_file_and_folder_sample_as_its_diffusers_file(folder, tmp_path):
+    """`--lora OUT/adapter.safetensors` (vdit's names, scaled by the adapter_config.json beside
+    it, as `vdit export --adapter` writes them) and `--lora OUT` sample exactly as the diffusers
+    file with the same factors (alpha / rank folded into lora_B)."""
+    import json
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(2, 32, 4)).astype(np.float32)  # [layers, in, rank]
+    b = rng.normal(size=(2, 4, 24)).astype(np.float32)  # [layers, rank, out]
+    out_dir = tmp_path / "adapter"
+    out_dir.mkdir()
+    save_file({"blocks/ffn/linear_2/kernel/a": a, "blocks/ffn/linear_2/kernel/b": b},
+              str(out_dir / "adapter.safetensors"))
+    (out_dir / "adapter_config.json").write_text(json.dumps(
+        {"rank": 4, "alpha": 2.0, "diffusers": {"lora": "pytorch_lora_weights.safetensors"}}))
+    save_file({f"transformer.blocks.{i}.ffn.net.2.lora_{x}.weight":
+               np.ascontiguousarray(a[i].T if x == "A" else (b[i] * 0.5).T)
+               for i in (0, 1) for x in "AB"}, str(out_dir / "pytorch_lora_weights.safetensors"))
+    videos = []
+    for lora in ("adapter.safetensors", "pytorch_lora_weights.safetensors", ""):
+        out = str(tmp_path / f"{lora or 'folder'}.mp4")
+        assert run_cli(_args("--workdir", folder, "--prompt", "red", "--out", out,
+                             "--lora", str(out_dir / lora) + ":1.5", *COMMON)) == 0
+        videos.append(video_io.read_video(out))
+    np.testing.assert_array_equal(videos[0], videos[1])
+    np.testing.assert_array_equal(videos[2], videos[1])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from generate_testing import i2v_pipeline, smooth_video, t2v_pipeline, text_embeddings
 
+from vdit.data import video_io
 from vdit.diffusion.samplers import make_sampler
 from vdit.models import patches
 from vdit.pipelines import conditioning
@@ -113,7 +114,7 @@ def test_extend_pins_the_context_latents_and_appends_frames(gen, text):
     full = v2v.extend(gen, video, ctx, neg, _noise(gen), 5, STEPS, 5.0, output="video")
     assert full.shape == (2, 9 - 5 + 9, 32, 32, 3)
     np.testing.assert_array_equal(np.asarray(full[:, :4]), video[:, :4])
-    with pytest.raises(ValueError, match="needs 1 \\+ 4k frames \\(e.g. 1 or 5\\)"):
+    with pytest.raises(ValueError, match="context_frames=3: expected 1 \\+ 4k .*use context_frames=1"):
         v2v.extend(gen, video, ctx, neg, _noise(gen), 3, STEPS, 5.0)
     with pytest.raises(ValueError, match="context_frames=9"):
         v2v.extend(gen, video, ctx, neg, _noise(gen), 9, STEPS, 5.0)
@@ -141,6 +142,16 @@ def test_upscale_resizes_then_restyles(gen, text):
     assert float(jnp.abs(out).max()) <= 1.0
     with pytest.raises(ValueError, match="larger than the target 32x32"):
         v2v.upscale(gen, smooth_video(2, height=48, width=48), ctx, neg, _noise(gen), 0.5, STEPS)
+
+
+def test_upscale_keeps_the_aspect_of_another_shaped_video():
+    """A 16x24 clip upscaled to 32x32 is resized to cover (32x48) and center-cropped, as the other
+    modes fit their inputs, not stretched."""
+    small = smooth_video(2, height=16, width=24, seed=4)
+    up = v2v.resize_batch(small, 32, 32)
+    want = np.stack([video_io.resize_video(v, 32, 48)[:, :, 8:40] for v in small])
+    assert up.shape == (2, 9, 32, 32, 3)
+    np.testing.assert_allclose(up, want, atol=1e-6)
 
 
 def test_bad_inputs_are_named(gen, text):

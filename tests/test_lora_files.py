@@ -4,6 +4,7 @@ names with alphas and bias deltas, a Conv3d adapter, strength != 1), and vdit's 
 written in diffusers' format load there with the same result."""
 
 
+import json
 import re
 
 import flax.linen as nn
@@ -14,6 +15,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+from flax import traverse_util
 from peft import LoraConfig
 from safetensors.numpy import save_file
 
@@ -264,10 +266,36 @@ def test_vdit_adapter_loads_in_diffusers(tmp_path):
                          image)
     assert _rel(want, _ours(dit, params, latents, timesteps, context, image)) > 0.05
     assert _rel(got, want) < 1e-5, _rel(got, want)
-    back = wan_lora.merge_lora_file(dit, params, path)
-    for (k, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(back)[0],
-                              jax.tree_util.tree_flatten_with_path(merged)[0], strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=str(k))
+    # vdit's own adapter file (as `vdit export --adapter` writes it, alpha and rank in the
+    # adapter_config.json beside it) merges as vdit's merge does; its folder picks the
+    # diffusers file
+    vdit_path = str(tmp_path / "adapter.safetensors")
+    save_file({k: np.ascontiguousarray(v) for k, v in
+               traverse_util.flatten_dict(adapter, sep="/").items()}, vdit_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"rank": 3, "alpha": 5.0, "diffusers": {"lora": "pytorch_lora_weights.safetensors"}}))
+    assert wan_lora.lora_file(str(tmp_path), "--lora") == path
+    for file in (path, vdit_path):
+        back = wan_lora.merge_lora_file(dit, params, file)
+        for (k, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(back)[0],
+                                  jax.tree_util.tree_flatten_with_path(merged)[0], strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f"{file} {k}")
+    (tmp_path / "adapter_config.json").unlink()
+    with pytest.raises(ValueError, match="no adapter_config.json .* give the "
+                                         "pytorch_lora_weights.safetensors"):
+        wan_lora.merge_lora_file(dit, params, vdit_path)
+
+
+def test_nonfinite_lora_tensors_are_named(tmp_path):
+    """A NaN or inf in a LoRA file would merge silently into an all-black video."""
+    path = str(tmp_path / "nan.safetensors")
+    b = np.ones((24, 4), np.float32)
+    b[0, 0] = np.nan
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": np.ones((4, 24), np.float32),
+               "transformer.blocks.0.attn1.to_q.lora_B.weight": b}, path)
+    with pytest.raises(ValueError, match=r"nan.safetensors': tensor 'transformer.blocks.0.attn1."
+                                         r"to_q.lora_B.weight' holds 1 NaN or inf values"):
+        wan_lora.read_lora(path)
 
 
 def test_donated_merge_frees_the_replaced_device_arrays(tmp_path):

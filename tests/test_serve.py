@@ -10,6 +10,7 @@ import threading
 import urllib.error
 import urllib.request
 
+import jax
 import numpy as np
 import pytest
 from test_periodic_samples import VAE, latents, vae_workdir  # noqa: F401 - fixtures
@@ -85,6 +86,12 @@ def test_bad_requests_get_clear_messages(studio):
                           ({"prompt": "a red circle", "frames": 9.7}, "frames: 9.7 is not an integer"),
                           ({"prompt": "a red circle", "frames": True}, "frames: True is not an integer"),
                           ({"prompt": ["a", "b"]}, "prompt: expected text, got list"),
+                          ({"prompt": "a red circle", "image": 5}, "image: expected text, got int"),
+                          ({"prompt": "a red circle", "image": {"a": 1}},
+                           "image: expected text, got dict"),
+                          # the CLI's --seed range (prompt i of `vdit sample` uses --seed + i)
+                          ({"prompt": "a red circle", "seed": 2**32},
+                           "seed: 4294967296 is out of range [0, 4294967295]"),
                           # 16x the default clip (5x16x16) at most: 5x1024x1024 is refused
                           ({"prompt": "a red circle", "size": "1024x1024"},
                            "5x1024x1024 = 5,242,880 pixels is over this server's limit of 20,480")):
@@ -99,11 +106,13 @@ def test_bad_requests_get_clear_messages(studio):
                                    ({"Content-Type": "application/json", "Host": "evil.example"},
                                     403, "Host 'evil.example' is not this server"),
                                    ({"Content-Type": "application/json", "Content-Length": "abc"},
-                                    400, "Content-Length")):
+                                    400, "Content-Length"),
+                                   ({"Content-Type": "application/json", "Content-Length": "-1"},
+                                    400, "Content-Length: expected the body's size")):
         request = urllib.request.Request(url + "/api/generate", b'{"prompt": "a red circle"}',
                                          headers)
         with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(request)
+            urllib.request.urlopen(request, timeout=30)  # a negative length hung the request
         assert e.value.code == code and message in json.load(e.value)["error"], headers
 
 
@@ -208,6 +217,54 @@ def test_page_in_a_real_browser(studio, tmp_path):
     video, fps = video_io.load_video(tmp_path / "served.mp4")
     assert video.shape == (9, 16, 32, 3)
     assert np.isclose(info["duration"], 9 / fps, atol=1.5 / fps)  # the browser's duration
+
+
+def test_out_of_memory_job_says_what_to_shrink(studio, monkeypatch):
+    """A job that runs out of device memory carries the CLI's short message, naming the
+    request's fields."""
+    from vdit.pipelines.generate import Generator
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1234 bytes")
+
+    _, url = studio
+    monkeypatch.setattr(Generator, "text_to_video", oom)
+    job = _wait(url, _post(url, {"prompt": "a red circle", "seed": 3})[1]["id"])
+    assert job["state"] == "error" and job["error"] == (
+        "out of device memory sampling 5x16x16 (frames x height x width): try a smaller size or "
+        "fewer frames"), job
+
+
+def test_a_step_folder_samples_that_steps_weights(studio, monkeypatch):
+    """--workdir RUN/checkpoints/STEP (as `vdit export` takes it) loads that step, with the run's
+    latent statistics (RUN/latents by default, not STEP/latents)."""
+    from vdit.pipelines import run_parts
+    from vdit.sample_cli import load_generator
+
+    s, _ = studio
+    steps = sorted(int(n) for n in os.listdir(os.path.join(s.workdir, "checkpoints"))
+                   if n.isdigit())
+    load_parts, folders = run_parts.load_parts, []
+    monkeypatch.setattr(run_parts, "load_parts", lambda config, params, workdir: (
+        folders.append(workdir), load_parts(config, params, workdir))[1])
+    gen, kind = load_generator(os.path.join(s.workdir, "checkpoints", str(steps[-1])))
+    assert kind == "vdit" and [os.path.abspath(f) for f in folders] == [os.path.abspath(s.workdir)]
+    np.testing.assert_array_equal(gen.latents_mean, s.gen.latents_mean)
+    for x, y in zip(jax.tree.leaves(gen.dit_params), jax.tree.leaves(s.gen.dit_params), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_i2v_model_without_an_image_names_the_request_field(tmp_path):
+    """An image-to-video model's request needs the `image` field (not the CLI's --image)."""
+    from generate_testing import add_text_encoder, i2v_pipeline
+
+    folder = str(tmp_path / "i2v")
+    i2v_pipeline(folder)
+    add_text_encoder(folder)
+    studio = Studio(folder, str(tmp_path / "serve"))
+    with pytest.raises(ValueError, match="^image: this is an image-to-video model; give a first "
+                                         "image$"):
+        studio.submit({"prompt": "a red circle", "frames": 9, "size": "32x32"})
 
 
 def test_a_busy_port_fails_before_the_model_loads(tmp_path):

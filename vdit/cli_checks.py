@@ -87,6 +87,8 @@ def check_sample(args) -> None:
 def check_image_file(flag: str, path: str) -> None:
     """An image PIL can decode completely (a text file or a truncated PNG fails here)."""
     file = runs.user_path(path, flag)
+    if file.is_dir():
+        raise ValueError(f"{flag} {path!r} is a folder: give an image file (PNG or JPEG)")
     if not file.is_file():
         raise ValueError(f"{flag} {path!r} does not exist")
     try:

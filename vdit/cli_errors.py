@@ -39,6 +39,13 @@ def message(error: BaseException) -> str:
     return f"unexpected {type(error).__name__}: {first}"
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a device running out of memory (XLA's RESOURCE_EXHAUSTED / "Out of
+    memory allocating N bytes", whatever exception type carries it)."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+
+
 def write_log(workdir: str | None, command: str, error: BaseException) -> str | None:
     """Appends the traceback to <workdir>/logs/error.log when workdir is a folder; its path."""
     try:

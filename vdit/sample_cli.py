@@ -1,7 +1,8 @@
 """`vdit sample`: videos from prompts, optionally from a first image or an input video.
 
 `run_cli(args)` takes the argparse Namespace that `vdit/cli.py` builds for `sample`. `--workdir` is
-a vdit run folder (its checkpoint) or a diffusers Wan pipeline folder (one with model_index.json).
+a vdit run folder (its latest checkpoint), one of its step folders (RUN/checkpoints/STEP: that
+step's weights) or a diffusers Wan pipeline folder (one with model_index.json).
   text-to-video    --prompt ... (repeatable) or --prompt-file (one per line)
   image-to-video   --image first.png [--last-image last.png: keyframe interpolation]
   video-to-video   --video in.mp4 with --mode restyle (SDEdit at --strength, the default),
@@ -14,9 +15,11 @@ a message); --frames must be 1 + 4k. `--mode`, `--last-image`, `--context-frames
 (defaults otherwise). `--fps` is the output frame rate and, for a model micro-conditioned on fps,
 also its conditioning value; `--motion` (frame short sides per second) is only for a model
 micro-conditioned on motion and an error for any other. `--lora PATH[:STRENGTH]` and `--lora-2`
-(a Wan2.2 A14B model's low-noise expert) merge LoRA files into the loaded DiT
-(vdit/convert/wan_lora.py); `--weights params` samples a vdit run's raw weights instead of its EMA
-(e.g. the base a LoRA was trained on, `train.init_from_weights`); `vdit serve` takes these too.
+(a Wan2.2 A14B model's low-noise expert) merge LoRA files (or a `vdit export --adapter` folder)
+into the loaded DiT (vdit/convert/wan_lora.py); `--weights params` samples a vdit run's raw
+weights instead of its EMA (e.g. the base a LoRA was trained on, `train.init_from_weights`);
+`vdit serve` takes these too. Running out of device memory is an error naming the clip's
+frames x height x width and what to make smaller.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vdit import runs
+from vdit import cli_errors, runs
 from vdit.config import check_frames
 from vdit.convert import wan_lora
 from vdit.convert.diffusers_folder import is_pipeline_folder
@@ -67,10 +70,11 @@ def load_generator(workdir: str, loras=(), loras_2=(), weights: str | None = Non
     """(Generator, "diffusers" | "vdit") for a pipeline folder or a vdit run folder (its `weights`,
     "ema" by default, or "params"), with the LoRA files `loras` ("PATH[:STRENGTH]", on the DiT or
     a two-expert model's high-noise one) and `loras_2` (its low-noise one) merged in."""
-    specs = [(parse_lora(s), "high") for s in loras] + [(parse_lora(s, "--lora-2"), "low")
-                                                         for s in loras_2]
-    for (path, _), expert in specs:  # before the (slow) model load
-        wan_lora.check_file(path, "--lora-2" if expert == "low" else "--lora")
+    specs = []
+    for flag, expert, values in (("--lora", "high", loras), ("--lora-2", "low", loras_2)):
+        for spec in values:  # files checked before the (slow) model load
+            path, strength = parse_lora(spec, flag)
+            specs.append(((wan_lora.lora_file(path, flag, expert), strength), expert))
     if not runs.check_reachable(workdir, "--workdir").is_dir():
         raise FileNotFoundError(f"--workdir {workdir!r} does not exist")
     if is_pipeline_folder(workdir):
@@ -180,6 +184,31 @@ def trim_frames(video: np.ndarray, frames: int | None, path: str) -> np.ndarray:
     return video[:frames]
 
 
+def needs_image(gen) -> bool:
+    """Whether `gen` is an image-to-video model (I2V channels and a CLIP image branch): it
+    samples only from a first image (or an input video's first frame)."""
+    return bool(gen.condition_channels and gen.dit.has_image_branch)
+
+
+class OutOfMemory(ValueError):
+    """Sampling ran out of device memory: names the clip's shape and what to make smaller."""
+    FLAGS = {"size": "--size", "frames": "--frames", "batch": "--batch-size 1"}
+    FIELDS = {"size": "size", "frames": "frames", "batch": ""}  # vdit serve: one video a job
+
+    def __init__(self, batch: int, frames: int, height: int, width: int):
+        self.shape = (batch, frames, height, width)
+        super().__init__(self.message(self.FLAGS))
+
+    def message(self, names: dict) -> str:
+        batch, frames, height, width = self.shape
+        videos = f"{batch} videos of " if batch > 1 else ""
+        fix = f"a smaller {names['size']} or fewer {names['frames']}"
+        if batch > 1 and names["batch"]:
+            fix += f", or {names['batch']}"
+        return (f"out of device memory sampling {videos}{frames}x{height}x{width} (frames x "
+                f"height x width): try {fix}")
+
+
 class SampleJob:
     """One `vdit sample` run: a loaded Generator and the resolved settings."""
 
@@ -207,9 +236,13 @@ class SampleJob:
                       else int(d.get("frames", 17)))
         self.frames = frames
         gen.latent_shape(frames, self.height, self.width)  # frames 1+4k, size multiples
-        if gen.condition_channels and gen.dit.has_image_branch and not (args.image or args.video):
+        if needs_image(gen) and not (args.image or args.video):
             raise ValueError(f"{args.workdir} is an image-to-video model: give --image FILE "
                              "(or --video FILE)")
+        self.context_frames = None
+        if self.mode == "extend" and self.video is not None:
+            self.context_frames = v2v.check_context_frames(
+                gen, _opt(args, "context_frames"), frames, self.video.shape[0], "--context-frames")
 
     def _input_video(self, video: np.ndarray) -> np.ndarray:
         args = self.args
@@ -217,13 +250,26 @@ class SampleJob:
             clip = video
         else:
             clip = trim_frames(video, args.frames, args.video)
-        if self.mode == "upscale":
+        if self.mode == "upscale":  # v2v.upscale resizes it to --size, center-cropping as fit does
+            if clip.shape[1] * self.width != clip.shape[2] * self.height:
+                print(f"vdit sample: video {args.video} is {clip.shape[1]}x{clip.shape[2]}; "
+                      f"resizing and center-cropping it to {self.height}x{self.width} (the "
+                      "aspect is kept)")
             return video_io.to_float(clip)
         return video_io.to_float(fit(clip, self.height, self.width, f"video {args.video}"))
 
     def run(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         """A batch of prompts -> videos [B, T, H, W, 3] in [-1, 1]; prompt i uses noise drawn
-        from seeds[i] alone, so a prompt's video does not depend on the batch it ran in."""
+        from seeds[i] alone, so a prompt's video does not depend on the batch it ran in. Running
+        out of device memory raises OutOfMemory (the shape, and what to make smaller)."""
+        try:
+            return self._run(prompts, seeds)
+        except Exception as e:
+            if cli_errors.out_of_memory(e):
+                raise OutOfMemory(len(prompts), self.frames, self.height, self.width) from e
+            raise
+
+    def _run(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         gen, args, b = self.gen, self.args, len(prompts)
         context, mask = gen.encode_text(prompts)
         neg, neg_mask = gen.encode_text([_opt(args, "negative_prompt", "")] * b)
@@ -237,8 +283,8 @@ class SampleJob:
         if self.video is not None:
             video = batch(self.video)
             if self.mode == "extend":
-                out = v2v.extend(gen, video, context, neg, noise, _opt(args, "context_frames"),
-                                 steps, guidance, **text)
+                out = v2v.extend(gen, video, context, neg, noise, self.context_frames, steps,
+                                 guidance, **text)
             elif self.mode == "upscale":
                 out = v2v.upscale(gen, video, context, neg, noise, args.strength, steps, guidance,
                                   **text)

@@ -35,9 +35,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from PIL import Image
 
 from vdit import runs
+from vdit.cli_checks import SEED_MAX
 from vdit.config import check_frames
 from vdit.data import video_io
-from vdit.sample_cli import SampleJob, load_generator, parse_size
+from vdit.sample_cli import OutOfMemory, SampleJob, load_generator, needs_image, parse_size
 from vdit.serve_page import PAGE
 from vdit.serve_request import byte_range, number_field, text_field
 
@@ -85,6 +86,7 @@ class Studio:
         if self.gen.text_model is None:
             raise ValueError(f"{workdir} has no text encoder (text_encoder/ + tokenizer/): "
                              "vdit serve needs one to encode prompts")
+        self.gen_needs_image = needs_image(self.gen)
         self.defaults = self.gen.defaults
         d = self.defaults
         self.default_clip = (int(d.get("frames", 17)), int(d.get("height", 64)),
@@ -102,7 +104,9 @@ class Studio:
     def submit(self, body: dict) -> str:
         """Checks a request (ValueError naming the field) and queues it; returns the job id."""
         params = self._params(body)
-        image = _save_image(body.get("image") or "", self.out_dir)
+        if self.gen_needs_image and not params["first_image"]:
+            raise ValueError("image: this is an image-to-video model; give a first image")
+        image = _save_image(text_field(body, "image"), self.out_dir)
         args = Namespace(workdir=self.workdir, size=params["size"], fps=None, video=None,
                          frames=params["frames"], image=image, steps=params["steps"],
                          # none asked: the run's own (a two-expert run's guidance_2 too)
@@ -145,8 +149,8 @@ class Studio:
                 "frames": frames, "size": size,
                 "steps": number_field(body, "steps", int, d.get("steps", 20), 1, MAX_STEPS),
                 "guidance": number_field(body, "guidance", float, d.get("guidance", 5.0), 0.0, 100.0),
-                "seed": number_field(body, "seed", int, 0, 0, 2**31 - 1),
-                "first_image": bool(body.get("image"))}
+                "seed": number_field(body, "seed", int, 0, 0, SEED_MAX),
+                "first_image": bool(text_field(body, "image"))}
 
     def status(self, job_id: str) -> dict | None:
         with self._lock:
@@ -172,7 +176,7 @@ class Studio:
                 job.state, job.phase, job.progress = "done", "done", 1.0
             except Exception as e:  # noqa: BLE001 - a failed job is reported on the page, never fatal
                 log.exception("vdit serve: job %s failed", job.id)
-                job.state, job.phase, job.error = "error", "failed", f"{type(e).__name__}: {e}"
+                job.state, job.phase, job.error = "error", "failed", _job_error(e)
             job.seconds = time.perf_counter() - start
 
     def _run(self, job: Job) -> None:
@@ -193,6 +197,13 @@ class Studio:
         name = f"{job.id}.mp4"
         video_io.write_video(os.path.join(self.out_dir, name), video, job.job.fps)
         job.video = f"/videos/{name}"
+
+
+def _job_error(error: Exception) -> str:
+    """A failed job's message for the page: out of memory names the request's fields to shrink."""
+    if isinstance(error, OutOfMemory):
+        return error.message(OutOfMemory.FIELDS)
+    return f"{type(error).__name__}: {error}"
 
 
 def _tick(job: Job, expected: float | None, done: threading.Event) -> None:
@@ -293,9 +304,8 @@ class Handler(BaseHTTPRequestHandler):
         kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if kind != "application/json":  # a cross-site form or text/plain post cannot send this
             return self._json(415, {"error": f"Content-Type {kind!r}: send application/json"})
-        try:
-            length = int(self.headers.get("Content-Length", 0))
-        except ValueError:
+        length = _content_length(self.headers.get("Content-Length", "0"))
+        if length is None:  # rfile.read(-1) would wait for a close that never comes
             return self._json(400, {"error": "Content-Length: expected the body's size in bytes, "
                                              f"got {self.headers.get('Content-Length')!r}"})
         try:
@@ -305,6 +315,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(400, {"error": f"the request is not JSON: {e}"})
         except (ValueError, FileNotFoundError) as e:
             return self._json(400, {"error": str(e)})
+        except Exception as e:  # noqa: BLE001 - a bug answers 500 (and is logged), not a dropped
+            log.exception("vdit serve: request failed")  # connection
+            return self._json(500, {"error": f"{type(e).__name__}: {e}"})
         self._json(202, {"id": job_id})
 
     def _video(self, name: str) -> None:
@@ -321,6 +334,15 @@ class Handler(BaseHTTPRequestHandler):
         start, end = span
         self._send(206, data[start:end + 1], "video/mp4", {
             "Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"})
+
+
+def _content_length(header: str) -> int | None:
+    """The body size a Content-Length header gives; None unless a whole number >= 0."""
+    try:
+        length = int(header)
+    except ValueError:
+        return None
+    return length if length >= 0 else None
 
 
 def _jsonable(values: dict) -> dict:

@@ -42,7 +42,7 @@ from vdit.models.dit import build_dit
 from vdit.runs import checkpoint
 from vdit.train.init_from import resolve, run_weights
 
-ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", wan_lora.ADAPTER_CONFIG
 DIFFUSERS_FILES = {"lora": "pytorch_lora_weights.safetensors",  # diffusers' default weight name
                    "lora_2": "pytorch_lora_weights_2.safetensors"}
 

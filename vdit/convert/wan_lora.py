@@ -10,7 +10,12 @@ Reading (`read_lora` + `merge_lora_file`): one .safetensors file for a WanTransf
     "diffusion_model.blocks.0.self_attn.q.lora_down.weight" (or lora_A), "...lora_up.weight"
     (or lora_B), "....alpha" (scale alpha / r), "....diff_b" (a bias delta) and "....diff" (a
     whole-tensor delta: weights, norms, modulation tables);
-  - musubi-tuner's: the same with "lora_unet_" and "_" for "." ("lora_unet_blocks_0_self_attn_q").
+  - musubi-tuner's: the same with "lora_unet_" and "_" for "." ("lora_unet_blocks_0_self_attn_q");
+  - vdit's own (OUT/adapter.safetensors of `vdit export --adapter`, "blocks/attn1/to_q/kernel/a"),
+    scaled by the alpha / rank of the adapter_config.json beside it: read as the
+    pytorch_lora_weights.safetensors the same export writes (`from_vdit_adapter`). `lora_file`
+    takes such a folder too and picks that file.
+A tensor with NaN or inf values is an error naming it.
 A Conv3d (patch_embedding) adapter is A [r, C, pt, ph, pw] with B [D, r, 1, 1, 1], as peft keeps it.
 Merging adds, to each tensor in vdit's layout (the mapping of vdit/convert/wan_dit.py):
     weight += (B @ A) * scale * strength,  bias += bias_delta * scale * strength,
@@ -48,6 +53,7 @@ DIFFUSERS_PREFIX = "transformer."
 ORIGINAL_PREFIX = "diffusion_model."
 MUSUBI_PREFIX = "lora_unet_"  # musubi-tuner's names: the original ones with "_" for "."
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
+ADAPTER_CONFIG = "adapter_config.json"  # beside a `vdit export --adapter` file: rank, alpha
 PEFT_DEFAULT_ALPHA = 8  # peft's LoraConfig.lora_alpha when a saved config leaves it out
 # original Wan module names -> diffusers' (per block, then top level)
 _BLOCK_NAMES = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k",
@@ -111,13 +117,80 @@ def check_file(path: str, what: str):
     return file
 
 
+def lora_file(path: str, what: str, expert: str = "high") -> str:
+    """The LoRA file `path` names, checked (`check_file`): the file itself, or in a folder that
+    `vdit export --adapter` wrote, the diffusers-format file its adapter_config.json lists for
+    `expert` ("high": the DiT, "low": a two-expert model's dit_2)."""
+    folder = runs.check_reachable(path, what)
+    if folder.is_dir() and (folder / ADAPTER_CONFIG).is_file():
+        written = _adapter_config(folder / ADAPTER_CONFIG).get("diffusers")
+        key = "lora_2" if expert == "low" else "lora"
+        if not isinstance(written, dict) or key not in written:
+            raise ValueError(f"{what} {path!r}: this adapter folder has no diffusers-format file "
+                             f"for {key} ({written or 'none listed'} in {ADAPTER_CONFIG})")
+        path = str(folder / written[key])
+    elif folder.is_dir():
+        raise ValueError(f"{what} {path!r} is a folder: give a .safetensors LoRA file (or a "
+                         f"folder `vdit export --adapter` wrote, with its {ADAPTER_CONFIG})")
+    check_file(path, what)
+    return path
+
+
 def read_lora(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    """(tensors as float32 numpy, diffusers metadata) of a LoRA .safetensors file."""
+    """(tensors as float32 numpy, diffusers metadata) of a LoRA .safetensors file; a tensor with
+    NaN or inf values (a diverged or damaged file, which would blacken every video) is an error
+    naming it."""
     file = check_file(path, "LoRA file")
     tensors = {k: np.asarray(v, np.float32) for k, v in load_safetensors(file).items()}
     if not tensors:
         raise ValueError(f"LoRA file {path!r} holds no tensors")
+    bad = [k for k, v in sorted(tensors.items()) if not np.isfinite(v).all()]
+    if bad:
+        count = int(np.size(tensors[bad[0]]) - np.isfinite(tensors[bad[0]]).sum())
+        others = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise ValueError(f"LoRA file {path!r}: tensor {bad[0]!r} holds {count} NaN or inf "
+                         f"values{others}; the file is damaged or was saved from a diverged run: "
+                         "use an earlier or re-exported file")
     return tensors, read_metadata(file)
+
+
+def _adapter_config(path) -> dict:
+    """The JSON object of an adapter_config.json (`vdit export --adapter`)."""
+    try:
+        config = json.loads(runs.user_path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(path)!r} is not JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{os.fspath(path)!r} holds a JSON {type(config).__name__}; expected an "
+                         "object")
+    return config
+
+
+def _is_vdit_adapter(tensors) -> bool:
+    """Whether the keys are vdit's own adapter names ("blocks/attn1/to_q/kernel/a")."""
+    return all(re.fullmatch(r"[^.]+/[ab]", k) for k in tensors)
+
+
+def from_vdit_adapter(model: WanDiT, tensors: dict[str, np.ndarray], path: str):
+    """A vdit adapter file (OUT/adapter.safetensors of `vdit export --adapter`) as diffusers /
+    peft tensors, with the scale alpha / rank of the adapter_config.json beside it folded in:
+    what the same export wrote to pytorch_lora_weights.safetensors."""
+    config_path = runs.user_path(path).parent / ADAPTER_CONFIG
+    other = "give the pytorch_lora_weights.safetensors that `vdit export --adapter` wrote with it"
+    if not config_path.is_file():
+        raise ValueError(f"LoRA file {path!r} holds vdit adapter names but no {ADAPTER_CONFIG} "
+                         f"(rank, alpha) is beside it: {other}")
+    if any(k.startswith("dit_2/") for k in tensors):
+        raise ValueError(f"LoRA file {path!r} holds the adapters of both experts: give "
+                         "pytorch_lora_weights.safetensors to --lora and "
+                         "pytorch_lora_weights_2.safetensors to --lora-2 (same folder)")
+    config = _adapter_config(config_path)
+    try:
+        scale = float(config["alpha"]) / int(config["rank"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"{os.fspath(config_path)!r}: expected a rank and an alpha ({e}); "
+                         f"{other}") from e
+    return adapter_to_diffusers(model, traverse_util.unflatten_dict(tensors, sep="/"), scale)
 
 
 def _format(tensors) -> tuple[str, str]:
@@ -251,6 +324,8 @@ def merge_lora_file(model: WanDiT, params: dict, path: str, strength: float = 1.
     holds a leaf twice (`params` is unusable afterwards). Errors name the tensor that has no
     place in `model` or the wrong shape; they come before anything is deleted."""
     tensors, metadata = read_lora(path)
+    if _is_vdit_adapter(tensors):
+        tensors, metadata = from_vdit_adapter(model, tensors, path), {}
     terms = lora_terms(tensors, metadata, strength, path)
     plan = {torch: (ours, kind, shape, tshape, layer)
             for ours, torch, kind, shape, tshape, layer in tensor_plan(model)}

@@ -49,7 +49,7 @@ from vdit.models.vae import denormalize_latents, normalize_latents
 from vdit.pipelines import conditioning as cond_lib
 from vdit.pipelines import run_parts
 from vdit.pipelines.guided_dit import GuidedDiT, TwoExperts
-from vdit.train.init_from import run_weights
+from vdit.train.init_from import resolve, run_weights
 
 
 @dataclasses.dataclass
@@ -81,10 +81,13 @@ class Generator:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_workdir(cls, workdir: str, which: str = "ema") -> Generator:
-        """A trained vdit run: its DiT (EMA weights), text encoder, VAE and latent statistics."""
+        """A trained vdit run (its latest step; or a checkpoint step folder
+        `<run>/checkpoints/<step>`, that step): its DiT (EMA weights), text encoder, VAE and
+        latent statistics."""
         # Complete weights: frozen parts from the run's init_from (or seed), LoRA merged.
         params, saved = run_weights(workdir, which)
-        return cls.from_params(ml_collections.ConfigDict(saved), params, workdir)
+        run, _ = resolve(workdir)  # the run folder locates its latents (statistics)
+        return cls.from_params(ml_collections.ConfigDict(saved), params, run)
 
     @classmethod
     def from_params(cls, config: ml_collections.ConfigDict, params: dict,

@@ -13,7 +13,8 @@ extend       continue a clip from its last `context_frames` frames: the new clip
              latents (`vdit/pipelines/conditioning.py`), so `context_frames` must be 1 + 4k there.
 interpolate  first and last frames given (Wan first-last-frame conditioning, or pinning latent
              frame 0 and the last latent frame): `Generator.image_to_video(..., last_image=)`.
-upscale      resize the frames up to the noise's size (bicubic), then restyle at a low strength
+upscale      resize the frames up to cover the noise's size (bicubic) and center-crop another
+             aspect, then restyle at a low strength
              so the model re-draws the detail the resize could not; decode latents first with
              `gen.decode`.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.data.video_io import resize_video
+from vdit.data.video_io import resize_and_crop
 from vdit.pipelines import conditioning as cond_lib
 
 
@@ -68,6 +69,26 @@ def default_context_frames(gen) -> int:
     return 1 if gen.condition_channels else 1 + gen.temporal_factor
 
 
+def check_context_frames(gen, context_frames: int | None, frames: int, input_frames: int,
+                         name: str = "context_frames") -> int:
+    """`context_frames` (None: `default_context_frames`) checked for a new clip of `frames`
+    frames from an input of `input_frames`: fewer than `frames`, at most `input_frames`, and
+    1 + tf k when the model pins latent frames; returns it. The error (naming `name`) suggests
+    the nearest valid count."""
+    c = default_context_frames(gen) if context_frames is None else int(context_frames)
+    step = 1 if gen.condition_channels else gen.temporal_factor
+    valid = range(1, min(frames - 1, input_frames) + 1, step)
+    if c in valid:
+        return c
+    rule = f"1 + {step}k (pinned latent frames), " if step > 1 else ""
+    given = f"{name}={c}" + (" (the default)" if context_frames is None else "")
+    fix = (f"use {name}={min(valid, key=lambda v: abs(v - c))}" if valid else
+           "give the new clip more frames")
+    raise ValueError(f"{given}: expected {rule}from 1 to {min(frames - 1, input_frames)} (fewer "
+                     f"than the new clip's {frames} frames, at most the input's {input_frames}); "
+                     f"{fix}")
+
+
 def extend(gen, video, context, negative_context, noise, context_frames: int | None = None,
            steps: int | None = None, guidance: float | None = None, output: str = "video",
            **masks):
@@ -78,10 +99,7 @@ def extend(gen, video, context, negative_context, noise, context_frames: int | N
     video = _video("video", video, noise.shape[0])
     tf = gen.temporal_factor
     frames = 1 + tf * (noise.shape[1] - 1)
-    c = default_context_frames(gen) if context_frames is None else int(context_frames)
-    if not 1 <= c < min(frames, video.shape[1] + 1):
-        raise ValueError(f"context_frames={c}: expected 1 <= context_frames < {frames} (the new "
-                         f"clip's frames) and <= {video.shape[1]} (the input's)")
+    c = check_context_frames(gen, context_frames, frames, video.shape[1])
     tail = video[:, video.shape[1] - c:]
     _check_size(gen, "the extended clip", (noise.shape[0], frames) + tuple(tail.shape[2:4]),
                 noise)
@@ -91,10 +109,6 @@ def extend(gen, video, context, negative_context, noise, context_frames: int | N
         known = cond_lib.known_pixel_frames(frames, c)
         kw |= gen.i2v_inputs(canvas, known, tail[:, 0])
     else:
-        if (c - 1) % tf:
-            raise ValueError(f"context_frames={c}: pinning latent frames needs 1 + {tf}k frames "
-                             f"(e.g. {1 + tf * max(0, (c - 1) // tf)} or "
-                             f"{1 + tf * ((c - 1) // tf + 1)})")
         # latent frames 0..n-1 of the causal VAE see only the context frames of the canvas
         n = 1 + (c - 1) // tf
         mask = cond_lib.latent_frame_mask(noise.shape[0], noise.shape[1], range(n))
@@ -113,15 +127,18 @@ def interpolate(gen, first, last, context, negative_context, noise, steps: int |
 
 
 def resize_batch(video, height: int, width: int) -> np.ndarray:
-    """[B, T, H, W, 3] float in [-1, 1] -> [B, T, height, width, 3] (video_io's resize)."""
+    """[B, T, H, W, 3] float in [-1, 1] -> [B, T, height, width, 3], each video resized to cover
+    the size and center-cropped (video_io's resize_and_crop): another aspect is kept, not
+    stretched."""
     video = np.asarray(video, np.float32)
-    return np.stack([resize_video(v, height, width) for v in video])
+    return np.stack([resize_and_crop(v, height, width) for v in video])
 
 
 def upscale(gen, video, context, negative_context, noise, strength: float = 0.3,
             steps: int | None = None, guidance: float | None = None, output: str = "video",
             **masks):
-    """`video` [B, T, h, w, 3] resized up to the noise's size, then restyled at `strength`."""
+    """`video` [B, T, h, w, 3] resized up to cover the noise's size and center-cropped (another
+    aspect is kept, not stretched), then restyled at `strength`."""
     noise = gen._check_noise(noise)
     video = _video("video", video, noise.shape[0])
     f = gen.vae.spatial_factor
