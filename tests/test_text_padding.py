@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from dit_testing import pack_row
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vdit import config as config_lib
 from vdit.convert import wan_dit
@@ -38,6 +39,15 @@ def test_blocks_hold_each_segment_then_zeros():
         [13, 14, 0, 0, 15, 16, 17, 18, 0, 0, 0, 0]])
     np.testing.assert_array_equal(block_ids, [[1] * 4 + [2] * 4 + [3] * 4,
                                               [1] * 4 + [2] * 4 + [0] * 4])
+
+
+def test_blocks_keep_rows_on_their_devices():
+    """Rows sharded over fsdp: laying out the blocks moves no row between devices."""
+    mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+    rows = NamedSharding(mesh, PartitionSpec("fsdp"))
+    layout = jax.jit(lambda c, i: pad_text_blocks(c, i, 4, 24), in_shardings=(rows, rows))
+    compiled = layout.lower(jnp.ones((16, 64, 32)), jnp.ones((16, 64), jnp.int32)).compile()
+    assert "all-gather" not in compiled.as_text() and "all-to-all" not in compiled.as_text()
 
 
 @pytest.fixture(scope="module")

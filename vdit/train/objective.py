@@ -38,21 +38,17 @@ def encode_packed_text(text_model, text_params, batch: dict, num_segments: int,
 def pad_text_blocks(context, segment_ids, num_segments: int, pad_to: int):
     """context [B, L, D] packed (each segment's tokens contiguous, id 0 = padding) ->
     ([B, K * pad_to, D], [B, K * pad_to]): segment k's first `pad_to` tokens at the start of
-    block k - 1, zeros after them; block k - 1 has id k when segment k is in the row, else 0."""
-    b, length = segment_ids.shape
-    index = jnp.arange(length)
-    starts = jnp.concatenate([jnp.ones((b, 1), bool),
-                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    position = index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
-    slots = num_segments * pad_to
-    keep = (segment_ids > 0) & (segment_ids <= num_segments) & (position < pad_to)
-    target = jnp.where(keep, (segment_ids - 1) * pad_to + position, slots)  # slots: dropped
-    rows = jnp.arange(b)[:, None]
-    out = jnp.zeros((b, slots + 1) + context.shape[2:], context.dtype)
-    out = out.at[rows, target].set(context)[:, :slots]
-    present = jnp.any(segment_ids[:, :, None] == jnp.arange(1, num_segments + 1), axis=1)
-    block_ids = jnp.where(present, jnp.arange(1, num_segments + 1), 0)
-    return out, jnp.repeat(block_ids, pad_to, axis=1).astype(segment_ids.dtype)
+    block k - 1, zeros after them; block k - 1 has id k when segment k is in the row, else 0.
+    A gather along each row: rows sharded over the batch axes stay where they are (a scatter
+    here made XLA all-gather the batch)."""
+    member = segment_ids[:, :, None] == jnp.arange(1, num_segments + 1)  # [B, L, K]
+    counts, starts = jnp.sum(member, axis=1), jnp.argmax(member, axis=1)  # [B, K]
+    slot = jnp.arange(pad_to)
+    real = (slot < counts[:, :, None]).reshape(segment_ids.shape[0], -1)  # [B, K * pad_to]
+    source = jnp.where(real, (starts[:, :, None] + slot).reshape(real.shape), 0)
+    out = jnp.where(real[..., None], jnp.take_along_axis(context, source[..., None], axis=1), 0)
+    block_ids = jnp.where(counts > 0, jnp.arange(1, num_segments + 1), 0)
+    return out.astype(context.dtype), jnp.repeat(block_ids, pad_to, axis=1).astype(segment_ids.dtype)
 
 
 def make_dit_loss(dit, text_model, cfg, dit_key: str = "dit",
