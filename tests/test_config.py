@@ -80,6 +80,22 @@ def test_choices_and_mesh(config_file):
         cfglib.load_config(config_file, ["--config.mesh.fsdp=-1"])
     with pytest.raises(cfglib.ConfigError, match=r"mesh\.tensor"):
         cfglib.load_config(config_file, ["--config.mesh.tensor=0"])
+    # multi-slice axes (launch/README) on any config's mesh; only the known axes
+    assert cfglib.load_config(config_file, ["--config.mesh.dcn_data=2"]).mesh.dcn_data == 2
+    with pytest.raises(cfglib.ConfigError, match=r"unknown config key 'mesh.dcn_batch'"):
+        cfglib.load_config(config_file, ["--config.mesh.dcn_batch=2"])
+
+
+def test_optimizer_values_out_of_range_are_named():
+    config = cfglib.load_config(os.path.join(CONFIG_DIR, "shapes_dit.py"))
+    for key, value, message in (("train.ema_decay", 1.5, "expected a number in \\[0, 1\\]"),
+                                ("optim.grad_accum", 0, "expected a whole number >= 1")):
+        bad = cfglib.load_config(os.path.join(CONFIG_DIR, "shapes_dit.py"))
+        section, leaf = key.split(".")
+        bad[section][leaf] = value
+        with pytest.raises(cfglib.ConfigError, match=f"'{key}' = {value}: {message}"):
+            cfglib.validate(bad)
+    cfglib.validate(config)
 
 
 def test_missing_file_and_bad_module(tmp_path):

@@ -99,9 +99,16 @@ def test_cli_dry_run_prints_one_json_line_and_checks_hbm(tmp_path, capsys):
     assert f"{over:.2f} GiB more than --hbm-gb" in captured.err
     assert cli.main(args + ["--hbm-gb", str(4 * hbm)]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is True
-    # A run with nothing frozen (the text encoder trained too) has no frozen inputs to count.
-    assert cli.main(args + ["--config.text.trainable=True"]) == 0
-    assert json.loads(capsys.readouterr().out)["frozen_params"] == 0
+    # A run with nothing frozen (the text encoder trained too) has no frozen inputs to count;
+    # a pod recipe's TPU kernel compiles here as XLA attention, said in the report.
+    assert cli.main(args + ["--config.text.trainable=True", "--config.model.attention=splash"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["frozen_params"] == 0 and report["attention"] == "xla"
+    # training for real on this machine refuses that kernel at start-up, naming the key
+    args[args.index("--dry-run")] = "--config.model.attention=splash"
+    assert cli.main(args) == 1
+    assert "attention backend 'splash' (config.model.attention) needs a TPU" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -140,8 +140,12 @@ def test_upscale_resizes_then_restyles(gen, text):
     out = v2v.upscale(gen, small, ctx, neg, _noise(gen), 0.5, STEPS, 5.0)
     assert out.shape == (2, 9, 32, 32, 3)
     assert float(jnp.abs(out).max()) <= 1.0
-    with pytest.raises(ValueError, match="larger than the target 32x32"):
+    with pytest.raises(ValueError, match="larger than the target 32x32 .* on both sides"):
         v2v.upscale(gen, smooth_video(2, height=48, width=48), ctx, neg, _noise(gen), 0.5, STEPS)
+    # taller but narrower than the target: covering it scales up (to 96x32), then crops
+    tall = v2v.upscale(gen, smooth_video(2, height=48, width=16), ctx, neg, _noise(gen), 0.5,
+                       STEPS, 5.0)
+    assert tall.shape == (2, 9, 32, 32, 3)
 
 
 def test_upscale_keeps_the_aspect_of_another_shaped_video():

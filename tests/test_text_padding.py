@@ -153,6 +153,19 @@ def test_finetune_from_another_text_layout_is_said(caplog):
            "captions only (config key 'data.text_pad_to' = 0" in caplog.text
 
 
+def test_resuming_on_another_text_layout_is_refused():
+    """A run saved with packed captions (before its recipe set text_pad_to) does not switch."""
+    from vdit.train.loop import check_resume_compatible
+
+    saved = {"model": {}, "data": {"num_workers": 0}}  # saved before the key existed
+    config = ml_collections.ConfigDict(dict(model={}, data=dict(num_workers=0, text_pad_to=512)))
+    with pytest.raises(ValueError, match=r"'data.text_pad_to' = 512, but the checkpoint's DiT "
+                                         r"trained on text laid out with 0 .*text_pad_to=0"):
+        check_resume_compatible(saved, config)
+    config.data.text_pad_to = 0
+    check_resume_compatible(saved, config)
+
+
 def test_plan_counts_the_padded_blocks():
     """Four clips of 256 tokens: with 512-position blocks each clip's queries cross its own 512
     text positions (GPU kernel blocks of 64 skip the rest), not 64 packed ones."""

@@ -144,6 +144,9 @@ def set_value(config: ml_collections.ConfigDict, key: str, value) -> None:
             raise ConfigError(f"unknown config key {key!r}: {part!r} is not a section of {where}; "
                               f"known: {sorted(node.keys())}")
         node = node[part]
+    if leaf not in node and parents == ["mesh"] and leaf.startswith("dcn_"):
+        node[leaf] = value  # multi-slice axis sizes: any config's mesh takes them (validated)
+        return
     if leaf not in node:
         raise ConfigError(f"unknown config key {key!r}; known keys here: {sorted(node.keys())}")
     node[leaf] = _coerce(key, node[leaf], value)
@@ -182,13 +185,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _validate_data_shapes(config)
     _validate_counts(config)
     _validate_text_pad(config)
+    ema = config.get("train", {}).get("ema_decay", None)
+    if ema is not None and not 0.0 <= float(ema) <= 1.0:
+        raise ConfigError(f"config key 'train.ema_decay' = {ema!r}: expected a number in [0, 1] "
+                          "(the share of the old average kept each step)")
 
 
 # Counts that must be at least 1: a run with steps <= 0 would do nothing and say nothing.
 POSITIVE_KEYS = ("train.steps", "train.log_every", "train.max_bad_steps", "checkpoint.every",
                  "checkpoint.keep", "vae_train.steps", "vae_train.batch_size",
                  "data.rows_per_batch", "data.tokens_per_row", "data.text_per_row",
-                 "data.max_segments")
+                 "data.max_segments", "optim.grad_accum")
 # Counts where 0 means off (or "always").
 NON_NEGATIVE_KEYS = ("checkpoint.keep_every", "checkpoint.replica_slice_min_bytes",
                      "data.text_pad_to")
@@ -205,17 +212,21 @@ def _validate_counts(config: ml_collections.ConfigDict) -> None:
                 raise ConfigError(f"config key {key!r} = {value!r}: expected a whole number >= {low}")
 
 
+def text_pad_to(config) -> int:
+    """`data.text_pad_to` of a config (or a saved config dict): 0 when absent (packed text)."""
+    return int((config.get("data", {}) or {}).get("text_pad_to", 0) or 0)
+
+
 def text_masked(config) -> bool:
     """Whether the DiT sees each prompt's real tokens only (`sample.mask_text`), by default as it
     trained: packed text, masked; `data.text_pad_to` blocks (Wan's layout), every position."""
-    trained_padded = int(config.get("data", {}).get("text_pad_to", 0) or 0) > 0
-    return bool(config.get("sample", {}).get("mask_text", not trained_padded))
+    return bool(config.get("sample", {}).get("mask_text", text_pad_to(config) == 0))
 
 
 def _validate_text_pad(config: ml_collections.ConfigDict) -> None:
     """A DiT trained on zero-padded text blocks samples on prompts padded the same way
     (`text.max_length` positions, every one attended: `sample.mask_text` False)."""
-    pad_to = int(config.get("data", {}).get("text_pad_to", 0) or 0)
+    pad_to = text_pad_to(config)
     if pad_to <= 0:
         return
     max_length = config.get("text", {}).get("max_length", None)

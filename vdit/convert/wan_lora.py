@@ -181,9 +181,10 @@ def from_vdit_adapter(model: WanDiT, tensors: dict[str, np.ndarray], path: str):
         raise ValueError(f"LoRA file {path!r} holds vdit adapter names but no {ADAPTER_CONFIG} "
                          f"(rank, alpha) is beside it: {other}")
     if any(k.startswith("dit_2/") for k in tensors):
-        raise ValueError(f"LoRA file {path!r} holds the adapters of both experts: give "
-                         "pytorch_lora_weights.safetensors to --lora and "
-                         "pytorch_lora_weights_2.safetensors to --lora-2 (same folder)")
+        raise ValueError(f"LoRA file {path!r} holds a two-expert model's adapters (dit_2/ "
+                         "keys): give the diffusers files the same export wrote, "
+                         "pytorch_lora_weights.safetensors (high-noise expert) to --lora and "
+                         "pytorch_lora_weights_2.safetensors (low-noise) to --lora-2")
     config = _adapter_config(config_path)
     try:
         scale = float(config["alpha"]) / int(config["rank"])

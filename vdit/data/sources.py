@@ -114,20 +114,34 @@ def local_shards(paths: Sequence[str]) -> list[str]:
     return local
 
 
+# A host's share may hold at most this much more data than the smallest share: every host packs
+# the same rows a step, so a host with less data would repeat its clips more often.
+SHARE_BALANCE = 1.1
+
+
 def process_shards(paths: Sequence[str], process_index: int,
                    process_count: int) -> tuple[list[str], bool]:
     """(the shards this process reads, whether they are its own share). Remote shards are split
-    between the processes when there are at least as many shards as processes, so each host
-    copies its 1/N of them instead of all (`local_shards`); its pipeline then reads all of its
-    share. Local shards (and too few remote ones) stay whole, each process taking every N-th
-    record of the globally shuffled set."""
+    between the processes, largest first to the lightest share, so each host copies about 1/N of
+    the bytes instead of all (`local_shards`) and its pipeline reads all of its share; only when
+    every share ends within `SHARE_BALANCE` of the smallest (equal sampling on every host; an
+    empty shard from a small encode unbalances it). Otherwise, and for local shards, every
+    process keeps them all and takes every N-th record of the globally shuffled set."""
     paths = [str(p) for p in paths]
-    if process_count > 1 and any(runs.is_remote(p) for p in paths):
-        if len(paths) >= process_count:
-            return paths[process_index::process_count], True
-        log.warning("%d remote latent shards for %d processes: every host copies all of them; "
-                    "encode at least %d shards (config key 'encode.num_shards') to give each "
-                    "host its own share", len(paths), process_count, process_count)
+    if process_count <= 1 or not any(runs.is_remote(p) for p in paths):
+        return paths, False
+    sizes = [runs.user_path(p).stat().length for p in paths]
+    shares, load = [[] for _ in range(process_count)], [0] * process_count
+    for i in sorted(range(len(paths)), key=lambda i: -sizes[i]):
+        lightest = load.index(min(load))
+        shares[lightest].append(i)
+        load[lightest] += sizes[i]
+    if min(load) > 0 and max(load) <= SHARE_BALANCE * min(load):
+        return [paths[i] for i in sorted(shares[process_index])], True
+    log.warning("%d remote latent shards do not split evenly over %d processes (shares of %.3g to "
+                "%.3g GiB): every host copies all of them; encode more shards of equal size "
+                "(config key 'encode.num_shards', at most the clip count) to give each host its "
+                "own share", len(paths), process_count, min(load) / 2**30, max(load) / 2**30)
     return paths, False
 
 

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdit.config import text_pad_to
 from vdit.diffusion import flow
 from vdit.diffusion.samplers_consistency import consistency_times
 from vdit.models import lora
@@ -130,7 +131,7 @@ def make_distill_loss(dit, text_model, config, null_ids: np.ndarray):
     fine = window_grid(config) if method == "window" else None
     windows, substeps = int(config.sample.steps), int(cfg.get("teacher_substeps", 1))
     window_start = cfg.get("window_start", "data")
-    pad_to = int(config.data.get("text_pad_to", 0))
+    pad_to = text_pad_to(config)
 
     def velocity(dit_params, x_t, t_seg, batch, context, context_ids, model=dit):
         x_in = conditioning.model_input(dit, x_t, batch, jax.random.key(0), 0.0, num_segments)

@@ -143,9 +143,9 @@ def upscale(gen, video, context, negative_context, noise, strength: float = 0.3,
     video = _video("video", video, noise.shape[0])
     f = gen.vae.spatial_factor
     height, width = noise.shape[2] * f, noise.shape[3] * f
-    if video.shape[2] > height or video.shape[3] > width:
+    if max(height / video.shape[2], width / video.shape[3]) < 1:  # covering it would shrink it
         raise ValueError(f"upscale: the video is {video.shape[2]}x{video.shape[3]}, larger than "
-                         f"the target {height}x{width} the noise implies")
+                         f"the target {height}x{width} the noise implies on both sides")
     up = resize_batch(video, height, width)
     return restyle(gen, up, context, negative_context, noise, strength, steps, guidance, output,
                    **masks)

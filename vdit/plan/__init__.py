@@ -41,7 +41,14 @@ import sys
 import jax
 import ml_collections
 
-from vdit.config import check_frames, check_size, load_config, require_sections, spatial_stride
+from vdit.config import (
+    check_frames,
+    check_size,
+    load_config,
+    require_sections,
+    spatial_stride,
+    text_pad_to,
+)
 from vdit.models.dit import build_dit
 from vdit.parallel.mesh import (
     MESH_AXES,
@@ -257,7 +264,7 @@ def run_cli(args) -> int:
               "in the loss are not in these figures")
     cost = attention_cost(config.model, problem.rows, problem.tokens,
                           clip_tokens_of(config, args, problem), problem.text_len,
-                          int(config.data.get("text_pad_to", 0) or 0),
+                          text_pad_to(config),
                           int(config.data.get("max_segments", 1)))
     print(format_cost(cost))
     if args.json:

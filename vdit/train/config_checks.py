@@ -9,7 +9,9 @@ with the code it configures and raises a ConfigError/ValueError naming the key.
 
 from __future__ import annotations
 
+from vdit.config import ConfigError
 from vdit.models import lora
+from vdit.models.attention import resolve_backend
 from vdit.train import conditioning, experts, init_from
 
 
@@ -21,3 +23,13 @@ def check_train_config(config, dit):
     conditioning.check_config(config, dit)
     experts.check_config(config)
     return config
+
+
+def check_attention_here(dit) -> None:
+    """The DiT's attention kernel runs on this machine: a TPU/GPU kernel named on a CPU host is an
+    error naming config.model.attention at start-up, not while tracing the model (a dry run
+    compiles XLA's attention instead, `vdit.train.dry_run.attention_here`)."""
+    try:
+        resolve_backend(dit.attention)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from e

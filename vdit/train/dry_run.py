@@ -7,6 +7,8 @@ ahead of time with the real shardings, and reports one JSON line:
 
   params                     trainable parameters (frozen_params: the frozen ones)
   devices, mesh, backend     where it compiled (the fake CPU mesh in tests; a pod's hosts there)
+  attention                  the attention backend compiled: the recipe's, or XLA's where this
+                             machine lacks its kernel (splash / cudnn / block_sparse on CPU)
   tokens_per_row, rows_per_batch, text_per_row   the step's batch
   compiled_bytes_per_device  XLA's memory_analysis: arguments + outputs - donated aliases + temps,
                              plus the inputs the step does not read but the trainer holds
@@ -21,6 +23,7 @@ fused kernel, so compare against `--hbm-gb` on the accelerator itself or use `vd
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -28,6 +31,7 @@ import time
 import jax
 
 from vdit.data import pipeline
+from vdit.models.attention import resolve_backend
 from vdit.models.dit import build_dit
 from vdit.train import preflight
 from vdit.train.config_checks import check_train_config
@@ -42,12 +46,24 @@ class DoesNotFitError(ValueError):
     """The compiled step needs more memory per device than --hbm-gb allows."""
 
 
+def attention_here(config):
+    """(config, the attention backend compiled): the recipe's `model.attention` when this machine
+    runs it, else XLA's (a pod recipe naming splash / cudnn / block_sparse dry-runs on CPU)."""
+    try:
+        return config, resolve_backend(config.model.attention)
+    except RuntimeError:
+        config = copy.deepcopy(config)
+        config.model.attention = "xla"
+        return config, "xla"
+
+
 def dry_run(config, overrides=(), hbm_gb: float | None = None, setup_fn=step_setup) -> dict:
     """The report described in the module docstring; DoesNotFitError over `hbm_gb` GiB.
 
     `setup_fn` builds the step as `vdit.train.loop.step_setup` does (`vdit distill --dry-run`
     passes the distillation's)."""
     t0 = time.perf_counter()
+    config, attention = attention_here(config)
     dit = build_dit(config.model)
     config = check_train_config(config, dit)
     setup = setup_fn(config, dit, build_text_model(config))
@@ -69,7 +85,7 @@ def dry_run(config, overrides=(), hbm_gb: float | None = None, setup_fn=step_set
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
     report = {
         "params": count(state.params), "frozen_params": count(frozen),
-        "devices": jax.device_count(), "backend": jax.default_backend(),
+        "devices": jax.device_count(), "backend": jax.default_backend(), "attention": attention,
         "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
         "tokens_per_row": int(config.data.tokens_per_row),
         "rows_per_batch": int(config.data.rows_per_batch),

@@ -284,9 +284,9 @@ def check_text_layout(config, source: dict) -> None:
     if theirs != ours:
         said = {True: "packed captions only", False: "every zero-padded text position"}
         log.warning("train.init_from %s attends to %s, this run's DiT trains on %s (config key "
-                    "'data.text_pad_to' = %s; Wan's weights want text.max_length)",
-                    source_path(config), said[theirs], said[ours],
-                    config.get("data", {}).get("text_pad_to", 0))
+                    "'data.text_pad_to' = %s; set it as the source trained: text.max_length for "
+                    "Wan's weights, 0 for a vdit model trained on packed captions)",
+                    source_path(config), said[theirs], said[ours], config_lib.text_pad_to(config))
 
 
 def _fit(source: dict, target, where: str) -> dict:

@@ -25,6 +25,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
 from vdit import runs
+from vdit.config import text_pad_to
 from vdit.data import encode, pipeline, sources
 from vdit.data.conditions import COND_TOKENS, MICRO_PREFIX
 from vdit.models import lora
@@ -33,7 +34,7 @@ from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.runs import checkpoint
 from vdit.runs.run_kind import KINDS
 from vdit.train import conditioning, experts, init_from, optim, preflight
-from vdit.train.config_checks import check_train_config
+from vdit.train.config_checks import check_attention_here, check_train_config
 from vdit.train.flops import jaxpr_flops
 from vdit.train.lock import workdir_lock
 from vdit.train.metrics import MetricsWriter, drop_rows_after
@@ -89,8 +90,9 @@ def step_setup(config, dit, text_model) -> StepSetup:
 
 
 def check_resume_compatible(saved: dict, config, sections=SHAPE_SECTIONS) -> None:
-    """Refuses to resume when a key that fixes parameter shapes, or the saved data position's
-    layout (`data.num_workers`: one position per worker), differs from the checkpoint's. How the
+    """Refuses to resume when a key that fixes parameter shapes, the saved data position's
+    layout (`data.num_workers`: one position per worker) or the DiT's text layout
+    (`data.text_pad_to`) differs from the checkpoint's. How the
     step computes (COMPUTE_KEYS: remat, dtypes, attention backend) may change, e.g. remat after
     running out of memory."""
     want, have = ("vae" if tuple(sections) == ("vae",) else "dit"), ("dit" if "model" in saved else "vae")
@@ -105,6 +107,12 @@ def check_resume_compatible(saved: dict, config, sections=SHAPE_SECTIONS) -> Non
                          f"checkpoint saved the data position of {workers[0]!r} workers, which "
                          "another count cannot continue; resume with data.num_workers="
                          f"{workers[0]!r} or start a new --workdir with train.init_from")
+    pad = [text_pad_to(c) for c in (saved, config)]
+    if "data" in saved and "data" in config and pad[0] != pad[1]:
+        raise ValueError(f"cannot resume: config key 'data.text_pad_to' = {pad[1]}, but the "
+                         f"checkpoint's DiT trained on text laid out with {pad[0]} (0: packed "
+                         f"captions, pads never attended); resume with data.text_pad_to={pad[0]} or "
+                         "start a new --workdir with train.init_from")
     changed = []
     for section in sections:
         now = config[section].to_dict() if section in config else {}
@@ -222,6 +230,7 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
     use_compilation_cache(config)
     dit, text_model, tokenizer = build_models(config)
     config = check_train_config(config, dit)
+    check_attention_here(dit)
     setup = setup_fn(config, dit, text_model)
     mesh, rules = setup.mesh, setup.rules
     preflight.check_batch_divides(int(config.data.rows_per_batch), mesh)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vdit.config import text_pad_to
 from vdit.diffusion import flow
 from vdit.train import conditioning
 
@@ -79,7 +80,7 @@ def make_loss_terms(dit, text_model, cfg, dit_key: str = "dit"):
     num_segments = int(cfg.data.max_segments)
     i2v_rate = conditioning.i2v_rate(cfg)
     clean_first = conditioning.clean_first_frame(cfg, dit)
-    pad_to = int(cfg.data.get("text_pad_to", 0))
+    pad_to = text_pad_to(cfg)
 
     def terms(params, frozen, batch, t_seg, noise, rng):
         weights = {**frozen, **params}
