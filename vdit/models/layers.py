@@ -213,14 +213,23 @@ def _gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
 
-# transformers' `hidden_act` / `feed_forward_proj` names (its ACT2FN), for the encoders it defines.
+def _gelu(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+# transformers' `hidden_act` / `feed_forward_proj` names (its ACT2FN) for the encoders it defines:
+# every one without learned parameters (prelu and xielu have them).
 HF_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": _gelu, "gelu_python": _gelu, "gelu_10": lambda x: jnp.clip(_gelu(x), -10.0, 10.0),
     "gelu_new": _gelu_tanh, "gelu_fast": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_accurate": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh, "gelu_python_tanh": _gelu_tanh,
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu, "relu6": jax.nn.relu6, "silu": jax.nn.silu, "swish": jax.nn.silu,
+    "relu": jax.nn.relu, "relu6": jax.nn.relu6, "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01), "hardswish": jax.nn.hard_swish,
+    "silu": jax.nn.silu, "swish": jax.nn.silu, "linear": lambda x: x,
     "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "sqrtsoftplus": lambda x: jnp.sqrt(jax.nn.softplus(x)),
+    "laplace": lambda x: 0.5 * (1.0 + jax.lax.erf((x - 0.707107) / (0.282095 * 2 ** 0.5))),
 }
 
 
