@@ -104,6 +104,8 @@ CASES = [
                                       e["root"] + "/prompts.bin"],
      ["--prompt-file", "prompts.bin", "not UTF-8"], 1),
     ("huge seed", lambda e: _sample(e, "--seed", str(2 ** 70)), ["--seed", "0..4294967295"], 1),
+    ("seed wraps", lambda e: _sample(e, "--prompt", "a blue square", "--seed", str(2 ** 32 - 1)),
+     ["--seed 4294967295 with 2 prompts", "give --seed <= 4294967294"], 1),
     ("zero-clip shards", lambda e: ["train", "--config", DIT, "--workdir", e["root"] + "/w3",
                                     *_tiny(e, e["empty"])], ["empty_shards", "hold no clips"], 1),
     ("mesh does not divide rows", lambda e: ["train", "--config", DIT, "--workdir",

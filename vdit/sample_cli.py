@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from vdit import cli_errors, runs
+from vdit.cli_checks import SEED_MAX
 from vdit.config import check_frames
 from vdit.convert import wan_lora
 from vdit.convert.diffusers_folder import is_pipeline_folder
@@ -307,6 +308,10 @@ def run_cli(args) -> int:
     """The body of `vdit sample`; returns the exit status (errors raise ValueError and friends)."""
     prompts = read_prompts(args)
     paths = output_paths(args.out, len(prompts))
+    if args.seed + len(prompts) - 1 > SEED_MAX:  # jax.random.key would wrap past 2^32 - 1
+        raise ValueError(f"--seed {args.seed} with {len(prompts)} prompts: prompt i samples with "
+                         f"seed --seed + i, which must stay <= {SEED_MAX}; give --seed <= "
+                         f"{SEED_MAX - len(prompts) + 1}")
     if args.frames is not None:
         check_frames("--frames", args.frames)
     if args.size:
