@@ -45,7 +45,7 @@ import numpy as np
 from flax import traverse_util
 
 from vdit import runs
-from vdit.convert.safetensors_io import load_safetensors
+from vdit.convert.safetensors_io import load_safetensors, read_json_dict
 from vdit.convert.wan_dit import tensor_plan, to_ours, to_torch
 from vdit.models.dit import WanDiT
 
@@ -123,7 +123,7 @@ def lora_file(path: str, what: str, expert: str = "high") -> str:
     `expert` ("high": the DiT, "low": a two-expert model's dit_2)."""
     folder = runs.check_reachable(path, what)
     if folder.is_dir() and (folder / ADAPTER_CONFIG).is_file():
-        written = _adapter_config(folder / ADAPTER_CONFIG).get("diffusers")
+        written = read_json_dict(folder / ADAPTER_CONFIG).get("diffusers")
         key = "lora_2" if expert == "low" else "lora"
         if not isinstance(written, dict) or key not in written:
             raise ValueError(f"{what} {path!r}: this adapter folder has no diffusers-format file "
@@ -154,18 +154,6 @@ def read_lora(path: str) -> tuple[dict[str, np.ndarray], dict]:
     return tensors, read_metadata(file)
 
 
-def _adapter_config(path) -> dict:
-    """The JSON object of an adapter_config.json (`vdit export --adapter`)."""
-    try:
-        config = json.loads(runs.user_path(path).read_text())
-    except ValueError as e:
-        raise ValueError(f"{os.fspath(path)!r} is not JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{os.fspath(path)!r} holds a JSON {type(config).__name__}; expected an "
-                         "object")
-    return config
-
-
 def _is_vdit_adapter(tensors) -> bool:
     """Whether the keys are vdit's own adapter names ("blocks/attn1/to_q/kernel/a")."""
     return all(re.fullmatch(r"[^.]+/[ab]", k) for k in tensors)
@@ -185,7 +173,7 @@ def from_vdit_adapter(model: WanDiT, tensors: dict[str, np.ndarray], path: str):
                          "keys): give the diffusers files the same export wrote, "
                          "pytorch_lora_weights.safetensors (high-noise expert) to --lora and "
                          "pytorch_lora_weights_2.safetensors (low-noise) to --lora-2")
-    config = _adapter_config(config_path)
+    config = read_json_dict(config_path)
     try:
         scale = float(config["alpha"]) / int(config["rank"])
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
