@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from vae_reference import from_torch, rel_err, to_torch
 
 from vdit.pipelines.generate import Generator
-from vdit.sample_cli import load_generator
+from vdit.sample_cli import load_generator, needs_image
 
 FRAMES, STEPS = 9, 4
 
@@ -58,7 +58,13 @@ def test_two_expert_sampling_matches_diffusers(i2v, tmp_path):
     if i2v:
         image = _image(32)
         ours = gen.image_to_video(_pixels(image, 2), ctx, neg, noise, **kw)
+        # I2V-A14B has I2V channels but no CLIP branch: never trained without an image, so
+        # text-to-video's zero condition is refused (diffusers' pipeline requires `image`).
+        assert gen.image_only and needs_image(gen)
+        with pytest.raises(ValueError, match="image-to-video model.*give an image"):
+            gen.text_to_video(ctx, neg, noise, steps=1)
     else:
+        assert not gen.image_only and not needs_image(gen)
         image = None
         ours = gen.text_to_video(ctx, neg, noise, **kw)
     ref = _reference(pipe, ctx, neg, noise, 32, image, guidance_scale=5.0, guidance_scale_2=2.0)
@@ -86,8 +92,13 @@ def test_two_expert_sampling_matches_diffusers(i2v, tmp_path):
 
 def test_ti2v_image_to_video_matches_diffusers(tmp_path):
     pipe = ti2v_i2v_pipeline(str(tmp_path))
+    # The published TI2V-5B vae/config.json carries "clip_output", which diffusers ignores.
+    vae_config = tmp_path / "vae" / "config.json"
+    vae_config.write_text(json.dumps(json.loads(vae_config.read_text()) | {"clip_output": False}))
     gen = Generator.from_diffusers(str(tmp_path))
     assert gen.expand_timesteps and gen.condition_channels == 0
+    assert gen.defaults["fps"] == 24.0 and not gen.image_only  # 720p at 24 fps; T2V allowed
+    assert (gen.defaults["height"], gen.defaults["width"], gen.defaults["frames"]) == (704, 1280, 121)
     ctx, neg = text_embeddings(1)
     size = 64  # 4x4 latents at 16x
     noise = _noise((1, 3, 4, 4, Z22), seed=4)
@@ -119,6 +130,9 @@ def test_two_expert_folder_errors_are_named(tmp_path):
     index_path.write_text(json.dumps({k: v for k, v in index.items() if k != "boundary_ratio"}))
     with pytest.raises(ValueError, match="needs both transformer_2/ and boundary_ratio"):
         Generator.from_diffusers(str(tmp_path))
+    index_path.unlink()  # not mistaken for a vdit run folder ("has no checkpoints/")
+    with pytest.raises(FileNotFoundError, match="needs its model_index.json"):
+        load_generator(str(tmp_path))
 
 
 def _lora_file(path, seed, original):

@@ -36,7 +36,7 @@ from vdit import cli_errors, runs
 from vdit.cli_checks import SEED_MAX
 from vdit.config import check_frames
 from vdit.convert import wan_lora
-from vdit.convert.diffusers_folder import is_pipeline_folder
+from vdit.convert.diffusers_folder import is_pipeline_folder, looks_like_pipeline_folder
 from vdit.data import video_io
 from vdit.models.tokenizers import prompt_clean
 from vdit.pipelines import video_to_video as v2v
@@ -83,6 +83,9 @@ def load_generator(workdir: str, loras=(), loras_2=(), weights: str | None = Non
             raise ValueError(f"--weights {weights}: {workdir} is a diffusers folder, which holds "
                              "one set of weights")
         gen, kind = Generator.from_diffusers(workdir), "diffusers"
+    elif looks_like_pipeline_folder(workdir):
+        raise FileNotFoundError(f"--workdir {workdir}: a diffusers pipeline folder (it has "
+                                "transformer/ and vae/) needs its model_index.json too")
     else:
         gen, kind = Generator.from_workdir(workdir, weights or "ema"), "vdit"
     for (path, strength), expert in specs:
@@ -186,9 +189,10 @@ def trim_frames(video: np.ndarray, frames: int | None, path: str) -> np.ndarray:
 
 
 def needs_image(gen) -> bool:
-    """Whether `gen` is an image-to-video model (I2V channels and a CLIP image branch): it
-    samples only from a first image (or an input video's first frame)."""
-    return bool(gen.condition_channels and gen.dit.has_image_branch)
+    """Whether `gen` is an image-to-video model (I2V channels and a CLIP image branch, or an
+    image-to-video pipeline folder): it samples only from a first image (or an input video's
+    first frame)."""
+    return bool(gen.condition_channels and (gen.dit.has_image_branch or gen.image_only))
 
 
 class OutOfMemory(ValueError):

@@ -31,11 +31,30 @@ WAN_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.074
 # diffusers' Wan __call__ defaults (and the fps its examples export with).
 WAN_DEFAULTS = {"steps": 50, "guidance": 5.0, "frames": 81, "height": 480, "width": 832,
                 "fps": 16.0}
+# Wan2.2 TI2V-5B is a 720p, 24 fps model (Wan2.2's own config; diffusers' example exports at 24).
+TI2V_DEFAULTS = {"frames": 121, "height": 704, "width": 1280, "fps": 24.0}
 MAX_TEXT_TOKENS = 512  # Wan's max_sequence_length: prompts are padded to 512 tokens
+
+
+def sampling_defaults(index: dict) -> dict:
+    """Steps, guidance, frames, size and fps to sample a folder of this model_index.json with."""
+    return dict(WAN_DEFAULTS) | (TI2V_DEFAULTS if index.get("expand_timesteps") else {})
+
+
+def is_image_only(pipeline_class: str | None, expand_timesteps: bool) -> bool:
+    """An image-to-video pipeline whose model never saw text-to-video's zero condition (Wan2.1
+    I2V, Wan2.2 I2V-A14B); TI2V-5B (`expand_timesteps`) does both."""
+    return pipeline_class == "WanImageToVideoPipeline" and not expand_timesteps
 
 
 def is_pipeline_folder(path: str) -> bool:
     return (runs.user_path(path) / "model_index.json").is_file()
+
+
+def looks_like_pipeline_folder(path: str) -> bool:
+    """Component folders of a diffusers pipeline, whether or not model_index.json is there."""
+    return all((runs.user_path(path) / name / "config.json").is_file()
+               for name in ("transformer", "vae"))
 
 
 def _has(index: dict, path: str, name: str) -> bool:
@@ -90,6 +109,7 @@ def latent_stats(vae) -> tuple[np.ndarray, np.ndarray]:
 def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dict:
     """The Generator's fields from a pipeline folder (parameters placed on the default device)."""
     index = read_index(path)
+    expand = bool(index.get("expand_timesteps"))  # Wan2.2 TI2V-5B
     sub = lambda name: str(runs.user_path(path) / name)
     dit, dit_params = wan.load_transformer(sub("transformer"), dtype=dtype, attention=attention)
     vae, vae_params = wan.load_vae(sub("vae"))
@@ -100,8 +120,9 @@ def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dic
     sampler = make_sampler(read_json_dict(sub("scheduler/scheduler_config.json")))
     parts = dict(dit=dit, dit_params=jax.device_put(dit_params), vae=vae,
                  vae_params=jax.device_put(vae_params), sampler=sampler,
-                 latents_mean=mean, latents_std=std, mask_text=False, defaults=dict(WAN_DEFAULTS),
-                 expand_timesteps=bool(index.get("expand_timesteps")))
+                 latents_mean=mean, latents_std=std, mask_text=False,
+                 defaults=sampling_defaults(index), expand_timesteps=expand,
+                 image_only=is_image_only(index["_class_name"], expand))
     if index.get("boundary_ratio") is not None:
         dit_2, dit_2_params = wan.load_transformer(sub("transformer_2"), dtype=dtype,
                                                    attention=attention)

@@ -99,7 +99,7 @@ def from_diffusers(src: str, out: str) -> dict:
     out = str(runs.absolute(out))
     vae_run = str(runs.user_path(out) / VAE_RUN)
     config = _run_config(read_config(sub("transformer")), text_model, str(runs.absolute(
-        sub("tokenizer"))), vae_cfg, scheduler, vae_run)
+        sub("tokenizer"))), vae_cfg, scheduler, vae_run, folder_lib.sampling_defaults(index))
     if image is not None:
         config.image_encoder = _image_section(image[0], out)
     config.sample.pipeline_class = index["_class_name"]
@@ -162,7 +162,7 @@ def _vae_section(cfg: dict, mean: np.ndarray, std: np.ndarray) -> ml_collections
 
 
 def _run_config(dit_cfg: dict, text_model, tokenizer_path: str, vae_cfg, scheduler: dict,
-                vae_run: str) -> ml_collections.ConfigDict:
+                vae_run: str, wan_defaults: dict) -> ml_collections.ConfigDict:
     common = recipe_module("common")
     config = ml_collections.ConfigDict()
     config.model = model_config_from_diffusers(dit_cfg, dtype="float32", attention="auto",
@@ -172,7 +172,6 @@ def _run_config(dit_cfg: dict, text_model, tokenizer_path: str, vae_cfg, schedul
             kind="umt5", tokenizer_path=tokenizer_path, max_length=folder_lib.MAX_TEXT_TOKENS,
             dtype="float32", trainable=False))
     config.vae = vae_cfg
-    wan_defaults = folder_lib.WAN_DEFAULTS
     config.data = common.packing()
     config.data.update(dict(frames=wan_defaults["frames"], height=wan_defaults["height"],
                             width=wan_defaults["width"], fps=wan_defaults["fps"]))

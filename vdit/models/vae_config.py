@@ -16,13 +16,22 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 
 from vdit.models.vae import WanVAE
-from vdit.models.vae_fields import DIFFUSERS_FIELDS, DTYPES, ELEMENT_TYPE, TUPLE_FIELDS, VDIT_FIELDS
+from vdit.models.vae_fields import (
+    DIFFUSERS_FIELDS,
+    DTYPES,
+    ELEMENT_TYPE,
+    IGNORED_DIFFUSERS_FIELDS,
+    TUPLE_FIELDS,
+    VDIT_FIELDS,
+)
 
 
 def vae_from_config(cfg: Mapping, **overrides):
     """`config.vae` (a ConfigDict or mapping) -> WanVAE. Unknown keys are errors naming the key;
-    keys starting with '_' (diffusers' bookkeeping such as `_class_name`) are skipped."""
-    values = {k: v for k, v in dict(cfg).items() if not str(k).startswith("_")}
+    keys starting with '_' (diffusers' bookkeeping such as `_class_name`) and the config.json keys
+    diffusers ignores (`IGNORED_DIFFUSERS_FIELDS`) are skipped."""
+    values = {k: v for k, v in dict(cfg).items()
+              if not str(k).startswith("_") and k not in IGNORED_DIFFUSERS_FIELDS}
     values.update(overrides)
     unknown = sorted(set(values) - set(DIFFUSERS_FIELDS) - set(VDIT_FIELDS))
     if unknown:

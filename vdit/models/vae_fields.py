@@ -14,6 +14,9 @@ DIFFUSERS_FIELDS = (
     "base_dim", "decoder_base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales",
     "temperal_downsample", "dropout", "latents_mean", "latents_std", "is_residual", "in_channels",
     "out_channels", "patch_size", "scale_factor_temporal", "scale_factor_spatial")
+# Keys some published config.json files carry that diffusers' AutoencoderKLWan ignores (it warns
+# and always clamps decoded video to [-1, 1]): Wan2.2-TI2V-5B's vae/ has "clip_output": false.
+IGNORED_DIFFUSERS_FIELDS = ("clip_output",)
 VDIT_FIELDS = ("dtype", "conv_impl", "use_tiling", "tile_sample_min_height", "tile_sample_min_width",
                "tile_sample_stride_height", "tile_sample_stride_width")
 ELEMENT_TYPE = {"dim_mult": int, "attn_scales": float, "temperal_downsample": bool,

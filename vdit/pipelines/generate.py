@@ -77,6 +77,9 @@ class Generator:
     boundary: float | None = None
     # Wan2.2 TI2V: image-to-video puts the image's clean latent in frame 0 at timestep 0.
     expand_timesteps: bool = False
+    # An image-to-video pipeline folder (Wan2.2 I2V-A14B has I2V channels but no CLIP branch): it
+    # was never trained without an image, so text-to-video's zero condition is refused.
+    image_only: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -227,6 +230,9 @@ class Generator:
             if ctx is not None and (ctx.ndim != 3 or ctx.shape[0] != b):
                 raise ValueError(f"{name} must be [B={b}, L, D_txt], got {tuple(ctx.shape)}")
         if condition is None and self.condition_channels and not self.dit.has_image_branch:
+            if self.image_only:
+                raise ValueError("this is an image-to-video model (a WanImageToVideoPipeline "
+                                 "folder): give an image (image_to_video, or vdit sample --image)")
             condition = jnp.zeros(x.shape[:-1] + (self.condition_channels,))  # text-to-video
         self._check_condition(condition, image_context, x.shape)
         micro = self._micro_inputs(b)

@@ -33,6 +33,7 @@ def load_parts(config: ml_collections.ConfigDict, params: dict, workdir: str) ->
     check_kind(vae_params, vae_saved, "vae", config.encode.vae_workdir, "its encode.vae_workdir")
     stats = load_stats(latents_dir(config, workdir))
     sampler = make_sampler(dict(config.sample.scheduler))
+    expand = bool(config.sample.get("expand_timesteps", False))
     defaults = {k: config.sample[k] for k in DEFAULT_KEYS if k in config.sample}
     if "data" in config and "fps" in config.data:
         defaults["fps"] = float(config.data.fps)
@@ -42,7 +43,9 @@ def load_parts(config: ml_collections.ConfigDict, params: dict, workdir: str) ->
                  latents_std=np.asarray(stats["std"], np.float32),
                  text_model=text_model, text_params=params["text"], tokenizer=tokenizer,
                  mask_text=config_lib.text_masked(config), defaults=defaults,
-                 expand_timesteps=bool(config.sample.get("expand_timesteps", False)))
+                 expand_timesteps=expand,
+                 image_only=diffusers_folder.is_image_only(config.sample.get("pipeline_class"),
+                                                           expand))
     clip = config.get("image_encoder", {})
     if clip.get("image_encoder_path"):  # a converted Wan2.1 I2V run (vdit/convert/runs.py)
         parts.update(diffusers_folder.image_parts(clip.image_encoder_path,
