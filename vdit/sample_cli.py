@@ -67,10 +67,12 @@ def parse_lora(spec: str, flag: str = "--lora") -> tuple[str, float]:
     return path, float(tail)
 
 
-def load_generator(workdir: str, loras=(), loras_2=(), weights: str | None = None):
+def load_generator(workdir: str, loras=(), loras_2=(), weights: str | None = None,
+                   dtype: str | None = None):
     """(Generator, "diffusers" | "vdit") for a pipeline folder or a vdit run folder (its `weights`,
     "ema" by default, or "params"), with the LoRA files `loras` ("PATH[:STRENGTH]", on the DiT or
-    a two-expert model's high-noise one) and `loras_2` (its low-noise one) merged in."""
+    a two-expert model's high-noise one) and `loras_2` (its low-noise one) merged in; `dtype`
+    (None: as loaded) the weights and compute dtype of its DiT(s) and encoders."""
     specs = []
     for flag, expert, values in (("--lora", "high", loras), ("--lora-2", "low", loras_2)):
         for spec in values:  # files checked before the (slow) model load
@@ -82,12 +84,12 @@ def load_generator(workdir: str, loras=(), loras_2=(), weights: str | None = Non
         if weights not in (None, "ema"):
             raise ValueError(f"--weights {weights}: {workdir} is a diffusers folder, which holds "
                              "one set of weights")
-        gen, kind = Generator.from_diffusers(workdir), "diffusers"
+        gen, kind = Generator.from_diffusers(workdir, dtype=dtype or "float32"), "diffusers"
     elif looks_like_pipeline_folder(workdir):
         raise FileNotFoundError(f"--workdir {workdir}: a diffusers pipeline folder (it has "
                                 "transformer/ and vae/) needs its model_index.json too")
     else:
-        gen, kind = Generator.from_workdir(workdir, weights or "ema"), "vdit"
+        gen, kind = Generator.from_workdir(workdir, weights or "ema", dtype), "vdit"
     for (path, strength), expert in specs:
         gen = gen.with_lora(path, strength, expert, donate=True)  # the unmerged DiT is not kept
         print(f"vdit: merged LoRA {path} at strength {strength:g}"
@@ -323,7 +325,7 @@ def run_cli(args) -> int:
     if args.image and args.video:
         raise ValueError("give --image (image-to-video) or --video (video-to-video), not both")
     gen, kind = load_generator(args.workdir, _opt(args, "lora", []), _opt(args, "lora_2", []),
-                               _opt(args, "weights"))
+                               _opt(args, "weights"), _opt(args, "dtype"))
     if gen.text_model is None:
         raise ValueError(f"{args.workdir} has no text encoder (text_encoder/ + tokenizer/): "
                          "vdit sample needs one to encode prompts")

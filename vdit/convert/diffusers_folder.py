@@ -13,6 +13,7 @@ timestep is boundary_ratio * the scheduler's num_train_timesteps, as diffusers c
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vdit import runs
@@ -34,6 +35,16 @@ WAN_DEFAULTS = {"steps": 50, "guidance": 5.0, "frames": 81, "height": 480, "widt
 # Wan2.2 TI2V-5B is a 720p, 24 fps model (Wan2.2's own config; diffusers' example exports at 24).
 TI2V_DEFAULTS = {"frames": 121, "height": 704, "width": 1280, "fps": 24.0}
 MAX_TEXT_TOKENS = 512  # Wan's max_sequence_length: prompts are padded to 512 tokens
+
+
+def cast_weights(tree, dtype: str):
+    """Host copies of `tree`'s floating leaves in `dtype` (a bfloat16 model held in bfloat16, as
+    diffusers' torch_dtype does); other leaves as they are."""
+    def cast(x):
+        x = np.asarray(x)
+        floating = jnp.issubdtype(x.dtype, jnp.floating)
+        return x.astype(jnp.dtype(dtype), copy=False) if floating else x
+    return jax.tree.map(cast, tree)
 
 
 def sampling_defaults(index: dict) -> dict:
@@ -111,6 +122,7 @@ def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dic
     index = read_index(path)
     expand = bool(index.get("expand_timesteps"))  # Wan2.2 TI2V-5B
     sub = lambda name: str(runs.user_path(path) / name)
+    weights = lambda params: jax.device_put(cast_weights(params, dtype))  # cast on the host
     dit, dit_params = wan.load_transformer(sub("transformer"), dtype=dtype, attention=attention)
     vae, vae_params = wan.load_vae(sub("vae"))
     if dit.out_channels != vae.z_dim:
@@ -118,7 +130,7 @@ def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dic
                          f"VAE's z_dim={vae.z_dim}")
     mean, std = latent_stats(vae)
     sampler = make_sampler(read_json_dict(sub("scheduler/scheduler_config.json")))
-    parts = dict(dit=dit, dit_params=jax.device_put(dit_params), vae=vae,
+    parts = dict(dit=dit, dit_params=weights(dit_params), vae=vae,
                  vae_params=jax.device_put(vae_params), sampler=sampler,
                  latents_mean=mean, latents_std=std, mask_text=False,
                  defaults=sampling_defaults(index), expand_timesteps=expand,
@@ -130,13 +142,13 @@ def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dic
             if getattr(dit_2, key) != getattr(dit, key):
                 raise ValueError(f"{path}: transformer_2 {key}={getattr(dit_2, key)} differs from "
                                  f"transformer's {getattr(dit, key)}")
-        parts |= dict(dit_2=dit_2, dit_2_params=jax.device_put(dit_2_params),
+        parts |= dict(dit_2=dit_2, dit_2_params=weights(dit_2_params),
                       boundary=float(index["boundary_ratio"]) * sampler.spec.num_train_timesteps)
     if _has(index, path, "text_encoder"):
         if not runs.user_path(sub("tokenizer")).is_dir():
             raise FileNotFoundError(f"{path}: text_encoder/ without tokenizer/")
         text_model, text_params = wan.load_text_encoder(sub("text_encoder"), dtype=dtype)
-        parts |= dict(text_model=text_model, text_params=jax.device_put(text_params),
+        parts |= dict(text_model=text_model, text_params=weights(text_params),
                       tokenizer=load_tokenizer(sub("tokenizer"), MAX_TEXT_TOKENS))
     if _has(index, path, "image_encoder"):
         parts |= image_parts(sub("image_encoder"), sub("image_processor"), dtype, attention)
@@ -147,5 +159,6 @@ def image_parts(encoder_dir: str, processor_dir: str, dtype: str = "float32",
                 attention: str = "xla") -> dict:
     """The Generator's CLIP fields from an image_encoder/ and an image_processor/ folder."""
     encoder, encoder_params = wan.load_image_encoder(encoder_dir, dtype=dtype, attention=attention)
-    return dict(image_encoder=encoder, image_encoder_params=jax.device_put(encoder_params),
+    return dict(image_encoder=encoder,
+                image_encoder_params=jax.device_put(cast_weights(encoder_params, dtype)),
                 image_processor=wan.read_image_processor(processor_dir))

@@ -229,7 +229,9 @@ class UMT5Encoder(nn.Module):
             "embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                       ("vocab", "embed")),
             (self.vocab_size, self.d_model), jnp.float32)
-        x = nn.with_logical_constraint(jnp.take(embed, token_ids, axis=0), _ACT)
+        # float32 residual stream even from weights held in bfloat16 (`vdit sample --dtype`)
+        x = nn.with_logical_constraint(jnp.take(embed, token_ids, axis=0).astype(jnp.float32),
+                                       _ACT)
         cfg = {f: getattr(self, f) for f in CONFIG_FIELDS} | {"dtype": self.dtype}
         layers = nn.scan(
             Block, variable_axes={"params": 0}, split_rngs={"params": True},

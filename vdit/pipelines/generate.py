@@ -83,14 +83,22 @@ class Generator:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_workdir(cls, workdir: str, which: str = "ema") -> Generator:
+    def from_workdir(cls, workdir: str, which: str = "ema", dtype: str | None = None
+                     ) -> Generator:
         """A trained vdit run (its latest step; or a checkpoint step folder
         `<run>/checkpoints/<step>`, that step): its DiT (EMA weights), text encoder, VAE and
-        latent statistics."""
+        latent statistics. `dtype` (None: the run's config) replaces the DiT's and text
+        encoder's compute dtype and holds their weights in it."""
         # Complete weights: frozen parts from the run's init_from (or seed), LoRA merged.
         params, saved = run_weights(workdir, which)
         run, _ = resolve(workdir)  # the run folder locates its latents (statistics)
-        return cls.from_params(ml_collections.ConfigDict(saved), params, run)
+        config = ml_collections.ConfigDict(saved)
+        if dtype is not None:
+            config.model.dtype = dtype
+            if "dtype" in config.text:
+                config.text.dtype = dtype
+            params = folder_lib.cast_weights(params, dtype)
+        return cls.from_params(config, params, run)
 
     @classmethod
     def from_params(cls, config: ml_collections.ConfigDict, params: dict,
