@@ -49,6 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
                 # return_change of the change), compared on grey views of view_size short side
                 # after undoing a shift and one of these zooms, undoes it (A-X-A).
                 view_size=64,
+                # ... in this many consecutive views (each the best of many alignments: on
+                # smooth, low-detail shots one can match two different shots by chance; a scene
+                # really back stays back), or in this many pairs of views on its two sides.
+                return_views=2,
+                return_pairs=2,
                 same_distance=0.1,  # ... or the views on its two sides this near: one scene
                 # A gradual transition's frames, as found, widened by this fraction of their
                 # number on each side (its faintest frames are lost in the shots' own change).
@@ -86,9 +91,10 @@ def get_config() -> ml_collections.ConfigDict:
             min_clip_seconds=1.0,  # shorter clips are dropped ("too_short")
             max_clip_seconds=0.0,  # longer clips are split into equal parts (0 = never)
         ),
-        # Motion: Farneback dense optical flow at low resolution on a few frame pairs a second.
-        # Scores are the mean flow magnitude in frame short sides per second (resolution and
-        # frame rate independent). Flow reaches ~1/4 of the frame per pair, so the measurable
+        # Motion: Farneback dense optical flow at low resolution on a few frame pairs a second,
+        # inside the content box (black bars excluded, as for `scores`). Scores are the mean flow
+        # magnitude in content short sides per second (resolution and frame rate independent).
+        # Flow reaches ~1/4 of the frame per pair, so the measurable
         # range is up to ~pair_fps / 4 short sides per second.
         motion=dict(
             fps=4.0,  # frame pairs per second of clip

@@ -1,6 +1,6 @@
 """Test videos with known content for the curation tests: shot sequences with a hard cut, a fade
-through black and a dissolve at known frames (from the synthetic shapes world), and pans of a
-multi-scale texture at a known speed."""
+through black and a dissolve at known frames (from the synthetic shapes world), pans of a
+multi-scale texture at a known speed, and hard cuts between pans of soft 1/f textures."""
 
 from __future__ import annotations
 
@@ -21,6 +21,29 @@ def texture(seed: int, height: int, width: int) -> np.ndarray:
         out += layer / layer.std() * sigma ** 0.5
     out = (out - out.mean()) / out.std() * 45 + 128
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def pink(seed: int, height: int, width: int) -> np.ndarray:
+    """A 1/f (natural-image-like) RGB texture from random Fourier phases, uint8 [height, width,
+    3], each channel around its own mean colour."""
+    rng = np.random.default_rng(seed)
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.fftfreq(width)[None]
+    amp = 1 / np.maximum(np.hypot(fy, fx), 1 / max(height, width))
+    channels = []
+    for _ in range(3):
+        img = np.real(np.fft.ifft2(amp * np.exp(2j * np.pi * rng.random((height, width)))))
+        channels.append((img - img.mean()) / img.std())
+    img = np.stack(channels, -1) * 40 + rng.integers(60, 190, 3)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def cut_between_pans(seeds: tuple[int, int], blur: float, px_per_frame: int, frames: int = 90,
+                     cut: int = 45, height: int = 120, width: int = 160) -> np.ndarray:
+    """A hard cut at frame `cut` between two pans (px_per_frame to the right) over two unrelated
+    1/f textures, defocused by a Gaussian blur of `blur` pixels: soft, low-detail shots."""
+    a, b = (cv2.GaussianBlur(pink(s, height, 4 * width), (0, 0), blur) for s in seeds)
+    return np.stack([(a if i < cut else b)[:, i * px_per_frame:i * px_per_frame + width]
+                     for i in range(frames)])
 
 
 def pan(px_per_frame: float, frames: int = 48, height: int = 96, width: int = 128,

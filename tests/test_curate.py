@@ -12,6 +12,7 @@ import pytest
 
 from vdit.config import ConfigError, load_config
 from vdit.curate import captions, cuts, motion, pipeline, records, scores
+from vdit.curate.decode import Segment
 from vdit.curate.learned import build_learned_scorers
 from vdit.curate.settings import check_curate_config, default_config_path
 
@@ -130,6 +131,38 @@ def test_letterbox_and_pillarbox_detected_and_cropped(cfg):
     assert heavy["border"] > cfg.scores.max_border
     assert scores.quality_reasons(heavy, cfg.scores)[0] == "black_border"
     assert scores.clip_scores(np.zeros((2, 32, 32, 3), np.uint8), cfg.scores)["border"] == 0.0
+
+
+def test_motion_measured_inside_the_bars(cfg):
+    """Letterboxed and pillarboxed pans move as fast as the content inside the bars does (the
+    still bars would dilute a whole-frame measure 2-3x, dropping slow boxed clips as static).
+    The line keeps the decoded size, which its `box` refers to."""
+    fps, item = 24.0, pipeline.VideoItem("v.mp4", "v.mp4")
+    content = ct.pan(1.0, frames=24, height=64, width=96)
+    letterbox = np.zeros((24, 112, 96, 3), np.uint8)
+    letterbox[:, 24:88] = content  # 24-row bars: content 64 x 96 in a 112 x 96 frame
+    pillarbox = np.zeros((24, 64, 144, 3), np.uint8)
+    pillarbox[:, :, 24:120] = content  # 24-column bars: content 64 x 96 in a 64 x 144 frame
+    truth = motion.clip_motion(content, fps, cfg.motion)["motion"]
+    out = cfg.output.copy_and_resolve_references()
+    out.short_side = 32
+    c = cfg.copy_and_resolve_references()
+    c.output = out
+    for name, video in (("letterbox", letterbox), ("pillarbox", pillarbox)):
+        segment = Segment(0, 0, video, fps, last=True)
+        result = pipeline.analyse_clip(segment, item, 0, len(video), None, c)
+        line = result.line
+        whole = motion.clip_motion(video, fps, cfg.motion)["motion"]
+        print(f"{name}: motion {line['motion']:.4f}, content alone {truth:.4f}, "
+              f"whole frame {whole:.4f}")
+        assert line["motion"] == pytest.approx(truth, rel=0.05) and whole < 0.7 * truth
+        assert line["kept"], line["reasons"]
+        assert result.frames.shape[1:3] == (32, 48)
+        assert (line["height"], line["width"]) == video.shape[1:3]
+    dropped = pipeline.analyse_clip(Segment(0, 0, np.zeros_like(letterbox), fps, last=True), item,
+                                    0, 24, None, c).line
+    assert not dropped["kept"] and (dropped["height"], dropped["width"]) == (112, 96)
+    assert "times" not in dropped  # constant rate: fps tells every frame's time
 
 
 def test_text_overlay_detected(cfg):

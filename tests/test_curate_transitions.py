@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import curate_testing as ct
 import cv2
 import numpy as np
 import pytest
@@ -131,6 +132,22 @@ def test_same_scene_up_to_camera_motion_and_a_b_a():
     cut = same_scene.Views(np.concatenate([frames_a, x, x, x]), 3)
     assert not same_scene.undone(cut, 12, 12, 24, 0.35, 0.1, zooms)
     assert same_scene.undone(same_scene.Views(frames_a, 3), 6, 6, 6, 0.35, 0.1, zooms)
+
+
+def test_hard_cut_between_soft_pans_is_no_chance_return(cfg):
+    """A hard cut between two pans over unrelated, defocused 1/f textures: ContentDetector
+    proposes it and the structure confirms it, but among the ~30 views and pairs of views
+    compared for a return of the scene (each the best of many shifts and zooms) one matches
+    the other shot by chance. A scene really back stays back (the A-X-A cases above and the
+    suite's flash and crossing), so a return must persist (`return_views` views in a row,
+    `return_pairs` pairs): the cut is found. One match sufficing, it is lost."""
+    video = ct.cut_between_pans((11, 51), blur=3.0, px_per_frame=2)
+    found = cuts.detect_boundaries(video, 30.0, cfg.cuts)
+    print(found)
+    assert [(b.kind, b.frame) for b in found] == [("cut", 45)]
+    once = cfg.cuts.copy_and_resolve_references()
+    once.gradual.return_views = once.gradual.return_pairs = 1
+    assert cuts.detect_boundaries(video, 30.0, once) == []
 
 
 @pytest.mark.parametrize("kind,shots,length", [("dissolve", ("still", "panning"), 20),

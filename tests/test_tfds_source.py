@@ -11,8 +11,12 @@ import tensorflow_datasets as tfds
 from test_video_files import CONFIG, TINY, vae_workdir  # noqa: F401 - vae_workdir is a fixture
 
 from vdit.config import load_config
+from vdit.curate import pipeline
+from vdit.curate.decode import Segment
+from vdit.curate.settings import default_config_path
 from vdit.data import sources, tfds_source
 from vdit.data.encode_videos import encode_videos
+from vdit.data.video_files import clip_indices
 
 CAPTIONS = ["a red circle moving right", "a blue square moving up", "green triangle", ""]
 
@@ -145,3 +149,41 @@ def test_encode_a_tfds_source(data_dir, vae_workdir, tmp_path):  # noqa: F811 - 
     kept = [src[i]["caption"] for i in range(4) if src.shape(i)[0] <= 12]
     assert [latents[i]["caption"] for i in range(len(latents))] == kept
     assert latents[0]["meta"]["file"] == "tfds:vdit_test_videos:train[0]"
+
+
+def test_variable_rate_clip_sampled_by_its_frame_times(tmp_path):
+    """A variable-rate clip through curate's line -> TFDS -> the reader: 12 frames at 30 fps, then
+    12 at 6 fps (average ~9.6 fps). Sampled at 4 fps by its frames' own times (curate's `times`),
+    not on its average-rate grid, which would land in the wrong frames; a record without
+    times (older curate output) is sampled at its average rate; a wrong list is an error."""
+    times = np.concatenate([np.arange(12) / 30, 11 / 30 + np.arange(1, 13) / 6])
+    ends = np.append(times, times[-1] + 1 / 6)  # curate's Segment.times: also the last's end
+    frames = np.broadcast_to((8 * np.arange(24, dtype=np.uint8))[:, None, None, None],
+                             (24, 32, 48, 3)).copy()  # frame i is uniformly 8 * i
+    cfg = load_config(default_config_path()).curate
+    segment = Segment(0, 0, frames, 24 / ends[-1], last=True, times=ends)
+    line = pipeline.analyse_clip(segment, pipeline.VideoItem("v.mp4", "v.mp4"), 0, 24, None,
+                                 cfg).line
+    np.testing.assert_allclose(line["times"], times, atol=1e-6)
+    clip = {"frames": frames, "caption": "vfr", "recaption": "", "fps": line["fps"], "meta": line}
+    old = {**clip, "meta": {k: v for k, v in line.items() if k != "times"}}
+    bad = {**clip, "meta": {**line, "times": line["times"][:-1]}}
+    tfds_source.write_tfds_clips([[clip, old, bad]], str(tmp_path), name="vfr_clips")
+    config = _config("tfds:vfr_clips", f"--config.encode.tfds_data_dir={tmp_path}",
+                     "--config.encode.shapes=[(5, 16, 16)]", "--config.encode.shape_weights=[1.0]",
+                     "--config.encode.fps=4.0")
+    src = tfds_source.TfdsClipSource.from_config(config.encode)
+    by_time = clip_indices(24, line["fps"], 5, 4.0, times=times)
+    by_rate = clip_indices(24, line["fps"], 5, 4.0)
+    assert not np.array_equal(by_time, by_rate)
+    for index, want in ((0, by_time), (1, by_rate)):
+        out = src[index]
+        seen = np.round((out["video"][:, 0, 0, 0] + 1) * 127.5 / 8).astype(int)
+        np.testing.assert_array_equal(seen, want)
+        assert out["meta"]["first_frame"] == want[0] and "times" not in out["meta"]
+    # The frames taken are 1/4 s apart in the video, as asked, up to the nearest frame (the
+    # 6 fps part: 1/12 s either way); on the average-rate grid they are not.
+    assert np.abs(np.diff(times[by_time]) - 0.25).max() <= 1 / 12 + 1e-9
+    assert np.abs(np.diff(times[by_rate]) - 0.25).max() > 0.15
+    with pytest.raises(ValueError, match=r"meta 'times' must be 24 increasing frame times"):
+        src[2]

@@ -18,7 +18,9 @@ where that is under half the peak (an object passing close to the camera is an A
 a shot change is not). Then, on grey views with camera motion undone (`same_scene.py`), a change
 is dropped when the views on its two sides are one scene, or the view before it is back within
 `return_seconds` (an object passing close to the camera hides the view for a moment, and the
-larger scales may not reach past it).
+larger scales may not reach past it) and stays back for `return_views` views in a row (or
+`return_pairs` pairs of views on its two sides): one chance alignment of two smooth shots is no
+return.
 
 Each local maximum of D_k above `min_change` is judged again on grey views with the camera's
 motion undone (`same_scene.region_change`: a sub-pixel phase-correlation shift and a zoom,
@@ -249,9 +251,11 @@ def detect_changes(frames_bgr: np.ndarray, fps: float, cfg,
 
 def _undone(change: Change, views: same_scene.Views, reach: int, cfg) -> bool:
     """The view before the change is back within `reach` frames, camera motion undone (an
-    object passing close to the camera), or the views on its two sides are the same scene."""
+    object passing close to the camera), in return_views views in a row (or return_pairs pairs
+    of views on its two sides), or the views on its two sides are the same scene."""
     return same_scene.undone(views, change.start, change.end, reach, cfg.return_change,
-                             cfg.same_distance, tuple(cfg.zooms))
+                             cfg.same_distance, tuple(cfg.zooms), cfg.return_views,
+                             cfg.return_pairs)
 
 
 def _confirm(frame: int, curves: dict[int, np.ndarray], widths: dict[int, int],

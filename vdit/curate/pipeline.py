@@ -1,9 +1,12 @@
 """One decoded segment -> its clips: cuts, then per clip motion, quality and learned scores, drop
 reasons and captions. Pure computation; reading files and writing shards is `run.py`'s job.
 
-Each clip becomes a `ClipResult`: its clips.jsonl line (source, frame range, every score,
-`kept`, `reason` = the first failed check or "", `reasons` = all of them) and, when kept, the
-frames to write (black borders cropped and resized as `config.curate.output` says).
+Each clip becomes a `ClipResult`: its clips.jsonl line (source, frame range, `fps` (the clip's
+average), `times` (a variable-rate clip's only: each frame's seconds from its first), `height` and
+`width` as decoded (the frame `box` and `vdit encode`'s crop refer to), every score, `kept`, `reason` = the
+first failed check or "", `reasons` = all of them) and, when kept, the frames to write (black
+borders cropped and resized as `config.curate.output` says). Motion is measured inside the
+content box, as the quality scores are.
 Checks, in order: too_short, black_border, static, extreme_motion, blurry, dark, bright,
 low_contrast, text, then each learned scorer (its name) below its threshold; learned scorers
 run only on clips that pass the other checks (their columns are null elsewhere).
@@ -81,8 +84,14 @@ def analyse_clip(segment: Segment, item: VideoItem, start: int, end: int, sideca
             "fps": fps, "num_frames": end - start,
             "seconds": (end - start) / fps if segment.times is None else end_s - start_s,
             "height": int(frames.shape[1]), "width": int(frames.shape[2])}
-    line.update(motion.clip_motion(frames, fps, cfg.motion))
-    line.update(scores.clip_scores(frames, cfg.scores))
+    if segment.times is not None:  # variable rate: each frame's time, so readers need not
+        # assume the average rate (rounded to the microsecond: the ledger is JSON)
+        line["times"] = [round(float(t), 6) for t in segment.times[start:end] - segment.times[start]]
+    quality = scores.clip_scores(frames, cfg.scores)
+    # Motion inside the content box: black bars never move, so over the whole frame they would
+    # dilute a letterboxed or pillarboxed clip's motion (and its short side would be the bars').
+    line.update(motion.clip_motion(scores.crop_box(frames, quality["box"]), fps, cfg.motion))
+    line.update(quality)
     caption, origin = captions.original_caption(item.caption, sidecar, start_s, end_s,
                                                 where=item.path)
     reasons = _cheap_reasons(line, cfg)

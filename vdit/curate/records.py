@@ -2,7 +2,9 @@
 
 A record holds `frames` uint8 [T, H, W, 3], `caption` (the original, from the manifest or a
 sidecar file; "" when none), `recaption` (from the captioning model; "" when none ran), `fps`
-and a JSON `meta` string (the clip's line of clips.jsonl: source, frame range, every score).
+(the clip's average rate) and a JSON `meta` string (the clip's line of clips.jsonl: source, frame
+range, every score, and for a variable-rate clip `times`: each frame's seconds from its first,
+which readers sample by instead of `fps`; records written before curate stored them have none).
 `grain.sources.ArrayRecordDataSource` reads the files (raw bytes -> `decode_clip`), or
 `ClipShardSource` does both.
 """

@@ -1,6 +1,8 @@
 """Whether two moments of a video show the same scene up to camera motion, and whether the view
 before a shot change comes back soon after it (A-X-A: an object passing close to the camera, a
-flash, a door opening and closing in front of the lens), which makes it no shot change.
+flash, a door opening and closing in front of the lens), which makes it no shot change; a return
+counts when it persists (views in a row, or several pairs of views around the change), since one
+of many alignments can match two smooth, low-detail shots by chance.
 
 Views are small grey images (OpenCV area downscale), each the per-pixel median of a few frames
 (a flash or strobe frame shorter than half of them does not move it). Two views are compared
@@ -216,15 +218,30 @@ def _regions(best: float, pa: np.ndarray | None, pb: np.ndarray | None,
     return float(np.median(out)) if out else 1.0 - best
 
 
+def _run_of(flags, count: int, need: int) -> bool:
+    """Whether `count` lazily computed flags hold `need` (at most count) True in a row."""
+    need, run = max(1, min(need, count)), 0
+    for flag in flags:
+        run = run + 1 if flag else 0
+        if run >= need:
+            return True
+    return False
+
+
 def undone(views: Views, start: int, end: int, reach: int, ratio: float, same: float,
-           zooms=(1.0,)) -> bool:
+           zooms=(1.0,), return_views: int = 2, return_pairs: int = 2) -> bool:
     """Whether a change whose transition spans frames [start, end) is no shot change: the views
     just before and just after it are the same scene (distance < `same`), or the change is
-    undone within `reach` frames: a view after it that begins within reach frames of `start`
-    is nearer to the view just before it than `ratio` times the change, or a view before it that
-    ends within reach frames of `end` is that near to the view just after it (A-X-A), or (a
-    change of at most reach frames) views on its two sides within reach of it are (see
-    below). Unknown (False) where either view would leave the video or is flat (black)."""
+    undone within `reach` frames: `return_views` consecutive views after it that begin within
+    reach frames of `start` are nearer to the view just before it than `ratio` times the change,
+    or as many consecutive views before it that end within reach frames of `end` are that near
+    to the view just after it (A-X-A), or (a change of at most reach frames) `return_pairs`
+    pairs of views on its two sides within reach of it are (see below). Each count is capped
+    at the views or pairs there are. Unknown (False) where either view would leave the video or
+    is flat (black).
+    Returns must persist: each comparison is the best of many alignments (shifts, zooms), and
+    on smooth, low-detail pictures one of them can match two different shots by chance; a
+    scene that really came back matches in view after view."""
     w = views.window
     if not (views.has(start - w) and views.has(end)):
         return False
@@ -235,20 +252,22 @@ def undone(views: Views, start: int, end: int, reach: int, ratio: float, same: f
     if change < same:
         return True
     limit = ratio * change
-    for j in range(end + 1, min(start + reach, len(views) - w) + 1):
-        if distance(before, views.at(j), zooms) < limit:
-            return True
-    for j in range(start - w - 1, max(0, end - reach - w) - 1, -1):
-        if distance(views.at(j), after, zooms) < limit:
-            return True
+    later = range(end + 1, min(start + reach, len(views) - w) + 1)
+    if _run_of((distance(before, views.at(j), zooms) < limit for j in later), len(later),
+               return_views):
+        return True
+    earlier = range(start - w - 1, max(0, end - reach - w) - 1, -1)
+    if _run_of((distance(views.at(j), after, zooms) < limit for j in earlier), len(earlier),
+               return_views):
+        return True
     # An occluder entering and leaving (within reach frames) is often found as two changes
-    # (A-X, X-A) merged into one whose frames hold only part of it: a view B up to `reach`
-    # frames before it and a view A up to `reach` frames after it (a few on each side) undo
+    # (A-X, X-A) merged into one whose frames hold only part of it: views B up to `reach`
+    # frames before it and views A up to `reach` frames after it (a few on each side) undo
     # it too, when they are that near, or `ratio` times nearer than B is to the farthest view
     # over the change (the excursion: a blend or wipe passes from B to A, never farther from B
     # than A is; an occluder is farther), or their regions are one scene (`region_change` <
     # same: the background on both sides of the occluder is the same shot, whatever else
-    # moves in it).
+    # moves in it), in `return_pairs` (B, A) pairs.
     if end - start > reach:
         return False
     stride = max(w, reach // 6)  # a few views on each side: each pair costs an alignment
@@ -256,11 +275,13 @@ def undone(views: Views, start: int, end: int, reach: int, ratio: float, same: f
     afters = [views.at(j) for j in range(end + w, min(end + reach, len(views) - w) + 1, stride)]
     inner = [views.at(j) for j in range(max(0, start - w + 1), min(end, len(views) - w) + 1,
                                         max(1, w // 2))]
+    need, hits = max(1, min(return_pairs, len(befores) * len(afters))), 0
     for b in befores:
         away = [d for d in (distance(b, x, zooms) for x in inner) if d < 2.0]  # 2: black
         excursion = max(away, default=0.0)
         for a in afters:
             near, regions = compare(b, a, zooms)
-            if near < max(limit, ratio * excursion) or regions < same:
+            hits += near < max(limit, ratio * excursion) or regions < same
+            if hits >= need:
                 return True
     return False

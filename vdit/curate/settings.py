@@ -14,6 +14,7 @@ POSITIVE = ("decode.max_segment_seconds", "decode.default_fps", "cuts.content_th
             "cuts.gradual.thumb_size", "cuts.gradual.min_window", "cuts.gradual.contrast_floor",
             "cuts.gradual.min_change", "cuts.gradual.ratio", "cuts.gradual.cut_ratio",
             "cuts.gradual.return_change", "cuts.gradual.return_ratio",
+            "cuts.gradual.return_views", "cuts.gradual.return_pairs",
             "cuts.gradual.view_size", "cuts.gradual.aligned_change",
             "cuts.gradual.aligned_samples", "cuts.gradual.alpha_points", "motion.fps", "motion.pair_fps",
             "motion.short_side", "motion.levels", "motion.winsize", "motion.iterations",

@@ -8,14 +8,17 @@ uint8 [T, H, W, 3], and its caption the text feature `encode.tfds_caption_key` (
 "caption"; bytes or str). `TfdsClipSource` has `VideoClipSource`'s interface (`shape`, `clip`,
 `entries`, `filtered`), so `vdit/data/encode_videos.py` encodes it the same way: a clip of the
 drawn (frames, height, width) from the middle of the video, at `encode.fps` when the example has
-an `fps` feature (else consecutive frames), scaled to cover and center-cropped.
+an `fps` feature (the frames nearest each time, by the frames' own times when its `meta` has
+`times`; else consecutive frames), scaled to cover and center-cropped.
 
 Sink: `write_tfds_clips` turns `vdit curate`'s clip shards into a TFDS dataset folder (ArrayRecord
 files + dataset_info.json/features.json), which `tfds.builder_from_directory` opens with TFDS's
 splits, metadata and catalog tooling, and which `encode.source="tfds:NAME"` (with
 `encode.tfds_data_dir`) reads back. Features: `frames` (uint8 [T, H, W, 3], zlib), `caption`,
-`recaption`, `meta` (JSON text) and `fps` (float32). Writing and reading need no TensorFlow
-(TFDS's `Video` feature would: it encodes frames through TensorFlow, hence plain tensors here).
+`recaption`, `meta` (JSON text) and `fps` (float32; the clip's average rate: a variable-rate
+clip's meta also holds `times`, each frame's seconds from its first, and the reader samples by
+them). Writing and reading need no TensorFlow (TFDS's `Video` feature would: it encodes frames
+through TensorFlow, hence plain tensors here).
 """
 
 from __future__ import annotations
@@ -177,9 +180,12 @@ class TfdsClipSource(grain.sources.RandomAccessDataSource):
         if video.ndim != 4 or video.shape[-1] != 3:
             raise ValueError(f"{where} has shape {video.shape}, expected uint8 [T, H, W, 3]")
         source_fps = float(np.asarray(example.get("fps", 0.0)))
-        idx = clip_indices(len(video), source_fps, frames, self._fps, where)
-        clip = video_io.resize_and_crop(video[idx].astype(np.uint8), height, width)
         meta = _meta(example.get("meta"))
+        # A variable-rate clip's frame times (curate's `times`; older records have none and are
+        # sampled at their average rate). Dropped from the clip's meta: they time the source.
+        times = _times(meta.pop("times", None), len(video), where)
+        idx = clip_indices(len(video), source_fps, frames, self._fps, where, times)
+        clip = video_io.resize_and_crop(video[idx].astype(np.uint8), height, width)
         meta |= {"index": index, "file": f"{self.spec}[{index}]", "source_frames": len(video),
                  "source_fps": source_fps, "fps": self._fps if self._fps > 0 else source_fps,
                  "first_frame": int(idx[0])}
@@ -200,6 +206,18 @@ def _text(value) -> str:
     if isinstance(value, bytes | np.bytes_):
         return value.decode("utf-8").strip()
     return str(value).strip()
+
+
+def _times(value, num_frames: int, where: str) -> np.ndarray | None:
+    """A clip's per-frame times (seconds from its first frame) from its meta, or None when it
+    has none; a list that does not time its frames one by one is an error."""
+    if value is None:
+        return None
+    times = np.asarray(value, np.float64)
+    if times.shape != (num_frames,) or np.any(np.diff(times) <= 0):
+        raise ValueError(f"{where}: meta 'times' must be {num_frames} increasing frame times "
+                         f"(seconds), got shape {times.shape}")
+    return times
 
 
 def _meta(value) -> dict:
