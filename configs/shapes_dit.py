@@ -76,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
         caption_dropout=0.1, prefetch=2, read_threads=0, read_buffer=0))
 
     config.encode = ml_collections.ConfigDict(dict(
-        source="synthetic", video_root="", vae_workdir="",
+        source="synthetic", video_root="", caption_key="caption", vae_workdir="",
         tfds_data_dir="", tfds_video_key="", tfds_caption_key="caption",
         shapes=[(9, 32, 32), (1, 32, 32), (9, 32, 48), (9, 48, 32)],
         shape_weights=[0.8, 0.1, 0.05, 0.05], num_examples=3000, num_shards=4,

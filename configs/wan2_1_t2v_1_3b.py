@@ -85,7 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
         text_pad_to=512,
         rows_per_batch=32, max_segments=4, pack_bins=4, caption_dropout=0.1, num_workers=8))
     config.encode = ml_collections.ConfigDict(dict(
-        source="data/clips/clips.jsonl", video_root="data/raw", vae_workdir="runs/wan2_1_t2v_1_3b/vae",
+        source="data/clips/clips.jsonl", video_root="data/raw",
+        caption_key="caption",  # "recaption": the text of curate's captioner
+        vae_workdir="runs/wan2_1_t2v_1_3b/vae",
         tfds_data_dir="", tfds_video_key="", tfds_caption_key="caption",
         shapes=[(81, 480, 832), (49, 480, 832), (1, 480, 832)], shape_weights=[0.5, 0.3, 0.2],
         num_shards=256, batch_size=2, normalize="config", stats_from="", seed=0,

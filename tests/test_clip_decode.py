@@ -1,15 +1,18 @@
 """Bounded clip decode (vdit/data/clip_decode.py): the frames asked for, found by seeking in a
 video with few keyframes, resized while decoding; counts without stored frame numbers; bad files
-fail naming the file."""
+fail naming the file; a curated content box crops black bars before the resize."""
 
 from fractions import Fraction
 
 import av
+import ml_collections
 import numpy as np
 import pytest
 
+from vdit.curate.decode import iter_segments
+from vdit.curate.scores import border_box
 from vdit.data import video_io
-from vdit.data.clip_decode import VideoReader, cover_size
+from vdit.data.clip_decode import ContentBox, ContentBoxError, VideoReader, cover_size, crop_layout
 from vdit.data.counter_video import frame_number, write_counter_video
 from vdit.data.video_files import ClipTooShortError, clip_indices
 
@@ -111,3 +114,57 @@ def test_anamorphic_pixels_are_widened_as_players_show_them(tmp_path):
         frame = reader.read([1], 32, 64)[0, :, :, 0]
     rows, cols = np.nonzero(frame > 130)
     assert np.ptp(rows) + 1 == 8 and np.ptp(cols) + 1 == 8  # 16x16 shown, halved into 32x64
+
+
+def _phone_video(path, shown: np.ndarray, degrees: int) -> None:
+    """Writes upright frames `shown` [T, H, W, 3] as a phone does: stored turned back, with a
+    display rotation of `degrees` (counterclockwise) that players apply."""
+    stored = np.rot90(shown, -(degrees // 90), axes=(1, 2))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = stored.shape[2], stored.shape[1], "yuv444p"
+        if degrees:
+            stream.set_display_rotation(degrees)
+        for frame in stored:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(
+                np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.mark.parametrize("degrees, bars", [(0, (0, 0, 24, 24)), (90, (16, 16, 0, 0)),
+                                           (-90, (8, 24, 4, 0))])
+def test_a_curated_content_box_crops_the_bars_before_the_resize(tmp_path, degrees, bars):
+    """curate measures `box` on upright frames decoded at decode.short_side (here half size)
+    and records that size as the line's height/width; the reader crops those bars off the
+    upright, full-size frame before it scales, whatever the display rotation."""
+    top, bottom, left, right = bars
+    height, width = (64, 96) if degrees == 0 else (96, 64)
+    yy, xx = np.mgrid[:height, :width]
+    shown = np.zeros((3, height, width, 3), np.uint8)
+    shown[:, :, :, 0] = 60 + (120 * yy / height).astype(np.uint8)[None]  # red: row
+    shown[:, :, :, 1] = 60 + (120 * xx / width).astype(np.uint8)[None]  # green: column
+    shown[:, :, :, 2] = 200
+    shown[:, :top], shown[:, height - bottom:] = 0, 0
+    shown[:, :, :left], shown[:, :, width - right:] = 0, 0
+    path = tmp_path / "bars.mp4"
+    _phone_video(path, shown, degrees)
+    segment = next(iter_segments(path, ml_collections.ConfigDict(
+        dict(max_segment_seconds=10, short_side=32, default_fps=8))))
+    box = border_box(segment.frames, 30.0)  # what curate's clip_scores records
+    assert box == tuple(v // 2 for v in bars)
+    content = ContentBox(*box, *segment.frames.shape[1:3])
+    with VideoReader(path) as reader:
+        clip = reader.read([1], 16, 16, content)[0]
+    inside = shown[1:2, top:height - bottom, left:width - right]
+    reference = video_io.resize_and_crop(inside, 16, 16)[0]
+    assert np.abs(clip.astype(int) - reference).mean() < 8
+    assert clip.max(axis=2).min() > 40  # no bar left: every pixel is picture
+    with VideoReader(path) as reader, pytest.raises(ContentBoxError, match="another aspect"):
+        reader.read([1], 16, 16, ContentBox(*box, height, height))
+
+
+def test_crop_layout_centres_on_the_region():
+    assert crop_layout(64, 96, 32, 32) == ((32, 48), 0, 8)  # no region: cover and centre
+    # the middle half of 64x128's columns (64x64) covers 32x32 at half size: 32x64, crop at 16
+    assert crop_layout(64, 128, 32, 32, (0.0, 1.0, 0.25, 0.75)) == ((32, 64), 0, 16)
+    assert crop_layout(64, 128, 32, 32, (0.0, 1.0, 0.0, 0.5)) == ((32, 64), 0, 0)

@@ -125,8 +125,9 @@ def test_recipes_encode_video_files_at_their_training_rate():
             assert c.encode.fps == c.data.fps, name
             c = cfglib.load_config(os.path.join(CONFIG_DIR, name), [
                 "--config.encode.fps=24.0", "--config.encode.extensions=['.mp4']",
-                "--config.encode.decode_threads=2"])
+                "--config.encode.decode_threads=2", "--config.encode.caption_key=recaption"])
             assert (c.encode.fps, list(c.encode.extensions)) == (24.0, [".mp4"]), name
+            assert c.encode.caption_key == "recaption", name
 
 
 def test_named_choices_are_defined_once_and_implemented():

@@ -367,3 +367,94 @@ def test_cli_rejects_a_shard_outside_the_workers(capsys):
     assert cli.main(["encode", "--config", CONFIG, "--workdir", "unused", "--shard", "3",
                      "--num-shards", "2"]) != 0
     assert "--shard 3 is outside [0, --num-shards 2)" in capsys.readouterr().err
+
+
+def _letterboxed(frames: int) -> np.ndarray:
+    """[frames, 48, 48, 3]: a bright picture between 12-row black bars (top and bottom)."""
+    video = np.zeros((frames, 48, 48, 3), np.uint8)
+    video[:, 12:36] = _video(3, frames)[:, :24] // 2 + 120
+    return video
+
+
+def test_a_curated_box_keeps_black_bars_out_of_the_clip(tmp_path):
+    """curate's `box` is in pixels of the line's height x width (its decoded size, here halved
+    by decode.short_side): the clip is cut from inside the bars, not from the barred frame."""
+    video_io.write_mp4(tmp_path / "lb.mp4", _letterboxed(12), fps=8.0)
+    line = {"source": "lb.mp4", "start_frame": 0, "end_frame": 12, "kept": True,
+            "box": [6, 6, 0, 0], "height": 24, "width": 24}
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text(json.dumps(line) + "\n")
+    entries = video_files.read_manifest(manifest)[0]
+    video = video_files.VideoClipSource(entries, [(5, 32, 32)])[0]["video"]
+    assert video.max(axis=-1).min() > 0.0  # every pixel is picture: no black row (-1) left
+    assert entries[0].crop == clip_decode.ContentBox(6, 6, 0, 0, 24, 24)
+    without = dataclasses.replace(entries[0], crop=None)
+    assert video_files.VideoClipSource([without], [(5, 32, 32)])[0]["video"].max(axis=-1).min() < -0.8
+    for bad in ([6, 6, 0], [12, 12, 0, 0], [6, -1, 0, 0]):
+        manifest.write_text(json.dumps({**line, "box": bad}) + "\n")
+        with pytest.raises(ValueError, match=r"clips.jsonl line 1: \"box\""):
+            video_files.read_manifest(manifest)
+    manifest.write_text(json.dumps({**line, "box": [0, 0, 0, 0]}) + "\n")
+    assert video_files.read_manifest(manifest)[0][0].crop is None
+
+
+def test_caption_key_picks_curate_recaption(videos, tmp_path):
+    """`encode.caption_key` = "recaption" trains on curate's captioner text; the default stays
+    "caption" (optional); a line without the chosen key, or none with text, is an error naming
+    the key."""
+    lines = [{"source": "clip0.mp4", "caption": "", "recaption": "a red ball bounces"},
+             {"source": "clip1.mp4", "caption": "sidecar text", "recaption": "a blue cube"},
+             {"source": "clip2.mp4"}]
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines[:2]))
+    default = video_files.read_manifest(manifest, videos["folder"])[0]
+    assert [e.caption for e in default] == ["", "sidecar text"]
+    config = _config(str(manifest), "", "--config.encode.shapes=[(1, 32, 32)]",
+                     "--config.encode.shape_weights=[1.0]")
+    config.encode.video_root = videos["folder"]
+    config.encode.caption_key = "recaption"
+    src = video_files.VideoClipSource.from_config(config.encode)
+    assert [src[i]["caption"] for i in range(2)] == ["a red ball bounces", "a blue cube"]
+    assert src[1]["meta"]["caption"] == "sidecar text" and "recaption" not in src[1]["meta"]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(ValueError, match=r"clips.jsonl line 3: no \"recaption\".*encode.caption_key"):
+        video_files.read_manifest(manifest, videos["folder"], caption_key="recaption")
+    assert video_files.read_manifest(manifest, videos["folder"])[0][2].caption == ""
+    manifest.write_text(json.dumps({"source": "clip0.mp4", "recaption": ""}) + "\n")
+    with pytest.raises(ValueError, match=r"encode.caption_key.*empty 'recaption'"):
+        video_files.list_source(str(manifest), root=videos["folder"], caption_key="recaption")
+
+
+def test_a_rerun_with_other_inputs_is_refused_not_skipped(videos, vae_workdir, tmp_path):
+    """A finished shard is skipped on a rerun only when it would hold the same clips: a grown
+    manifest (same shard count, more clips per shard) or another encode.fps is an error naming
+    the folder, never a silent success that leaves the new clips out."""
+    manifest = tmp_path / "clips.jsonl"
+    lines = [{"file": f"{videos['folder']}/clip{i}.mp4", "caption": f"clip {i}"} for i in range(3)]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines[:2]))
+    out = str(tmp_path / "latents")
+    config = _config(str(manifest), vae_workdir, *ONE_SHAPE, "--config.encode.shapes=[(1, 32, 32)]")
+    first = encode_videos(config, out)
+    stamps = [os.path.getmtime(p) for p in first["paths"]]
+    again = encode_videos(config, out)  # unchanged: resumes, rewrites nothing
+    assert again["records"] == 2 and [os.path.getmtime(p) for p in again["paths"]] == stamps
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(ValueError, match=r"latents.*latents-00000-of-00001.*encode into a new folder"):
+        encode_videos(config, out)
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines[:2]))
+    config.encode.fps = 4.0
+    with pytest.raises(ValueError, match=r"encode\.fps.*encode into a new folder"):
+        encode_videos(config, out)
+    # A summary from before fingerprints: checked by its clip count (records + skipped).
+    config.encode.fps = 0.0
+    with open(os.path.join(out, SUMMARY_FILE)) as f:
+        saved = json.load(f)
+    for entry in saved["shards"].values():
+        del entry["fingerprint"]
+    with open(os.path.join(out, SUMMARY_FILE), "w") as f:
+        json.dump(saved, f)
+    assert encode_videos(config, out)["records"] == 2
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(ValueError, match=r"encode into a new folder"):
+        encode_videos(config, out)
+    assert [os.path.getmtime(p) for p in first["paths"]] == stamps

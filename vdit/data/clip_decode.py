@@ -5,20 +5,22 @@ to the keyframe before the first one; a long high-resolution video never sits in
 seconds from the first frame), from the demuxed packets (which decodes nothing), and its average
 fps; `reader.read(indices, height, width)` returns frames [T, height, width, 3] uint8 at those
 source frame numbers, each scaled while it is decoded (PyAV/swscale: area filter when shrinking,
-bicubic when growing) to cover height x width and center-cropped. Frames are numbered from the
-start of the video in presentation order, as `vdit curate` numbers them: by the rank of the
-frame's timestamp among the packets' after a seek (right for variable frame rates, where
-timestamp x average fps repeats and skips numbers), by counting when the file has no timestamps
-or its seek lands past the first wanted frame (then decoding restarts from the first frame; still
-one frame held at a time). Memory is O(T x height x width) plus the decoder's
+bicubic when growing) to cover height x width and center-cropped; with a `ContentBox` (the
+picture inside black bars, as `vdit curate` measures it) only that part is scaled and cropped.
+Frames are numbered from the start of the video in presentation order, as `vdit curate` numbers
+them: by the rank of the frame's timestamp among the packets' after a seek (right for variable
+frame rates, where timestamp x average fps repeats and skips numbers), by counting when the file
+has no timestamps or its seek lands past the first wanted frame (then decoding restarts from the
+first frame; still one frame held at a time). Memory is O(T x height x width) plus the decoder's
 reference frames, independent of the video's length and native resolution. Frames come as players
 show them: upright (a phone's display rotation applied) and at the display aspect (anamorphic
-pixels widened). Unreadable files,
-and files that fail part way, raise `VideoReadError` naming the file.
+pixels widened). Unreadable files, and files that fail part way, raise `VideoReadError` naming the
+file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +36,55 @@ def cover_size(height: int, width: int, target_h: int, target_w: int) -> tuple[i
     """(h, w) of a height x width frame scaled (aspect kept) to cover target_h x target_w."""
     scale = max(target_h / height, target_w / width)
     return max(target_h, round(height * scale)), max(target_w, round(width * scale))
+
+
+class ContentBoxError(ValueError):
+    """A content box measured on a frame of another aspect than the video's."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ContentBox:
+    """Black bars (top, bottom, left, right rows/columns) of an upright frame as seen at
+    `height` x `width` (e.g. curate's decoded size, maybe downscaled)."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+    height: int
+    width: int
+
+    def region(self, shown_h: int, shown_w: int, where) -> tuple[float, float, float, float]:
+        """(top, bottom, left, right) of the content as fractions of the frame, after checking
+        that the box's frame is the shown_h x shown_w one scaled (to within the 1-pixel
+        rounding of each side): a box measured on another frame would crop the wrong part."""
+        slack = 1.5 / self.height + 1.5 / self.width + 1.0 / shown_h + 1.0 / shown_w
+        if abs((self.height * shown_w) / (self.width * shown_h) - 1.0) > slack:
+            raise ContentBoxError(
+                f"video {where}: its manifest box (bars {self.top}, {self.bottom}, {self.left}, "
+                f"{self.right}) is given on a {self.height}x{self.width} frame (the line's "
+                f"\"height\", \"width\"), but the video shows {shown_h}x{shown_w}, another "
+                "aspect: the box must be measured on the whole frame as decoded")
+        h, w = self.height, self.width
+        return self.top / h, (h - self.bottom) / h, self.left / w, (w - self.right) / w
+
+
+def crop_layout(height: int, width: int, target_h: int, target_w: int,
+                region: tuple[float, float, float, float] | None = None
+                ) -> tuple[tuple[int, int], int, int]:
+    """((h, w), top, left): a height x width frame is scaled (aspect kept) to h x w so that its
+    `region` (top, bottom, left, right as fractions of the frame; None = all of it) covers
+    target_h x target_w, and the target_h x target_w crop at (top, left) is centred on the
+    region (inside it, up to a pixel of rounding)."""
+    if region is None:
+        size = cover_size(height, width, target_h, target_w)
+        return size, (size[0] - target_h) // 2, (size[1] - target_w) // 2
+    y0, y1, x0, x1 = region
+    scale = max(target_h / (height * (y1 - y0)), target_w / (width * (x1 - x0)))
+    size = max(target_h, round(height * scale)), max(target_w, round(width * scale))
+    top = min(max(0, round((y0 + y1) * size[0] / 2 - target_h / 2)), size[0] - target_h)
+    left = min(max(0, round((x0 + x1) * size[1] / 2 - target_w / 2)), size[1] - target_w)
+    return size, top, left
 
 
 class VideoReader:
@@ -117,9 +168,13 @@ class VideoReader:
             return fallback
         return round(float((frame.pts - self._start_pts) * self._time_base) * self.fps)
 
-    def read(self, indices: Sequence[int], height: int, width: int) -> np.ndarray:
+    def read(self, indices: Sequence[int], height: int, width: int,
+             box: ContentBox | None = None) -> np.ndarray:
         """uint8 [len(indices), height, width, 3]: source frames `indices` (ascending, repeats
-        allowed), each scaled to cover height x width and center-cropped as it is decoded."""
+        allowed), each scaled to cover height x width and center-cropped as it is decoded.
+        With a `box`, the content inside its bars is what is scaled to cover and cropped from:
+        the bars never reach the clip (`ContentBoxError` when the box's frame has another
+        aspect than the video)."""
         indices = [int(i) for i in indices]
         if not indices or indices != sorted(indices) or indices[0] < 0:
             raise ValueError(f"frame indices must be ascending and >= 0, got {indices[:8]}")
@@ -130,11 +185,11 @@ class VideoReader:
         try:
             if indices[0] == 0 and self.decoded:  # an earlier read moved past the start
                 self._container.seek(0, stream=video_stream(self._container, self.path))
-            got = self._decode(wanted, indices[0], height, width, seek=indices[0] > 0)
+            got = self._decode(wanted, indices[0], height, width, box, seek=indices[0] > 0)
             if got is None:  # no timestamps or the seek overshot: count from the first frame
                 self._container.seek(0, stream=video_stream(self._container, self.path))
-                got = self._decode(wanted, indices[0], height, width, seek=False)
-        except VideoReadError:
+                got = self._decode(wanted, indices[0], height, width, box, seek=False)
+        except (VideoReadError, ContentBoxError):
             raise
         except AV_ERRORS as e:
             raise VideoReadError(f"cannot read video {self.path}: {e}") from e
@@ -145,7 +200,7 @@ class VideoReader:
         return np.stack([got[i] for i in indices])
 
     def _decode(self, wanted: set[int], first: int, height: int, width: int,
-                seek: bool) -> dict[int, np.ndarray] | None:
+                box: ContentBox | None, seek: bool) -> dict[int, np.ndarray] | None:
         """{frame number: cropped frame} of the wanted frames, or None when this pass cannot
         number frames reliably (no timestamps after a seek, or the seek landed past `first`)."""
         stream = video_stream(self._container, self.path)
@@ -157,7 +212,7 @@ class VideoReader:
             else:
                 return None
             self._container.seek(offset, stream=stream, backward=True)
-        got, last, size = {}, max(wanted), None
+        got, last, layout = {}, max(wanted), None
         for count, frame in enumerate(self._container.decode(stream)):
             self.decoded += 1
             number = self._index(frame, count)
@@ -171,15 +226,16 @@ class VideoReader:
                 turns = quarter_turns(frame)
                 tall, wide = shown_size(frame.height, frame.width, self._pixel_aspect)
                 shown = (wide, tall) if turns % 2 else (tall, wide)
-                if size is None:  # the upright frame's size, scaled to cover height x width
-                    size = cover_size(*shown, height, width)
+                if layout is None:  # the upright frame's size, scaled so its content covers
+                    region = None if box is None else box.region(*shown, self.path)
+                    layout = crop_layout(*shown, height, width, region)
+                size, top, left = layout
                 shrink = size[0] * size[1] < tall * wide
                 stored = size[::-1] if turns % 2 else size
                 image = upright(frame.to_ndarray(height=stored[0], width=stored[1],
                                                  format="rgb24",
                                                  interpolation="AREA" if shrink else "BICUBIC"),
                                 turns)
-                top, left = (size[0] - height) // 2, (size[1] - width) // 2
                 got[number] = image[top:top + height, left:left + width]
             if number >= last:
                 break

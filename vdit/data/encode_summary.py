@@ -1,13 +1,15 @@
 """`vdit encode`'s bookkeeping beside the latent shards: which shards are finished, with what
 counts, skipped files and normalisation stats, for resuming and for merging sharded runs.
 
-Each shard's entry is keyed by its file name: {"records", "skipped": [...], "stats": stats_id}.
+Each shard's entry is keyed by its file name: {"records", "skipped": [...], "stats": stats_id,
+"fingerprint": what it was encoded from (`encode_videos.shard_fingerprint`)}.
 One worker (`--num-shards 1`) keeps them in encode_summary.json; worker i of n (n > 1) in its own
 encode_summary-i-of-n.json (no two workers rewrite one file), and whichever worker finds every
 shard finished merges them, by name, into encode_summary.json. Reading takes the union of all
 these files, so a rerun with any worker count skips what any earlier worker finished. Merging
 checks that every shard was normalised with the same stats as stats.json, so the shards of a
-sharded run are consistent for training.
+sharded run are consistent for training. A rerun whose inputs would put other clips in a
+finished shard is refused (`check_fingerprints`) rather than skipping it as finished.
 """
 
 from __future__ import annotations
@@ -62,6 +64,29 @@ def check_layout(out_dir, count: int) -> None:
             f"latents folder {str(out_dir)!r} already holds an encode into {sorted(other)} shards, "
             f"not {count} (the shard count is max(encode.num_shards, --num-shards), at most one "
             "per video): resume it with the same settings or encode into a new folder")
+
+
+def check_fingerprints(out_dir, done: dict, expected: dict) -> None:
+    """Finished shards (in `done` and on disk) were encoded from what `expected` ({name:
+    (fingerprint, number of entries)}) says they would hold now. Entries written before
+    fingerprints were recorded are checked by their count alone (records + skipped)."""
+    folder = runs.user_path(out_dir)
+    odd = []
+    for name, (fingerprint, size) in expected.items():
+        entry = done.get(name)
+        if entry is None or not (folder / name).exists():
+            continue
+        if ("fingerprint" in entry and entry["fingerprint"] != fingerprint) or (
+                "fingerprint" not in entry and entry["records"] + len(entry["skipped"]) != size):
+            odd.append(name)
+    if odd:
+        raise ValueError(
+            f"latents folder {str(out_dir)!r} holds finished shards {sorted(odd)} encoded from "
+            "other inputs: the source's clips (a grown or edited manifest or folder: keys, frame "
+            "ranges, captions, crop boxes) or config keys encode.shapes, encode.shape_weights, "
+            "encode.seed, encode.fps changed since, and a rerun would skip those shards as "
+            "finished; encode into a new folder (or delete this one's latents-*.array_record "
+            "and encode_summary*.json files to encode it again)")
 
 
 def check_stats(names: list[str], shards: dict, stats: str, out_dir) -> None:

@@ -14,21 +14,29 @@ by the shape drawn for them (`VideoClipSource.shape`) and encoded in batches pad
 (missing, corrupt), are too short for their shape, whose manifest frame range passes their end,
 or fail otherwise are skipped and counted by reason, never fatal. Manifest lines with `kept`
 false (e.g. clips `vdit curate` dropped) are not entries at all: they are counted as `filtered`.
-`encode_summary.json` beside the shards keeps each finished shard's counts, skipped files and
-the fingerprint of the latent stats it was normalised with, so a rerun (which skips finished
-shards) still reports the whole run, and shards normalised differently are an error.
+`encode_summary.json` beside the shards keeps each finished shard's counts, skipped files, the
+fingerprint of the latent stats it was normalised with and that of its inputs
+(`shard_fingerprint`: its entries' keys, frame ranges, captions, crop boxes and drawn shapes, and
+encode.fps), so a rerun (which skips finished shards) still reports the whole run, shards
+normalised differently are an error, and so is a rerun whose source or settings would put other
+clips in a finished shard (a grown manifest, other shapes or seed): encode that into a new folder.
 
 Config section `encode` (keys read here): source, video_root (optional: the folder a manifest's
-relative paths resolve against, e.g. curate's input), shapes, shape_weights, seed, fps (0 = every
-source frame), extensions, num_shards, batch_size, decode_threads, normalize, vae_workdir,
-i2v_condition (also store `cond_latents`, as `encode_synthetic` does). A DiT with an image branch
-(`model.image_dim`) also gets each clip's first-frame CLIP tokens (`vdit/data/encode_images.py`).
-Record meta: the manifest line's other keys (e.g. a curated "motion", in frame short sides per
-second), then index, file, source_frames, source_fps, fps (of the clip), first_frame.
+relative paths resolve against, e.g. curate's input), caption_key (optional, default "caption":
+the manifest key holding each clip's caption, e.g. curate's "recaption"), shapes, shape_weights,
+seed, fps (0 = every source frame), extensions, num_shards, batch_size, decode_threads, normalize,
+vae_workdir, i2v_condition (also store `cond_latents`, as `encode_synthetic` does). A DiT with an
+image branch (`model.image_dim`) also gets each clip's first-frame CLIP tokens
+(`vdit/data/encode_images.py`). Record meta: the manifest line's other keys (e.g. a curated
+"motion", in frame short sides per second), then index, file, source_frames, source_fps, fps (of
+the clip), first_frame.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +94,14 @@ def encode_videos(config, out_dir: str, vae_params=None, shard: int = 0,
     count = max(1, min(max(int(cfg.num_shards), num_shards), len(source)))
     owned = owned_shards(count, shard, num_shards)
     summary.check_layout(out_dir, count)
+    per_shard = -(-len(source) // count)
+    names = [sources.SHARD_PATTERN.format(index=i, count=count) for i in range(count)]
+    shard_indices = {i: range(i * per_shard, min(len(source), (i + 1) * per_shard)) for i in owned}
+    fingerprints = {names[i]: shard_fingerprint(source, shard_indices[i], cfg) for i in owned}
+    done = summary.read_done(out_dir)
+    summary.check_fingerprints(out_dir, done,  # before any costly setup
+                               {names[i]: (fingerprints[names[i]], len(shard_indices[i]))
+                                for i in owned})
     image_fn = encode_images.encode_fn(config, image_loader)  # a missing tower fails first
     _, tokenizer = text_encoder_from_config(config.text)
     encode_fn = vae_encoder(config, vae_params)
@@ -94,9 +110,6 @@ def encode_videos(config, out_dir: str, vae_params=None, shard: int = 0,
                               tokenizer)
     stats = stats_id(mean, std)
     condition_fn = record_extras_fn(config, encode_fn, mean, std, image_fn)
-    per_shard = -(-len(source) // count)
-    names = [sources.SHARD_PATTERN.format(index=i, count=count) for i in range(count)]
-    done = summary.read_done(out_dir)
     mine_file = summary.summary_file(shard, num_shards)
     mine = {names[i]: done[names[i]] for i in owned if names[i] in done}
     paths = []
@@ -106,18 +119,32 @@ def encode_videos(config, out_dir: str, vae_params=None, shard: int = 0,
         paths.append(path)
         if runs.user_path(path).exists() and names[index] in done:
             continue  # finished by an earlier run
-        indices = range(index * per_shard, min(len(source), (index + 1) * per_shard))
-        records, skipped = _encode_shard(indices, source, cfg, encode_fn, tokenizer, mean, std,
-                                         condition_fn)
+        records, skipped = _encode_shard(shard_indices[index], source, cfg, encode_fn, tokenizer,
+                                         mean, std, condition_fn)
         # The summary entry goes first: a crash before the shard's rename re-encodes the shard
         # and rewrites its entry, so the counts never miss a finished shard.
-        mine[names[index]] = {"records": len(records), "skipped": skipped, "stats": stats}
+        mine[names[index]] = {"records": len(records), "skipped": skipped, "stats": stats,
+                              "fingerprint": fingerprints[names[index]]}
         summary.write(out_dir, mine_file, mine)
         sources.write_shard(path, records)
     summary.check_stats([runs.user_path(p).name for p in paths], mine, stats, out_dir)
     complete = summary.merge_if_complete(out_dir, names, stats)
     return {**summary.totals(paths, mine, source.filtered), "shards": count,
             "complete": complete}
+
+
+def shard_fingerprint(source, indices, cfg) -> str:
+    """A short hash of what a shard of `indices` holds: each entry's index, key, frame range,
+    caption, crop box and drawn shape (so encode.shapes, shape_weights and seed), and
+    encode.fps. A finished shard whose fingerprint differs was encoded from other inputs."""
+    items = []
+    for i in indices:
+        entry = source.entries[i]
+        items.append([i, entry.key, list(entry.frames) if entry.frames else None, entry.caption,
+                      dataclasses.astuple(entry.crop) if entry.crop else None,
+                      list(source.shape(i))])
+    text = json.dumps([float(cfg.get("fps", 0.0)), items])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def _load(source: VideoClipSource, index: int, skipped: list) -> dict | None:

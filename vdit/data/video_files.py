@@ -6,22 +6,29 @@ Entries:
   is none (an empty caption trains the unconditional branch, like caption dropout);
 - a `.jsonl` manifest: one object per line with the video in `file`, `path` or `source` (the first
   present; absolute, or relative to `encode.video_root`, default the manifest's folder) and
-  `caption` (optional, default empty); every other key (fps, motion, scores, ...) is kept as
+  its caption in `encode.caption_key` (default `caption`: optional, default empty; any other
+  key must be on every line); every other key (fps, motion, scores, ...) is kept as
   metadata and lands in the record's `meta`. `vdit curate`'s clips.jsonl is such a manifest: a
   line names its video in `source` (relative to curate's input folder: set `encode.video_root`
   to it) and its clip as source frames [`start_frame`, `end_frame`), which restrict the clip to
   that range; lines with `kept` false (clips curate dropped, videos it could not read) are
-  skipped and counted as filtered, not as errors. Curate's `caption` is the caption and its
-  `motion` (frame short sides per second) reaches the record's meta for micro-conditioning.
+  skipped and counted as filtered, not as errors. Curate's `caption` (the source's, from a
+  manifest or sidecar) is the caption by default; `encode.caption_key="recaption"` takes its
+  captioner's instead. Its `box` (black bars: top, bottom, left, right, in pixels of the line's
+  upright `height` x `width`) is cropped away before the resize, as curate crops its own clip
+  shards. Its `motion` (frame short sides per second) reaches the record's meta for
+  micro-conditioning.
 
 `source[i]` decodes entry i into the clip shape `shape(i)`, drawn by `encode.sample_shape` from
 (shapes, weights, seed): `frames` frames taken from the middle of the video or its frame range (at
 `fps` frames per second when fps > 0, else consecutive source frames; one middle frame for T = 1
-images), scaled to cover height x width and center-cropped. Only those frames are decoded,
-resized while decoding, after a seek near the first (`clip_decode.VideoReader`): memory does not
-grow with the video's length or native resolution. A missing or corrupt file raises
-`VideoReadError`, a video or range with too few frames `ClipTooShortError`, a range past the
-video's end `FrameRangeError`; callers skip and count all three (see `vdit/data/encode_videos.py`).
+images), scaled to cover height x width (a manifest box's content, when it has one) and
+center-cropped. Only those frames are decoded, resized while decoding, after a seek near the first
+(`clip_decode.VideoReader`): memory does not grow with the video's length or native resolution. A
+missing or corrupt file raises `VideoReadError`, a video or range with too few frames
+`ClipTooShortError`, a range past the video's end `FrameRangeError`, a box measured on a frame of
+another aspect than the video's `clip_decode.ContentBoxError`; callers skip and count them all
+(see `vdit/data/encode_videos.py`).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import grain
 import numpy as np
 
 from vdit.data import video_io
-from vdit.data.clip_decode import VideoReader
+from vdit.data.clip_decode import ContentBox, VideoReader
 from vdit.data.encode import sample_shape
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
@@ -59,6 +66,7 @@ class VideoEntry:
     key: str  # the name it goes by in records: path relative to the folder, or as in the manifest
     meta: dict = dataclasses.field(default_factory=dict)  # manifest keys other than file/caption
     frames: tuple[int, int] | None = None  # source frames [start, end) of the clip; None = all
+    crop: ContentBox | None = None  # black bars cropped before the resize; None = none
     error: str = ""  # why the entry cannot be used (e.g. an unreadable caption); loading raises it
 
 
@@ -83,15 +91,16 @@ def list_folder(folder: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS
     return entries
 
 
-def read_manifest(path: str | Path, root: str | Path = "") -> tuple[list[VideoEntry], int]:
+def read_manifest(path: str | Path, root: str | Path = "",
+                  caption_key: str = "caption") -> tuple[list[VideoEntry], int]:
     """(entries of a jsonl manifest in file order, number of lines skipped as `kept` false);
-    relative video paths resolve against `root` (default: the manifest's folder). A malformed
-    line is an error naming it."""
+    relative video paths resolve against `root` (default: the manifest's folder); the caption is
+    each line's `caption_key`. A malformed line is an error naming it."""
     path = Path(path)
     root = Path(root) if root else path.parent
     entries, filtered = [], 0
     for number, line, text in video_io.manifest_lines(path):
-        entry = _manifest_entry(line, root, f"manifest {path} line {number}", text)
+        entry = _manifest_entry(line, root, f"manifest {path} line {number}", text, caption_key)
         if entry is None:
             filtered += 1
         else:
@@ -99,7 +108,8 @@ def read_manifest(path: str | Path, root: str | Path = "") -> tuple[list[VideoEn
     return entries, filtered
 
 
-def _manifest_entry(line, root: Path, where: str, text: str) -> VideoEntry | None:
+def _manifest_entry(line, root: Path, where: str, text: str,
+                    caption_key: str = "caption") -> VideoEntry | None:
     """One manifest line -> its entry, or None when the line says `kept` false."""
     name_key = next((k for k in NAME_KEYS if isinstance(line, dict) and k in line), None)
     name = line[name_key] if name_key else None
@@ -112,20 +122,46 @@ def _manifest_entry(line, root: Path, where: str, text: str) -> VideoEntry | Non
     if not kept:
         return None
     file = Path(name) if Path(name).is_absolute() else root / name
-    meta = {k: v for k, v in line.items() if k not in ("file", "path", name_key, "caption")}
-    return VideoEntry(str(file.resolve()), caption_of(line, where), name, meta,
-                      _frame_range(line, where))
+    meta = {k: v for k, v in line.items() if k not in ("file", "path", name_key, caption_key)}
+    return VideoEntry(str(file.resolve()), caption_of(line, where, caption_key), name, meta,
+                      _frame_range(line, where), _crop_region(line, where))
 
 
-def caption_of(line: dict, where: str) -> str:
-    """A manifest line's "caption": text, or "" when absent or null; any other type (a list, an
-    object, a number) is an error naming the line rather than a caption made of its repr."""
-    caption = line.get("caption")
+def caption_of(line: dict, where: str, key: str = "caption") -> str:
+    """A manifest line's caption, its `key` (config key 'encode.caption_key'): text, or "" when
+    null, or absent for the default "caption"; another key (e.g. curate's "recaption") must be
+    present, as a line without it was not captioned the way the config asks. Any other type (a
+    list, an object, a number) is an error naming the line rather than a caption made of its
+    repr."""
+    if key not in line and key != "caption":
+        raise ValueError(f"{where}: no \"{key}\" (config key 'encode.caption_key' = {key!r}); "
+                         "give every line that key, or set encode.caption_key to the key that "
+                         "holds the captions (default \"caption\")")
+    caption = line.get(key)
     if caption is None:
         return ""
     if not isinstance(caption, str):
-        raise ValueError(f"{where}: \"caption\" = {caption!r:.80}; expected a string (or null)")
+        raise ValueError(f"{where}: \"{key}\" = {caption!r:.80}; expected a string (or null)")
     return caption
+
+
+def _crop_region(line: dict, where: str) -> ContentBox | None:
+    """curate's `box` (top, bottom, left, right bars in pixels of the line's `height` x `width`,
+    the upright frame as curate decoded it, maybe downscaled), or None when the line has no box
+    or no bars."""
+    box = line.get("box")
+    if box is None:
+        return None
+    height, width = line.get("height"), line.get("width")
+    ints = all(isinstance(v, int) and not isinstance(v, bool)
+               for v in (*(box if isinstance(box, list) else [None]), height, width))
+    if not (ints and len(box) == 4 and min(box) >= 0 and height > 0 and width > 0
+            and box[0] + box[1] < height and box[2] + box[3] < width):
+        raise ValueError(f"{where}: \"box\" = {box!r:.80} with \"height\" = {height!r}, "
+                         f"\"width\" = {width!r}; expected [top, bottom, left, right] bars in "
+                         "pixels of a height x width frame (as `vdit curate` writes them) that "
+                         "leave some of it")
+    return ContentBox(*box, height, width) if any(box) else None
 
 
 def _frame_range(line: dict, where: str) -> tuple[int, int] | None:
@@ -142,16 +178,23 @@ def _frame_range(line: dict, where: str) -> tuple[int, int] | None:
 
 
 def list_source(source: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS,
-                root: str | Path = "") -> tuple[list[VideoEntry], int]:
-    """A folder or a .jsonl manifest (relative paths against `root`, default its folder) ->
-    (its entries, manifest lines filtered as not kept); anything else, nothing to encode, or a
-    manifest none of whose videos exists is an error naming it."""
+                root: str | Path = "", caption_key: str = "caption") -> tuple[list[VideoEntry], int]:
+    """A folder or a .jsonl manifest (relative paths against `root`, default its folder;
+    captions from each line's `caption_key`) -> (its entries, manifest lines filtered as not
+    kept); anything else, nothing to encode, a manifest none of whose videos exists, or (for a
+    caption key other than "caption") one none of whose captions has text is an error naming
+    it."""
     path = Path(source)
     filtered = 0
     if path.is_dir():
         entries = list_folder(path, extensions)
     elif path.is_file() and path.suffix == ".jsonl":
-        entries, filtered = read_manifest(path, root)
+        entries, filtered = read_manifest(path, root, caption_key)
+        if entries and caption_key != "caption" and not any(e.caption for e in entries):
+            raise ValueError(
+                f"config key 'encode.caption_key' = {caption_key!r}: every kept line of manifest "
+                f"{path} has an empty {caption_key!r} (`vdit curate` writes \"recaption\" only "
+                "with curate.captions.captioner set): encoding would train on no captions")
         if entries and not any(Path(e.file).is_file() for e in entries):
             raise FileNotFoundError(
                 f"none of the videos in manifest {path} exists (the first resolves to "
@@ -223,9 +266,10 @@ class VideoClipSource(grain.sources.RandomAccessDataSource):
     @classmethod
     def from_config(cls, cfg) -> VideoClipSource:
         """From `config.encode`: source, shapes, shape_weights, seed, fps, extensions,
-        video_root (optional)."""
+        video_root, caption_key (the last three optional)."""
         entries, filtered = list_source(cfg.source, cfg.get("extensions", None) or VIDEO_EXTENSIONS,
-                                        cfg.get("video_root", None) or "")
+                                        cfg.get("video_root", None) or "",
+                                        cfg.get("caption_key", None) or "caption")
         return cls(entries, cfg.shapes, cfg.shape_weights, cfg.seed, float(cfg.get("fps", 0.0)),
                    filtered)
 
@@ -264,7 +308,7 @@ class VideoClipSource(grain.sources.RandomAccessDataSource):
             where = f"video {entry.file}" + (f" frames [{start}, {end})" if entry.frames else "")
             times = None if reader.times is None else reader.times[start:end]
             idx = clip_indices(end - start, reader.fps, frames, self._fps, where, times)
-            clip = reader.read(start + idx, height, width)
+            clip = reader.read(start + idx, height, width, entry.crop)
         meta = {**entry.meta, "index": index, "file": entry.key, "source_frames": end - start,
                 "source_fps": reader.fps, "fps": self._fps if self._fps > 0 else reader.fps,
                 "first_frame": start + int(idx[0])}
