@@ -6,9 +6,14 @@ It is installed where the real thing plugs in, so vdit's code takes the same pat
   driver in production), pointed at the same folder with TensorStore's file driver, and Orbax's
   bucket query (`is_hierarchical_namespace_enabled`, google-cloud-storage in production).
 A bucket is a sub-folder of the root; one that does not exist is a missing bucket.
+A file opened for writing behaves as gcsfs's: the object appears only when the file is closed
+(gcsfs uploads at close, or every 5 MiB), and `fileno` raises io.UnsupportedOperation.
 """
 
 from __future__ import annotations
+
+import io
+import os
 
 from etils.epath import backend as epath_backend
 from fsspec.implementations.dirfs import DirFileSystem
@@ -37,6 +42,34 @@ class FolderGCS(DirFileSystem):
         if isinstance(path, str):
             path = self._strip_protocol(path)
         return super()._join(path)
+
+    def open(self, path, mode="rb", *args, **kwargs):
+        if not any(c in mode for c in "wx"):
+            return super().open(path, mode, *args, **kwargs)
+        local = self._join(path)
+        bucket = os.path.join(self.root, self._strip_protocol(path).split("/")[0])
+        if not os.path.isdir(bucket):
+            raise FileNotFoundError(f"no bucket {bucket}")
+        upload = _Upload(local)
+        return upload if "b" in mode else io.TextIOWrapper(upload, encoding=kwargs.get("encoding"))
+
+
+class _Upload(io.BytesIO):
+    """A gcsfs-like file opened for writing: written to the folder at close, no OS file."""
+
+    def __init__(self, local: str):
+        super().__init__()
+        self._local = local
+
+    def fileno(self):
+        raise io.UnsupportedOperation("fileno")
+
+    def close(self):
+        if not self.closed:
+            os.makedirs(os.path.dirname(self._local), exist_ok=True)  # no folders on GCS
+            with open(self._local, "wb") as f:
+                f.write(self.getvalue())
+        super().close()
 
 
 def install(monkeypatch, root: str) -> None:

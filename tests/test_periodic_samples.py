@@ -18,6 +18,7 @@ from vdit.models.vae_config import vae_from_config
 from vdit.pipelines import periodic_samples
 from vdit.runs import checkpoint
 from vdit.train import loop
+from vdit.train.metrics import read_metrics
 
 VAE = ["--config.vae.base_dim=8", "--config.vae.num_res_blocks=0"]
 # i2v_rate 0: the shards carry no I2V condition latents (the recipe may train image-to-video).
@@ -137,4 +138,7 @@ def test_tensorboard_gets_sample_videos_and_judge_scores(tmp_path, latents, vae_
     for tag in ("loss", "grad_norm", "tokens_per_s", "mfu", "judge/color", "judge/shape",
                 "judge/direction", "judge/all"):
         assert tags.get(tag) == {"scalar"}, (tag, sorted(tags))
+    # metrics.jsonl keeps one row per step: the judge's scores join step 2's loss row
+    rows = read_metrics(workdir)
+    assert [r["step"] for r in rows] == [1, 2] and {"loss", "judge/all"} <= set(rows[1])
     print("tensorboard tags:", sorted(tags))

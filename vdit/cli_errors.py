@@ -7,8 +7,8 @@ screen unless `--debug` (or VDIT_DEBUG=1) asks for it; when the command's workdi
 folder it is also written to `<workdir>/logs/error.log`, and the second line says where.
 
 Exit status: 1 for an error, 2 for a command-line usage error (argparse) or a command not built,
-3 for a run stopped by non-finite loss (an exception may carry its own `exit_code`), 130 for
-Ctrl-C.
+3 for a run stopped by non-finite loss, 143 for a run stopped by SIGTERM (preemption) after saving
+its checkpoint (an exception may carry its own `exit_code`), 130 for Ctrl-C.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ weights to take. A new run takes from it:
 Shapes must match the new run's model exactly; a mismatch names every differing tensor.
 Relative paths (also `encode.vae_workdir` and `data.latents_dir`) are taken from the current
 directory and stored absolute in the run's config. A workdir is pinned when the run starts
-(`pin`): the saved config names its step folder, so a base run that trains on does not change the
+(`pin`) at its newest readable step (an unreadable newer one is named and skipped, as a resume
+would): the saved config names its step folder, so a base run that trains on does not change the
 weights a LoRA run (or a frozen text encoder) trained against; a resume with the same workdir
 keeps the pinned step.
 """
@@ -30,6 +31,7 @@ import logging
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from vdit import config as config_lib
@@ -38,6 +40,7 @@ from vdit.data import encode
 from vdit.models import lora
 from vdit.runs import checkpoint
 from vdit.runs.checkpoint import load_params
+from vdit.runs.checkpoint_fallback import newest_readable
 from vdit.runs.run_kind import check_kind
 from vdit.train import experts, run_params
 from vdit.train.state import create_sharded, shardings_of, unbox
@@ -94,11 +97,35 @@ def pin(config, saved: dict | None):
     elif saved is not None:
         return config  # resuming against another source: check_resume says what changed
     else:
-        step = checkpoint.latest_step(workdir)
+        step = newest_readable_step(workdir)
     config = copy.deepcopy(config)
     config.train.init_from = str(runs.user_path(workdir) / "checkpoints" / str(step))
     log.info("train.init_from: %s pinned at its step %d", workdir, step)
     return config
+
+
+def newest_readable_step(workdir: str) -> int:
+    """The newest step of a run whose weights and config read, as resuming and sampling fall back
+    to (vdit/runs/checkpoint_fallback.py): newer unreadable steps are named on stderr and left in
+    place (the run is another's)."""
+    folder = runs.checkpoints_dir(workdir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"config key 'train.init_from' = {workdir!r}: no checkpoints/ "
+                                "folder there: train it first")
+    manager = ocp.CheckpointManager(folder, item_names=(checkpoint.STATE, checkpoint.CONFIG),
+                                    options=ocp.CheckpointManagerOptions(read_only=True,
+                                                                         create=False))
+    read = lambda s: manager.restore(s, args=ocp.args.Composite(**{
+        checkpoint.STATE: ocp.args.StandardRestore(), checkpoint.CONFIG: ocp.args.JsonRestore()}))
+    try:
+        step, _ = newest_readable(manager, read)
+    finally:
+        manager.close()
+    newest = checkpoint.latest_step(workdir)
+    if step != newest:
+        log.warning("train.init_from: %s: its newest step %d does not read (said above); "
+                    "pinned at step %d, its newest readable one", workdir, newest, step)
+    return step
 
 
 def check_resume(saved: dict, config) -> None:

@@ -287,12 +287,13 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
 
     compiled, flops = compile_step(setup.step_fn, state, frozen, setup.spec, shardings,
                                    frozen_shardings, mesh, rules)
-    writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard)
-    samples = _periodic_samples(samples_fn, config, workdir, state.ema, frozen)
-    steps = StepLoop(compiled, flops, mesh, manager, writer, config, workdir, samples)
-    history = steps.run(state, frozen, data_it, source, start, end)
-    writer.close()
-    return history
+    writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard, start_step=start)
+    try:  # closed however the run stops (a NonFiniteError too): its last events reach the files
+        samples = _periodic_samples(samples_fn, config, workdir, state.ema, frozen)
+        steps = StepLoop(compiled, flops, mesh, manager, writer, config, workdir, samples)
+        return steps.run(state, frozen, data_it, source, start, end)
+    finally:
+        writer.close()
 
 
 def _periodic_samples(samples_fn, config, workdir, ema, frozen):

@@ -1,6 +1,12 @@
 """Run metrics: JSON lines (`metrics.jsonl`) and TensorBoard event files in the workdir.
 
 Only process 0 writes; other processes get a writer that drops everything, so callers never branch.
+`metrics.jsonl` keeps one row per step: values written for the step of the last row (periodic
+samples' judge scores, the VAE's eval PSNR) are merged into that row. A writer opened at a
+resume step (`start_step`) makes TensorBoard drop the events of later steps from earlier runs,
+which the resumed run replays (as `drop_rows_after` does for metrics.jsonl).
+On an object store (gs://) each event file is kept in memory and rewritten whole at each flush,
+so TensorBoard sees it during training.
 `write_videos` puts videos in TensorBoard as animated GIF images (one tag per video, shown in the
 Images dashboard) without moviepy: the GIF is encoded here with Pillow.
 """
@@ -21,7 +27,7 @@ from vdit import runs
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    def __init__(self, workdir: str, tensorboard: bool = True, start_step: int = 0):
         self._enabled = jax.process_index() == 0
         self._tb = None
         if not self._enabled:
@@ -34,13 +40,21 @@ class MetricsWriter:
                 # tensorboardX's own gs/s3 writers need google-cloud-storage / boto; route remote
                 # event files through the path layer instead (its registry is keyed by scheme).
                 record_writer.register_writer_factory(folder.split(":")[0], _EpathEvents())
-            self._tb = SummaryWriter(folder)
+            # A SessionLog.START at purge_step: TensorBoard discards the earlier events of steps
+            # >= purge_step, i.e. those of a previous run after the checkpoint resumed from.
+            self._tb = SummaryWriter(folder, purge_step=int(start_step) + 1)
+        self._row: dict | None = None  # the last row written (merged into for the same step)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self._enabled:
             return
         values = {k: _scalar(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **values}) + "\n")
+        if self._row is not None and self._row["step"] == int(step):
+            self._row = {**self._row, "time": time.time(), **values}
+            self._jsonl.replace_last(json.dumps(self._row) + "\n")
+        else:
+            self._row = {"step": int(step), "time": time.time(), **values}
+            self._jsonl.write(json.dumps(self._row) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for key, value in values.items():
@@ -69,7 +83,8 @@ class MetricsWriter:
 
 class _Appender:
     """A text file appended line by line and flushed: a local file opened in append mode; on an
-    object store (gs://, no append) the object is rewritten whole at each flush."""
+    object store (gs://, no append) the object is rewritten whole at each flush. The last line
+    written can be replaced (`replace_last`)."""
 
     def __init__(self, path):
         self._path = path
@@ -77,13 +92,26 @@ class _Appender:
         if self._remote:
             self._text = path.read_text() if path.exists() else ""
         else:
-            self._file = path.open("a")  # noqa: SIM115
+            self._file = path.open("ab")  # noqa: SIM115 - bytes: offsets to truncate at
+        self._last = None  # where the last line written starts (characters / bytes)
 
     def write(self, text: str) -> None:
         if self._remote:
+            self._last = len(self._text)
             self._text += text
         else:
-            self._file.write(text)
+            self._file.flush()
+            self._last = self._file.tell()
+            self._file.write(text.encode())
+
+    def replace_last(self, text: str) -> None:
+        """Replaces the last line written by this appender with `text`."""
+        if self._remote:
+            self._text = self._text[: self._last] + text
+        else:
+            self._file.flush()
+            self._file.truncate(self._last)  # append mode: the write still goes to the end
+            self._file.write(text.encode())
 
     def flush(self) -> None:
         if self._remote:
@@ -98,13 +126,35 @@ class _Appender:
 
 
 class _EpathEvents:
-    """tensorboardX writer factory: event files opened through the runs path layer."""
+    """tensorboardX writer factory for remote (object store) event files, through the runs path
+    layer."""
 
     def open(self, path: str):
-        return runs.user_path(path).open("wb")
+        return _ObjectEvents(runs.user_path(path))
 
     def directory_check(self, path: str) -> None:
         runs.user_path(path).mkdir(parents=True, exist_ok=True)
+
+
+class _ObjectEvents:
+    """An event file on an object store, as tensorboardX's own GCS writer keeps it: the bytes in
+    memory, the whole object rewritten at each flush. A file object from the path layer would not
+    do: gcsfs uploads only at close (or every 5 MiB), so TensorBoard would see nothing during
+    training, and its file has a `fileno` that raises, which tensorboardX's flush calls for
+    os.fsync. This object has no `fileno`, so tensorboardX does not fsync it."""
+
+    def __init__(self, path):
+        self._path = path
+        self._data = io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self._data.write(data)
+
+    def flush(self) -> None:
+        self._path.write_bytes(self._data.getvalue())
+
+    def close(self) -> None:
+        self.flush()
 
 
 def gif_bytes(video: np.ndarray, fps: float) -> bytes:

@@ -12,12 +12,22 @@ batch), so a slow input pipeline shows as such.
 `train.profile_skip` steps (compile and warm-up), to `<workdir>/profile/` (TensorBoard's profile
 plugin or Perfetto read it). Flax runs every module under a named scope (`flax_profile`), so the
 trace names the DiT's blocks, their attention and MLP.
+
+Preemption (spot TPU VMs, SLURM): a SIGTERM is noted, and at the next step boundary the loop saves
+a checkpoint of the step it reached (with the data position, as periodic saves), waits for it and
+stops with `PreemptedError` (`vdit train` exits with 143, 128 + SIGTERM, as a terminated job would);
+rerunning the same command resumes there. One process installs its own SIGTERM handler for the
+run (the previous one is restored after). Several processes use JAX's preemption sync service
+(on by default with `jax.distributed`; it catches SIGTERM itself): all hosts stop at the step it
+agrees on, so they save the same one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import threading
 import time
 
 import jax
@@ -36,6 +46,46 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
     exit_code = 3  # `vdit train` exits with it (vdit/cli_errors.py): diverged, not misconfigured
+
+
+class PreemptedError(RuntimeError):
+    """The run got SIGTERM (preemption) and stopped at a step boundary after saving it."""
+
+    exit_code = 143  # `vdit train` exits with it (vdit/cli_errors.py): 128 + SIGTERM, as schedulers
+    # expect of a terminated job (a requeue policy keyed on it still applies)
+
+
+class _Preemption:
+    """Whether a preemption notice (SIGTERM) has come, asked at each step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self.multihost = jax.process_count() > 1
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self):
+        # signal.signal works only on the main thread; several hosts use JAX's service, whose
+        # C++ SIGTERM handler a Python one would replace.
+        if not self.multihost and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._notice)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+    def _notice(self, signum, frame) -> None:
+        self.requested = True  # acted on at the next step boundary (nothing else is safe here)
+
+    def reached(self, manager, step: int) -> bool:
+        """True at the step to save and stop at: the first one after a SIGTERM here, the one all
+        hosts agreed on with several processes. Called at every step (the service needs it)."""
+        if self.multihost:
+            return manager.reached_preemption(step)  # False when JAX's service is off
+        return self.requested
 
 
 @dataclasses.dataclass
@@ -97,28 +147,32 @@ class StepLoop:
         profile = _Profile(cfg, self.workdir, start)
         pending = None
         self.last_fetch = time.perf_counter()
-        try:
-            for step in bar:
-                profile.at(step)
-                t0 = time.perf_counter()
-                batch = pipeline.to_global(next(data_it), self.mesh)
-                data_time = time.perf_counter() - t0
-                state, out = self.compiled(state, frozen, batch)  # queued, not waited on
-                if pending is not None:  # the previous step: finished or about to
-                    self._record(pending, source, bar)
-                pending = _Pending(step + 1, out, data_time)
-                s = step + 1
-                due = s % cfg.checkpoint.every == 0 or s == cfg.train.steps
-                if due or s == end:
-                    self._record(pending, source, bar)
-                    pending = None
-                if due:
-                    self._save(state, data_it, s)
-                check_saves(self.manager, s)
-                if self.samples is not None:
-                    self.samples.maybe_write(s, state.ema, frozen, self.writer)
-        finally:
-            profile.stop()
+        with _Preemption() as preemption:
+            try:
+                for step in bar:
+                    profile.at(step)
+                    t0 = time.perf_counter()
+                    batch = pipeline.to_global(next(data_it), self.mesh)
+                    data_time = time.perf_counter() - t0
+                    state, out = self.compiled(state, frozen, batch)  # queued, not waited on
+                    if pending is not None:  # the previous step: finished or about to
+                        self._record(pending, source, bar)
+                    pending = _Pending(step + 1, out, data_time)
+                    s = step + 1
+                    due = s % cfg.checkpoint.every == 0 or s == cfg.train.steps
+                    preempted = preemption.reached(self.manager, s)
+                    if due or s == end or preempted:
+                        self._record(pending, source, bar)
+                        pending = None
+                    if due or preempted:
+                        self._save(state, data_it, s)
+                    check_saves(self.manager, s, wait=preempted)
+                    if preempted:
+                        raise PreemptedError(self._preempted_message(s))
+                    if self.samples is not None:
+                        self.samples.maybe_write(s, state.ema, frozen, self.writer)
+            finally:
+                profile.stop()
         check_saves(self.manager, end, wait=True)
         return self.history
 
@@ -152,6 +206,13 @@ class StepLoop:
         else:
             log.warning("step %d: not saving a checkpoint (%d non-finite steps in a row)", step,
                         self.bad_streak)
+
+    def _preempted_message(self, step: int) -> str:
+        saved = self.manager.latest_step()
+        where = (f"checkpoint of step {step} saved" if saved == step else
+                 "no checkpoint saved from a non-finite step; the last one is "
+                 f"{'none' if saved is None else f'step {saved}'}")
+        return (f"preempted at step {step} (SIGTERM): {where}; rerun the same command to resume")
 
     def _nonfinite_message(self, step: int, bad: int) -> str:
         last = ("no step had a finite loss" if self.last_finite is None

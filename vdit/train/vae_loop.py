@@ -128,25 +128,27 @@ def _train_vae(config, workdir: str) -> dict:
         drop_rows_after(workdir, start)
     step_fn = jax.jit(make_train_step(make_vae_loss(vae, cfg), tx, cfg.ema_decay),
                       out_shardings=(shardings, None), donate_argnums=(0,))
-    writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard)
+    writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard, start_step=start)
     evaluate = make_evaluate(vae)
     history = []
-    for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-vae",
-                     disable=jax.process_index() != 0 or not config.train.progress):
-        video = jnp.asarray(batch_for_step(data, cfg, step))
-        state, out = step_fn(state, {}, video)
-        out = {k: float(v) for k, v in jax.device_get(out).items() if k != "finite"}
-        history.append({"step": step + 1, **out})
-        if (step + 1) % cfg.log_every == 0:
-            writer.write(step + 1, out)
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            writer.write(step + 1, {"eval/psnr": evaluate(state.ema, data, cfg)})
-        if (step + 1) % config.checkpoint.every == 0 or step + 1 == cfg.steps:
-            with save_errors(manager, step + 1):
-                checkpoint.save(manager, step + 1, state, config)
-        check_saves(manager, step + 1)
-    check_saves(manager, cfg.steps, wait=True)
-    score = evaluate(state.ema, data, cfg)
-    writer.write(cfg.steps, {"eval/psnr": score})
-    writer.close()
+    try:  # closed however the run stops (a failed save too): its last events reach the files
+        for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps,
+                         desc="train-vae", disable=jax.process_index() != 0 or not config.train.progress):
+            video = jnp.asarray(batch_for_step(data, cfg, step))
+            state, out = step_fn(state, {}, video)
+            out = {k: float(v) for k, v in jax.device_get(out).items() if k != "finite"}
+            history.append({"step": step + 1, **out})
+            if (step + 1) % cfg.log_every == 0:
+                writer.write(step + 1, out)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                writer.write(step + 1, {"eval/psnr": evaluate(state.ema, data, cfg)})
+            if (step + 1) % config.checkpoint.every == 0 or step + 1 == cfg.steps:
+                with save_errors(manager, step + 1):
+                    checkpoint.save(manager, step + 1, state, config)
+            check_saves(manager, step + 1)
+        check_saves(manager, cfg.steps, wait=True)
+        score = evaluate(state.ema, data, cfg)
+        writer.write(cfg.steps, {"eval/psnr": score})  # joins that step's row, if logged
+    finally:
+        writer.close()
     return {"history": history, "eval_psnr": score, "state": state}
