@@ -47,13 +47,22 @@ def test_sigterm_saves_the_step_reached_and_the_rerun_resumes_there(tmp_path, ca
     write_shards(os.path.join(workdir, "latents"), VIDEOS)
     args = ["train", "--config", os.path.join(CONFIGS, "shapes_dit.py"), "--workdir", workdir,
             *RUN, f"--config.data.latents_dir={workdir}/latents"]
-    before = signal.getsignal(signal.SIGTERM)
-    watcher = _sigterm_after_step(workdir, 2)
-    code = cli.main(args)
-    watcher.join()
+    # A SIGTERM landing after the run restored the previous handler must fail this test, not
+    # kill the test process: that previous handler only records it.
+    late = []
+    record = lambda *_: late.append(True)  # noqa: E731
+    before = signal.signal(signal.SIGTERM, record)
+    try:
+        watcher = _sigterm_after_step(workdir, 2)
+        code = cli.main(args)
+        watcher.join()
+        restored = signal.getsignal(signal.SIGTERM) is record  # the run's handler is gone
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert not late, "the run ended before the SIGTERM came"
     err = capsys.readouterr().err
     assert code == step_loop.PreemptedError.exit_code == 143, err
-    assert signal.getsignal(signal.SIGTERM) == before  # the run's handler is gone
+    assert restored
     saved = _steps(workdir)
     assert len(saved) == 1 and 2 <= saved[0] < STEPS, (saved, err)
     step = saved[0]
