@@ -64,6 +64,28 @@ def test_packed_loss_averages_per_segment_then_over_segments():
     np.testing.assert_allclose(loss_masked, 2.5)
 
 
+def test_loss_segments_counts_what_packed_loss_averages():
+    """Its weight under gradient accumulation: sum(loss * segments) / sum(segments) over two
+    halves is the loss of the whole batch (the plain mean of the halves' losses is not)."""
+    seg = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 2, 2, 3, 4]])
+    pred = jax.random.normal(jax.random.key(0), (2, 6, 2))
+    target = jnp.zeros((2, 6, 2))
+    np.testing.assert_array_equal(flow.loss_segments(seg, 4), 5.0)
+    # a segment whose every token is masked out takes no part: row 1's segment 4
+    mask = jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(flow.loss_segments(seg, 4, mask), 4.0)
+    np.testing.assert_array_equal(flow.loss_segments(jnp.zeros((1, 6), jnp.int32), 4), 0.0)
+    for m in (None, mask):
+        whole = flow.packed_loss(pred, target, seg, 4, m)[0]
+        halves = [(flow.packed_loss(pred[i:i + 1], target[i:i + 1], seg[i:i + 1], 4,
+                                    None if m is None else m[i:i + 1])[0],
+                   flow.loss_segments(seg[i:i + 1], 4, None if m is None else m[i:i + 1]))
+                  for i in (0, 1)]
+        weighted = sum(loss * w for loss, w in halves) / sum(w for _, w in halves)
+        np.testing.assert_allclose(weighted, whole, rtol=1e-6)
+        assert abs(float((halves[0][0] + halves[1][0]) / 2 - whole)) > 1e-2
+
+
 def test_noisy_tokens_interpolate():
     x0, noise = jnp.ones((1, 2, 3)), -jnp.ones((1, 2, 3))
     xt = flow.noisy_tokens(x0, noise, jnp.array([[0.0, 0.25]]))

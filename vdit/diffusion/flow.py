@@ -123,14 +123,27 @@ def packed_loss(pred: jax.Array, target: jax.Array, segment_ids: jax.Array, num_
     counted token does not take part in the mean.
     """
     per_tok = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), -1)
-    weight = (segment_ids > 0).astype(jnp.float32)
-    if loss_mask is not None:
-        weight = weight * loss_mask.astype(jnp.float32)
-    onehot = (segment_ids[..., None] == jnp.arange(1, num_segments + 1)).astype(jnp.float32)
-    onehot = onehot * weight[..., None]                        # [B, S, K]
+    onehot = _counted(segment_ids, num_segments, loss_mask)   # [B, S, K]
     seg_sum = jnp.einsum("bs,bsk->bk", per_tok, onehot)
     seg_count = jnp.sum(onehot, axis=1)
     present = seg_count > 0
     seg_loss = jnp.where(present, seg_sum / jnp.maximum(seg_count, 1.0), 0.0)
     loss = jnp.sum(seg_loss) / jnp.maximum(jnp.sum(present), 1)
     return loss, seg_loss
+
+
+def loss_segments(segment_ids: jax.Array, num_segments: int,
+                  loss_mask: jax.Array | None = None) -> jax.Array:
+    """The number of segments `packed_loss` averages over (those with a counted token), float32:
+    the weight of a micro-batch's loss under gradient accumulation (vdit/train/optim.py)."""
+    present = jnp.sum(_counted(segment_ids, num_segments, loss_mask), axis=1) > 0
+    return jnp.sum(present).astype(jnp.float32)
+
+
+def _counted(segment_ids, num_segments: int, loss_mask) -> jax.Array:
+    """[B, S, K]: 1 where token s belongs to segment k + 1 and counts in the loss."""
+    weight = (segment_ids > 0).astype(jnp.float32)
+    if loss_mask is not None:
+        weight = weight * loss_mask.astype(jnp.float32)
+    onehot = (segment_ids[..., None] == jnp.arange(1, num_segments + 1)).astype(jnp.float32)
+    return onehot * weight[..., None]

@@ -51,6 +51,7 @@ from vdit.diffusion.samplers_consistency import consistency_times
 from vdit.models import lora
 from vdit.train import conditioning
 from vdit.train.objective import encode_packed_text
+from vdit.train.step import LOSS_WEIGHT
 
 
 def null_text(null_ids: np.ndarray, rows: int, num_segments: int) -> dict:
@@ -196,6 +197,7 @@ def make_distill_loss(dit, text_model, config, null_ids: np.ndarray):
         weighted = jnp.sum(weight * seg_mse * present) / jnp.maximum(jnp.sum(present), 1.0)
         # value: the plain MSE (comparable across steps); gradient: the adaptively weighted one
         loss = mse + weighted - jax.lax.stop_gradient(weighted)
-        return loss, {"tokens": jnp.sum(seg > 0)}
+        # both terms average over the segments present: their count weighs accumulated batches
+        return loss, {"tokens": jnp.sum(seg > 0), LOSS_WEIGHT: jnp.sum(present)}
 
     return loss_fn

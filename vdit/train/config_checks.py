@@ -1,5 +1,6 @@
 """The training rules of a config, checked in one place: `train.init_from` (its weights choice),
-LoRA, image-to-video conditioning (with the Wan2.1 image branch and Wan2.2 TI2V), Wan2.2 experts.
+LoRA, image-to-video conditioning (with the Wan2.1 image branch and Wan2.2 TI2V), Wan2.2 experts,
+a step count that is whole optimizer updates under gradient accumulation.
 
 `vdit train` runs them when the recipe loads (vdit/cli_checks.py), the loop and the dry run when
 they start, so a library caller gets the same errors. `vdit.config.validate` has checked the keys
@@ -22,7 +23,23 @@ def check_train_config(config, dit):
     lora.check_config(config)
     conditioning.check_config(config, dit)
     experts.check_config(config)
+    check_accumulation(config)
     return config
+
+
+def check_accumulation(config, steps_key: str = "train.steps") -> None:
+    """`steps_key` counts micro-batches (vdit/train/optim.py), and an update needs
+    `optim.grad_accum` of them: a remainder would be trained on and then never applied, the run
+    ending on a half-filled accumulator. A ConfigError naming both keys and the nearest counts."""
+    section, key = steps_key.split(".")
+    steps, every = int(config[section][key]), int(config.optim.get("grad_accum", 1) or 1)
+    if every > 1 and steps % every:
+        down, up = steps - steps % every, steps - steps % every + every
+        raise ConfigError(
+            f"config key {steps_key!r} = {steps} is not a multiple of 'optim.grad_accum' = "
+            f"{every}: {steps_key} counts micro-batches and an update takes {every} of them, so "
+            f"the last {steps % every} would be computed and never applied; set {steps_key} to "
+            f"{up}" + (f" or {down}" if down else "") + ", or change optim.grad_accum")
 
 
 def check_attention_here(dit) -> None:

@@ -6,7 +6,8 @@ exactly one of them (the text encoder trains when `config.text.trainable`, else 
 Image-to-video segments (`config.train.i2v_rate`: Wan2.1 I2V condition channels, or Wan2.2 TI2V's
 clean first frame) and micro-conditioning values reach the model through
 `vdit/train/conditioning.py`; the loss is always on the z output channels' velocity. A Wan2.2 expert
-trains its own DiT over its own time range (`dit_key`, `t_range`; vdit/train/experts.py).
+trains its own DiT over its own time range (`dit_key`, `t_range`; vdit/train/experts.py). The loss
+reports the segments it averages (`LOSS_WEIGHT`), which weigh it under gradient accumulation.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 from vdit.config import text_pad_to
 from vdit.diffusion import flow
 from vdit.train import conditioning
+from vdit.train.step import LOSS_WEIGHT
 
 
 def encode_packed_text(text_model, text_params, batch: dict, num_segments: int,
@@ -102,6 +104,7 @@ def make_loss_terms(dit, text_model, cfg, dit_key: str = "dit"):
                          **conditioning.image_kwargs(dit, batch, rng, i2v_rate, num_segments))
         loss, _ = flow.packed_loss(pred, flow.velocity_target(x0, noise), seg, num_segments,
                                    loss_mask)
-        return loss, {"tokens": jnp.sum(seg > 0)}
+        return loss, {"tokens": jnp.sum(seg > 0),
+                      LOSS_WEIGHT: flow.loss_segments(seg, num_segments, loss_mask)}
 
     return terms

@@ -28,7 +28,7 @@ from vdit.models.vae_config import vae_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.runs import checkpoint
 from vdit.runs.checkpoint_fallback import check_saves, save_errors
-from vdit.train import optim
+from vdit.train import config_checks, optim
 from vdit.train.lock import workdir_lock
 from vdit.train.loop import check_resume_compatible
 from vdit.train.metrics import MetricsWriter, drop_rows_after
@@ -102,6 +102,7 @@ def train_vae(config, workdir: str) -> dict:
 
 def _train_vae(config, workdir: str) -> dict:
     cfg = config.vae_train
+    config_checks.check_accumulation(config, "vae_train.steps")
     mesh = mesh_from_config(config.mesh)
     rules = logical_rules("vae", config.mesh.get("rules", None))
     vae = vae_from_config(config.vae)
