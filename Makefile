@@ -1,8 +1,8 @@
-# Two commands on a fresh machine (Python 3.11 + the package registry):
+# Three commands on a fresh machine (Python 3.11 + the package registry):
 #   make demo   trains a tiny model on the built-in synthetic shapes and writes videos to demo_out/
 #   make distill  (after make demo) distills the demo model into a 4-step student
 #   make test   lints and runs the test suite on 8 fake CPU devices (what CI runs)
-# Both create .venv if missing and install what they need.
+# Each creates .venv if missing and installs what it needs.
 
 PYTHON ?= python3
 VENV   ?= .venv

@@ -102,7 +102,10 @@ install() {
   printf -v dir '%q' "$REMOTE_DIR"
   tarball="${TMPDIR:-/tmp}/vdit-src.tar.gz"
   # Ship the checkout (no venv, runs or caches), unpack and install it on every worker.
-  run tar -czf "$tarball" -C "$root" --exclude=.venv --exclude=runs --exclude=demo_out \
+  # Members are named ./PATH (`-C root .`), and a plain --exclude=NAME matches NAME at any
+  # depth: the top-level folders are anchored as ./NAME, else vdit/runs/ (the package) would go.
+  # Caches, git data and egg-info are dropped wherever they are.
+  run tar -czf "$tarball" -C "$root" --exclude=./.venv --exclude=./runs --exclude=./demo_out \
     --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' .
   tpu scp "$tarball" "$NAME:vdit-src.tar.gz" --worker=all
   local setup="mkdir -p $dir && tar -xzf vdit-src.tar.gz -C $dir && cd $dir"

@@ -15,6 +15,10 @@ How the commands run, and why:
   and overrides they would launch (after `--`) must load and hold every section it needs.
 * `vdit eval shapes --workdir` samples 2 held-out prompts (`--samples 2`
   appended); `vdit serve` gets `--port 0` and returns once its model is loaded and its port bound.
+* A quoted `$ vdit plan ...` transcript (the command, then its output in the same block) must be
+  what the command prints now: each output line quoted appears in the output (up to a `...`
+  elision), so a figure cannot go stale; README.md's prose figure for its plan line ("38.8 GiB
+  per device") is that run's total.
 * Inputs the READMEs assume a reader has are made first: a few short videos in `videos/`,
   `first.png`, a tiny random Wan2.1 pipeline folder at `weights/Wan2.1-T2V-1.3B-Diffusers`, and
   `demo_out/samples.jsonl` (what `make demo` writes; here it lists the walkthrough's own out.mp4).
@@ -22,6 +26,8 @@ How the commands run, and why:
 
 import json
 import os
+import re
+import shlex
 import shutil
 import socketserver
 import stat
@@ -29,7 +35,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from docs_testing import ROOT, commands
+from docs_testing import ROOT, commands, fenced_blocks
 from generate_testing import t2v_pipeline
 
 from vdit import cli
@@ -75,6 +81,42 @@ def _tiny(argv: list[str]) -> list[str]:
     if name.startswith("shapes_"):
         return TINY.get(name, DIT_TINY) if command in ("train-vae", "encode", "train") else []
     return ["--dry-run"] if command == "train" else []
+
+
+def transcripts(path: str) -> dict[tuple, list[str]]:
+    """{command words after `vdit`: the output lines quoted after it} for every fenced block that
+    starts with `$ vdit ...` (continuation lines joined) and goes on with its output."""
+    out = {}
+    for block in fenced_blocks(path):
+        if not block or not block[0].startswith("$ vdit "):
+            continue
+        end = 0
+        while block[end].endswith("\\"):
+            end += 1
+        line = " ".join(b.strip().removesuffix("\\") for b in block[:end + 1])
+        if block[end + 1:]:
+            out[tuple(shlex.split(line.removeprefix("$ vdit "), comments=True))] = block[end + 1:]
+    return out
+
+
+def check_transcript(expected: list[str], printed: str, command: str) -> None:
+    """Each quoted output line is in what the command printed (a `...` elides the rest)."""
+    lines = printed.splitlines()
+    for line in expected:
+        head = line.split("...")[0].rstrip() if "..." in line else line
+        assert any(p.startswith(head) if "..." in line else p == line for p in lines), (
+            f"`{command}`: the quoted line {line!r} is not what it prints now:\n{printed}")
+
+
+def check_plan_prose(readme: str, printed: str) -> None:
+    """README.md's "(...): N GiB per device" after its plan line is the printed total."""
+    with open(readme) as f:
+        quoted = re.search(r"\): ([\d.]+) GiB per\s+device", f.read())
+    total = re.search(r"^\s+total\s+([\d.]+) GiB$", printed, re.M)
+    assert quoted and total, printed
+    decimals = len(quoted.group(1).partition(".")[2])
+    assert f"{float(total.group(1)):.{decimals}f}" == quoted.group(1), (
+        f"README.md says {quoted.group(1)} GiB per device; the plan line prints {total.group(1)}")
 
 
 def _inputs(root) -> None:
@@ -127,6 +169,7 @@ def _run_launch(words: list[str], env: dict) -> None:
 def test_readme_commands_run(readme, tmp_path, monkeypatch, capsys):
     quoted = commands(os.path.join(ROOT, readme))
     assert len(quoted) >= 8
+    outputs = transcripts(os.path.join(ROOT, readme))
     for name in ("configs", "launch"):
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
     _inputs(tmp_path)
@@ -142,6 +185,12 @@ def test_readme_commands_run(readme, tmp_path, monkeypatch, capsys):
             _run_launch(words, env)
         else:
             argv = words[1:] + _tiny(words[1:])
+            capsys.readouterr()
             code = cli.main(argv)
-            assert code == 0, f"`{' '.join(words)}` exited {code}:\n{capsys.readouterr().err}"
+            printed = capsys.readouterr()
+            assert code == 0, f"`{' '.join(words)}` exited {code}:\n{printed.err}"
+            if tuple(words[1:]) in outputs:
+                check_transcript(outputs[tuple(words[1:])], printed.out, " ".join(words))
+            if readme == "README.md" and words[1] == "plan":
+                check_plan_prose(os.path.join(ROOT, readme), printed.out)
     assert not (tmp_path / "called").exists(), (tmp_path / "called").read_text()

@@ -52,7 +52,7 @@ def test_tpu_vm_lifecycle_dry_run(env):
     assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "vdit-test",
                       "--accelerator-type=v5p-64", "--version=v2-alpha-tpuv5", "--spot",
                       "--zone=us-east5-a"]
-    assert tar[:2] == ["tar", "-czf"] and "--exclude=.venv" in tar
+    assert tar[:2] == ["tar", "-czf"] and "--exclude=./.venv" in tar
     assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
     assert install[4:7] == ["ssh", "vdit-test", "--worker=all"]
     assert "pip install -q -e '.[gcs]' 'jax[tpu]'" in install[7]
@@ -223,3 +223,25 @@ def test_tpu_vm_data_jobs_shard_by_worker_number(env, tmp_path):
     assert "vdit curate --input /mnt/raw --output gs://b/clips --distributed off" in curate[7]
     assert "--input is required" in _run(env, "tpu_vm.sh", "--dry-run", "curate", *TPU,
                                          ok=False).stderr
+
+
+def test_tpu_vm_install_tarball_keeps_the_runs_package(env, tmp_path):
+    """The tar command `install` prints, run here on a stand-in checkout: the top-level runs/,
+    demo_out/ and .venv/ stay out, the vdit.runs package (vdit/runs/) and the rest go in."""
+    tar, = [c for c in _commands(_run(env, "tpu_vm.sh", "--dry-run", "install", *TPU).stdout)
+            if c[0] == "tar"]
+    root = tmp_path / "checkout"
+    for path in ("vdit/runs/__init__.py", "vdit/__init__.py", "runs/demo/log.txt",
+                 "demo_out/a.mp4", ".venv/bin/python", "vdit/__pycache__/x.pyc",
+                 "vdit.egg-info/PKG-INFO", "configs/demo_out/keep.py"):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text("x")
+    tar[0] = shutil.which("tar")  # the real one (the fixture's PATH fakes it)
+    tar[tar.index("-czf") + 1] = str(tmp_path / "src.tar.gz")
+    tar[tar.index("-C") + 1] = str(root)
+    subprocess.run(tar, check=True, timeout=30)
+    listing = subprocess.run([shutil.which("tar"), "-tzf", str(tmp_path / "src.tar.gz")],
+                             check=True, capture_output=True, text=True).stdout.split()
+    names = {name.removeprefix("./").rstrip("/") for name in listing}
+    assert {"vdit/runs/__init__.py", "vdit/__init__.py", "configs/demo_out/keep.py"} <= names
+    assert not names & {"runs", "demo_out", ".venv", "vdit/__pycache__", "vdit.egg-info"}

@@ -187,6 +187,9 @@ def test_page_in_a_real_browser(studio, tmp_path):
             page.goto(url + "/")
             page.wait_for_function("document.getElementById('size').value !== ''")
             assert page.input_value("#frames") == "5" and page.input_value("#size") == "16x16"
+            # the default guidance is a hint, not a value the page would send as asked for
+            assert page.input_value("#guidance") == ""
+            assert page.get_attribute("#guidance", "placeholder").startswith("default ")
 
             page.fill("#prompt", "")  # a bad request: the message shows on the page
             page.click("#generate")
@@ -278,3 +281,95 @@ def test_a_busy_port_fails_before_the_model_loads(tmp_path):
                                   out=str(tmp_path / "out"), max_pixels=0)
         with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}"):
             serve.run_cli(args)
+
+
+def test_the_pages_empty_guidance_is_not_asked_for(studio):
+    """The page's body (every box as text): an empty guidance box takes the run's own guidance
+    (a two-expert run's guidance_2 for its low-noise expert), a filled one is asked for. The page
+    fills the box with a placeholder only and leaves an empty box out of the body."""
+    s, url = studio
+    page_body = {"prompt": "a red circle", "negative_prompt": "", "image": "", "frames": "5",
+                 "size": "16x16", "steps": "2", "seed": "0"}
+    ids = [s.submit(dict(page_body, guidance="")), s.submit(dict(page_body, guidance="2.5")),
+           s.submit(page_body)]
+    assert [s.jobs[i].job.args.guidance for i in ids] == [None, 2.5, None]
+    assert "body.guidance = " in serve.PAGE and 'guidance").value = ' not in serve.PAGE
+    assert [_wait(url, i)["state"] for i in ids] == ["done"] * 3
+
+
+def test_queue_position_counts_the_running_job():
+    """"queued (N ahead)": the job being sampled is ahead of every queued one."""
+    studio = Studio.__new__(Studio)  # the bookkeeping only: no model, no worker
+    studio._lock, studio._order = threading.Lock(), ["0001", "0002", "0003", "0004"]
+    studio.jobs = {i: serve.Job(i, {}, None, None, state=state) for i, state in
+                   zip(studio._order, ("done", "running", "queued", "queued"), strict=True)}
+    assert [studio.status(i)["position"] for i in studio._order] == [0, 0, 1, 2]
+
+
+def _cli_args(tmp_path, **kwargs):
+    import argparse
+    return argparse.Namespace(**{"workdir": str(tmp_path / "no-model"), "host": "127.0.0.1",
+                                 "port": 0, "out": None, "max_pixels": 0, "lora": (),
+                                 "lora_2": (), "weights": None, **kwargs})
+
+
+def test_a_wrong_workdir_leaves_no_serve_folder(tmp_path):
+    for workdir in (tmp_path / "no-model", tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises((FileNotFoundError, ValueError)):
+            serve.run_cli(_cli_args(tmp_path, workdir=str(workdir)))
+        assert not (workdir / "serve").exists()
+    assert not (tmp_path / "no-model").exists()
+
+
+def test_default_out_is_the_runs_folder(tmp_path):
+    """A step folder RUN/checkpoints/STEP writes to RUN/serve, not inside the step folder that
+    training's checkpoint.keep prunes."""
+    run = str(tmp_path / "run")
+    os.makedirs(os.path.join(run, "checkpoints", "1400"))
+    assert serve.default_out(run) == os.path.join(run, "serve")
+    assert serve.default_out(os.path.join(run, "checkpoints", "1400")) == os.path.join(run, "serve")
+    assert serve.default_out(os.path.join(run, "checkpoints", "1400") + "/") == \
+        os.path.join(run, "serve")
+    assert serve.default_out("gs://bucket/run/checkpoints/7") == "serve"
+
+
+def _ipv6_loopback():
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+
+
+def test_ipv6_host_listens(tmp_path):
+    _ipv6_loopback()
+    server = make_server(None, "::1", 0)
+    try:
+        assert server.server_address[0] == "::1"
+    finally:
+        server.server_close()
+
+
+@pytest.mark.parametrize("host", ["192.0.2.1", "no-such-host.invalid"])
+def test_a_host_that_is_not_this_machine_is_named(tmp_path, host):
+    """The listen error says what is wrong: the --host, not the port."""
+    with pytest.raises(ValueError, match=f"cannot listen on {host}:0 .*: --host {host} is not an "
+                                         "address of this machine") as e:
+        serve.run_cli(_cli_args(tmp_path, host=host))
+    assert "--port" not in str(e.value)
+
+
+def test_dtype_reaches_the_model_load(tmp_path, monkeypatch):
+    """`vdit serve --dtype bfloat16` loads the model in bfloat16 (as `vdit sample` does)."""
+    asked = []
+
+    def load(workdir, loras, loras_2, weights, dtype=None):
+        asked.append(dtype)
+        raise FileNotFoundError("stop after the load's arguments")
+
+    monkeypatch.setattr(serve, "load_generator", load)
+    with pytest.raises(FileNotFoundError, match="stop after"):
+        serve.run_cli(_cli_args(tmp_path, dtype="bfloat16"))
+    assert asked == ["bfloat16"]

@@ -127,7 +127,8 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--workdir", required=True, help="a vdit run or a diffusers Wan folder")
         p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
         p.add_argument("--port", type=int, default=8000, help="port (0 = any free one)")
-        p.add_argument("--out", help="folder for the videos (default WORKDIR/serve)")
+        p.add_argument("--out", help="folder for the videos (default WORKDIR/serve; RUN/serve "
+                                     "for a step folder RUN/checkpoints/STEP)")
         p.add_argument("--max-pixels", type=int, default=0,
                        help="largest request, frames x height x width (default: 16x the "
                             "model's default clip)")

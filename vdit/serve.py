@@ -5,28 +5,35 @@ pipeline folder (as `vdit sample` does), then answers on http://HOST:PORT/ (stdl
 `http.server`, one thread per connection):
   GET  /                 the page (vdit/serve_page.py)
   POST /api/generate     JSON {prompt, negative_prompt, image (data: URL or ""), frames, size
-                         ("HxW"), steps, guidance, seed} -> {"id"}; a bad request is 400 with
+                         ("HxW"), steps, guidance, seed} -> {"id"}; frames, size, steps, guidance
+                         or seed left out or "" (an empty box on the page) take the model's
+                         defaults (guidance: the run's own, a two-expert model's guidance_2 for
+                         its low-noise expert too); a bad request is 400 with
                          {"error": message naming the field}, checked before it is queued
   GET  /api/jobs/ID      {id, state (queued|running|done|error), phase, progress in [0, 1],
-                         position (jobs ahead when queued), error, video (URL when done), ...}
+                         position (jobs ahead when queued, the running one included), error,
+                         video (URL when done), ...}
   GET  /api/jobs         the recent jobs, newest first
   GET  /videos/NAME.mp4  a result (byte ranges honoured, so the browser can seek)
 Requests run one at a time on a worker thread in arrival order (the model is never used by two at
 once). Sampling is one compiled loop, so progress within it is an estimate: the fraction of the
 previous job's sampling time at the same shape and steps that has elapsed (capped below 1); the
-phases around it (text, sampling, writing) are exact.
+phase (queued, sampling - prompt encoding included -, writing, done or failed) is exact.
+`--host` may be an IPv6 address (::1) as well as an IPv4 one or a name.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import io
 import json
 import logging
 import math
 import os
 import queue
+import socket
 import threading
 import time
 from argparse import Namespace
@@ -41,6 +48,7 @@ from vdit.data import video_io
 from vdit.sample_cli import OutOfMemory, SampleJob, load_generator, needs_image, parse_size
 from vdit.serve_page import PAGE
 from vdit.serve_request import byte_range, number_field, text_field
+from vdit.train.init_from import resolve
 
 log = logging.getLogger(__name__)
 MAX_STEPS = 500
@@ -75,17 +83,18 @@ class Studio:
     """The loaded model, the queue and the jobs; `submit` validates, the worker thread samples."""
 
     def __init__(self, workdir: str, out_dir: str, max_pixels: int = 0, loras=(), loras_2=(),
-                 weights: str | None = None):
+                 weights: str | None = None, dtype: str | None = None):
         if max_pixels < 0:
             raise ValueError(f"--max-pixels {max_pixels}: expected >= 0 (0: "
                              f"{PIXELS_OVER_DEFAULT}x the model's default clip)")
         self.workdir, self.out_dir = workdir, out_dir
-        os.makedirs(out_dir, exist_ok=True)
-        self._first_id = _next_id(out_dir)  # a restarted server never overwrites a video
-        self.gen, self.kind = load_generator(workdir, loras, loras_2, weights)
+        self.gen, self.kind = load_generator(workdir, loras, loras_2, weights, dtype)
         if self.gen.text_model is None:
             raise ValueError(f"{workdir} has no text encoder (text_encoder/ + tokenizer/): "
                              "vdit serve needs one to encode prompts")
+        # Only now: a --workdir that fails to load leaves no empty serve/ folder behind.
+        os.makedirs(out_dir, exist_ok=True)
+        self._first_id = _next_id(out_dir)  # a restarted server never overwrites a video
         self.gen_needs_image = needs_image(self.gen)
         self.defaults = self.gen.defaults
         d = self.defaults
@@ -107,10 +116,12 @@ class Studio:
         if self.gen_needs_image and not params["first_image"]:
             raise ValueError("image: this is an image-to-video model; give a first image")
         image = _save_image(text_field(body, "image"), self.out_dir)
+        # None asked (left out, or the page's empty box ""): the run's own, so a two-expert run's
+        # low-noise expert keeps its guidance_2 instead of the high-noise default.
+        asked = body.get("guidance") not in (None, "")
         args = Namespace(workdir=self.workdir, size=params["size"], fps=None, video=None,
                          frames=params["frames"], image=image, steps=params["steps"],
-                         # none asked: the run's own (a two-expert run's guidance_2 too)
-                         guidance=params["guidance"] if "guidance" in body else None,
+                         guidance=params["guidance"] if asked else None,
                          negative_prompt=params["negative_prompt"],
                          mode="restyle", motion=None, strength=0.7, last_image=None,
                          context_frames=None)
@@ -157,8 +168,12 @@ class Studio:
             job = self.jobs.get(job_id)
             if job is None:
                 return None
-            ahead = [j for j in self._order if self.jobs[j].state == "queued"]
-            position = ahead.index(job_id) if job.state == "queued" else 0
+            # Jobs run in arrival order, so those ahead of a queued one are the earlier ones
+            # still queued or running (the running one holds the model until it is done).
+            position = 0
+            if job.state == "queued":
+                earlier = self._order[:self._order.index(job_id)]
+                position = sum(self.jobs[j].state in ("queued", "running") for j in earlier)
             return job.public(position)
 
     def recent(self) -> list[dict]:
@@ -272,9 +287,9 @@ class Handler(BaseHTTPRequestHandler):
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         if name.strip("[]").lower() in LOOPBACK:
             return False
-        port = self.server.server_address[1]
+        address, port = self.server.server_address[:2]
         self._json(403, {"error": f"Host {host!r} is not this server: open "
-                                  f"http://127.0.0.1:{port}/"})
+                                  f"http://{_url_host(address)}:{port}/"})
         return True
 
     def do_GET(self):  # noqa: N802 - http.server's name
@@ -349,34 +364,68 @@ def _jsonable(values: dict) -> dict:
     return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in values.items()}
 
 
+class ThreadingHTTPServerV6(ThreadingHTTPServer):
+    """ThreadingHTTPServer on an IPv6 socket (the stdlib one is AF_INET only, so `--host ::1`
+    could not bind)."""
+
+    address_family = socket.AF_INET6
+
+
 def make_server(studio: Studio | None, host: str = "127.0.0.1",
                 port: int = 8000) -> ThreadingHTTPServer:
-    """The HTTP server for `studio` (port 0 picks a free one: see `server.server_address`); a
-    None studio is set on `server.RequestHandlerClass` before serving."""
+    """The HTTP server for `studio` on `host` (an IPv6 address such as ::1 gets an IPv6 socket;
+    port 0 picks a free one: see `server.server_address`); a None studio is set on
+    `server.RequestHandlerClass` before serving."""
     handler = type("StudioHandler", (Handler,), {"studio": studio})
-    server = ThreadingHTTPServer((host, port), handler)
+    kind = ThreadingHTTPServerV6 if ":" in host.strip("[]") else ThreadingHTTPServer
+    server = kind((host.strip("[]"), port), handler)
     server.daemon_threads = True
     return server
 
 
+def _url_host(host: str) -> str:
+    """`host` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _listen_error(host: str, port: int, error: OSError) -> ValueError:
+    """Why `vdit serve` cannot listen, worded after the cause: a busy port, or a --host that is
+    not an address of this machine (or not one at all)."""
+    where = f"cannot listen on {_url_host(host)}:{port} ({error.strerror or error})"
+    if error.errno in (errno.EADDRINUSE, errno.EACCES):
+        return ValueError(f"{where}: pick another --port, or stop the server that holds it")
+    return ValueError(f"{where}: --host {host} is not an address of this machine (127.0.0.1 "
+                      "or ::1 serve only this machine, 0.0.0.0 or :: every network)")
+
+
+def default_out(workdir: str) -> str:
+    """The videos folder when --out is not given: RUN/serve for a run folder or a step folder
+    RUN/checkpoints/STEP (whose folder training prunes), FOLDER/serve for a pipeline folder;
+    ./serve for a remote run (the server writes and serves its videos from a local folder)."""
+    if runs.is_remote(workdir):
+        return "serve"
+    run, _ = resolve(workdir)
+    return str(runs.user_path(run) / "serve")
+
+
 def run_cli(args) -> int:
     """The body of `vdit serve`: load once, serve until interrupted."""
-    # The server writes and serves its videos from a local folder; a remote run serves from ./serve.
-    out = args.out or ("serve" if runs.is_remote(args.workdir) else os.path.join(args.workdir, "serve"))
+    out = args.out or default_out(args.workdir)
     try:  # listen first: a busy port fails now, not after the model has loaded
         server = make_server(None, args.host, args.port)
     except OSError as e:
-        raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}): pick "
-                         "another --port, or stop the server that holds it") from e
+        raise _listen_error(args.host, args.port, e) from e
     try:
         server.RequestHandlerClass.studio = Studio(args.workdir, out, args.max_pixels,
-                                                   args.lora, args.lora_2, args.weights)
+                                                   args.lora, args.lora_2, args.weights,
+                                                   getattr(args, "dtype", None))
     except BaseException:
         server.server_close()
         raise
     studio = server.RequestHandlerClass.studio
     host, port = server.server_address[:2]
-    print(f"vdit serve: {studio.kind} model from {args.workdir}; open http://{host}:{port}/ "
+    print(f"vdit serve: {studio.kind} model from {args.workdir}; open "
+          f"http://{_url_host(host)}:{port}/ "
           f"(videos in {os.path.abspath(out)}; Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()

@@ -1,7 +1,10 @@
 """The one HTML page of `vdit serve` (vdit/serve.py): a form, a progress bar, the video, recent
 results. Plain HTML + JavaScript, no external assets (it works offline and on loopback only).
 Element ids the browser test relies on: prompt, negative, image, frames, size, steps, guidance,
-seed, generate, error, progress, phase, result (a <video>), download, recent."""
+seed, generate, error, progress, phase, result (a <video>), download, recent.
+The guidance box shows the model's default as a placeholder and is sent only when filled in: the
+server then uses the run's own guidance (a two-expert model's guidance_2 for its low-noise
+expert), which one number in the box could not say."""
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vdit</title>
@@ -70,7 +73,9 @@ async function loadInfo() {
   if (!$("frames").value && d.frames) $("frames").value = d.frames;
   if (!$("size").value && d.height) $("size").value = d.height + "x" + d.width;
   if (!$("steps").value && d.steps) $("steps").value = d.steps;
-  if (!$("guidance").value && d.guidance !== undefined) $("guidance").value = d.guidance;
+  // a placeholder, not a value: an untouched box is not sent (the run's own guidance applies)
+  if (d.guidance !== undefined) $("guidance").placeholder = "default " + d.guidance +
+    (d.guidance_2 !== undefined ? " / " + d.guidance_2 + " (low noise)" : "");
   renderRecent(info.jobs);
 }
 function renderRecent(jobs) {
@@ -112,7 +117,8 @@ $("form").addEventListener("submit", async (ev) => {
   try { image = await readImage(); } catch (e) { showError("first image: " + e); return; }
   const body = { prompt: $("prompt").value, negative_prompt: $("negative").value, image,
                  frames: $("frames").value, size: $("size").value, steps: $("steps").value,
-                 guidance: $("guidance").value, seed: $("seed").value };
+                 seed: $("seed").value };
+  if ($("guidance").value !== "") body.guidance = $("guidance").value;
   const res = await fetch("/api/generate", { method: "POST", body: JSON.stringify(body),
                                              headers: { "Content-Type": "application/json" } });
   const out = await res.json();
