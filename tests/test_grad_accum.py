@@ -210,3 +210,45 @@ def test_vae_training_checks_its_own_step_count(tmp_path):
     config = ml_collections.ConfigDict({"vae_train": {"steps": 7}, "optim": {"grad_accum": 2}})
     with pytest.raises(ConfigError, match=r"'vae_train.steps' = 7 is not a multiple"):
         vae_loop._train_vae(config, str(tmp_path))
+
+
+def _linear_loss(params, frozen, batch, rng):
+    return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2), {}
+
+
+def test_a_non_finite_micro_batch_counts_toward_its_update():
+    """k = 2, micro-batch 2 of 4 non-finite: updates still land on steps 2 and 4 (the run ends
+    on a whole update), the first from micro-batch 1 alone, the second from 3 and 4: as k = 1 on
+    [1, 3 + 4]."""
+    rs = np.random.default_rng(2)
+    parts = [{"x": rs.normal(size=(4, 3)).astype(np.float32),
+              "y": rs.normal(size=(4,)).astype(np.float32)} for _ in range(4)]
+    bad = {"x": parts[1]["x"] * np.nan, "y": parts[1]["y"]}
+    cfg = dict(clip_norm=0.0, weight_decay=0.0)
+    tx = optim.make_optimizer(_optim(2, **cfg), 4)
+    step = jax.jit(make_train_step(_linear_loss, tx, 0.9))
+    state = _state({"w": jnp.ones(3)}, tx)
+    for batch in (parts[0], bad, parts[2], parts[3]):
+        state, metrics = step(state, {}, batch)
+    assert int(state.opt_state.mini_step) == 0 and int(state.opt_state.gradient_step) == 2
+    joined = {k: np.concatenate([parts[2][k], parts[3][k]]) for k in parts[0]}
+    once = _run(_linear_loss, {"w": jnp.ones(3)}, [parts[0], joined], 1, 2, 0.9, **cfg)
+    np.testing.assert_allclose(state.params["w"], once.params["w"], rtol=1e-5)
+    np.testing.assert_allclose(state.ema["w"], once.ema["w"], rtol=1e-5)
+    # every micro-batch of an update non-finite: no update at all (AdamW would still move them)
+    state = _state({"w": jnp.ones(3)}, tx)
+    for _ in range(2):
+        state, _ = step(state, {}, bad)
+    np.testing.assert_array_equal(state.params["w"], np.ones(3))
+
+
+def test_a_smaller_grad_accum_on_resume_still_updates():
+    """A checkpoint 3 micro-batches into k = 4, resumed with k = 2: the next step updates."""
+    params = {"w": jnp.ones(2)}
+    grads = {"w": jnp.ones(2)}
+    four, two = optim.accumulate(optax.sgd(0.1), 4), optim.accumulate(optax.sgd(0.1), 2)
+    state = four.init(params)
+    for _ in range(3):
+        _, state = four.update(grads, state, params)
+    updates, state = two.update(grads, state, params)
+    assert int(state.mini_step) == 0 and float(updates["w"][0]) == pytest.approx(-0.1)

@@ -37,14 +37,30 @@ TI2V_DEFAULTS = {"frames": 121, "height": 704, "width": 1280, "fps": 24.0}
 MAX_TEXT_TOKENS = 512  # Wan's max_sequence_length: prompts are padded to 512 tokens
 
 
-def cast_weights(tree, dtype: str):
+# Weights the reference keeps in float32 whatever torch_dtype loads the rest in (by parameter
+# path component): diffusers' WanTransformer3DModel._keep_in_fp32_modules, transformers' UMT5's.
+KEEP_FLOAT32 = {"dit": ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"),
+                "text": ("wo",), "image": ()}
+
+
+def cast_weights(tree, dtype: str, keep: tuple[str, ...] = ()):
     """Host copies of `tree`'s floating leaves in `dtype` (a bfloat16 model held in bfloat16, as
-    diffusers' torch_dtype does); other leaves as they are."""
-    def cast(x):
+    diffusers' torch_dtype does), except those under a path component named in `keep`; other
+    leaves as they are."""
+    def cast(path, x):
         x = np.asarray(x)
-        floating = jnp.issubdtype(x.dtype, jnp.floating)
-        return x.astype(jnp.dtype(dtype), copy=False) if floating else x
-    return jax.tree.map(cast, tree)
+        kept = any(getattr(k, "key", None) in keep for k in path)
+        if kept or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return x.astype(jnp.dtype(dtype), copy=False)
+    return jax.tree_util.tree_map_with_path(cast, tree)
+
+
+def cast_run_weights(weights: dict, dtype: str) -> dict:
+    """A run's complete weights {"dit", "text"[, "dit_2"]} cast as `cast_weights`, each part
+    keeping what its reference keeps in float32."""
+    return {name: cast_weights(tree, dtype, KEEP_FLOAT32["text" if name == "text" else "dit"])
+            for name, tree in weights.items()}
 
 
 def sampling_defaults(index: dict) -> dict:
@@ -122,7 +138,9 @@ def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dic
     index = read_index(path)
     expand = bool(index.get("expand_timesteps"))  # Wan2.2 TI2V-5B
     sub = lambda name: str(runs.user_path(path) / name)
-    weights = lambda params: jax.device_put(cast_weights(params, dtype))  # cast on the host
+    # cast on the host, before the device holds them
+    weights = lambda params, part="dit": jax.device_put(cast_weights(params, dtype,
+                                                                     KEEP_FLOAT32[part]))
     dit, dit_params = wan.load_transformer(sub("transformer"), dtype=dtype, attention=attention)
     vae, vae_params = wan.load_vae(sub("vae"))
     if dit.out_channels != vae.z_dim:
@@ -148,7 +166,7 @@ def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dic
         if not runs.user_path(sub("tokenizer")).is_dir():
             raise FileNotFoundError(f"{path}: text_encoder/ without tokenizer/")
         text_model, text_params = wan.load_text_encoder(sub("text_encoder"), dtype=dtype)
-        parts |= dict(text_model=text_model, text_params=weights(text_params),
+        parts |= dict(text_model=text_model, text_params=weights(text_params, "text"),
                       tokenizer=load_tokenizer(sub("tokenizer"), MAX_TEXT_TOKENS))
     if _has(index, path, "image_encoder"):
         parts |= image_parts(sub("image_encoder"), sub("image_processor"), dtype, attention)
@@ -160,5 +178,6 @@ def image_parts(encoder_dir: str, processor_dir: str, dtype: str = "float32",
     """The Generator's CLIP fields from an image_encoder/ and an image_processor/ folder."""
     encoder, encoder_params = wan.load_image_encoder(encoder_dir, dtype=dtype, attention=attention)
     return dict(image_encoder=encoder,
-                image_encoder_params=jax.device_put(cast_weights(encoder_params, dtype)),
+                image_encoder_params=jax.device_put(cast_weights(encoder_params, dtype,
+                                                                  KEEP_FLOAT32["image"])),
                 image_processor=wan.read_image_processor(processor_dir))

@@ -136,14 +136,16 @@ def encode_videos(config, out_dir: str, vae_params=None, shard: int = 0,
 def shard_fingerprint(source, indices, cfg) -> str:
     """A short hash of what a shard of `indices` holds: each entry's index, key, frame range,
     caption, crop box and drawn shape (so encode.shapes, shape_weights and seed), and
-    encode.fps. A finished shard whose fingerprint differs was encoded from other inputs."""
+    encode.fps and the TFDS feature keys (a tfds: source's entries carry no caption). A finished
+    shard whose fingerprint differs was encoded from other inputs."""
     items = []
     for i in indices:
         entry = source.entries[i]
         items.append([i, entry.key, list(entry.frames) if entry.frames else None, entry.caption,
                       dataclasses.astuple(entry.crop) if entry.crop else None,
                       list(source.shape(i))])
-    text = json.dumps([float(cfg.get("fps", 0.0)), items])
+    text = json.dumps([float(cfg.get("fps", 0.0)), cfg.get("tfds_video_key", ""),
+                       cfg.get("tfds_caption_key", "caption"), items])
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 

@@ -122,7 +122,10 @@ def _manifest_entry(line, root: Path, where: str, text: str,
     if not kept:
         return None
     file = Path(name) if Path(name).is_absolute() else root / name
-    meta = {k: v for k, v in line.items() if k not in ("file", "path", name_key, caption_key)}
+    # curate's per-frame `times` time the source, not the clip encode draws (and can be thousands
+    # of numbers): not copied into every latent record
+    meta = {k: v for k, v in line.items()
+            if k not in ("file", "path", name_key, caption_key, "times")}
     return VideoEntry(str(file.resolve()), caption_of(line, where, caption_key), name, meta,
                       _frame_range(line, where), _crop_region(line, where))
 

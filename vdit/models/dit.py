@@ -92,7 +92,7 @@ class WanDiT(nn.Module):
     added_kv_proj_dim: int | None = None
     rope_max_seq_len: int = 1024
     pos_embed_seq_len: int | None = None
-    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    dtype: Any = jnp.float32  # compute dtype; parameters float32 (sampling may hold most in it)
     # None: matmuls in `dtype`; bfloat16: operands rounded to it, float32 sums (mixed_dot.py)
     matmul_dtype: Any = None
     attention: str = "xla"  # see vdit/models/attention.py

@@ -97,7 +97,9 @@ class Generator:
             config.model.dtype = dtype
             if "dtype" in config.text:
                 config.text.dtype = dtype
-            params = folder_lib.cast_weights(params, dtype)
+            if config.get("image_encoder", {}).get("image_encoder_path"):
+                config.image_encoder.dtype = dtype  # a converted Wan2.1 I2V run's CLIP
+            params = folder_lib.cast_run_weights(params, dtype)
         return cls.from_params(config, params, run)
 
     @classmethod

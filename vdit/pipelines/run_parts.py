@@ -49,7 +49,8 @@ def load_parts(config: ml_collections.ConfigDict, params: dict, workdir: str) ->
     clip = config.get("image_encoder", {})
     if clip.get("image_encoder_path"):  # a converted Wan2.1 I2V run (vdit/convert/runs.py)
         parts.update(diffusers_folder.image_parts(clip.image_encoder_path,
-                                                  clip.image_processor_path))
+                                                  clip.image_processor_path,
+                                                  clip.get("dtype", "float32")))
     if "dit_2" in params:  # a two-expert (Wan2.2 A14B) run: both experts share config.model
         if "experts" not in config:
             raise ValueError(f"run {workdir!r} holds a second expert (dit_2) but its config has "

@@ -145,11 +145,8 @@ def latest_step(workdir: str) -> int:
     return max(steps)
 
 
-def load_params(workdir: str, which: str = "ema", step: int | None = None) -> tuple[Any, dict]:
-    """(parameters, config dict) of a run for inference: the EMA (or raw) weights, host arrays.
-
-    Restores without a target, so the caller needs no optimizer or mesh to read a run.
-    """
+def _reader(workdir: str):
+    """(read-only manager, read(step) -> {STATE, CONFIG}) of a run's checkpoints/."""
     path = runs.checkpoints_dir(workdir)
     if not path.is_dir():
         raise FileNotFoundError(f"workdir {workdir!r} has no checkpoints/ folder: train first")
@@ -157,6 +154,26 @@ def load_params(workdir: str, which: str = "ema", step: int | None = None) -> tu
                                     options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     read = lambda s: manager.restore(s, args=ocp.args.Composite(
         **{STATE: ocp.args.StandardRestore(), CONFIG: ocp.args.JsonRestore()}))
+    return manager, read
+
+
+def newest_readable_step(workdir: str) -> int:
+    """The newest step of a run that reads whole (what `load_params` falls back to): unreadable
+    newer ones are reported and left in place. Reads that step's state once to know."""
+    manager, read = _reader(workdir)
+    try:
+        return newest_readable(manager, read)[0]
+    finally:
+        manager.close()
+
+
+def load_params(workdir: str, which: str = "ema", step: int | None = None) -> tuple[Any, dict]:
+    """(parameters, config dict) of a run for inference: the EMA (or raw) weights, host arrays.
+
+    Restores without a target, so the caller needs no optimizer or mesh to read a run.
+    """
+    path = runs.checkpoints_dir(workdir)
+    manager, read = _reader(workdir)
     if step is None:  # the newest readable step; unreadable newer ones are reported, left in place
         step, restored = newest_readable(manager, read)
     else:

@@ -31,8 +31,8 @@ import logging
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from vdit import config as config_lib
 from vdit import runs
@@ -40,7 +40,6 @@ from vdit.data import encode
 from vdit.models import lora
 from vdit.runs import checkpoint
 from vdit.runs.checkpoint import load_params
-from vdit.runs.checkpoint_fallback import newest_readable
 from vdit.runs.run_kind import check_kind
 from vdit.train import experts, run_params
 from vdit.train.state import create_sharded, shardings_of, unbox
@@ -105,22 +104,16 @@ def pin(config, saved: dict | None):
 
 
 def newest_readable_step(workdir: str) -> int:
-    """The newest step of a run whose weights and config read, as resuming and sampling fall back
-    to (vdit/runs/checkpoint_fallback.py): newer unreadable steps are named on stderr and left in
-    place (the run is another's)."""
-    folder = runs.checkpoints_dir(workdir)
-    if not folder.is_dir():
+    """The newest step of the init_from run whose weights and config read, as resuming and
+    sampling fall back (newer unreadable steps are named and left in place: the run is
+    another's). Process 0 decides and tells the others: a source still training could finish a
+    step between two hosts' reads, and every host must start from the same weights."""
+    if not runs.checkpoints_dir(workdir).is_dir():
         raise FileNotFoundError(f"config key 'train.init_from' = {workdir!r}: no checkpoints/ "
                                 "folder there: train it first")
-    manager = ocp.CheckpointManager(folder, item_names=(checkpoint.STATE, checkpoint.CONFIG),
-                                    options=ocp.CheckpointManagerOptions(read_only=True,
-                                                                         create=False))
-    read = lambda s: manager.restore(s, args=ocp.args.Composite(**{
-        checkpoint.STATE: ocp.args.StandardRestore(), checkpoint.CONFIG: ocp.args.JsonRestore()}))
-    try:
-        step, _ = newest_readable(manager, read)
-    finally:
-        manager.close()
+    step = checkpoint.newest_readable_step(workdir) if jax.process_index() == 0 else 0
+    if jax.process_count() > 1:
+        step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
     newest = checkpoint.latest_step(workdir)
     if step != newest:
         log.warning("train.init_from: %s: its newest step %d does not read (said above); "

@@ -85,19 +85,27 @@ def accumulate(inner: optax.GradientTransformation, every: int) -> optax.Gradien
         acc = jax.tree.map(lambda a, g: a + weight * g.astype(jnp.float32), state.acc_grads,
                            grads)
         total = state.acc_weight + weight
-        # No item in any micro-batch (all padding): every gradient is zero, and so is the mean.
-        mean = jax.tree.map(lambda a, g: (a / jnp.where(total > 0, total, 1.0)).astype(g.dtype),
-                            acc, grads)
-        updates, inner_state = inner.update(mean, state.inner_opt_state, params, **extra_args)
-        emit = state.mini_step == every - 1
+        # `>=`: a run resumed mid-accumulation with a smaller grad_accum still updates.
+        emit = state.mini_step >= every - 1
+        zeros = jax.tree.map(jnp.zeros_like, grads)
+
+        def final(_):  # the weighted mean through `inner`: only here, not on every micro-batch
+            mean = jax.tree.map(lambda a, g: (a / total).astype(g.dtype), acc, grads)
+            return inner.update(mean, state.inner_opt_state, params, **extra_args)
+
+        def wait(_):
+            return zeros, state.inner_opt_state
+
+        # No weight at all (every micro-batch skipped as non-finite): no update, not one of zeros
+        # (AdamW's momentum and decay would still move the weights).
+        updates, inner_state = jax.lax.cond(emit & (total > 0), final, wait, None)
         new_state = AccumulationState(
             mini_step=jnp.where(emit, 0, state.mini_step + 1),
             gradient_step=state.gradient_step + emit.astype(jnp.int32),
-            inner_opt_state=jax.tree.map(lambda n, o: jnp.where(emit, n, o), inner_state,
-                                         state.inner_opt_state),
+            inner_opt_state=inner_state,
             acc_grads=jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), acc),
             acc_weight=jnp.where(emit, 0.0, total))
-        return jax.tree.map(lambda u: jnp.where(emit, u, jnp.zeros_like(u)), updates), new_state
+        return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
 

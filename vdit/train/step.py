@@ -40,7 +40,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_dec
         weight = aux.pop(LOSS_WEIGHT, 1.0)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step must leave params, moments and EMA exactly as they were.
+        # A non-finite step must leave params, moments and EMA exactly as they were (under
+        # accumulation: it adds nothing to the update it belongs to).
         safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
         # a skipped (non-finite) micro-batch adds nothing to an accumulation, weight included
         updates, opt_state = tx.update(safe_grads, state.opt_state, state.params,
@@ -48,10 +49,16 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_dec
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema, params)
         applied = optim.update_applied(opt_state)
-        if applied is not True:  # a micro-batch short of an update: the EMA must not decay
+        accumulating = applied is not True
+        if accumulating:  # a micro-batch short of an update: the EMA must not decay
             ema = jax.tree.map(lambda n, o: jnp.where(applied, n, o), ema, state.ema)
 
         def keep(new, old):
+            # Under accumulation a non-finite micro-batch still counts toward the k of an
+            # update (zero gradient, zero weight), so updates stay every k steps, aligned with
+            # train.steps and the checkpoints; the update uses the finite micro-batches.
+            if accumulating:
+                return new
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
         new_state = state.replace(
