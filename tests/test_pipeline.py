@@ -1,6 +1,9 @@
 """Grain pipeline: packing layout, skipped records, per-host sharding, exact resume."""
 
+import multiprocessing
 import os
+import signal
+import time
 
 import grain
 import ml_collections
@@ -179,6 +182,25 @@ def test_reader_threads_change_no_batch(shard_dir):
     for want, got in zip(threaded, inline + [next(resumed) for _ in range(3)], strict=True):
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_workers_leave_sigterm_to_the_trainer(shard_dir):
+    """A preemption's SIGTERM reaches every process of the job: Grain's workers keep serving (the
+    trainer saves at its step boundary, which needs more batches) and stop when the iterator
+    closes."""
+    want = list(zip(range(4), iter(_dataset(shard_dir, _cfg()))))
+    it = iter(_dataset(shard_dir, _cfg(num_workers=1)))
+    got = [next(it)]
+    workers = [p for p in multiprocessing.active_children() if p.name.startswith("grain")]
+    assert len(workers) == 1
+    os.kill(workers[0].pid, signal.SIGTERM)
+    time.sleep(1.0)
+    assert workers[0].is_alive()
+    got += [next(it) for _ in range(3)]  # more than the worker's buffer holds
+    for (_, a), b in zip(want, got):
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    it.close()
+    assert not workers[0].is_alive()
 
 
 def test_packing_beats_padding(shard_dir):

@@ -21,6 +21,7 @@ defaults when absent).
 from __future__ import annotations
 
 import functools
+import signal
 
 import grain
 import jax
@@ -172,10 +173,23 @@ def packed_dataset(source, cfg, patch_size, null_text: np.ndarray,
         # Grain's workers read absl flags, which a library caller (not an absl app) never parsed.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers),
+                            worker_init_fn=_ignore_sigterm)
     elif cfg.prefetch > 0:
         it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch)
     return it
+
+
+def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
+    """Grain worker start-up: SIGTERM is left to the training process.
+
+    A preempted VM or a SLURM job sends SIGTERM to every process of the job, workers included;
+    a worker that died of it fails the trainer's next batch before the step boundary where it
+    saves and stops (vdit/train/step_loop.py). Grain stops its workers itself when the iterator
+    closes (an event, then SIGKILL after a timeout), so ignoring the signal here strands none.
+    """
+    del worker_index, worker_count
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

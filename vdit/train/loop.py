@@ -294,6 +294,7 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
         return steps.run(state, frozen, data_it, source, start, end)
     finally:
         writer.close()
+        data_it.close()  # stops Grain's workers now, not at interpreter exit (they ignore SIGTERM)
 
 
 def _periodic_samples(samples_fn, config, workdir, ema, frozen):
