@@ -145,22 +145,35 @@ def latest_step(workdir: str) -> int:
     return max(steps)
 
 
-def _reader(workdir: str):
-    """(read-only manager, read(step) -> {STATE, CONFIG}) of a run's checkpoints/."""
+def _reader(workdir: str, which: str):
+    """(read-only manager, read(step) -> {STATE: {which: weights}, CONFIG}) of a run's checkpoints/.
+
+    Only the state's `which` subtree is read, into host numpy arrays: using a run's weights needs
+    neither its optimizer state (twice the weights under AdamW) nor the devices it was saved
+    from (a run trained on a pod is read on one GPU; a target-less restore refused that as a
+    topology mismatch). A state without `which` reads as {} (the caller names what it has)."""
     path = runs.checkpoints_dir(workdir)
     if not path.is_dir():
         raise FileNotFoundError(f"workdir {workdir!r} has no checkpoints/ folder: train first")
-    manager = ocp.CheckpointManager(path, item_names=(STATE, CONFIG),
-                                    options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    read = lambda s: manager.restore(s, args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardRestore(), CONFIG: ocp.args.JsonRestore()}))
+    manager = ocp.CheckpointManager(
+        path, item_names=(STATE, CONFIG),
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+    def read(s):
+        saved = manager.item_metadata(s)[STATE]
+        item = {k: saved[k] for k in (which,) if k in saved}
+        on_host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        return manager.restore(s, args=ocp.args.Composite(**{
+            STATE: ocp.args.PyTreeRestore(item, restore_args=on_host, partial_restore=True),
+            CONFIG: ocp.args.JsonRestore()}))
     return manager, read
 
 
-def newest_readable_step(workdir: str) -> int:
-    """The newest step of a run that reads whole (what `load_params` falls back to): unreadable
-    newer ones are reported and left in place. Reads that step's state once to know."""
-    manager, read = _reader(workdir)
+def newest_readable_step(workdir: str, which: str = "ema") -> int:
+    """The newest step of a run whose `which` weights and config read (what `load_params` falls
+    back to): unreadable newer ones are reported and left in place. Reads them once to know."""
+    manager, read = _reader(workdir, which)
     try:
         return newest_readable(manager, read)[0]
     finally:
@@ -168,12 +181,11 @@ def newest_readable_step(workdir: str) -> int:
 
 
 def load_params(workdir: str, which: str = "ema", step: int | None = None) -> tuple[Any, dict]:
-    """(parameters, config dict) of a run for inference: the EMA (or raw) weights, host arrays.
-
-    Restores without a target, so the caller needs no optimizer or mesh to read a run.
+    """(parameters, config dict) of a run for inference: the EMA (or raw) weights as host numpy
+    arrays, whatever devices the run was saved from; nothing else of the state is read.
     """
     path = runs.checkpoints_dir(workdir)
-    manager, read = _reader(workdir)
+    manager, read = _reader(workdir, which)
     if step is None:  # the newest readable step; unreadable newer ones are reported, left in place
         step, restored = newest_readable(manager, read)
     else:
@@ -188,5 +200,6 @@ def load_params(workdir: str, which: str = "ema", step: int | None = None) -> tu
                              f"run (steps there: {others or 'none'})") from e
     state = restored[STATE]
     if which not in state:
-        raise KeyError(f"checkpoint {path} step {step} has no {which!r} (has {sorted(state)})")
+        has = sorted(manager.item_metadata(step)[STATE])
+        raise KeyError(f"checkpoint {path} step {step} has no {which!r} (has {has})")
     return state[which], restored[CONFIG]

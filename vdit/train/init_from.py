@@ -96,22 +96,22 @@ def pin(config, saved: dict | None):
     elif saved is not None:
         return config  # resuming against another source: check_resume says what changed
     else:
-        step = newest_readable_step(workdir)
+        step = newest_readable_step(workdir, which_weights(config))
     config = copy.deepcopy(config)
     config.train.init_from = str(runs.user_path(workdir) / "checkpoints" / str(step))
     log.info("train.init_from: %s pinned at its step %d", workdir, step)
     return config
 
 
-def newest_readable_step(workdir: str) -> int:
-    """The newest step of the init_from run whose weights and config read, as resuming and
+def newest_readable_step(workdir: str, which: str) -> int:
+    """The newest step of the init_from run whose `which` weights and config read, as resuming and
     sampling fall back (newer unreadable steps are named and left in place: the run is
     another's). Process 0 decides and tells the others: a source still training could finish a
     step between two hosts' reads, and every host must start from the same weights."""
     if not runs.checkpoints_dir(workdir).is_dir():
         raise FileNotFoundError(f"config key 'train.init_from' = {workdir!r}: no checkpoints/ "
                                 "folder there: train it first")
-    step = checkpoint.newest_readable_step(workdir) if jax.process_index() == 0 else 0
+    step = checkpoint.newest_readable_step(workdir, which) if jax.process_index() == 0 else 0
     if jax.process_count() > 1:
         step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
     newest = checkpoint.latest_step(workdir)
