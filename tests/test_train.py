@@ -121,10 +121,17 @@ def test_resume_is_exact(workdir, tmp_path):
     _write_shards(os.path.join(other, "latents"))
     full = loop.train(_config(workdir), workdir, stop_after=7)
     first = loop.train(_config(other), other, stop_after=4)
+    resharded = str(tmp_path / "c")  # the same checkpoint, resumed on another mesh
+    shutil.copytree(other, resharded)
     second = loop.train(_config(other), other, stop_after=3)
     assert [h["step"] for h in first + second] == list(range(1, 8))
     np.testing.assert_allclose([h["loss"] for h in first + second],
                                [h["loss"] for h in full], rtol=1e-6, atol=1e-7)
+    mesh = ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"]
+    third = loop.train(_config(resharded, *mesh), resharded, stop_after=3)
+    assert [h["step"] for h in third] == [5, 6, 7]
+    np.testing.assert_allclose([h["loss"] for h in third], [h["loss"] for h in full[4:]],
+                               rtol=1e-5)
 
 
 def test_resume_refuses_model_change(workdir):
