@@ -12,8 +12,10 @@ own workdir (and latents), and each later stage starts from the previous one's w
     vdit encode --config configs/shapes_stage3_hq.py    --workdir runs/shapes_stage3_hq
     vdit train  --config configs/shapes_stage3_hq.py    --workdir runs/shapes_stage3_hq
 
-Stage 1 trains from scratch (DiT and byte-level text encoder); the VAE (encode.vae_workdir) is
-frozen throughout: it only encodes the clips.
+Stage 1 trains only the DiT, from scratch. The text encoder is shapes_dit's word-level one,
+frozen at its random init (text.trainable=False): checkpoints leave it out, stage 1 recreates it
+from train.seed and later stages take it from their train.init_from run. The VAE
+(encode.vae_workdir) is frozen throughout too: it only encodes the clips.
 """
 
 import ml_collections

@@ -8,6 +8,8 @@ pipelines do (diffusers' own 16-channel defaults when the config leaves them out
 load too: TI2V-5B (the 2.2 VAE, `expand_timesteps` in model_index.json) and the two-expert A14B
 ones (`transformer_2/` the low-noise expert, `boundary_ratio` in model_index.json: the boundary
 timestep is boundary_ratio * the scheduler's num_train_timesteps, as diffusers computes it).
+A folder that `vdit convert --to diffusers` wrote also records what its run samples with
+(vdit/convert/run_record.py): text masking, sampling defaults, whether it does text-to-video.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdit import runs
-from vdit.convert import wan
+from vdit.convert import run_record, wan
 from vdit.convert.safetensors_io import read_json_dict
 from vdit.diffusion.samplers import make_sampler
 from vdit.models.tokenizers import load_tokenizer
@@ -63,15 +65,42 @@ def cast_run_weights(weights: dict, dtype: str) -> dict:
             for name, tree in weights.items()}
 
 
+def _record(index: dict) -> dict:
+    return run_record.read(index, "model_index.json")
+
+
 def sampling_defaults(index: dict) -> dict:
-    """Steps, guidance, frames, size and fps to sample a folder of this model_index.json with."""
-    return dict(WAN_DEFAULTS) | (TI2V_DEFAULTS if index.get("expand_timesteps") else {})
+    """Steps, guidance, frames, size and fps to sample a folder of this model_index.json with:
+    Wan's, or those of the vdit run that wrote it."""
+    return (dict(WAN_DEFAULTS) | (TI2V_DEFAULTS if index.get("expand_timesteps") else {})
+            | dict(_record(index).get("defaults", {})))
 
 
-def is_image_only(pipeline_class: str | None, expand_timesteps: bool) -> bool:
+def is_image_only(pipeline_class: str | None, expand_timesteps: bool,
+                  recorded: bool | None = None) -> bool:
     """An image-to-video pipeline whose model never saw text-to-video's zero condition (Wan2.1
-    I2V, Wan2.2 I2V-A14B); TI2V-5B (`expand_timesteps`) does both."""
+    I2V, Wan2.2 I2V-A14B); TI2V-5B (`expand_timesteps`) does both. `recorded`: what a vdit run's
+    folder says (its I2V-channel models may train text-to-video too), which wins."""
+    if recorded is not None:
+        return recorded
     return pipeline_class == "WanImageToVideoPipeline" and not expand_timesteps
+
+
+def folder_image_only(index: dict) -> bool:
+    return is_image_only(index["_class_name"], bool(index.get("expand_timesteps")),
+                         _record(index).get("image_only"))
+
+
+def run_image_only(config) -> bool:
+    """Whether a vdit run of `config` does image-to-video only (a converted Wan I2V run)."""
+    return is_image_only(config.sample.get("pipeline_class"),
+                         bool(config.sample.get("expand_timesteps", False)))
+
+
+def folder_masks_text(index: dict) -> bool:
+    """Wan's pipelines attend the whole zero-padded prompt block; a packed-caption vdit run's
+    folder records that its DiT attends the real tokens only."""
+    return bool(_record(index).get("mask_text", False))
 
 
 def is_pipeline_folder(path: str) -> bool:
@@ -111,6 +140,7 @@ def read_index(path: str) -> dict:
         raise ValueError(f"{where}: boundary_ratio={ratio!r}; expected a number in (0, 1)")
     if index.get("expand_timesteps") and name == "WanVideoToVideoPipeline":
         raise NotImplementedError(f"{where}: expand_timesteps=true with {name} is not supported")
+    run_record.read(index, where)
     for required in ("transformer", "vae", "scheduler"):
         if not _has(index, path, required):
             raise FileNotFoundError(f"{path}: the pipeline has no {required}/ component "
@@ -150,9 +180,9 @@ def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dic
     sampler = make_sampler(read_json_dict(sub("scheduler/scheduler_config.json")))
     parts = dict(dit=dit, dit_params=weights(dit_params), vae=vae,
                  vae_params=jax.device_put(vae_params), sampler=sampler,
-                 latents_mean=mean, latents_std=std, mask_text=False,
+                 latents_mean=mean, latents_std=std, mask_text=folder_masks_text(index),
                  defaults=sampling_defaults(index), expand_timesteps=expand,
-                 image_only=is_image_only(index["_class_name"], expand))
+                 image_only=folder_image_only(index))
     if index.get("boundary_ratio") is not None:
         dit_2, dit_2_params = wan.load_transformer(sub("transformer_2"), dtype=dtype,
                                                    attention=attention)

@@ -29,20 +29,25 @@ run's `sample.scheduler`), model_index.json, for a UMT5 run text_encoder/ + toke
 an I2V run its image_encoder/ + image_processor/; a two-expert run adds transformer_2/ and
 boundary_ratio, a TI2V run expand_timesteps. The
 byte and word encoders of the synthetic recipes have no transformers tokenizer, so their folders
-carry no text encoder (callers then pass text embeddings).
+carry no text encoder (callers then pass text embeddings). model_index.json's private "_vdit"
+key records what the run samples with beyond the pipeline class (vdit/convert/run_record.py:
+text-to-video or not, text masking, sampling defaults), so vdit samples the folder as the run; a
+run trained on packed captions attends its prompts' real tokens only, which diffusers' Wan
+pipelines do not (they attend the zero-padded block): a warning says so.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 import ml_collections
 import numpy as np
 
 from vdit import runs
-from vdit.config import recipe_module
+from vdit.config import recipe_module, text_masked
 from vdit.convert import diffusers_folder as folder_lib
-from vdit.convert import wan
+from vdit.convert import run_record, wan
 from vdit.convert.safetensors_io import read_config, read_json_dict
 from vdit.convert.wan_dit import model_config_from_diffusers
 from vdit.data.encode import load_stats
@@ -58,6 +63,7 @@ DIRECTIONS = (("diffusers", "vdit"), ("vdit", "diffusers"))
 DIFFUSERS_VERSION = "0.35.0"
 VAE_RUN = "vae"  # the VAE run's folder inside a converted run
 IMAGE_PARTS = ("image_encoder", "image_processor")  # Wan2.1 I2V's CLIP, kept beside the run
+I2V_PIPELINE = "WanImageToVideoPipeline"
 
 
 def convert(src_format: str | None, dst_format: str | None, src: str, out: str) -> dict:
@@ -100,9 +106,13 @@ def from_diffusers(src: str, out: str) -> dict:
     vae_run = str(runs.user_path(out) / VAE_RUN)
     config = _run_config(read_config(sub("transformer")), text_model, str(runs.absolute(
         sub("tokenizer"))), vae_cfg, scheduler, vae_run, folder_lib.sampling_defaults(index))
+    config.sample.mask_text = folder_lib.folder_masks_text(index)
     if image is not None:
         config.image_encoder = _image_section(image[0], out)
-    config.sample.pipeline_class = index["_class_name"]
+    if folder_lib.folder_image_only(index) or index["_class_name"] != I2V_PIPELINE:
+        config.sample.pipeline_class = index["_class_name"]
+    # else a vdit run's I2V-channel folder that also does text-to-video: without pipeline_class
+    # the run is not image-only, and the way back picks the I2V class from its channels
     if index.get("expand_timesteps"):
         config.sample.expand_timesteps = True
     if "dit_2" in weights:
@@ -216,12 +226,14 @@ def to_diffusers(src: str, out: str) -> dict:
                                                                                   indent=2))
     none = [None, None]
     pipeline = config.sample.get("pipeline_class") or (
-        "WanImageToVideoPipeline" if dit.in_channels != dit.out_channels else "WanPipeline")
+        I2V_PIPELINE if dit.in_channels != dit.out_channels else "WanPipeline")
     index = {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
              "transformer": ["diffusers", "WanTransformer3DModel"],
              "vae": ["diffusers", "AutoencoderKLWan"],
              "scheduler": ["diffusers", scheduler.get("_class_name", "UniPCMultistepScheduler")],
-             "text_encoder": none, "tokenizer": none}
+             "text_encoder": none, "tokenizer": none,
+             run_record.KEY: run_record.of_run(config, folder_lib.run_image_only(config),
+                                               text_masked(config))}
     written = {"transformer": sub("transformer"), "vae": sub("vae"),
                "scheduler": sub("scheduler")}
     if config.sample.get("expand_timesteps"):
@@ -248,4 +260,8 @@ def to_diffusers(src: str, out: str) -> dict:
                   "image_processor": ["transformers", "CLIPImageProcessor"]}
         written |= {name: sub(name) for name in IMAGE_PARTS}
     runs.user_path(sub("model_index.json")).write_text(json.dumps(index, indent=2))
+    if text_masked(config):
+        print(f"vdit convert: warning: run {src!r} attends its prompts' real tokens only; "
+              "diffusers' Wan pipelines attend the zero-padded prompt, so only vdit (its "
+              "Generator or `vdit sample`) reproduces this run from the folder", file=sys.stderr)
     return written

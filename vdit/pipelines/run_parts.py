@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 
 from vdit import config as config_lib
-from vdit.convert import diffusers_folder
+from vdit.convert import diffusers_folder, run_record
 from vdit.data.encode import load_stats
 from vdit.diffusion.samplers import make_sampler
 from vdit.models.dit import build_dit
@@ -18,9 +18,6 @@ from vdit.models.vae_config import vae_from_config
 from vdit.runs import latents_dir
 from vdit.runs.checkpoint import load_params
 from vdit.runs.run_kind import check_kind
-
-# from config.sample; guidance_2: a two-expert model's low-noise expert
-DEFAULT_KEYS = ("steps", "guidance", "guidance_2", "frames", "height", "width", "motion")
 
 
 def load_parts(config: ml_collections.ConfigDict, params: dict, workdir: str) -> dict:
@@ -34,18 +31,14 @@ def load_parts(config: ml_collections.ConfigDict, params: dict, workdir: str) ->
     stats = load_stats(latents_dir(config, workdir))
     sampler = make_sampler(dict(config.sample.scheduler))
     expand = bool(config.sample.get("expand_timesteps", False))
-    defaults = {k: config.sample[k] for k in DEFAULT_KEYS if k in config.sample}
-    if "data" in config and "fps" in config.data:
-        defaults["fps"] = float(config.data.fps)
     parts = dict(dit=dit, dit_params=params["dit"], vae=vae_from_config(config.vae),
                  vae_params=vae_params, sampler=sampler,
                  latents_mean=np.asarray(stats["mean"], np.float32),
                  latents_std=np.asarray(stats["std"], np.float32),
                  text_model=text_model, text_params=params["text"], tokenizer=tokenizer,
-                 mask_text=config_lib.text_masked(config), defaults=defaults,
-                 expand_timesteps=expand,
-                 image_only=diffusers_folder.is_image_only(config.sample.get("pipeline_class"),
-                                                           expand))
+                 mask_text=config_lib.text_masked(config),
+                 defaults=run_record.run_defaults(config), expand_timesteps=expand,
+                 image_only=diffusers_folder.run_image_only(config))
     clip = config.get("image_encoder", {})
     if clip.get("image_encoder_path"):  # a converted Wan2.1 I2V run (vdit/convert/runs.py)
         parts.update(diffusers_folder.image_parts(clip.image_encoder_path,
