@@ -34,11 +34,12 @@ lint: install-test
 
 # Test files run in TEST_WORKERS processes (pytest-xdist; a file's tests stay in one process, so
 # its module fixtures are built once), heaviest files first (tests/conftest.py); the JAX
-# compilation cache is shared between them.
+# compilation cache is shared between them. The 30 slowest tests are listed at the end (where the
+# suite's time goes, run after run).
 TEST_WORKERS ?= 2
 
 test: install-test lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30 tests
 
 demo: install
 	$(PY) -m vdit.demo --out demo_out $(if $(QUICK),--quick,)
