@@ -15,6 +15,7 @@ from vdit.config import load_config
 from vdit.data import pipeline
 from vdit.models.dit import build_dit
 from vdit.parallel.mesh import logical_rules, make_mesh
+from vdit.plan import proxy
 from vdit.plan import weights as plan_weights
 from vdit.train import experts, loop, optim, run_params
 from vdit.train.state import abstract_sharded, abstract_state
@@ -156,3 +157,18 @@ def test_a_distill_recipe_is_said_to_be_planned_as_plain_training(capsys):
     assert plan.main(["--config", os.path.join(CONFIGS, "shapes_distill.py"), "--devices", "8",
                       *TINY]) == 0
     assert "note: a distill recipe is planned as training its student" in capsys.readouterr().out
+
+
+def test_the_proxy_device_error_names_the_flag_that_fixes_it():
+    with pytest.raises(ValueError, match=r"pass --proxy-devices N \(N >= tensor x sequence = 16"):
+        proxy.proxy_mesh_sizes({"data": 1, "fsdp": 1, "tensor": 4, "sequence": 4}, 8)
+
+
+def test_one_divisibility_error_names_the_dit_and_the_text_encoder():
+    """The frozen text encoder and the trainable DiT are checked together, so the error lists both
+    trees' failing parts (it named only the first tree checked)."""
+    with pytest.raises(ValueError, match="does not divide the model") as error:
+        plan.main(["--config", os.path.join(CONFIGS, "shapes_dit.py"), "--devices", "16", *TINY,
+                   "--config.data.text_format=ids", "--config.mesh.sequence=1",
+                   "--config.mesh.tensor=4"])
+    assert "['dit']" in str(error.value) and "['text']" in str(error.value), error.value

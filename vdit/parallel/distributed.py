@@ -12,7 +12,9 @@ Every config-taking command accepts (`add_distributed_flags`):
   --init_timeout SECONDS      give up start-up when the processes have not all joined by then
                               (default 60): one line naming the missing processes, exit 1
 
-`initialize_from_args(args)` must run before anything touches a JAX backend. After it,
+`initialize_from_args(args, report)` must run before anything touches a JAX backend; a start-up
+timeout goes to `report` (the command line reports it as its other errors: `vdit COMMAND: error:
+...` and the run's `logs/error.log`). After it,
 `jax.devices()` lists every process's devices, so `vdit.parallel.mesh.make_mesh` /
 `mesh_from_config` build the global mesh, each process feeds its own rows
 (`jax.make_array_from_process_local_data`) and only process 0 writes logs.
@@ -26,7 +28,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 
@@ -138,15 +140,16 @@ def should_initialize(s: DistributedSettings, environ: Mapping[str, str] | None 
     return s.mode == "on" or s.coordinator is not None or detect_cluster(environ) is not None
 
 
-def initialize(s: DistributedSettings) -> bool:
-    """Starts jax.distributed when the settings ask for it; returns whether it is running."""
+def initialize(s: DistributedSettings, report: Callable[[Exception], int] | None = None) -> bool:
+    """Starts jax.distributed when the settings ask for it; returns whether it is running.
+    A start-up timeout is handed to `report` (which says it and returns the exit code)."""
     if jax.distributed.is_initialized():
         return True
     if not should_initialize(s):
         return False
     if s.cpu_collectives != "none":  # read when the CPU client is created: set it before
         jax.config.update("jax_cpu_collectives_implementation", s.cpu_collectives)
-    watchdog = threading.Timer(s.init_timeout, _give_up, args=(s,))
+    watchdog = threading.Timer(s.init_timeout, _give_up, args=(s, report))
     watchdog.daemon = True
     watchdog.start()
     try:
@@ -178,15 +181,19 @@ def missing_message(s: DistributedSettings) -> str:
             "some processes of the job did not join; raise --init_timeout if they start late")
 
 
-def _give_up(s: DistributedSettings) -> None:
-    # jax.distributed.initialize blocks in C++ and cannot be interrupted: exit the process.
-    print(f"vdit: error: {missing_message(s)}", file=sys.stderr, flush=True)
-    os._exit(1)
+def _give_up(s: DistributedSettings, report: Callable[[Exception], int] | None) -> None:
+    # jax.distributed.initialize blocks in C++ and cannot be interrupted, so no exception can reach
+    # the command line's error path: report from here, then exit the process.
+    error = TimeoutError(missing_message(s))
+    if report is None:  # a library user's process
+        print(f"vdit: error: {error}", file=sys.stderr, flush=True)
+        os._exit(1)
+    os._exit(report(error))
 
 
-def initialize_from_args(args) -> bool:
-    """`initialize(settings_from_args(args))`: call first thing in a command's handler."""
-    return initialize(settings_from_args(args))
+def initialize_from_args(args, report: Callable[[Exception], int] | None = None) -> bool:
+    """`initialize(settings_from_args(args), report)`: call first thing in a command's handler."""
+    return initialize(settings_from_args(args), report)
 
 
 def describe() -> str:

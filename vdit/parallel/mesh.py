@@ -178,8 +178,21 @@ def make_hybrid_mesh(ici_sizes: dict[str, int], dcn_sizes: dict[str, int],
     try:
         dcn_shape = resolve_axis_sizes(dcn, len(granules))
     except ValueError as e:
-        raise ValueError(f"config.mesh.dcn_*: {e} (the slices / processes)") from e
+        raise ValueError(_dcn_mismatch(dcn, len(granules), by_slice, e)) from e
     ici_shape = resolve_axis_sizes(dict(ici_sizes or {"data": -1}), len(devices) // len(granules))
     array = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
                                                  process_is_granule=not by_slice)
     return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _dcn_mismatch(dcn: dict[str, int], granules: int, by_slice: bool, error: ValueError) -> str:
+    """The dcn sizes against the job's slices, in the user's keys (`dcn_data=2 needs 2 slices
+    (processes), this job has 1`), not resolve_axis_sizes's generic device count."""
+    named = {DCN_PREFIX + a: int(v) for a, v in dcn.items() if int(v) != 1}
+    keys = ", ".join(f"{k}={v}" for k, v in named.items())
+    what = "slices" if by_slice else "slices (processes)"
+    known = math.prod(v for v in named.values() if v != -1)
+    if any(v == 0 or v < -1 for v in named.values()) or list(named.values()).count(-1) > 1:
+        return f"config.mesh.dcn_*: {error}"
+    need = f"a multiple of {known}" if -1 in named.values() else str(known)
+    return f"config.mesh {keys} needs {need} {what}, this job has {granules}"

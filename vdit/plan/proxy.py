@@ -28,7 +28,7 @@ from vdit.parallel.mesh import make_mesh
 from vdit.plan.weights import per_device_bytes, text_in_step, weights_fn
 from vdit.train import experts, optim, run_params
 from vdit.train.loop import batch_spec
-from vdit.train.state import abstract_like, abstract_state
+from vdit.train.state import abstract_like, abstract_state, check_divisible
 from vdit.train.step import make_train_step
 
 # The proxy is compiled, never run: skip the CPU code generator's expensive optimisations (about
@@ -52,8 +52,9 @@ def proxy_mesh_sizes(mesh: dict, local_devices: int) -> dict:
     t, s = mesh["tensor"], mesh["sequence"]
     if t * s > local_devices:
         raise ValueError(f"tensor x sequence = {t * s} devices per shard, but only "
-                         f"{local_devices} devices are here to compile the proxy on; run plan "
-                         "where more exist")
+                         f"{local_devices} devices are here to compile the proxy on: pass "
+                         f"--proxy-devices N (N >= tensor x sequence = {t * s}; CPU devices), "
+                         "or run plan where more exist")
     room = local_devices // (t * s)
     fsdp = min(mesh["fsdp"], room)
     data = min(mesh["data"], room // fsdp)
@@ -82,6 +83,9 @@ def compile_proxy(cfg, layers: int, sizes: dict, rows: int, problem, rules,
     batch = abstract_batch(cfg, dit, rows, problem.tokens, problem.text_len, text_ids)
     text_model = run_params.build_text_model(cfg) if text_ids else None
     loss_fn = lora.wrap_loss(experts.make_loss(dit, text_model, cfg), cfg)  # the trainer's loss
+    # Both trees in one check (their keys are disjoint), DiT first: one error lists every part
+    # the mesh does not divide, not just the first tree's.
+    check_divisible({**trainable, **frozen}, mesh, rules)
     # The trainer's abstract state and frozen weights, with its shardings (vdit/train/state.py).
     fixed, fixed_sh = abstract_like(frozen, mesh, rules)
     if full_step:
