@@ -16,6 +16,9 @@
 # curate/encode: --shards N array tasks, task I running `vdit curate|encode --shard I
 #   --num-shards N`; --gpus G per task (default 1 for encode, 0 for curate), --config FILE
 #   (optional for curate), --partition, --time, --account, --venv as for submit
+#
+# Jobs run in this checkout (sbatch --chdir) from any submit directory: relative paths given
+# elsewhere are made absolute, except a --config found only under the checkout (configs/...).
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -37,6 +40,28 @@ VENV=""
 JOB_ARGS=()
 EXTRA=()
 
+# job_path PATH [config]: PATH as the job (running in the checkout) must see it: relative ones
+# given from another folder are made absolute there, unless a config exists only in the checkout.
+job_path() {
+  local path="$1" root
+  root="$(repo_root)"
+  if [[ -z "$path" || "$path" == /* || "$path" == *://* || "$PWD" == "$root" ]]; then
+    printf '%s' "$path"
+  elif [[ -n "${2:-}" && ! -e "$path" && -f "$root/$path" ]]; then
+    printf '%s' "$path"
+  else
+    printf '%s' "$PWD/$path"
+  fi
+}
+
+# sbatch options that run the job in this checkout whatever the submit directory: its script is
+# a spool copy, so it is told where launch/ is (VDIT_LAUNCH_DIR, read by the .sbatch files).
+in_checkout() {
+  local root
+  root="$(repo_root)"
+  printf '%s\n' "--chdir=$root" "--export=ALL,VDIT_LAUNCH_DIR=$root/launch"
+}
+
 parse() {
   while [[ $# -gt 0 ]]; do
     if [[ "$1" =~ ^--(nodes|gpus-per-node|partition|time|account|config|workdir|port|venv|shards|gpus|input|output)$ && $# -lt 2 ]]; then
@@ -49,14 +74,14 @@ parse() {
       --partition) PARTITION="$2"; shift ;;
       --time) TIME="$2"; shift ;;
       --account) ACCOUNT="$2"; shift ;;
-      --config) CONFIG="$2"; JOB_ARGS+=("$1" "$2"); shift ;;
-      --workdir) WORKDIR="$2"; JOB_ARGS+=("$1" "$2"); shift ;;
+      --config) CONFIG="$(job_path "$2" config)"; JOB_ARGS+=("$1" "$CONFIG"); shift ;;
+      --workdir) WORKDIR="$(job_path "$2")"; JOB_ARGS+=("$1" "$WORKDIR"); shift ;;
       --port) JOB_ARGS+=("$1" "$2"); shift ;;
-      --venv) VENV="$2"; JOB_ARGS+=("$1" "$2"); shift ;;
+      --venv) VENV="$(job_path "$2")"; JOB_ARGS+=("$1" "$VENV"); shift ;;
       --shards) SHARDS="$2"; shift ;;
       --gpus) DATA_GPUS="$2"; shift ;;
-      --input) INPUT="$2"; shift ;;
-      --output) OUTPUT="$2"; shift ;;
+      --input) INPUT="$(job_path "$2")"; shift ;;
+      --output) OUTPUT="$(job_path "$2")"; shift ;;
       -h|--help) usage; exit 0 ;;
       --) shift; EXTRA=("$@"); break ;;
       submit|curate|encode|logs|cancel)
@@ -83,12 +108,14 @@ submit() {
   [[ -z "$PARTITION" ]] || options+=(--partition="$PARTITION")
   [[ -z "$TIME" ]] || options+=(--time="$TIME")
   [[ -z "$ACCOUNT" ]] || options+=(--account="$ACCOUNT")
+  mapfile -t -O "${#options[@]}" options < <(in_checkout)
   local job_args=("${JOB_ARGS[@]}")
   [[ ${#EXTRA[@]} -eq 0 ]] || job_args+=(-- "${EXTRA[@]}")
   run sbatch "${options[@]}" "$script" "${job_args[@]}"
   if [[ "$DRY_RUN" == 1 ]]; then
     echo "# on its nodes the job runs:"
-    SLURM_NTASKS="$NODES" bash "$script" --dry-run "${job_args[@]}"
+    SLURM_NTASKS="$NODES" VDIT_LAUNCH_DIR="$(repo_root)/launch" bash "$script" --dry-run \
+      "${job_args[@]}"
   fi
 }
 
@@ -116,10 +143,11 @@ submit_data() {
   [[ -z "$PARTITION" ]] || options+=(--partition="$PARTITION")
   [[ -z "$TIME" ]] || options+=(--time="$TIME")
   [[ -z "$ACCOUNT" ]] || options+=(--account="$ACCOUNT")
+  mapfile -t -O "${#options[@]}" options < <(in_checkout)
   run sbatch "${options[@]}" "$script" "${args[@]}"
   if [[ "$DRY_RUN" == 1 ]]; then
     echo "# array task I (of 0..$((SHARDS - 1))) runs:"
-    bash "$script" --dry-run "${args[@]}"
+    VDIT_LAUNCH_DIR="$(repo_root)/launch" bash "$script" --dry-run "${args[@]}"
   fi
 }
 

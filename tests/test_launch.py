@@ -41,6 +41,9 @@ def _commands(stdout):
     return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
 
 
+# sbatch options of every SLURM job: it runs in this checkout, its spooled script told where
+# launch/ is.
+IN_CHECKOUT = [f"--chdir={ROOT}", f"--export=ALL,VDIT_LAUNCH_DIR={ROOT}/launch"]
 TPU = ["--name", "vdit-test", "--zone", "us-east5-a"]
 
 
@@ -101,8 +104,9 @@ def test_slurm_submit_dry_run(env):
     sbatch, srun = _commands(out)
     assert sbatch[:5] == ["sbatch", "--nodes=4", "--gpus-per-node=8", "--partition=gpu",
                           "--time=48:00:00"]
-    assert sbatch[5].endswith("launch/slurm_gpu.sbatch")
-    assert sbatch[6:] == ["--config", "configs/wan2_1_t2v_14b.py", "--workdir", "/shared/run",
+    assert sbatch[5:7] == IN_CHECKOUT
+    assert sbatch[7].endswith("launch/slurm_gpu.sbatch")
+    assert sbatch[8:] == ["--config", "configs/wan2_1_t2v_14b.py", "--workdir", "/shared/run",
                           "--", "--config.mesh.sequence=4"]
     assert srun[:3] == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     task = shlex.split(srun[-1])
@@ -110,6 +114,47 @@ def test_slurm_submit_dry_run(env):
                         "--config", "configs/wan2_1_t2v_14b.py", "--workdir", "/shared/run",
                         "--coordinator", "FIRST_NODE:8476", "--num_processes", "4",
                         "--process_id", "$SLURM_PROCID", "--config.mesh.sequence=4"]
+
+
+def _job_from_spool(env, tmp_path, *args):
+    """Submits from another folder (dry run), then runs the printed sbatch line as SLURM would:
+    the script copied to a spool folder, run in --chdir with --export's variables."""
+    submit_dir = tmp_path / "runs"
+    submit_dir.mkdir(exist_ok=True)
+    out = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sh"), "--dry-run", *args], env=env,
+                         cwd=submit_dir, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    sbatch = _commands(out.stdout)[0]
+    at = next(i for i, w in enumerate(sbatch) if w.endswith(".sbatch"))
+    options = dict(w[2:].split("=", 1) for w in sbatch[1:at])
+    spool = tmp_path / "spool" / "slurm_script"
+    spool.parent.mkdir(exist_ok=True)
+    shutil.copy(sbatch[at] if os.path.isabs(sbatch[at]) else submit_dir / sbatch[at], spool)
+    exported = dict(v.split("=", 1) for v in options.get("export", "").split(",") if "=" in v)
+    job_env = dict(env, SLURM_SUBMIT_DIR=str(submit_dir), SLURM_NTASKS="2", **exported)
+    job = subprocess.run(["bash", str(spool), "--dry-run", *sbatch[at + 1:]], env=job_env,
+                         cwd=options.get("chdir", submit_dir), capture_output=True, text=True,
+                         timeout=60)
+    assert job.returncode == 0, job.stdout + job.stderr
+    return options["chdir"], _commands(job.stdout)[-1], submit_dir
+
+
+def test_slurm_jobs_run_from_a_spool_copy_submitted_elsewhere(env, tmp_path):
+    """sbatch runs a copy of the script from its spool folder: submitted from outside the
+    checkout, the job still finds launch/, runs in the checkout and sees the paths as given."""
+    chdir, srun, submit_dir = _job_from_spool(
+        env, tmp_path, "submit", "--nodes", "2", "--config", "configs/shapes_dit.py",
+        "--workdir", "w")
+    assert chdir == ROOT
+    task = shlex.split(srun[-1])
+    assert task[1] == os.path.join(ROOT, ".venv/bin/python")
+    config = task[task.index("--config") + 1]
+    assert os.path.isfile(os.path.join(chdir, config))  # the repo's configs/, run in the repo
+    assert task[task.index("--workdir") + 1] == str(submit_dir / "w")  # where the user was
+    chdir, task, submit_dir = _job_from_spool(
+        env, tmp_path, "curate", "--shards", "2", "--input", "raw", "--output", "/o")
+    assert chdir == ROOT and task[0] == os.path.join(ROOT, ".venv/bin/python")
+    assert task[task.index("--input") + 1] == str(submit_dir / "raw")
 
 
 def test_slurm_job_script_inside_an_allocation(env, tmp_path):
@@ -152,8 +197,9 @@ def test_slurm_data_jobs_dry_run(env):
                "--config.encode.source=/shared/videos").stdout
     sbatch, task = _commands(out)
     assert sbatch[:4] == ["sbatch", "--array=0-15", "--gpus=1", "--partition=gpu"]
-    assert sbatch[4].endswith("launch/slurm_data.sbatch")
-    assert sbatch[5:] == ["encode", "--num-shards", "16", "--config", "configs/wan2_1_t2v_1_3b.py",
+    assert sbatch[4:6] == IN_CHECKOUT
+    assert sbatch[6].endswith("launch/slurm_data.sbatch")
+    assert sbatch[7:] == ["encode", "--num-shards", "16", "--config", "configs/wan2_1_t2v_1_3b.py",
                           "--workdir", "/shared/run", "--", "--config.encode.source=/shared/videos"]
     assert task == [os.path.join(ROOT, ".venv/bin/python"), "-m", "vdit", "encode", "--config",
                     "configs/wan2_1_t2v_1_3b.py", "--workdir", "/shared/run", "--distributed",

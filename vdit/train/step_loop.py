@@ -48,6 +48,17 @@ class NonFiniteError(RuntimeError):
     exit_code = 3  # `vdit train` exits with it (vdit/cli_errors.py): diverged, not misconfigured
 
 
+def nonfinite_message(step: int, bad: int, limit: int, last_finite: tuple | None) -> str:
+    """Why a run stopped after `bad` non-finite steps in a row (`vdit train` and `train-vae`);
+    `last_finite` = (step, loss) of the last finite one, or None."""
+    last = ("no step had a finite loss" if last_finite is None
+            else f"last finite loss {last_finite[1]:.6g} at step {last_finite[0]}")
+    return (f"step {step}: {bad} consecutive steps with a non-finite loss or gradient "
+            f"(limit train.max_bad_steps={limit}; {last}); updates were skipped and no "
+            "checkpoint was saved from them: lower optim.lr or check the data, then rerun to "
+            "resume from the last checkpoint")
+
+
 class PreemptedError(RuntimeError):
     """The run got SIGTERM (preemption) and stopped at a step boundary after saving it."""
 
@@ -215,9 +226,4 @@ class StepLoop:
         return (f"preempted at step {step} (SIGTERM): {where}; rerun the same command to resume")
 
     def _nonfinite_message(self, step: int, bad: int) -> str:
-        last = ("no step had a finite loss" if self.last_finite is None
-                else f"last finite loss {self.last_finite[1]:.6g} at step {self.last_finite[0]}")
-        return (f"step {step}: {bad} consecutive steps with a non-finite loss or gradient "
-                f"(limit train.max_bad_steps={self.config.train.max_bad_steps}; {last}); updates "
-                "were skipped and no checkpoint was saved from them: lower optim.lr or check the "
-                "data, then rerun to resume from the last checkpoint")
+        return nonfinite_message(step, bad, self.config.train.max_bad_steps, self.last_finite)

@@ -9,6 +9,9 @@ Config sections: `vae` (the architecture), `data` (the synthetic world), `vae_tr
   faster than L1, whose median-seeking gradient first paints the background), kl_weight,
   perceptual_weight, adversarial_weight (must be 0), seed, log_every, eval_every, eval_examples,
   ema_decay; plus `optim` and `checkpoint` as for the DiT.
+Divergence is handled as by `vdit train` (vdit/train/step_loop.py): a non-finite step's update is
+skipped, no checkpoint is saved from it, and `train.max_bad_steps` consecutive ones stop the run
+with `NonFiniteError` (exit 3) naming the step and the last finite loss.
 Batches are a pure function of the step, so a resumed run sees exactly the data it would have.
 """
 
@@ -35,6 +38,7 @@ from vdit.train.metrics import MetricsWriter, drop_rows_after
 from vdit.train.preflight import check_workdir
 from vdit.train.state import create_state
 from vdit.train.step import make_train_step
+from vdit.train.step_loop import NonFiniteError, nonfinite_message
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,23 @@ def make_evaluate(vae):
     return evaluate
 
 
+class _Divergence:
+    """The last finite loss and the current run of non-finite steps, noted after each step."""
+
+    def __init__(self, limit: int):
+        self.limit, self.streak, self.last_finite = limit, 0, None
+
+    def record(self, step: int, out: dict) -> bool:
+        """Notes step `step` (1-based); True when it ends `limit` non-finite steps in a row."""
+        if math.isfinite(out["loss"]):
+            self.last_finite = (step, out["loss"])
+        self.streak = int(out["bad_streak"])  # the state's count: it carries over a resume
+        return self.streak >= self.limit
+
+    def error(self, step: int) -> NonFiniteError:
+        return NonFiniteError(nonfinite_message(step, self.streak, self.limit, self.last_finite))
+
+
 def train_vae(config, workdir: str) -> dict:
     """Trains (or resumes) to `vae_train.steps`; returns {"history": [...], "eval_psnr": float}.
     Process 0 holds the workdir's lock (vdit/train/lock.py) for the whole run."""
@@ -132,6 +153,7 @@ def _train_vae(config, workdir: str) -> dict:
     writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard, start_step=start)
     evaluate = make_evaluate(vae)
     history = []
+    divergence = _Divergence(int(config.train.max_bad_steps))
     try:  # closed however the run stops (a failed save too): its last events reach the files
         for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps,
                          desc="train-vae", disable=jax.process_index() != 0 or not config.train.progress):
@@ -143,7 +165,14 @@ def _train_vae(config, workdir: str) -> dict:
                 writer.write(step + 1, out)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 writer.write(step + 1, {"eval/psnr": evaluate(state.ema, data, cfg)})
-            if (step + 1) % config.checkpoint.every == 0 or step + 1 == cfg.steps:
+            if divergence.record(step + 1, out):
+                check_saves(manager, step + 1, wait=True)  # an earlier save's failure first
+                raise divergence.error(step + 1)
+            due = (step + 1) % config.checkpoint.every == 0 or step + 1 == cfg.steps
+            if due and divergence.streak:  # never a checkpoint from a non-finite step
+                log.warning("step %d: not saving a checkpoint (%d non-finite steps in a row)",
+                            step + 1, divergence.streak)
+            elif due:
                 with save_errors(manager, step + 1):
                     checkpoint.save(manager, step + 1, state, config)
             check_saves(manager, step + 1)
