@@ -227,6 +227,21 @@ def test_bad_distill_settings_fail_naming_the_key(teacher, tmp_path):
         prepare(_student_config("shapes_distill", str(tmp_path / "moe")))
 
 
+def test_resume_against_another_teacher_names_the_distill_key(tmp_path):
+    # prepare() overwrites train.init_from with distill.teacher: a hint naming the train key
+    # could not work
+    from vdit.train import init_from
+    config = _student_config("shapes_distill", str(tmp_path / "dit/checkpoints/20"))
+    config.train.init_from = config.distill.teacher
+    saved = {"train": {"init_from": str(tmp_path / "dit/checkpoints/10"),
+                       "init_from_weights": "ema"}}
+    config.train.init_from_weights = "ema"
+    with pytest.raises(ValueError, match=r"resume with --config\.distill\.teacher=.*dit/"
+                                         r"checkpoints/10, or") as e:
+        init_from.check_resume(saved, config)
+    assert "train.init_from" not in str(e.value)
+
+
 def test_lora_student_through_the_wan_recipe(tmp_path, capsys):
     """configs/wan2_1_t2v_1_3b_distill.py at tiny sizes: the real Wan modules (qk norm, bf16,
     remat), a LoRA student on the frozen teacher, jvp through them; only the adapter trains."""

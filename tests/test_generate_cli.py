@@ -79,7 +79,8 @@ def test_bad_requests_fail_clearly(folder, tmp_path):
         run_cli(_args("--workdir", str(empty), "--prompt", "x"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_cli(_args("--workdir", str(tmp_path / "nope"), "--prompt", "x"))
-    with pytest.raises(ValueError, match="height=40 must be a positive multiple of 16"):
+    with pytest.raises(ValueError, match="--size 40x32: height must be a positive multiple of "
+                                         "16 .*nearest valid: 32x32 or 48x32"):
         run_cli(_args("--workdir", folder, "--prompt", "x", "--frames", "9", "--size", "40x32"))
     assert output_paths("o.mp4", 1) == ["o.mp4"]
 

@@ -101,7 +101,8 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--prompt-file", help="text file, one prompt per line")
         p.add_argument("--image", help="first frame for image-to-video")
         p.add_argument("--video", help="input video for video-to-video")
-        p.add_argument("--strength", type=float, default=0.7)
+        p.add_argument("--strength", type=float,
+                       help="how far --video is re-drawn, in (0, 1] (default 0.7)")
         p.add_argument("--steps", type=int)
         p.add_argument("--guidance", type=float)
         p.add_argument("--guidance-2", type=float,
@@ -118,8 +119,8 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
                        help="motion score (frame short sides/s) for a motion-conditioned model")
         p.add_argument("--batch-size", type=int, help="videos generated per call")
         p.add_argument("--last-image", help="last frame: keyframe interpolation with --image")
-        p.add_argument("--mode", choices=["restyle", "extend", "upscale"], default="restyle",
-                       help="what to do with --video")
+        p.add_argument("--mode", choices=["restyle", "extend", "upscale"],
+                       help="what to do with --video (default restyle)")
         p.add_argument("--context-frames", type=int,
                        help="frames of --video kept as context when extending")
     elif name == "eval":

@@ -64,8 +64,18 @@ def check_sample(args) -> None:
     if getattr(args, "fps", None) is not None:
         video_io.check_fps(args.fps, "--fps")
     _at_least("--context-frames", getattr(args, "context_frames", None), 1, "a count >= 1")
-    if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
-        raise ValueError(f"--strength {args.strength!r}: expected a number in (0, 1]")
+    strength, mode = getattr(args, "strength", None), getattr(args, "mode", None)
+    if strength is not None and not (math.isfinite(strength) and 0 < strength <= 1):
+        raise ValueError(f"--strength {strength!r}: expected a number in (0, 1]")
+    # flags that only shape video-to-video are refused without it (they were dropped in silence)
+    if mode and not args.video:
+        raise ValueError(f"--mode {mode} needs --video (the input video it works on)")
+    if getattr(args, "context_frames", None) is not None and (mode or "restyle") != "extend":
+        raise ValueError("--context-frames needs --mode extend (the frames of --video kept as "
+                         "context)")
+    if strength is not None and (not args.video or mode == "extend"):
+        raise ValueError("--strength needs --video with --mode restyle or upscale (how far the "
+                         "video is re-drawn)")
     if not 0 <= args.seed <= SEED_MAX:
         raise ValueError(f"--seed {args.seed}: expected 0..{SEED_MAX}")
     if getattr(args, "last_image", None) and not args.image:

@@ -29,6 +29,7 @@ import re
 import sys
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -38,16 +39,21 @@ from vdit.config import check_frames
 from vdit.convert import wan_lora
 from vdit.convert.diffusers_folder import is_pipeline_folder, looks_like_pipeline_folder
 from vdit.data import video_io
+from vdit.models.dit import build_dit
 from vdit.models.tokenizers import prompt_clean
+from vdit.models.vae_config import vae_from_config
 from vdit.pipelines import video_to_video as v2v
 from vdit.pipelines.generate import Generator
 from vdit.pipelines.prompt_expand import shapes_expander
+from vdit.runs import checkpoint
+from vdit.train.init_from import resolve
 
 SUFFIXES = (".mp4", ".gif")
 MODES = ("restyle", "extend", "upscale")
 STRENGTH = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)",
                       re.IGNORECASE | re.ASCII)
 DEFAULT_BATCH = 4  # prompts sampled together (--batch-size when the parser defines it)
+DEFAULT_STRENGTH = 0.7  # --strength when not given (a parser may default it to None)
 
 
 def _opt(args, name: str, default=None):
@@ -151,6 +157,40 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def check_size(text: str, multiples: tuple[int, int], why: str) -> None:
+    """--size HxW against the model's (height, width) `multiples`; the error names the nearest
+    valid sizes."""
+    height, width = parse_size(text)
+    if all(s > 0 and s % m == 0 for s, m in zip((height, width), multiples)):
+        return
+    mh, mw = multiples
+    down = f"{max(mh, height // mh * mh)}x{max(mw, width // mw * mw)}"
+    up = f"{max(mh, -(-height // mh) * mh)}x{max(mw, -(-width // mw) * mw)}"
+    valid = " or ".join(dict.fromkeys((down, up)))
+    raise ValueError(f"--size {text}: height must be a positive multiple of {multiples[0]} and "
+                     f"width of {multiples[1]} ({why}); nearest valid: {valid}")
+
+
+def size_multiples(vae, dit) -> tuple[tuple[int, int], str]:
+    """((height, width) pixel multiples, why) of a model: the VAE's spatial factor times the DiT's
+    patch."""
+    f, (_, ph, pw) = vae.spatial_factor, dit.patch_size
+    patch = f"{ph}" if ph == pw else f"{ph}x{pw}"
+    return (f * ph, f * pw), f"the VAE's {f}x downsampling times the DiT's patch {patch}"
+
+
+def check_size_early(workdir: str, text: str) -> None:
+    """--size against a vdit run's saved config, before its weights load (the README promises
+    flags are checked first). A folder whose config does not read here (a diffusers folder, no
+    checkpoint yet, ...) is left to the load, which names its problem; SampleJob checks again."""
+    try:
+        config = ml_collections.ConfigDict(checkpoint.read_config(*resolve(workdir)))
+        multiples = size_multiples(vae_from_config(config.vae), build_dit(config.model))
+    except Exception:  # noqa: BLE001 - the load reports what is wrong with the folder
+        return
+    check_size(text, *multiples)
+
+
 def output_paths(out: str, count: int) -> list[str]:
     name = runs.user_path(out).name
     suffix = name[name.rfind("."):] if "." in name else ""
@@ -183,6 +223,9 @@ def trim_frames(video: np.ndarray, frames: int | None, path: str) -> np.ndarray:
     usable = 1 + 4 * ((video.shape[0] - 1) // 4)
     if frames is None:
         frames = usable
+        if usable < video.shape[0]:  # said as fit() says a resize: dropped frames surprise
+            print(f"vdit sample: --video {path} has {video.shape[0]} frames; using the first "
+                  f"{usable} (a clip is 1+4k frames; --frames chooses)")
     check_frames("--frames", frames)
     if frames > video.shape[0]:
         raise ValueError(f"video {path} has {video.shape[0]} frames; --frames={frames} needs "
@@ -242,6 +285,8 @@ class SampleJob:
             frames = (self.video.shape[0] if self.video is not None and self.mode != "extend"
                       else int(d.get("frames", 17)))
         self.frames = frames
+        if args.size:  # again for a diffusers folder, which check_size_early could not read
+            check_size(args.size, *size_multiples(gen.vae, gen.dit))
         gen.latent_shape(frames, self.height, self.width)  # frames 1+4k, size multiples
         if needs_image(gen) and not (args.image or args.video):
             raise ValueError(f"{args.workdir} is an image-to-video model: give --image FILE "
@@ -287,16 +332,17 @@ class SampleJob:
                                  for s in seeds])
         steps, guidance = args.steps, args.guidance
         batch = lambda x: np.repeat(x[None], b, axis=0)
+        strength = _opt(args, "strength", DEFAULT_STRENGTH)
         if self.video is not None:
             video = batch(self.video)
             if self.mode == "extend":
                 out = v2v.extend(gen, video, context, neg, noise, self.context_frames, steps,
                                  guidance, **text)
             elif self.mode == "upscale":
-                out = v2v.upscale(gen, video, context, neg, noise, args.strength, steps, guidance,
+                out = v2v.upscale(gen, video, context, neg, noise, strength, steps, guidance,
                                   **text)
             else:
-                out = v2v.restyle(gen, video, context, neg, noise, args.strength, steps, guidance,
+                out = v2v.restyle(gen, video, context, neg, noise, strength, steps, guidance,
                                   **text)
         elif args.image:
             first = batch(load_image(args.image, self.height, self.width))
@@ -322,6 +368,7 @@ def run_cli(args) -> int:
         check_frames("--frames", args.frames)
     if args.size:
         parse_size(args.size)
+        check_size_early(args.workdir, args.size)
     if args.image and args.video:
         raise ValueError("give --image (image-to-video) or --video (video-to-video), not both")
     gen, kind = load_generator(args.workdir, _opt(args, "lora", []), _opt(args, "lora_2", []),

@@ -338,6 +338,10 @@ class Generator:
         first = self._check_images("image", image, x.shape)
         last = None if last_image is None else self._check_images("last_image", last_image,
                                                                   x.shape)
+        if last is not None and frames == 1:  # both would be frame 0: one would vanish unsaid
+            raise ValueError("last_image with a 1-frame noise (1 latent frame): first-last-frame "
+                             "interpolation needs at least 5 frames (2 latent frames); drop "
+                             "last_image or use longer noise")
         kw = dict(context_mask=context_mask, negative_mask=negative_mask, guidance_2=guidance_2)
         if self.expand_timesteps and not self.condition_channels:
             if last is not None:

@@ -170,6 +170,16 @@ def _reader(workdir: str, which: str):
     return manager, read
 
 
+def read_config(workdir: str, step: int | None = None) -> dict:
+    """The config dict saved with a run's checkpoint (the given step's, else the newest one whose
+    config reads), no weights read."""
+    manager, _ = _reader(workdir, "ema")
+    try:
+        return saved_config(manager, step)
+    finally:
+        manager.close()
+
+
 def newest_readable_step(workdir: str, which: str = "ema") -> int:
     """The newest step of a run whose `which` weights and config read (what `load_params` falls
     back to): unreadable newer ones are reported and left in place. Reads them once to know."""

@@ -127,6 +127,11 @@ def check_resume(saved: dict, config) -> None:
     keys = frozen_keys(config)
     if not keys:
         return
+    # `vdit distill` (distill.prepare) overwrites train.init_from* from distill.teacher*, so a
+    # hint naming the train keys could not work there: name the keys the user sets.
+    distill = bool(config.get("distill", {}).get("teacher", ""))
+    flags = {"init_from": "distill.teacher" if distill else "train.init_from",
+             "init_from_weights": "distill.teacher_weights" if distill else "train.init_from_weights"}
     changed, hint = [], []
     for key, default in (("init_from", ""), ("init_from_weights", "params")):
         before = saved.get("train", {}).get(key, default) or default
@@ -134,8 +139,8 @@ def check_resume(saved: dict, config) -> None:
         same = (before == now if key == "init_from_weights" or not (before and now) else
                 same_place(before, now))
         if not same:
-            changed.append(f"train.{key}: checkpoint {before!r} -> now {now!r}")
-            hint.append(f"--config.train.{key}={before}")
+            changed.append(f"{flags[key]}: checkpoint {before!r} -> now {now!r}")
+            hint.append(f"--config.{flags[key]}={before}")
     if changed:
         raise ValueError(f"cannot resume this run against other frozen weights {keys} ("
                          + "; ".join(changed) + "): they would change under the trained ones; "
