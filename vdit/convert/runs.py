@@ -109,10 +109,12 @@ def from_diffusers(src: str, out: str) -> dict:
     config.sample.mask_text = folder_lib.folder_masks_text(index)
     if image is not None:
         config.image_encoder = _image_section(image[0], out)
-    if folder_lib.folder_image_only(index) or index["_class_name"] != I2V_PIPELINE:
+    vdit_t2v = run_record.KEY in index and not folder_lib.folder_image_only(index)
+    if not (vdit_t2v and index["_class_name"] == I2V_PIPELINE):
         config.sample.pipeline_class = index["_class_name"]
     # else a vdit run's I2V-channel folder that also does text-to-video: without pipeline_class
-    # the run is not image-only, and the way back picks the I2V class from its channels
+    # the run is not image-only, and the way back picks the I2V class from its channels (a
+    # published folder, TI2V's I2V one included, keeps its class)
     if index.get("expand_timesteps"):
         config.sample.expand_timesteps = True
     if "dit_2" in weights:
