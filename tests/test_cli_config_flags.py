@@ -4,7 +4,7 @@ named with the fix. Nothing here loads a model: the checks run before argparse."
 
 import pytest
 
-from vdit import cli
+from vdit import cli, cli_checks
 
 
 @pytest.mark.parametrize("argv,hint", [
@@ -43,6 +43,6 @@ def test_an_override_with_a_space_names_the_key_and_the_fix(capsys):
 def test_commands_that_load_a_recipe_keep_their_config_flags(command):
     extra = {"curate": ["--input", "a", "--output", "b"]}.get(command, ["--workdir", "w"])
     argv = [command, "--config", "configs/shapes_dit.py", *extra, "--config.train.steps=3"]
-    assert cli.config_flag_error(argv) is None
+    assert cli_checks.config_flag_error(argv, cli.COMMANDS) is None
     args = cli.build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
     assert args.config == "configs/shapes_dit.py"

@@ -1,11 +1,11 @@
 """`vdit <command>`: the one command line. Each command parses its flags and calls one function.
 
 Config overrides are given as `--config.a.b=value` after the command's own flags, to the commands
-that load a recipe (CONFIG_COMMANDS); the others read a run's saved config and refuse --config and
-any override rather than ignore it. Commands that are
-not built yet say so and exit with status 2; nothing prints fake output. Flags and input files are
-checked before any model loads (vdit/cli_checks.py); every failure goes through one error path
-(vdit/cli_errors.py): one or two lines, a non-zero exit, the traceback only with `--debug`.
+that load a recipe (cli_checks.CONFIG_COMMANDS); the others read a run's saved config and refuse
+--config and any override rather than ignore it. Commands that are not built yet say so and exit
+with status 2; nothing prints fake output. Flags and input files are checked before any model
+loads (vdit/cli_checks.py); every failure goes through one error path (vdit/cli_errors.py): one
+or two lines, a non-zero exit, the traceback only with `--debug`.
 """
 
 from __future__ import annotations
@@ -31,20 +31,8 @@ COMMANDS = {
 }
 
 
-# Commands that load a recipe from --config (and take --config.KEY=VALUE overrides); the others
-# read a run's own saved config, so an override given to them would be silently ignored.
-CONFIG_COMMANDS = ("train-vae", "encode", "train", "distill", "plan", "curate")
 # Commands whose --workdir is a run folder they write: an error is logged in it (cli_errors).
 RUN_COMMANDS = ("train-vae", "encode", "train", "distill")
-# Why each other command takes no --config, and where its settings come from instead.
-NO_CONFIG = {
-    "sample": "reads the run's own saved config; set sampling with its flags (--steps, "
-              "--guidance, --frames, --size, --fps, --seed, --negative-prompt, --weights)",
-    "serve": "reads the run's own saved config (--workdir)",
-    "export": "writes the run's own saved config with its weights",
-    "convert": "reads the config that comes with --src",
-    "eval": "reads the run's own saved config (--workdir); --samples and --batch-size set the rest",
-}
 
 
 class NotBuiltError(RuntimeError):
@@ -55,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vdit", description="vdit: train and run video diffusion transformers in JAX.",
         epilog="Override any config value with --config.KEY=VALUE, e.g. --config.train.steps=100 "
-               f"({', '.join(CONFIG_COMMANDS)}).")
+               f"({', '.join(cli_checks.CONFIG_COMMANDS)}).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -363,28 +351,9 @@ def check_paths(args) -> None:
             runs.check_reachable(value, "--" + flag.replace("_", "-"))
 
 
-def config_flag_error(argv: list[str]) -> str | None:
-    """What is wrong with the --config flags of `argv` before argparse sees them, or None: a
-    command that takes no config given one (it would be ignored), or an override without '='
-    (argparse would only say "unrecognized arguments" of its value)."""
-    command = next((a for a in argv if not a.startswith("-")), None)
-    if command not in COMMANDS:
-        return None  # argparse names the bad command
-    for i, arg in enumerate(argv):
-        if command not in CONFIG_COMMANDS and (arg == "--config" or arg.startswith(
-                ("--config=", "--config."))):
-            return (f"{arg.split('=')[0]}: `vdit {command}` takes no --config or --config.* "
-                    f"overrides; it {NO_CONFIG.get(command, 'takes no config')}")
-        if arg.startswith("--config.") and "=" not in arg:
-            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else None
-            example = f"{arg}={value}" if value is not None else f"{arg}=VALUE"
-            return f"{arg} has no '=': give the value after '=', no space: {example}"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    problem = config_flag_error(argv)
+    problem = cli_checks.config_flag_error(argv, COMMANDS)
     if problem:
         command = next(a for a in argv if not a.startswith("-"))
         print(f"vdit {command}: error: {problem}", file=sys.stderr)

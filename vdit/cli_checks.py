@@ -25,6 +25,39 @@ from vdit.train.preflight import check_workdir
 SEED_MAX = 2 ** 32 - 1  # jax.random.key takes any uint32 seed; prompt i uses --seed + i
 
 
+# Commands that load a recipe from --config (and take --config.KEY=VALUE overrides); the others
+# read a run's own saved config, so an override given to them would be silently ignored.
+CONFIG_COMMANDS = ("train-vae", "encode", "train", "distill", "plan", "curate")
+# Why each other command takes no --config, and where its settings come from instead.
+NO_CONFIG = {
+    "sample": "reads the run's own saved config; set sampling with its flags (--steps, "
+              "--guidance, --frames, --size, --fps, --seed, --negative-prompt, --weights)",
+    "serve": "reads the run's own saved config (--workdir)",
+    "export": "writes the run's own saved config with its weights",
+    "convert": "reads the config that comes with --src",
+    "eval": "reads the run's own saved config (--workdir); --samples and --batch-size set the rest",
+}
+
+
+def config_flag_error(argv: list[str], commands) -> str | None:
+    """What is wrong with the --config flags of `argv` before argparse sees them, or None: a
+    command that takes no config given one (it would be ignored), or an override without '='
+    (argparse would only say "unrecognized arguments" of its value)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in commands:
+        return None  # argparse names the bad command
+    for i, arg in enumerate(argv):
+        if command not in CONFIG_COMMANDS and (arg == "--config" or arg.startswith(
+                ("--config=", "--config."))):
+            return (f"{arg.split('=')[0]}: `vdit {command}` takes no --config or --config.* "
+                    f"overrides; it {NO_CONFIG.get(command, 'takes no config')}")
+        if arg.startswith("--config.") and "=" not in arg:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else None
+            example = f"{arg}={value}" if value is not None else f"{arg}=VALUE"
+            return f"{arg} has no '=': give the value after '=', no space: {example}"
+    return None
+
+
 def check_config(config, command: str) -> None:
     """Start-up checks of a loaded recipe for `vdit <command>` (module doc); ConfigError or
     ValueError naming the key."""
