@@ -12,7 +12,8 @@ vdit.convert.wan_dit) and their forward outputs are compared before timing (the 
 printed, vdit in float32 and with `--matmul-dtype`); both run on `--threads` CPU threads (XLA's and
 torch's); torch's AdamW is fused; torch is timed eager and under torch.compile (a compile failure
 is reported, not fatal). Each side is timed in a process of its own (the script run again with a
-hidden `--side`; torch's seeded init gives every process the same weights). vdit runs as
+hidden `--side`; torch's seeded init gives every process the same weights); `--quick` times them
+all in one process and skips torch.compile. vdit runs as
 configs/shapes_dit.py trains, by default `--matmul-dtype bfloat16 --remat full`: bfloat16 matmul
 operands with float32 sums (XLA:CPU's AMX path) in the dense layers and in attention's QK^T and
 PV, the blocks recomputed in the backward pass. Each side at its best CPU setting: with bfloat16
@@ -231,8 +232,16 @@ def time_side(a, data) -> float:
     return bench_torch(a, data, *TORCH_SIDES[a.side])
 
 
-def run_side(argv, side: str) -> dict:
-    """Runs this script with --side in a fresh process; its last JSON line."""
+def run_side(argv, side: str, a, data) -> dict:
+    """Runs this script with --side in a fresh process; its last JSON line. --quick (a smoke run
+    whose figures mean nothing) times the side in this process instead: five process start-ups
+    (JAX, torch and diffusers imported each time) were most of its minutes."""
+    if a.quick:
+        try:
+            return {"side": side, "step_s": time_side(argparse.Namespace(**{**vars(a),
+                                                                             "side": side}), data)}
+        except Exception as e:  # as in a child: torch.compile may lack a C++ toolchain
+            return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--side", side],
                           capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -264,7 +273,7 @@ def main(argv=None):
     params = shared_params(a, reference)
     print(json.dumps(output_difference(a, data, reference, params)), flush=True)
     del reference
-    vdit = run_side(argv, "vdit")
+    vdit = run_side(argv, "vdit", a, data)
     if "error" in vdit:
         raise RuntimeError(f"bench/dit.py: the vdit side failed: {vdit['error']}")
     vdit_s = vdit["step_s"]
@@ -274,11 +283,14 @@ def main(argv=None):
                       "fraction_of_peak": flops / vdit_s / max(peak.values())}), flush=True)
     ratio = {"bench": "dit_train_step_ratio", "target": "<= 0.8",
              "compares": "vdit jitted step / torch step (same weights, threads, fused AdamW; "
-                         "each side in its own process)"}
-    sides = [s for s, (_, bf16) in TORCH_SIDES.items() if a.matmul_dtype or not bf16]
+                         + ("--quick: every side in one process)" if a.quick
+                            else "each side in its own process)")}
+    # --quick: no torch.compile (its compile alone is most of a smoke run's minute)
+    sides = [s for s, (compiled, bf16) in TORCH_SIDES.items()
+             if (a.matmul_dtype or not bf16) and not (a.quick and compiled)]
     for side in sides:
         name = side.removeprefix("torch_")
-        result = run_side(argv, side)
+        result = run_side(argv, side, a, data)
         if "error" in result:
             print(json.dumps({**common, "framework": side, "error": result["error"]}), flush=True)
             ratio[f"vdit_over_torch_{name}"] = None

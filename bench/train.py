@@ -33,6 +33,7 @@ loading is not timed). One CPU device; on a shared machine all rates scale with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -97,8 +98,31 @@ def dit12x384_config(layers: int):
         "--config.data.prefetch=0", "--config.train.progress=False", "--config.mesh.data=1"])
 
 
-def build_step(config):
-    """(compiled step, its FLOPs, state, frozen, mesh, dit, tokenizer) as loop.train builds them."""
+@dataclasses.dataclass
+class Built:
+    """One model's trainer pieces as `loop.train` builds them; a step compiles per batch shape."""
+    step_fn: object
+    state: object
+    shardings: object
+    frozen: object
+    frozen_shardings: object
+    mesh: object
+    rules: tuple
+    dit: object
+    tokenizer: object
+
+    def compile(self, config):
+        """(compiled step for `config.data`'s batch shape, its FLOPs, a fresh copy of the
+        state: the step donates the one it is given)."""
+        text_dim = None if config.data.text_format == "ids" else self.dit.text_dim
+        spec = loop.batch_spec(config, self.dit, text_dim)
+        compiled, flops = loop.compile_step(self.step_fn, self.state, self.frozen, spec,
+                                            self.shardings, self.frozen_shardings, self.mesh,
+                                            self.rules)
+        return compiled, flops, jax.tree.map(jnp.copy, self.state)
+
+
+def build(config) -> Built:
     mesh = mesh_from_config(config.mesh)
     rules = logical_rules("dit", config.mesh.get("rules", None))
     dit, text_model, tokenizer = run_params.build_models(config)
@@ -111,11 +135,7 @@ def build_step(config):
                                               rng, mesh, rules)
     loss_fn = lora.wrap_loss(make_dit_loss(dit, text_model, config), config)
     step_fn = make_train_step(loss_fn, tx, config.train.ema_decay)
-    text_dim = None if config.data.text_format == "ids" else dit.text_dim
-    spec = loop.batch_spec(config, dit, text_dim)
-    compiled, flops = loop.compile_step(step_fn, state, frozen, spec, shardings, frozen_shardings,
-                                        mesh, rules)
-    return compiled, flops, state, frozen, mesh, dit, tokenizer
+    return Built(step_fn, state, shardings, frozen, frozen_shardings, mesh, rules, dit, tokenizer)
 
 
 def xla_cost_flops(compiled) -> float:
@@ -241,13 +261,17 @@ def report(name, flops, times, tokens, useful, peak, **extra) -> dict:
     return line
 
 
-def bench_model(name, config, peak, args, batches_fn) -> tuple[list[dict], list[float], float]:
-    """Reports one model's steady-state line; returns (batches, timed step seconds, FLOPs)."""
+def bench_model(name, config, peak, args, batches_fn) -> tuple[list[dict], list[float], float,
+                                                               Built]:
+    """Reports one model's steady-state line; returns (batches, timed step seconds, FLOPs, the
+    built model)."""
     t0 = time.perf_counter()
-    compiled, flops, state, frozen, mesh, dit, tokenizer = build_step(config)
+    built = build(config)
+    compiled, flops, state = built.compile(config)
     compile_s = time.perf_counter() - t0
-    batches = batches_fn(config, dit, tokenizer, args.warmup + args.steps)
-    times, _ = time_steps(compiled, state, frozen, batches, mesh, args.warmup)
+    dit = built.dit
+    batches = batches_fn(config, dit, built.tokenizer, args.warmup + args.steps)
+    times, _ = time_steps(compiled, state, built.frozen, batches, built.mesh, args.warmup)
     useful = float(np.mean([np.sum(b["segment_ids"] > 0) for b in batches[args.warmup:]]))
     tokens = int(batches[0]["segment_ids"].size)
     xla = xla_cost_flops(compiled)
@@ -255,7 +279,7 @@ def bench_model(name, config, peak, args, batches_fn) -> tuple[list[dict], list[
            dim=dit.num_attention_heads * dit.attention_head_dim, remat=dit.remat,
            build_compile_s=compile_s,
            xla_cost_flops_per_step=xla, mfu_xla_cost=xla / statistics.median(times) / peak)
-    return batches, times, flops
+    return batches, times, flops, built
 
 
 def b_batches(config, dit, tokenizer, count: int) -> list[dict]:
@@ -276,18 +300,20 @@ def b_batches(config, dit, tokenizer, count: int) -> list[dict]:
     return out
 
 
-def time_layout(config, batches, args) -> dict:
-    """Seconds, useful tokens and FLOPs over `batches`, one warmed-up compiled step per shape."""
+def time_layout(built: Built, config, batches, args) -> dict:
+    """Seconds, useful tokens and FLOPs over `batches`, one warmed-up compiled step per shape
+    (each from the built model's initial state)."""
     programs, out = {}, {"seconds": 0.0, "useful": 0, "flops": 0.0, "steps": len(batches)}
+    frozen, mesh = built.frozen, built.mesh
     for batch in batches:
         key = (*batch["tokens"].shape[:2], batch["text"].shape[1])
         if key not in programs:
             cfg = config.copy_and_resolve_references()
             cfg.data.rows_per_batch, cfg.data.tokens_per_row, cfg.data.text_per_row = key
-            compiled, flops, state, frozen, mesh, _, _ = build_step(cfg)
+            compiled, flops, state = built.compile(cfg)
             _, state = time_steps(compiled, state, frozen, [batch] * args.warmup, mesh, 0)
-            programs[key] = [compiled, state, frozen, mesh, flops]
-        compiled, state, frozen, mesh, flops = programs[key]
+            programs[key] = [compiled, state, flops]
+        compiled, state, flops = programs[key]
         t, programs[key][1] = time_steps(compiled, state, frozen, [batch], mesh, 0)
         out["seconds"] += t[0]
         out["useful"] += int(np.sum(batch["segment_ids"] > 0))
@@ -310,7 +336,7 @@ def layout_line(layout: str, result: dict, batches: list[dict], videos_per_batch
     return line
 
 
-def bench_packing(config, batches, times, flops, args) -> None:
+def bench_packing(built: Built, config, batches, times, flops, args) -> None:
     """The clips of the demo's timed packed `batches` (`times`, `flops` per step) re-laid out
     dense-padded, and packed with the text budget cut to what the rows use."""
     timed = batches[args.warmup:]
@@ -325,13 +351,13 @@ def bench_packing(config, batches, times, flops, args) -> None:
     text_len = max(len(c["text"]) for c in clips)
     dense_batches = [dense_batch(clips[i:i + per_batch], text_len, config.data.max_segments)
                      for i in range(0, len(clips) - per_batch + 1, per_batch)]
-    dense = layout_line("dense_padded", time_layout(config, dense_batches, args), dense_batches,
+    dense = layout_line("dense_padded", time_layout(built, config, dense_batches, args), dense_batches,
                         per_batch)
 
     used = max(int(np.max(np.nonzero(b["text_segment_ids"].any(0))[0])) + 1 for b in timed)
     fit_batches = [dict(b, **{k: b[k][:, :used] for k in ("text", "text_segment_ids",
                                                           "text_positions")}) for b in timed]
-    fit = layout_line("packed_text_fit", time_layout(config, fit_batches, args), fit_batches,
+    fit = layout_line("packed_text_fit", time_layout(built, config, fit_batches, args), fit_batches,
                       per_video)
     print(json.dumps({"bench": "packing_ratio",
                       "packed_over_dense": packed["useful_tokens_per_s"]
@@ -355,8 +381,8 @@ def main(argv=None):
                             *(f"--config.{kv}" for kv in args.set)])
         records = lambda cfg, dit, tok, n: packed_batches(cfg, dit, tok,
                                                           demo_records(cfg, dit, tok, 400), n)
-        batches, times, flops = bench_model("demo", demo, peak, args, records)
-        bench_packing(demo, batches, times, flops, args)
+        batches, times, flops, built = bench_model("demo", demo, peak, args, records)
+        bench_packing(built, demo, batches, times, flops, args)
     if not args.skip_b:
         bench_model(f"dit{args.layers_b}x384", dit12x384_config(args.layers_b), peak, args,
                     b_batches)
