@@ -159,6 +159,10 @@ def _add_flags(name: str, p: argparse.ArgumentParser) -> None:
                             "dtype (bfloat16 halves their memory: Wan 14B's DiT ~28 GB instead "
                             "of ~57; the VAE stays float32). Default: a diffusers folder "
                             "float32, a vdit run its config's dtypes with float32 weights")
+        p.add_argument("--mesh", metavar="AXIS=SIZE,...",
+                       help="shard the weights over a device mesh of axes data/fsdp/tensor/"
+                            "sequence (one size may be -1: the rest), e.g. fsdp=4,tensor=2: "
+                            "for a model bigger than one chip. Default: one device")
 
 
 def _load(args):

@@ -19,6 +19,7 @@ from vdit import runs
 from vdit.data import video_io
 from vdit.distill import setup as distill_setup
 from vdit.models.dit import build_dit
+from vdit.pipelines.sharded import parse_mesh
 from vdit.train.config_checks import check_train_config
 from vdit.train.preflight import check_workdir
 
@@ -124,6 +125,8 @@ def check_sample(args) -> None:
     if args.video:
         check_video_file(args.video)
     check_prompt_file(getattr(args, "prompt_file", None))
+    if getattr(args, "mesh", None) is not None:
+        parse_mesh(args.mesh)  # its sizes against the devices and the model: when they load
     check_writable(args.out)
 
 

@@ -18,8 +18,10 @@ micro-conditioned on motion and an error for any other. `--lora PATH[:STRENGTH]`
 (a Wan2.2 A14B model's low-noise expert) merge LoRA files (or a `vdit export --adapter` folder)
 into the loaded DiT (vdit/convert/wan_lora.py); `--weights params` samples a vdit run's raw
 weights instead of its EMA (e.g. the base a LoRA was trained on, `train.init_from_weights`);
-`vdit serve` takes these too. Running out of device memory is an error naming the clip's
-frames x height x width and what to make smaller.
+`vdit serve` takes these too, and `--mesh fsdp=4,tensor=2` (axes data/fsdp/tensor/sequence, one
+size -1 = the rest): weights sharded over that device mesh as training shards them, for a model
+bigger than one chip (vdit/pipelines/sharded.py); only process 0 writes. Running out of device
+memory is an error naming the clip's frames x height x width and what to make smaller.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from vdit.data import video_io
 from vdit.models.dit import build_dit
 from vdit.models.tokenizers import prompt_clean
 from vdit.models.vae_config import vae_from_config
+from vdit.pipelines import sharded
 from vdit.pipelines import video_to_video as v2v
 from vdit.pipelines.generate import Generator
 from vdit.pipelines.prompt_expand import shapes_expander
@@ -371,8 +374,9 @@ def run_cli(args) -> int:
         check_size_early(args.workdir, args.size)
     if args.image and args.video:
         raise ValueError("give --image (image-to-video) or --video (video-to-video), not both")
-    gen, kind = load_generator(args.workdir, _opt(args, "lora", []), _opt(args, "lora_2", []),
-                               _opt(args, "weights"), _opt(args, "dtype"))
+    gen, kind = sharded.load_on_mesh(_opt(args, "mesh"), load_generator, args.workdir,
+                                     _opt(args, "lora", []), _opt(args, "lora_2", []),
+                                     _opt(args, "weights"), _opt(args, "dtype"))
     if gen.text_model is None:
         raise ValueError(f"{args.workdir} has no text encoder (text_encoder/ + tokenizer/): "
                          "vdit sample needs one to encode prompts")
@@ -384,7 +388,7 @@ def run_cli(args) -> int:
     for start in range(0, len(prompts), size):
         chunk = list(range(start, min(start + size, len(prompts))))
         videos = job.run([prompts[i] for i in chunk], [args.seed + i for i in chunk])
-        for i, video in zip(chunk, videos):
+        for i, video in zip(chunk, videos if sharded.is_writer() else ()):  # process 0 writes
             path = paths[i]
             with runs.staged_output(path) as local:  # PyAV writes local files
                 video_io.write_video(local, video, job.fps)

@@ -45,6 +45,7 @@ from vdit import runs
 from vdit.cli_checks import SEED_MAX
 from vdit.config import check_frames
 from vdit.data import video_io
+from vdit.pipelines import sharded
 from vdit.sample_cli import OutOfMemory, SampleJob, load_generator, needs_image, parse_size
 from vdit.serve_page import PAGE
 from vdit.serve_request import byte_range, number_field, text_field
@@ -83,12 +84,13 @@ class Studio:
     """The loaded model, the queue and the jobs; `submit` validates, the worker thread samples."""
 
     def __init__(self, workdir: str, out_dir: str, max_pixels: int = 0, loras=(), loras_2=(),
-                 weights: str | None = None, dtype: str | None = None):
+                 weights: str | None = None, dtype: str | None = None, mesh: str | None = None):
         if max_pixels < 0:
             raise ValueError(f"--max-pixels {max_pixels}: expected >= 0 (0: "
                              f"{PIXELS_OVER_DEFAULT}x the model's default clip)")
         self.workdir, self.out_dir = workdir, out_dir
-        self.gen, self.kind = load_generator(workdir, loras, loras_2, weights, dtype)
+        self.gen, self.kind = sharded.load_on_mesh(mesh, load_generator, workdir, loras,
+                                                   loras_2, weights, dtype)  # mesh: --mesh
         if self.gen.text_model is None:
             raise ValueError(f"{workdir} has no text encoder (text_encoder/ + tokenizer/): "
                              "vdit serve needs one to encode prompts")
@@ -418,7 +420,8 @@ def run_cli(args) -> int:
     try:
         server.RequestHandlerClass.studio = Studio(args.workdir, out, args.max_pixels,
                                                    args.lora, args.lora_2, args.weights,
-                                                   getattr(args, "dtype", None))
+                                                   getattr(args, "dtype", None),
+                                                   getattr(args, "mesh", None))
     except BaseException:
         server.server_close()
         raise

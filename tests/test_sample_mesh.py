@@ -1,0 +1,145 @@
+"""`vdit sample --mesh`: a Generator's weights sharded over a device mesh (8 fake CPU devices) sample
+the same latents and write the same video as on one device (also when the mesh spans two
+processes: only process 0 writes); the weights really are split; bad --mesh values fail naming the
+flag."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from generate_testing import t2v_pipeline
+
+from vdit import cli
+from vdit.data import video_io
+from vdit.pipelines import sharded
+from vdit.pipelines.generate import Generator
+
+PROMPTS = ["a red circle moving right", "a blue square moving left"]
+MESHES = ("fsdp=8", "fsdp=4,tensor=2", "data=2,fsdp=4")
+CLIP = ["--frames", "5", "--size", "32x32", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny Wan folder, its one-device Generator and reference latents (batch 2), and the
+    Generator sharded over each mesh (built once, shared by the tests)."""
+    folder = str(tmp_path_factory.mktemp("mesh") / "wan")
+    t2v_pipeline(folder, with_text=True)
+    gen = Generator.from_diffusers(folder)
+    context, mask = gen.encode_text(PROMPTS)
+    neg, neg_mask = gen.encode_text([""] * len(PROMPTS))
+    noise = gen.noise(0, len(PROMPTS), 5, 32, 32)
+    latents = gen.text_to_video(context, neg, noise, 2, 5.0, "latent", mask, neg_mask)
+    on = {spec: sharded.on_mesh(gen, sharded.mesh_from_flag(spec)) for spec in MESHES}
+    return dict(folder=folder, gen=gen, noise=noise, context=np.asarray(context),
+                latents=np.asarray(latents), on=on)
+
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_mesh_samples_the_single_device_latents(world, spec):
+    gen = world["on"][spec]
+    context, mask = gen.encode_text(PROMPTS)  # the sharded text encoder
+    neg, neg_mask = gen.encode_text([""] * len(PROMPTS))
+    np.testing.assert_allclose(np.asarray(context), world["context"], rtol=1e-5, atol=1e-6)
+    latents = gen.text_to_video(context, neg, world["noise"], 2, 5.0, "latent", mask, neg_mask)
+    assert latents.sharding.is_fully_replicated  # every process can read it
+    np.testing.assert_allclose(np.asarray(latents), world["latents"], rtol=1e-5, atol=1e-5)
+
+
+def _fraction(array) -> float:
+    return array.addressable_shards[0].data.size / array.size
+
+
+@pytest.mark.parametrize("spec", ["fsdp=8", "fsdp=4,tensor=2"])
+def test_weights_are_split_over_the_mesh(world, spec):
+    """The big kernels (embed over fsdp, heads / mlp over tensor) hold 1/8 of themselves on a
+    device; the VAE is whole on every device."""
+    gen = world["on"][spec]
+    blocks, text = gen.dit_params["blocks"], gen.text_params["layers"]
+    for kernel in (blocks["ffn"]["linear_1"]["kernel"], blocks["attn1"]["to_q"]["kernel"],
+                   blocks["attn2"]["to_out"]["kernel"], text["ffn"]["wi_0"]["kernel"],
+                   text["attn"]["q"]["kernel"]):
+        assert len(kernel.sharding.device_set) == 8
+        assert _fraction(kernel) == 1 / 8, kernel.sharding
+    largest = max(jax.tree.leaves(gen.dit_params), key=lambda x: x.size)
+    assert _fraction(largest) <= 1 / 4, largest.sharding
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(gen.vae_params))
+
+
+def test_batch_goes_over_data_when_it_divides(world):
+    gen = world["on"]["data=2,fsdp=4"]
+    assert gen.batch_axes(8) == ("data", "fsdp")
+    assert gen.batch_axes(2) == ("data",)
+    assert gen.batch_axes(1) == ()
+
+
+def _sample(folder, out, *extra):
+    return cli.main(["sample", "--workdir", folder, "--prompt", PROMPTS[0], *CLIP,
+                     "--out", str(out), *extra])
+
+
+def test_cli_mesh_writes_the_same_video(world, tmp_path, capsys):
+    assert _sample(world["folder"], tmp_path / "one.mp4") == 0
+    assert _sample(world["folder"], tmp_path / "mesh.mp4", "--mesh", "fsdp=8") == 0
+    assert "vdit sample: wrote" in capsys.readouterr().out
+    one, _ = video_io.load_video(tmp_path / "one.mp4")
+    mesh, _ = video_io.load_video(tmp_path / "mesh.mp4")
+    assert one.shape == mesh.shape == (5, 32, 32, 3)
+    diff = np.abs(one.astype(int) - mesh.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("value, words", [
+    ("bogus=2", "unknown axis 'bogus'"),
+    ("fsdp", "AXIS=SIZE"),
+    ("fsdp=two", "not a whole number"),
+    ("fsdp=-1,tensor=-1", "only one axis may be -1"),
+    ("fsdp=3", "8 devices"),
+    ("fsdp=-1,tensor=3", "does not divide the 8 devices"),
+    ("fsdp=2,tensor=4", "attention heads (num_attention_heads) is 2"),
+])
+def test_bad_mesh_fails_naming_the_flag(world, tmp_path, capsys, value, words):
+    assert _sample(world["folder"], tmp_path / "x.mp4", "--mesh", value) != 0
+    err = capsys.readouterr().err
+    assert "--mesh" in err and words in err, err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mesh_over_two_processes_writes_once(world, tmp_path):
+    """`vdit sample --mesh data=2,fsdp=4` over 2 processes x 4 CPU devices (jax.distributed):
+    process 0 alone writes the videos, the same as the one-device ones."""
+    assert _sample(world["folder"], tmp_path / "one.mp4", "--prompt", PROMPTS[1]) == 0
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+                         "--xla_backend_optimization_level=0")
+    port, procs = _free_port(), []
+    for i in range(2):
+        out = tmp_path / f"p{i}" / "two.mp4"
+        out.parent.mkdir()
+        argv = ["sample", "--workdir", world["folder"], "--prompt", PROMPTS[0], "--prompt",
+                PROMPTS[1], *CLIP, "--out", str(out), "--mesh", "data=2,fsdp=4",
+                "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id",
+                str(i), "--cpu_collectives", "gloo"]
+        procs.append(subprocess.Popen([sys.executable, "-m", "vdit", *argv], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "wrote" in logs[0] and "wrote" not in logs[1], logs
+    assert not list((tmp_path / "p1").iterdir())
+    for i in range(2):
+        one, _ = video_io.load_video(tmp_path / f"one_{i:03d}.mp4")
+        two, _ = video_io.load_video(tmp_path / "p0" / f"two_{i:03d}.mp4")
+        assert np.abs(one.astype(int) - two.astype(int)).max() <= 2
