@@ -1,6 +1,6 @@
 """`vdit sample --mesh`: a Generator's weights sharded over a device mesh (8 fake CPU devices) sample
-the same latents and write the same video as on one device (also when the mesh spans two
-processes: only process 0 writes); the weights really are split; bad --mesh values fail naming the
+the same latents and write the same video as on one device (a sequence axis too; also when the
+mesh spans two processes: only process 0 writes); the weights really are split; bad --mesh values fail naming the
 flag."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from vdit.pipelines import sharded
 from vdit.pipelines.generate import Generator
 
 PROMPTS = ["a red circle moving right", "a blue square moving left"]
-MESHES = ("fsdp=8", "fsdp=4,tensor=2", "data=2,fsdp=4")
+MESHES = ("fsdp=8", "fsdp=4,tensor=2", "data=2,fsdp=4", "sequence=2,fsdp=4")
 CLIP = ["--frames", "5", "--size", "32x32", "--steps", "2"]
 
 
@@ -50,6 +50,14 @@ def test_mesh_samples_the_single_device_latents(world, spec):
     latents = gen.text_to_video(context, neg, world["noise"], 2, 5.0, "latent", mask, neg_mask)
     assert latents.sharding.is_fully_replicated  # every process can read it
     np.testing.assert_allclose(np.asarray(latents), world["latents"], rtol=1e-5, atol=1e-5)
+
+
+def test_tokens_the_sequence_axis_does_not_divide_are_named(world):
+    """9 frames at 32x32: 3x2x2 = 12 tokens a video, which sequence=8 does not split."""
+    gen = sharded.on_mesh(world["gen"], sharded.mesh_from_flag("sequence=8"))
+    noise = gen.noise(0, 1, 9, 32, 32)
+    with pytest.raises(ValueError, match=r"--mesh sequence=8: a video here is 12 tokens \(3x2x2"):
+        gen.text_to_video(world["context"][:1], None, noise, 2, 1.0, "latent")
 
 
 def _fraction(array) -> float:

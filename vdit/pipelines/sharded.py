@@ -259,8 +259,21 @@ class MeshGenerator(Generator):
         with self.under(np.shape(images)[0]):
             return super().image_tokens(images)
 
+    def check_tokens(self, latent_shape) -> None:
+        """Sequence parallelism splits each video's tokens: their count must divide (said in
+        the sampling flags' words, before anything compiles)."""
+        split = self.mesh.shape["sequence"]
+        grid = [n // p for n, p in zip(latent_shape[1:4], self.dit.patch_size)]
+        if math.prod(grid) % split:
+            raise ValueError(
+                f"{FLAG} {describe(self.mesh)}: a video here is {math.prod(grid)} tokens "
+                f"({'x'.join(map(str, grid))} patches of latent frames x height x width), which "
+                f"sequence={split} does not divide; choose --frames / --size so that it does, or "
+                "a smaller sequence size")
+
     def sample(self, noise, context, negative_context, *args, **kwargs):
         b = np.shape(noise)[0]
+        self.check_tokens(np.shape(noise))
         kwargs = {k: self.place(v, b) if k in BATCHED else v for k, v in kwargs.items()}
         noise, context, negative_context = (self.place(x, b) for x in
                                             (noise, context, negative_context))
