@@ -1,7 +1,7 @@
 """`vdit sample --mesh`: a Generator's weights sharded over a device mesh (8 fake CPU devices) sample
 the same latents and write the same video as on one device (a sequence axis too; also when the
-mesh spans two processes: only process 0 writes); the weights really are split; bad --mesh values fail naming the
-flag."""
+mesh spans two processes: only process 0 writes); the weights really are split; bad --mesh
+values fail naming the flag."""
 
 from __future__ import annotations
 
