@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# Cloud TPU VM slices with gcloud: create, install vdit on every worker, train on every worker,
-# curate or encode on every worker (each its own shard), tail the log, delete. Every gcloud
+# Cloud TPU VM slices with gcloud: create, install vdit on every worker, train or sample on every
+# worker, curate or encode on every worker (each its own shard), tail the log, delete. Every gcloud
 # command is printed before it runs; --dry-run only prints.
 #
 #   launch/tpu_vm.sh [--dry-run] COMMAND [options] [-- extra `vdit` flags]
 #
-# Commands: create | install | train | curate | encode | logs | delete | up (= create, install,
-#   train). curate/encode run `vdit curate`/`vdit encode --shard W --num-shards N` on every
+# Commands: create | install | train | sample | curate | encode | logs | delete | up (= create,
+#   install, train). sample runs `vdit sample` on every worker of the slice (one multi-host job:
+#   pass `-- --mesh ...` to shard the model over its chips; worker 0 writes; log vdit-sample.log).
+#   curate/encode run `vdit curate`/`vdit encode --shard W --num-shards N` on every
 #   worker, W its worker number and N the slice's worker count (from the TPU metadata server).
 # Options (or environment variables):
 #   --name NAME          TPU_NAME      slice name                       (required)
@@ -19,7 +21,7 @@
 #   --config FILE        TPU_CONFIG    configs/*.py, path inside the repo (train, encode;
 #                                      optional for curate)
 #   --workdir DIR        TPU_WORKDIR   run folder all workers write, e.g. gs://bucket/run
-#                                      (train, encode)
+#                                      (train, encode; sample: the run or pipeline folder)
 #   --input DIR                        curate: videos every worker reads (a shared mount)
 #   --output DIR                       curate: clip shards folder all workers write
 #   --worker N                         worker whose log `logs` tails (default 0)
@@ -70,14 +72,14 @@ parse() {
       --remote-dir) REMOTE_DIR="$2"; shift ;;
       -h|--help) usage; exit 0 ;;
       --) shift; EXTRA=("$@"); break ;;
-      create|install|train|curate|encode|logs|delete|up)
+      create|install|train|sample|curate|encode|logs|delete|up)
         [[ -z "$COMMAND" ]] || die "two commands given: $COMMAND and $1"
         COMMAND="$1" ;;
       *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
   done
-  need "a command" "$COMMAND" "create, install, train, curate, encode, logs, delete or up"
+  need "a command" "$COMMAND" "create, install, train, sample, curate, encode, logs, delete or up"
   need "--name" "$NAME" "--name NAME or TPU_NAME"
   need "--zone" "$ZONE" "--zone ZONE or TPU_ZONE"
 }
@@ -127,17 +129,25 @@ check() {
     encode)
       need "--config" "$CONFIG" "--config configs/FILE.py"
       need "--workdir" "$WORKDIR" "--workdir gs://BUCKET/RUN" ;;
+    sample)
+      need "--workdir" "$WORKDIR" "--workdir gs://BUCKET/RUN (a run or a pipeline folder)" ;;
   esac
 }
 
-train() {
-  local flags dir log
-  printf -v flags ' %q' --config "$CONFIG" --workdir "$WORKDIR" --distributed on "${EXTRA[@]}"
+# `vdit COMMAND FLAGS... --distributed on EXTRA...` on every worker, its output in ~/LOG:
+# JAX finds the other hosts from the TPU VM metadata (one job over the whole slice).
+everywhere() {
+  local command="$1" log flags dir
+  printf -v log '%q' "$2"
+  shift 2
+  printf -v flags ' %q' "$@" --distributed on "${EXTRA[@]}"
   printf -v dir '%q' "$REMOTE_DIR"
-  printf -v log '%q' "$LOG"
-  # Every worker runs the same command; JAX finds the other hosts from the TPU VM metadata.
-  local start="cd $dir && nohup .venv/bin/python -m vdit train$flags > ~/$log 2>&1 &"
+  local start="cd $dir && nohup .venv/bin/python -m vdit $command$flags > ~/$log 2>&1 &"
   tpu ssh "$NAME" --worker=all --command="$start"
+}
+
+train() {
+  everywhere train "$LOG" --config "$CONFIG" --workdir "$WORKDIR"
 }
 
 # vdit curate / vdit encode on every worker, each its own shard (--distributed off: the workers
@@ -179,6 +189,7 @@ main() {
     create) create ;;
     install) install ;;
     train) train ;;
+    sample) everywhere sample vdit-sample.log --workdir "$WORKDIR" ;;
     curate|encode) data_job "$COMMAND" ;;
     logs) logs ;;
     delete) delete ;;

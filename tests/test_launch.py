@@ -68,6 +68,21 @@ def test_tpu_vm_lifecycle_dry_run(env):
     assert "--config.data.note=it's" in remote  # quoting survives two shells
 
 
+def test_tpu_vm_sample_runs_on_every_worker(env):
+    """`sample`: one multi-host `vdit sample` over the slice (the --mesh after `--` shards it),
+    its own log; the prompt's quoting survives two shells."""
+    sample, = _commands(_run(env, "tpu_vm.sh", "--dry-run", "sample", *TPU, "--workdir",
+                             "gs://b/run", "--", "--mesh", "fsdp=8,sequence=4", "--prompt",
+                             "a fox's run", "--out", "gs://b/fox.mp4").stdout)
+    assert sample[4:7] == ["ssh", "vdit-test", "--worker=all"]
+    remote = shlex.split(sample[7].removeprefix("--command="))
+    start = remote.index("-m") + 1
+    assert remote[start - 2:start + 12] == [
+        ".venv/bin/python", "-m", "vdit", "sample", "--workdir", "gs://b/run", "--distributed",
+        "on", "--mesh", "fsdp=8,sequence=4", "--prompt", "a fox's run", "--out", "gs://b/fox.mp4"]
+    assert remote[start + 12:] == [">", "~/vdit-sample.log", "2>&1", "&"]
+
+
 def test_tpu_vm_logs_delete_and_project(env):
     logs, = _commands(_run(env, "tpu_vm.sh", "logs", "--dry-run", *TPU, "--worker", "3").stdout)
     assert logs[4:7] == ["ssh", "vdit-test", "--worker=3"] and "tail" in logs[7]
@@ -85,6 +100,7 @@ def test_tpu_vm_logs_delete_and_project(env):
     (["create", "--name", "n"], "--zone is required"),
     (["train", *TPU], "--config is required"),
     (["train", *TPU, "--config", "c.py"], "--workdir is required"),
+    (["sample", *TPU, "--", "--prompt", "p"], "--workdir is required"),
     ([*TPU], "a command is required"),
     (["create", "delete", *TPU], "two commands given"),
     (["create", *TPU, "--bogus"], "unknown argument '--bogus'"),
