@@ -16,9 +16,10 @@ import pytest
 from test_periodic_samples import VAE, latents, vae_workdir  # noqa: F401 - fixtures
 from train_testing import train_tiny
 
-from vdit import cli, serve, serve_request
+from vdit import cli, serve, serve_page, serve_request
 from vdit.data import video_io
-from vdit.serve import Studio, make_server
+from vdit.serve import Studio
+from vdit.serve_http import make_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -294,7 +295,7 @@ def test_the_pages_empty_guidance_is_not_asked_for(studio):
     ids = [s.submit(dict(page_body, guidance="")), s.submit(dict(page_body, guidance="2.5")),
            s.submit(page_body)]
     assert [s.jobs[i].job.args.guidance for i in ids] == [None, 2.5, None]
-    assert "body.guidance = " in serve.PAGE and 'guidance").value = ' not in serve.PAGE
+    assert "body.guidance = " in serve_page.PAGE and 'guidance").value = ' not in serve_page.PAGE
     assert [_wait(url, i)["state"] for i in ids] == ["done"] * 3
 
 

@@ -1,8 +1,8 @@
 """`vdit serve`: a local web page for generation, over one model loaded once.
 
-`serve(workdir, host, port, out_dir)` loads the model of a vdit run folder or a diffusers Wan
-pipeline folder (as `vdit sample` does), then answers on http://HOST:PORT/ (stdlib
-`http.server`, one thread per connection):
+`run_cli(args)` loads the model of a vdit run folder or a diffusers Wan pipeline folder once (as
+`vdit sample` does; this file's `Studio` holds it and its job queue), then answers on
+http://HOST:PORT/ (stdlib `http.server`, one thread per connection; vdit/serve_http.py):
   GET  /                 the page (vdit/serve_page.py)
   POST /api/generate     JSON {prompt, negative_prompt, image (data: URL or ""), frames, size
                          ("HxW"), steps, guidance, seed} -> {"id"}; frames, size, steps, guidance
@@ -26,29 +26,24 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import errno
 import io
-import json
 import logging
 import math
 import os
 import queue
-import socket
 import threading
 import time
 from argparse import Namespace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
-from vdit import runs
+from vdit import runs, serve_http
 from vdit.cli_checks import SEED_MAX
 from vdit.config import check_frames
 from vdit.data import video_io
 from vdit.pipelines import sharded
 from vdit.sample_cli import OutOfMemory, SampleJob, load_generator, needs_image, parse_size
-from vdit.serve_page import PAGE
-from vdit.serve_request import byte_range, number_field, text_field
+from vdit.serve_request import number_field, text_field
 from vdit.train.init_from import resolve
 
 log = logging.getLogger(__name__)
@@ -57,7 +52,6 @@ MAX_RECENT = 20
 # Largest request by default, as a multiple of the model's default clip (frames x height x width):
 # one request past what the machine can hold would fail after minutes and hold up the queue.
 PIXELS_OVER_DEFAULT = 16
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclasses.dataclass
@@ -259,147 +253,6 @@ def _save_image(data_url: str, out_dir: str) -> str | None:
     return path
 
 
-class Handler(BaseHTTPRequestHandler):
-    studio: Studio  # set on the subclass that make_server builds
-
-    def log_message(self, fmt, *args):  # quiet by default: the logger, not stderr lines
-        log.debug("%s " + fmt, self.address_string(), *args)
-
-    def _send(self, status: int, body: bytes, content_type: str, extra: dict | None = None):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, status: int, value) -> None:
-        self._send(status, json.dumps(value).encode(), "application/json")
-
-    def _foreign_host(self) -> bool:
-        """A loopback server answers only requests addressed to a loopback name: a page that
-        rebinds its own domain to 127.0.0.1 (DNS rebinding) sends its domain as Host. Answers
-        403 when so."""
-        if self.server.server_address[0] not in LOOPBACK:
-            return False  # --host 0.0.0.0 etc.: the user chose to serve other machines
-        host = self.headers.get("Host", "")
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if name.strip("[]").lower() in LOOPBACK:
-            return False
-        address, port = self.server.server_address[:2]
-        self._json(403, {"error": f"Host {host!r} is not this server: open "
-                                  f"http://{_url_host(address)}:{port}/"})
-        return True
-
-    def do_GET(self):  # noqa: N802 - http.server's name
-        if self._foreign_host():
-            return
-        path = self.path.split("?")[0]
-        if path == "/":
-            self._send(200, PAGE.encode(), "text/html; charset=utf-8")
-        elif path == "/api/jobs":
-            self._json(200, {"jobs": self.studio.recent(), "model": self.studio.workdir,
-                             "defaults": _jsonable(self.studio.defaults)})
-        elif path.startswith("/api/jobs/"):
-            status = self.studio.status(path.rsplit("/", 1)[1])
-            self._json(200 if status else 404, status or {"error": "no such job"})
-        elif path.startswith("/videos/"):
-            self._video(path.rsplit("/", 1)[1])
-        else:
-            self._json(404, {"error": f"no page {path}"})
-
-    do_HEAD = do_GET
-
-    def do_POST(self):  # noqa: N802 - http.server's name
-        if self._foreign_host():
-            return
-        if self.path != "/api/generate":
-            return self._json(404, {"error": f"no endpoint {self.path}"})
-        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if kind != "application/json":  # a cross-site form or text/plain post cannot send this
-            return self._json(415, {"error": f"Content-Type {kind!r}: send application/json"})
-        length = _content_length(self.headers.get("Content-Length", "0"))
-        if length is None:  # rfile.read(-1) would wait for a close that never comes
-            return self._json(400, {"error": "Content-Length: expected the body's size in bytes, "
-                                             f"got {self.headers.get('Content-Length')!r}"})
-        try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-            job_id = self.studio.submit(body)
-        except json.JSONDecodeError as e:
-            return self._json(400, {"error": f"the request is not JSON: {e}"})
-        except (ValueError, FileNotFoundError) as e:
-            return self._json(400, {"error": str(e)})
-        except Exception as e:  # noqa: BLE001 - a bug answers 500 (and is logged), not a dropped
-            log.exception("vdit serve: request failed")  # connection
-            return self._json(500, {"error": f"{type(e).__name__}: {e}"})
-        self._json(202, {"id": job_id})
-
-    def _video(self, name: str) -> None:
-        path = os.path.join(self.studio.out_dir, name)
-        if not name.endswith(".mp4") or "/" in name or not os.path.isfile(path):
-            return self._json(404, {"error": f"no video {name}"})
-        with open(path, "rb") as f:
-            data = f.read()
-        span = byte_range(self.headers.get("Range", ""), len(data))
-        if span == "unsatisfiable":
-            return self._send(416, b"", "video/mp4", {"Content-Range": f"bytes */{len(data)}"})
-        if span is None:  # no Range, or one this server does not parse (multiple): everything
-            return self._send(200, data, "video/mp4", {"Accept-Ranges": "bytes"})
-        start, end = span
-        self._send(206, data[start:end + 1], "video/mp4", {
-            "Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"})
-
-
-def _content_length(header: str) -> int | None:
-    """The body size a Content-Length header gives; None unless a whole number >= 0."""
-    try:
-        length = int(header)
-    except ValueError:
-        return None
-    return length if length >= 0 else None
-
-
-def _jsonable(values: dict) -> dict:
-    return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in values.items()}
-
-
-class ThreadingHTTPServerV6(ThreadingHTTPServer):
-    """ThreadingHTTPServer on an IPv6 socket (the stdlib one is AF_INET only, so `--host ::1`
-    could not bind)."""
-
-    address_family = socket.AF_INET6
-
-
-def make_server(studio: Studio | None, host: str = "127.0.0.1",
-                port: int = 8000) -> ThreadingHTTPServer:
-    """The HTTP server for `studio` on `host` (an IPv6 address such as ::1 gets an IPv6 socket;
-    port 0 picks a free one: see `server.server_address`); a None studio is set on
-    `server.RequestHandlerClass` before serving."""
-    handler = type("StudioHandler", (Handler,), {"studio": studio})
-    kind = ThreadingHTTPServerV6 if ":" in host.strip("[]") else ThreadingHTTPServer
-    server = kind((host.strip("[]"), port), handler)
-    server.daemon_threads = True
-    return server
-
-
-def _url_host(host: str) -> str:
-    """`host` as a URL writes it: an IPv6 address in brackets."""
-    return f"[{host}]" if ":" in host else host
-
-
-def _listen_error(host: str, port: int, error: OSError) -> ValueError:
-    """Why `vdit serve` cannot listen, worded after the cause: a busy port, or a --host that is
-    not an address of this machine (or not one at all)."""
-    where = f"cannot listen on {_url_host(host)}:{port} ({error.strerror or error})"
-    if error.errno in (errno.EADDRINUSE, errno.EACCES):
-        return ValueError(f"{where}: pick another --port, or stop the server that holds it")
-    return ValueError(f"{where}: --host {host} is not an address of this machine (127.0.0.1 "
-                      "or ::1 serve only this machine, 0.0.0.0 or :: every network)")
-
-
 def default_out(workdir: str) -> str:
     """The videos folder when --out is not given: RUN/serve for a run folder or a step folder
     RUN/checkpoints/STEP (whose folder training prunes), FOLDER/serve for a pipeline folder;
@@ -414,9 +267,9 @@ def run_cli(args) -> int:
     """The body of `vdit serve`: load once, serve until interrupted."""
     out = args.out or default_out(args.workdir)
     try:  # listen first: a busy port fails now, not after the model has loaded
-        server = make_server(None, args.host, args.port)
+        server = serve_http.make_server(None, args.host, args.port)
     except OSError as e:
-        raise _listen_error(args.host, args.port, e) from e
+        raise serve_http.listen_error(args.host, args.port, e) from e
     try:
         server.RequestHandlerClass.studio = Studio(args.workdir, out, args.max_pixels,
                                                    args.lora, args.lora_2, args.weights,
@@ -428,7 +281,7 @@ def run_cli(args) -> int:
     studio = server.RequestHandlerClass.studio
     host, port = server.server_address[:2]
     print(f"vdit serve: {studio.kind} model from {args.workdir}; open "
-          f"http://{_url_host(host)}:{port}/ "
+          f"http://{serve_http.url_host(host)}:{port}/ "
           f"(videos in {os.path.abspath(out)}; Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
