@@ -5,6 +5,7 @@ values fail naming the flag."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -50,6 +51,20 @@ def test_mesh_samples_the_single_device_latents(world, spec):
     latents = gen.text_to_video(context, neg, world["noise"], 2, 5.0, "latent", mask, neg_mask)
     assert latents.sharding.is_fully_replicated  # every process can read it
     np.testing.assert_allclose(np.asarray(latents), world["latents"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["fsdp=4,tensor=2", "sequence=8"])
+def test_packed_text_path_samples_the_single_device_latents(world, spec):
+    """vdit-trained runs sample through the DiT's packed call (`mask_text`: each prompt's real
+    tokens only), with heads split over tensor or tokens over sequence (all-gathered keys: 2
+    heads do not divide by 8)."""
+    gen = dataclasses.replace(world["gen"], mask_text=True)
+    context, mask = gen.encode_text(PROMPTS)
+    neg, neg_mask = gen.encode_text([""] * len(PROMPTS))
+    args = (context, neg, world["noise"], 2, 5.0, "latent", mask, neg_mask)
+    want = np.asarray(gen.text_to_video(*args))
+    got = sharded.on_mesh(gen, sharded.mesh_from_flag(spec)).text_to_video(*args)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=2e-5)
 
 
 def test_tokens_the_sequence_axis_does_not_divide_are_named(world):
