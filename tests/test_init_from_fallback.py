@@ -42,12 +42,12 @@ def test_init_from_workdir_skips_an_unreadable_newest_step(tmp_path, caplog, cap
     assert _truncate_data(state) > 0
     config = tiny_config("shapes_dit", "unused", f"--config.train.init_from={src}")
     with caplog.at_level(logging.WARNING, logger=init_from.__name__):
-        pinned = init_from.pin(config, None)
+        pinned, read = init_from.pin(config, None)
     assert pinned.train.init_from == os.path.join(src, "checkpoints", "2")
     assert f"checkpoint step 4 in {src}/checkpoints is unreadable" in capsys.readouterr().err
     assert "its newest step 4 does not read" in caplog.text and "pinned at step 2" in caplog.text
-    weights, _ = init_from.load_params(src, "params", 2)  # what the run then reads
-    assert float(weights["dit"]["w"][0]) == 2.0
+    assert float(read[0]["dit"]["w"][0]) == 2.0  # what pin read to know: the run's weights
+    assert read[1]["train"]["steps"] == config.train.steps  # and the source's config
 
 
 def test_init_from_workdir_without_checkpoints_is_named(tmp_path):

@@ -122,12 +122,23 @@ def test_init_from_places_the_source_weights_exactly(stage1):
                                             shardings.params)))
 
 
-def test_stage_chain_starts_from_previous_stage(stage1):
+def test_stage_chain_starts_from_previous_stage(stage1, monkeypatch):
     lr = 3e-3  # TINY's
     workdir = str(stage1["root"] / "stage2")
+    reads, reader = [], checkpoint._reader
+
+    def counted(run, which):  # every weights read of a run's checkpoint step, by (run, step)
+        manager, read = reader(run, which)
+        return manager, lambda step: (reads.append((run, step)), read(step))[1]
+
+    monkeypatch.setattr(checkpoint, "_reader", counted)
     history = train_tiny("shapes_stage2_video", workdir, stage1["videos"], 2,
                          "--config.train.seed=1", f"--config.train.init_from={stage1['workdir']}")
     assert [h["step"] for h in history] == [1, 2] and all(np.isfinite(h["loss"]) for h in history)
+    # Pinning the source's newest readable step reads it; the run then uses that read.
+    assert [r for r in reads if os.path.abspath(r[0]) == os.path.abspath(stage1["workdir"])] == \
+        [(os.path.abspath(stage1["workdir"]), 2)]
+    monkeypatch.undo()
     start, _ = init_from.run_weights(stage1["workdir"], "params")
     after, saved = checkpoint.load_params(workdir, "params")
     assert saved["train"]["init_from"] == os.path.join(os.path.abspath(stage1["workdir"]),

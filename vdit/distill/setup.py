@@ -36,7 +36,7 @@ from vdit.models import lora
 from vdit.models.text import text_encoder_from_config
 from vdit.parallel.mesh import logical_rules, mesh_from_config
 from vdit.pipelines import periodic_samples
-from vdit.runs.checkpoint import load_params
+from vdit.runs.checkpoint import read_config
 from vdit.train import init_from, loop, optim, run_params
 from vdit.train.step import make_train_step
 
@@ -107,7 +107,7 @@ def prepare(config) -> ml_collections.ConfigDict:
     teacher = str(runs.absolute(config.distill.teacher))
     workdir, step = init_from.resolve(teacher)
     try:
-        _, saved = load_params(workdir, "ema", step)
+        saved = read_config(workdir, step)  # its weights are read once, when the run pins them
     except FileNotFoundError as e:
         raise FileNotFoundError(f"config key 'distill.teacher' = {config.distill.teacher!r} (a "
                                 f"vdit run or <run>/checkpoints/<step>): {e}") from e

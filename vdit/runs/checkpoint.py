@@ -180,20 +180,17 @@ def read_config(workdir: str, step: int | None = None) -> dict:
         manager.close()
 
 
-def newest_readable_step(workdir: str, which: str = "ema") -> int:
-    """The newest step of a run whose `which` weights and config read (what `load_params` falls
-    back to): unreadable newer ones are reported and left in place. Reads them once to know."""
-    manager, read = _reader(workdir, which)
-    try:
-        return newest_readable(manager, read)[0]
-    finally:
-        manager.close()
-
-
 def load_params(workdir: str, which: str = "ema", step: int | None = None) -> tuple[Any, dict]:
     """(parameters, config dict) of a run for inference: the EMA (or raw) weights as host numpy
     arrays, whatever devices the run was saved from; nothing else of the state is read.
     """
+    return load_step_params(workdir, which, step)[1:]
+
+
+def load_step_params(workdir: str, which: str = "ema",
+                     step: int | None = None) -> tuple[int, Any, dict]:
+    """(step, parameters, config dict) as `load_params` reads them; `step` None: the newest step
+    whose `which` weights and config read (unreadable newer ones are reported, left in place)."""
     path = runs.checkpoints_dir(workdir)
     manager, read = _reader(workdir, which)
     if step is None:  # the newest readable step; unreadable newer ones are reported, left in place
@@ -212,4 +209,4 @@ def load_params(workdir: str, which: str = "ema", step: int | None = None) -> tu
     if which not in state:
         has = sorted(manager.item_metadata(step)[STATE])
         raise KeyError(f"checkpoint {path} step {step} has no {which!r} (has {has})")
-    return state[which], restored[CONFIG]
+    return step, state[which], restored[CONFIG]

@@ -39,7 +39,7 @@ from vdit import runs
 from vdit.data import encode
 from vdit.models import lora
 from vdit.runs import checkpoint
-from vdit.runs.checkpoint import load_params
+from vdit.runs.checkpoint import load_params, load_step_params
 from vdit.runs.run_kind import check_kind
 from vdit.train import experts, run_params
 from vdit.train.state import create_sharded, shardings_of, unbox
@@ -79,46 +79,53 @@ def checked(config):
     return config
 
 
-def pin(config, saved: dict | None):
-    """`config` with a workdir init_from replaced by its step folder: the one the checkpoint's
-    config (`saved`, when resuming) pinned for the same workdir, else the workdir's newest step."""
+def pin(config, saved: dict | None) -> tuple[ml_collections.ConfigDict, tuple | None]:
+    """(`config` with a workdir init_from replaced by its step folder, `read`): the step the
+    checkpoint's config (`saved`, when resuming) pinned for the same workdir, else the workdir's
+    newest readable step. `read`: that step's (weights, config) when this process read them to
+    know they read (hand it to `apply`, so a 14B source is not read twice), else None."""
     path = source_path(config)
     if not path or resolve(path)[1] is not None:
-        return config
+        return config, None
     workdir = str(runs.absolute(path))
     before = str((saved or {}).get("train", {}).get("init_from", "") or "")
     if before and before.rstrip("/") == workdir.rstrip("/"):
-        return config  # a run saved before pinning: keep reading the workdir as it did
+        return config, None  # a run saved before pinning: keep reading the workdir as it did
     folder = runs.absolute(before) if before else None
+    read = None
     if folder is not None and folder.parent.name == "checkpoints" and \
             str(folder.parent.parent).rstrip("/") == workdir.rstrip("/"):
         step = int(folder.name)
     elif saved is not None:
-        return config  # resuming against another source: check_resume says what changed
+        return config, None  # resuming against another source: check_resume says what changed
     else:
-        step = newest_readable_step(workdir, which_weights(config))
+        step, read = newest_readable(workdir, which_weights(config))
     config = copy.deepcopy(config)
     config.train.init_from = str(runs.user_path(workdir) / "checkpoints" / str(step))
     log.info("train.init_from: %s pinned at its step %d", workdir, step)
-    return config
+    return config, read
 
 
-def newest_readable_step(workdir: str, which: str) -> int:
-    """The newest step of the init_from run whose `which` weights and config read, as resuming and
-    sampling fall back (newer unreadable steps are named and left in place: the run is
-    another's). Process 0 decides and tells the others: a source still training could finish a
-    step between two hosts' reads, and every host must start from the same weights."""
+def newest_readable(workdir: str, which: str) -> tuple[int, tuple | None]:
+    """(step, read) of the init_from run's newest step whose `which` weights and config read, as
+    resuming and sampling fall back (newer unreadable steps are named and left in place: the run
+    is another's). Process 0 decides, reading them (`read`: (weights, config); None elsewhere),
+    and tells the others: a source still training could finish a step between two hosts' reads,
+    and every host must start from the same weights."""
     if not runs.checkpoints_dir(workdir).is_dir():
         raise FileNotFoundError(f"config key 'train.init_from' = {workdir!r}: no checkpoints/ "
                                 "folder there: train it first")
-    step = checkpoint.newest_readable_step(workdir, which) if jax.process_index() == 0 else 0
+    step, read = 0, None
+    if jax.process_index() == 0:
+        step, weights, saved = load_step_params(workdir, which)
+        read = (weights, saved)
     if jax.process_count() > 1:
         step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
     newest = checkpoint.latest_step(workdir)
     if step != newest:
         log.warning("train.init_from: %s: its newest step %d does not read (said above); "
                     "pinned at step %d, its newest readable one", workdir, newest, step)
-    return step
+    return step, read
 
 
 def check_resume(saved: dict, config) -> None:
@@ -166,11 +173,13 @@ def resolve(path: str) -> tuple[str, int | None]:
     return str(path), None
 
 
-def run_weights(path: str, which: str = "ema", _depth: int = 0) -> tuple[dict, dict]:
+def run_weights(path: str, which: str = "ema", _depth: int = 0,
+                read: tuple | None = None) -> tuple[dict, dict]:
     """(complete weights {"dit", "text"} as host arrays, saved config dict) of the run at `path`
-    (workdir or step folder); `which` = "ema" or "params" for its trainable part."""
+    (workdir or step folder); `which` = "ema" or "params" for its trainable part. `read`: the
+    checkpoint's (weights, config dict) when already read, else they are read here."""
     workdir, step = resolve(path)
-    params, saved = load_params(workdir, which, step)
+    params, saved = read if read is not None else load_params(workdir, which, step)
     check_kind(params, saved, "dit", path, "run")
     config = ml_collections.ConfigDict(saved)
     weights = dict(params)
@@ -198,11 +207,12 @@ def source_weights(config, _depth: int = 0) -> dict:
     return source_run(config, _depth)[0]
 
 
-def source_run(config, _depth: int = 0) -> tuple[dict, dict]:
-    """(complete weights, saved config dict) of the run that `config`'s train.init_from names."""
+def source_run(config, _depth: int = 0, read: tuple | None = None) -> tuple[dict, dict]:
+    """(complete weights, saved config dict) of the run that `config`'s train.init_from names;
+    `read`: its checkpoint's (weights, config) already read (see `pin`)."""
     path = source_path(config)
     try:
-        return run_weights(path, which_weights(config), _depth)
+        return run_weights(path, which_weights(config), _depth, read)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"config key 'train.init_from' = {path!r} (a vdit workdir or "
                                 f"<workdir>/checkpoints/<step>): {e}") from e
@@ -239,16 +249,16 @@ def create_frozen(config, boxed_fn, rng, mesh, rules):
 
 
 def apply(config, state, shardings, frozen: dict, frozen_shardings, resuming: bool,
-          frozen_from: dict | None = None, latents=None):
+          frozen_from: dict | None = None, latents=None, read: tuple | None = None):
     """(state, frozen) with the frozen weights from `train.init_from` (`frozen` may be abstract,
     see `create_frozen`), and on a fresh start the trainable ones too (params and EMA; the
     optimizer state, step and rng stay as created). `frozen_from` maps a frozen key to the
     source's key that fills it (default: the same key). `latents`: this run's latents folder, for
-    `check_latent_space` on a fresh start."""
+    `check_latent_space` on a fresh start. `read`: what `pin` read of the source, else None."""
     path = source_path(config)
     if not path or (resuming and not frozen):  # nothing to take from the source
         return state, frozen
-    weights, source_config = source_run(config)
+    weights, source_config = source_run(config, read=read)
     if not resuming and latents is not None:
         check_latent_space(config, source_config, latents)
         check_text_layout(config, source_config)

@@ -259,14 +259,15 @@ def _train(config, workdir: str, stop_after: int | None, setup_fn: Callable,
     start = 0
     resuming = manager.latest_step() is not None
     saved = checkpoint.saved_config(manager) if resuming else None
-    config = init_from.pin(config, saved)  # the base's step, fixed for the run's life
+    config, read = init_from.pin(config, saved)  # the base's step, fixed for the run's life
     if resuming:
         check_resume_compatible(saved, config)
         lora.check_resume(saved, config)
         init_from.check_resume(saved, config)
     # Frozen weights always, trainable ones on a fresh start (vdit/train/init_from.py).
     state, frozen = init_from.apply(config, state, shardings, frozen, frozen_shardings, resuming,
-                                    setup.frozen_from, latents=shards)
+                                    setup.frozen_from, latents=shards, read=read)
+    del read  # the source's host copy (pin read it to check it; apply used it): not kept all run
     if resuming:
         check_process_count(workdir, manager.latest_step(), jax.process_count())
         start, state, _ = checkpoint.restore(manager, state, data_it)
