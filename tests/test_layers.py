@@ -12,7 +12,7 @@ VDIT = pathlib.Path(__file__).resolve().parent.parent / "vdit"
 # Top to bottom. Within a layer a part may import the parts listed after it, never those before.
 LAYERS = {
     "faces": ["__main__", "cli", "demo_distill", "demo", "serve", "serve_http", "serve_page", "serve_request",
-              "sample_cli", "cli_checks", "cli_errors"],
+              "sample_cli", "sample_flags", "cli_checks", "cli_errors"],
     "workflows": ["distill", "plan", "pipelines", "convert", "curate", "train", "eval"],
     "data": ["data"],
     "runs": ["runs"],

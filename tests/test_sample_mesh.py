@@ -1,7 +1,8 @@
 """`vdit sample --mesh`: a Generator's weights sharded over a device mesh (8 fake CPU devices) sample
 the same latents and write the same video as on one device (a sequence axis too; also when the
-mesh spans two processes: only process 0 writes); the weights really are split; bad --mesh
-values fail naming the flag."""
+mesh spans two processes: only process 0 writes); the weights really are split, and so is a guided
+batch of one's cond + uncond call over data; bad --mesh values fail naming the flag (a sequence
+split that does not divide a video's tokens before the weights load)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import socket
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from generate_testing import t2v_pipeline
 
-from vdit import cli
+from vdit import cli, sample_cli
 from vdit.data import video_io
 from vdit.pipelines import sharded
 from vdit.pipelines.generate import Generator
@@ -102,6 +104,33 @@ def test_batch_goes_over_data_when_it_divides(world):
     assert gen.batch_axes(1) == ()
 
 
+def test_guidance_splits_a_batch_of_one_over_data(world, monkeypatch):
+    """Batch 1 with guidance on data=2 x fsdp=4: its inputs (1 row) stay replicated, but inside the
+    DiT the cond + uncond call's 2 rows go over data; the latents equal one device's."""
+    one, gen = world["gen"], world["on"]["data=2,fsdp=4"]
+    context, mask = one.encode_text(PROMPTS[:1])
+    neg, neg_mask = one.encode_text([""])
+    # guidance 4.0 (no other test's) so the sampling loop is traced afresh under the spy
+    args = (context, neg, world["noise"][:1], 2, 4.0, "latent", mask, neg_mask)
+    want = np.asarray(one.text_to_video(*args))
+    assert gen.guided_rows(1, context, neg, 4.0, None) == 2
+    assert gen.guided_rows(1, context, neg, 1.0, None) == 1  # guidance off: cond rows alone
+    assert gen.guided_rows(1, context, None, 4.0, None) == 1
+    seen, constrain = set(), nn.with_logical_constraint
+
+    def spy(x, names, *rest, **kw):  # the mesh axes each batch-led activation is split over
+        if names and names[0] == "activation_batch":
+            axes = nn.logical_to_mesh_axes(names)[0]
+            seen.add((x.shape[0], (axes,) if isinstance(axes, str) else tuple(axes or ())))
+        return constrain(x, names, *rest, **kw)
+
+    monkeypatch.setattr(nn, "with_logical_constraint", spy)
+    got = gen.text_to_video(*args)
+    monkeypatch.undo()
+    assert seen == {(2, ("data",))}, seen
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 def _sample(folder, out, *extra):
     return cli.main(["sample", "--workdir", folder, "--prompt", PROMPTS[0], *CLIP,
                      "--out", str(out), *extra])
@@ -132,6 +161,19 @@ def test_bad_mesh_fails_naming_the_flag(world, tmp_path, capsys, value, words):
     err = capsys.readouterr().err
     assert "--mesh" in err and words in err, err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_cli_refuses_a_sequence_split_before_loading(world, tmp_path, capsys, monkeypatch):
+    """9 frames at 32x32 (3x2x2 = 12 tokens a video) on sequence=8: refused from the folder's
+    config.json files, before any weights load."""
+    def load(*args, **kwargs):
+        raise AssertionError("the weights loaded")
+
+    monkeypatch.setattr(sample_cli, "load_generator", load)
+    assert _sample(world["folder"], tmp_path / "x.mp4", "--frames", "9", "--mesh",
+                   "sequence=8") != 0
+    err = capsys.readouterr().err
+    assert "--mesh sequence=8: a video here is 12 tokens (3x2x2 patches" in err, err
 
 
 def _free_port() -> int:

@@ -31,7 +31,6 @@ import re
 import sys
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -41,15 +40,12 @@ from vdit.config import check_frames
 from vdit.convert import wan_lora
 from vdit.convert.diffusers_folder import is_pipeline_folder, looks_like_pipeline_folder
 from vdit.data import video_io
-from vdit.models.dit import build_dit
 from vdit.models.tokenizers import prompt_clean
-from vdit.models.vae_config import vae_from_config
 from vdit.pipelines import sharded
 from vdit.pipelines import video_to_video as v2v
 from vdit.pipelines.generate import Generator
 from vdit.pipelines.prompt_expand import shapes_expander
-from vdit.runs import checkpoint
-from vdit.train.init_from import resolve
+from vdit.sample_flags import check_early, check_size, clip_size, model_facts, opt, parse_size, size_multiples
 
 SUFFIXES = (".mp4", ".gif")
 MODES = ("restyle", "extend", "upscale")
@@ -57,11 +53,6 @@ STRENGTH = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)",
                       re.IGNORECASE | re.ASCII)
 DEFAULT_BATCH = 4  # prompts sampled together (--batch-size when the parser defines it)
 DEFAULT_STRENGTH = 0.7  # --strength when not given (a parser may default it to None)
-
-
-def _opt(args, name: str, default=None):
-    value = getattr(args, name, None)
-    return default if value is None else value
 
 
 def parse_lora(spec: str, flag: str = "--lora") -> tuple[str, float]:
@@ -153,47 +144,6 @@ def warn_unknown_words(tokenizer, prompts: list[str], kind: str) -> list[str]:
     return warnings
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 64x64")
-    return int(parts[0]), int(parts[1])
-
-
-def check_size(text: str, multiples: tuple[int, int], why: str) -> None:
-    """--size HxW against the model's (height, width) `multiples`; the error names the nearest
-    valid sizes."""
-    height, width = parse_size(text)
-    if all(s > 0 and s % m == 0 for s, m in zip((height, width), multiples)):
-        return
-    mh, mw = multiples
-    down = f"{max(mh, height // mh * mh)}x{max(mw, width // mw * mw)}"
-    up = f"{max(mh, -(-height // mh) * mh)}x{max(mw, -(-width // mw) * mw)}"
-    valid = " or ".join(dict.fromkeys((down, up)))
-    raise ValueError(f"--size {text}: height must be a positive multiple of {multiples[0]} and "
-                     f"width of {multiples[1]} ({why}); nearest valid: {valid}")
-
-
-def size_multiples(vae, dit) -> tuple[tuple[int, int], str]:
-    """((height, width) pixel multiples, why) of a model: the VAE's spatial factor times the DiT's
-    patch."""
-    f, (_, ph, pw) = vae.spatial_factor, dit.patch_size
-    patch = f"{ph}" if ph == pw else f"{ph}x{pw}"
-    return (f * ph, f * pw), f"the VAE's {f}x downsampling times the DiT's patch {patch}"
-
-
-def check_size_early(workdir: str, text: str) -> None:
-    """--size against a vdit run's saved config, before its weights load (the README promises
-    flags are checked first). A folder whose config does not read here (a diffusers folder, no
-    checkpoint yet, ...) is left to the load, which names its problem; SampleJob checks again."""
-    try:
-        config = ml_collections.ConfigDict(checkpoint.read_config(*resolve(workdir)))
-        multiples = size_multiples(vae_from_config(config.vae), build_dit(config.model))
-    except Exception:  # noqa: BLE001 - the load reports what is wrong with the folder
-        return
-    check_size(text, *multiples)
-
-
 def output_paths(out: str, count: int) -> list[str]:
     name = runs.user_path(out).name
     suffix = name[name.rfind("."):] if "." in name else ""
@@ -267,28 +217,24 @@ class SampleJob:
 
     def __init__(self, gen, kind: str, args):
         self.gen, self.kind, self.args = gen, kind, args
-        self.mode = _opt(args, "mode", "restyle")
+        self.mode = opt(args, "mode", "restyle")
         if self.mode not in MODES:
             raise ValueError(f"--mode {self.mode!r}; expected one of {list(MODES)}")
         d = gen.defaults
-        self.height, self.width = (parse_size(args.size) if args.size
-                                   else (int(d.get("height", 64)), int(d.get("width", 64))))
-        self.fps = float(_opt(args, "fps", d.get("fps", 16.0)))
+        _, self.height, self.width = clip_size(args, d)
+        self.fps = float(opt(args, "fps", d.get("fps", 16.0)))
         self.video = None
         if args.video:
             video, fps = video_io.load_video(args.video, as_float=False)
-            self.fps = float(_opt(args, "fps", fps or self.fps))
+            self.fps = float(opt(args, "fps", fps or self.fps))
             self.video = self._input_video(video)
-        micro = {"motion": _opt(args, "motion")}
+        micro = {"motion": opt(args, "motion")}
         if "fps" in gen.dit.micro_conditioning:
             micro["fps"] = self.fps
         self.gen = gen = gen.with_micro(**micro)
-        frames = args.frames
-        if frames is None:
-            frames = (self.video.shape[0] if self.video is not None and self.mode != "extend"
-                      else int(d.get("frames", 17)))
-        self.frames = frames
-        if args.size:  # again for a diffusers folder, which check_size_early could not read
+        self.frames = frames = clip_size(
+            args, d, None if self.video is None else self.video.shape[0])[0]
+        if args.size:  # again for a folder whose config check_early could not read
             check_size(args.size, *size_multiples(gen.vae, gen.dit))
         gen.latent_shape(frames, self.height, self.width)  # frames 1+4k, size multiples
         if needs_image(gen) and not (args.image or args.video):
@@ -297,7 +243,7 @@ class SampleJob:
         self.context_frames = None
         if self.mode == "extend" and self.video is not None:
             self.context_frames = v2v.check_context_frames(
-                gen, _opt(args, "context_frames"), frames, self.video.shape[0], "--context-frames")
+                gen, opt(args, "context_frames"), frames, self.video.shape[0], "--context-frames")
 
     def _input_video(self, video: np.ndarray) -> np.ndarray:
         args = self.args
@@ -327,15 +273,15 @@ class SampleJob:
     def _run(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         gen, args, b = self.gen, self.args, len(prompts)
         context, mask = gen.encode_text(prompts)
-        neg, neg_mask = gen.encode_text([_opt(args, "negative_prompt", "")] * b)
+        neg, neg_mask = gen.encode_text([opt(args, "negative_prompt", "")] * b)
         text = dict(context_mask=mask, negative_mask=neg_mask)
-        if _opt(args, "guidance_2") is not None:
+        if opt(args, "guidance_2") is not None:
             text["guidance_2"] = args.guidance_2
         noise = jnp.concatenate([gen.noise(s, 1, self.frames, self.height, self.width)
                                  for s in seeds])
         steps, guidance = args.steps, args.guidance
         batch = lambda x: np.repeat(x[None], b, axis=0)
-        strength = _opt(args, "strength", DEFAULT_STRENGTH)
+        strength = opt(args, "strength", DEFAULT_STRENGTH)
         if self.video is not None:
             video = batch(self.video)
             if self.mode == "extend":
@@ -349,7 +295,7 @@ class SampleJob:
                                   **text)
         elif args.image:
             first = batch(load_image(args.image, self.height, self.width))
-            last_path = _opt(args, "last_image")
+            last_path = opt(args, "last_image")
             last = None if last_path is None else batch(load_image(last_path, self.height,
                                                                    self.width))
             out = gen.image_to_video(first, context, neg, noise, steps, guidance,
@@ -371,12 +317,12 @@ def run_cli(args) -> int:
         check_frames("--frames", args.frames)
     if args.size:
         parse_size(args.size)
-        check_size_early(args.workdir, args.size)
     if args.image and args.video:
         raise ValueError("give --image (image-to-video) or --video (video-to-video), not both")
-    gen, kind = sharded.load_on_mesh(_opt(args, "mesh"), load_generator, args.workdir,
-                                     _opt(args, "lora", []), _opt(args, "lora_2", []),
-                                     _opt(args, "weights"), _opt(args, "dtype"))
+    check_early(args, model_facts(args.workdir))
+    gen, kind = sharded.load_on_mesh(opt(args, "mesh"), load_generator, args.workdir,
+                                     opt(args, "lora", []), opt(args, "lora_2", []),
+                                     opt(args, "weights"), opt(args, "dtype"))
     if gen.text_model is None:
         raise ValueError(f"{args.workdir} has no text encoder (text_encoder/ + tokenizer/): "
                          "vdit sample needs one to encode prompts")
@@ -384,7 +330,7 @@ def run_cli(args) -> int:
         prompts = expand_prompts(prompts, kind)
     warn_unknown_words(gen.tokenizer, prompts, kind)
     job = SampleJob(gen, kind, args)
-    size = int(_opt(args, "batch_size", DEFAULT_BATCH))
+    size = int(opt(args, "batch_size", DEFAULT_BATCH))
     for start in range(0, len(prompts), size):
         chunk = list(range(start, min(start + size, len(prompts))))
         videos = job.run([prompts[i] for i in chunk], [args.seed + i for i in chunk])

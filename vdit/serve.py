@@ -42,7 +42,8 @@ from vdit.cli_checks import SEED_MAX
 from vdit.config import check_frames
 from vdit.data import video_io
 from vdit.pipelines import sharded
-from vdit.sample_cli import OutOfMemory, SampleJob, load_generator, needs_image, parse_size
+from vdit.sample_cli import OutOfMemory, SampleJob, load_generator, needs_image
+from vdit.sample_flags import parse_size
 from vdit.serve_request import number_field, text_field
 from vdit.train.init_from import resolve
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
@@ -137,6 +138,24 @@ def logical_to_mesh_spec(names, rules) -> PartitionSpec:
         used |= set(axes_t)
         spec.append(axes_t[0] if len(axes_t) == 1 else axes_t)
     return PartitionSpec(*spec)
+
+
+def undivided(boxed, mesh: Mesh, rules) -> list[tuple[str, int, str, tuple[str, ...]]]:
+    """(path, size, logical name, mesh axes) of every dimension of a boxed tree's leaves (flax
+    `Partitioned`, e.g. `jax.eval_shape` of an init) that `rules` split over mesh axes whose
+    sizes multiply to a number that does not divide it. Callers word the error (train names the
+    config keys, sampling the --mesh flag)."""
+    boxes = lambda x: isinstance(x, nn.Partitioned)
+    found = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=boxes):
+        if not boxes(leaf):
+            continue
+        spec = logical_to_mesh_spec(leaf.names, rules)
+        for size, name, axes in zip(leaf.value.shape, leaf.names, spec):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            if size % math.prod(int(mesh.shape[a]) for a in axes):
+                found.append((jax.tree_util.keystr(path), size, name, axes))
+    return found
 
 
 # ------------------------------------------------------------------ multi-slice (DCN) meshes

@@ -113,8 +113,9 @@ class Generator:
 
     @classmethod
     def from_diffusers(cls, path: str, dtype: str = "float32",
-                       attention: str = "xla") -> Generator:
-        """A diffusers Wan2.1 pipeline folder (see `vdit/convert/diffusers_folder.py`)."""
+                       attention: str = "auto") -> Generator:
+        """A diffusers Wan pipeline folder (see `vdit/convert/diffusers_folder.py`); `attention`:
+        the DiTs' backend (default: the platform's kernel, as a converted run's)."""
         return cls(**folder_lib.load_parts(path, dtype=dtype, attention=attention))
 
     # ------------------------------------------------------------------ model facts
@@ -223,17 +224,7 @@ class Generator:
         if output not in ("latent", "video"):
             raise ValueError(f"output={output!r}; expected 'latent' or 'video'")
         steps = check_num_steps(self.defaults["steps"] if steps is None else steps)
-        if guidance is None:  # the run's settings: both experts' (Wan2.2 A14B: 4.0 high, 3.0 low)
-            guidance = float(self.defaults["guidance"])
-            if guidance_2 is None and self.dit_2 is not None:
-                guidance_2 = self.defaults.get("guidance_2")
-        guidance = float(guidance)
-        if guidance <= 1.0:
-            if guidance < 1.0 or guidance_2 not in (None, 1.0):
-                warnings.warn(f"guidance={guidance:g} <= 1 turns classifier-free guidance off "
-                              f"(as diffusers' Wan pipelines do); guidance_2={guidance_2} is "
-                              "ignored", stacklevel=2)
-            guidance, guidance_2 = 1.0, None
+        guidance, guidance_2 = self.guidance_scales(guidance, guidance_2)
         x = self._check_noise(noise)
         b = x.shape[0]
         for name, ctx in (("context", context), ("negative_context", negative_context)):
@@ -279,6 +270,24 @@ class Generator:
         if first_frame is not None:
             latents = latents.at[:, :1].set(first_frame)
         return latents if output == "latent" else self.decode(latents)
+
+    def guidance_scales(self, guidance: float | None,
+                        guidance_2: float | None) -> tuple[float, float | None]:
+        """(guidance, guidance_2) as `sample` applies them: None takes the run's settings, both
+        experts' (Wan2.2 A14B: 4.0 high, 3.0 low); guidance <= 1 is (1.0, None): guidance off
+        for every expert, warned when that drops a value. Resolved values map to themselves."""
+        if guidance is None:
+            guidance = float(self.defaults["guidance"])
+            if guidance_2 is None and self.dit_2 is not None:
+                guidance_2 = self.defaults.get("guidance_2")
+        guidance = float(guidance)
+        if guidance > 1.0:
+            return guidance, guidance_2
+        if guidance < 1.0 or guidance_2 not in (None, 1.0):
+            warnings.warn(f"guidance={guidance:g} <= 1 turns classifier-free guidance off (as "
+                          f"diffusers' Wan pipelines do); guidance_2={guidance_2} is ignored",
+                          stacklevel=3)
+        return 1.0, None
 
     def _velocity(self, guidance: float, guidance_2: float | None, clean_first: bool):
         """(velocity_fn, its params): one guided DiT, or the two experts switched by timestep."""
@@ -416,17 +425,23 @@ class Generator:
         return jax.random.normal(jax.random.key(seed), shape)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        check_frames("--frames", frames)
-        f, tf = self.vae.spatial_factor, self.vae.temporal_factor
-        pt, ph, pw = self.dit.patch_size
-        for name, size, p in (("height", height, ph), ("width", width, pw)):
-            if size <= 0 or size % (f * p):
-                raise ValueError(f"{name}={size} must be a positive multiple of {f * p} (the "
-                                 f"VAE's {f}x downsampling times the DiT's patch {p})")
-        if ((frames - 1) // tf + 1) % pt:
-            raise ValueError(f"frames={frames} gives {(frames - 1) // tf + 1} latent frames, not "
-                             f"a multiple of the DiT's temporal patch {pt}")
-        return (1 + (frames - 1) // tf, height // f, width // f, self.vae.z_dim)
+        return latent_shape(self.vae, self.dit, frames, height, width)
+
+
+def latent_shape(vae, dit, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """[T', H', W', C] of a frames x height x width clip's latents; sizes the VAE's factors and
+    the DiT's patches cannot take are a ValueError naming them."""
+    check_frames("--frames", frames)
+    f, tf = vae.spatial_factor, vae.temporal_factor
+    pt, ph, pw = dit.patch_size
+    for name, size, p in (("height", height, ph), ("width", width, pw)):
+        if size <= 0 or size % (f * p):
+            raise ValueError(f"{name}={size} must be a positive multiple of {f * p} (the "
+                             f"VAE's {f}x downsampling times the DiT's patch {p})")
+    if ((frames - 1) // tf + 1) % pt:
+        raise ValueError(f"frames={frames} gives {(frames - 1) // tf + 1} latent frames, not "
+                         f"a multiple of the DiT's temporal patch {pt}")
+    return (1 + (frames - 1) // tf, height // f, width // f, vae.z_dim)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -5,11 +5,13 @@ Wan2.2 second expert `dit_2`), text encoder and CLIP image encoder by their para
 axis names under `DIT_RULES` (ZeRO-3: `embed` over fsdp, `heads`/`mlp`/`vocab` over tensor), the
 VAE replicated. The returned `MeshGenerator` runs text encoding, sampling and the VAE under the
 mesh and the logical rules, so the modules' activation constraints apply; a call's batch goes
-over data (+fsdp) when it divides, else its inputs are replicated. Arrays are built from host
-copies with `jax.make_array_from_callback`, so the mesh may span several processes
-(jax.distributed); results come back replicated (readable on every process) and `is_writer()`
-says which process writes files. `load_on_mesh` loads a model onto the host first (the CPU
-device), so a model larger than one accelerator's memory never lands whole on one.
+over data (+fsdp) when it divides, else its inputs are replicated; inside the DiT, classifier-free
+guidance's doubled batch (cond + uncond rows, one call) goes over them when it divides (a batch of
+1 on data=2 still splits its 2 rows). Arrays are built from host copies with
+`jax.make_array_from_callback`, so the mesh may span several processes (jax.distributed);
+results come back replicated (readable on every process) and `is_writer()` says which process
+writes files. `load_on_mesh` loads a model onto the host first (the CPU device), so a model
+larger than one accelerator's memory never lands whole on one.
 Results equal one device's up to float rounding (float32: ~1e-6); bfloat16 operands round
 differently once heads (tensor) or tokens (sequence) are split, as they do in training.
 """
@@ -29,7 +31,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vdit.config import MESH_AXES
-from vdit.parallel.mesh import logical_rules, logical_to_mesh_spec, make_mesh
+from vdit.parallel.mesh import logical_rules, logical_to_mesh_spec, make_mesh, undivided
 from vdit.pipelines.generate import Generator
 
 FLAG = "--mesh"
@@ -147,24 +149,18 @@ def shard_params(params, boxed, mesh: Mesh, rules, what: str):
     """`params` (host or device arrays) placed on `mesh` by the logical names of `boxed` (an
     abstract boxed init of the same module); a leaf `boxed` lacks stays replicated. A dimension
     its mesh axes do not divide is a ValueError naming --mesh and the model dimension."""
-    names = traverse_util.flatten_dict(nn.get_partition_spec(boxed))
-    flat = traverse_util.flatten_dict(params)
-    problems, out = [], {}
-    for key, x in flat.items():
-        spec = logical_to_mesh_spec(tuple(names.get(key) or ()), rules)
-        for size, name, axes in zip(np.shape(x), names.get(key) or (), spec):
-            ways = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str)
-                                                     else axes or ()))
-            if size % ways:
-                axes_text = "x".join(f"{a}={mesh.shape[a]}" for a in
-                                     ((axes,) if isinstance(axes, str) else axes))
-                dim = DIMENSIONS.get(what, {}).get(name, f"{name!r} axis")
-                problems.append(f"{what}'s {dim} is {size}, which {axes_text} does not divide")
-        out[key] = None if problems else put(x, NamedSharding(mesh, spec))
+    problems = []
+    for _, size, name, axes in undivided(boxed, mesh, rules):
+        axes_text = "x".join(f"{a}={mesh.shape[a]}" for a in axes)
+        dim = DIMENSIONS.get(what, {}).get(name, f"{name!r} axis")
+        problems.append(f"{what}'s {dim} is {size}, which {axes_text} does not divide")
     if problems:
         raise ValueError(f"{FLAG} {describe(mesh)}: " + "; ".join(dict.fromkeys(problems))
                          + "; choose axis sizes that divide these")
-    return traverse_util.unflatten_dict(out)
+    names = traverse_util.flatten_dict(nn.get_partition_spec(boxed))
+    return traverse_util.unflatten_dict({
+        key: put(x, NamedSharding(mesh, logical_to_mesh_spec(tuple(names.get(key) or ()), rules)))
+        for key, x in traverse_util.flatten_dict(params).items()})
 
 
 def put(x, sharding: NamedSharding) -> jax.Array:
@@ -262,23 +258,50 @@ class MeshGenerator(Generator):
             return super().image_tokens(images)
 
     def check_tokens(self, latent_shape) -> None:
-        """Sequence parallelism splits each video's tokens: their count must divide (said in
-        the sampling flags' words, before anything compiles)."""
-        split = self.mesh.shape["sequence"]
-        grid = [n // p for n, p in zip(latent_shape[1:4], self.dit.patch_size)]
-        if math.prod(grid) % split:
-            raise ValueError(
-                f"{FLAG} {describe(self.mesh)}: a video here is {math.prod(grid)} tokens "
-                f"({'x'.join(map(str, grid))} patches of latent frames x height x width), which "
-                f"sequence={split} does not divide; choose --frames / --size so that it does, or "
-                "a smaller sequence size")
+        """`check_tokens` on this mesh and DiT (the in-call check: a server's per-request size)."""
+        check_tokens(self.mesh, latent_shape, self.dit.patch_size)
 
-    def sample(self, noise, context, negative_context, *args, **kwargs):
+    def guided_rows(self, b: int, context, negative_context, guidance: float,
+                    guidance_2: float | None, context_mask=None, negative_mask=None) -> int:
+        """The rows of each DiT call `sample` makes for a batch of b, given resolved scales
+        (`guidance_scales`): 2b when classifier-free guidance stacks cond and uncond rows into
+        one call for every expert (CFGVelocity does when the texts' shapes agree; an expert at
+        guidance 1 calls on cond alone), else b."""
+        scales = [guidance] + ([guidance if guidance_2 is None else float(guidance_2)]
+                               if self.dit_2 is not None else [])
+        text = lambda ctx, mask: (np.shape(ctx)[1:], np.shape(ctx if mask is None else mask)[1:2])
+        stacked = (negative_context is not None and 1.0 not in scales
+                   and text(context, context_mask) == text(negative_context, negative_mask))
+        return 2 * b if stacked else b
+
+    def sample(self, noise, context, negative_context, steps=None, guidance=None,
+               output="video", *, guidance_2=None, **kwargs):
+        """Generator.sample on the mesh: inputs split by `batch_axes(b)`; inside the DiT the
+        activations by `batch_axes` of its calls' rows (`guided_rows`: a batch of 1 with guidance
+        goes over data=2 as its 2 cond + uncond rows)."""
         b = np.shape(noise)[0]
         self.check_tokens(np.shape(noise))
+        guidance, guidance_2 = self.guidance_scales(guidance, guidance_2)
+        rows = self.guided_rows(b, context, negative_context, guidance, guidance_2,
+                                kwargs.get("context_mask"), kwargs.get("negative_mask"))
         kwargs = {k: self.place(v, b) if k in BATCHED else v for k, v in kwargs.items()}
         noise, context, negative_context = (self.place(x, b) for x in
                                             (noise, context, negative_context))
-        with self.under(b):
-            return self.replicated(super().sample(noise, context, negative_context, *args,
+        with self.under(rows):  # decode (inside) enters under(b) itself
+            return self.replicated(super().sample(noise, context, negative_context, steps,
+                                                  guidance, output, guidance_2=guidance_2,
                                                   **kwargs))
+
+
+def check_tokens(mesh: Mesh, latent_shape, patch_size) -> None:
+    """Sequence parallelism splits each video's tokens: their count (latents [B, T', H', W', C]
+    in `patch_size` patches) must divide over the sequence axis; said in the sampling flags'
+    words, before anything compiles (`vdit sample` asks before loading the weights)."""
+    split = mesh.shape["sequence"]
+    grid = [n // p for n, p in zip(latent_shape[1:4], patch_size)]
+    if math.prod(grid) % split:
+        raise ValueError(
+            f"{FLAG} {describe(mesh)}: a video here is {math.prod(grid)} tokens "
+            f"({'x'.join(map(str, grid))} patches of latent frames x height x width), which "
+            f"sequence={split} does not divide; choose --frames / --size so that it does, or "
+            "a smaller sequence size")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vdit.parallel.mesh import logical_to_mesh_spec
+from vdit.parallel.mesh import logical_to_mesh_spec, undivided
 
 
 @flax.struct.dataclass
@@ -45,22 +45,15 @@ def check_divisible(boxed: Any, mesh: Mesh, rules) -> None:
     """Every dimension of the boxed (abstract) tree that the rules shard divides over its mesh
     axes; else a ValueError naming the parameter, the config key behind its size and the mesh
     axis (jit's own error names neither)."""
-    boxes = lambda x: isinstance(x, nn.Partitioned)
     problems = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=boxes):
-        if not boxes(leaf):
-            continue
-        spec = logical_to_mesh_spec(leaf.names, rules)
-        for size, name, axes in zip(leaf.value.shape, leaf.names, spec):
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    for where, size, name, axes in undivided(boxed, mesh, rules):
+        part = "text" if "['text']" in where else "model"
+        if (part, name, size, axes) not in problems:
             ways = math.prod(int(mesh.shape[a]) for a in axes)
-            where = jax.tree_util.keystr(path)
-            part = "text" if "['text']" in where else "model"
-            if size % ways and (part, name, size, axes) not in problems:
-                mesh_keys = " x ".join(f"config.mesh.{a}={mesh.shape[a]}" for a in axes)
-                key = _AXIS_KEYS[part].get(name, f"the {part} config")
-                problems[(part, name, size, axes)] = (
-                    f"{where} has {size} along {name!r} ({key}), split {ways} ways by {mesh_keys}")
+            mesh_keys = " x ".join(f"config.mesh.{a}={mesh.shape[a]}" for a in axes)
+            key = _AXIS_KEYS[part].get(name, f"the {part} config")
+            problems[(part, name, size, axes)] = (
+                f"{where} has {size} along {name!r} ({key}), split {ways} ways by {mesh_keys}")
     if problems:
         raise ValueError("the mesh does not divide the model: " + "; ".join(problems.values())
                          + ". Choose sizes that divide, or mesh axes that divide them")
