@@ -46,6 +46,10 @@ def test_converted_run_samples_like_the_pipeline(converted):
     vae_params, saved = checkpoint.load_params(os.path.join(run, "vae"))
     assert saved["vae"]["z_dim"] == ref.vae.z_dim
     jax.tree.map(np.testing.assert_array_equal, vae_params, jax.device_get(ref.vae_params))
+    # The run stands alone (copied to a bucket, its source folder gone): its own tokenizer.
+    tokenizer = checkpoint.read_config(run)["text"]["tokenizer_path"]
+    assert tokenizer == os.path.join(run, "tokenizer")
+    assert sorted(os.listdir(tokenizer)) == sorted(os.listdir(os.path.join(src, "tokenizer")))
 
 
 def test_bfloat16_weights_sample_close_to_float32(converted):

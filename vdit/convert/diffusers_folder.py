@@ -163,8 +163,11 @@ def latent_stats(vae) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dict:
-    """The Generator's fields from a pipeline folder (parameters placed on the default device)."""
+def load_parts(path: str, dtype: str = "float32", attention: str = "auto") -> dict:
+    """The Generator's fields from a pipeline folder (parameters placed on the default device).
+    `attention`: the DiTs' backend; "auto" is the platform's kernel (splash on TPU, cuDNN on GPU,
+    xla on CPU), as a converted run's config says: xla's [S, S] logits at Wan's 81x480x832 (32,760
+    tokens) would not fit a chip. The CLIP image encoder (257 tokens) keeps xla, as in a run."""
     index = read_index(path)
     expand = bool(index.get("expand_timesteps"))  # Wan2.2 TI2V-5B
     sub = lambda name: str(runs.user_path(path) / name)
@@ -199,7 +202,7 @@ def load_parts(path: str, dtype: str = "float32", attention: str = "xla") -> dic
         parts |= dict(text_model=text_model, text_params=weights(text_params, "text"),
                       tokenizer=load_tokenizer(sub("tokenizer"), MAX_TEXT_TOKENS))
     if _has(index, path, "image_encoder"):
-        parts |= image_parts(sub("image_encoder"), sub("image_processor"), dtype, attention)
+        parts |= image_parts(sub("image_encoder"), sub("image_processor"), dtype)
     return parts
 
 

@@ -8,7 +8,7 @@ tower, which the run keeps as OUT/image_encoder and OUT/image_processor and name
 `image_encoder` section) and writes two vdit runs, each one step-0 checkpoint whose params and
 EMA are the published weights:
   OUT       the DiT and the UMT5 text encoder ({"dit", "text"}), with a config holding the
-            `model`, `text` (frozen, tokenizer read from the source folder), `vae` and `sample`
+            `model`, `text` (frozen; the tokenizer copied to OUT/tokenizer), `vae` and `sample`
             sections (the folder's scheduler, Wan's defaults, Wan's unmasked padded text) and
             `encode.vae_workdir` = OUT/vae; OUT/latents/stats.json holds the VAE config's latent
             statistics, which Wan's pipelines normalise with;
@@ -62,6 +62,7 @@ from vdit.train.init_from import run_weights
 DIRECTIONS = (("diffusers", "vdit"), ("vdit", "diffusers"))
 DIFFUSERS_VERSION = "0.35.0"
 VAE_RUN = "vae"  # the VAE run's folder inside a converted run
+TOKENIZER = "tokenizer"  # its UMT5 tokenizer's, copied from the pipeline folder
 IMAGE_PARTS = ("image_encoder", "image_processor")  # Wan2.1 I2V's CLIP, kept beside the run
 I2V_PIPELINE = "WanImageToVideoPipeline"
 
@@ -104,8 +105,9 @@ def from_diffusers(src: str, out: str) -> dict:
 
     out = str(runs.absolute(out))
     vae_run = str(runs.user_path(out) / VAE_RUN)
-    config = _run_config(read_config(sub("transformer")), text_model, str(runs.absolute(
-        sub("tokenizer"))), vae_cfg, scheduler, vae_run, folder_lib.sampling_defaults(index))
+    tokenizer = str(runs.user_path(out) / TOKENIZER)
+    config = _run_config(read_config(sub("transformer")), text_model, tokenizer, vae_cfg,
+                         scheduler, vae_run, folder_lib.sampling_defaults(index))
     config.sample.mask_text = folder_lib.folder_masks_text(index)
     if image is not None:
         config.image_encoder = _image_section(image[0], out)
@@ -120,7 +122,8 @@ def from_diffusers(src: str, out: str) -> dict:
     if "dit_2" in weights:
         config.experts = ml_collections.ConfigDict({"boundary_ratio": index["boundary_ratio"]})
     checkpoint.write_weights(out, 0, weights, weights, config)
-    written = {"run": out, "vae_run": vae_run}
+    runs.copy_tree(sub("tokenizer"), tokenizer)  # the run is whole where it is copied to
+    written = {"run": out, "vae_run": vae_run, "tokenizer": tokenizer}
     if image is not None:
         wan.save_image_encoder(*image, config.image_encoder.image_encoder_path)
         runs.copy_tree(sub("image_processor"), config.image_encoder.image_processor_path)

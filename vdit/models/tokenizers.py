@@ -15,7 +15,9 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import sentencepiece as spm
 from etils import epath
+from tokenizers import Tokenizer
 
 
 def prompt_clean(text: str) -> str:
@@ -149,8 +151,6 @@ class SentencePieceTokenizer:
     """
 
     def __init__(self, path: str, max_length: int, add_eos: bool = True):
-        import sentencepiece as spm  # only for a sentencepiece model file (UMT5's)
-
         if not epath.Path(path).is_file():
             raise FileNotFoundError(f"sentencepiece model {path!r} does not exist")
         self.path, self.max_length = path, _check_max_length(max_length)
@@ -182,8 +182,6 @@ class JsonTokenizer:
     """
 
     def __init__(self, path: str, max_length: int, pad_token: str = "<pad>"):
-        from tokenizers import Tokenizer  # optional (transformers' dependency), for tokenizer.json
-
         if not epath.Path(path).is_file():
             raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
         self.path, self.max_length = path, _check_max_length(max_length)
