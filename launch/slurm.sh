@@ -7,8 +7,12 @@
 #   launch/slurm.sh [--dry-run] submit --config FILE --workdir DIR [options] [-- vdit flags]
 #   launch/slurm.sh [--dry-run] curate --shards N --input DIR --output DIR [options] [-- flags]
 #   launch/slurm.sh [--dry-run] encode --shards N --config FILE --workdir DIR [options] [-- flags]
-#   launch/slurm.sh [--dry-run] logs JOBID       tail the job's log (vdit-train-JOBID.log; an
-#                                                array task JOBID_I: vdit-data-JOBID_I.log)
+#   launch/slurm.sh [--dry-run] install [--venv DIR] [--cuda 12|13]
+#                                                once, before the first job: JAX's CUDA plugin
+#                                                (CUDA 12 unless told) into the checkout's .venv
+#   launch/slurm.sh [--dry-run] logs JOBID       tail the job's log in the checkout
+#                                                (vdit-train-JOBID.log; an array task JOBID_I:
+#                                                vdit-data-JOBID_I.log)
 #   launch/slurm.sh [--dry-run] cancel JOBID
 #
 # submit options: --nodes N (default 2), --gpus-per-node G (default 8), --partition P,
@@ -37,6 +41,7 @@ DATA_GPUS=""
 INPUT=""
 OUTPUT=""
 VENV=""
+CUDA=12
 JOB_ARGS=()
 EXTRA=()
 
@@ -64,7 +69,7 @@ in_checkout() {
 
 parse() {
   while [[ $# -gt 0 ]]; do
-    if [[ "$1" =~ ^--(nodes|gpus-per-node|partition|time|account|config|workdir|port|venv|shards|gpus|input|output)$ && $# -lt 2 ]]; then
+    if [[ "$1" =~ ^--(nodes|gpus-per-node|partition|time|account|config|workdir|port|venv|shards|gpus|input|output|cuda)$ && $# -lt 2 ]]; then
       die "$1 needs a value"
     fi
     case "$1" in
@@ -82,9 +87,10 @@ parse() {
       --gpus) DATA_GPUS="$2"; shift ;;
       --input) INPUT="$(job_path "$2")"; shift ;;
       --output) OUTPUT="$(job_path "$2")"; shift ;;
+      --cuda) CUDA="$2"; shift ;;
       -h|--help) usage; exit 0 ;;
       --) shift; EXTRA=("$@"); break ;;
-      submit|curate|encode|logs|cancel)
+      submit|curate|encode|install|logs|cancel)
         [[ -z "$COMMAND" ]] || die "two commands given: $COMMAND and $1"
         COMMAND="$1" ;;
       *)
@@ -95,7 +101,7 @@ parse() {
     esac
     shift
   done
-  need "a command" "$COMMAND" "submit, curate, encode, logs or cancel"
+  need "a command" "$COMMAND" "submit, curate, encode, install, logs or cancel"
   [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$NODES'"
   [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node must be a positive integer, got '$GPUS'"
 }
@@ -151,9 +157,22 @@ submit_data() {
   fi
 }
 
-# An array task's log is vdit-data-JOBID_TASK.log, a training job's vdit-train-JOBID.log.
+# `pip install -e .` gives JAX's CPU build, which a GPU job would run on without a word: add the
+# CUDA plugin of the jax already installed (no -U: jax, and what was resolved with it, stay).
+install() {
+  local venv="${VENV:-$(repo_root)/.venv}"
+  [[ "$CUDA" =~ ^1[23]$ ]] || die "--cuda must be 12 or 13 (jax's cuda12/13 extras), got '$CUDA'"
+  [[ "$DRY_RUN" == 1 || -x "$venv/bin/python" ]] \
+    || die "no $venv/bin/python: make the environment first (make install), or give --venv DIR"
+  run "$venv/bin/python" -m pip install -q "jax[cuda$CUDA]"
+}
+
+# The job's log, in the checkout where it runs (--chdir): an array task's is
+# vdit-data-JOBID_TASK.log, a training job's vdit-train-JOBID.log.
 log_file() {
-  if [[ "$JOB" == *_* ]]; then echo "vdit-data-$JOB.log"; else echo "vdit-train-$JOB.log"; fi
+  local name="vdit-train-$JOB.log"
+  [[ "$JOB" != *_* ]] || name="vdit-data-$JOB.log"
+  echo "$(repo_root)/$name"
 }
 
 main() {
@@ -161,6 +180,7 @@ main() {
   case "$COMMAND" in
     submit) submit ;;
     curate|encode) submit_data ;;
+    install) install ;;
     logs) need "a job id" "$JOB" "logs JOBID"; run tail -n 200 -F "$(log_file)" ;;
     cancel) need "a job id" "$JOB" "cancel JOBID"; run scancel "$JOB" ;;
   esac

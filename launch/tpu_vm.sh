@@ -28,6 +28,8 @@
 #   --log NAME                         log `logs` tails (default vdit-train.log; vdit-curate.log,
 #                                      vdit-encode.log for the data jobs)
 #   --remote-dir DIR                   where the repo lives on the workers (default ~/vdit)
+#   --python VERSION     TPU_PYTHON    install: the workers' Python, as `uv venv --python` takes
+#                                      it (default 3.11; the image's python3 may be older)
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -38,6 +40,7 @@ PROJECT="${TPU_PROJECT:-}"
 ACCELERATOR="${TPU_TYPE:-v5p-64}"
 VERSION="${TPU_VERSION:-v2-alpha-tpuv5}"
 CONFIG="${TPU_CONFIG:-}"
+PYTHON="${TPU_PYTHON:-3.11}"
 WORKDIR="${TPU_WORKDIR:-}"
 SPOT=0
 WORKER=0
@@ -52,7 +55,7 @@ META="http://metadata.google.internal/computeMetadata/v1/instance/attributes"
 
 parse() {
   while [[ $# -gt 0 ]]; do
-    if [[ "$1" =~ ^--(name|zone|project|accelerator|version|config|workdir|worker|input|output|log|remote-dir)$ && $# -lt 2 ]]; then
+    if [[ "$1" =~ ^--(name|zone|project|accelerator|version|config|workdir|worker|input|output|log|remote-dir|python)$ && $# -lt 2 ]]; then
       die "$1 needs a value"
     fi
     case "$1" in
@@ -70,6 +73,7 @@ parse() {
       --output) OUTPUT="$2"; shift ;;
       --log) LOG="$2"; shift ;;
       --remote-dir) REMOTE_DIR="$2"; shift ;;
+      --python) PYTHON="$2"; shift ;;
       -h|--help) usage; exit 0 ;;
       --) shift; EXTRA=("$@"); break ;;
       create|install|train|sample|curate|encode|logs|delete|up)
@@ -99,20 +103,26 @@ create() {
 }
 
 install() {
-  local root tarball dir
+  local root tarball dir python
   root="$(repo_root)"
   printf -v dir '%q' "$REMOTE_DIR"
+  printf -v python '%q' "$PYTHON"
   tarball="${TMPDIR:-/tmp}/vdit-src.tar.gz"
-  # Ship the checkout (no venv, runs or caches), unpack and install it on every worker.
+  # Ship the checkout (no venv, runs, weights or caches: weights and converted runs go to the
+  # bucket), unpack and install it on every worker.
   # Members are named ./PATH (`-C root .`), and a plain --exclude=NAME matches NAME at any
   # depth: the top-level folders are anchored as ./NAME, else vdit/runs/ (the package) would go.
   # Caches, git data and egg-info are dropped wherever they are.
   run tar -czf "$tarball" -C "$root" --exclude=./.venv --exclude=./runs --exclude=./demo_out \
-    --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' .
+    --exclude=./weights --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' .
   tpu scp "$tarball" "$NAME:vdit-src.tar.gz" --worker=all
+  # The image's python3 may be older than vdit needs (3.10 on v2-alpha-tpuv5): uv, installed with
+  # its pip, makes the venv with Python $PYTHON (the worker's own if it has it, else downloaded).
   local setup="mkdir -p $dir && tar -xzf vdit-src.tar.gz -C $dir && cd $dir"
-  setup+=" && python3 -m venv .venv && .venv/bin/pip install -q -U pip"
-  setup+=" && .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]'"  # gs:// workdirs and data
+  setup+=" && python3 -m pip install -q -U --user uv"
+  setup+=" && python3 -m uv venv -q --clear --seed --python $python .venv"
+  # The gcs extra: gs:// workdirs and data.
+  setup+=" && python3 -m uv pip install -q --python .venv/bin/python -e '.[gcs]' 'jax[tpu]'"
   tpu ssh "$NAME" --worker=all --command="$setup"
 }
 

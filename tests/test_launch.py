@@ -1,11 +1,13 @@
 """launch/: the TPU VM and SLURM scripts print the expected gcloud / sbatch / srun commands in
 --dry-run mode and execute nothing; bad input fails with a message; shellcheck is clean."""
 
+import importlib.metadata
 import os
 import shlex
 import shutil
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -58,7 +60,7 @@ def test_tpu_vm_lifecycle_dry_run(env):
     assert tar[:2] == ["tar", "-czf"] and "--exclude=./.venv" in tar
     assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
     assert install[4:7] == ["ssh", "vdit-test", "--worker=all"]
-    assert "pip install -q -e '.[gcs]' 'jax[tpu]'" in install[7]
+    assert "uv pip install -q --python .venv/bin/python -e '.[gcs]' 'jax[tpu]'" in install[7]
     assert train[4:7] == ["ssh", "vdit-test", "--worker=all"]
     remote = shlex.split(train[7].removeprefix("--command="))
     start = remote.index("-m") + 1
@@ -66,6 +68,45 @@ def test_tpu_vm_lifecycle_dry_run(env):
         ".venv/bin/python", "-m", "vdit", "train", "--config", "configs/wan2_1_t2v_14b.py",
         "--workdir", "gs://b/run", "--distributed", "on", "--config.mesh.sequence=4"]
     assert "--config.data.note=it's" in remote  # quoting survives two shells
+
+
+def _worker_install(env, tmp_path, *args):
+    """The remote command of `install`, run here in a stand-in worker home (the tarball unpacked
+    by the real tar) with a fake python3 that records its calls: the image's python3 only
+    installs uv, and uv makes the venv with the Python asked for."""
+    install, = [c for c in _commands(_run(env, "tpu_vm.sh", "--dry-run", "install", *TPU,
+                                          *args).stdout) if c[4:5] == ["ssh"]]
+    home = tmp_path / "home"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "pyproject.toml").write_text("x")
+    home.mkdir()
+    subprocess.run([shutil.which("tar"), "-czf", str(home / "vdit-src.tar.gz"), "-C",
+                    str(tmp_path / "src"), "."], check=True, timeout=30)
+    worker_bin = tmp_path / "worker_bin"
+    worker_bin.mkdir()
+    python3 = worker_bin / "python3"
+    python3.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/python3_calls\n")
+    python3.chmod(python3.stat().st_mode | stat.S_IEXEC)
+    subprocess.run(["bash", "-c", install[7].removeprefix("--command=")], cwd=home, check=True,
+                   env=dict(os.environ, HOME=str(home), PATH=f"{worker_bin}:{os.environ['PATH']}"),
+                   timeout=30)
+    assert (home / "vdit" / "pyproject.toml").is_file()
+    return [line.split() for line in (tmp_path / "python3_calls").read_text().splitlines()]
+
+
+def test_tpu_vm_install_makes_a_python_3_11_venv_with_uv(env, tmp_path):
+    """The image's python3 (3.10 on v2-alpha-tpuv5) is too old for vdit: it installs uv, which
+    makes .venv with Python 3.11 (--python / TPU_PYTHON another) and installs vdit into it."""
+    calls = _worker_install(env, tmp_path)
+    assert calls == [
+        ["-m", "pip", "install", "-q", "-U", "--user", "uv"],
+        ["-m", "uv", "venv", "-q", "--clear", "--seed", "--python", "3.11", ".venv"],
+        ["-m", "uv", "pip", "install", "-q", "--python", ".venv/bin/python", "-e", ".[gcs]",
+         "jax[tpu]"]]
+    for args, environ in ((["--python", "3.12"], env), ([], dict(env, TPU_PYTHON="3.12"))):
+        install = _commands(_run(environ, "tpu_vm.sh", "--dry-run", "install", *TPU,
+                                 *args).stdout)[-1]
+        assert "uv venv -q --clear --seed --python 3.12 .venv" in install[7]
 
 
 def test_tpu_vm_sample_runs_on_every_worker(env):
@@ -107,6 +148,7 @@ def test_tpu_vm_logs_delete_and_project(env):
     # checked before the slice is created (a paid slice, then the install, then this error)
     (["up", *TPU, "--workdir", "gs://b/r"], "--config is required"),
     (["create", *TPU, "--project"], "--project needs a value"),
+    (["install", *TPU, "--python"], "--python needs a value"),
 ])
 def test_tpu_vm_bad_input(env, args, message):
     proc = _run(env, "tpu_vm.sh", "--dry-run", *args, ok=False)
@@ -117,19 +159,42 @@ def test_slurm_submit_dry_run(env):
     out = _run(env, "slurm.sh", "--dry-run", "submit", "--nodes", "4", "--partition", "gpu",
                "--time", "48:00:00", "--config", "configs/wan2_1_t2v_14b.py", "--workdir",
                "/shared/run", "--", "--config.mesh.sequence=4").stdout
-    sbatch, srun = _commands(out)
+    sbatch, check, srun = _commands(out)
     assert sbatch[:5] == ["sbatch", "--nodes=4", "--gpus-per-node=8", "--partition=gpu",
                           "--time=48:00:00"]
     assert sbatch[5:7] == IN_CHECKOUT
     assert sbatch[7].endswith("launch/slurm_gpu.sbatch")
     assert sbatch[8:] == ["--config", "configs/wan2_1_t2v_14b.py", "--workdir", "/shared/run",
                           "--", "--config.mesh.sequence=4"]
-    assert srun[:3] == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert check[:2] == [os.path.join(ROOT, ".venv/bin/python"), "-c"]
+    assert srun[:4] == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+                        "--export=ALL,XLA_PYTHON_CLIENT_MEM_FRACTION=0.95"]
     task = shlex.split(srun[-1])
     assert task[1:] == [os.path.join(ROOT, ".venv/bin/python"), "-m", "vdit", "train",
                         "--config", "configs/wan2_1_t2v_14b.py", "--workdir", "/shared/run",
                         "--coordinator", "FIRST_NODE:8476", "--num_processes", "4",
                         "--process_id", "$SLURM_PROCID", "--config.mesh.sequence=4"]
+
+
+def test_slurm_job_memory_fraction_and_gpu_check(env, tmp_path):
+    """JAX may take 95% of each GPU (its default is 75%), unless the user set their own
+    fraction; before srun the job stops when JAX finds no GPU (its CPU build)."""
+    job = ["--dry-run", "--config", "c.py", "--workdir", "/w"]
+    check, srun = _commands(_run(env, "slurm_gpu.sbatch", *job).stdout)
+    assert "--export=ALL,XLA_PYTHON_CLIENT_MEM_FRACTION=0.95" in srun
+    env_own = dict(env, XLA_PYTHON_CLIENT_MEM_FRACTION="0.9")
+    srun = _commands(_run(env_own, "slurm_gpu.sbatch", *job).stdout)[-1]
+    assert "--export=ALL,XLA_PYTHON_CLIENT_MEM_FRACTION=0.9" in srun
+    # The printed check, run against a stand-in jax module that reports each backend.
+    fake = tmp_path / "fake_jax"
+    fake.mkdir()
+    for backend, code in (("cpu", 1), ("gpu", 0)):
+        (fake / "jax.py").write_text(f"def default_backend():\n    return {backend!r}\n")
+        proc = subprocess.run([sys.executable, *check[1:]], capture_output=True, text=True,
+                              env=dict(env, PYTHONPATH=str(fake)), timeout=30)
+        assert proc.returncode == code, proc.stderr
+        if code:
+            assert "JAX finds no GPU (its CPU build?): run launch/slurm.sh install" in proc.stderr
 
 
 def _job_from_spool(env, tmp_path, *args):
@@ -178,14 +243,17 @@ def test_slurm_job_script_inside_an_allocation(env, tmp_path):
     scontrol = tmp_path / "bin" / "scontrol"
     scontrol.write_text("#!/bin/sh\nprintf 'gpu-node-07\\ngpu-node-08\\n'\n")
     env = dict(env, SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_NTASKS="2")
-    srun, = _commands(_run(env, "slurm_gpu.sbatch", "--dry-run", "--config", "c.py",
-                           "--workdir", "/w", "--port", "9000").stdout)
+    _, srun = _commands(_run(env, "slurm_gpu.sbatch", "--dry-run", "--config", "c.py",
+                             "--workdir", "/w", "--port", "9000").stdout)
     assert "--coordinator gpu-node-07:9000 --num_processes 2" in srun[-1]
 
 
-def test_slurm_logs_cancel_and_errors(env):
-    logs, = _commands(_run(env, "slurm.sh", "--dry-run", "logs", "1234").stdout)
-    assert logs == ["tail", "-n", "200", "-F", "vdit-train-1234.log"]
+def test_slurm_logs_cancel_and_errors(env, tmp_path):
+    # The job writes its log in the checkout (--chdir): `logs` reads it there from any folder.
+    logs = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sh"), "--dry-run", "logs", "1234"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert _commands(logs.stdout) == [
+        ["tail", "-n", "200", "-F", os.path.join(ROOT, "vdit-train-1234.log")]]
     cancel, = _commands(_run(env, "slurm.sh", "--dry-run", "cancel", "1234").stdout)
     assert cancel == ["scancel", "1234"]
     for args, message in ((["submit", "--config", "c.py"], "--workdir is required"),
@@ -228,7 +296,7 @@ def test_slurm_data_jobs_dry_run(env):
                         "--distributed", "off", "--shard", "$SLURM_ARRAY_TASK_ID",
                         "--num-shards", "4"]
     logs, = _commands(_run(env, "slurm.sh", "--dry-run", "logs", "77_3").stdout)
-    assert logs[-1] == "vdit-data-77_3.log"
+    assert logs[-1] == os.path.join(ROOT, "vdit-data-77_3.log")
 
 
 def test_slurm_data_task_inside_an_array(env):
@@ -242,7 +310,26 @@ def test_slurm_data_task_inside_an_array(env):
         assert message in _run(environ, "slurm_data.sbatch", *args, ok=False).stderr
 
 
+def test_slurm_install_adds_jax_cuda_build(env, tmp_path):
+    """`install`: the CUDA plugin of the installed jax into the checkout's .venv (or --venv,
+    made absolute like the job's paths); the extras it names are the installed jax's own."""
+    install, = _commands(_run(env, "slurm.sh", "--dry-run", "install").stdout)
+    assert install == [os.path.join(ROOT, ".venv/bin/python"), "-m", "pip", "install", "-q",
+                       "jax[cuda12]"]
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sh"), "--dry-run", "install",
+                           "--venv", "env", "--cuda", "13"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert _commands(proc.stdout) == [[str(tmp_path / "env" / "bin" / "python"), "-m", "pip",
+                                       "install", "-q", "jax[cuda13]"]]
+    extras = importlib.metadata.metadata("jax").get_all("Provides-Extra")
+    assert {"cuda12", "cuda13"} <= set(extras), extras
+    missing = _run(env, "slurm.sh", "install", "--venv", str(tmp_path / "none"), ok=False)
+    assert f"no {tmp_path}/none/bin/python" in missing.stderr and not missing.stdout
+
+
 @pytest.mark.parametrize("args,message", [
+    (["install", "--cuda", "11"], "--cuda must be 12 or 13"),
+    (["install", "--cuda"], "--cuda needs a value"),
     (["encode", "--shards", "x", "--config", "c", "--workdir", "w"],
      "--shards must be a positive integer"),
     (["encode", "--shards", "2", "--config", "c"], "--workdir is required"),
@@ -289,13 +376,15 @@ def test_tpu_vm_data_jobs_shard_by_worker_number(env, tmp_path):
 
 def test_tpu_vm_install_tarball_keeps_the_runs_package(env, tmp_path):
     """The tar command `install` prints, run here on a stand-in checkout: the top-level runs/,
-    demo_out/ and .venv/ stay out, the vdit.runs package (vdit/runs/) and the rest go in."""
+    weights/ (tens of GB of diffusers folders: weights go to the bucket), demo_out/ and .venv/
+    stay out, the vdit.runs package (vdit/runs/) and the rest go in."""
     tar, = [c for c in _commands(_run(env, "tpu_vm.sh", "--dry-run", "install", *TPU).stdout)
             if c[0] == "tar"]
     root = tmp_path / "checkout"
     for path in ("vdit/runs/__init__.py", "vdit/__init__.py", "runs/demo/log.txt",
                  "demo_out/a.mp4", ".venv/bin/python", "vdit/__pycache__/x.pyc",
-                 "vdit.egg-info/PKG-INFO", "configs/demo_out/keep.py"):
+                 "vdit.egg-info/PKG-INFO", "configs/demo_out/keep.py",
+                 "weights/Wan2.1-T2V-14B-Diffusers/vae/model.safetensors"):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text("x")
     tar[0] = shutil.which("tar")  # the real one (the fixture's PATH fakes it)
@@ -306,4 +395,5 @@ def test_tpu_vm_install_tarball_keeps_the_runs_package(env, tmp_path):
                              check=True, capture_output=True, text=True).stdout.split()
     names = {name.removeprefix("./").rstrip("/") for name in listing}
     assert {"vdit/runs/__init__.py", "vdit/__init__.py", "configs/demo_out/keep.py"} <= names
-    assert not names & {"runs", "demo_out", ".venv", "vdit/__pycache__", "vdit.egg-info"}
+    assert not names & {"runs", "demo_out", ".venv", "weights", "vdit/__pycache__",
+                        "vdit.egg-info"}
