@@ -15,9 +15,9 @@ is reported, not fatal). Each side is timed in a process of its own (the script 
 hidden `--side`; torch's seeded init gives every process the same weights); `--quick` times them
 all in one process and skips torch.compile. vdit runs as
 configs/shapes_dit.py trains, by default `--matmul-dtype bfloat16 --remat full`: bfloat16 matmul
-operands with float32 sums (XLA:CPU's AMX path) in the dense layers and in attention's QK^T and
-PV, the blocks recomputed in the backward pass. Each side at its best CPU setting: with bfloat16
-operands on vdit's side, torch runs both in float32 and under
+operands with float32 sums (XLA:CPU's AMX path where the CPU has AMX) in the dense layers and
+in attention's QK^T and PV, the blocks recomputed in the backward pass. Each side at its best CPU
+setting: with bfloat16 operands on vdit's side, torch runs both in float32 and under
 `torch.autocast("cpu", torch.bfloat16)` (its oneDNN AMX path), and the ratio line holds vdit's
 time over each.
 

@@ -18,6 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
         decode=dict(
             short_side=0,  # downscale frames so min(H, W) <= this (0 = native size)
             max_segment_seconds=300.0,  # longer videos are cut into segments of this length
+            max_segment_mb=4096.0,  # ... or of fewer frames, when decoded they would pass this
+            # (300 s of 1080p is ~56 GB; at 4096: ~23 s of 1080p at 30 fps, ~6 s of 4K; 0 = no bound)
             default_fps=24.0,  # used when the container reports no frame rate
         ),
         # Shot boundaries: PySceneDetect (hard cuts, fades through black) and a multi-scale

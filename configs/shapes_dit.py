@@ -16,13 +16,16 @@ frame, and 30% of those also their last (keyframe interpolation); text-to-video 
 and condition. `make demo` trains it on 2 CPU cores.
 
 Matmuls take bfloat16 operands and sum in float32 (`matmul_dtype="bfloat16"`, as a TPU computes a
-float32 matmul at default precision): XLA:CPU runs those on the CPU's AMX units, several times
-faster than float32 (vdit/models/mixed_dot.py); the xla attention backend takes QK^T and PV the
-same way, with a hand-written backward (vdit/models/attention_mixed.py). With matmuls that cheap,
-recomputing the whole block in the backward pass (`remat="full"`) beats keeping anything: writing
-each layer's intermediates into the scan's stacked residual buffers and reading them back costs
-more than recomputing them (bench/train.py, demo step, bfloat16: 0.57 s with none, 0.40 s with
-save_dots, 0.35 s with full). Both are config knobs; the model code is the TPU/GPU one.
+float32 matmul at default precision): XLA:CPU runs those on the AMX units of a CPU that has them
+(Intel Xeon 4th gen and later), several times faster than float32 (vdit/models/mixed_dot.py); the
+xla attention backend takes QK^T and PV the same way, with a hand-written backward
+(vdit/models/attention_mixed.py). With matmuls that cheap, recomputing the whole block in the
+backward pass (`remat="full"`) beats keeping anything: writing each layer's intermediates into the
+scan's stacked residual buffers and reading them back costs more than recomputing them
+(bench/train.py, demo step, bfloat16, on such a CPU: 0.57 s with none, 0.40 s with save_dots,
+0.35 s with full). Both are config knobs; the model code is the TPU/GPU one. An AVX2-only CPU
+(no bfloat16 units) runs the same step about 5x slower, bfloat16 or not: 1.95 s on a 2-core AMD
+EPYC, where `make demo` takes over an hour instead of ~25 minutes.
 
 The word-level text encoder stays frozen at its random init, the stand-in for a frozen pretrained
 encoder (Wan's UMT5): trained jointly from scratch it maps the circle and square words to nearly
@@ -92,8 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim = common.optim()
     config.optim.update(dict(lr=2e-3, warmup_steps=100, weight_decay=0.0))
     config.train = common.train()
-    # 1400 steps (~0.46 s each on 2 cores) leave the 2000-step VAE its ~10 minutes within
-    # `make demo`'s 25; 1600 steps on a weaker VAE drew fewer circles (configs/shapes_vae.py).
+    # 1400 steps (~0.46 s each on 2 cores with AMX) leave the 2000-step VAE its ~10 minutes
+    # within `make demo`'s 25; 1600 steps on a weaker VAE drew fewer circles (shapes_vae.py).
     config.train.update(dict(steps=1400, ema_decay=0.99, log_every=25, i2v_rate=0.3,
                              last_frame_rate=0.3))
     config.checkpoint = common.checkpoint()

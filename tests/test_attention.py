@@ -47,6 +47,17 @@ def test_auto_is_xla_on_cpu():
     assert attn.resolve_backend("auto", "cpu") == "xla"
 
 
+def test_auto_on_a_gpu_runs_xla_for_what_cudnn_refuses():
+    """float32 queries, or heads of a width that is not a multiple of 8: xla, not a cuDNN error
+    (a float32 Wan folder sampled on a GPU, the notebooks' random models)."""
+    q = lambda dtype, width: jax.ShapeDtypeStruct((1, 4, 2, width), dtype)
+    assert attn.resolve_backend("auto", "gpu", q(jnp.bfloat16, 64)) == "cudnn"
+    assert attn.resolve_backend("auto", "gpu", q(jnp.float32, 64)) == "xla"
+    assert attn.resolve_backend("auto", "gpu", q(jnp.bfloat16, 12)) == "xla"
+    assert attn.resolve_backend("auto", "tpu", q(jnp.float32, 12)) == "splash"
+    assert attn.resolve_backend("cudnn", "gpu", q(jnp.float32, 64)) == "cudnn"  # asked: its error
+
+
 @pytest.mark.parametrize("backend,need", [("cudnn", "GPU"), ("splash", "TPU")])
 def test_accelerator_backends_fail_clearly_on_cpu(backend, need):
     q, k, v, q_seg, kv_seg = _inputs()

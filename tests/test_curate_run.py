@@ -95,6 +95,8 @@ def test_sharded_runs_cover_every_video_once(videos, tmp_path):
     out = tmp_path / "out"
     sources = [it.source for it in list_inputs(str(videos), (".mp4",))]
     assert sorted({shard_of(s, 2) for s in sources}) == [0, 1]  # both workers get work
+    latin1 = os.fsdecode(b"/raw/caf\xe9.mp4")  # not UTF-8: os.walk gives it with surrogates
+    assert shard_of(latin1, 2) == shard_of(latin1, 2) in (0, 1)
     assert run_cli(_args(videos, out, 1, 2)) == 0
     assert not (out / "clips.jsonl").exists()  # worker 0 has not finished yet
     assert run_cli(_args(videos, out, 0, 2)) == 0

@@ -100,6 +100,13 @@ def test_segments_keep_times_only_off_the_constant_rate_grid(tmp_path):
     write_counter_video(tmp_path / "cfr.mp4", 30, 12.0, 64, 96)
     (cfr,) = iter_segments(tmp_path / "cfr.mp4", DECODE)
     assert cfr.times is None and cfr.span(12, 24) == (1.0, 2.0, 12.0)
+    # A byte budget ends segments too (300 s of 1080p decodes to ~56 GB): 64x96x3 bytes a frame,
+    # 0.2 MB -> 11 frames a segment; the frames are the same, numbered on.
+    budget = ml_collections.ConfigDict(dict(DECODE, max_segment_mb=0.2))
+    parts = list(iter_segments(tmp_path / "cfr.mp4", budget))
+    assert [len(p.frames) for p in parts] == [11, 11, 8] and parts[-1].last
+    assert [frame_number(f) for p in parts for f in p.frames] == list(range(30))
+    np.testing.assert_array_equal(np.concatenate([p.frames for p in parts]), cfr.frames)
 
 
 def test_anamorphic_pixels_are_widened_by_every_reader(tmp_path):

@@ -4,12 +4,12 @@ yielded in segments of bounded length so a long video never sits in memory whole
 A segment is the unit of work (and of resuming): cuts, scores and clips are computed per
 segment; its frames are numbered from the start of the video (`start_frame`), in presentation
 order, as `vdit encode` numbers a clips.jsonl line's frames. A video shorter than
-`max_segment_seconds` is one segment. Frames are as players show them: upright (display rotation
-applied), anamorphic pixels widened; a variable-frame-rate segment keeps each frame's time.
+`max_segment_seconds`, whose decoded frames fit in `max_segment_mb`, is one segment. Frames are
+as players show them: upright (display rotation applied), anamorphic pixels widened; a
+variable-frame-rate segment keeps each frame's time.
 Unreadable files (also an audio file whose only picture is its cover art), and files that fail
 part way, raise `VideoReadError` (from `vdit.data.video_io`) naming the file, so the caller can
-count and skip.
-"""
+count and skip."""
 
 from __future__ import annotations
 
@@ -69,11 +69,19 @@ def iter_segments(path: str | Path, cfg) -> Iterator[Segment]:
         yield from _segments(path, container.decode(stream), fps, pixel_aspect(stream), cfg)
 
 
-def _segments(path: Path, decoded, fps: float, aspect: float, cfg) -> Iterator[Segment]:
+def segment_length(cfg, fps: float, frame_shape) -> int:
+    """Frames in a segment: `max_segment_seconds` of video, fewer when their decoded bytes would
+    exceed `max_segment_mb` (0 = no such bound): 300 s of 1080p is ~56 GB decoded."""
     length = max(1, round(cfg.max_segment_seconds * fps))
-    buffer: list[np.ndarray] = []
+    budget = float(cfg.get("max_segment_mb", 0.0) or 0.0) * 2**20
+    return min(length, max(1, int(budget // np.prod(frame_shape)))) if budget else length
+
+
+def _segments(path: Path, decoded, fps: float, aspect: float, cfg) -> Iterator[Segment]:
+    frames = None  # [length + 1, H, W, 3]: decoded into in place (a list + np.stack held twice)
+    count = 0  # frames in `frames`
     stamps: list[float | None] = []  # seconds of the buffered frames (None: no timestamp)
-    index = start = 0
+    index = start = length = 0
     size = origin = None
     try:
         for frame in decoded:
@@ -81,25 +89,30 @@ def _segments(path: Path, decoded, fps: float, aspect: float, cfg) -> Iterator[S
             if size is None:  # the frame as stored, scaled to the size it is shown at
                 origin = frame.time
                 size = target_size(*shown_size(frame.height, frame.width, aspect), cfg.short_side)
-            image = frame.to_ndarray(height=size[0], width=size[1], format="rgb24",
-                                     interpolation="AREA")
-            buffer.append(upright(image, turns))
+            image = upright(frame.to_ndarray(height=size[0], width=size[1], format="rgb24",
+                                             interpolation="AREA"), turns)
+            if frames is None:
+                length = segment_length(cfg, fps, image.shape)
+                frames = np.empty((length + 1, *image.shape), np.uint8)
+            frames[count] = image  # a frame of another shape: ValueError, the file is unreadable
+            count += 1
             stamps.append(frame.time)
             # One frame of look-ahead, so the final segment is always marked `last` (and the
             # next frame's time ends the segment's last frame).
-            if len(buffer) > length:
+            if count > length:
                 times = _frame_times(stamps, start, fps, origin)
-                yield Segment(index, start, np.stack(buffer[:length]), fps, last=False,
+                yield Segment(index, start, frames[:length], fps, last=False,
                               times=None if times is None else times[:length + 1])
-                buffer, stamps = buffer[length:], stamps[length:]
+                frames, head = np.empty_like(frames), frames[length]
+                frames[0], count, stamps = head, 1, stamps[length:]
                 index, start = index + 1, start + length
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
         raise VideoReadError(f"cannot read video {path} (failed after frame "
-                             f"{start + len(buffer)}): {e}") from e
-    if not buffer:
+                             f"{start + count}): {e}") from e
+    if not count:
         raise VideoReadError(f"cannot read video {path}: no decodable frames")
     times = _frame_times(stamps + [None], start, fps, origin)
-    yield Segment(index, start, np.stack(buffer), fps, last=True, times=times)
+    yield Segment(index, start, frames[:count], fps, last=True, times=times)
 
 
 # Timestamps within this fraction of a frame of the constant-rate grid count as constant rate

@@ -63,7 +63,9 @@ def _read_manifest(path: Path) -> list[VideoItem]:
 
 
 def shard_of(source: str, num_shards: int) -> int:
-    return int.from_bytes(hashlib.sha1(source.encode()).digest()[:8], "big") % num_shards
+    # os.walk hands over a name that is not UTF-8 as surrogates: back to its bytes, not an error
+    name = source.encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.sha1(name).digest()[:8], "big") % num_shards
 
 
 class PartWriter:

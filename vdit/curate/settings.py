@@ -20,8 +20,8 @@ POSITIVE = ("decode.max_segment_seconds", "decode.default_fps", "cuts.content_th
             "motion.short_side", "motion.levels", "motion.winsize", "motion.iterations",
             "motion.poly_n", "motion.poly_sigma", "scores.frames", "scores.text_edge",
             "scores.text_min_aspect", "output.clips_per_file", "output.max_file_mb")
-NON_NEGATIVE = ("decode.short_side", "cuts.short_side", "cuts.fade_threshold", "cuts.fade_rise",
-                "cuts.fade_ramp_seconds",
+NON_NEGATIVE = ("decode.short_side", "decode.max_segment_mb", "cuts.short_side",
+                "cuts.fade_threshold", "cuts.fade_rise", "cuts.fade_ramp_seconds",
                 "cuts.min_scene_seconds", "cuts.merge_seconds", "cuts.min_clip_seconds",
                 "cuts.gradual.return_seconds", "cuts.gradual.span_pad",
                 "cuts.gradual.same_distance", "cuts.gradual.motion_spread",

@@ -20,7 +20,8 @@ Backends:
            (`attention_pallas_tpu.py`), a Pallas Triton kernel on GPU (`attention_pallas_gpu.py`);
            no dense mask. A packed row then costs about what its videos cost alone. Under a mesh
            it runs per device like splash.
-  "auto"   cudnn on GPU, splash on TPU, xla elsewhere. block_sparse is proven exact in Pallas
+  "auto"   cudnn on GPU, splash on TPU, xla elsewhere; xla also on a GPU for inputs cuDNN cannot
+           take (float32, or a head width that is not a multiple of 8). block_sparse is proven exact in Pallas
            interpret mode, and its kernels lower for TPU (Mosaic) and CUDA (Triton) with Pallas's
            block-shape checks (tests, on CPU); `auto` moves to it once it has compiled and been
            timed on a device.
@@ -65,14 +66,19 @@ BLOCK_SPARSE_BLOCKS = {"tpu": (512, 512), "gpu": (64, 64)}
 BLOCK_SPARSE_SHORT_KV = {"tpu": 128, "gpu": 32}
 
 
-def resolve_backend(backend: str, platform: str | None = None) -> str:
-    """Checks `backend` against the running platform; 'auto' picks the platform's fast kernel."""
+def resolve_backend(backend: str, platform: str | None = None, q=None) -> str:
+    """Checks `backend` against the running platform; 'auto' picks the platform's fast kernel
+    that takes the queries `q` (when given): a float32 model, or heads of a width cuDNN refuses,
+    on a GPU run xla rather than fail."""
     platform = platform or jax.default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r} (config.model.attention); "
                          f"expected one of {BACKENDS}")
     if backend == "auto":
-        return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
+        pick = {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
+        if pick == "cudnn" and q is not None and not cudnn_takes(q):
+            return "xla"
+        return pick
     need = _PLATFORM_OF.get(backend)
     if need is not None and platform not in need:
         raise RuntimeError(
@@ -86,7 +92,7 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, backend: str = "xla",
               sequence_parallel: bool = False, matmul_dtype=None):
     """Segment-masked multi-head attention, softmax scale 1/sqrt(Dh). Shapes in the module doc."""
     _check_shapes(q, k, v, q_segment_ids, kv_segment_ids)
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, q=q)
     if sequence_parallel and context.sequence_parallel_size() > 1:
         attend = functools.partial(local_attention, backend=backend, shard=False,
                                    matmul_dtype=matmul_dtype)
@@ -133,6 +139,12 @@ def xla_attention(q, k, v, q_segment_ids, kv_segment_ids):
     own XLA implementation, the numerics of diffusers' scaled_dot_product_attention)."""
     return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(q_segment_ids, kv_segment_ids),
                                         implementation="xla")
+
+
+def cudnn_takes(q) -> bool:
+    """Whether cuDNN's fused attention takes queries `q` [B, S, H, Dh]: bfloat16 or float16, Dh a
+    multiple of 8."""
+    return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
 
 
 def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids):

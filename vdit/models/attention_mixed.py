@@ -7,8 +7,9 @@ two products QK^T and PV taking operands rounded to `low` (bfloat16) and summing
 `config.model.matmul_dtype` does for the dense layers (vdit/models/mixed_dot.py), here for the
 attention core. torch's autocast does the same to scaled_dot_product_attention.
 
-Why by hand (a CPU lever): XLA:CPU runs a bfloat16 x bfloat16 -> float32 product on the AMX units
-only when both operands are row-major and lhs is contracted over its last axis. Autodiff of the
+Why by hand (a lever on CPUs with bfloat16 units; none on AVX2-only ones, see mixed_dot.py): XLA:CPU
+runs a bfloat16 x bfloat16 -> float32 product on the AMX units only when both operands are
+row-major and lhs is contracted over its last axis. Autodiff of the
 plain formula contracts the `[S, L]` probabilities over S for dK and dV (the slow path, 6x a fast
 product at 320 tokens) and differentiates the softmax op by op. The backward here is the
 flash-attention one: dS = P * (dP - rowsum(dO * O)), and the two products over S are written as
