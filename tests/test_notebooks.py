@@ -9,10 +9,18 @@ the quickstart's compiled step.
 A notebook runs twice in the same folder (a user's second "Run all"): after the first run, the
 cells that train or convert (RERUN) run again in the same kernel, finding their runs made (a
 finished run's train() returns no history; the converted run is kept). Only those cells: the
-others do not depend on what is already on disk, and the same kernel reuses the compiled code."""
+others do not depend on what is already on disk, and the same kernel reuses the compiled code.
 
+The test environment has vdit installed, so there cell 1 (Colab's clone and install) does nothing:
+its other cases run it alone, with git, pip and the runtime simulated."""
+
+import importlib.metadata
+import importlib.util
 import os
 import re
+import shutil
+import subprocess
+import sys
 import time
 
 import jax
@@ -147,3 +155,120 @@ def test_lora_notebook_caption_is_in_the_text_encoders_words():
     exec(cell.source, values)  # plain assignments
     vocab = load_config(os.path.join(CONFIG_DIR, "shapes_lora.py"), []).text.vocab
     assert WordTokenizer(list(vocab), 64).unknown_words(values["PROMPT"]) == []
+
+
+# ---------------------------------------------------------------- the Colab install cell (cell 1)
+URL_LINE = re.compile(r'^REPO_URL = "[^"]*"', re.M)
+NOTEBOOK_NAMES = list(PARAMETERS)
+
+
+def run_install_cell(name, cwd, monkeypatch, *, importable, installed, repo_url="https://x.org/v.git",
+                     env=None, nvidia_smi=False, devices=(), calls=None):
+    """Executes cell 1 of notebook `name` in the folder `cwd` with git and pip recorded, not run
+    (the clone makes a checkout: a folder holding the package folder), and simulated: whether vdit
+    is importable (find_spec) and installed (its metadata), the environment `env`, nvidia-smi on
+    PATH and which of /dev's `devices` exist. `repo_url` None keeps the cell's placeholder.
+    Returns the commands (also appended to `calls`) and sys.path as the cell left it (restored
+    afterwards, as all the rest)."""
+    source = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4).cells[1].source
+    if repo_url is not None:
+        source, count = URL_LINE.subn(f'REPO_URL = "{repo_url}"', source)
+        assert count == 1, "cell 1 sets no REPO_URL"
+    calls = [] if calls is None else calls
+
+    def check_call(args, *rest, **kwargs):
+        calls.append(list(args))
+        if list(args[:2]) == ["git", "clone"]:
+            os.makedirs(os.path.join(args[-1], "vdit"))
+            open(os.path.join(args[-1], "vdit", "__init__.py"), "w").close()
+        return 0
+
+    real_find_spec, real_distribution = importlib.util.find_spec, importlib.metadata.distribution
+    real_exists, real_which = os.path.exists, shutil.which
+
+    def find_spec(module, *rest, **kwargs):
+        return None if module == "vdit" and not importable else real_find_spec(module, *rest, **kwargs)
+
+    def distribution(package):
+        if package != "vdit":
+            return real_distribution(package)
+        if not installed:
+            raise importlib.metadata.PackageNotFoundError(package)
+        return object()
+
+    monkeypatch.setattr(subprocess, "check_call", check_call)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+    monkeypatch.setattr(os.path, "exists", lambda p: str(p) in devices if str(p).startswith("/dev/")
+                        else real_exists(p))
+    monkeypatch.setattr(shutil, "which", lambda cmd, *rest, **kwargs: (
+        ("/usr/bin/nvidia-smi" if nvidia_smi else None) if cmd == "nvidia-smi"
+        else real_which(cmd, *rest, **kwargs)))
+    for key in ("TPU_ACCELERATOR_TYPE", "COLAB_TPU_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the cell's insert goes into this copy
+    monkeypatch.chdir(cwd)
+    exec(compile(source, f"{name}.ipynb cell 1", "exec"), {"__name__": "__main__"})
+    return calls, list(sys.path)
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+@pytest.mark.parametrize("runtime, expected", [
+    (dict(), []),                                                      # CPU
+    (dict(nvidia_smi=True), ["jax[cuda12]"]),                          # GPU
+    (dict(env={"TPU_ACCELERATOR_TYPE": "v5litepod-1"}), ["jax[tpu]"]),  # TPU
+    (dict(devices={"/dev/vfio"}), ["jax[tpu]"]),                       # a TPU VM's device
+    (dict(devices={"/dev/vfio"}, nvidia_smi=True), ["jax[cuda12]"]),   # a GPU host with vfio
+], ids=["cpu", "gpu", "tpu", "tpu-vfio", "gpu-vfio"])
+def test_install_cell_on_a_fresh_runtime(name, runtime, expected, tmp_path, monkeypatch):
+    """A fresh Colab runtime (vdit neither importable nor installed): the cell clones into
+    vdit-src (a checkout named vdit in Colab's working folder, which is on sys.path, would shadow
+    the editable install after a restart), pip-installs it with the runtime's jax build, and puts
+    the checkout first on sys.path (the running kernel has not read the install's .pth)."""
+    calls, path = run_install_cell(name, tmp_path, monkeypatch, importable=False, installed=False,
+                                   **runtime)
+    src = os.path.join(os.path.realpath(tmp_path), "vdit-src")
+    assert [c[:2] for c in calls] == [["git", "clone"], [sys.executable, "-m"]], calls
+    assert calls[0][-2:] == ["https://x.org/v.git", src]
+    pip = calls[1]
+    assert pip[2:4] == ["pip", "install"] and pip[pip.index("-e") + 1] == src
+    assert [a for a in pip if a.startswith("jax")] == expected
+    assert path[0] == src and os.path.isfile(os.path.join(src, "vdit", "__init__.py"))
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+@pytest.mark.parametrize("installed", [True, False], ids=["restart", "interrupted-install"])
+def test_install_cell_after_a_restart(name, installed, tmp_path, monkeypatch):
+    """After a runtime restart (the checkout there, vdit installed and importable from it), the
+    cell neither clones nor installs, and puts the checkout first on sys.path; a checkout whose
+    install did not finish is installed again (never cloned again)."""
+    src = os.path.join(os.path.realpath(tmp_path), "vdit-src")
+    os.makedirs(os.path.join(src, "vdit"))
+    open(os.path.join(src, "vdit", "__init__.py"), "w").close()
+    calls, path = run_install_cell(name, tmp_path, monkeypatch, importable=True,
+                                   installed=installed, repo_url=None)
+    assert [c[2:4] for c in calls] == ([] if installed else [["pip", "install"]]), calls
+    assert path[0] == src
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+def test_install_cell_asks_for_repo_url(name, tmp_path, monkeypatch):
+    """REPO_URL left as its placeholder on a fresh runtime: a ValueError saying to set it, before
+    any git or pip."""
+    calls = []
+    with pytest.raises(ValueError, match="Set REPO_URL"):
+        run_install_cell(name, tmp_path, monkeypatch, importable=False, installed=False,
+                         repo_url=None, calls=calls)
+    assert calls == [] and not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+def test_install_cell_does_nothing_where_vdit_is_installed(name, tmp_path, monkeypatch):
+    """vdit importable from a normal install (a laptop clone after `pip install -e .`): the cell
+    does nothing, even with REPO_URL still its placeholder."""
+    before = list(sys.path)
+    calls, path = run_install_cell(name, tmp_path, monkeypatch, importable=True, installed=True,
+                                   repo_url=None)
+    assert calls == [] and path == before and not os.listdir(tmp_path)

@@ -156,6 +156,13 @@ def test_videos_come_upright_by_their_display_rotation(tmp_path, degrees):
     loaded = video_io.load_video(path)[0]
     assert loaded.shape == (3, *shown.shape)
     assert np.abs(loaded.astype(int) - shown).max() < 40
+    # Shrunk as decoded (`vdit sample --video` on a 4K phone clip): half size still covers
+    # half the shown size, in the upright orientation; only the first frames read.
+    h, w = shown.shape[:2]
+    small = video_io.load_video(path, first=2, cover=(h // 2, w // 2))[0]
+    halved = shown.reshape(h // 2, 2, w // 2, 2, 3).mean((1, 3))
+    assert small.shape == (2, h // 2, w // 2, 3) and np.abs(small - halved).max() < 40
+    assert video_io.load_video(path, cover=(2 * h, w))[0].shape == loaded.shape  # never enlarged
     with VideoReader(path) as reader:
         crop = reader.read([0, 2], *shown.shape[:2])
     assert np.abs(crop.astype(int) - shown).max() < 40

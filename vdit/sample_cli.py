@@ -153,11 +153,15 @@ def output_paths(out: str, count: int) -> list[str]:
     return [out] if count == 1 else [f"{stem}_{i:03d}{suffix}" for i in range(count)]
 
 
-def fit(video: np.ndarray, height: int, width: int, what: str) -> np.ndarray:
-    """[T, H, W, 3] resized to cover height x width and center-cropped, saying so."""
+def fit(video: np.ndarray, height: int, width: int, what: str,
+        shown: tuple[int, int] | None = None) -> np.ndarray:
+    """[T, H, W, 3] resized to cover height x width and center-cropped, saying so; `shown`: the
+    source's size when `video` was already shrunk as it was read."""
+    shown = tuple(shown or video.shape[1:3])
+    if shown != (height, width):
+        print(f"vdit sample: {what} is {shown[0]}x{shown[1]}; resizing and center-cropping it "
+              f"to {height}x{width}")
     if video.shape[1:3] != (height, width):
-        print(f"vdit sample: {what} is {video.shape[1]}x{video.shape[2]}; resizing and "
-              f"center-cropping it to {height}x{width}")
         video = video_io.resize_and_crop(video, height, width)
     return video
 
@@ -225,7 +229,12 @@ class SampleJob:
         self.fps = float(opt(args, "fps", d.get("fps", 16.0)))
         self.video = None
         if args.video:
-            video, fps = video_io.load_video(args.video, as_float=False)
+            # Decoded no larger than the clip needs (upscale keeps the small source it is given)
+            # and, but to extend it, no longer: a minute of 4K would be ~45 GB in memory.
+            self.video_size = video_io.probe_video(args.video)
+            video, fps = video_io.load_video(
+                args.video, first=None if self.mode == "extend" else args.frames,
+                cover=None if self.mode == "upscale" else (self.height, self.width))
             self.fps = float(opt(args, "fps", fps or self.fps))
             self.video = self._input_video(video)
         micro = {"motion": opt(args, "motion")}
@@ -257,7 +266,8 @@ class SampleJob:
                       f"resizing and center-cropping it to {self.height}x{self.width} (the "
                       "aspect is kept)")
             return video_io.to_float(clip)
-        return video_io.to_float(fit(clip, self.height, self.width, f"video {args.video}"))
+        return video_io.to_float(fit(clip, self.height, self.width, f"video {args.video}",
+                                     self.video_size))
 
     def run(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         """A batch of prompts -> videos [B, T, H, W, 3] in [-1, 1]; prompt i uses noise drawn

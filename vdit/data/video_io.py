@@ -7,7 +7,9 @@ Unreadable or corrupt files raise `VideoReadError` naming the file, so callers c
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 from collections.abc import Sequence
 from fractions import Fraction
@@ -155,9 +157,13 @@ def write_video(path: str | Path, video: np.ndarray, fps: float) -> None:
         raise ValueError(f"cannot write {path}: unsupported suffix {suffix!r} (use .mp4 or .gif)")
 
 
-def load_video(path: str | Path, as_float: bool = False) -> tuple[np.ndarray, float]:
+def load_video(path: str | Path, as_float: bool = False, first: int | None = None,
+               cover: tuple[int, int] | None = None) -> tuple[np.ndarray, float]:
     """(frames [T, H, W, 3] uint8, or float in [-1, 1] if as_float; frames per second), as players
-    show them: upright (the display rotation applied), anamorphic pixels widened."""
+    show them: upright (the display rotation applied), anamorphic pixels widened. `first`: decode
+    only that many frames; `cover` (height, width): shrink each frame as it is decoded to the
+    smallest size that still covers it (never enlarged; the aspect kept), so a minute of 4K is
+    never held at full size (~45 GB as uint8)."""
     path = Path(path)
     if not path.is_file():
         raise VideoReadError(f"cannot read video {path}: file not found")
@@ -166,7 +172,9 @@ def load_video(path: str | Path, as_float: bool = False) -> tuple[np.ndarray, fl
             stream = video_stream(container, path)
             rate = stream.average_rate or stream.guessed_rate
             aspect = pixel_aspect(stream)
-            frames = [upright(_shown(f, aspect), quarter_turns(f)) for f in container.decode(stream)]
+            decoded = itertools.islice(container.decode(stream), first)
+            frames = [upright(_shown(f, aspect, cover, quarter_turns(f)), quarter_turns(f))
+                      for f in decoded]
     except VideoReadError:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
@@ -178,24 +186,38 @@ def load_video(path: str | Path, as_float: bool = False) -> tuple[np.ndarray, fl
     return (to_float(video) if as_float else video), fps
 
 
-def _shown(frame: av.VideoFrame, aspect: float) -> np.ndarray:
-    """A decoded frame as uint8 RGB [H, W', 3] at its shown aspect (see shown_size)."""
-    if aspect == 1.0:
-        return frame.to_ndarray(format="rgb24")
+def _shown(frame: av.VideoFrame, aspect: float, cover: tuple[int, int] | None = None,
+           turns: int = 0) -> np.ndarray:
+    """A decoded frame as uint8 RGB [H, W', 3] at its shown aspect (see shown_size), shrunk to
+    the smallest size that covers `cover` (height, width) once turned upright by `turns`."""
     height, width = shown_size(frame.height, frame.width, aspect)
+    if cover is not None:
+        want = cover if turns % 2 == 0 else cover[::-1]  # the target, in the stored orientation
+        scale = max(want[0] / height, want[1] / width)
+        if scale < 1:
+            height, width = (max(n, math.ceil(m * scale)) for n, m in zip(want, (height, width)))
+            return frame.to_ndarray(height=height, width=width, format="rgb24",
+                                    interpolation="AREA")
+    if (height, width) == (frame.height, frame.width):
+        return frame.to_ndarray(format="rgb24")
     return frame.to_ndarray(height=height, width=width, format="rgb24",
                             interpolation="AREA" if aspect < 1 else "BICUBIC")
 
 
-def probe_video(path: str | Path) -> None:
-    """Raises VideoReadError unless `path` opens with a video stream and a decodable first frame."""
+def probe_video(path: str | Path) -> tuple[int, int]:
+    """(height, width) of the first frame of `path` as players show it (upright, anamorphic
+    pixels widened); VideoReadError unless the file has a video stream and that frame decodes."""
     path = Path(path)
     if not path.is_file():
         raise VideoReadError(f"cannot read video {path}: file not found")
     try:
         with av.open(str(path)) as container:
-            if next(container.decode(video_stream(container, path)), None) is None:
+            stream = video_stream(container, path)
+            frame = next(container.decode(stream), None)
+            if frame is None:
                 raise VideoReadError(f"cannot read video {path}: no decodable frames")
+            size = shown_size(frame.height, frame.width, pixel_aspect(stream))
+            return size if quarter_turns(frame) % 2 == 0 else size[::-1]
     except VideoReadError:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
