@@ -259,3 +259,21 @@ def test_a_video_that_fails_analysis_is_recorded_not_fatal(videos, tmp_path):
     assert "RuntimeError: scorer blew up" in failed[0]["error"]
     assert ledger.summarize(lines)["clips"] == 9  # the three other videos' clips
     assert "failed videos" in ledger.format_summary(summary)
+
+
+def test_a_full_output_stops_the_run_blaming_no_video(videos, tmp_path, monkeypatch):
+    """A part file that cannot be written (disk full) is the output's fault, not the video's:
+    the run stops naming the file (every later video would fail alike), no video is recorded as
+    failed, and a rerun on a writable output curates everything."""
+    def full(path, clips):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(records, "write_clip_file", full)
+    config = load_config(default_config_path(), [*QUIET, "--config.curate.output.clips_per_file=1"])
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match=r"cannot write .*part.*No space left on device.*Rerun"):
+        curate(config, str(videos), str(out))
+    assert not any(ln["reason"] == "failed" for path in out.glob("*.jsonl") for ln in _lines(path))
+    monkeypatch.undo()
+    summary = curate(config, str(videos), str(out))
+    assert summary["this_run"]["failed"] == 0 and summary["clips"] == 12

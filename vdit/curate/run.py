@@ -68,6 +68,12 @@ def shard_of(source: str, num_shards: int) -> int:
     return int.from_bytes(hashlib.sha1(name).digest()[:8], "big") % num_shards
 
 
+class OutputWriteError(OSError):
+    """A part file or ledger line could not be written (a full or read-only output): the run
+    stops, as every later video would fail the same way; no video is blamed or recorded, and a
+    rerun redoes what the ledger does not hold."""
+
+
 class PartWriter:
     """Buffers kept clips and their ledger lines; flushes a part file, then the lines."""
 
@@ -89,15 +95,20 @@ class PartWriter:
             self.flush()
 
     def flush(self) -> None:
-        if self.clips:
-            path = records.part_path(self.output, self.shard, self.num_shards, self.part)
-            name = os.path.basename(path)
-            for index, clip in enumerate(self.clips):
-                clip["meta"].update(shard_file=name, shard_index=index)
-            records.write_clip_file(path, self.clips)
-            self.part += 1
-        ledger.append_lines(ledger.ledger_path(self.output, self.shard, self.num_shards),
-                            self.lines)
+        path = ledger.ledger_path(self.output, self.shard, self.num_shards)
+        try:
+            if self.clips:
+                path = records.part_path(self.output, self.shard, self.num_shards, self.part)
+                name = os.path.basename(path)
+                for index, clip in enumerate(self.clips):
+                    clip["meta"].update(shard_file=name, shard_index=index)
+                records.write_clip_file(path, self.clips)
+                self.part += 1
+                path = ledger.ledger_path(self.output, self.shard, self.num_shards)
+            ledger.append_lines(path, self.lines)
+        except OSError as e:
+            raise OutputWriteError(f"curate: cannot write {path} ({e}); is the output full or "
+                                   "read-only? Rerun when it is writable: the run resumes") from e
         self.clips, self.lines, self.bytes = [], [], 0
 
 
@@ -139,6 +150,8 @@ def _process_video(item: VideoItem, done_segments, writer: PartWriter, cfg, scor
             if (item.source, segment.index) not in done_segments:
                 writer.add(process_segment(segment, item, sidecar, cfg, scorers, captioner))
             segment_index = segment.index + 1
+    except OutputWriteError:
+        raise  # the output, not this video: nothing to record (see OutputWriteError)
     except VideoReadError as e:
         log.warning("curate: skipping unreadable video: %s", e)
         writer.add([_not_curated(item, segment_index, "unreadable", str(e))])
