@@ -218,3 +218,21 @@ def test_an_unreadable_sidecar_costs_curate_its_caption_only(tmp_path, monkeypat
     with caplog.at_level(logging.WARNING):
         assert run._sidecar(item, config.curate) is None
     assert "b.txt" in caplog.text and "gets no sidecar caption" in caplog.text
+
+
+def test_hdr_video_is_refused_by_every_reader(tmp_path):
+    """HLG (a phone's HDR default) decodes to washed-out RGB without a tone map: every reader
+    refuses it by name (curate and encode count it unreadable and go on)."""
+    path = tmp_path / "hlg.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = 32
+        stream.codec_context.color_trc = 18  # ARIB STD-B67 (HLG)
+        for _ in range(3):
+            frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    for read in (VideoReader, lambda p: list(iter_segments(p, DECODE)), video_io.load_video,
+                 video_io.probe_video):
+        with pytest.raises(video_io.VideoReadError, match=r"hlg.mp4: HDR \(HLG transfer\)"):
+            read(path)

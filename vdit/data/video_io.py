@@ -81,15 +81,27 @@ def upright(image: np.ndarray, turns: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
+# Transfer characteristics (ISO/IEC 23091-2, FFmpeg's AVColorTransferCharacteristic) of HDR
+# video: PQ (SMPTE ST 2084) and HLG (ARIB STD-B67), a phone's default HDR recording.
+HDR_TRANSFERS = {16: "PQ", 18: "HLG"}
+
+
 def video_stream(container, path) -> av.video.stream.VideoStream:
     """The container's first video stream that is not an attached picture: an audio file's cover
-    art is a one-frame "video" stream, not a video. Raises VideoReadError naming `path`."""
+    art is a one-frame "video" stream, not a video. Raises VideoReadError naming `path`; also
+    for HDR video, which decodes to washed-out RGB without a tone map (none is applied here)."""
     pictures = 0
     for stream in container.streams.video:
         if stream.disposition & av.stream.Disposition.attached_pic:
             pictures += 1
-        else:
-            return stream
+            continue
+        hdr = HDR_TRANSFERS.get(int(stream.codec_context.color_trc or 0))
+        if hdr:
+            raise VideoReadError(
+                f"cannot read video {path}: HDR ({hdr} transfer); vdit reads SDR video and does "
+                "not tone-map, so its frames would come out washed out: convert it to SDR "
+                "(BT.709) first, e.g. with ffmpeg's zscale and tonemap filters")
+        return stream
     detail = f" (only {pictures} attached cover picture{'s' * (pictures > 1)})" if pictures else ""
     raise VideoReadError(f"cannot read video {path}: no video stream{detail}")
 
