@@ -95,21 +95,25 @@ class PartWriter:
             self.flush()
 
     def flush(self) -> None:
-        path = ledger.ledger_path(self.output, self.shard, self.num_shards)
-        try:
-            if self.clips:
-                path = records.part_path(self.output, self.shard, self.num_shards, self.part)
-                name = os.path.basename(path)
-                for index, clip in enumerate(self.clips):
-                    clip["meta"].update(shard_file=name, shard_index=index)
-                records.write_clip_file(path, self.clips)
-                self.part += 1
-                path = ledger.ledger_path(self.output, self.shard, self.num_shards)
-            ledger.append_lines(path, self.lines)
-        except OSError as e:
-            raise OutputWriteError(f"curate: cannot write {path} ({e}); is the output full or "
-                                   "read-only? Rerun when it is writable: the run resumes") from e
+        if self.clips:
+            path = records.part_path(self.output, self.shard, self.num_shards, self.part)
+            name = os.path.basename(path)
+            for index, clip in enumerate(self.clips):
+                clip["meta"].update(shard_file=name, shard_index=index)
+            _write(path, records.write_clip_file, self.clips)
+            self.part += 1
+        _write(ledger.ledger_path(self.output, self.shard, self.num_shards), ledger.append_lines,
+               self.lines)
         self.clips, self.lines, self.bytes = [], [], 0
+
+
+def _write(path: str, write, items) -> None:
+    """`write(path, items)`; an OSError becomes OutputWriteError naming `path`."""
+    try:
+        write(path, items)
+    except OSError as e:
+        raise OutputWriteError(f"curate: cannot write {path} ({e}); is the output full or "
+                               "read-only? Rerun when it is writable: the run resumes") from e
 
 
 def _resume(output: str, shard: int, num_shards: int) -> tuple[list[dict], int]:

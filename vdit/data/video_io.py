@@ -184,9 +184,8 @@ def load_video(path: str | Path, as_float: bool = False, first: int | None = Non
             stream = video_stream(container, path)
             rate = stream.average_rate or stream.guessed_rate
             aspect = pixel_aspect(stream)
-            decoded = itertools.islice(container.decode(stream), first)
-            frames = [upright(_shown(f, aspect, cover, quarter_turns(f)), quarter_turns(f))
-                      for f in decoded]
+            frames = [_upright_shown(f, aspect, cover)
+                      for f in itertools.islice(container.decode(stream), first)]
     except VideoReadError:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
@@ -196,6 +195,11 @@ def load_video(path: str | Path, as_float: bool = False, first: int | None = Non
     video = np.stack(frames)
     fps = float(rate) if rate else 0.0
     return (to_float(video) if as_float else video), fps
+
+
+def _upright_shown(frame: av.VideoFrame, aspect: float, cover: tuple[int, int] | None):
+    turns = quarter_turns(frame)
+    return upright(_shown(frame, aspect, cover, turns), turns)
 
 
 def _shown(frame: av.VideoFrame, aspect: float, cover: tuple[int, int] | None = None,
