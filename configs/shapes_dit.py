@@ -24,7 +24,7 @@ backward pass (`remat="full"`) beats keeping anything: writing each layer's inte
 scan's stacked residual buffers and reading them back costs more than recomputing them
 (bench/train.py, demo step, bfloat16, on such a CPU: 0.57 s with none, 0.40 s with save_dots,
 0.35 s with full). Both are config knobs; the model code is the TPU/GPU one. An AVX2-only CPU
-(no bfloat16 units) runs the same step about 5x slower, bfloat16 or not: 1.95 s on a 2-core AMD
+(no bfloat16 units) runs the same step 4-5x slower, bfloat16 or not: 1.75-1.95 s on a 2-core AMD
 EPYC, where `make demo` takes over an hour instead of ~25 minutes.
 
 The word-level text encoder stays frozen at its random init, the stand-in for a frozen pretrained

@@ -8,10 +8,10 @@ default precision. The backward pass does the same for its two matmuls.
 It is a CPU lever (`config.model.matmul_dtype`) on CPUs with bfloat16 units: XLA:CPU runs a
 bfloat16 x bfloat16 -> float32 matmul on the AMX / AVX512-BF16 units (Intel Xeon 4th gen and
 later), several times faster than a float32 one, but only when the operands are row-major and
-contracted over lhs's last axis (otherwise it upcasts them to float32 and runs the float32 kernel).
-An AVX2-only CPU has no such units and gains nothing: on a 2-core AMD EPYC the demo's train step
-took 1.95 s with it and 1.97 s without (bench/train.py), a bare bfloat16 matmul 1.2-1.6x a
-float32 one. The backward pass is therefore written by hand:
+contracted over lhs's last axis (otherwise it upcasts them to float32 and runs the float32 kernel;
+an AVX2-only CPU has no such units and gains nothing: on a 2-core AMD EPYC the demo's train step
+took 1.75-1.95 s with it and 1.72-1.97 s without in two runs of bench/train.py). The backward
+pass is therefore written by hand:
 - dx = g . kernel^T contracts g's last axis with the kernel's output axis, which runs as is;
 - dkernel = x^T . g contracts over the tokens, lhs's first axis, so the narrower of x and g is
   materialised transposed and row-major first (x^T . g, or (g^T . x)^T; `_weight_grad`). A plain
